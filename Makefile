@@ -1,0 +1,33 @@
+# The three commands a newcomer needs: make race, make test, make lint.
+# Each bootstraps .venv on first use (Python 3.11+ required).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: race test lint load clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "payrace needs Python 3.11+; set PYTHON=python3.11 (found " + sys.version.split()[0] + ")")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+race: $(STAMP)
+	$(BIN)/payrace race
+
+test: $(STAMP)
+	$(BIN)/pytest -rs
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+load: $(STAMP)
+	$(BIN)/payrace load
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	find reports -mindepth 1 ! -name README.md -exec rm -rf {} +

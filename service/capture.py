@@ -1,0 +1,365 @@
+"""The one capture routine both paths call, and the strategies that serialise it.
+
+    CaptureCommand   what the client callback or a webhook asks for
+    CaptureResult    the payment's state after the call, and whether it was a repeat
+    Strategy         how rows are read: NAIVE (the bug, kept on purpose), FOR_UPDATE (the fix)
+    capture()        lock order payment -> invoice -> order, status checked after the lock
+    mark_failed()    payment.failed: never downgrades a captured payment
+
+Inside one transaction: read the payment the strategy's way, dedupe the webhook event id,
+check its status, call the gateway's capture if the payment is only authorized, then write
+payment, invoice and order in that order and commit. Taking the locks in one fixed order is
+what keeps two captures of different shapes from deadlocking. Serialisation failures
+(REPEATABLE READ / SERIALIZABLE) and deadlocks are retried, then answered with a retryable
+409 — never a 500 and never a lost capture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service import probes, timing
+from service.errors import GatewayFailed, NotFound, Rejected, RetryLater
+from service.gateway_client import GatewayClient, GatewayError
+from service.models import Invoice, Order, Payment, WebhookEvent
+from service.probes import pause
+
+RETRYABLE_SQLSTATES = {"40001": "serialization_failure", "40P01": "deadlock_detected"}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How the capture path reads the rows it is about to change.
+
+    `lock_rows` False is the incident's flow: a plain read, so two requests both see
+    `pending`. True is the fix: SELECT ... FOR UPDATE, so the second waits for the first to
+    commit and then sees `captured`.
+    """
+
+    name: str
+    lock_rows: bool
+    summary: str
+
+    async def load_payment(self, session: AsyncSession, payment_id: int) -> Payment | None:
+        stmt = select(Payment).where(Payment.id == payment_id)
+        if self.lock_rows:
+            stmt = stmt.with_for_update()
+        return (
+            await session.execute(stmt.execution_options(populate_existing=True))
+        ).scalar_one_or_none()
+
+    async def load_invoice(self, session: AsyncSession, payment_id: int) -> Invoice | None:
+        stmt = select(Invoice).where(Invoice.payment_id == payment_id)
+        if self.lock_rows:
+            stmt = stmt.with_for_update()
+        return (
+            await session.execute(stmt.execution_options(populate_existing=True))
+        ).scalar_one_or_none()
+
+    async def load_order(self, session: AsyncSession, order_id: int) -> Order | None:
+        stmt = select(Order).where(Order.id == order_id)
+        if self.lock_rows:
+            stmt = stmt.with_for_update()
+        return (
+            await session.execute(stmt.execution_options(populate_existing=True))
+        ).scalar_one_or_none()
+
+
+NAIVE = Strategy("naive", False, "plain read, status checked without a lock (the incident)")
+FOR_UPDATE = Strategy("for_update", True, "SELECT ... FOR UPDATE, status checked after the lock")
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (NAIVE, FOR_UPDATE)}
+
+
+@dataclass(frozen=True)
+class CaptureCommand:
+    source: Literal["client", "webhook"]
+    payment_id: int
+    gateway_order_id: str
+    gateway_payment_id: str
+    capture_at_gateway: bool
+    amount: int | None = None
+    currency: str | None = None
+    event: str | None = None
+    event_id: str | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    payment_id: int
+    status: str
+    gateway_payment_id: str | None
+    idempotent: bool
+    duplicate_event: bool
+    invoice_status: str | None
+    order_status: str | None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "payment_id": self.payment_id,
+            "status": self.status,
+            "gateway_payment_id": self.gateway_payment_id,
+            "idempotent": self.idempotent,
+            "duplicate_event": self.duplicate_event,
+            "invoice_status": self.invoice_status,
+            "order_status": self.order_status,
+        }
+
+
+@dataclass(frozen=True)
+class Runner:
+    """What a capture needs from the running service."""
+
+    maker: async_sessionmaker[AsyncSession]
+    strategy: Strategy
+    gateway: GatewayClient
+    isolation_level: str
+    retries: int
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or getattr(
+        getattr(orig, "__cause__", None), "sqlstate", None
+    )
+    return state if isinstance(state, str) else None
+
+
+async def _retrying(
+    runner: Runner, attempt_once: Callable[[Runner], Awaitable[CaptureResult]]
+) -> CaptureResult:
+    t = timing.current()
+    try:
+        for attempt in range(runner.retries + 1):
+            t.attempts = attempt + 1
+            try:
+                return await attempt_once(runner)
+            except DBAPIError as exc:
+                state = _sqlstate(exc)
+                if state not in RETRYABLE_SQLSTATES:
+                    raise
+                if attempt == runner.retries:
+                    raise RetryLater(
+                        f"concurrent update of this payment ({RETRYABLE_SQLSTATES[state]}) "
+                        f"persisted after {attempt + 1} attempts; retry the request",
+                        sqlstate=state,
+                    ) from exc
+                # A short, growing pause lets the winning transaction commit first.
+                await asyncio.sleep(0.002 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+    finally:
+        probes.finish()
+
+
+async def _begin(session: AsyncSession, runner: Runner) -> None:
+    await session.connection(execution_options={"isolation_level": runner.isolation_level})
+    if probes.active():
+        # Controllers tell "waiting for a lock" from pg_blocking_pids of this backend.
+        pid = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        probes.set_backend_pid(int(pid))
+    await pause("txn_begun")
+
+
+async def _record_event(session: AsyncSession, cmd: CaptureCommand) -> bool:
+    """Insert the event id; False when it was already delivered (a duplicate)."""
+    if cmd.event_id is None:
+        return True
+    stmt = (
+        insert(WebhookEvent)
+        .values(event_id=cmd.event_id, event=cmd.event or "", payment_id=cmd.payment_id)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(WebhookEvent.event_id)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def _states(session: AsyncSession, payment: Payment) -> tuple[str | None, str | None]:
+    row = (
+        await session.execute(
+            select(Invoice.status, Order.status)
+            .select_from(Payment)
+            .join(Order, Order.id == Payment.order_id)
+            .outerjoin(Invoice, Invoice.payment_id == Payment.id)
+            .where(Payment.id == payment.id)
+        )
+    ).one()
+    return row[0], row[1]
+
+
+def _result(
+    payment: Payment, states: tuple[str | None, str | None], **flags: bool
+) -> CaptureResult:
+    return CaptureResult(
+        payment_id=payment.id,
+        status=payment.status,
+        gateway_payment_id=payment.gateway_payment_id,
+        idempotent=flags.get("idempotent", False),
+        duplicate_event=flags.get("duplicate_event", False),
+        invoice_status=states[0],
+        order_status=states[1],
+    )
+
+
+async def capture(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
+    return await _retrying(runner, lambda r: _capture_once(r, cmd))
+
+
+async def _open(
+    session: AsyncSession, runner: Runner, cmd: CaptureCommand
+) -> tuple[Payment, Order, bool, float]:
+    """Begin, read the payment the strategy's way, dedupe the event, validate.
+
+    Returns (payment, order, fresh_event, time the lock was granted)."""
+    t = timing.current()
+    await _begin(session, runner)
+    lock_started = time.perf_counter()
+    payment = await runner.strategy.load_payment(session, cmd.payment_id)
+    locked = time.perf_counter()
+    t.lock_ms = (locked - lock_started) * 1000
+    await pause("payment_read", payment.status if payment else "missing")
+    if payment is None:
+        raise NotFound(f"payment {cmd.payment_id} does not exist")
+    # Only now: the event row's foreign key takes FOR KEY SHARE on the payment row. Taken
+    # before FOR UPDATE, two webhooks would each hold it and wait for the other's: a deadlock.
+    fresh_event = await _record_event(session, cmd)
+    order = await session.get(Order, payment.order_id)
+    assert order is not None  # foreign key
+    _validate(cmd, payment, order)
+    return payment, order, fresh_event, locked
+
+
+async def _capture_once(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
+    t = timing.current()
+    probe = probes.current_probe()
+    started = time.perf_counter()
+    paused0, gateway0 = (probe.paused_s if probe else 0.0), t.gateway_ms
+    async with runner.maker() as session:
+        async with session.begin():
+            payment, order, fresh_event, locked = await _open(session, runner, cmd)
+            repeat = not fresh_event or payment.status == "captured"
+            await pause("status_checked", "repeat" if repeat else payment.status)
+            if repeat:
+                result = _result(
+                    payment,
+                    await _states(session, payment),
+                    idempotent=True,
+                    duplicate_event=not fresh_event,
+                )
+            else:
+                result = await _write_capture(session, runner, cmd, payment, order)
+            await pause("before_commit")
+        committed = time.perf_counter()
+    t.hold_ms = (committed - locked) * 1000
+    paused = (probe.paused_s if probe else 0.0) - paused0
+    t.db_ms = max(0.0, (committed - started) * 1000 - (t.gateway_ms - gateway0) - paused * 1000)
+    return result
+
+
+def _validate(cmd: CaptureCommand, payment: Payment, order: Order) -> None:
+    if order.gateway_order_id != cmd.gateway_order_id:
+        raise Rejected(
+            f"razorpay_order_id {cmd.gateway_order_id} is not the order of payment {payment.id}",
+            code="order_mismatch",
+        )
+    if cmd.amount is not None and cmd.amount != order.amount:
+        raise Rejected(
+            f"amount {cmd.amount} does not match the order's amount {order.amount}",
+            code="amount_mismatch",
+        )
+    if cmd.currency is not None and cmd.currency != order.currency:
+        raise Rejected(
+            f"currency {cmd.currency} does not match the order's currency {order.currency}",
+            code="currency_mismatch",
+        )
+    # A failed attempt does not own the order: the customer may retry with a new payment id,
+    # and a late payment.failed of another attempt changes nothing (Razorpay documents both).
+    if (
+        payment.gateway_payment_id not in (None, cmd.gateway_payment_id)
+        and payment.status != "failed"
+        and cmd.event != "payment.failed"
+    ):
+        raise Rejected(
+            f"payment {payment.id} is already bound to {payment.gateway_payment_id}, "
+            f"not {cmd.gateway_payment_id}",
+            code="payment_mismatch",
+        )
+
+
+async def _write_capture(
+    session: AsyncSession, runner: Runner, cmd: CaptureCommand, payment: Payment, order: Order
+) -> CaptureResult:
+    strategy = runner.strategy
+    if cmd.capture_at_gateway:
+        await pause("gateway_called")
+        try:
+            await runner.gateway.capture(cmd.gateway_payment_id, order.amount, order.currency)
+        except GatewayError as exc:
+            raise GatewayFailed(
+                str(exc), code="gateway_refused" if exc.refused else "gateway_error"
+            ) from exc
+    now = datetime.now(UTC)
+    payment.status = "captured"
+    payment.gateway_payment_id = cmd.gateway_payment_id
+    payment.captured_at = now
+    payment.error_code = None
+    if cmd.method:
+        payment.method = cmd.method
+    await session.flush()
+    await pause("payment_written")
+    invoice = await strategy.load_invoice(session, payment.id)
+    if invoice is not None:
+        invoice.status = "paid"
+        invoice.amount_paid = invoice.amount
+        invoice.paid_at = now
+        await session.flush()
+    await pause("invoice_written")
+    locked_order = await strategy.load_order(session, order.id)
+    assert locked_order is not None
+    locked_order.status = "paid"
+    locked_order.paid_at = now
+    await session.flush()
+    await pause("order_written")
+    return CaptureResult(
+        payment_id=payment.id,
+        status="captured",
+        gateway_payment_id=payment.gateway_payment_id,
+        idempotent=False,
+        duplicate_event=False,
+        invoice_status=invoice.status if invoice is not None else None,
+        order_status=locked_order.status,
+    )
+
+
+async def mark_failed(runner: Runner, cmd: CaptureCommand, error_code: str | None) -> CaptureResult:
+    return await _retrying(runner, lambda r: _fail_once(r, cmd, error_code))
+
+
+async def _fail_once(runner: Runner, cmd: CaptureCommand, error_code: str | None) -> CaptureResult:
+    t = timing.current()
+    async with runner.maker() as session:
+        async with session.begin():
+            payment, _, fresh_event, locked = await _open(session, runner, cmd)
+            # Razorpay documents payment.failed followed by payment.captured as normal, so
+            # a failure never undoes a capture, and a later capture may follow a failure.
+            repeat = not fresh_event or payment.status in ("captured", "failed")
+            await pause("status_checked", "repeat" if repeat else payment.status)
+            if not repeat:
+                payment.status = "failed"
+                payment.gateway_payment_id = cmd.gateway_payment_id
+                payment.error_code = error_code
+                await session.flush()
+                await pause("payment_written")
+            states = await _states(session, payment)
+            await pause("before_commit")
+        t.hold_ms = (time.perf_counter() - locked) * 1000
+    return _result(payment, states, idempotent=repeat, duplicate_event=not fresh_event)

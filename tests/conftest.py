@@ -1,0 +1,76 @@
+"""Shared fixtures: one embedded PostgreSQL for the session (the default route, as a user's
+run would take), one fake Razorpay on loopback, and in-process services per strategy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from harness.gateway import FakeRazorpay, GatewayKeys, GatewayServer
+from harness.provider import Database
+from service.app import Runtime, create_app
+from service.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def pg(payrace_postgres: Database) -> Database:
+    """The plugin's session PostgreSQL: the default route, as a user's run would take."""
+    return payrace_postgres
+
+
+@pytest.fixture(scope="session")
+def fake_gateway() -> Iterator[FakeRazorpay]:
+    yield FakeRazorpay(GatewayKeys())
+
+
+@pytest.fixture(scope="session")
+def gateway_url(fake_gateway: FakeRazorpay) -> Iterator[str]:
+    with GatewayServer(fake_gateway) as server:
+        yield server.url
+
+
+def service_settings(pg: Database, gateway_url: str, **overrides: object) -> Settings:
+    keys = GatewayKeys()
+    values: dict[str, object] = {
+        "database_url": pg.asyncpg_url(),
+        "razorpay_key_id": keys.key_id,
+        "razorpay_key_secret": keys.key_secret,
+        "razorpay_webhook_secret": keys.webhook_secret,
+        "razorpay_base_url": gateway_url,
+        "capture_strategy": "for_update",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+class Service:
+    """An in-process reference service and an httpx client talking ASGI to it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.runtime: Runtime = self.app.state.runtime
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://service"
+        )
+
+    async def __aenter__(self) -> Service:
+        await self.runtime.startup()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
+        await self.runtime.shutdown()
+
+
+@pytest.fixture
+async def service(pg: Database, gateway_url: str) -> AsyncIterator[Service]:
+    async with Service(service_settings(pg, gateway_url)) as svc:
+        yield svc
+
+
+@pytest.fixture
+async def naive_service(pg: Database, gateway_url: str) -> AsyncIterator[Service]:
+    async with Service(service_settings(pg, gateway_url, capture_strategy="naive")) as svc:
+        yield svc
