@@ -124,10 +124,12 @@ def predict(
         # at REPEATABLE READ / SERIALIZABLE, which orders it against other commits.
         return StepClass.LOCAL if isolation == "READ COMMITTED" else StepClass.READ
     if point == "txn_begun":
-        # Webhooks insert their event id (dedupe); FOR UPDATE locks the payment row.
-        return StepClass.WRITE if spec.kind.is_webhook or lock_rows else StepClass.READ
+        # The payment read: FOR UPDATE locks the row, a plain SELECT does not.
+        return StepClass.WRITE if lock_rows else StepClass.READ
     if point == "payment_read":
-        if detail == "missing":
+        if detail == "missing" or spec.kind.is_webhook:
+            # Webhooks insert their event id here (dedupe; its foreign key takes FOR KEY
+            # SHARE on the payment row); a missing payment rolls back and answers 404.
             return StepClass.WRITE
         # session.get(Order): a plain read of id / amount / currency, which never change.
         return StepClass.READ if isolation == "SERIALIZABLE" else StepClass.LOCAL
@@ -147,7 +149,7 @@ def predict(
 
 
 def dependent(a: StepClass, b: StepClass, isolation: str) -> bool:
-    if StepClass.LOCAL in (a, b):
+    if StepClass.LOCAL in (a, b) or (a is StepClass.READ and b is StepClass.READ):
         return False
     if isolation == "SERIALIZABLE" or StepClass.END in (a, b):
         return True

@@ -108,7 +108,9 @@ def resolve_locustfile(spec: str) -> str:
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
-        candidates = [Path(part), LOCUSTFILES / part, LOCUSTFILES / f"{part}.py"]
+        candidates = [Path(part)]
+        if not part.startswith("_"):  # _payrace.py is the shared helper, not a scenario
+            candidates += [LOCUSTFILES / part, LOCUSTFILES / f"{part}.py"]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             names = sorted(p.stem for p in LOCUSTFILES.glob("[!_]*.py"))

@@ -7,6 +7,8 @@ database is shared with the rest of the suite.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import Iterator
@@ -49,14 +51,19 @@ async def customer_pays(
 
 
 async def verify(
-    svc: Service, order: dict[str, Any], payment: dict[str, Any], **overrides: Any
+    svc: Service,
+    order: dict[str, Any],
+    payment: dict[str, Any],
+    *,
+    headers: dict[str, str] | None = None,
+    **overrides: Any,
 ) -> httpx.Response:
     body: dict[str, Any] = client_callback(
         order["gateway_order_id"], payment["id"], KEYS.key_secret
     )
     body["internal_payment_id"] = order["payment_id"]
     body.update(overrides)
-    return await svc.client.post("/payments/verify", json=body)
+    return await svc.client.post("/payments/verify", json=body, headers=headers)
 
 
 async def deliver(
@@ -88,7 +95,7 @@ async def rows(svc: Service, payment_id: int) -> dict[str, Any]:
                 {"id": payment_id},
             )
         ).one()
-    keys = ("status", "gateway_payment_id", "captured_at", "error_code")
+    keys: tuple[str, ...] = ("status", "gateway_payment_id", "captured_at", "error_code")
     keys += ("invoice", "amount_paid", "order", "events")
     return dict(zip(keys, row, strict=True))
 
@@ -662,9 +669,6 @@ async def test_webhook_with_a_field_of_the_wrong_type_is_400_naming_it(
 )
 async def test_webhook_body_that_is_not_a_json_object_is_400(service: Service, raw: bytes) -> None:
     # Signed over the exact bytes, so only the body's shape is wrong.
-    import hashlib
-    import hmac
-
     signature = hmac.new(KEYS.webhook_secret.encode(), raw, hashlib.sha256).hexdigest()
     response = await service.client.post(
         "/webhooks/razorpay",
@@ -849,7 +853,9 @@ async def test_pause_header_is_ignored_when_probes_are_off(
     malformed = await service.client.get("/healthz", headers={"X-Payrace-Pause": "nonsense"})
     started = time.perf_counter()
     # Honoured, a group of two with one member would hold this request for the full timeout.
-    lone = await verify(service, order, payment)
+    lone = await verify(
+        service, order, payment, headers={"X-Payrace-Pause": "group=off; timeout_ms=3000"}
+    )
     elapsed = time.perf_counter() - started
 
     assert malformed.status_code == 200
@@ -874,13 +880,8 @@ async def test_pause_header_holds_a_lone_request_until_its_timeout_when_probes_a
     async with Service(service_settings(pg, gateway_url, payrace_probes=True)) as svc:
         order, payment = await customer_pays(svc, fake_gateway)
         started = time.perf_counter()
-        response = await svc.client.post(
-            "/payments/verify",
-            json={
-                **client_callback(order["gateway_order_id"], payment["id"], KEYS.key_secret),
-                "internal_payment_id": order["payment_id"],
-            },
-            headers={"X-Payrace-Pause": "group=lone; size=2; timeout_ms=250"},
+        response = await verify(
+            svc, order, payment, headers={"X-Payrace-Pause": "group=lone; size=2; timeout_ms=250"}
         )
         elapsed = time.perf_counter() - started
 

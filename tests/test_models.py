@@ -81,7 +81,7 @@ def test_every_status_column_is_guarded_by_a_check_listing_its_values() -> None:
     ):
         checks = {
             c.name: str(c.sqltext)
-            for c in model.__table__.constraints
+            for c in Base.metadata.tables[model.__tablename__].constraints
             if isinstance(c, CheckConstraint)
         }
         status_check = checks[f"{model.__tablename__}_status_valid"]
