@@ -26,7 +26,7 @@ from rich.table import Table
 
 from harness import report
 from harness.provider import ProviderError
-from harness.runner import DECLARED, Gate, RunConfig, UsageError, run, write_history
+from harness.runner import DECLARED, Gate, Mode, RunConfig, UsageError, run, write_history
 
 app = typer.Typer(
     add_completion=False,
@@ -124,6 +124,13 @@ def run_command(
     gateway_url: Annotated[
         str | None, typer.Option(help="with --target URL: its fake gateway")
     ] = None,
+    oracle_config: Annotated[
+        Path | None, typer.Option(help="TOML naming your own tables and statuses")
+    ] = None,
+    event: Annotated[
+        str,
+        typer.Option(help="the racing webhook: payment.captured | payment.authorized | order.paid"),
+    ] = "payment.captured",
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Fire interleaved client callbacks and webhooks; judge with the harness's own oracle."""
@@ -146,6 +153,8 @@ def run_command(
             durable=durable,
             target_dsn=target_dsn,
             gateway_url=gateway_url,
+            oracle_config=oracle_config,
+            first_event=event,
             command=shlex.join(["payrace", *sys.argv[1:]]),
         )
         config.validate()
@@ -165,11 +174,12 @@ def race_command(
 ) -> None:
     """naive and for_update in forced and aligned modes, against their declared verdicts."""
     rows: list[tuple[str, str, dict[str, Any], str]] = []
-    for mode in ("forced", "aligned"):
+    modes: tuple[Mode, ...] = ("forced", "aligned")
+    for mode in modes:
         config = RunConfig(
             strategies=list(DECLARED),
             trials=trials,
-            mode=mode,  # type: ignore[arg-type]
+            mode=mode,
             dsn=dsn,
             seed=seed,
             out_dir=out,
@@ -181,18 +191,20 @@ def race_command(
     table = Table(title="payrace race: verdicts against what each strategy is declared to be")
     for col in ("strategy", "mode", "declared", "verdict", "trials", "double captures",
                 "double invoice updates", "lock p99 ms", "as declared"):  # fmt: skip
-        table.add_column(col, justify="right" if col[0] in "tdl" else "left")
+        numeric = col in ("trials", "double captures", "double invoice updates", "lock p99 ms")
+        table.add_column(col, justify="right" if numeric else "left")
     mismatches = 0
-    for name, mode, result, _ in rows:
-        found = "valid" if result["valid"] is True else "violated"
+    for name, row_mode, result, _ in rows:
+        valid = result["valid"]
+        found = "valid" if valid is True else "violated" if valid is False else "unknown"
         ok = found == result["expected"]
         mismatches += not ok
         checks = result["checks"]
         table.add_row(
             name,
-            mode,
+            row_mode,
             result["expected"],
-            found if result["valid"] is not None else "unknown",
+            found,
             str(result["trials"]),
             str(checks.get("single_capture_write", {}).get("count", "?")),
             str(checks.get("single_invoice_paid", {}).get("count", "?")),

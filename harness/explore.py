@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import math
 import random
 import re
@@ -59,7 +58,7 @@ import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -170,7 +169,7 @@ _TABLE_WORD = {"payments": "payment", "invoices": "invoice", "orders": "order"}
 
 
 def describe_statement(statement: str) -> str:
-    """"UPDATE payments SET ..." -> "update payment": what a waiting request waits to do."""
+    """ "UPDATE payments SET ..." -> "update payment": what a waiting request waits to do."""
     text = " ".join(statement.split())
     if m := re.match(r"(?i)UPDATE\s+(\w+)", text):
         return f"update {_TABLE_WORD.get(m[1], m[1])}"
@@ -279,7 +278,9 @@ def answer_text(reply: Reply | None) -> str:
 
 
 class Policy(Protocol):
-    def choose(self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[_Req]) -> int: ...
+    def choose(
+        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[_Req]
+    ) -> int: ...
 
 
 class Scheduler:
@@ -368,13 +369,14 @@ class Scheduler:
 
     def _arrive(self, r: _Req, text: str) -> None:
         """A request's step ended: log it and check it against its predicted class."""
-        for message in r.errors:
-            self._log(r, f"{message}: rollback")
-        if r.errors and r.point == "txn_begun":
+        lines = [f"{message}: rollback" for message in r.errors]
+        if r.errors and r.point == "txn_begun" and r.state != "done":
             text = "retry: begin"
-        if r.waited:
-            text = f"<completed> {text}"
-        self._log(r, text)
+        lines.append(text)
+        if r.waited:  # isolation tester style: the step that waited ends here
+            lines[0] = f"<completed> {lines[0]}"
+        for line in lines:
+            self._log(r, line)
         observed = StepClass.LOCAL
         for statement in r.statements:
             observed = max(observed, statement_class(statement))
@@ -468,7 +470,11 @@ class Scheduler:
                 pid = pids.get(r.label)
                 by = tuple(
                     sorted(
-                        {ours[b] for b in answer.get(pid or -1, []) if ours.get(b, r.label) != r.label},
+                        {
+                            ours[b]
+                            for b in answer.get(pid or -1, [])
+                            if ours.get(b, r.label) != r.label
+                        },
                         key=lambda label: self._by_label[label].index,
                     )
                 )
@@ -515,7 +521,11 @@ class Scheduler:
     async def _give_up(self, active: Sequence[_Req]) -> None:
         for r in active:
             self.stuck.append(r.label)
-            how = f"waiting for {', '.join(r.blocked_by)}" if r.blocked_by else "neither paused nor waiting"
+            how = (
+                f"waiting for {', '.join(r.blocked_by)}"
+                if r.blocked_by
+                else "neither paused nor waiting"
+            )
             self._log(r, f"<stuck> {how} after {self.bound_s:g} s: cancelled")
             if r.task is not None:
                 r.task.cancel()
@@ -600,7 +610,9 @@ class Prefix:
         self.position = 0
         self.notes: list[str] = []
 
-    def choose(self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[_Req]) -> int:
+    def choose(
+        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[_Req]
+    ) -> int:
         pool = runnable if self.exact else candidates
         if self.position < len(self.choices):
             want = self.choices[self.position]
@@ -628,7 +640,9 @@ class Steps:
         self.queue = list(steps)
         self.moved = 0  # steps released for queue[0]
 
-    def choose(self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[_Req]) -> int:
+    def choose(
+        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[_Req]
+    ) -> int:
         by_label = {r.label: r for r in reqs}
         while self.queue:
             spec = self.queue[0]
@@ -679,7 +693,9 @@ class Pct:
         self.changes = {step: d - i for i, step in enumerate(sorted(points), start=1)}
         self.steps = 0
 
-    def choose(self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[_Req]) -> int:
+    def choose(
+        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[_Req]
+    ) -> int:
         self.steps += 1
         best = max(runnable, key=lambda i: self.priority[i])
         if self.steps in self.changes:
@@ -696,7 +712,7 @@ class PctBound:
 
     @property
     def p(self) -> float:
-        return 1.0 / (self.n * self.k ** (self.d - 1))
+        return 1.0 / (self.n * float(self.k) ** (self.d - 1))
 
     def runs_for(self, confidence: float) -> int:
         if self.p >= 1.0:
@@ -738,7 +754,9 @@ class Explorer:
         keys: GatewayKeys = GatewayKeys(),
     ) -> None:
         if strategy not in STRATEGIES:
-            raise ScenarioError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+            raise ScenarioError(
+                f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}"
+            )
         self.db = db
         self.fake = fake
         self.gateway_url = gateway_url
@@ -763,8 +781,8 @@ class Explorer:
     async def __aenter__(self) -> Explorer:
         settings = Settings(
             database_url=self.db.asyncpg_url(),
-            capture_strategy=self.strategy,  # type: ignore[arg-type]  # checked in __init__
-            isolation_level=self.isolation,  # type: ignore[arg-type]
+            capture_strategy=self.strategy,
+            isolation_level=self.isolation,
             razorpay_key_id=self.keys.key_id,
             razorpay_key_secret=self.keys.key_secret,
             razorpay_webhook_secret=self.keys.webhook_secret,
@@ -858,7 +876,9 @@ class Explorer:
         rows = await self._conn.fetch(_BLOCKERS, pids)
         return {int(row["pid"]): [int(p) for p in row["blockers"]] for row in rows}
 
-    async def run(self, policy: Policy, *, name: str | None = None, expect: str | None = None) -> ScheduleRun:
+    async def run(
+        self, policy: Policy, *, name: str | None = None, expect: str | None = None
+    ) -> ScheduleRun:
         ctx = await self._fresh()
         number = len(self.runs) + 1
         assert self._client is not None
@@ -954,7 +974,9 @@ class Explorer:
         """k for PCT: the steps each request takes when it runs alone first, summed."""
         k = 0
         for spec in self.specs:
-            run = await self.run(Steps([StepSpec(spec.label, "end")]), name=f"pilot: {spec.label} first")
+            run = await self.run(
+                Steps([StepSpec(spec.label, "end")]), name=f"pilot: {spec.label} first"
+            )
             on_run(run)
             k += sum(1 for c in run.choices if self.specs[c].label == spec.label)
         return max(k, 1)
@@ -981,7 +1003,9 @@ class Explorer:
     ) -> ScheduleRun:
         return await self.run(Steps(steps), name=name, expect=expect)
 
-    async def replay(self, ref: ScheduleRef, *, name: str | None = None, expect: str | None = None) -> ScheduleRun:
+    async def replay(
+        self, ref: ScheduleRef, *, name: str | None = None, expect: str | None = None
+    ) -> ScheduleRun:
         return await self.run(Prefix(ref.choices, exact=True), name=name, expect=expect)
 
     # -- judging -------------------------------------------------------------------------------
@@ -1014,8 +1038,12 @@ class Explorer:
                 obs,
                 audit=tuple(a for a in obs.audit if a.payment_id == run.payment_id),
                 payments={run.payment_id: state} if state is not None else {},
-                gateway_captures={gid: obs.gateway_captures[gid]} if gid in obs.gateway_captures else {},
-                gateway_accepted={gid: obs.gateway_accepted[gid]} if gid in obs.gateway_accepted else {},
+                gateway_captures={gid: obs.gateway_captures[gid]}
+                if gid in obs.gateway_captures
+                else {},
+                gateway_accepted={gid: obs.gateway_accepted[gid]}
+                if gid in obs.gateway_accepted
+                else {},
                 deadlocks=len(run.deadlocks),
                 deadlocks_settled=True,
                 deadlock_note="",
@@ -1084,7 +1112,9 @@ class ExploreResult:
             return "shortest violating schedule", run
         if waited := self.waiting():
             run = waited[0]
-            who = ", ".join(sorted({f"{w.label} waited for {'+'.join(w.blocked_by)}" for w in run.waits}))
+            who = ", ".join(
+                sorted({f"{w.label} waited for {'+'.join(w.blocked_by)}" for w in run.waits})
+            )
             return f"a schedule where {who}", run
         return None
 
@@ -1099,10 +1129,14 @@ class ExploreResult:
         problems = []
         for run in self.runs:
             if run.expect is not None and _word(run.valid) != run.expect:
-                problems.append(f"{run.name or run.id}: expected {run.expect}, got {_word(run.valid)}")
+                problems.append(
+                    f"{run.name or run.id}: expected {run.expect}, got {_word(run.valid)}"
+                )
         sc = self.scenario
         if sc is not None and sc.expect is not None and _word(self.verdict.valid) != sc.expect:
-            problems.append(f"scenario {sc.name}: expected {sc.expect}, got {_word(self.verdict.valid)}")
+            problems.append(
+                f"scenario {sc.name}: expected {sc.expect}, got {_word(self.verdict.valid)}"
+            )
         if sc is not None and sc.expect_checks is not None:
             got = tuple(sorted(n for n, c in self.by_checker().items() if c))
             if got != sc.expect_checks:
@@ -1126,9 +1160,9 @@ class ExploreResult:
     def exit_code(self) -> int:
         if self.problems():
             return EXIT_ERROR
-        if self.scenario is not None and (self.scenario.expect or self.scenario.expect_checks or any(
-            r.expect for r in self.runs
-        )):
+        if self.scenario is not None and (
+            self.scenario.expect or self.scenario.expect_checks or any(r.expect for r in self.runs)
+        ):
             return EXIT_VIOLATED if self.mismatches() else EXIT_OK
         return EXIT_OK if self.verdict.valid is True else EXIT_VIOLATED
 
@@ -1136,7 +1170,10 @@ class ExploreResult:
 
     def header(self) -> list[str]:
         requests = ", ".join(f"{s.label} ({s.describe()})" for s in self.specs)
-        lines = [f"{self.title}", f"strategy {self.strategy} · {self.isolation} · requests {requests}"]
+        lines = [
+            f"{self.title}",
+            f"strategy {self.strategy} · {self.isolation} · requests {requests}",
+        ]
         if self.mode == "exhaustive":
             pruned = sum(r.pruned for r in self.runs)
             lines.append(
@@ -1167,12 +1204,16 @@ class ExploreResult:
         lines = [*self.header(), *self.counts(), "outcomes:"]
         for outcome, violated, runs in self.outcomes():
             tail = f"  [{', '.join(violated)}]" if violated else ""
-            lines.append(f"  {len(runs):>3} × {outcome}{tail}")
+            lines.append(f"  {len(runs):>3} x {outcome}{tail}")
         lines.append("schedules:")
         for run in self.runs:
-            waits = "; ".join(f"{w.label} waited for {'+'.join(w.blocked_by)} ({w.what})" for w in run.waits)
+            waits = "; ".join(
+                f"{w.label} waited for {'+'.join(w.blocked_by)} ({w.what})" for w in run.waits
+            )
             label = f"{run.name}: " if run.name else ""
-            lines.append(f"  {label}{run.id}  {_word(run.valid)}" + (f"  waits: {waits}" if waits else ""))
+            lines.append(
+                f"  {label}{run.id}  {_word(run.valid)}" + (f"  waits: {waits}" if waits else "")
+            )
         if (shown := self.shown()) is not None:
             what, run = shown
             lines += ["", f"{what}: {run.id}", render_text(run.events)]
@@ -1205,7 +1246,9 @@ class ExploreResult:
             console.print(Text(line))
         if (shown := self.shown()) is not None:
             what, run = shown
-            console.print(Panel(Text(render_text(run.events)), title=Text(f"{what}: {run.id}"), expand=False))
+            console.print(
+                Panel(Text(render_text(run.events)), title=Text(f"{what}: {run.id}"), expand=False)
+            )
             console.print(Text(f"replay it: payrace explore --replay {run.id}"))
         console.print(
             Text(
@@ -1226,7 +1269,9 @@ class ExploreResult:
         if out is not None:
             console.print(Text(f"reports: {out}"))
 
-    def summary(self, *, command: str, run_id: str, database: dict[str, Any], started_at: str) -> dict[str, Any]:
+    def summary(
+        self, *, command: str, run_id: str, database: dict[str, Any], started_at: str
+    ) -> dict[str, Any]:
         """summary.json in the shape harness.report reads (contracts.md), mode "explore"."""
         shown = self.shortest_violation()
         first = None
@@ -1238,7 +1283,11 @@ class ExploreResult:
                 "checks": list(shown.violated),
                 "timeline": [e.to_json() for e in shown.events],
             }
-        expected = self.scenario.expect if self.scenario and self.scenario.expect else DECLARED.get(self.strategy)
+        expected = (
+            self.scenario.expect
+            if self.scenario and self.scenario.expect
+            else DECLARED.get(self.strategy)
+        )
         code = self.exit_code()
         strategy = {
             "expected": expected,
@@ -1261,11 +1310,16 @@ class ExploreResult:
                 "deadlocks": sum(1 for r in self.runs if r.deadlocks),
                 "stuck": sum(1 for r in self.runs if r.stuck),
                 "violations_by_checker": self.by_checker(),
-                "pct": None if self.bound is None else {
-                    "n": self.bound.n, "k": self.bound.k, "d": self.bound.d, "p": self.bound.p,
+                "pct": None
+                if self.bound is None
+                else {
+                    "n": self.bound.n,
+                    "k": self.bound.k,
+                    "d": self.bound.d,
+                    "p": self.bound.p,
                     "runs_for_confidence": self.bound.runs_for(self.confidence),
                     "confidence": self.confidence,
-                },  # fmt: skip
+                },
                 "timeline_html": self.html_fragment(),
                 "runs": [_run_json(r) for r in self.runs],
             },
@@ -1283,13 +1337,17 @@ class ExploreResult:
             "isolation_level": self.isolation,
             "strategies": {self.strategy: strategy},
             "gates": [],
-            "verdict": "valid" if code == EXIT_OK else ("violated" if code == EXIT_VIOLATED else "error"),
+            "verdict": "valid"
+            if code == EXIT_OK
+            else ("violated" if code == EXIT_VIOLATED else "error"),
             "exit_code": code,
         }
 
 
 def _word(valid: checker.Validity) -> str:
-    return {True: "valid", False: "violated"}.get(valid, "unknown")  # type: ignore[call-overload]
+    if valid is True:
+        return "valid"
+    return "violated" if valid is False else "unknown"
 
 
 def _html(text: str) -> str:
@@ -1308,7 +1366,9 @@ def _run_json(run: ScheduleRun) -> dict[str, Any]:
         "violated": list(run.violated),
         "unknown": list(run.unknown),
         "outcome": run.outcome(),
-        "waits": [{"label": w.label, "blocked_by": list(w.blocked_by), "what": w.what} for w in run.waits],
+        "waits": [
+            {"label": w.label, "blocked_by": list(w.blocked_by), "what": w.what} for w in run.waits
+        ],
         "deadlocks": [list(c) for c in run.deadlocks],
         "stuck": run.stuck,
         "error": run.error,
@@ -1365,7 +1425,11 @@ def make_plan(
     if pct_runs is not None and not 1 <= pct_runs <= 1_000_000:
         raise ScenarioError("--pct must be between 1 and 1000000 runs")
     specs = parse_requests(requests)
-    mode = "schedules" if replay else ("pct" if pct_runs is not None or len(specs) > 2 else "exhaustive")
+    mode = (
+        "schedules"
+        if replay
+        else ("pct" if pct_runs is not None or len(specs) > 2 else "exhaustive")
+    )
     sc = Scenario(
         name=f"{strategy} at {normalise_isolation(isolation)}",
         strategy=strategy,
@@ -1433,7 +1497,9 @@ async def execute(
             bound = await explorer.pct(runs, sc.depth, sc.seed, k=k, on_run=on_run)
             biggest = max((len(r.choices) for r in explorer.runs), default=0)
             if biggest > k:
-                notes.append(f"a run took {biggest} steps, more than k={k}: the bound is approximate")
+                notes.append(
+                    f"a run took {biggest} steps, more than k={k}: the bound is approximate"
+                )
     duration = time.perf_counter() - started
     verdict = await asyncio.to_thread(explorer.judge)
     return ExploreResult(
@@ -1455,7 +1521,9 @@ async def execute(
 
 async def _explicit(explorer: Explorer, schedule: ExplicitSchedule) -> ScheduleRun:
     if schedule.id is not None:
-        return await explorer.replay(parse_schedule_id(schedule.id), name=schedule.name, expect=schedule.expect)
+        return await explorer.replay(
+            parse_schedule_id(schedule.id), name=schedule.name, expect=schedule.expect
+        )
     return await explorer.run_steps(schedule.steps, name=schedule.name, expect=schedule.expect)
 
 
@@ -1514,7 +1582,9 @@ def explore_main(
         with provide_postgres(dsn, announce=lambda line: console.print(Text(line))) as db:
             fake = FakeRazorpay(GatewayKeys(), seed=seed)
             with GatewayServer(fake) as server, progress:
-                result = asyncio.run(execute(plan, db, fake, server.url, on_start=on_start, on_run=on_run))
+                result = asyncio.run(
+                    execute(plan, db, fake, server.url, on_start=on_start, on_run=on_run)
+                )
             database = {
                 "route": db.route,
                 "server_version": db.server_version,
@@ -1522,7 +1592,11 @@ def explore_main(
                 "describe": db.describe(),
             }
     except KeyboardInterrupt:
-        console.print(Text("payrace explore: interrupted; everything it started was stopped", style="bold red"))
+        console.print(
+            Text(
+                "payrace explore: interrupted; everything it started was stopped", style="bold red"
+            )
+        )
         return EXIT_ERROR
     except ProviderError as exc:
         console.print(Text(f"payrace explore: {exc}", style="bold red"))
@@ -1560,7 +1634,9 @@ def write_reports(
     from harness import report
 
     out.mkdir(parents=True, exist_ok=True)
-    summary = result.summary(command=command, run_id=run_id, database=database, started_at=started_at)
+    summary = result.summary(
+        command=command, run_id=run_id, database=database, started_at=started_at
+    )
     written = report.write_all(summary, out)
     (out / "explore.txt").write_text(result.golden(), encoding="utf-8")
     (out / "timeline.html").write_text(result.html_fragment() + "\n", encoding="utf-8")
@@ -1633,8 +1709,8 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "Explorer",
     "ExploreResult",
+    "Explorer",
     "PctBound",
     "ScheduleRun",
     "Scheduler",
@@ -1646,10 +1722,3 @@ __all__ = [
     "pause_overhead",
     "predict",
 ]
-
-
-def iter_ids(runs: Iterable[ScheduleRun]) -> list[str]:
-    return [r.id for r in runs]
-
-
-_ = json  # summary.json is written by harness.report

@@ -153,6 +153,7 @@ class RunConfig:
     pause_timeout_s: float = 5.0
     target_dsn: str | None = None  # a running target's own database, for the oracle
     gateway_url: str | None = None  # the fake gateway a running target talks to
+    oracle_config: Path | None = None  # a team's own schema (TOML); default: the reference
     command: str = "payrace run"
     run_id: str = ""
 
@@ -182,6 +183,11 @@ class RunConfig:
                 raise UsageError(
                     f"unknown strategy {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}"
                 )
+        if self.first_event not in ("payment.captured", "payment.authorized", "order.paid"):
+            raise UsageError(
+                f"--event must be payment.captured, payment.authorized or order.paid, "
+                f"got {self.first_event!r}"
+            )
         if self.hold_ms < 0 or self.jitter_ms < 0:
             raise UsageError("--hold-ms and --jitter-ms must be >= 0")
         if self.hold_ms and self.mode != "forced":
@@ -439,6 +445,15 @@ async def fire_trials(
     return run
 
 
+def oracle_config(config: RunConfig) -> oracle.OracleConfig:
+    if config.oracle_config is None:
+        return oracle.OracleConfig.reference()
+    try:
+        return oracle.OracleConfig.from_toml(config.oracle_config)
+    except oracle.OracleError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 async def judge(
     config: RunConfig, run: StrategyRun, gateway: GatewayControl, oracle_url: str
 ) -> dict[str, Any]:
@@ -450,7 +465,7 @@ async def judge(
     obs = await asyncio.to_thread(
         oracle.observe,
         oracle_url,
-        oracle.OracleConfig.reference(),
+        oracle_config(config),
         since=run.since,
         payment_ids=set(payments),
         gateway_counters=counters,
@@ -545,7 +560,10 @@ async def run(
         if target_db is not None:
             # The service creates its tables on start; the oracle needs them first.
             await _create_schema(target_db)
-        await asyncio.to_thread(oracle.install, oracle_url)
+        try:
+            await asyncio.to_thread(oracle.install, oracle_url, oracle_config(config))
+        except oracle.OracleError as exc:
+            raise UsageError(f"cannot install the oracle's audit triggers: {exc}") from exc
         for strategy in config.strategies:
             async with start_target(config, strategy, target_db, gateway_url) as target:
                 fired = await fire_trials(

@@ -167,7 +167,9 @@ def normalise_isolation(value: str) -> str:
 
 # -- schedule ids -------------------------------------------------------------------------
 
-_ID = re.compile(r"^(?P<strategy>[a-z_]+)\.(?P<iso>rc|rr|sr)\.(?P<reqs>[a-z]{2,8})\.(?P<ch>[a-z0-9]+)$")
+_ID = re.compile(
+    r"^(?P<strategy>[a-z_]+)\.(?P<iso>rc|rr|sr)\.(?P<reqs>[a-z]{2,8})\.(?P<ch>[a-z0-9]+)$"
+)
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ class ScheduleRef:
     @property
     def id(self) -> str:
         codes = "".join(KINDS[t].code for t in self.requests)
-        return f"{self.strategy}.{ISOLATION_CODES[self.isolation]}.{codes}.{encode_choices(self.choices)}"
+        iso = ISOLATION_CODES[self.isolation]
+        return f"{self.strategy}.{iso}.{codes}.{encode_choices(self.choices)}"
 
 
 def encode_choices(choices: Sequence[int]) -> str:
@@ -332,7 +335,9 @@ def scenario_from_mapping(
     isolation = normalise_isolation(_str(doc, "isolation", where, "READ COMMITTED"))
     raw_requests = doc.get("requests", ["client", "webhook"])
     if not isinstance(raw_requests, list) or not all(isinstance(r, str) for r in raw_requests):
-        raise ScenarioError(f"{where}: requests must be a list of strings, e.g. [\"client\", \"webhook\"]")
+        raise ScenarioError(
+            f'{where}: requests must be a list of strings, e.g. ["client", "webhook"]'
+        )
     specs = parse_requests(raw_requests)
     labels = [s.label for s in specs]
 
@@ -344,10 +349,10 @@ def scenario_from_mapping(
         _no_unknown(entry, _SCHEDULE_KEYS, at)
         steps_raw = entry.get("steps", [])
         if not isinstance(steps_raw, list) or not all(isinstance(s, str) for s in steps_raw):
-            raise ScenarioError(f"{at}: steps must be a list of strings like \"client:payment_read\"")
+            raise ScenarioError(f'{at}: steps must be a list of strings like "client:payment_read"')
         sid = entry.get("id")
         if (sid is None) == (not steps_raw):
-            raise ScenarioError(f"{at}: give either steps = [...] or id = \"...\" (one of them)")
+            raise ScenarioError(f'{at}: give either steps = [...] or id = "..." (one of them)')
         if sid is not None:
             ref = parse_schedule_id(str(sid))
             if (ref.strategy, ref.isolation, ref.requests) != (
@@ -373,7 +378,7 @@ def scenario_from_mapping(
     if mode not in ("exhaustive", "pct", "schedules"):
         raise ScenarioError(f"{where}: mode must be exhaustive, pct or schedules, got {mode!r}")
     if mode == "schedules" and not schedules:
-        raise ScenarioError(f"{where}: mode = \"schedules\" needs at least one [[schedule]]")
+        raise ScenarioError(f'{where}: mode = "schedules" needs at least one [[schedule]]')
 
     pct = doc.get("pct", {})
     if not isinstance(pct, dict):
@@ -444,5 +449,5 @@ def _expectation(doc: Mapping[str, Any], where: str) -> Expectation | None:
     if value is None:
         return None
     if value not in ("valid", "violated"):
-        raise ScenarioError(f"{where}: expect must be \"valid\" or \"violated\", got {value!r}")
+        raise ScenarioError(f'{where}: expect must be "valid" or "violated", got {value!r}')
     return value  # type: ignore[no-any-return]

@@ -278,7 +278,7 @@ async def test_for_update_under_a_forced_interleaving_captures_once(
     assert {client.response.status_code, hook.response.status_code} == {200}
     assert sorted([client.body["idempotent"], hook.body["idempotent"]]) == [False, True]
     # The waiter read only after the winner committed, so it saw the capture.
-    assert sorted([*client.reads(), *hook.reads()]) == ["captured", "pending"]
+    assert sorted(map(str, [*client.reads(), *hook.reads()])) == ["captured", "pending"]
     assert audit.transitions(paid.payment_id) == {"payments": 1, "invoices": 1}
     assert fake_gateway.capture_calls(paid.payment["id"]) == 1
 

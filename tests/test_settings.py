@@ -74,19 +74,19 @@ def test_a_url_of_another_scheme_is_refused_with_an_example_of_a_good_one(dsn: s
     ],
 )
 def test_isolation_level_accepts_sql_and_snake_case_spellings(spelling: str, level: str) -> None:
-    assert Settings(isolation_level=spelling).isolation_level == level  # type: ignore[arg-type]
+    assert Settings(isolation_level=spelling).isolation_level == level
 
 
 @pytest.mark.parametrize("spelling", ["READ UNCOMMITTED", "dirty", "readcommitted", 3])
 def test_an_unknown_isolation_level_is_refused(spelling: object) -> None:
     with pytest.raises(ValidationError, match="isolation_level"):
-        Settings(isolation_level=spelling)  # type: ignore[arg-type]
+        Settings(isolation_level=spelling)
 
 
 def test_strategy_must_be_one_the_service_has() -> None:
     assert Settings(capture_strategy="naive").capture_strategy == "naive"
     with pytest.raises(ValidationError, match="capture_strategy"):
-        Settings(capture_strategy="optimistic")  # type: ignore[arg-type]
+        Settings(capture_strategy="optimistic")
 
 
 @pytest.mark.parametrize(
