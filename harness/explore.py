@@ -193,6 +193,7 @@ class Wait:
     label: str
     blocked_by: tuple[str, ...]
     what: str  # the statement it waits to run, described
+    blocker_pids: tuple[int, ...] = ()  # what pg_blocking_pids() answered
 
 
 @dataclass
@@ -209,7 +210,7 @@ class _Req:
     reply: Reply | None = None
     invoke: Operation | None = None
     blocked_by: tuple[str, ...] = ()
-    begun: int = 0  # transactions begun: a second one is a retry
+    trail: list[str] = field(default_factory=list)  # pause points passed, in order
     # The step in flight: what it was predicted to do and what it did.
     predicted: StepClass = StepClass.LOCAL
     step_from: str | None = None
@@ -328,9 +329,8 @@ class Scheduler:
         if r is None or self._free:
             return
         r.point, r.detail = point, probe.points[-1][2] if probe.points else None
+        r.trail.append(point)
         self._arrive(r, phrase(point, r.detail))
-        if point == "txn_begun":
-            r.begun += 1
         r.state = "parked"
         self._changed.set()
         await r.gate.wait()
@@ -468,6 +468,7 @@ class Scheduler:
             all_blocked = True
             for r in active:
                 pid = pids.get(r.label)
+                named = tuple(b for b in answer.get(pid or -1, []) if b in ours)
                 by = tuple(
                     sorted(
                         {
@@ -485,7 +486,7 @@ class Scheduler:
                     continue
                 if r.state != "blocked" or r.blocked_by != by:
                     what = describe_statement(r.statements[-1]) if r.statements else "lock"
-                    self.waits.append(Wait(r.label, by, what))
+                    self.waits.append(Wait(r.label, by, what, named))
                     self._log(r, f"{what} <waiting>")
                 r.state, r.blocked_by, r.waited = "blocked", by, True
             if all_blocked:
@@ -639,6 +640,7 @@ class Steps:
     def __init__(self, steps: Sequence[StepSpec]) -> None:
         self.queue = list(steps)
         self.moved = 0  # steps released for queue[0]
+        self.mark = 0  # len(trail) when queue[0] began: LOCAL steps may run past its point
 
     def choose(
         self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[_Req]
@@ -647,7 +649,9 @@ class Steps:
         while self.queue:
             spec = self.queue[0]
             r = by_label[spec.label]
-            if self.moved and self._met(spec, r):
+            if not self.moved:
+                self.mark = len(r.trail)
+            if self.moved and self._met(spec, r, self.mark):
                 self.queue.pop(0)
                 self.moved = 0
                 continue
@@ -674,12 +678,12 @@ class Steps:
         return min(runnable)
 
     @staticmethod
-    def _met(spec: StepSpec, r: _Req) -> bool:
+    def _met(spec: StepSpec, r: _Req, mark: int) -> bool:
         if spec.until is None:
             return True
         if spec.until == "end":
             return r.state == "done"
-        return r.state == "parked" and r.point == spec.until
+        return spec.until in r.trail[mark:]
 
 
 class Pct:
@@ -777,6 +781,7 @@ class Explorer:
         self._client: AsgiClient | None = None
         self._conn: Any = None
         self._baseline: oracle.Baseline | None = None
+        self.observation: oracle.Observation | None = None
 
     async def __aenter__(self) -> Explorer:
         settings = Settings(
@@ -1026,6 +1031,7 @@ class Explorer:
             gateway_counters=self.fake.counters(),
             gateway_payment_ids=[r.gateway_payment_id for r in self.runs],
         )
+        self.observation = obs
         ops = self.history.ops()
         verdict = checker.check(ops, obs)
         by_trial: dict[int, list[Operation]] = {}
@@ -1231,6 +1237,8 @@ class ExploreResult:
     def render(self, console: Console, out: Path | None = None) -> None:
         for line in self.header():
             console.print(Text(line))
+        if self.scenario is not None and self.scenario.path is not None:
+            console.print(Text(f"from {self.scenario.path}", style="dim"))
         table = Table(title="schedules by outcome")
         for column in ("schedules", "outcome", "violated checkers", "first id"):
             table.add_column(column, justify="right" if column == "schedules" else "left")
@@ -1503,7 +1511,7 @@ async def execute(
     duration = time.perf_counter() - started
     verdict = await asyncio.to_thread(explorer.judge)
     return ExploreResult(
-        title=f"scenario {sc.name}" + (f" ({sc.path})" if sc.path else ""),
+        title=f"scenario {sc.name}" + (f": {sc.description}" if sc.description else ""),
         strategy=sc.strategy,
         isolation=sc.isolation,
         specs=sc.specs,

@@ -52,7 +52,7 @@ from rich.table import Table
 from harness import checker, oracle, report
 from harness.gateway import FakeRazorpay, GatewayKeys, GatewayServer
 from harness.history import Operation
-from harness.processes import ServiceProcess, service_env
+from harness.processes import ServiceProcess, free_port, service_env
 from harness.provider import Database, ProviderError, provide_postgres
 from harness.runner import DECLARED, machine
 from harness.stats import PathHistograms
@@ -78,7 +78,9 @@ GATE_CHECKERS: tuple[checker.Checker, ...] = (
     checker.gateway_capture_once,
     checker.no_lost_capture,
 )
-CAPTURE_PATHS = ("client", "webhook")
+# Histogram kind of the arrival spread: how far apart the service received the requests of
+# one race that were released together (its own X-Payrace-Received-At stamps).
+SPREAD = "arrival_spread"
 _RUN_TIME = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
 _QUIET_POLLS = 3  # consecutive quiet readings of pg_stat_activity before the oracle looks
 _LOCUST_GRACE_S = 120.0  # past -t: spawn-up, the gate, the reports
@@ -310,9 +312,8 @@ class LoadRun:
             "captures": None,
             "captures_per_second": None,
             "checks": {},
-            "latency_ms": self.hist.summary(),
-            "plots": self.hist.plots(),
             "first_violation": None,
+            **self._latency(),
         }
         url = self.settings.database_url
         if url is not None and self.baseline is not None:
@@ -353,6 +354,12 @@ class LoadRun:
         }
         self.write(summary)
         return summary
+
+    def _latency(self) -> dict[str, Any]:
+        latency, plots = self.hist.summary(), self.hist.plots()
+        spread = latency.pop(SPREAD, {}).get("race")
+        plots.pop(SPREAD, None)  # a spread is not a latency; summary.json has its own key
+        return {"latency_ms": latency, "plots": plots, "arrival_spread_ms": spread}
 
     def _judge(
         self, url: str, since: oracle.Baseline, window_s: float, problems: list[str]
@@ -555,7 +562,9 @@ class CpuSampler:
             "machine_busy_percent": round(100.0 * busy / total, 1) if total else None,
             "groups": {},
         }
-        for name, ticks in self._cpu.items():
+        for name, ticks in [*self._cpu.items(), ("other", busy - sum(self._cpu.values()))]:
+            # "other": everything else that kept the CPUs busy (the kernel, other programs);
+            # a large share means the figures above were measured on a shared machine.
             out["groups"][name] = {
                 "cpu_s": round(ticks / hz, 2),
                 "percent_of_machine": round(100.0 * ticks / total, 1) if total else None,
@@ -796,15 +805,21 @@ class LoadPlan:
             extra_args=list(extra_args),
         )
 
-    def locust_cmd(self, host: str) -> list[str]:
-        return [
+    def locust_cmd(self, host: str, master_port: int | None = None) -> list[str]:
+        cmd = [
             sys.executable, "-m", "locust", "-f", self.locustfile, "--headless",
             "-u", str(self.users), "-r", f"{self.spawn_rate:g}", "-t", self.run_time,
             "--host", host,
             "--html", str(self.run_dir / "locust.html"),
             "--csv", str(self.run_dir / "locust"),
-            *self.processes, *self.extra_args,
         ]  # fmt: skip
+        if self.processes:
+            # Locust's fixed default (5557 on every interface) would collide with any other
+            # run on this machine; its own workers find the master on loopback.
+            port = str(master_port or free_port())
+            cmd += [*self.processes, "--master-bind-host", "127.0.0.1"]
+            cmd += ["--master-bind-port", port, "--master-port", port]
+        return [*cmd, *self.extra_args]
 
     def service_pool(self) -> dict[str, str]:
         # 90 connections in all, so even a server left at max_connections = 100 has room for

@@ -39,7 +39,7 @@ from gevent.event import Event
 from gevent.pool import Group
 
 from harness.gateway import client_callback, new_event_id, signed_webhook, webhook_event
-from harness.load import EXIT_ERROR, LoadRun, LoadSettings, LoadTally
+from harness.load import EXIT_ERROR, SPREAD, LoadRun, LoadSettings, LoadTally
 from service.timing import parse_server_timing
 
 log = logging.getLogger("payrace")
@@ -54,6 +54,7 @@ CAPTURE_EVENTS = ("payment.captured", "payment.authorized", "order.paid")
 # The Locust row a capture response's LOCK / HOLD samples are logged under, per path.
 TIMING_ROWS = {"client": "/payments/verify", "webhook": "/webhooks/razorpay"}
 _TIMINGS = {"lock": "LOCK", "hold": "HOLD"}
+_GATEWAY_SAYS_CAPTURED = ("payment.captured", "order.paid")
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,7 @@ class PayraceUser(FastHttpUser):
         prepared = [self._prepare(payment, d) for d in deliveries]
         go = Event()
         group = Group()
-        for p in prepared:
-            group.spawn(self._deliver, go, p)
+        greenlets = [group.spawn(self._deliver, go, p) for p in prepared]
         try:
             gevent.sleep(0)  # every greenlet runs up to go.wait() and parks there
             go.set()
@@ -199,6 +199,15 @@ class PayraceUser(FastHttpUser):
         finally:
             # A user stopped mid-race must not leave requests running on without it.
             group.kill(block=False)
+        # How far apart the service received what was released together: the evidence
+        # that the race was run, not just requested.
+        received = [
+            g.value
+            for g, p in zip(greenlets, prepared, strict=True)
+            if g.value is not None and not p.delivery.delay_ms
+        ]
+        if len(received) > 1:
+            TALLY.timing(SPREAD, "race", (max(received) - min(received)) / 1e6)
 
     def _prepare(self, payment: Payment, delivery: Delivery) -> _Prepared:
         assert payment.gateway_payment is not None
@@ -217,7 +226,8 @@ class PayraceUser(FastHttpUser):
         name = f"/webhooks/razorpay [{delivery.event}]"
         return _Prepared(delivery, payment.payment_id, "/webhooks/razorpay", name, body, headers)
 
-    def _deliver(self, go: Event, p: _Prepared) -> None:
+    def _deliver(self, go: Event, p: _Prepared) -> int | None:
+        """Send one delivery once released; the service's receive time (ns) if it answered."""
         go.wait()
         if p.delivery.delay_ms:
             gevent.sleep(p.delivery.delay_ms / 1000.0)
@@ -227,16 +237,21 @@ class PayraceUser(FastHttpUser):
             self._record_timings(resp, p)
             body = _json(resp)
             if not resp.status_code:
-                return  # no answer: Locust records the connection error itself
+                return None  # no answer: Locust records the connection error itself
             status = body.get("status") if isinstance(body, dict) else None
-            if 200 <= resp.status_code < 300 and p.accepts(status):
+            answered = 200 <= resp.status_code < 300
+            # What no_lost_capture holds the target to: it said "captured", or it accepted
+            # the gateway's own word that the payment is captured.
+            if answered and (status == "captured" or p.delivery.event in _GATEWAY_SAYS_CAPTURED):
+                TALLY.confirm(p.payment_id, p.delivery.kind, p.delivery.event)
+            if answered and p.accepts(status):
                 resp.success()
-                if status == "captured" or p.delivery.event in ("payment.captured", "order.paid"):
-                    TALLY.confirm(p.payment_id, p.delivery.kind, p.delivery.event)
-            elif 200 <= resp.status_code < 300:
+            elif answered:
                 resp.failure(f"{resp.status_code} but the payment is {status!r}")
             else:
                 resp.failure(_failure(resp, body))
+        received = resp.headers.get("x-payrace-received-at") if resp.headers is not None else None
+        return int(received) if isinstance(received, str) and received.isdigit() else None
 
     def _record_timings(self, resp: Any, p: _Prepared) -> None:
         elapsed = resp.request_meta.get("response_time")

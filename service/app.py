@@ -106,7 +106,9 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 class OrderIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    amount: int = Field(gt=0, le=10**12, description="smallest currency unit (paise)")
+    # Razorpay's minimum order amount is 100 in the smallest unit (1 INR); below it the
+    # gateway refuses, which is the caller's mistake, so it is a 422 here and not a 502.
+    amount: int = Field(ge=100, le=10**12, description="smallest currency unit (paise)")
     currency: str = Field(default="INR", pattern=r"^[A-Z]{3}$")
 
 
@@ -374,6 +376,7 @@ class TimingMiddleware:
             )
             await response(scope, receive, send)
             return
+        self._forget_stale_groups()
         group = self.runtime.rendezvous.get(request.group)
         if group is None:
             group = probes.Rendezvous(
@@ -390,6 +393,18 @@ class TimingMiddleware:
         finally:
             if group.done():
                 self.runtime.rendezvous.pop(request.group, None)
+
+    def _forget_stale_groups(self) -> None:
+        # A group whose members never all arrived (a client gave up) would otherwise stay
+        # forever, and a later request reusing its id would join it.
+        now = time.monotonic()
+        stale = [
+            name
+            for name, group in self.runtime.rendezvous.items()
+            if now - group.created > 2 * group.timeout_s + 1
+        ]
+        for name in stale:
+            del self.runtime.rendezvous[name]
 
 
 __all__ = ["ApiError", "Runtime", "create_app"]

@@ -139,6 +139,7 @@ class Rendezvous:
         if point not in POINTS:
             raise ValueError(f"unknown pause point {point!r}; choose one of {', '.join(POINTS)}")
         self.size = size
+        self.created = time.monotonic()
         self.point = point
         self.timeout_s = timeout_s
         self.poll_s = poll_s

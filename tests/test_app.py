@@ -7,6 +7,7 @@ database is shared with the rest of the suite.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -158,6 +159,7 @@ async def test_create_order_writes_order_payment_and_issued_invoice(
     [
         ({"amount": -5, "currency": "INR"}, "amount"),
         ({"amount": 0, "currency": "INR"}, "amount"),
+        ({"amount": 99, "currency": "INR"}, "amount"),  # below Razorpay's minimum of 100
         ({"amount": "lots", "currency": "INR"}, "amount"),
         ({"amount": 50000, "currency": "inr"}, "currency"),
         ({"amount": 50000, "currency": "RUPEES"}, "currency"),
@@ -888,3 +890,16 @@ async def test_pause_header_holds_a_lone_request_until_its_timeout_when_probes_a
     assert response.status_code == 200
     assert response.json()["status"] == "captured"
     assert 0.25 <= elapsed < 2.0
+
+
+async def test_a_pause_group_that_never_filled_is_forgotten_after_its_timeout(
+    pg: Database, gateway_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    header = {"X-Payrace-Pause": "group=abandoned; size=2; timeout_ms=100"}
+    async with Service(service_settings(pg, gateway_url, payrace_probes=True)) as svc:
+        order, payment = await customer_pays(svc, fake_gateway)
+        await verify(svc, order, payment, headers=header)
+        assert "abandoned" in svc.runtime.rendezvous  # one member of two: never done
+        await asyncio.sleep(1.3)  # past 2 x timeout + 1 s
+        await svc.client.get("/healthz", headers={"X-Payrace-Pause": "group=other; size=1"})
+        assert "abandoned" not in svc.runtime.rendezvous

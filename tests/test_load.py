@@ -96,9 +96,12 @@ def test_plan_builds_the_locust_command_with_reports_in_the_run_dir(tmp_path: Pa
         extra_args=["--stop-timeout", "2"],
     )
     assert plan.run_dir.parent == tmp_path and plan.run_dir.name.endswith("-naive-webhook_storm")
-    cmd = plan.locust_cmd("http://127.0.0.1:1")
+    cmd = plan.locust_cmd("http://127.0.0.1:1", master_port=6123)
     assert cmd[1:3] == ["-m", "locust"] and "--headless" in cmd
-    for flag, value in [("-u", "50"), ("-r", "12.5"), ("-t", "1m"), ("--processes", "2")]:
+    flags = [("-u", "50"), ("-r", "12.5"), ("-t", "1m"), ("--processes", "2")]
+    # Not Locust's default 5557: two runs on one machine must not collide.
+    flags += [("--master-bind-host", "127.0.0.1"), ("--master-bind-port", "6123")]
+    for flag, value in [*flags, ("--master-port", "6123")]:
         assert cmd[cmd.index(flag) + 1] == value
     assert cmd[cmd.index("--html") + 1] == str(plan.run_dir / "locust.html")
     assert cmd[cmd.index("--csv") + 1] == str(plan.run_dir / "locust")

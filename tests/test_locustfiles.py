@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from rich.console import Console
 
@@ -139,6 +140,13 @@ def test_every_scenario_ran_and_no_response_was_judged_a_failure(for_update_run:
     assert locust["failures"] == 0, locust["errors"]
 
 
+def test_requests_released_together_reach_the_service_together(for_update_run: Run) -> None:
+    spread = for_update_run.strategy()["arrival_spread_ms"]
+    assert spread["count"] > 10
+    # Loopback, one gevent loop turn apart; generous for a machine shared with other work.
+    assert spread["p50"] < 50, spread
+
+
 def test_reports_are_where_the_output_says(for_update_run: Run) -> None:
     for name in ("summary.json", "report.html", "junit.xml", "locust.html", "locust.log"):
         assert (for_update_run.dir / name).is_file(), name
@@ -175,3 +183,18 @@ def test_master_totals_include_both_workers(naive_run: Run) -> None:
     # own total is exactly their sum.
     assert locust["requests"] == sum(w["requests"] for w in workers.values())
     assert naive_run.strategy()["trials"] == sum(w["payments"] for w in workers.values())
+
+
+def test_no_locust_or_service_process_outlives_the_runs(
+    for_update_run: Run, naive_run: Run
+) -> None:
+    # The embedded PostgreSQL is the session fixture's; everything else was payrace load's.
+    left = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if " locust " in cmdline or "uvicorn" in cmdline:
+            left.append(f"{child.pid} {cmdline[:120]}")
+    assert left == []
