@@ -330,7 +330,8 @@ class Scheduler:
             return
         r.point, r.detail = point, probe.points[-1][2] if probe.points else None
         r.trail.append(point)
-        self._arrive(r, phrase(point, r.detail))
+        # The commit runs in the step *after* this pause: it is drawn there, with the answer.
+        self._arrive(r, None if point == "before_commit" else phrase(point, r.detail))
         r.state = "parked"
         self._changed.set()
         await r.gate.wait()
@@ -367,13 +368,14 @@ class Scheduler:
             self._seq += 1
         self._pending.clear()
 
-    def _arrive(self, r: _Req, text: str) -> None:
+    def _arrive(self, r: _Req, text: str | None) -> None:
         """A request's step ended: log it and check it against its predicted class."""
         lines = [f"{message}: rollback" for message in r.errors]
         if r.errors and r.point == "txn_begun" and r.state != "done":
             text = "retry: begin"
-        lines.append(text)
-        if r.waited:  # isolation tester style: the step that waited ends here
+        if text is not None:
+            lines.append(f"commit {text}" if r.committed and text.startswith("→") else text)
+        if r.waited and lines:  # isolation tester style: the step that waited ends here
             lines[0] = f"<completed> {lines[0]}"
         for line in lines:
             self._log(r, line)
@@ -1185,7 +1187,7 @@ class ExploreResult:
             lines.append(
                 f"mode exhaustive: {len(self.runs)} schedules "
                 f"({'every schedule' if self.complete else 'INCOMPLETE'}; "
-                f"{pruned} equivalent branches collapsed)"
+                f"{pruned} equivalent branch{'es' if pruned != 1 else ''} collapsed)"
             )
         elif self.mode == "pct" and self.bound is not None:
             lines.append(self.bound.describe(len(self.runs) - self.bound.n, self.confidence))

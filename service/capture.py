@@ -21,9 +21,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
-from sqlalchemy import select, text
+from sqlalchemy import ColumnElement, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -35,6 +35,9 @@ from service.models import Invoice, Order, Payment, WebhookEvent
 from service.probes import pause
 
 RETRYABLE_SQLSTATES = {"40001": "serialization_failure", "40P01": "deadlock_detected"}
+
+
+_Row = TypeVar("_Row", Payment, Invoice, Order)
 
 
 @dataclass(frozen=True)
@@ -50,29 +53,25 @@ class Strategy:
     lock_rows: bool
     summary: str
 
-    async def load_payment(self, session: AsyncSession, payment_id: int) -> Payment | None:
-        stmt = select(Payment).where(Payment.id == payment_id)
+    async def _one(
+        self, session: AsyncSession, model: type[_Row], where: ColumnElement[bool]
+    ) -> _Row | None:
+        stmt = select(model).where(where)
         if self.lock_rows:
             stmt = stmt.with_for_update()
-        return (
-            await session.execute(stmt.execution_options(populate_existing=True))
-        ).scalar_one_or_none()
+        # populate_existing: a row already in the session is refreshed from what the
+        # statement read, so a status checked after the lock is the committed one.
+        result = await session.execute(stmt.execution_options(populate_existing=True))
+        return result.scalar_one_or_none()
+
+    async def load_payment(self, session: AsyncSession, payment_id: int) -> Payment | None:
+        return await self._one(session, Payment, Payment.id == payment_id)
 
     async def load_invoice(self, session: AsyncSession, payment_id: int) -> Invoice | None:
-        stmt = select(Invoice).where(Invoice.payment_id == payment_id)
-        if self.lock_rows:
-            stmt = stmt.with_for_update()
-        return (
-            await session.execute(stmt.execution_options(populate_existing=True))
-        ).scalar_one_or_none()
+        return await self._one(session, Invoice, Invoice.payment_id == payment_id)
 
     async def load_order(self, session: AsyncSession, order_id: int) -> Order | None:
-        stmt = select(Order).where(Order.id == order_id)
-        if self.lock_rows:
-            stmt = stmt.with_for_update()
-        return (
-            await session.execute(stmt.execution_options(populate_existing=True))
-        ).scalar_one_or_none()
+        return await self._one(session, Order, Order.id == order_id)
 
 
 NAIVE = Strategy("naive", False, "plain read, status checked without a lock (the incident)")

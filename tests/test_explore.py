@@ -283,7 +283,7 @@ async def test_blocking_detection_reads_pg_blocking_pids_not_the_clock(
     assert [a.backend_pid for a in captures] == list(wait.blocker_pids)  # one: the client's
     texts = [(e.process, e.text) for e in run.events]
     waiting = texts.index(("webhook-1", "lock payment <waiting>"))
-    committed = texts.index(("client", "→ 200 captured"))
+    committed = texts.index(("client", "commit → 200 captured"))
     completed = texts.index(("webhook-1", "<completed> read payment (captured)"))
     assert waiting < committed < completed
     assert run.replies["webhook-1"].body["idempotent"] is True
