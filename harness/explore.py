@@ -30,10 +30,13 @@ commutes with every step of every other request, so every schedule is equivalent
 which LOCAL steps run as early as possible.
 
 Equivalent schedules (exhaustive mode, `reduce`). Two adjacent steps of different requests
-commute when `dependent()` says no: plain reads (READ) commute with reads and with
-uncommitted writes at READ COMMITTED and REPEATABLE READ (MVCC: a plain SELECT neither sees
-an uncommitted row nor waits for its lock); END (commit and answer) and WRITE-WRITE pairs
-never commute; at SERIALIZABLE nothing but LOCAL commutes (SIREAD locks make reads count).
+commute when `dependent()` says no: plain reads (READ) commute with each other, and at READ
+COMMITTED and REPEATABLE READ with writes that are not committed yet (MVCC: a plain SELECT
+neither sees an uncommitted row nor waits for its lock, and a WRITE step never commits: at
+worst it rolls back, which no reader can see); END (commit and answer) and WRITE-WRITE pairs
+never commute (WRITE-WRITE conservatively, whatever the rows). At SERIALIZABLE a read and a
+write of a concurrent transaction form the same rw-conflict in either order, but the order
+decides which transaction SSI rolls back, so they do not commute either.
 Of each class of equivalent schedules the explorer runs the lexicographically least, using
 the two-process characterisation of that normal form: after a step of request j, request
 i < j is released next only if its step depends on j's step (or j cannot move). Pruning is
@@ -210,6 +213,7 @@ class _Req:
     reply: Reply | None = None
     invoke: Operation | None = None
     blocked_by: tuple[str, ...] = ()
+    blocker_pids: tuple[int, ...] = ()
     trail: list[str] = field(default_factory=list)  # pause points passed, in order
     # The step in flight: what it was predicted to do and what it did.
     predicted: StepClass = StepClass.LOCAL
@@ -413,6 +417,7 @@ class Scheduler:
 
     async def step(self, index: int) -> None:
         r = self.reqs[index]
+        before = {q.label: q.blocked_by for q in self.reqs if q.state == "blocked"}
         r.predicted, r.step_from = self.predicted(r), r.point
         r.statements, r.errors, r.committed, r.waited = [], [], False, False
         self._released = r
@@ -423,6 +428,15 @@ class Scheduler:
             r.state = "running"
             r.gate.set()
         await self._settle()
+        # Waits are read at the settled state only: there no lock can change hands. In
+        # between, a waiter woken by a commit may be seen running for a moment before it
+        # queues for its next lock; whether a poll lands there is timing, not behaviour.
+        for q in self.reqs:
+            if q.state == "blocked" and before.get(q.label) != q.blocked_by:
+                what = describe_statement(q.statements[-1]) if q.statements else "lock"
+                self.waits.append(Wait(q.label, q.blocked_by, what, q.blocker_pids))
+                self._log(q, f"{what} <waiting>")
+                q.waited = True
         self._flush()
 
     async def _request(self, r: _Req) -> None:
@@ -486,11 +500,7 @@ class Scheduler:
                     if r.state == "blocked":
                         r.state = "running"  # the holder committed: it runs again
                     continue
-                if r.state != "blocked" or r.blocked_by != by:
-                    what = describe_statement(r.statements[-1]) if r.statements else "lock"
-                    self.waits.append(Wait(r.label, by, what, named))
-                    self._log(r, f"{what} <waiting>")
-                r.state, r.blocked_by, r.waited = "blocked", by, True
+                r.state, r.blocked_by, r.blocker_pids = "blocked", by, named
             if all_blocked:
                 cycle = self._cycle(active)
                 if cycle is None:

@@ -54,7 +54,6 @@ from harness.gateway import FakeRazorpay, GatewayKeys, GatewayServer
 from harness.history import Operation
 from harness.processes import ServiceProcess, free_port, service_env
 from harness.provider import Database, ProviderError, provide_postgres
-from harness.runner import DECLARED, machine
 from harness.stats import PathHistograms
 from harness.timeline import TimelineEvent
 
@@ -301,6 +300,8 @@ class LoadRun:
 
     def finish(self, *, host: str, locust: Mapping[str, Any], window_s: float) -> dict[str, Any]:
         """Wait for the target to go quiet, observe, check, write the reports; the summary."""
+        from harness.runner import DECLARED, machine  # see _declared()
+
         strategy, problems = _target_strategy(host), list(self.problems)
         result: dict[str, Any] = {
             "expected": DECLARED.get(strategy),
@@ -414,6 +415,14 @@ class LoadRun:
         }
         (out / "latency_hdr.json").write_text(json.dumps(hdr, indent=2) + "\n", encoding="utf-8")
         report.write_all(summary, out)
+
+
+def _declared() -> dict[str, str]:
+    # Imported when needed, not at the top: harness.runner brings the whole service (FastAPI,
+    # SQLAlchemy, asyncpg), which every Locust worker importing this module would carry.
+    from harness.runner import DECLARED
+
+    return DECLARED
 
 
 def audit_timeline(obs: oracle.Observation, payment_id: int) -> list[TimelineEvent]:
@@ -769,8 +778,9 @@ class LoadPlan:
         out_dir: Path,
         extra_args: Sequence[str],
     ) -> LoadPlan:
-        if strategy not in DECLARED:
-            raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(DECLARED)}")
+        declared = _declared()
+        if strategy not in declared:
+            raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(declared)}")
         if users < 1:
             raise UsageError(f"-u/--users {users}: need at least one user")
         if not spawn_rate > 0:

@@ -278,6 +278,16 @@ class BlockedProbe:
             return bool(await conn.fetchval("SELECT cardinality(pg_blocking_pids($1)) > 0", pid))
 
 
+class Recorder:
+    """A controller that holds nobody: it only lets the pause points be recorded."""
+
+    async def reached(self, point: str, probe: probes.ProbeContext) -> None:
+        return None
+
+    def finished(self, probe: probes.ProbeContext) -> None:
+        return None
+
+
 @dataclass
 class TrialOutcome:
     trial: int
@@ -318,7 +328,24 @@ async def _fire(
             run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, req.value)
             for step, req in zip(steps, reqs, strict=True)
         ]
-        return await target.client.send_together(reqs), invokes, captured, 0
+        if not target.in_process:
+            return await target.client.send_together(reqs), invokes, captured, 0
+        # In-process, the requests also pass a recorder, so a violating trial's timeline
+        # names who did what (over HTTP the oracle's audit rows stand in for it).
+        gate = asyncio.Event()
+        recorder = Recorder()
+
+        async def released(i: int) -> Reply:
+            with probes.controlled(recorder, steps[i].process) as probe:
+                await gate.wait()
+                reply = await target.client.send(reqs[i])
+            captured[steps[i].process] = probe
+            return reply
+
+        tasks = [asyncio.create_task(released(i)) for i in range(len(reqs))]
+        await asyncio.sleep(0)  # every task is parked on the gate before it opens
+        gate.set()
+        return list(await asyncio.gather(*tasks)), invokes, captured, 0
 
     rendezvous = probes.Rendezvous(
         len(reqs),
@@ -399,7 +426,8 @@ def _audit_timeline(obs: oracle.Observation, payment_id: int) -> list[TimelineEv
     """Over HTTP there are no probes: draw the writes the oracle saw, one column per backend."""
     events = []
     for row in obs.audit:
-        if row.payment_id != payment_id:
+        # INSERTs are the order being created before the race; the race is in the UPDATEs.
+        if row.payment_id != payment_id or row.op == "INSERT":
             continue
         events.append(
             TimelineEvent(

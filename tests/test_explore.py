@@ -45,7 +45,7 @@ from harness.explore import (
 )
 from harness.gateway import FakeRazorpay, GatewayKeys, GatewayServer
 from harness.provider import Database, provide_postgres
-from harness.scenario import StepSpec, parse_requests, parse_schedule_id
+from harness.scenario import RequestSpec, StepSpec, parse_requests, parse_schedule_id
 from service import probes
 
 HERE = Path(__file__).parent
@@ -69,7 +69,9 @@ def gateway() -> Iterator[tuple[FakeRazorpay, str]]:
         yield fake, server.url
 
 
-def _plan(strategy: str, isolation: str = RC, requests: tuple[str, ...] = ("client", "webhook")) -> Plan:
+def _plan(
+    strategy: str, isolation: str = RC, requests: tuple[str, ...] = ("client", "webhook")
+) -> Plan:
     return make_plan(
         strategy=strategy,
         requests=list(requests),
@@ -103,21 +105,26 @@ def _explorer(
 
 def test_the_step_table_reads_the_capture_path() -> None:
     client, webhook, failed = parse_requests(["client", "webhook", "payment.failed"])
-    kw = {"isolation": RC, "lock_rows": True}
-    assert predict(client, None, None, **kw) is StepClass.LOCAL  # nothing shared before BEGIN
-    assert predict(client, None, None, isolation=RR, lock_rows=True) is StepClass.READ  # snapshot
-    assert predict(client, "txn_begun", None, **kw) is StepClass.WRITE  # FOR UPDATE
-    assert predict(client, "txn_begun", None, isolation=RC, lock_rows=False) is StepClass.READ
-    assert predict(client, "payment_read", "pending", **kw) is StepClass.LOCAL
-    assert predict(client, "payment_read", "pending", isolation=SR, lock_rows=True) is StepClass.READ
-    assert predict(webhook, "payment_read", "pending", **kw) is StepClass.WRITE  # event id
-    assert predict(client, "status_checked", "pending", **kw) is StepClass.LOCAL
-    assert predict(webhook, "status_checked", "pending", **kw) is StepClass.WRITE
-    assert predict(webhook, "status_checked", "repeat", **kw) is StepClass.READ
-    assert predict(failed, "payment_written", None, **kw) is StepClass.READ
-    assert predict(client, "order_written", None, **kw) is StepClass.LOCAL
-    assert predict(client, "before_commit", None, **kw) is StepClass.END
-    assert predict(client, "a_point_added_later", None, **kw) is StepClass.END
+    S = StepClass
+
+    def p(spec: RequestSpec, point: str | None, detail: str | None = None, iso: str = RC,
+          lock: bool = True) -> StepClass:  # fmt: skip
+        return predict(spec, point, detail, isolation=iso, lock_rows=lock)
+
+    assert p(client, None) is S.LOCAL  # nothing shared happens before BEGIN...
+    assert p(client, None, iso=RR) is S.READ  # ...except taking the snapshot
+    assert p(client, "txn_begun") is S.WRITE  # FOR UPDATE
+    assert p(client, "txn_begun", lock=False) is S.READ  # the incident's plain read
+    assert p(client, "payment_read", "pending") is S.LOCAL
+    assert p(client, "payment_read", "pending", iso=SR) is S.READ
+    assert p(webhook, "payment_read", "pending") is S.WRITE  # records the event id
+    assert p(client, "status_checked", "pending") is S.LOCAL  # on to gateway_called
+    assert p(webhook, "status_checked", "pending") is S.WRITE  # update payment
+    assert p(webhook, "status_checked", "repeat") is S.READ
+    assert p(failed, "payment_written") is S.READ
+    assert p(client, "order_written") is S.LOCAL
+    assert p(client, "before_commit") is S.END
+    assert p(client, "a_point_added_later") is S.END
 
 
 def test_only_conflicting_steps_are_dependent() -> None:
@@ -139,7 +146,9 @@ def test_statements_are_classified_by_what_they_lock() -> None:
     assert statement_class("select 1 for no key update") is StepClass.WRITE
     assert statement_class("UPDATE payments SET status=$1") is StepClass.WRITE
     assert statement_class("INSERT INTO webhook_events (event_id) VALUES ($1)") is StepClass.WRITE
-    assert describe_statement("SELECT p.id FROM payments p WHERE p.id=$1 FOR UPDATE") == "lock payment"
+    assert (
+        describe_statement("SELECT p.id FROM payments p WHERE p.id=$1 FOR UPDATE") == "lock payment"
+    )
     assert describe_statement("UPDATE invoices SET status=$1") == "update invoice"
     assert describe_statement("INSERT INTO webhook_events (a) VALUES (1)") == "record event id"
 
@@ -266,8 +275,11 @@ async def test_blocking_detection_reads_pg_blocking_pids_not_the_clock(
     explorer = _explorer(explore_db, gateway, "for_update", bound_s=60.0)
     async with explorer:
         run = await explorer.run_steps(
-            [StepSpec("client", "payment_read"), StepSpec("webhook-1", "payment_read"),
-             StepSpec("client", "end")],  # fmt: skip
+            [
+                StepSpec("client", "payment_read"),
+                StepSpec("webhook-1", "payment_read"),
+                StepSpec("client", "end"),
+            ],
         )
     await asyncio.to_thread(explorer.judge)
     assert not run.stuck and not run.error and run.valid is True

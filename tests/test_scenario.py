@@ -86,7 +86,9 @@ def test_schedule_ids_are_short_and_round_trip() -> None:
     ref = ScheduleRef("naive", "READ COMMITTED", ("client", "webhook"), (0, 0, 0, 1, 1, 0, 1, 1))
     assert ref.id == "naive.rc.cw.a3b2ab2"
     assert parse_schedule_id(ref.id) == ref
-    serializable = ScheduleRef("for_update", "SERIALIZABLE", ("client", "webhook", "duplicate"), (2, 0))
+    serializable = ScheduleRef(
+        "for_update", "SERIALIZABLE", ("client", "webhook", "duplicate"), (2, 0)
+    )
     assert parse_schedule_id(serializable.id) == serializable
 
 
@@ -181,7 +183,7 @@ def test_scenario_errors_name_the_key(doc: dict[str, object], message: str) -> N
 def test_an_unreadable_scenario_says_which_file(tmp_path: Path) -> None:
     broken = tmp_path / "broken.toml"
     broken.write_text("strategy = \n")
-    with pytest.raises(ScenarioError, match="broken.toml is not valid TOML"):
+    with pytest.raises(ScenarioError, match=r"broken\.toml is not valid TOML"):
         load_scenario(broken)
     with pytest.raises(ScenarioError, match="cannot read scenario"):
         load_scenario(tmp_path / "missing.toml")
