@@ -52,6 +52,9 @@ class Strategy:
     name: str
     lock_rows: bool
     summary: str
+    # Serialise on a transaction-scoped advisory lock keyed by the payment instead of the
+    # row lock: the same guarantee for code paths that all take it, none for those that don't.
+    advisory: bool = False
 
     async def _one(
         self, session: AsyncSession, model: type[_Row], where: ColumnElement[bool]
@@ -65,6 +68,13 @@ class Strategy:
         return result.scalar_one_or_none()
 
     async def load_payment(self, session: AsyncSession, payment_id: int) -> Payment | None:
+        if self.advisory:
+            # Two-int form in a namespace of its own, so no other advisory user collides;
+            # ids beyond int4 wrap, which can only over-serialise, never under.
+            await session.execute(
+                text("SELECT pg_advisory_xact_lock(:ns, (:id % 2147483647)::int)"),
+                {"ns": ADVISORY_NAMESPACE, "id": payment_id},
+            )
         return await self._one(session, Payment, Payment.id == payment_id)
 
     async def load_invoice(self, session: AsyncSession, payment_id: int) -> Invoice | None:
@@ -74,9 +84,13 @@ class Strategy:
         return await self._one(session, Order, Order.id == order_id)
 
 
+ADVISORY_NAMESPACE = 720_132
 NAIVE = Strategy("naive", False, "plain read, status checked without a lock (the incident)")
 FOR_UPDATE = Strategy("for_update", True, "SELECT ... FOR UPDATE, status checked after the lock")
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (NAIVE, FOR_UPDATE)}
+ADVISORY = Strategy(
+    "advisory", False, "pg_advisory_xact_lock on the payment id, then plain reads", advisory=True
+)
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (NAIVE, FOR_UPDATE, ADVISORY)}
 
 
 @dataclass(frozen=True)

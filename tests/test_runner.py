@@ -69,6 +69,17 @@ async def test_forced_lock_wait_matches_the_injected_hold(pg: Database, tmp_path
         assert hold_ms * 0.9 <= second <= hold_ms + 250, (trial, waits)
 
 
+async def test_the_advisory_lock_strategy_is_clean_and_its_waits_are_measured(
+    pg: Database, tmp_path: Path
+) -> None:
+    summary = await race(pg, tmp_path, strategies=["advisory"], trials=10, mode="forced")
+    result = summary["strategies"]["advisory"]
+    assert result["valid"] is True, result["checks"]
+    # Forced mode makes one of each pair wait on the advisory lock; Server-Timing shows it.
+    assert result["latency_ms"]["lock"]["all"]["max"] > 0
+    assert result["server_side"]["waiting_seen"] > 0
+
+
 async def test_duplicate_and_redelivered_webhooks_stay_exactly_once(
     pg: Database, tmp_path: Path
 ) -> None:
