@@ -429,9 +429,10 @@ async def test_concurrent_deliveries_of_one_event_id_capture_once(
 # -- the routine, called directly ----------------------------------------------------------------
 
 
-def test_strategies_are_registered_by_name_and_only_for_update_locks() -> None:
-    assert STRATEGIES == {"naive": NAIVE, "for_update": FOR_UPDATE}
-    assert (NAIVE.lock_rows, FOR_UPDATE.lock_rows) == (False, True)
+def test_strategies_are_registered_by_name_and_each_serialises_its_own_way() -> None:
+    assert STRATEGIES == {"naive": NAIVE, "for_update": FOR_UPDATE, "advisory": ADVISORY}
+    assert (NAIVE.lock_rows, FOR_UPDATE.lock_rows, ADVISORY.lock_rows) == (False, True, False)
+    assert (NAIVE.advisory, FOR_UPDATE.advisory, ADVISORY.advisory) == (False, False, True)
 
 
 def _command(paid: Paid, **fields: Any) -> CaptureCommand:
