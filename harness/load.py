@@ -873,12 +873,14 @@ def load_main(
         with _sigterm_as_interrupt():
             return _run(plan, console)
     except KeyboardInterrupt:
+        # Locust got SIGINT too and judged what had run so far; a violation found in a cut
+        # short run is still a violation.
         summary = _read_summary(plan.run_dir)
-        if summary is not None and summary.get("exit_code") == EXIT_VIOLATED:
-            console.print("[bold red]interrupted[/], but the gate had already found violations")
+        if summary is not None:
             _finish_reports(summary, None, plan, console, None)
-            return EXIT_VIOLATED
         console.print(f"[yellow]interrupted[/]; everything started was stopped ({plan.run_dir})")
+        if summary is not None and summary.get("exit_code") == EXIT_VIOLATED:
+            return EXIT_VIOLATED
         return EXIT_INTERRUPTED
     except (ProviderError, oracle.OracleError) as exc:
         console.print(f"[bold red]payrace load:[/] {exc}")

@@ -33,7 +33,15 @@ from harness.gateway import (
 )
 from harness.provider import Database
 from service import probes
-from service.capture import FOR_UPDATE, NAIVE, STRATEGIES, CaptureCommand, capture, mark_failed
+from service.capture import (
+    ADVISORY,
+    FOR_UPDATE,
+    NAIVE,
+    STRATEGIES,
+    CaptureCommand,
+    capture,
+    mark_failed,
+)
 from service.errors import NotFound, Rejected
 from service.models import Base
 from service.timing import parse_server_timing
