@@ -246,6 +246,10 @@ class ScheduleRun:
     error: str | None = None
     pruned: int = 0
     expect: str | None = None
+    # (step, requests): one step released several waiters at once; who locked first was
+    # PostgreSQL's choice, so what follows may differ between runs (see Scheduler.step).
+    races: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
+    note: str | None = None
     # Filled by Explorer.judge():
     valid: checker.Validity = "unknown"
     violated: tuple[str, ...] = ()
@@ -325,6 +329,7 @@ class Scheduler:
         self.stuck: list[str] = []
         self.guard: list[str] = []
         self.pruned = 0
+        self.races: list[tuple[int, tuple[str, ...]]] = []
 
     # -- PauseController --------------------------------------------------------------------
 
@@ -437,6 +442,24 @@ class Scheduler:
                 self.waits.append(Wait(q.label, q.blocked_by, what, q.blocker_pids))
                 self._log(q, f"{what} <waiting>")
                 q.waited = True
+        # A step that releases two waiters of the released request (side by side, or one
+        # queued behind the other on the tuple lock) starts a race inside PostgreSQL: each
+        # re-locks the row's new version (EvalPlanQual) and the first to get there wins. No
+        # pause point lies in between, so no schedule orders them. Whether a race was
+        # possible is read from the state before the step, so that it is reported the same
+        # way whichever waiter won.
+        behind = self._waiting_on(r.label, before)
+        if len(behind) > 1 and any(
+            q.state != "blocked" or q.blocked_by != before[q.label]
+            for q in self.reqs
+            if q.label in behind
+        ):
+            self.races.append((len(self.choices), behind))
+            self._log(
+                self._by_label[behind[0]],
+                f"<race> {' and '.join(behind)} released together: PostgreSQL picks who "
+                "locks first",
+            )
         self._flush()
 
     async def _request(self, r: _Req) -> None:
@@ -516,6 +539,16 @@ class Scheduler:
             if all_blocked or not any(r.state == "running" for r in active):
                 await asyncio.sleep(self.poll_s)
 
+    def _waiting_on(self, label: str, graph: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+        """The requests that wait, directly or through others, for `label` in `graph`."""
+        found: set[str] = set()
+        frontier = {label}
+        while frontier:
+            frontier = {w for w, by in graph.items() if set(by) & frontier} - found
+            found |= frontier
+        found.discard(label)
+        return tuple(sorted(found, key=lambda name: self._by_label[name].index))
+
     def _cycle(self, active: Sequence[_Req]) -> tuple[str, ...] | None:
         graph = {r.label: r.blocked_by for r in active if r.state == "blocked"}
         for start in graph:
@@ -580,7 +613,16 @@ class Scheduler:
                 await self._give_up([r for r in self.reqs if r.state != "done"])
                 return
             candidates = self._prune(runnable, previous)
-            choice = policy.choose(runnable, candidates, self.reqs)
+            try:
+                choice = policy.choose(runnable, candidates, self.reqs)
+            except ScheduleError as exc:
+                if self.races:
+                    step, who = self.races[0]
+                    raise ScheduleError(
+                        f"{exc} — PostgreSQL decided the race between {' and '.join(who)} "
+                        f"at step {step} the other way this time; run it again"
+                    ) from exc
+                raise
             if choice not in runnable:
                 raise ScheduleError(f"step {len(self.choices) + 1}: request {choice} cannot move")
             self.decisions.append((tuple(candidates), choice))
@@ -622,6 +664,7 @@ class Prefix:
         self.exact = exact
         self.position = 0
         self.notes: list[str] = []
+        self.diverged_at: int | None = None
 
     def choose(
         self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[_Req]
@@ -640,9 +683,11 @@ class Prefix:
                     f"{state.get(r.state, r.state)}; this service no longer runs that schedule"
                 )
             self.notes.append(f"step {self.position}: {want} not among {list(pool)}")
+            self.diverged_at = self.diverged_at or self.position
         elif self.exact and self.position == len(self.choices):
             self.position += 1
             self.notes.append("the id ended before every request answered")
+            self.diverged_at = self.diverged_at or self.position
         return min(pool)
 
 
@@ -962,9 +1007,16 @@ class Explorer:
             error=error,
             pruned=sched.pruned,
             expect=expect,
+            races=sched.races,
         )
-        if isinstance(policy, Prefix) and policy.notes and not error:
-            run.error = "not deterministic: " + "; ".join(policy.notes)
+        if isinstance(policy, Prefix) and policy.diverged_at is not None and not error:
+            if sched.races and sched.races[0][0] < policy.diverged_at:
+                run.note = (
+                    f"went its own way at step {policy.diverged_at}, after PostgreSQL decided "
+                    f"the race at step {sched.races[0][0]}"
+                )
+            else:
+                run.error = "not deterministic: " + "; ".join(policy.notes)
         self.runs.append(run)
         return run
 
@@ -1112,23 +1164,26 @@ class ExploreResult:
     def waiting(self) -> list[ScheduleRun]:
         return [r for r in self.runs if r.waits]
 
-    def by_checker(self) -> dict[str, int]:
+    def by_checker(self, runs: Sequence[ScheduleRun] | None = None) -> dict[str, int]:
         counts = {name: 0 for name in self.verdict.results}
-        for run in self.runs:
+        for run in self.runs if runs is None else runs:
             for name in run.violated:
                 counts[name] = counts.get(name, 0) + 1
         return counts
 
     def shortest_violation(self) -> ScheduleRun | None:
-        """Fewest timeline rows, then fewest switches between requests (easiest to read)."""
+        """Fewest timeline rows, then fewest switches between requests (easiest to read);
+        one that PostgreSQL's own race did not decide, when there is one."""
         runs = self.violating()
-        return min(runs, key=lambda r: (len(r.events), r.switches(), r.number)) if runs else None
+        if not runs:
+            return None
+        return min(runs, key=lambda r: (bool(r.races), len(r.events), r.switches(), r.number))
 
     def shown(self) -> tuple[str, ScheduleRun] | None:
         """The schedule worth drawing: the shortest violation, else the first that waited."""
         if (run := self.shortest_violation()) is not None:
             return "shortest violating schedule", run
-        if waited := self.waiting():
+        if waited := sorted(self.waiting(), key=lambda r: (bool(r.races), r.number)):
             run = waited[0]
             who = ", ".join(
                 sorted({f"{w.label} waited for {'+'.join(w.blocked_by)}" for w in run.waits})
@@ -1136,9 +1191,11 @@ class ExploreResult:
             return f"a schedule where {who}", run
         return None
 
-    def outcomes(self) -> list[tuple[str, tuple[str, ...], list[ScheduleRun]]]:
+    def outcomes(
+        self, runs: Sequence[ScheduleRun] | None = None
+    ) -> list[tuple[str, tuple[str, ...], list[ScheduleRun]]]:
         groups: dict[tuple[str, tuple[str, ...]], list[ScheduleRun]] = {}
-        for run in self.runs:
+        for run in self.runs if runs is None else runs:
             groups.setdefault((run.outcome(), run.violated), []).append(run)
         return [(o, v, runs) for (o, v), runs in groups.items()]
 
@@ -1205,30 +1262,49 @@ class ExploreResult:
             lines.append(f"mode {self.mode}: {len(self.runs)} schedules")
         return lines
 
-    def counts(self) -> list[str]:
-        waited = self.waiting()
+    def counts(self, runs: Sequence[ScheduleRun] | None = None) -> list[str]:
+        runs = self.runs if runs is None else runs
         lines = [
-            f"schedules: {len(self.runs)} · with a lock wait: {len(waited)} · deadlocks: "
-            f"{sum(1 for r in self.runs if r.deadlocks)} · stuck: "
-            f"{sum(1 for r in self.runs if r.stuck)} · violating: {len(self.violating())}"
+            f"schedules: {len(runs)} · with a lock wait: {sum(1 for r in runs if r.waits)} · "
+            f"deadlocks: {sum(1 for r in runs if r.deadlocks)} · stuck: "
+            f"{sum(1 for r in runs if r.stuck)} · violating: "
+            f"{sum(1 for r in runs if r.valid is False)}"
         ]
-        for name, count in self.by_checker().items():
+        for name, count in self.by_checker(runs).items():
             if count:
                 lines.append(f"  {name}: {count} schedule(s)")
         return lines
 
+    def raced(self) -> list[ScheduleRun]:
+        return [r for r in self.runs if r.races]
+
     def golden(self) -> str:
-        """Deterministic text (no times, pids or ids of rows): the golden files' content."""
-        lines = [*self.header(), *self.counts(), "outcomes:"]
-        for outcome, violated, runs in self.outcomes():
+        """Deterministic text (no times, pids or row ids): the golden files' content.
+
+        A schedule in which PostgreSQL decided a race between waiters is shown up to that
+        step only; what came after was the server's choice and may differ next time."""
+        stable = [r for r in self.runs if not r.races]
+        lines = [*self.header(), *self.counts(stable)]
+        if raced := self.raced():
+            lines.append(
+                f"decided by a race inside PostgreSQL after a step of theirs: {len(raced)} "
+                "more schedule(s), not counted above"
+            )
+        lines.append("outcomes:")
+        for outcome, violated, runs in self.outcomes(stable):
             tail = f"  [{', '.join(violated)}]" if violated else ""
             lines.append(f"  {len(runs):>3} x {outcome}{tail}")
         lines.append("schedules:")
         for run in self.runs:
+            label = f"{run.name}: " if run.name else ""
+            if run.races:
+                step, who = run.races[0]
+                ref = replace(run.ref, choices=run.choices[:step])
+                lines.append(f"  {label}{ref.id}…  race: {' and '.join(who)}")
+                continue
             waits = "; ".join(
                 f"{w.label} waited for {'+'.join(w.blocked_by)} ({w.what})" for w in run.waits
             )
-            label = f"{run.name}: " if run.name else ""
             lines.append(
                 f"  {label}{run.id}  {_word(run.valid)}" + (f"  waits: {waits}" if waits else "")
             )
@@ -1264,6 +1340,14 @@ class ExploreResult:
         console.print(table)
         for line in self.counts():
             console.print(Text(line))
+        if raced := self.raced():
+            console.print(
+                Text(
+                    f"{len(raced)} schedule(s) released two waiters of one row with one commit: "
+                    "which of them locked first was PostgreSQL's choice (marked <race>)",
+                    style="yellow",
+                )
+            )
         if (shown := self.shown()) is not None:
             what, run = shown
             console.print(
@@ -1329,6 +1413,7 @@ class ExploreResult:
                 "waiting": len(self.waiting()),
                 "deadlocks": sum(1 for r in self.runs if r.deadlocks),
                 "stuck": sum(1 for r in self.runs if r.stuck),
+                "races": len(self.raced()),
                 "violations_by_checker": self.by_checker(),
                 "pct": None
                 if self.bound is None
@@ -1391,6 +1476,8 @@ def _run_json(run: ScheduleRun) -> dict[str, Any]:
         ],
         "deadlocks": [list(c) for c in run.deadlocks],
         "stuck": run.stuck,
+        "races": [{"step": step, "requests": list(who)} for step, who in run.races],
+        "note": run.note,
         "error": run.error,
         "timeline": [e.to_json() for e in run.events],
     }
@@ -1486,11 +1573,11 @@ async def execute(
         poll_s=poll_s,
         reduce=sc.reduce,
     )
-    started = time.perf_counter()
     complete = True
     bound = None
     notes: list[str] = []
     async with explorer:
+        started = time.perf_counter()  # the exploration itself: service start excluded
         if plan.replay is not None:
             on_start("replay", 1)
             on_run(await explorer.replay(plan.replay, name="replay"))
@@ -1520,7 +1607,7 @@ async def execute(
                 notes.append(
                     f"a run took {biggest} steps, more than k={k}: the bound is approximate"
                 )
-    duration = time.perf_counter() - started
+        duration = time.perf_counter() - started
     verdict = await asyncio.to_thread(explorer.judge)
     return ExploreResult(
         title=f"scenario {sc.name}" + (f": {sc.description}" if sc.description else ""),
@@ -1670,37 +1757,52 @@ def write_reports(
 
 
 def pause_overhead(iterations: int = 200_000) -> dict[str, float]:
-    """ns per `await pause(point)` without a controller, against a loop that does not call it."""
+    """ns per `await pause(point)` without a controller, against not calling it at all and
+    against awaiting an empty coroutine (what any call point in async code costs)."""
 
-    async def with_pause() -> float:
+    async def empty() -> None:
+        return None
+
+    async def timed(kind: str) -> float:
         started = time.perf_counter_ns()
-        for _ in range(iterations):
-            await probes.pause("payment_read", "pending")
+        if kind == "pause":
+            for _ in range(iterations):
+                await probes.pause("payment_read", "pending")
+        elif kind == "empty":
+            for _ in range(iterations):
+                await empty()
+        else:
+            for _ in range(iterations):
+                pass
         return (time.perf_counter_ns() - started) / iterations
 
-    async def without() -> float:
-        started = time.perf_counter_ns()
-        for _ in range(iterations):
-            pass
-        return (time.perf_counter_ns() - started) / iterations
+    async def best() -> dict[str, float]:
+        # Best of five: what the call costs, not what else the machine was doing meanwhile.
+        return {
+            kind: min([await timed(kind) for _ in range(5)]) for kind in ("pause", "empty", "loop")
+        }
 
-    async def best() -> tuple[float, float]:
-        # Best of five: the figure is what the call costs, not what the machine was doing.
-        a = min([await with_pause() for _ in range(5)])
-        b = min([await without() for _ in range(5)])
-        return a, b
-
-    called, bare = asyncio.run(best())
-    return {"pause_ns": called, "loop_ns": bare, "overhead_ns": called - bare}
+    ns = asyncio.run(best())
+    return {
+        "pause_ns": ns["pause"],
+        "empty_coroutine_ns": ns["empty"],
+        "loop_ns": ns["loop"],
+        "overhead_ns": ns["pause"] - ns["loop"],
+    }
 
 
 def _bench(argv: Sequence[str]) -> int:
-    """python -m harness.explore [pause-overhead | bench [--dsn DSN]]"""
+    """python -m harness.explore [pause-overhead | bench [--dsn DSN]]
+
+    bench: every schedule of a client callback + payment.captured webhook pair at READ
+    COMMITTED, for naive and for_update, collapsed and not."""
     if not argv or argv[0] == "pause-overhead":
         figures = pause_overhead()
         print(
-            f"pause() without a controller: {figures['pause_ns']:.1f} ns/call; loop without it: "
-            f"{figures['loop_ns']:.1f} ns/iteration; overhead {figures['overhead_ns']:.1f} ns/call"
+            f"await pause() without a controller: {figures['pause_ns']:.0f} ns/call; "
+            f"await of an empty coroutine: {figures['empty_coroutine_ns']:.0f} ns; loop without "
+            f"either: {figures['loop_ns']:.0f} ns/iteration; pause() costs "
+            f"{figures['overhead_ns']:.0f} ns/call more than not calling it"
         )
         return 0
     if argv[0] == "bench":
@@ -1709,16 +1811,21 @@ def _bench(argv: Sequence[str]) -> int:
             fake = FakeRazorpay(GatewayKeys())
             with GatewayServer(fake) as server:
                 for strategy in ("naive", "for_update"):
-                    plan = make_plan(strategy=strategy, requests=["client", "webhook"],
-                                     isolation="READ COMMITTED", pct_runs=None, depth=2, seed=1,
-                                     replay=None, scenario=None)  # fmt: skip
-                    result = asyncio.run(execute(plan, db, fake, server.url))
-                    print(
-                        f"{strategy} client+webhook at READ COMMITTED: {len(result.runs)} "
-                        f"schedules ({'complete' if result.complete else 'incomplete'}) in "
-                        f"{result.duration_s:.2f} s = {result.schedules_per_s:.1f} schedules/s; "
-                        f"{len(result.violating())} violating, {len(result.waiting())} waited"
-                    )
+                    for reduce in (True, False):
+                        plan = make_plan(strategy=strategy, requests=["client", "webhook"],
+                                         isolation="READ COMMITTED", pct_runs=None, depth=2,
+                                         seed=1, replay=None, scenario=None)  # fmt: skip
+                        plan = Plan(replace(plan.scenario, reduce=reduce))
+                        started = time.perf_counter()
+                        result = asyncio.run(execute(plan, db, fake, server.url))
+                        total = time.perf_counter() - started
+                        print(
+                            f"{strategy:<10} {'collapsed' if reduce else 'every interleaving'}: "
+                            f"{len(result.runs)} schedules in {result.duration_s:.2f} s = "
+                            f"{result.schedules_per_s:.1f} schedules/s ({total:.2f} s with "
+                            f"service start and judging); {len(result.violating())} violating, "
+                            f"{len(result.waiting())} with a lock wait"
+                        )
         return 0
     print(_bench.__doc__)
     return 2

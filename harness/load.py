@@ -55,7 +55,7 @@ from harness.history import Operation
 from harness.processes import ServiceProcess, free_port, service_env
 from harness.provider import Database, ProviderError, provide_postgres
 from harness.stats import PathHistograms
-from harness.timeline import TimelineEvent
+from harness.timeline import from_audit
 
 EXIT_OK, EXIT_VIOLATED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -391,7 +391,7 @@ class LoadRun:
                 "trial": None,
                 "payment": payment,
                 "checks": [n for n, r in verdict.results.items() if payment in r.payments],
-                "timeline": [e.to_json() for e in audit_timeline(obs, payment)],
+                "timeline": [e.to_json() for e in from_audit(obs.audit, payment)],
             }
         return {
             "valid": verdict.valid,
@@ -423,20 +423,6 @@ def _declared() -> dict[str, str]:
     from harness.runner import DECLARED
 
     return DECLARED
-
-
-def audit_timeline(obs: oracle.Observation, payment_id: int) -> list[TimelineEvent]:
-    """Over HTTP there are no probes: the writes the oracle saw, one column per backend."""
-    events = [
-        TimelineEvent(
-            int(row.at.timestamp() * 1e9),
-            f"backend {row.backend_pid}",
-            f"{row.op} {row.table} {row.old_status or '-'} -> {row.new_status} (tx {row.txid})",
-        )
-        for row in obs.audit
-        if row.payment_id == payment_id
-    ]
-    return sorted(events, key=lambda e: e.time_ns)
 
 
 def _target_strategy(host: str) -> str:
@@ -982,7 +968,7 @@ def _finish_reports(
 def load_table(summary: Mapping[str, Any]) -> Table:
     """The figures a performance team asks for first."""
     table = Table(title="load", title_justify="left")
-    for column in ("strategy", "payments", "captures/s", "request p50/p99 ms",
+    for column in ("strategy", "payments", "captures/s", "capture request p50/p99 ms",
                    "lock p50/p99 ms", "hold p50/p99 ms", "requests", "failures"):  # fmt: skip
         table.add_column(column, justify="left" if column == "strategy" else "right")
     locust = summary.get("locust") or {}

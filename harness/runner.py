@@ -58,7 +58,7 @@ from harness.lockwatch import LockWatch
 from harness.processes import ServiceProcess, service_env
 from harness.provider import Database, provide_postgres
 from harness.stats import LatencyHistogram, PathHistograms
-from harness.timeline import TimelineEvent, from_probes
+from harness.timeline import TimelineEvent, from_audit, from_probes
 from service import probes
 from service.app import create_app
 from service.capture import STRATEGIES
@@ -422,23 +422,6 @@ async def run_trial(
                                        timeouts)  # fmt: skip
 
 
-def _audit_timeline(obs: oracle.Observation, payment_id: int) -> list[TimelineEvent]:
-    """Over HTTP there are no probes: draw the writes the oracle saw, one column per backend."""
-    events = []
-    for row in obs.audit:
-        # INSERTs are the order being created before the race; the race is in the UPDATEs.
-        if row.payment_id != payment_id or row.op == "INSERT":
-            continue
-        events.append(
-            TimelineEvent(
-                int(row.at.timestamp() * 1e9),
-                f"backend {row.backend_pid}",
-                f"{row.op} {row.table} {row.old_status or '-'} -> {row.new_status} (tx {row.txid})",
-            )
-        )
-    return sorted(events, key=lambda e: e.time_ns)
-
-
 async def fire_trials(
     config: RunConfig,
     strategy: str,
@@ -503,7 +486,7 @@ async def judge(
     first = None
     if violating:
         outcome = run.outcomes[violating[0]]
-        timeline = outcome.timeline or _audit_timeline(obs, outcome.payment_id)
+        timeline = outcome.timeline or from_audit(obs.audit, outcome.payment_id)
         first = {
             "trial": outcome.trial,
             "payment": outcome.payment_id,

@@ -2,6 +2,8 @@
 
     TimelineEvent     one thing one request did (or a mark: <waiting>, <completed>)
     from_probes()     events from the pause points the requests passed (service.probes)
+    from_audit()      events from the oracle's audit rows, one column per backend (over
+                      HTTP there are no probes, but the database saw every write)
     render_text()     the two-column table: "Time  client  webhook / T0  read payment (pending)"
     render_html()     the same as an HTML table (escaped), for report.html
 
@@ -15,6 +17,7 @@ import html
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from harness.oracle import AuditRow
 from service.probes import ProbeContext
 
 PHRASES = {
@@ -51,6 +54,20 @@ def from_probes(probes: Mapping[str, ProbeContext]) -> list[TimelineEvent]:
         TimelineEvent(t, process, phrase(point, detail))
         for process, probe in probes.items()
         for point, t, detail in probe.points
+    ]
+    return sorted(events, key=lambda e: e.time_ns)
+
+
+def from_audit(rows: Iterable[AuditRow], payment_id: int) -> list[TimelineEvent]:
+    events = [
+        TimelineEvent(
+            int(row.at.timestamp() * 1e9),
+            f"backend {row.backend_pid}",
+            f"{row.op} {row.table} {row.old_status or '-'} -> {row.new_status} (tx {row.txid})",
+        )
+        for row in rows
+        # INSERTs are the order being created before the race; the race is in the UPDATEs.
+        if row.payment_id == payment_id and row.op != "INSERT"
     ]
     return sorted(events, key=lambda e: e.time_ns)
 

@@ -190,8 +190,9 @@ def test_a_pause_point_costs_little_without_a_controller() -> None:
     """The micro-benchmark: `await pause()` with no controller against not calling it."""
     figures = pause_overhead(50_000)
     print(
-        f"\npause() without a controller: {figures['pause_ns']:.0f} ns/call, "
-        f"empty loop {figures['loop_ns']:.0f} ns, overhead {figures['overhead_ns']:.0f} ns"
+        f"\nawait pause() without a controller: {figures['pause_ns']:.0f} ns/call, await of an "
+        f"empty coroutine {figures['empty_coroutine_ns']:.0f} ns, empty loop "
+        f"{figures['loop_ns']:.0f} ns: {figures['overhead_ns']:.0f} ns more than not calling it"
     )
     # One ContextVar.get() and a comparison inside a coroutine call: well under a microsecond
     # on any machine that runs this suite; a regression (say, a lock or a log line) is not.
