@@ -9,7 +9,8 @@
                     lock that pg_blocking_pids() says another request holds; mutual waits are
                     reported as deadlocks, a step that does neither within the bound is
                     cancelled and reported as stuck
-    ScheduleRun     one executed schedule: id, choices, timeline, replies, waits, verdict
+    ScheduleRun     one executed schedule: id, choices, timeline, replies, waits, races,
+                    verdict
     Explorer        an in-process service + oracle for one strategy / isolation / requests
     ├── exhaustive()    every schedule (depth-first, re-executing from a fresh payment)
     ├── pct()           PCT: random priorities, d-1 change points, seeded
@@ -47,6 +48,18 @@ a step that waits for a lock is WRITE, and END (which releases locks) depends on
 The table is checked while running: a LOCAL or READ step that wrote, locked, committed or
 waited, or a WRITE step that committed, makes the run fail with exit code 2 and a message
 naming the step (the reduction would no longer be sound for this capture path).
+
+Waiting is read from PostgreSQL, never from the clock: after a release the scheduler polls
+(poll_s) until every request is paused, answered, or waiting on a backend of another
+request according to pg_blocking_pids() on its own connection; only then does it choose
+again, and it reads waits at that settled state, where no lock can change hands.
+
+Races inside PostgreSQL. When one step releases two waiters of the same row (side by side,
+or one queued behind the other), which of them locks the row's new version first is decided
+inside the server (both re-lock it through EvalPlanQual; there is no pause point between).
+Such steps are marked <race>; what follows them may differ from one run to the next, so
+golden output shows those schedules only up to the race, and replaying one may take the
+other branch (the run then says so).
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import html
 import math
 import random
 import re
@@ -82,6 +96,7 @@ from harness.client import AsgiClient, PaymentContext, Prepared, Reply, prepare
 from harness.gateway import FakeRazorpay, GatewayKeys, GatewayServer
 from harness.history import History, Operation, classify
 from harness.provider import Database, ProviderError, provide_postgres
+from harness.runner import DECLARED, machine
 from harness.scenario import (
     ExplicitSchedule,
     RequestSpec,
@@ -102,7 +117,6 @@ from service.probes import ProbeContext
 from service.settings import Settings
 
 EXIT_OK, EXIT_VIOLATED, EXIT_ERROR = 0, 1, 2
-DECLARED = {"naive": "violated", "for_update": "valid"}
 APPLICATION_NAME = "payrace-explore"  # oracle.observe() does not wait for harness connections
 _BLOCKERS = "SELECT pid, pg_blocking_pids(pid) AS blockers FROM unnest($1::int[]) AS pid"
 
@@ -126,7 +140,7 @@ def predict(
         # at REPEATABLE READ / SERIALIZABLE, which orders it against other commits.
         return StepClass.LOCAL if isolation == "READ COMMITTED" else StepClass.READ
     if point == "txn_begun":
-        # The payment read: FOR UPDATE locks the row, a plain SELECT does not.
+        # The payment read: FOR UPDATE (or an advisory lock first) locks, a plain SELECT not.
         return StepClass.WRITE if lock_rows else StepClass.READ
     if point == "payment_read":
         if detail == "missing" or spec.kind.is_webhook:
@@ -159,11 +173,14 @@ def dependent(a: StepClass, b: StepClass, isolation: str) -> bool:
 
 
 _FOR_LOCK = re.compile(r"\bFOR\s+(UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE)\b", re.IGNORECASE)
+_ADVISORY = re.compile(r"\bpg_advisory(_xact)?_lock(_shared)?\s*\(", re.IGNORECASE)
 
 
 def statement_class(statement: str) -> StepClass:
     text = statement.lstrip().upper()
-    if text.startswith(("SELECT", "WITH")) and not _FOR_LOCK.search(statement):
+    if text.startswith(("SELECT", "WITH")) and not (
+        _FOR_LOCK.search(statement) or _ADVISORY.search(statement)
+    ):
         return StepClass.READ
     return StepClass.WRITE
 
@@ -178,6 +195,8 @@ def describe_statement(statement: str) -> str:
         return f"update {_TABLE_WORD.get(m[1], m[1])}"
     if m := re.match(r"(?i)INSERT\s+INTO\s+(\w+)", text):
         return "record event id" if m[1] == "webhook_events" else f"insert {m[1]}"
+    if _ADVISORY.search(text):
+        return "advisory lock"
     if m := re.search(r"(?i)\bFROM\s+(\w+)", text):
         verb = "lock" if _FOR_LOCK.search(text) else "read"
         return f"{verb} {_TABLE_WORD.get(m[1], m[1])}"
@@ -831,7 +850,12 @@ class Explorer:
         self.keys = keys
         self.history = History(strategy=strategy)
         self.runs: list[ScheduleRun] = []
-        self.lock_rows = bool(getattr(STRATEGIES[strategy], "lock_rows", True))
+        # Whether the payment read takes a lock: FOR UPDATE, or the advisory lock before it.
+        # A strategy this table does not know is assumed to lock (the guard tells if not).
+        chosen = STRATEGIES[strategy]
+        self.lock_rows = bool(
+            getattr(chosen, "lock_rows", True) or getattr(chosen, "advisory", False)
+        )
         self._active: Scheduler | None = None
         self._stock: list[PaymentContext] = []
         self._runtime: Runtime | None = None
@@ -1320,7 +1344,8 @@ class ExploreResult:
         if shown is None:
             return '<p class="meta">no schedule violated a checker or waited for a lock</p>'
         what, run = shown
-        return f"<h3>{_html(what)}: <code>{_html(run.id)}</code></h3>{render_html(run.events)}"
+        title = f"<h3>{html.escape(what)}: <code>{html.escape(run.id)}</code></h3>"
+        return title + render_html(run.events)
 
     def render(self, console: Console, out: Path | None = None) -> None:
         for line in self.header():
@@ -1434,7 +1459,7 @@ class ExploreResult:
             "command": command,
             "started_at": started_at,
             "duration_s": round(self.duration_s, 3),
-            "machine": _machine(),
+            "machine": machine(),
             "database": database,
             "target": "inproc",
             "mode": "explore",
@@ -1453,12 +1478,6 @@ def _word(valid: checker.Validity) -> str:
     if valid is True:
         return "valid"
     return "violated" if valid is False else "unknown"
-
-
-def _html(text: str) -> str:
-    import html
-
-    return html.escape(text)
 
 
 def _run_json(run: ScheduleRun) -> dict[str, Any]:
@@ -1480,19 +1499,6 @@ def _run_json(run: ScheduleRun) -> dict[str, Any]:
         "note": run.note,
         "error": run.error,
         "timeline": [e.to_json() for e in run.events],
-    }
-
-
-def _machine() -> dict[str, Any]:
-    import os
-    import platform
-    import socket
-
-    return {
-        "hostname": socket.gethostname(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
     }
 
 

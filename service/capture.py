@@ -175,11 +175,16 @@ async def _retrying(
 
 
 async def _begin(session: AsyncSession, runner: Runner) -> None:
-    await session.connection(execution_options={"isolation_level": runner.isolation_level})
+    conn = await session.connection(
+        execution_options={"isolation_level": runner.isolation_level}
+    )
     if probes.active():
-        # Controllers tell "waiting for a lock" from pg_blocking_pids of this backend.
-        pid = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
-        probes.set_backend_pid(int(pid))
+        # Controllers tell "waiting for a lock" from pg_blocking_pids of this backend. The
+        # driver knows the pid already: asking the server would run a statement, and at
+        # REPEATABLE READ the first statement takes the snapshot earlier than production.
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None  # a checked-out connection always has one
+        probes.set_backend_pid(int(driver.get_server_pid()))
     await pause("txn_begun")
 
 
