@@ -35,6 +35,9 @@ app = typer.Typer(
 )
 console = Console(stderr=False)
 err = Console(stderr=True)
+if not console.is_terminal:
+    # CI logs and pipes have no width; rich would squeeze the tables to 80 columns.
+    console.width = max(console.width, 150)
 
 EXIT_OK, EXIT_VIOLATED, EXIT_ERROR = 0, 1, 2
 
@@ -189,7 +192,7 @@ def race_command(
         for name, result in summary["strategies"].items():
             rows.append((name, mode, result, summary["run_id"]))
     table = Table(title="payrace race: verdicts against what each strategy is declared to be")
-    for col in ("strategy", "mode", "declared", "verdict", "trials", "double captures",
+    for col in ("strategy", "mode", "declared", "found", "trials", "double captures",
                 "double invoice updates", "lock p99 ms", "as declared"):  # fmt: skip
         numeric = col in ("trials", "double captures", "double invoice updates", "lock p99 ms")
         table.add_column(col, justify="right" if numeric else "left")
