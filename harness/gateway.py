@@ -39,13 +39,14 @@ from dataclasses import asdict, dataclass, replace
 from types import TracebackType
 from typing import Any
 
-import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from harness.processes import wait_until_answers
 
 _ALNUM = string.ascii_letters + string.digits
 _NULL_PAYMENT_FIELDS = (
@@ -594,27 +595,21 @@ class GatewayServer:
             sock.close()
 
     def _wait_until_answering(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
-        last: object = "no attempt yet"
-        with httpx.Client(timeout=1.0) as probe:
-            while time.monotonic() < deadline:
-                assert self.thread is not None
-                if not self.thread.is_alive():
-                    raise RuntimeError(
-                        f"fake gateway at {self.url} stopped before answering: {self._crash!r}"
-                    )
-                try:
-                    response = probe.get(f"{self.url}/_fake/counters")
-                    if response.status_code == 200:
-                        return
-                    last = f"HTTP {response.status_code}"
-                except httpx.HTTPError as exc:
-                    last = exc
-                time.sleep(0.02)
-        raise TimeoutError(
-            f"fake gateway at {self.url} did not answer GET /_fake/counters within "
-            f"{self.start_timeout_s}s (last seen: {last!r}); is the host loaded or the "
-            "address firewalled? Try a larger start_timeout_s."
+        thread = self.thread
+        assert thread is not None
+        wait_until_answers(
+            self.url,
+            "/_fake/counters",
+            timeout_s=self.start_timeout_s,
+            stopped=lambda: (
+                None
+                if thread.is_alive()
+                else f"fake gateway at {self.url} stopped before answering: {self._crash!r}"
+            ),
+            what="fake gateway",
+            hint="is the host loaded or the address firewalled? Try a larger start_timeout_s.",
+            poll_s=0.02,
+            request_timeout_s=1.0,
         )
 
     def _stop(self) -> None:

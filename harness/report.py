@@ -25,7 +25,9 @@ is valid), so a run that checked nothing is never green. Gates are "gate:<expr>"
 their strategy's suite (or "payrace.gates"); a gate with no measured value is an <error>.
 
 The HTML is read offline and in CI artefact viewers: no scripts, no external resources,
-every plot drawn here as SVG; every string from the summary is escaped.
+every plot drawn here as SVG; every string from the summary is escaped, except one:
+`explore.timeline_html`, the schedule `payrace explore` drew (harness.findings, escaped
+there by harness.timeline.render_html), embedded as is.
 """
 
 from __future__ import annotations
@@ -651,6 +653,16 @@ def _violation_html(strategy: Mapping[str, Any]) -> str:
     return f"<h3>{_esc(title)}</h3>{body}"
 
 
+def _explore_html(strategy: Mapping[str, Any]) -> str:
+    """The explorer's drawn schedule when no violation is drawn already: one where a request
+    waited for the lock (it carries its own heading), or a line saying none did."""
+    explore = strategy.get("explore")
+    if not isinstance(explore, Mapping) or strategy.get("first_violation"):
+        return ""  # a violation is the same schedule _violation_html draws
+    fragment = explore.get("timeline_html")
+    return fragment if isinstance(fragment, str) else ""
+
+
 def _strategy_html(name: str, strategy: Mapping[str, Any]) -> str:
     result = outcome(strategy)
     parts = [
@@ -677,6 +689,7 @@ def _strategy_html(name: str, strategy: Mapping[str, Any]) -> str:
         "<h3>Verdict</h3>",
         _checks_html(strategy),
         _violation_html(strategy),
+        _explore_html(strategy),
         "<h3>Plots</h3>",
         _plots_html(strategy),
         _latency_html(strategy),

@@ -8,7 +8,7 @@
     webhook()      a Delivery: one webhook event; .again() redelivers it with the same event id
     listeners      init: settings; master/local: oracle baseline
                    request: per-process counts         report_to_master: tally -> master
-                   worker_report: merge on the master   quitting: the gate (harness.load)
+                   worker_report: merge on the master   quitting: the gate (harness.loadgate)
 
 Lock wait and lock hold, read from each capture response's Server-Timing header, are logged
 straight into Locust's stats entries of type LOCK and HOLD: they show up in the console, the
@@ -17,8 +17,8 @@ inflate the Aggregated row's request rate. The same samples go into HDR histogra
 workers ship to the master in their regular reports (Locust's own percentiles are rounded to
 two significant digits, and sub-millisecond lock waits round to 0 there).
 
-Settings come from the environment (harness.load.LoadSettings): PAYRACE_GATEWAY_URL (needed:
-payments are authorized there), PAYRACE_DATABASE_URL (the gate), PAYRACE_REPORT_DIR.
+Settings come from the environment (harness.loadgate.LoadSettings): PAYRACE_GATEWAY_URL
+(needed: payments are authorized there), PAYRACE_DATABASE_URL (the gate), PAYRACE_REPORT_DIR.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from gevent.event import Event
 from gevent.pool import Group
 
 from harness.gateway import client_callback, new_event_id, signed_webhook, webhook_event
-from harness.load import EXIT_ERROR, SPREAD, LoadRun, LoadSettings, LoadTally
+from harness.loadgate import EXIT_ERROR, SPREAD, LoadRun, LoadSettings, LoadTally
 from service.timing import parse_server_timing
 
 log = logging.getLogger("payrace")

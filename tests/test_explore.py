@@ -1,4 +1,6 @@
-"""harness.explore: the scheduler, the search, blocking detection, replay, golden scenarios.
+"""harness.explore: blocking detection against PostgreSQL, replay, golden scenarios, the CLI.
+
+The step table, the policies and the Scheduler alone are tested in tests/test_schedule.py.
 
 Golden files: tests/golden/<scenario>.txt is what tests/scenarios/<scenario>.toml explores
 (ExploreResult.golden(): schedules, waits, verdicts, the timeline drawn). A change in the
@@ -12,7 +14,6 @@ import asyncio
 import difflib
 import json
 import os
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,32 +22,20 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from harness.client import Prepared, Reply
 from harness.explore import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_VIOLATED,
     Explorer,
-    Pct,
-    PctBound,
     Plan,
-    Scheduler,
-    StepClass,
-    _Req,
-    dependent,
-    describe_statement,
     execute,
     explore_main,
     make_plan,
-    next_prefix,
     pause_overhead,
-    predict,
-    statement_class,
 )
 from harness.gateway import FakeRazorpay, GatewayKeys, GatewayServer
 from harness.provider import Database, provide_postgres
-from harness.scenario import RequestSpec, StepSpec, parse_requests, parse_schedule_id
-from service import probes
+from harness.scenario import StepSpec, parse_requests, parse_schedule_id
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden"
@@ -100,90 +89,7 @@ def _explorer(
     )
 
 
-# -- the step table and the reduction (no database) ---------------------------------------
-
-
-def test_the_step_table_reads_the_capture_path() -> None:
-    client, webhook, failed = parse_requests(["client", "webhook", "payment.failed"])
-    S = StepClass
-
-    def p(spec: RequestSpec, point: str | None, detail: str | None = None, iso: str = RC,
-          lock: bool = True) -> StepClass:  # fmt: skip
-        return predict(spec, point, detail, isolation=iso, lock_rows=lock)
-
-    assert p(client, None) is S.LOCAL  # nothing shared happens before BEGIN...
-    assert p(client, None, iso=RR) is S.READ  # ...except taking the snapshot
-    assert p(client, "txn_begun") is S.WRITE  # FOR UPDATE
-    assert p(client, "txn_begun", lock=False) is S.READ  # the incident's plain read
-    assert p(client, "payment_read", "pending") is S.LOCAL
-    assert p(client, "payment_read", "pending", iso=SR) is S.READ
-    assert p(webhook, "payment_read", "pending") is S.WRITE  # records the event id
-    assert p(client, "status_checked", "pending") is S.LOCAL  # on to gateway_called
-    assert p(webhook, "status_checked", "pending") is S.WRITE  # update payment
-    assert p(webhook, "status_checked", "repeat") is S.READ
-    assert p(failed, "payment_written") is S.READ
-    assert p(client, "order_written") is S.LOCAL
-    assert p(client, "before_commit") is S.END
-    assert p(client, "a_point_added_later") is S.END
-
-
-def test_only_conflicting_steps_are_dependent() -> None:
-    local, read, write, end = StepClass
-    for level in (RC, RR, SR):
-        assert not dependent(local, end, level)
-        assert not dependent(read, read, level)
-        assert dependent(write, write, level)
-        assert dependent(read, end, level) and dependent(end, write, level)
-    # MVCC: a plain read neither sees an uncommitted write nor waits for its lock...
-    assert not dependent(read, write, RC) and not dependent(write, read, RR)
-    # ...but at SERIALIZABLE the order decides which transaction SSI rolls back.
-    assert dependent(read, write, SR)
-
-
-def test_statements_are_classified_by_what_they_lock() -> None:
-    assert statement_class("SELECT payments.id FROM payments WHERE id = $1") is StepClass.READ
-    assert statement_class("SELECT * FROM payments WHERE id = $1 FOR UPDATE") is StepClass.WRITE
-    assert statement_class("select 1 for no key update") is StepClass.WRITE
-    assert statement_class("UPDATE payments SET status=$1") is StepClass.WRITE
-    assert statement_class("INSERT INTO webhook_events (event_id) VALUES ($1)") is StepClass.WRITE
-    assert (
-        describe_statement("SELECT p.id FROM payments p WHERE p.id=$1 FOR UPDATE") == "lock payment"
-    )
-    assert describe_statement("UPDATE invoices SET status=$1") == "update invoice"
-    assert describe_statement("INSERT INTO webhook_events (a) VALUES (1)") == "record event id"
-
-
-def test_depth_first_search_takes_every_branch_once() -> None:
-    # A tree where each decision offers (0, 1) for three steps: 8 leaves, each once.
-    seen = []
-    prefix: list[int] | None = []
-    while prefix is not None:
-        choices = list(prefix) + [0] * (3 - len(prefix))
-        seen.append(tuple(choices))
-        prefix = next_prefix([((0, 1), c) for c in choices])
-    assert sorted(seen) == sorted({tuple((n >> i) & 1 for i in (2, 1, 0)) for n in range(8)})
-    assert len(seen) == 8
-
-
-def test_pct_bound_is_one_over_n_k_to_the_d_minus_one() -> None:
-    bound = PctBound(n=3, k=20, d=3)
-    assert bound.p == pytest.approx(1 / 1200)
-    runs = bound.runs_for(0.95)
-    assert bound.confidence(runs) >= 0.95 > bound.confidence(runs - 1)
-    assert "1/1200" in bound.describe(100)
-    assert PctBound(n=1, k=5, d=1).runs_for(0.99) == 1
-
-
-def test_pct_is_seeded_and_changes_priority_at_its_change_points() -> None:
-    def walk(seed: int) -> list[int]:
-        pct = Pct(3, 12, 3, random.Random(seed))
-        return [pct.choose([0, 1, 2], [0, 1, 2], []) for _ in range(12)]
-
-    assert walk(5) == walk(5)
-    pct = Pct(3, 12, 3, random.Random(5))
-    assert sorted(pct.priority.values()) == [3, 4, 5]  # d .. d+n-1
-    assert sorted(pct.changes.values()) == [1, 2]  # d-1 change points, below every start
-    assert len({tuple(walk(s)) for s in range(20)}) > 1
+# -- the pause point's price (no database) -------------------------------------------------
 
 
 def test_a_pause_point_costs_little_without_a_controller() -> None:
@@ -197,70 +103,6 @@ def test_a_pause_point_costs_little_without_a_controller() -> None:
     # One ContextVar.get() and a comparison inside a coroutine call: well under a microsecond
     # on any machine that runs this suite; a regression (say, a lock or a log line) is not.
     assert figures["overhead_ns"] < 2_000
-
-
-# -- the scheduler alone: waits, deadlocks and the bound (no database) ----------------------
-
-
-def _synthetic(bound_s: float, waits: dict[int, list[int]]) -> tuple[Scheduler, set[int]]:
-    """Two requests that pause once at txn_begun, then hang forever once released, as if
-    waiting for a lock; `waits` is what pg_blocking_pids would answer for a hanging one."""
-    pids = {"client": 101, "webhook-1": 102}
-    hanging: set[int] = set()
-    specs = parse_requests(["client", "webhook"])
-    reqs = [_Req(i, s, Prepared("POST", "/", b"", {}, s.step.kind)) for i, s in enumerate(specs)]
-
-    async def send(r: _Req) -> Reply:
-        probes.set_backend_pid(pids[r.label])
-        await probes.pause("txn_begun")
-        hanging.add(pids[r.label])
-        await asyncio.Event().wait()
-        return Reply(200, {}, {})
-
-    async def blockers(asked: list[int]) -> dict[int, list[int]]:
-        return {pid: waits.get(pid, []) for pid in asked if pid in hanging}
-
-    sched = Scheduler(
-        reqs,
-        send=send,
-        blockers=blockers,
-        isolation=RC,
-        lock_rows=True,
-        reduce=True,
-        bound_s=bound_s,
-        poll_s=0.002,
-    )
-    return sched, hanging
-
-
-async def test_a_mutual_wait_is_reported_as_a_deadlock_and_the_run_ends() -> None:
-    sched, _ = _synthetic(0.3, {101: [102], 102: [101]})
-    started = time.monotonic()
-    await sched.step(0)
-    await sched.step(1)
-    await sched.step(0)  # client waits for webhook-1, which is paused: a plain wait
-    assert [(w.label, w.blocked_by) for w in sched.waits] == [("client", ("webhook-1",))]
-    assert not sched.deadlocks and not sched.stuck
-    await sched.step(1)  # webhook-1 now waits for client: a cycle
-    await sched.close()
-    assert sched.deadlocks == [("client", "webhook-1")]
-    assert sorted(sched.stuck) == ["client", "webhook-1"]  # nobody broke it within the bound
-    assert time.monotonic() - started < 3
-    texts = [e.text for e in sched.events]
-    assert "deadlock: client ⇄ webhook-1" in texts
-    assert any(t.startswith("<stuck> waiting for") for t in texts)
-    assert all(r.state == "done" and r.reply and r.reply.status is None for r in sched.reqs)
-
-
-async def test_a_step_that_neither_finishes_nor_waits_is_cancelled_at_the_bound() -> None:
-    sched, hanging = _synthetic(0.2, {})
-    await sched.step(0)
-    started = time.monotonic()
-    await sched.step(0)
-    assert 0.2 <= time.monotonic() - started < 2
-    assert hanging == {101} and sched.stuck == ["client"] and not sched.waits
-    assert any("neither paused nor waiting after 0.2 s: cancelled" in e.text for e in sched.events)
-    await sched.close()
 
 
 # -- against PostgreSQL ---------------------------------------------------------------------
@@ -471,6 +313,10 @@ def test_explore_for_update_is_valid_and_shows_the_webhook_waiting(
     assert "with a lock wait: 8" in text and "violating: 0" in text
     assert "a schedule where webhook-1 waited for client" in text
     assert "lock payment <waiting>" in text and "<completed> read payment (captured)" in text
+    [run_dir] = tmp_path.iterdir()
+    report = (run_dir / "report.html").read_text()
+    assert "<h3>a schedule where webhook-1 waited for client: <code>for_update.rc.cw." in report
+    assert "lock payment &lt;waiting&gt;" in report
 
 
 def test_explore_with_a_scenario_exits_zero_when_it_goes_as_expected(

@@ -1,6 +1,5 @@
-"""harness/load.py: arguments, the tallies workers send and the master merges, the CPU
-sampler, stopping Locust's process group, and that no process outlives `payrace load`
-(Ctrl-C in the middle of a run, and a run whose Locust fails)."""
+"""harness/load.py: arguments, the plan, usage errors, and that no process outlives
+`payrace load` (Ctrl-C in the middle of a run, and a run whose Locust fails)."""
 
 from __future__ import annotations
 
@@ -12,33 +11,37 @@ import sys
 import textwrap
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import psutil
 import pytest
 from rich.console import Console
 
-from harness import checker
 from harness.load import (
-    CpuSampler,
+    LoadArgs,
     LoadPlan,
-    LoadRun,
-    LoadSettings,
-    LoadTally,
-    LocustProcess,
     UsageError,
-    _in_group,
     load_main,
     locust_processes,
     parse_run_time,
     resolve_locustfile,
 )
-from harness.oracle import AuditRow, Observation, OracleConfig, PaymentState
 from harness.provider import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "PAYRACE_TEST_LOAD_MARKER"
+# The smallest run; each test names what it changes.
+SMALL: dict[str, object] = {
+    "strategy": "for_update",
+    "users": 1,
+    "spawn_rate": 1.0,
+    "run_time": "30s",
+    "processes": 1,
+    "workers": 1,
+    "dsn": None,
+    "locustfile": "race_pairs",
+}
 
 
 # -- arguments ----------------------------------------------------------------------------
@@ -127,163 +130,12 @@ def test_plan_builds_the_locust_command_with_reports_in_the_run_dir(tmp_path: Pa
 def test_usage_errors_exit_2_before_anything_starts(
     tmp_path: Path, changes: dict[str, object], message: str
 ) -> None:
-    args: dict[str, object] = {
-        "strategy": "for_update",
-        "users": 1,
-        "spawn_rate": 1.0,
-        "run_time": "1s",
-        "processes": 1,
-        "workers": 1,
-        "dsn": None,
-        "locustfile": "race_pairs",
-        "out_dir": tmp_path,
-        "extra_args": [],
-    }
-    args.update(changes)
+    args = cast(LoadArgs, {**SMALL, "out_dir": tmp_path, "extra_args": [], **changes})
     out = io.StringIO()
-    code = load_main(console=Console(file=out, width=200), **args)  # type: ignore[arg-type]
+    code = load_main(console=Console(file=out, width=200), **args)
     assert code == 2
     assert message in out.getvalue()
     assert list(tmp_path.iterdir()) == []  # no run directory, no database, no process
-
-
-# -- tallies: workers -> master -----------------------------------------------------------
-
-
-def _tally(requests: int, payments: list[tuple[int, str | None]], lock_ms: list[float]) -> dict:
-    tally = LoadTally()
-    for n in range(requests):
-        tally.request(failed=n == 0)
-    for payment_id, gateway_id in payments:
-        tally.payment(payment_id, gateway_id)
-    for ms in lock_ms:
-        tally.timing("lock", "client", ms)
-    return tally.drain()
-
-
-def test_drain_hands_over_and_starts_afresh() -> None:
-    tally = LoadTally()
-    tally.request(failed=False)
-    tally.timing("lock", "webhook", 1.5)
-    tally.confirm(7, "verify", None)
-    first = tally.drain()
-    assert first["requests"] == 1 and first["pid"] == os.getpid()
-    assert first["confirmed"] == [[7, "verify", None]]
-    tally.confirm(7, "webhook", "payment.captured")  # old news about payment 7
-    second = tally.drain()
-    assert second["requests"] == 0 and second["confirmed"] == [] and second["hdr"] == {}
-
-
-def test_master_merges_every_workers_reports() -> None:
-    run = LoadRun(LoadSettings.from_env({}))
-    run.absorb("w1", _tally(3, [(1, "pay_a")], [1.0, 2.0]))
-    run.absorb("w2", _tally(5, [(2, "pay_b"), (3, None)], [3.0]))
-    run.absorb("w1", _tally(2, [], [4.0]))
-    assert {cid: w.requests for cid, w in run.workers.items()} == {"w1": 5, "w2": 5}
-    assert {cid: w.failures for cid, w in run.workers.items()} == {"w1": 2, "w2": 1}
-    assert run.workers["w1"].reports == 2
-    assert run.payments == {1: "pay_a", 2: "pay_b", 3: None}
-    lock = run.hist.get("lock", "client")
-    assert lock.count == 4 and lock.summary()["max"] == pytest.approx(4.0, abs=0.01)
-
-
-def _observation(states: dict[int, str], accepted: dict[str, int]) -> Observation:
-    at = datetime.now(UTC)
-    audit = tuple(
-        AuditRow(n, "payments", pid, pid, "UPDATE", "pending", status, 100 + n, 1, at)
-        for n, (pid, status) in enumerate(states.items())
-        if status == "captured"
-    )
-    return Observation(
-        audit=audit,
-        payments={pid: PaymentState(pid, s, None, None, None) for pid, s in states.items()},
-        gateway_captures=dict(accepted),
-        gateway_accepted=dict(accepted),
-        deadlocks=0,
-        config=OracleConfig.reference(),
-    )
-
-
-def test_synthesised_ops_let_no_lost_capture_see_confirmations_and_gateway_owners() -> None:
-    """Payment 1 was confirmed to the client, payment 2's capture was accepted by the gateway,
-    and both end pending: two lost captures. The database never recorded pay_b's owner, so
-    only the history the master synthesises can tie the gateway capture to payment 2."""
-    run = LoadRun(LoadSettings.from_env({}))
-    data = _tally(1, [(1, "pay_a"), (2, "pay_b"), (3, "pay_c")], [])
-    data["confirmed"] = [[1, "verify", None], [3, "webhook", "payment.captured"]]
-    run.absorb("w", data)
-    obs = _observation({1: "pending", 2: "pending", 3: "captured"}, {"pay_b": 1})
-    result = checker.no_lost_capture(run.ops(), obs)
-    assert result.valid is False
-    assert result.payments == frozenset({1, 2})
-
-
-# -- processes ----------------------------------------------------------------------------
-
-_STUBBORN = textwrap.dedent(
-    """
-    import os, signal, sys, time
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    if os.fork() == 0:  # like a Locust worker forked by --processes: same group
-        time.sleep(600)
-    print("ready", flush=True)
-    time.sleep(600)
-    """
-)
-
-
-def test_stopping_locust_kills_its_whole_group_even_when_it_ignores_signals(
-    tmp_path: Path,
-) -> None:
-    lines: list[str] = []
-    proc = LocustProcess(
-        [sys.executable, "-c", _STUBBORN],
-        dict(os.environ),
-        tmp_path / "locust.log",
-        lines.append,
-        stop_grace_s=(0.3, 0.3),
-    )
-    with proc:
-        deadline = time.monotonic() + 10
-        while "ready" not in lines and time.monotonic() < deadline:
-            time.sleep(0.02)
-        group = [p for p in psutil.process_iter() if _pgid(p.pid) == proc.pid]
-        assert len(group) == 2
-    assert [p for p in group if _alive(p)] == []
-    assert (tmp_path / "locust.log").read_text() == "ready\n"
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
-
-
-def test_cpu_sampler_counts_a_busy_group(tmp_path: Path) -> None:
-    busy = subprocess.Popen(
-        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"],
-        start_new_session=True,
-    )
-    try:
-        with CpuSampler({"busy": _in_group(busy.pid)}) as sampler:
-            busy.wait(timeout=10)
-            time.sleep(1.1)  # one more sample after it exited changes nothing
-        result = sampler.result()
-    finally:
-        busy.kill()
-        busy.wait()
-    assert result is not None
-    assert 0.2 < result["groups"]["busy"]["cpu_s"] <= 2.0
-    assert 0 < result["groups"]["busy"]["percent_of_machine"] <= 100
 
 
 # -- no process outlives payrace load -----------------------------------------------------
@@ -313,14 +165,16 @@ def _describe(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
-def _spawn_load(tmp_path: Path, marker: str, **kwargs: object) -> subprocess.Popen[bytes]:
+def _spawn_load(tmp_path: Path, marker: str, **changes: object) -> subprocess.Popen[bytes]:
+    """`payrace load` with SMALL and `changes`, in a process of its own marked with `marker`."""
+    args = {**SMALL, **changes}
     script = textwrap.dedent(
         f"""
         import sys
         from pathlib import Path
         from rich.console import Console
         from harness.load import load_main
-        args = {kwargs!r}
+        args = {args!r}
         sys.exit(load_main(console=Console(width=200), out_dir=Path({str(tmp_path)!r}),
                            extra_args=[], **args))
         """
@@ -340,16 +194,7 @@ def test_ctrl_c_in_the_middle_of_a_run_stops_everything(tmp_path: Path) -> None:
     """The embedded PostgreSQL route, so the postmaster is payrace's to stop too."""
     marker = uuid.uuid4().hex
     proc = _spawn_load(
-        tmp_path,
-        marker,
-        strategy="for_update",
-        users=4,
-        spawn_rate=4.0,
-        run_time="60s",
-        processes=2,
-        workers=2,
-        dsn=None,
-        locustfile="race_pairs",
+        tmp_path, marker, users=4, spawn_rate=4.0, run_time="60s", processes=2, workers=2
     )
     try:
         deadline = time.monotonic() + 60
@@ -380,18 +225,7 @@ def test_a_failing_locust_run_exits_2_and_leaves_nothing_behind(
     broken = tmp_path / "broken.py"
     broken.write_text("import locust\nraise RuntimeError('a locustfile that cannot load')\n")
     marker = uuid.uuid4().hex
-    proc = _spawn_load(
-        tmp_path,
-        marker,
-        strategy="for_update",
-        users=1,
-        spawn_rate=1.0,
-        run_time="30s",
-        processes=1,
-        workers=1,
-        dsn=pg.url,
-        locustfile=str(broken),
-    )
+    proc = _spawn_load(tmp_path, marker, dsn=pg.url, locustfile=str(broken))
     try:
         code = proc.wait(timeout=90)
     finally:

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from harness.report import outcome, render_console, write_all, write_html, write_junit
 from harness.stats import PathHistograms
+from harness.timeline import TimelineEvent, render_html
 
 TIMELINE = [
     {"time_ns": 100, "process": "client", "text": "read payment (pending)"},
@@ -325,6 +326,56 @@ def test_html_escapes_everything_from_the_summary(tmp_path: Path) -> None:
     text = html_of(summary, tmp_path)
     assert "<img" not in text
     assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in text
+
+
+WAITED = [
+    TimelineEvent(0, "client", "begin"),
+    TimelineEvent(1, "client", "read payment (pending)"),
+    TimelineEvent(2, "webhook-1", "lock payment <waiting>"),
+    TimelineEvent(3, "client", "commit → 200 captured"),
+    TimelineEvent(4, "webhook-1", "<completed> read payment (captured)"),
+]
+
+
+def explored(**extra: Any) -> dict[str, Any]:
+    """An explore-mode summary of for_update: every schedule valid, one drawn that waited."""
+    summary = realistic_summary()
+    for_update = summary["strategies"]["for_update"]
+    for_update["explore"] = {
+        "mode": "exhaustive",
+        "waiting": 8,
+        # As harness.findings.ExploreResult.html_fragment() builds it.
+        "timeline_html": "<h3>a schedule where webhook-1 waited for client: "
+        "<code>for_update.rc.cw.a5b2ab4</code></h3>" + render_html(WAITED),
+        "runs": [{"id": "for_update.rc.cw.a5b2ab4", "outcome": "client 200 captured"}],
+    }
+    for_update.update(extra)
+    summary["strategies"] = {"for_update": for_update}
+    return summary
+
+
+def test_html_shows_the_schedule_where_a_request_waited_for_the_lock(tmp_path: Path) -> None:
+    text = html_of(explored(), tmp_path)
+    heading = "<h3>a schedule where webhook-1 waited for client: <code>for_update.rc.cw."
+    assert text.count(heading) == 1
+    drawn = text[text.index(heading) :]
+    assert drawn.index("lock payment &lt;waiting&gt;") < drawn.index("commit → 200 captured")
+    assert "&lt;completed&gt; read payment (captured)" in drawn
+    assert drawn.index("</table>") < drawn.index("<h3>Plots</h3>")  # in its strategy's section
+
+
+def test_html_draws_a_violating_schedule_once_and_trusts_only_the_timeline_key(
+    tmp_path: Path,
+) -> None:
+    violation = {"trial": 3, "payment": 17, "checks": ["x"], "timeline": TIMELINE}
+    summary = explored(first_violation=violation)
+    evil = '<img src=x onerror="alert(1)">'
+    summary["strategies"]["for_update"]["explore"]["runs"][0]["outcome"] = evil
+    summary["strategies"]["for_update"]["explore"]["mode"] = evil
+    text = html_of(summary, tmp_path)
+    assert "waited for client" not in text  # the explorer drew the violation: shown once
+    assert text.count('<table class="timeline">') == 1
+    assert "<img" not in text
 
 
 def test_a_run_with_zero_trials_still_renders(tmp_path: Path) -> None:

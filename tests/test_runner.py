@@ -50,7 +50,7 @@ async def test_for_update_is_clean_in_forced_and_aligned_modes(
 
 
 async def test_forced_lock_wait_matches_the_injected_hold(pg: Database, tmp_path: Path) -> None:
-    hold_ms = 200.0
+    hold_ms = 300.0
     summary = await race(
         pg, tmp_path, strategies=["for_update"], trials=4, mode="forced", hold_ms=hold_ms,
         concurrency=1,
@@ -64,9 +64,10 @@ async def test_forced_lock_wait_matches_the_injected_hold(pg: Database, tmp_path
     assert len(locks) == 4
     for trial, waits in locks.items():
         first, second = sorted(waits)
-        # The first locker waits for nothing; the second waits out the first's hold.
-        assert first < hold_ms / 4, (trial, waits)
-        assert hold_ms * 0.9 <= second <= hold_ms + 250, (trial, waits)
+        # The second locker waits out the first's hold; the first waits for nothing, which
+        # on a loaded machine still means some scheduling delay, hence the margin.
+        assert hold_ms * 0.9 <= second <= hold_ms + 400, (trial, waits)
+        assert second - first >= hold_ms * 0.6, (trial, waits)
 
 
 async def test_the_advisory_lock_strategy_is_clean_and_its_waits_are_measured(

@@ -1,0 +1,391 @@
+"""The gate a Locust run ends with, and what feeds it: loaded into every Locust process.
+
+    LoadSettings     what `payrace load` (or a user, by hand) hands Locust through PAYRACE_*
+                     environment variables
+    LoadTally        one Locust process's samples since its last report: HDR histograms,
+                     request counts, the payments it created and the captures it was told of
+    WorkerTotals     per worker on the master: requests, failures, payments, reports
+    LoadRun          the master's merge of every tally; prepare() installs the oracle and takes
+                     the baseline, finish() settles, observes, checks, writes the summary
+    wait_quiet()     until the target's transactions are done, before the oracle looks
+
+How the parts talk: PAYRACE_* variables -> locustfiles/_payrace.py, whose event listeners feed
+a LoadTally per process, ship it to the master in Locust's own worker reports, merge it into a
+LoadRun there and call LoadRun.finish() at `quitting`. The same locustfiles run without
+`payrace load` (distributed Locust against an external PostgreSQL) when the variables are set
+by hand; see locustfiles/README.md. harness.load starts the stack and Locust around this.
+
+The gate judges what the database and the gateway saw, not what Locust saw: the oracle's
+audit rows (a second transaction writing captured is a double capture even when the final
+state looks right) and the fake gateway's capture counters. Locust's failure counts and the
+deadlock counter are reported beside the verdict but do not decide it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from harness import checker, oracle, report
+from harness.gateway import GatewayKeys
+from harness.history import Operation
+from harness.stats import PathHistograms
+from harness.timeline import from_audit
+
+EXIT_OK, EXIT_VIOLATED, EXIT_ERROR = 0, 1, 2  # the gate sets Locust's process_exit_code
+
+ENV_DATABASE_URL = "PAYRACE_DATABASE_URL"  # libpq URL of the target's database (the gate)
+ENV_GATEWAY_URL = "PAYRACE_GATEWAY_URL"  # the fake Razorpay (authorize payments, counters)
+ENV_REPORT_DIR = "PAYRACE_REPORT_DIR"
+ENV_RUN_ID = "PAYRACE_RUN_ID"
+ENV_COMMAND = "PAYRACE_COMMAND"
+ENV_SEED = "PAYRACE_SEED"
+
+# The invariants the gate decides on. no_5xx and error_classes read a full history, which a
+# load run does not keep (Locust's failure table is the load run's error classes); a zero
+# deadlock delta cannot settle while the service's pool is open (see harness.oracle).
+GATE_CHECKERS: tuple[checker.Checker, ...] = (
+    checker.single_capture_write,
+    checker.single_invoice_paid,
+    checker.single_order_paid,
+    checker.gateway_capture_once,
+    checker.no_lost_capture,
+)
+# Histogram kind of the arrival spread: how far apart the service received the requests of
+# one race that were released together (its own X-Payrace-Received-At stamps).
+SPREAD = "arrival_spread"
+_QUIET_POLLS = 3  # consecutive quiet readings of pg_stat_activity before the oracle looks
+
+
+# -- settings handed to Locust ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    gateway_url: str | None
+    database_url: str | None
+    report_dir: Path
+    run_id: str
+    command: str
+    seed: int | None
+    keys: GatewayKeys = field(default_factory=GatewayKeys)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> LoadSettings:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        run_id = env.get(ENV_RUN_ID) or f"{stamp}-locust"
+        seed = env.get(ENV_SEED)
+        return cls(
+            gateway_url=(env.get(ENV_GATEWAY_URL) or "").rstrip("/") or None,
+            database_url=env.get(ENV_DATABASE_URL) or None,
+            report_dir=Path(env.get(ENV_REPORT_DIR) or Path("reports") / run_id),
+            run_id=run_id,
+            command=env.get(ENV_COMMAND) or shlex.join(["locust", *sys.argv[1:]]),
+            seed=int(seed) if seed and seed.lstrip("-").isdigit() else None,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        env = {
+            ENV_REPORT_DIR: str(self.report_dir),
+            ENV_RUN_ID: self.run_id,
+            ENV_COMMAND: self.command,
+        }
+        if self.gateway_url:
+            env[ENV_GATEWAY_URL] = self.gateway_url
+        if self.database_url:
+            env[ENV_DATABASE_URL] = self.database_url
+        if self.seed is not None:
+            env[ENV_SEED] = str(self.seed)
+        return env
+
+
+# -- what workers send, what the master keeps ---------------------------------------------
+
+
+@dataclass
+class LoadTally:
+    """One Locust process's samples since its last report; drain() hands them over."""
+
+    hist: PathHistograms = field(default_factory=PathHistograms)
+    requests: int = 0
+    failures: int = 0
+    payments: list[list[Any]] = field(default_factory=list)  # [payment id, gateway id | None]
+    confirmed: list[list[Any]] = field(default_factory=list)  # [payment id, f, event | None]
+    _confirmed_ids: set[int] = field(default_factory=set)
+
+    def request(self, failed: bool) -> None:
+        self.requests += 1
+        self.failures += failed
+
+    def timing(self, kind: str, path: str, ms: float) -> None:
+        if ms >= 0:
+            self.hist.record(kind, path, ms)
+
+    def payment(self, payment_id: int, gateway_payment_id: str | None) -> None:
+        self.payments.append([payment_id, gateway_payment_id])
+
+    def confirm(self, payment_id: int, f: str, event: str | None) -> None:
+        """The target said this payment is captured; the first word per payment is enough."""
+        if payment_id not in self._confirmed_ids:
+            self._confirmed_ids.add(payment_id)
+            self.confirmed.append([payment_id, f, event])
+
+    def drain(self) -> dict[str, Any]:
+        data = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "requests": self.requests,
+            "failures": self.failures,
+            "payments": self.payments,
+            "confirmed": self.confirmed,
+            "hdr": self.hist.encode(),
+        }
+        self.hist = PathHistograms()
+        self.requests = self.failures = 0
+        self.payments, self.confirmed = [], []
+        # _confirmed_ids stays: a later answer about the same payment is not news.
+        return data
+
+
+@dataclass
+class WorkerTotals:
+    pid: int
+    host: str
+    requests: int = 0
+    failures: int = 0
+    payments: int = 0
+    reports: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "host": self.host,
+            "requests": self.requests,
+            "failures": self.failures,
+            "payments": self.payments,
+            "reports": self.reports,
+        }
+
+
+@dataclass
+class LoadRun:
+    """The master's view: every worker's tallies merged, then judged once at the end."""
+
+    settings: LoadSettings
+    hist: PathHistograms = field(default_factory=PathHistograms)
+    workers: dict[str, WorkerTotals] = field(default_factory=dict)
+    payments: dict[int, str | None] = field(default_factory=dict)
+    confirmed: dict[int, tuple[str, str | None]] = field(default_factory=dict)
+    baseline: oracle.Baseline | None = None
+    problems: list[str] = field(default_factory=list)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: float = field(default_factory=time.perf_counter)
+
+    def absorb(self, client_id: str, data: Mapping[str, Any]) -> None:
+        totals = self.workers.get(client_id)
+        if totals is None:
+            totals = self.workers[client_id] = WorkerTotals(int(data["pid"]), str(data["host"]))
+        totals.requests += int(data["requests"])
+        totals.failures += int(data["failures"])
+        totals.payments += len(data["payments"])
+        totals.reports += 1
+        for payment_id, gateway_payment_id in data["payments"]:
+            self.payments[int(payment_id)] = gateway_payment_id
+        for payment_id, f, event in data["confirmed"]:
+            self.confirmed.setdefault(int(payment_id), (str(f), event))
+        self.hist.merge(PathHistograms.decode(data["hdr"]))
+
+    def prepare(self) -> None:
+        """Install the oracle if it is missing and take the baseline (master, before users)."""
+        url = self.settings.database_url
+        if url is None:
+            self.problems.append(f"{ENV_DATABASE_URL} is not set: the database is not checked")
+            return
+        if not oracle.installed(url):
+            oracle.install(url)
+        self.baseline = oracle.baseline(url)
+
+    def ops(self) -> list[Operation]:
+        """The little history the checkers need: who owns which gateway payment, and which
+        payments the target confirmed as captured (no_lost_capture's evidence)."""
+        out: list[Operation] = []
+
+        def add(**fields: Any) -> None:
+            out.append(Operation(index=len(out), trial=0, time=0, **fields))
+
+        for payment_id, gateway_payment_id in sorted(self.payments.items()):
+            if gateway_payment_id:
+                value = {"gateway_payment_id": gateway_payment_id}
+                add(type="invoke", f="authorize", process="locust", payment=payment_id, value=value)
+        for payment_id, (f, event) in sorted(self.confirmed.items()):
+            process = f"locust-{payment_id}"
+            add(type="invoke", f=f, process=process, payment=payment_id, value={"event": event})
+            done = {"status": "captured", "event": event}
+            add(type="ok", f=f, process=process, payment=payment_id, value=done, status=200)
+        return out
+
+    def finish(self, *, host: str, locust: Mapping[str, Any], window_s: float) -> dict[str, Any]:
+        """Wait for the target to go quiet, observe, check, write the reports; the summary."""
+        # Imported here, not at the top: harness.runner brings the whole service (FastAPI,
+        # SQLAlchemy, asyncpg), which every Locust worker would otherwise carry.
+        from harness.runner import DECLARED, machine
+
+        strategy, problems = _target_strategy(host), list(self.problems)
+        result: dict[str, Any] = {
+            "expected": DECLARED.get(strategy),
+            "valid": "unknown",
+            "trials": len(self.payments),
+            "violating_trials": 0,
+            "duration_s": round(window_s, 3),
+            "trials_per_second": round(len(self.payments) / window_s, 2) if window_s else 0.0,
+            "captures": None,
+            "captures_per_second": None,
+            "checks": {},
+            "first_violation": None,
+            **self._latency(),
+        }
+        url = self.settings.database_url
+        if url is not None and self.baseline is not None:
+            try:
+                result.update(self._judge(url, self.baseline, window_s, problems))
+            except (psycopg.Error, oracle.OracleError, httpx.HTTPError, OSError) as exc:
+                problems.append(f"the oracle could not judge the run: {type(exc).__name__}: {exc}")
+        elif url is not None:
+            problems.append("no oracle baseline was taken, so the run cannot be judged")
+        valid = result["valid"]
+        verdict, code = (
+            ("valid", EXIT_OK)
+            if valid is True
+            else ("violated", EXIT_VIOLATED)
+            if valid is False
+            else ("unknown", EXIT_ERROR)
+        )
+        summary = {
+            "run_id": self.settings.run_id,
+            "command": self.settings.command,
+            "started_at": self.started_at.isoformat(timespec="seconds"),
+            "duration_s": round(time.perf_counter() - self.started, 3),
+            "machine": machine(),
+            "database": {"route": "dsn", "describe": f"{ENV_DATABASE_URL} (set for Locust)"},
+            "target": host,
+            "mode": "load",
+            "trials": len(self.payments),
+            "strategies": {strategy: result},
+            "locust": {
+                **locust,
+                "workers": {cid: w.to_json() for cid, w in sorted(self.workers.items())},
+                "worker_count": len(self.workers),
+            },
+            "problems": problems,
+            "gates": [],
+            "verdict": verdict,
+            "exit_code": code,
+        }
+        self.write(summary)
+        return summary
+
+    def _latency(self) -> dict[str, Any]:
+        latency, plots = self.hist.summary(), self.hist.plots()
+        spread = latency.pop(SPREAD, {}).get("race")
+        plots.pop(SPREAD, None)  # a spread is not a latency; summary.json has its own key
+        return {"latency_ms": latency, "plots": plots, "arrival_spread_ms": spread}
+
+    def _judge(
+        self, url: str, since: oracle.Baseline, window_s: float, problems: list[str]
+    ) -> dict[str, Any]:
+        if not wait_quiet(url):
+            problems.append("the target's transactions did not go quiet within 10 s")
+        counters = None
+        if self.settings.gateway_url:
+            response = httpx.get(f"{self.settings.gateway_url}/_fake/counters", timeout=10.0)
+            response.raise_for_status()
+            counters = response.json()
+        else:
+            problems.append(f"{ENV_GATEWAY_URL} is not set: gateway captures are not counted")
+        obs = oracle.observe(
+            url,
+            since=since,
+            payment_ids=set(self.payments),
+            gateway_counters=counters,
+            gateway_payment_ids=[g for g in self.payments.values() if g],
+        )
+        verdict = checker.check(self.ops(), obs, checkers=GATE_CHECKERS)
+        captured = obs.config.payments.done_value
+        captures = sum(1 for s in obs.payments.values() if s.status == captured)
+        first = None
+        if verdict.violating_payments:
+            payment = min(verdict.violating_payments)
+            first = {
+                "trial": None,
+                "payment": payment,
+                "checks": [n for n, r in verdict.results.items() if payment in r.payments],
+                "timeline": [e.to_json() for e in from_audit(obs.audit, payment)],
+            }
+        return {
+            "valid": verdict.valid,
+            "violating_trials": len(verdict.violating_payments),
+            "captures": captures,
+            "captures_per_second": round(captures / window_s, 2) if window_s else 0.0,
+            "checks": {name: r.to_json() for name, r in verdict.results.items()},
+            "deadlocks": {"delta": obs.deadlocks, "settled": obs.deadlocks_settled},
+            "first_violation": first,
+        }
+
+    def write(self, summary: dict[str, Any]) -> None:
+        out = self.settings.report_dir
+        out.mkdir(parents=True, exist_ok=True)
+        hdr = {
+            kind: {
+                path: {"summary": self.hist.get(kind, path).summary(), "hdr": text}
+                for path, text in paths.items()
+            }
+            for kind, paths in self.hist.encode().items()
+        }
+        (out / "latency_hdr.json").write_text(json.dumps(hdr, indent=2) + "\n", encoding="utf-8")
+        report.write_all(summary, out)
+
+
+def _target_strategy(host: str) -> str:
+    """The reference service says its strategy on /healthz; any other target is 'target'."""
+    try:
+        body = httpx.get(f"{host.rstrip('/')}/healthz", timeout=5.0).json()
+    except (httpx.HTTPError, ValueError):
+        return "target"
+    strategy = body.get("strategy") if isinstance(body, dict) else None
+    return strategy if isinstance(strategy, str) else "target"
+
+
+def wait_quiet(url: str, timeout_s: float = 10.0) -> bool:
+    """Wait until no client backend of the target is inside a statement or transaction.
+
+    Locust kills its users mid-request when the run ends, but the service finishes what it
+    already received; observing before those captures commit would judge a half-done run.
+    """
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    with psycopg.connect(url, autocommit=True, application_name="payrace-load") as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
+                "AND coalesce(application_name, '') NOT LIKE %s "
+                "AND state IS DISTINCT FROM 'idle'",
+                (oracle.HARNESS_APPLICATION_PREFIX + "%",),
+            ).fetchone()
+            quiet = quiet + 1 if row is not None and row[0] == 0 else 0
+            if quiet >= _QUIET_POLLS:
+                return True
+            time.sleep(0.1)
+    return False

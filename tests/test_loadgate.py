@@ -1,0 +1,113 @@
+"""harness/loadgate.py: the settings handed to Locust, the tallies workers send and the master
+merges, and the little history the gate's checkers read."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import checker
+from harness.loadgate import LoadRun, LoadSettings, LoadTally
+from harness.oracle import AuditRow, Observation, OracleConfig, PaymentState
+
+# -- settings -----------------------------------------------------------------------------
+
+
+def test_settings_survive_the_trip_through_the_environment(tmp_path: Path) -> None:
+    settings = LoadSettings(
+        gateway_url="http://127.0.0.1:9411",
+        database_url="postgresql://payrace@127.0.0.1:5432/payrace",
+        report_dir=tmp_path,
+        run_id="20240101-000000-load-naive-race_pairs",
+        command="payrace load --strategy naive",
+        seed=-7,
+    )
+    assert LoadSettings.from_env(settings.to_env()) == settings
+
+
+def test_settings_set_by_hand_need_only_the_gateway() -> None:
+    settings = LoadSettings.from_env({"PAYRACE_GATEWAY_URL": "http://gw:9411/"})
+    assert settings.gateway_url == "http://gw:9411"
+    assert settings.database_url is None and settings.seed is None
+    assert settings.run_id.endswith("-locust")
+    assert settings.report_dir == Path("reports") / settings.run_id
+
+
+# -- tallies: workers -> master -----------------------------------------------------------
+
+
+def _tally(
+    requests: int, payments: list[tuple[int, str | None]], lock_ms: list[float]
+) -> dict[str, Any]:
+    tally = LoadTally()
+    for n in range(requests):
+        tally.request(failed=n == 0)
+    for payment_id, gateway_id in payments:
+        tally.payment(payment_id, gateway_id)
+    for ms in lock_ms:
+        tally.timing("lock", "client", ms)
+    return tally.drain()
+
+
+def test_drain_hands_over_and_starts_afresh() -> None:
+    tally = LoadTally()
+    tally.request(failed=False)
+    tally.timing("lock", "webhook", 1.5)
+    tally.confirm(7, "verify", None)
+    first = tally.drain()
+    assert first["requests"] == 1 and first["pid"] == os.getpid()
+    assert first["confirmed"] == [[7, "verify", None]]
+    tally.confirm(7, "webhook", "payment.captured")  # old news about payment 7
+    second = tally.drain()
+    assert second["requests"] == 0 and second["confirmed"] == [] and second["hdr"] == {}
+
+
+def test_master_merges_every_workers_reports() -> None:
+    run = LoadRun(LoadSettings.from_env({}))
+    run.absorb("w1", _tally(3, [(1, "pay_a")], [1.0, 2.0]))
+    run.absorb("w2", _tally(5, [(2, "pay_b"), (3, None)], [3.0]))
+    run.absorb("w1", _tally(2, [], [4.0]))
+    assert {cid: w.requests for cid, w in run.workers.items()} == {"w1": 5, "w2": 5}
+    assert {cid: w.failures for cid, w in run.workers.items()} == {"w1": 2, "w2": 1}
+    assert run.workers["w1"].reports == 2
+    assert run.payments == {1: "pay_a", 2: "pay_b", 3: None}
+    lock = run.hist.get("lock", "client")
+    assert lock.count == 4 and lock.summary()["max"] == pytest.approx(4.0, abs=0.01)
+
+
+# -- what the gate's checkers read --------------------------------------------------------
+
+
+def _observation(states: dict[int, str], accepted: dict[str, int]) -> Observation:
+    at = datetime.now(UTC)
+    audit = tuple(
+        AuditRow(n, "payments", pid, pid, "UPDATE", "pending", status, 100 + n, 1, at)
+        for n, (pid, status) in enumerate(states.items())
+        if status == "captured"
+    )
+    return Observation(
+        audit=audit,
+        payments={pid: PaymentState(pid, s, None, None, None) for pid, s in states.items()},
+        gateway_captures=dict(accepted),
+        gateway_accepted=dict(accepted),
+        deadlocks=0,
+        config=OracleConfig.reference(),
+    )
+
+
+def test_synthesised_ops_let_no_lost_capture_see_confirmations_and_gateway_owners() -> None:
+    """Payment 1 was confirmed to the client, payment 2's capture was accepted by the gateway,
+    and both end pending: two lost captures. The database never recorded pay_b's owner, so
+    only the history the master synthesises can tie the gateway capture to payment 2."""
+    run = LoadRun(LoadSettings.from_env({}))
+    data = _tally(1, [(1, "pay_a"), (2, "pay_b"), (3, "pay_c")], [])
+    data["confirmed"] = [[1, "verify", None], [3, "webhook", "payment.captured"]]
+    run.absorb("w", data)
+    obs = _observation({1: "pending", 2: "pending", 3: "captured"}, {"pay_b": 1})
+    result = checker.no_lost_capture(run.ops(), obs)
+    assert result.valid is False
+    assert result.payments == frozenset({1, 2})
