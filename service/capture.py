@@ -175,9 +175,7 @@ async def _retrying(
 
 
 async def _begin(session: AsyncSession, runner: Runner) -> None:
-    conn = await session.connection(
-        execution_options={"isolation_level": runner.isolation_level}
-    )
+    conn = await session.connection(execution_options={"isolation_level": runner.isolation_level})
     if probes.active():
         # Controllers tell "waiting for a lock" from pg_blocking_pids of this backend. The
         # driver knows the pid already: asking the server would run a statement, and at
