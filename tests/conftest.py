@@ -25,6 +25,16 @@ def fake_gateway() -> Iterator[FakeRazorpay]:
     yield FakeRazorpay(GatewayKeys())
 
 
+@pytest.fixture
+def knobs(fake_gateway: FakeRazorpay) -> Iterator[FakeRazorpay]:
+    """The shared fake gateway, its latency / failure knobs restored after the test."""
+    before = fake_gateway.knobs()
+    try:
+        yield fake_gateway
+    finally:
+        fake_gateway.set_knobs(**before)
+
+
 @pytest.fixture(scope="session")
 def gateway_url(fake_gateway: FakeRazorpay) -> Iterator[str]:
     with GatewayServer(fake_gateway) as server:

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -126,16 +125,6 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     assert isinstance(error["message"], str)
     assert error["message"]
     return error
-
-
-@pytest.fixture
-def knobs(fake_gateway: FakeRazorpay) -> Iterator[FakeRazorpay]:
-    """The shared fake gateway, its latency / failure knobs restored after the test."""
-    before = fake_gateway.knobs()
-    try:
-        yield fake_gateway
-    finally:
-        fake_gateway.set_knobs(**before)
 
 
 # -- POST /orders, GET /payments/{id}, /healthz -------------------------------------------------

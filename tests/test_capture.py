@@ -116,15 +116,6 @@ def audit(pg: Database) -> Iterator[Audit]:
 
 
 @pytest.fixture
-def knobs(fake_gateway: FakeRazorpay) -> Iterator[FakeRazorpay]:
-    before = fake_gateway.knobs()
-    try:
-        yield fake_gateway
-    finally:
-        fake_gateway.set_knobs(**before)
-
-
-@pytest.fixture
 async def probed_service(pg: Database, gateway_url: str) -> AsyncIterator[Service]:
     async with Service(
         service_settings(pg, gateway_url, capture_strategy="naive", payrace_probes=True)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,15 +25,6 @@ async def gateway(gateway_url: str) -> AsyncIterator[GatewayClient]:
         yield client
     finally:
         client.close()
-
-
-@pytest.fixture
-def knobs(fake_gateway: FakeRazorpay) -> Iterator[FakeRazorpay]:
-    before = fake_gateway.knobs()
-    try:
-        yield fake_gateway
-    finally:
-        fake_gateway.set_knobs(**before)
 
 
 async def authorized(gateway: GatewayClient, fake: FakeRazorpay, amount: int = 50000) -> str:
