@@ -100,9 +100,10 @@ def test_a_pause_point_costs_little_without_a_controller() -> None:
         f"empty coroutine {figures['empty_coroutine_ns']:.0f} ns, empty loop "
         f"{figures['loop_ns']:.0f} ns: {figures['overhead_ns']:.0f} ns more than not calling it"
     )
-    # One ContextVar.get() and a comparison inside a coroutine call: well under a microsecond
-    # on any machine that runs this suite; a regression (say, a lock or a log line) is not.
-    assert figures["overhead_ns"] < 2_000
+    # One ContextVar.get() and a comparison inside a coroutine call: ~0.1 us here. The bound
+    # is far above that so a loaded CI machine cannot trip it, while a regression that puts
+    # real work on the no-controller path (a query, a sleep, a log line) still does.
+    assert figures["overhead_ns"] < 20_000
 
 
 # -- against PostgreSQL ---------------------------------------------------------------------
