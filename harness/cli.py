@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -39,7 +41,7 @@ if not console.is_terminal:
     # CI logs and pipes have no width; rich would squeeze the tables to 80 columns.
     console.width = max(console.width, 150)
 
-EXIT_OK, EXIT_VIOLATED, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_VIOLATED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _fail(message: str) -> typer.Exit:
@@ -88,6 +90,10 @@ def _guarded(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
         raise _fail(str(exc)) from None
     except (OSError, TimeoutError, RuntimeError) as exc:
         raise _fail(f"infrastructure error: {type(exc).__name__}: {exc}") from None
+    except KeyboardInterrupt:
+        # Every context manager on the way out has stopped what it started by now.
+        err.print("payrace: interrupted; PostgreSQL, the gateway and the service were stopped")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @app.command("run")
@@ -310,7 +316,14 @@ def gateway_command(
             console.print("stopping the fake gateway")
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (a CI runner cancelling the job, `kill`) unwinds like Ctrl-C, so every
+    # context manager stops what it started instead of leaving PostgreSQL or uvicorn behind.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 

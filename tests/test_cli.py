@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+
+import psutil
+import pytest
 
 from harness.provider import Database
 
@@ -76,3 +83,61 @@ def test_an_unreachable_database_is_an_infrastructure_error(tmp_path: Path) -> N
     assert "Traceback" not in done.stderr
     assert "127.0.0.1:1" in done.stderr
     assert "did not answer" in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_stops_everything_it_started(
+    signum: signal.Signals, tmp_path: Path
+) -> None:
+    """Ctrl-C or a CI runner's SIGTERM mid-run: the embedded PostgreSQL and the uvicorn
+    service are gone afterwards, and the exit code says it was interrupted."""
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("payrace-pg-*"))
+    env = {k: v for k, v in os.environ.items() if k != "PAYRACE_DATABASE_URL"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "run", "--target", "http", "--trials", "5000",
+         "--quiet", "--out", str(tmp_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        service: psutil.Process | None = None
+        while service is None and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            children = psutil.Process(proc.pid).children(recursive=True)
+            service = next((c for c in children if "uvicorn" in " ".join(c.cmdline())), None)
+            time.sleep(0.2)
+        assert service is not None, "the service never started"
+        (cluster,) = set(tmp.glob("payrace-pg-*")) - before
+        postmaster = int((cluster / "pgdata" / "postmaster.pid").read_text().split()[0])
+        time.sleep(1.0)  # let trials run, so the interrupt lands mid-run
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    try:
+        assert proc.returncode == 130, stderr
+        assert "interrupted" in stderr
+        assert "Traceback" not in stderr
+        assert gone(service.pid)
+        assert gone(postmaster)
+        assert not cluster.exists()
+    finally:
+        # A failing run must not leak what payrace failed to stop into the rest of the suite.
+        for pid, sig in ((service.pid, signal.SIGKILL), (postmaster, signal.SIGQUIT)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+def gone(pid: int, within_s: float = 5.0) -> bool:
+    """Not running: exited (a zombie until this machine's init reaps it counts as exited)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
