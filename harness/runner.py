@@ -292,6 +292,7 @@ class Recorder:
 class TrialOutcome:
     trial: int
     payment_id: int
+    gateway_payment_id: str
     arrival_spread_ms: float | None
     timeline: list[TimelineEvent]
     pause_timeouts: int
@@ -418,8 +419,9 @@ async def run_trial(
     if spread is not None and config.mode == "aligned":
         run.arrival.record_ms(spread)
     run.pause_timeouts += timeouts
-    run.outcomes[trial] = TrialOutcome(trial, ctx.payment_id, spread, from_probes(captured),
-                                       timeouts)  # fmt: skip
+    run.outcomes[trial] = TrialOutcome(
+        trial, ctx.payment_id, payment["id"], spread, from_probes(captured), timeouts
+    )
 
 
 async def fire_trials(
@@ -480,6 +482,9 @@ async def judge(
         since=run.since,
         payment_ids=set(payments),
         gateway_counters=counters,
+        # Also the ids the database never recorded: a capture the gateway accepted in a
+        # transaction that then rolled back is exactly what no_lost_capture is for.
+        gateway_payment_ids=[o.gateway_payment_id for o in run.outcomes.values()],
     )
     verdict = checker.check(run.history.ops(), obs)
     violating = sorted(payments[p] for p in verdict.violating_payments if p in payments)

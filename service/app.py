@@ -43,6 +43,8 @@ from service.settings import Settings, get_settings
 CAPTURE_EVENTS = {"payment.authorized", "payment.captured", "order.paid"}
 ID_MAX = 64  # payments.gateway_payment_id, orders.gateway_order_id
 EVENT_ID_MAX = 128  # webhook_events.event_id
+METHOD_MAX = 32  # payments.method
+ERROR_CODE_MAX = 64  # payments.error_code
 KNOWN_EVENTS = CAPTURE_EVENTS | {"payment.failed"}
 
 
@@ -114,8 +116,9 @@ class OrderIn(BaseModel):
 
 class VerifyIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    razorpay_order_id: str = Field(min_length=1, max_length=64)
-    razorpay_payment_id: str = Field(min_length=1, max_length=64)
+    # No NUL: PostgreSQL text cannot hold it, and the write would fail with a 500.
+    razorpay_order_id: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00]+$")
+    razorpay_payment_id: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00]+$")
     # Optional here so that a missing signature is a 400 "invalid signature", like a wrong one.
     razorpay_signature: str | None = None
     internal_payment_id: int = Field(gt=0, lt=2**63)
@@ -251,9 +254,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         # An empty id would make every later empty-id event a "duplicate"; a long one fails
         # the insert with a 500.
-        if event_id is not None and not 1 <= len(event_id) <= EVENT_ID_MAX:
+        if event_id is not None and (not 1 <= len(event_id) <= EVENT_ID_MAX or "\x00" in event_id):
             raise Rejected(
-                f"X-Razorpay-Event-Id must be 1..{EVENT_ID_MAX} characters",
+                f"X-Razorpay-Event-Id must be 1..{EVENT_ID_MAX} characters, without NUL",
                 code="invalid_body",
             )
         envelope = _parse_envelope(body_text)
@@ -328,11 +331,23 @@ def _parse_envelope(body_text: str) -> dict[str, Any]:
             raise Rejected(
                 f"payload.payment.entity.{key} must be a {kind.__name__}", code="invalid_body"
             )
-    for key in ("id", "order_id"):
-        # The columns hold 64 characters; a longer id would fail the write with a 500.
-        if not 1 <= len(entity[key]) <= ID_MAX:
+    # Every string the service stores must fit its column and hold no NUL (PostgreSQL text
+    # cannot): either would fail the write with a 500 instead of a 400 naming the field.
+    for key, low, high in (
+        ("id", 1, ID_MAX),
+        ("order_id", 1, ID_MAX),
+        ("currency", 3, 3),
+        ("method", 0, METHOD_MAX),
+        ("error_code", 0, ERROR_CODE_MAX),
+    ):
+        value = entity.get(key)
+        if value is None and key in ("method", "error_code"):
+            continue
+        if not isinstance(value, str) or not low <= len(value) <= high or "\x00" in value:
             raise Rejected(
-                f"payload.payment.entity.{key} must be 1..{ID_MAX} characters", code="invalid_body"
+                f"payload.payment.entity.{key} must be a string of {low}..{high} characters "
+                "without NUL",
+                code="invalid_body",
             )
     return {"event": doc["event"], "payment": entity}
 

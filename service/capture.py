@@ -159,6 +159,13 @@ async def _retrying(
                 return await attempt_once(runner)
             except DBAPIError as exc:
                 state = _sqlstate(exc)
+                if state == "23505":
+                    # The only unique key a capture can hit is payments.gateway_payment_id:
+                    # this pay_ id already belongs to another payment here.
+                    raise Rejected(
+                        "this gateway payment id is already bound to another payment",
+                        code="payment_mismatch",
+                    ) from exc
                 if state not in RETRYABLE_SQLSTATES:
                     raise
                 if attempt == runner.retries:
@@ -226,8 +233,18 @@ def _result(
     )
 
 
+@dataclass
+class _GatewayMemo:
+    """Survives the retries of one request: a capture the gateway accepted stays accepted
+    when PostgreSQL aborts the transaction (40001 at commit under SERIALIZABLE), so the retry
+    must record it, not capture again."""
+
+    captured: bool = False
+
+
 async def capture(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
-    return await _retrying(runner, lambda r: _capture_once(r, cmd))
+    memo = _GatewayMemo()
+    return await _retrying(runner, lambda r: _capture_once(r, cmd, memo))
 
 
 async def _open(
@@ -254,7 +271,7 @@ async def _open(
     return payment, order, fresh_event, locked
 
 
-async def _capture_once(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
+async def _capture_once(runner: Runner, cmd: CaptureCommand, memo: _GatewayMemo) -> CaptureResult:
     t = timing.current()
     probe = probes.current_probe()
     started = time.perf_counter()
@@ -272,7 +289,7 @@ async def _capture_once(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
                     duplicate_event=not fresh_event,
                 )
             else:
-                result = await _write_capture(session, runner, cmd, payment, order)
+                result = await _write_capture(session, runner, cmd, payment, order, memo)
             await pause("before_commit")
         committed = time.perf_counter()
     t.hold_ms = (committed - locked) * 1000
@@ -312,10 +329,15 @@ def _validate(cmd: CaptureCommand, payment: Payment, order: Order) -> None:
 
 
 async def _write_capture(
-    session: AsyncSession, runner: Runner, cmd: CaptureCommand, payment: Payment, order: Order
+    session: AsyncSession,
+    runner: Runner,
+    cmd: CaptureCommand,
+    payment: Payment,
+    order: Order,
+    memo: _GatewayMemo,
 ) -> CaptureResult:
     strategy = runner.strategy
-    if cmd.capture_at_gateway:
+    if cmd.capture_at_gateway and not memo.captured:
         await pause("gateway_called")
         try:
             await runner.gateway.capture(cmd.gateway_payment_id, order.amount, order.currency)
@@ -323,6 +345,7 @@ async def _write_capture(
             raise GatewayFailed(
                 str(exc), code="gateway_refused" if exc.refused else "gateway_error"
             ) from exc
+        memo.captured = True
     now = datetime.now(UTC)
     payment.status = "captured"
     payment.gateway_payment_id = cmd.gateway_payment_id

@@ -892,3 +892,54 @@ async def test_a_pause_group_that_never_filled_is_forgotten_after_its_timeout(
         await asyncio.sleep(1.3)  # past 2 x timeout + 1 s
         await svc.client.get("/healthz", headers={"X-Payrace-Pause": "group=other; size=1"})
         assert "abandoned" not in svc.runtime.rendezvous
+
+
+@pytest.mark.parametrize(
+    ("event", "field", "value"),
+    [
+        ("payment.captured", "method", "x" * 33),
+        ("payment.captured", "method", 7),
+        ("payment.failed", "error_code", "E" * 65),
+        ("payment.failed", "error_code", {"code": "BAD"}),
+        ("payment.captured", "id", "pay_\x00abc"),
+        ("payment.captured", "currency", "IN\x00"),
+    ],
+    ids=["long-method", "int-method", "long-error", "dict-error", "nul-id", "nul-currency"],
+)
+async def test_signed_webhook_with_a_field_that_cannot_be_stored_is_400_not_500(
+    service: Service, fake_gateway: FakeRazorpay, event: str, field: str, value: Any
+) -> None:
+    order, payment = await customer_pays(service, fake_gateway)
+
+    response = await deliver(service, event, payment, **{field: value})
+
+    error = assert_error(response, 400, "invalid_body")
+    assert f"payload.payment.entity.{field}" in error["message"]
+    await assert_nothing_written(service, fake_gateway, order, payment)
+
+
+async def test_signed_webhook_with_a_nul_in_its_event_id_is_400(
+    service: Service, fake_gateway: FakeRazorpay
+) -> None:
+    order, payment = await customer_pays(service, fake_gateway)
+    envelope = webhook_event("payment.captured", payment)
+    body, headers = signed_webhook(envelope, KEYS.webhook_secret, event_id="evt_\x00")
+
+    response = await service.client.post("/webhooks/razorpay", content=body, headers=headers)
+
+    assert_error(response, 400, "invalid_body")
+    await assert_nothing_written(service, fake_gateway, order, payment)
+
+
+async def test_a_gateway_payment_id_already_bound_to_another_payment_is_400(
+    service: Service, fake_gateway: FakeRazorpay
+) -> None:
+    first_order, first_payment = await customer_pays(service, fake_gateway)
+    assert (await deliver(service, "payment.captured", first_payment)).status_code == 200
+    order, payment = await customer_pays(service, fake_gateway)
+
+    # Signed and well formed, but it names the first payment's pay_ id for the second order.
+    response = await deliver(service, "payment.captured", payment, id=first_payment["id"])
+
+    assert_error(response, 400, "payment_mismatch")
+    await assert_nothing_written(service, fake_gateway, order, payment)
