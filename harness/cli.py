@@ -100,7 +100,9 @@ def _guarded(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
 def run_command(
     strategy: Annotated[
         list[str],
-        typer.Option("--strategy", "-s", help="naive, for_update (repeat or comma-separate)"),
+        typer.Option(
+            "--strategy", "-s", help="naive, for_update, advisory (repeat or comma-separate)"
+        ),
     ] = ["for_update"],  # noqa: B006
     trials: Annotated[int, typer.Option(help="trials (payments) per strategy")] = 100,
     mode: Annotated[str, typer.Option(help="forced | aligned | jitter")] = "forced",
@@ -271,7 +273,9 @@ def load_command(
     processes: Annotated[int, typer.Option(help="Locust --processes")] = 1,
     workers: Annotated[int, typer.Option(help="uvicorn workers of the service")] = 1,
     dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
-    locustfile: Annotated[str, typer.Option()] = "locustfiles/race_pairs.py",
+    locustfile: Annotated[
+        str, typer.Option(help="race_pairs | webhook_storm | mixed, a path, or a comma list")
+    ] = "race_pairs",
     out: Annotated[Path, typer.Option()] = Path("reports"),
 ) -> None:
     """Start PostgreSQL, the fake gateway and the service; run Locust headless; judge."""

@@ -934,7 +934,7 @@ async def test_signed_webhook_with_a_nul_in_its_event_id_is_400(
 async def test_a_gateway_payment_id_already_bound_to_another_payment_is_400(
     service: Service, fake_gateway: FakeRazorpay
 ) -> None:
-    first_order, first_payment = await customer_pays(service, fake_gateway)
+    _, first_payment = await customer_pays(service, fake_gateway)
     assert (await deliver(service, "payment.captured", first_payment)).status_code == 200
     order, payment = await customer_pays(service, fake_gateway)
 
