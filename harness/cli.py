@@ -21,6 +21,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
 
+import asyncpg
+import httpx
+import psycopg
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -88,7 +91,8 @@ def _guarded(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
         raise _fail(str(exc)) from None
     except ProviderError as exc:
         raise _fail(str(exc)) from None
-    except (OSError, TimeoutError, RuntimeError) as exc:
+    except (OSError, TimeoutError, RuntimeError, httpx.HTTPError, asyncpg.PostgresError,
+            psycopg.Error) as exc:  # fmt: skip
         raise _fail(f"infrastructure error: {type(exc).__name__}: {exc}") from None
     except KeyboardInterrupt:
         # Every context manager on the way out has stopped what it started by now.
@@ -323,10 +327,15 @@ def gateway_command(
 def _terminate(signum: int, frame: FrameType | None) -> None:
     # SIGTERM (a CI runner cancelling the job, `kill`) unwinds like Ctrl-C, so every
     # context manager stops what it started instead of leaving PostgreSQL or uvicorn behind.
-    raise KeyboardInterrupt
+    # Re-raised as SIGINT, asyncio.run cancels its main task cleanly; raising here instead
+    # would land in whatever frame runs and strand the other tasks.
+    signal.raise_signal(signal.SIGINT)
 
 
 def main() -> None:
+    # A shell starts background jobs with SIGINT ignored; payrace wants it either way, since
+    # asyncio.run only turns SIGINT into a clean cancellation when the default handler is set.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     app()
 

@@ -311,6 +311,9 @@ class StrategyRun:
         self.since: oracle.Baseline | None = None
         self.duration_s = 0.0
         self.server_side: dict[str, Any] = {}
+        # Trials that could not be carried out (the target refused to create an order, ...):
+        # their payments were never raced, so a clean verdict is "unknown", not "valid".
+        self.trial_errors: list[str] = []
 
 
 async def _fire(
@@ -398,6 +401,8 @@ async def run_trial(
     replies, invokes, captured, timeouts = await _fire(
         config, target, plan, reqs, ctx, run, is_blocked
     )
+    if config.mode == "forced" and not target.in_process:
+        timeouts += _pauses_over_http(replies)
     received: list[int] = []
     for step, inv, reply in zip(plan.steps, invokes, replies, strict=True):
         server = reply.server()
@@ -447,7 +452,12 @@ async def fire_trials(
 
     async def guarded(trial: int) -> None:
         async with semaphore:
-            await run_trial(config, target, gateway, generator, trial, run, is_blocked)
+            try:
+                await run_trial(config, target, gateway, generator, trial, run, is_blocked)
+            except UsageError:
+                raise
+            except Exception as exc:  # one broken trial must not hide the others' verdicts
+                run.trial_errors.append(f"trial {trial}: {type(exc).__name__}: {exc}")
             on_trial()
 
     started = time.perf_counter()
@@ -487,6 +497,9 @@ async def judge(
         gateway_payment_ids=[o.gateway_payment_id for o in run.outcomes.values()],
     )
     verdict = checker.check(run.history.ops(), obs)
+    valid = verdict.valid
+    if run.trial_errors and valid is True:
+        valid = "unknown"
     violating = sorted(payments[p] for p in verdict.violating_payments if p in payments)
     first = None
     if violating:
@@ -501,12 +514,13 @@ async def judge(
     duration = run.duration_s
     return {
         "expected": DECLARED.get(run.strategy),
-        "valid": verdict.valid,
+        "valid": valid,
         "trials": config.trials,
         "violating_trials": len(violating),
         "trials_per_second": round(config.trials / duration, 2) if duration else 0.0,
         "duration_s": round(duration, 3),
         "pause_timeouts": run.pause_timeouts,
+        "trial_errors": {"count": len(run.trial_errors), "first": run.trial_errors[:3]},
         "checks": {name: r.to_json() for name, r in verdict.results.items()},
         "latency_ms": run.latency.summary(),
         "plots": run.latency.plots(),
@@ -517,9 +531,23 @@ async def judge(
     }
 
 
+def _pauses_over_http(replies: list[Reply]) -> int:
+    """Check the target honoured X-Payrace-Pause; count the pauses that gave up waiting."""
+    states = [r.headers.get("x-payrace-pause") for r in replies if r.status is not None]
+    if any(state is None for state in states):
+        raise UsageError(
+            "the target ignored X-Payrace-Pause, so nothing was forced: start it with "
+            "PAYRACE_PROBES=1 (test deployments only), or use --mode aligned"
+        )
+    return sum(state == "timed-out" for state in states)
+
+
 def overall(strategies: dict[str, dict[str, Any]], gates: list[dict[str, Any]]) -> tuple[str, int]:
-    if any(r["valid"] is not True for r in strategies.values()):
+    if any(r["valid"] is False for r in strategies.values()):
         return "violated", 1
+    # Not proven is not passed: a CI gate must not go green on "unknown".
+    if any(r["valid"] is not True for r in strategies.values()):
+        return "unknown", 1
     if any(not g["passed"] for g in gates):
         return "gate_breached", 1
     return "valid", 0

@@ -365,6 +365,9 @@ class TimingMiddleware:
             return
         received_ns = time.time_ns()
         t = timing.begin()
+        # Set when X-Payrace-Pause was honoured: the answer says so, and whether the pause
+        # gave up waiting, so a harness never labels an unforced run "forced".
+        paused: list[probes.ProbeContext] = []
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -372,6 +375,9 @@ class TimingMiddleware:
                 headers.append((b"x-payrace-received-at", str(received_ns).encode()))
                 if t.lock_ms is not None or t.gateway_ms:
                     headers.append((b"server-timing", t.header().encode()))
+                for probe in paused:
+                    state = b"timed-out" if probe.timed_out else b"honoured"
+                    headers.append((b"x-payrace-pause", state))
                 message["headers"] = headers
             await send(message)
 
@@ -403,7 +409,8 @@ class TimingMiddleware:
             )
             self.runtime.rendezvous[request.group] = group
         try:
-            with probes.controlled(group, label=request.group):
+            with probes.controlled(group, label=request.group) as probe:
+                paused.append(probe)
                 await self.app(scope, receive, send_with_headers)
         finally:
             if group.done():

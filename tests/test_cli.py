@@ -8,8 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -91,43 +91,61 @@ def test_an_interrupted_run_stops_everything_it_started(
 ) -> None:
     """Ctrl-C or a CI runner's SIGTERM mid-run: the embedded PostgreSQL and the uvicorn
     service are gone afterwards, and the exit code says it was interrupted."""
-    tmp = Path(tempfile.gettempdir())
-    before = set(tmp.glob("payrace-pg-*"))
+    # Every process this run starts inherits the marker (pg_ctl's postmaster too, which is
+    # not our child), so other payrace runs on the machine cannot be mistaken for ours.
+    marker = f"interrupt-{uuid.uuid4().hex}"
     env = {k: v for k, v in os.environ.items() if k != "PAYRACE_DATABASE_URL"}
+    env["PAYRACE_TEST_MARKER"] = marker
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "run", "--target", "http", "--trials", "5000",
          "--quiet", "--out", str(tmp_path)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    started: list[psutil.Process] = []
+    stderr = ""
     try:
         deadline = time.monotonic() + 90
-        service: psutil.Process | None = None
-        while service is None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()
-            children = psutil.Process(proc.pid).children(recursive=True)
-            service = next((c for c in children if "uvicorn" in " ".join(c.cmdline())), None)
+            started = marked(marker, exclude=proc.pid)
+            names = " ".join(cmdline(p) for p in started)
+            if "uvicorn" in names and "postgres" in names:
+                break
             time.sleep(0.2)
-        assert service is not None, "the service never started"
-        (cluster,) = set(tmp.glob("payrace-pg-*")) - before
-        postmaster = int((cluster / "pgdata" / "postmaster.pid").read_text().split()[0])
+        names = " ".join(cmdline(p) for p in started)
+        assert "uvicorn" in names and "postgres" in names, "service or PostgreSQL never started"
+        clusters = {Path(a).parent for a in names.split() if a.endswith("pgdata")}
         time.sleep(1.0)  # let trials run, so the interrupt lands mid-run
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    try:
         assert proc.returncode == 130, stderr
         assert "interrupted" in stderr
         assert "Traceback" not in stderr
-        assert gone(service.pid)
-        assert gone(postmaster)
-        assert not cluster.exists()
+        assert all(gone(p.pid) for p in started), [cmdline(p) for p in started]
+        assert clusters and not any(c.exists() for c in clusters)
     finally:
         # A failing run must not leak what payrace failed to stop into the rest of the suite.
-        for pid, sig in ((service.pid, signal.SIGKILL), (postmaster, signal.SIGQUIT)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        if proc.poll() is None:
+            proc.kill()
+        for leftover in marked(marker, exclude=proc.pid):
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
+
+
+def cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # short-lived (pg_ctl) or already gone
+        return ""
+
+
+def marked(marker: str, exclude: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.pid != exclude and p.environ().get("PAYRACE_TEST_MARKER") == marker:
+                found.append(p)
+    return found
 
 
 def gone(pid: int, within_s: float = 5.0) -> bool:

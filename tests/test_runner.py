@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from harness.processes import ServiceProcess, service_env
 from harness.provider import Database
-from harness.runner import Gate, RunConfig, UsageError, run, write_history
+from harness.runner import Gate, RunConfig, UsageError, overall, run, write_history
 
 
 async def race(pg: Database, tmp_path: Path, **fields: Any) -> dict[str, Any]:
@@ -145,3 +146,40 @@ def test_gate_parsing() -> None:
 def test_bad_configs_say_what_to_fix(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         RunConfig(**fields).validate()
+
+
+async def test_a_running_target_is_raced_and_judged_through_its_own_database(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    """--target URL: a service started by hand, with probes on, against payrace's oracle."""
+    env = service_env(pg, gateway_url, "naive", probes=True)
+    with ServiceProcess(env) as proc:
+        config = RunConfig(
+            strategies=["target"], trials=5, mode="forced", target=proc.url,
+            target_dsn=pg.url, gateway_url=gateway_url, out_dir=tmp_path,
+        )  # fmt: skip
+        summary = await run(config, announce=lambda line: None)
+    result = summary["strategies"]["target"]
+    assert result["violating_trials"] == 5
+    assert result["pause_timeouts"] == 0
+
+
+async def test_forced_mode_refuses_a_target_that_ignores_the_pause_header(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    env = service_env(pg, gateway_url, "naive", probes=False)
+    with ServiceProcess(env) as proc:
+        config = RunConfig(
+            strategies=["target"], trials=2, mode="forced", target=proc.url,
+            target_dsn=pg.url, gateway_url=gateway_url, out_dir=tmp_path, concurrency=1,
+        )  # fmt: skip
+        with pytest.raises(UsageError, match="ignored X-Payrace-Pause"):
+            await run(config, announce=lambda line: None)
+
+
+def test_unknown_is_not_a_pass() -> None:
+    clean = {"valid": True}
+    assert overall({"a": clean}, []) == ("valid", 0)
+    assert overall({"a": clean, "b": {"valid": "unknown"}}, []) == ("unknown", 1)
+    assert overall({"a": {"valid": False}, "b": {"valid": "unknown"}}, []) == ("violated", 1)
+    assert overall({"a": clean}, [{"passed": False}]) == ("gate_breached", 1)
