@@ -186,8 +186,9 @@ def race_command(
     dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
     out: Annotated[Path, typer.Option()] = Path("reports"),
     seed: Annotated[int, typer.Option()] = 1,
+    durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
 ) -> None:
-    """naive and for_update in forced and aligned modes, against their declared verdicts."""
+    """Every strategy in forced and aligned modes, against its declared verdict."""
     rows: list[tuple[str, str, dict[str, Any], str]] = []
     modes: tuple[Mode, ...] = ("forced", "aligned")
     for mode in modes:
@@ -198,6 +199,7 @@ def race_command(
             dsn=dsn,
             seed=seed,
             out_dir=out,
+            durable=durable,
             command=shlex.join(["payrace", *sys.argv[1:]]),
         )
         summary = _guarded(config)

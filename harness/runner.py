@@ -190,6 +190,8 @@ class RunConfig:
             )
         if self.hold_ms < 0 or self.jitter_ms < 0:
             raise UsageError("--hold-ms and --jitter-ms must be >= 0")
+        if self.oracle_config is not None:
+            oracle_config(self)  # a bad file is a usage error before anything starts
         if self.hold_ms and self.mode != "forced":
             raise UsageError("--hold-ms is injected at the forced-mode pause; use --mode forced")
 
