@@ -1,15 +1,12 @@
 """A fake Razorpay that the real `razorpay` SDK cannot tell from the real one (for what we use).
 
-    GatewayKeys        key id + secret (HTTP basic auth), webhook secret, account id
     FakeRazorpay       orders, payments and capture counters behind one lock, plus its ASGI `app`:
         POST /v1/orders                  GET /v1/orders/{id}
         GET  /v1/payments/{id}           POST /v1/payments/{id}/capture
         /_fake/counters  /_fake/payments  /_fake/knobs  /_fake/reset    (test control, no auth)
-    client_callback()  the fields Razorpay Checkout hands the browser after a payment
-    webhook_event()    Razorpay's webhook envelope (payment.authorized|captured|failed, order.paid)
-    signed_webhook()   raw body + headers exactly as Razorpay delivers a webhook
-    new_event_id()     an X-Razorpay-Event-Id
     GatewayServer      context manager: a FakeRazorpay under uvicorn, free port, own thread
+
+The signing helpers live in harness.signing and are re-exported here (`__all__`).
 
 The capture counters are part of the oracle: they count every call that reached the capture
 route (accepted, rejected, or failed on purpose), so a double capture is visible here even when
@@ -24,11 +21,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
-import hashlib
 import hmac
 import json
 import random
-import secrets
 import socket
 import string
 import threading
@@ -47,36 +42,21 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from harness.processes import wait_until_answers
+from harness.signing import (
+    EVENTS,
+    GatewayKeys,
+    client_callback,
+    new_event_id,
+    razorpay_id,
+    signed_webhook,
+    webhook_event,
+)
 
-_ALNUM = string.ascii_letters + string.digits
 _NULL_PAYMENT_FIELDS = (
     *("invoice_id", "refund_status", "description", "card_id", "bank", "wallet", "fee", "tax"),
     *("error_code", "error_description", "error_source", "error_step", "error_reason"),
 )
 _SERVER_ERROR = "The server encountered an error. The incident has been reported to admins."
-_EVENTS = ("payment.authorized", "payment.captured", "payment.failed", "order.paid")
-
-
-@dataclass(frozen=True)
-class GatewayKeys:
-    key_id: str = "rzp_test_payrace00000001"
-    key_secret: str = "payrace_key_secret"
-    webhook_secret: str = "payrace_webhook_secret"
-    account_id: str = "acc_payrace0000001"
-
-
-def _razorpay_id(prefix: str) -> str:
-    # Not the seeded rng: two fakes in one run must never hand the same id to a database that
-    # keeps gateway ids unique.
-    return prefix + "".join(secrets.choice(_ALNUM) for _ in range(14))
-
-
-def new_event_id() -> str:
-    return _razorpay_id("")
-
-
-def _hmac_hex(message: bytes, secret: str) -> str:
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
 class _RazorpayError(Exception):
@@ -234,7 +214,7 @@ class FakeRazorpay:
                 400, "The receipt may not be greater than 40 characters.", field="receipt"
             )
         order: dict[str, Any] = {
-            "id": _razorpay_id("order_"),
+            "id": razorpay_id("order_"),
             "entity": "order",
             "amount": amount,
             "amount_paid": 0,
@@ -261,7 +241,7 @@ class FakeRazorpay:
             if order["status"] == "paid":
                 raise ValueError(f"order {order_id} is already paid")
             payment: dict[str, Any] = {
-                "id": _razorpay_id("pay_"),
+                "id": razorpay_id("pay_"),
                 "entity": "payment",
                 "amount": order["amount"],
                 "currency": order["currency"],
@@ -445,90 +425,6 @@ class FakeRazorpay:
         )
 
 
-def client_callback(order_id: str, payment_id: str, key_secret: str) -> dict[str, str]:
-    """What Razorpay Checkout's handler receives and the browser posts to the merchant."""
-    return {
-        "razorpay_order_id": order_id,
-        "razorpay_payment_id": payment_id,
-        "razorpay_signature": _hmac_hex(f"{order_id}|{payment_id}".encode(), key_secret),
-    }
-
-
-def webhook_event(
-    event: str,
-    payment: dict[str, Any],
-    *,
-    order: dict[str, Any] | None = None,
-    account_id: str = GatewayKeys.account_id,
-    created_at: int | None = None,
-) -> dict[str, Any]:
-    """Razorpay's envelope for `event`, the payment's status and flags made consistent with it."""
-    if event not in _EVENTS:
-        raise ValueError(f"unsupported event {event!r}; expected one of {_EVENTS}")
-    entity = copy.deepcopy(payment)
-    if event == "payment.authorized":
-        entity.update(status="authorized", captured=False)
-    elif event == "payment.failed":
-        entity.update(status="failed", captured=False)
-        failure = {
-            "error_code": "BAD_REQUEST_ERROR",
-            "error_description": "Payment failed",
-            "error_source": "gateway",
-            "error_step": "payment_authorization",
-            "error_reason": "payment_failed",
-        }
-        for key, value in failure.items():
-            if entity.get(key) is None:
-                entity[key] = value
-    else:  # payment.captured and order.paid both describe a captured payment
-        entity.update(status="captured", captured=True)
-    envelope: dict[str, Any] = {
-        "entity": "event",
-        "account_id": account_id,
-        "event": event,
-        "contains": ["payment"],
-        "payload": {"payment": {"entity": entity}},
-        "created_at": int(time.time()) if created_at is None else created_at,
-    }
-    if event == "order.paid":
-        paid = copy.deepcopy(order) if order is not None else _order_of(entity)
-        paid.update(
-            status="paid",
-            amount_paid=paid["amount"],
-            amount_due=0,
-            attempts=max(int(paid.get("attempts") or 0), 1),
-        )
-        envelope["contains"] = ["payment", "order"]
-        envelope["payload"]["order"] = {"entity": paid}
-    return envelope
-
-
-def _order_of(payment: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": payment["order_id"],
-        "entity": "order",
-        "amount": payment["amount"],
-        "currency": payment["currency"],
-        "receipt": None,
-        "offer_id": None,
-        "notes": [],
-        "created_at": payment.get("created_at", int(time.time())),
-    }
-
-
-def signed_webhook(
-    event: dict[str, Any], webhook_secret: str, *, event_id: str | None = None
-) -> tuple[bytes, dict[str, str]]:
-    """The body is signed as sent; receivers must verify these exact bytes, not a re-encoding."""
-    body = json.dumps(event, separators=(",", ":")).encode()
-    headers = {
-        "Content-Type": "application/json",
-        "X-Razorpay-Signature": _hmac_hex(body, webhook_secret),
-        "X-Razorpay-Event-Id": event_id if event_id is not None else new_event_id(),
-    }
-    return body, headers
-
-
 class GatewayServer:
     """Runs `fake.app` under uvicorn in a thread on `host`, on a free port unless one is given."""
 
@@ -631,3 +527,15 @@ class GatewayServer:
         tb: TracebackType | None,
     ) -> None:
         self._stop()
+
+
+__all__ = [
+    "EVENTS",
+    "FakeRazorpay",
+    "GatewayKeys",
+    "GatewayServer",
+    "client_callback",
+    "new_event_id",
+    "signed_webhook",
+    "webhook_event",
+]

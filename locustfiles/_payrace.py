@@ -38,8 +38,8 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from harness.gateway import client_callback, new_event_id, signed_webhook, webhook_event
 from harness.loadgate import EXIT_ERROR, SPREAD, LoadRun, LoadSettings, LoadTally
+from harness.signing import client_callback, new_event_id, signed_webhook, webhook_event
 from service.timing import parse_server_timing
 
 log = logging.getLogger("payrace")
