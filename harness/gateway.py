@@ -25,7 +25,6 @@ import hmac
 import json
 import random
 import socket
-import string
 import threading
 import time
 from collections import Counter
