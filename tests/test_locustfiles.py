@@ -14,6 +14,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +44,26 @@ class Run:
         return dict(result)
 
 
+# Every process a run here starts inherits this (os.environ is copied into each child), so
+# the leak check finds Locust workers and uvicorn even after they were re-parented to init.
+MARKER = ("PAYRACE_TEST_LOCUSTFILES_MARKER", uuid.uuid4().hex)
+
+
 def _load(out: Path, pg: Database, **kwargs: Any) -> Run:
     console = Console(file=io.StringIO(), width=240)
-    code = load_main(
+    os.environ[MARKER[0]] = MARKER[1]
+    try:
+        code = _load_main(out, pg, console, **kwargs)
+    finally:
+        del os.environ[MARKER[0]]
+    (run_dir,) = out.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    output = console.file.getvalue()  # type: ignore[attr-defined]
+    return Run(code, run_dir, summary, output)
+
+
+def _load_main(out: Path, pg: Database, console: Console, **kwargs: Any) -> int:
+    return load_main(
         spawn_rate=20.0,
         run_time="5s",
         workers=1,
@@ -54,10 +73,6 @@ def _load(out: Path, pg: Database, **kwargs: Any) -> Run:
         extra_args=[],
         **kwargs,
     )
-    (run_dir,) = out.iterdir()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    output = console.file.getvalue()  # type: ignore[attr-defined]
-    return Run(code, run_dir, summary, output)
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +203,16 @@ def test_master_totals_include_both_workers(naive_run: Run) -> None:
 def test_no_locust_or_service_process_outlives_the_runs(
     for_update_run: Run, naive_run: Run
 ) -> None:
-    # The embedded PostgreSQL is the session fixture's; everything else was payrace load's.
+    # The embedded PostgreSQL is the session fixture's; everything else was payrace load's,
+    # found by the marker in its environment, wherever it was re-parented to.
     left = []
-    for child in psutil.Process().children(recursive=True):
+    for proc in psutil.process_iter():
         try:
-            cmdline = " ".join(child.cmdline())
+            if proc.pid == os.getpid() or proc.environ().get(MARKER[0]) != MARKER[1]:
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            left.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
         except psutil.Error:
             continue
-        if " locust " in cmdline or "uvicorn" in cmdline:
-            left.append(f"{child.pid} {cmdline[:120]}")
     assert left == []
