@@ -11,7 +11,8 @@
     ├── single_order_paid      audit: the same for orders
     ├── gateway_capture_once   gateway: at most one capture call per gateway payment id
     ├── no_lost_capture        confirmed to the client or by the gateway => ends captured
-    ├── no_5xx                 no answer >= 500; a request with no answer at all is unknown
+    ├── no_5xx                 no crash: a 500, or a 5xx without a deliberate error code;
+    │                          a request with no answer at all is unknown
     ├── no_deadlock            pg_stat_database.deadlocks did not move (if the reading settled)
     └── error_classes          completions by (f, status, error code); flags unexpected classes
 
@@ -40,9 +41,15 @@ CAPTURE_EVENTS = frozenset({"payment.captured", "order.paid"})
 EXPECTED_ERRORS: frozenset[tuple[int, str]] = frozenset(
     {
         (409, "retry_later"),  # serialisation failure persisted: documented as safe to retry
-        (502, "gateway_error"),  # the gateway failed; nothing was written (no_5xx counts it)
+        (502, "gateway_error"),  # the gateway failed; nothing was written
         (502, "gateway_refused"),  # the gateway refused the capture; nothing was written
+        (503, "database_unavailable"),  # the connection was lost (a killed backend): retryable
     }
+)
+# Error codes a target answers on purpose, with a status it chose: a 5xx carrying one is an
+# answer about a fault (the gateway's, the database's), not a crash of the target (no_5xx).
+DELIBERATE_CODES = frozenset(
+    {"gateway_error", "gateway_refused", "database_unavailable", "retry_later"}
 )
 _MAX_LISTED = 10  # audit rows / ops listed per example: enough to find the case, not a dump
 
@@ -418,17 +425,27 @@ def no_lost_capture(ops: Sequence[Operation], obs: Observation) -> CheckResult:
 
 
 def no_5xx(ops: Sequence[Operation], obs: Observation) -> CheckResult:
-    """No answer >= 500. A request that got no answer (timeout, dropped connection) may hide
-    one, so it makes the result unknown unless a 5xx already decided it."""
+    """No crash: no 500, and no other 5xx without one of DELIBERATE_CODES. A 502
+    gateway_error or a 503 database_unavailable reports a fault the target handled (the
+    nemesis injects those on purpose; error_classes counts them). A request that got no answer
+    (timeout, dropped connection) may hide a crash, so it makes the result unknown unless a
+    crash already decided it."""
     completions = _completions(ops)
     violations, unknowns = [], []
+    deliberate = 0
     for op in completions:
-        case = {**_op_ref(op), "payment": op.payment, "code": _error_code(op), "error": op.error}
+        code = _error_code(op)
+        case = {**_op_ref(op), "payment": op.payment, "code": code, "error": op.error}
         if op.status is not None and op.status >= 500:
-            violations.append(case)
+            if op.status == 500 or code not in DELIBERATE_CODES:
+                violations.append(case)
+            else:
+                deliberate += 1
         elif op.status is None and op.type == "info":
             unknowns.append(case)
     note = f"{len(completions)} completion(s)"
+    if deliberate:
+        note += f", {deliberate} deliberate 5xx (a handled fault)"
     if unknowns:
         note += f", {len(unknowns)} without an answer"
     return _verdict(

@@ -146,6 +146,14 @@ def run_command(
         str,
         typer.Option(help="the racing webhook: payment.captured | payment.authorized | order.paid"),
     ] = "payment.captured",
+    nemesis: Annotated[
+        str | None,
+        typer.Option(
+            help="faults during the trials, e.g. 'gateway-errors:0.2,gateway-latency:50,"
+            "kill-backends:0.5' (capture failure rate, capture latency ms, seconds between "
+            "backend kills)"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Fire interleaved client callbacks and webhooks; judge with the harness's own oracle."""
@@ -170,6 +178,7 @@ def run_command(
             gateway_url=gateway_url,
             oracle_config=oracle_config,
             first_event=event,
+            nemesis=nemesis,
             command=shlex.join(["payrace", *sys.argv[1:]]),
         )
         config.validate()

@@ -1,6 +1,6 @@
 """The race harness: provision, start the target, fire interleaved trials, judge, summarise.
 
-    RunConfig        what to run (strategies, trials, mode, target, seed, gates, ...)
+    RunConfig        what to run (strategies, trials, mode, target, seed, gates, nemesis, ...)
     Gate             `[strategy:]metric<=number`, e.g. `lock_p99_ms<=100`
     UsageError       the user's words are off (exit 2; the message says what to fix)
     run()            provision PostgreSQL (harness.provider) and the fake gateway, then per
@@ -16,7 +16,9 @@ Modes (how a race is forced; DESIGN.md "Ways the harness forces a race"):
     jitter   seeded random offsets per request
 
 Strategies run one after another on one database, so the deadlock counter's delta and the
-lock-wait figures of each belong to it alone.
+lock-wait figures of each belong to it alone. A `--nemesis` (harness.nemesis) is on while a
+strategy's trials run, after the oracle's baseline; what it injected lands in that
+strategy's summary as "nemesis".
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from harness.gateway import FakeRazorpay, GatewayKeys, GatewayServer
 from harness.generator import Generator, TrialPlan
 from harness.history import History, Operation, classify
 from harness.lockwatch import LockWatch
+from harness.nemesis import Nemesis, NemesisSpecError, parse_spec
 from harness.processes import ServiceProcess, service_env
 from harness.provider import Database, provide_postgres
 from harness.stats import LatencyHistogram, PathHistograms
@@ -154,6 +157,7 @@ class RunConfig:
     target_dsn: str | None = None  # a running target's own database, for the oracle
     gateway_url: str | None = None  # the fake gateway a running target talks to
     oracle_config: Path | None = None  # a team's own schema (TOML); default: the reference
+    nemesis: str | None = None  # faults during the trials: "gateway-errors:0.2,kill-backends:1"
     command: str = "payrace run"
     run_id: str = ""
 
@@ -194,6 +198,11 @@ class RunConfig:
             oracle_config(self)  # a bad file is a usage error before anything starts
         if self.hold_ms and self.mode != "forced":
             raise UsageError("--hold-ms is injected at the forced-mode pause; use --mode forced")
+        if self.nemesis is not None:
+            try:
+                parse_spec(self.nemesis)
+            except NemesisSpecError as exc:
+                raise UsageError(str(exc)) from exc
 
 
 def machine() -> dict[str, Any]:
@@ -316,6 +325,8 @@ class StrategyRun:
         # Trials that could not be carried out (the target refused to create an order, ...):
         # their payments were never raced, so a clean verdict is "unknown", not "valid".
         self.trial_errors: list[str] = []
+        self.nemesis: dict[str, Any] | None = None
+        self.redelivered = 0  # webhooks sent again after a 5xx (under the nemesis only)
 
 
 async def _fire(
@@ -395,7 +406,7 @@ async def run_trial(
     is_blocked: BlockedProbe,
 ) -> None:
     plan = generator.plan(trial)
-    order = await target.client.create_order(config.amount, "INR")
+    order = await _create_order(target, config.amount)
     payment = await asyncio.to_thread(gateway.authorize, order["gateway_order_id"])
     ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
     keys = GatewayKeys()
@@ -422,6 +433,8 @@ async def run_trial(
                 run.latency.record(kind, path, float(server[kind]))
         if "received_at_ns" in server:
             received.append(int(server["received_at_ns"]))
+    if config.nemesis:
+        await _redeliver(target, plan, reqs, replies, ctx, run)
     spread = (max(received) - min(received)) / 1e6 if len(received) > 1 else None
     if spread is not None and config.mode == "aligned":
         run.arrival.record_ms(spread)
@@ -429,6 +442,54 @@ async def run_trial(
     run.outcomes[trial] = TrialOutcome(
         trial, ctx.payment_id, payment["id"], spread, from_probes(captured), timeouts
     )
+
+
+REDELIVERIES = 3
+
+
+async def _redeliver(
+    target: Target,
+    plan: TrialPlan,
+    reqs: list[Prepared],
+    replies: list[Reply],
+    ctx: PaymentContext,
+    run: StrategyRun,
+) -> None:
+    """Razorpay delivers a webhook at least once: one answered with a 5xx, or not at all, is
+    sent again with the same event id, as Razorpay's retries would. Only under the nemesis,
+    whose faults make a retryable 503 the right answer; each redelivery is its own operation."""
+    for step, req, reply in zip(plan.steps, reqs, replies, strict=True):
+        attempt = 0
+        while req.f == "webhook" and (reply.status is None or reply.status >= 500):
+            if attempt == REDELIVERIES:
+                break
+            attempt += 1
+            await asyncio.sleep(0.01 * attempt)
+            value = {**req.value, "redelivery": attempt}
+            inv = run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, value)
+            reply = await target.client.send(req)
+            run.history.complete(
+                inv,
+                classify(reply.status),
+                value=reply.body,
+                status=reply.status,
+                error=reply.error,
+                server=reply.server(),
+            )
+            run.redelivered += 1
+
+
+async def _create_order(target: Target, amount: int, attempts: int = 5) -> dict[str, Any]:
+    """POST /orders, again after a 503 database_unavailable (a killed backend under the
+    nemesis): the answer says to retry, and the order is setup, not the race under test."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await target.client.create_order(amount, "INR")
+        except RuntimeError as exc:
+            if attempt == attempts or "database_unavailable" not in str(exc):
+                raise
+            await asyncio.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def fire_trials(
@@ -462,11 +523,14 @@ async def fire_trials(
                 run.trial_errors.append(f"trial {trial}: {type(exc).__name__}: {exc}")
             on_trial()
 
+    nemesis = Nemesis.from_spec(config.nemesis, gateway=gateway, dsn=oracle_url, seed=config.seed)
     started = time.perf_counter()
-    async with LockWatch(oracle_url) as watch:
+    async with LockWatch(oracle_url) as watch, nemesis:
         await asyncio.gather(*(guarded(t) for t in range(config.trials)))
     run.duration_s = time.perf_counter() - started
     run.server_side = watch.result.to_json()
+    if config.nemesis:
+        run.nemesis = {**nemesis.report(), "webhooks_redelivered": run.redelivered}
     return run
 
 
@@ -514,6 +578,7 @@ async def judge(
             "timeline": [e.to_json() for e in timeline],
         }
     duration = run.duration_s
+    faults = {"nemesis": run.nemesis} if run.nemesis is not None else {}
     return {
         "expected": DECLARED.get(run.strategy),
         "valid": valid,
@@ -529,6 +594,7 @@ async def judge(
         "server_side": run.server_side,
         "arrival_spread_ms": run.arrival.summary() if config.mode == "aligned" else None,
         "first_violation": first,
+        **faults,
         "_history": run.history,
     }
 

@@ -11,7 +11,8 @@ check its status, call the gateway's capture if the payment is only authorized, 
 payment, invoice and order in that order and commit. Taking the locks in one fixed order is
 what keeps two captures of different shapes from deadlocking. Serialisation failures
 (REPEATABLE READ / SERIALIZABLE) and deadlocks are retried, then answered with a retryable
-409 — never a 500 and never a lost capture.
+409; a lost database connection (a killed backend, a restarting server) is retried on a fresh
+connection, then answered with a retryable 503 — never a 500 and never a lost capture.
 """
 
 from __future__ import annotations
@@ -29,12 +30,22 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import probes, timing
-from service.errors import GatewayFailed, NotFound, Rejected, RetryLater
+from service.errors import (
+    GatewayFailed,
+    NotFound,
+    Rejected,
+    RetryLater,
+    connection_lost,
+    unavailable,
+)
 from service.gateway_client import GatewayClient, GatewayError
 from service.models import Invoice, Order, Payment, WebhookEvent
 from service.probes import pause
 
 RETRYABLE_SQLSTATES = {"40001": "serialization_failure", "40P01": "deadlock_detected"}
+# A transaction on a lost connection wrote nothing, so it is retried on a fresh one (the pool
+# discards the dead one); more than twice in one request means the database is going away.
+CONNECTION_RETRIES = 2
 
 
 _Row = TypeVar("_Row", Payment, Invoice, Order)
@@ -152,12 +163,20 @@ async def _retrying(
     runner: Runner, attempt_once: Callable[[Runner], Awaitable[CaptureResult]]
 ) -> CaptureResult:
     t = timing.current()
+    conflicts = lost = 0
     try:
-        for attempt in range(runner.retries + 1):
-            t.attempts = attempt + 1
+        while True:
+            t.attempts = conflicts + lost + 1
             try:
                 return await attempt_once(runner)
             except DBAPIError as exc:
+                if connection_lost(exc):
+                    # A gateway capture made in the lost attempt is in the request's
+                    # _GatewayMemo: the retry records it without calling the gateway again.
+                    if lost == CONNECTION_RETRIES:
+                        raise unavailable(t.attempts) from exc
+                    lost += 1
+                    continue
                 state = _sqlstate(exc)
                 if state == "23505":
                     # The only unique key a capture can hit is payments.gateway_payment_id:
@@ -168,15 +187,15 @@ async def _retrying(
                     ) from exc
                 if state not in RETRYABLE_SQLSTATES:
                     raise
-                if attempt == runner.retries:
+                if conflicts == runner.retries:
                     raise RetryLater(
                         f"concurrent update of this payment ({RETRYABLE_SQLSTATES[state]}) "
-                        f"persisted after {attempt + 1} attempts; retry the request",
+                        f"persisted after {conflicts + 1} attempts; retry the request",
                         sqlstate=state,
                     ) from exc
+                conflicts += 1
                 # A short, growing pause lets the winning transaction commit first.
-                await asyncio.sleep(0.002 * (attempt + 1))
-        raise AssertionError("unreachable")  # pragma: no cover
+                await asyncio.sleep(0.002 * conflicts)
     finally:
         probes.finish()
 
@@ -236,10 +255,13 @@ def _result(
 @dataclass
 class _GatewayMemo:
     """Survives the retries of one request: a capture the gateway accepted stays accepted
-    when PostgreSQL aborts the transaction (40001 at commit under SERIALIZABLE), so the retry
-    must record it, not capture again."""
+    when PostgreSQL aborts the transaction (40001 at commit under SERIALIZABLE, a killed
+    backend), so the retry must record it, not capture again. A capture the gateway failed
+    stays failed too: when the connection dies under the rollback of that attempt, the retry
+    answers the same failure instead of calling the gateway a second time."""
 
     captured: bool = False
+    failed: GatewayFailed | None = None
 
 
 async def capture(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
@@ -338,13 +360,15 @@ async def _write_capture(
 ) -> CaptureResult:
     strategy = runner.strategy
     if cmd.capture_at_gateway and not memo.captured:
+        if memo.failed is not None:
+            raise memo.failed
         await pause("gateway_called")
         try:
             await runner.gateway.capture(cmd.gateway_payment_id, order.amount, order.currency)
         except GatewayError as exc:
-            raise GatewayFailed(
-                str(exc), code="gateway_refused" if exc.refused else "gateway_error"
-            ) from exc
+            code = "gateway_refused" if exc.refused else "gateway_error"
+            memo.failed = GatewayFailed(str(exc), code=code)
+            raise memo.failed from exc
         memo.captured = True
     now = datetime.now(UTC)
     payment.status = "captured"

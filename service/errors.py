@@ -4,9 +4,14 @@
     ├── NotFound        404: unknown payment / order
     ├── Rejected        400: bad signature, amount or order mismatch, malformed body
     ├── RetryLater      409: serialisation failure after retries (safe to retry)
-    └── GatewayFailed   502: the gateway failed or refused; nothing was written
-install_handlers() maps validation errors (422), unknown routes (404/405) and, as a last
-resort, anything unexpected (500, logged) into the same shape.
+    ├── GatewayFailed   502: the gateway failed or refused; nothing was written
+    └── ServiceUnavailable  503: the database connection was lost (backend killed, server
+                            restarting); its transaction rolled back, retrying is safe
+connection_lost()  is this SQLAlchemy error a lost connection (57P01 admin shutdown, class 08,
+                   asyncpg's ConnectionDoesNotExistError / InterfaceError)?
+install_handlers() maps validation errors (422), unknown routes (404/405), a lost database
+connection outside the capture path (503) and, as a last resort, anything unexpected (500,
+logged) into the same shape.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from asyncpg.exceptions import ConnectionDoesNotExistError, InterfaceError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("service")
@@ -57,6 +64,47 @@ class GatewayFailed(ApiError):
     code = "gateway_error"
 
 
+class ServiceUnavailable(ApiError):
+    status = 503
+    code = "database_unavailable"
+
+
+def unavailable(attempts: int | None = None) -> ServiceUnavailable:
+    tried = f" ({attempts} attempts)" if attempts else ""
+    return ServiceUnavailable(
+        f"the database connection was lost{tried}; retry the request (captures are idempotent)"
+    )
+
+
+# SQLSTATEs of a connection PostgreSQL ended: pg_terminate_backend() is 57P01, a restarting
+# server 57P02 / 57P03; class 08 is every "connection exception".
+_CONNECTION_LOST_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """A DBAPIError meaning "the connection is gone", not "the statement was wrong".
+
+    The transaction it was in died with the backend; only a loss during COMMIT itself leaves
+    the outcome unknown, which an idempotent retry resolves."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    for cause in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str) and (
+            state in _CONNECTION_LOST_SQLSTATES or state.startswith("08")
+        ):
+            return True
+        # asyncpg: the socket closed mid-statement, or a statement on a closed connection.
+        # Other InterfaceErrors ("another operation is in progress") are bugs, not faults.
+        if isinstance(cause, ConnectionDoesNotExistError) or (
+            isinstance(cause, InterfaceError) and "connection is closed" in str(cause)
+        ):
+            return True
+    return False
+
+
 def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
 
@@ -69,8 +117,16 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if isinstance(exc, RetryLater) else None
+        retry = isinstance(exc, RetryLater | ServiceUnavailable)
+        headers = {"Retry-After": "1"} if retry else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        if not connection_lost(exc):
+            raise exc  # on to the last-resort handler: a 500, logged
+        log.info("database connection lost: %s", exc.orig)
+        return await _api(request, unavailable())
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -498,3 +498,89 @@ async def test_mark_failed_records_the_error_and_never_downgrades_a_capture(
     assert (failed.status, failed.idempotent, failed.invoice_status) == ("failed", False, "issued")
     assert (kept.status, kept.idempotent) == ("captured", True)
     assert audit.transitions(captured_paid.payment_id) == {"payments": 1, "invoices": 1}
+
+
+# -- a killed backend: retried on a fresh connection, else a retryable 503, never a 500 ---------
+
+
+class KillOwnBackend:
+    """Holds a request at `point` while PostgreSQL terminates that request's own backend
+    (the nemesis's kill-backends, aimed), then lets it run into the dead connection."""
+
+    def __init__(self, url: str, point: str, times: int) -> None:
+        self.url, self.point, self.times = url, point, times
+        self.killed: list[int] = []
+
+    async def reached(self, point: str, probe: probes.ProbeContext) -> None:
+        if point == self.point and len(self.killed) < self.times:
+            assert probe.backend_pid is not None
+            await asyncio.to_thread(self._terminate, probe.backend_pid)
+            self.killed.append(probe.backend_pid)
+
+    def _terminate(self, pid: int) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            # The timeout form waits until the backend has exited.
+            row = conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
+        assert row == (True,)
+
+    def finished(self, probe: probes.ProbeContext) -> None:
+        return None
+
+
+def stored_states(url: str, payment_id: int) -> tuple[str, str, str]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT p.status, i.status, o.status FROM payments p"
+            " JOIN invoices i ON i.payment_id = p.id JOIN orders o ON o.id = p.order_id"
+            " WHERE p.id = %s",
+            (payment_id,),
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+async def test_a_backend_killed_mid_capture_is_retried_on_a_fresh_connection(
+    service: Service, fake_gateway: FakeRazorpay, audit: Audit
+) -> None:
+    paid = await customer_pays(service, fake_gateway)
+    killer = KillOwnBackend(audit.url, "payment_written", times=1)
+
+    with probes.controlled(killer, "client") as probe:
+        response = await client_verify(service, paid)({})
+
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "captured"
+    assert len(killer.killed) == 1
+    # Two attempts on two backends; the gateway accepted the capture in the first, so the
+    # retry recorded it instead of capturing again.
+    assert [p for p, *_ in probe.points].count("payment_read") == 2
+    assert fake_gateway.capture_calls(paid.payment["id"]) == 1
+    assert audit.transitions(paid.payment_id) == {"payments": 1, "invoices": 1}
+    assert stored_states(audit.url, paid.payment_id) == ("captured", "paid", "paid")
+
+
+async def test_a_backend_killed_in_every_attempt_is_a_retryable_503_that_wrote_nothing(
+    service: Service, fake_gateway: FakeRazorpay, audit: Audit
+) -> None:
+    paid = await customer_pays(service, fake_gateway)
+    killer = KillOwnBackend(audit.url, "payment_written", times=99)
+
+    with probes.controlled(killer, "client"):
+        response = await client_verify(service, paid)({})
+
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    error = response.json()["error"]
+    assert error["code"] == "database_unavailable"
+    assert "retry" in error["message"]
+    assert len(killer.killed) == 3  # the first attempt and two retries, each on a new backend
+    assert len(set(killer.killed)) == 3
+    # Every attempt's UPDATE died with its backend: nothing partial is left behind.
+    assert audit.transitions(paid.payment_id) == {"payments": 0, "invoices": 0}
+    assert stored_states(audit.url, paid.payment_id) == ("pending", "issued", "created")
+    assert fake_gateway.capture_calls(paid.payment["id"]) == 1
+    # Razorpay's payment.captured webhook then records the capture the gateway accepted.
+    hook = await webhook(service, paid, "payment.captured")({})
+    assert hook.status_code == 200, hook.text
+    assert stored_states(audit.url, paid.payment_id) == ("captured", "paid", "paid")
+    assert fake_gateway.capture_calls(paid.payment["id"]) == 1

@@ -125,16 +125,26 @@ class Ops:
             status=status,
         )
 
-    def verify(self, payment: int, status: int | None = 200, answer: str = "captured") -> None:
+    def verify(
+        self,
+        payment: int,
+        status: int | None = 200,
+        answer: str = "captured",
+        code: str | None = None,
+    ) -> None:
         inv = self.invoke("verify", "client", payment, {"gateway_payment_id": f"pay_{payment}"})
         if status is None:
             self.done(inv, "info", None)
         elif status < 300:
             self.done(inv, "ok", status, {"status": answer, "idempotent": False})
         else:
-            code = {409: "retry_later", 500: "internal_error", 502: "gateway_refused"}.get(
-                status, "rejected"
-            )
+            default = {
+                409: "retry_later",
+                500: "internal_error",
+                502: "gateway_refused",
+                503: "database_unavailable",
+            }.get(status, "rejected")
+            code = code if code is not None else default
             kind = "fail" if status < 500 else "info"
             self.done(inv, kind, status, {"error": {"code": code, "message": "…"}})
 
@@ -419,6 +429,21 @@ def test_no_5xx_is_valid_when_every_answer_is_below_500() -> None:
     assert no_5xx(ops.ops, observation()).valid is True
 
 
+def test_no_5xx_accepts_a_handled_fault_but_not_a_crash() -> None:
+    handled = Ops()
+    handled.verify(1, status=503)  # database_unavailable: a killed backend, retry later
+    handled.verify(2, status=502, code="gateway_error")
+    result = no_5xx(handled.ops, observation())
+    assert (result.valid, result.count, result.checked) == (True, 0, 2)
+    assert "2 deliberate 5xx" in result.note
+    for status, code in ((500, "internal_error"), (500, "database_unavailable"), (503, "oops")):
+        crashed = Ops()
+        crashed.verify(1, status=503)
+        crashed.verify(2, status=status, code=code)
+        result = no_5xx(crashed.ops, observation())
+        assert (result.valid, result.count, result.payments) == (False, 1, {2}), (status, code)
+
+
 # -- no_deadlock ---------------------------------------------------------------------------
 
 
@@ -445,15 +470,17 @@ def test_error_classes_tabulates_and_accepts_documented_classes() -> None:
     ops.verify(2, status=409)
     ops.verify(3, status=502)
     ops.verify(4, status=None)
+    ops.verify(5, status=503)
     ops.webhook(1)
     result = error_classes(ops.ops, observation())
-    assert (result.valid, result.count, result.checked) == (True, 0, 6)
+    assert (result.valid, result.count, result.checked) == (True, 0, 7)
     assert result.first is not None
     table = {(c["f"], c["status"], c["code"]): c["count"] for c in result.first["classes"]}
     assert table == {
         ("verify", 200, None): 2,
         ("verify", 409, "retry_later"): 1,
         ("verify", 502, "gateway_refused"): 1,
+        ("verify", 503, "database_unavailable"): 1,
         ("verify", None, None): 1,
         ("webhook", 200, None): 1,
     }
