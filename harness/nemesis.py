@@ -4,8 +4,8 @@
     Fault           one parsed `name:parameter`
     parse_spec()    "gateway-errors:0.2,gateway-latency:50,kill-backends:0.5" -> [Fault];
                     a bad spec raises NemesisSpecError naming the valid forms
-    GatewayKnobs    the fake gateway's latency / failure knobs and counters: the in-process
-                    FakeRazorpay itself, or RemoteKnobs (POST /_fake/knobs) for another process
+    (the gateway's knobs are turned through harness.client.GatewayControl: LocalGateway
+    for an in-process fake, RemoteGateway for one in another process)
     Nemesis         async context manager: faults on at enter; at exit the killer stops and the
                     knobs are restored; report() says what was injected
     BackendKiller   every SECONDS, pg_terminate_backend() of one seeded-random client backend of
@@ -29,13 +29,11 @@ import contextlib
 import random
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
-import httpx
 
-from harness.client import GatewayControl, LocalGateway, RemoteGateway
-from harness.gateway import FakeRazorpay
+from harness.client import GatewayControl
 
 # Harness connections name themselves `payrace-…` (oracle.py); killing one would break the
 # observer, not the system under test.
@@ -107,63 +105,6 @@ def parse_spec(spec: str) -> list[Fault]:
             raise NemesisSpecError(f"--nemesis names {name} twice; give each fault once")
         faults.append(Fault(name, value))
     return faults
-
-
-class GatewayKnobs(Protocol):
-    def knobs(self) -> dict[str, float]: ...
-
-    def set_knobs(
-        self,
-        *,
-        latency_s: float | None = None,
-        capture_latency_s: float | None = None,
-        fail_rate: float | None = None,
-    ) -> dict[str, float]: ...
-
-    def counters(self) -> dict[str, dict[str, int]]: ...
-
-
-class RemoteKnobs:
-    """A fake gateway in another process (`payrace gateway`), through its /_fake endpoints."""
-
-    def __init__(self, http: httpx.Client) -> None:
-        self.http = http
-
-    def _json(self, response: httpx.Response) -> Any:
-        response.raise_for_status()
-        return response.json()
-
-    def knobs(self) -> dict[str, float]:
-        doc: dict[str, float] = self._json(self.http.get("/_fake/knobs"))
-        return doc
-
-    def set_knobs(
-        self,
-        *,
-        latency_s: float | None = None,
-        capture_latency_s: float | None = None,
-        fail_rate: float | None = None,
-    ) -> dict[str, float]:
-        body = {"latency_s": latency_s, "capture_latency_s": capture_latency_s}
-        body["fail_rate"] = fail_rate
-        sent = {k: v for k, v in body.items() if v is not None}
-        doc: dict[str, float] = self._json(self.http.post("/_fake/knobs", json=sent))
-        return doc
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        doc: dict[str, dict[str, int]] = self._json(self.http.get("/_fake/counters"))
-        return doc
-
-
-def gateway_knobs(gateway: GatewayControl | GatewayKnobs) -> GatewayKnobs:
-    """The knobs behind what the runner holds (LocalGateway / RemoteGateway) or a fake."""
-    if isinstance(gateway, LocalGateway):
-        return gateway.fake
-    if isinstance(gateway, RemoteGateway):
-        return RemoteKnobs(gateway.http)
-    if isinstance(gateway, FakeRazorpay | RemoteKnobs):
-        return gateway
-    raise TypeError(f"cannot turn the knobs of {type(gateway).__name__}")
 
 
 # Client backends of this database inside a transaction: idle in one (a request held between
@@ -242,7 +183,7 @@ class Nemesis:
         self,
         faults: list[Fault],
         *,
-        gateway: GatewayControl | GatewayKnobs | None = None,
+        gateway: GatewayControl | None = None,
         dsn: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -256,7 +197,7 @@ class Nemesis:
             raise ValueError("gateway faults need the fake gateway")
         if self._kill_every is not None and dsn is None:
             raise ValueError("kill-backends needs the target's database (a DSN)")
-        self._knobs = gateway_knobs(gateway) if gateway is not None and gateway_faults else None
+        self._knobs = gateway if gateway is not None and gateway_faults else None
         self._killer = (
             BackendKiller(dsn, self._kill_every, random.Random(seed))
             if dsn is not None and self._kill_every is not None

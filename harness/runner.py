@@ -418,15 +418,7 @@ async def run_trial(
         timeouts += _pauses_over_http(replies)
     received: list[int] = []
     for step, inv, reply in zip(plan.steps, invokes, replies, strict=True):
-        server = reply.server()
-        run.history.complete(
-            inv,
-            classify(reply.status),
-            value=reply.body,
-            status=reply.status,
-            error=reply.error,
-            server=server,
-        )
+        server = _complete(run, inv, reply)
         path = "client" if step.kind == "verify" else "webhook"
         for kind in ("lock", "hold"):
             if kind in server:
@@ -442,6 +434,20 @@ async def run_trial(
     run.outcomes[trial] = TrialOutcome(
         trial, ctx.payment_id, payment["id"], spread, from_probes(captured), timeouts
     )
+
+
+def _complete(run: StrategyRun, invoke: Operation, reply: Reply) -> dict[str, Any]:
+    """Record the answer to `invoke`; return what the target said about itself."""
+    server = reply.server()
+    run.history.complete(
+        invoke,
+        classify(reply.status),
+        value=reply.body,
+        status=reply.status,
+        error=reply.error,
+        server=server,
+    )
+    return server
 
 
 REDELIVERIES = 3
@@ -468,14 +474,7 @@ async def _redeliver(
             value = {**req.value, "redelivery": attempt}
             inv = run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, value)
             reply = await target.client.send(req)
-            run.history.complete(
-                inv,
-                classify(reply.status),
-                value=reply.body,
-                status=reply.status,
-                error=reply.error,
-                server=reply.server(),
-            )
+            _complete(run, inv, reply)
             run.redelivered += 1
 
 

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 
+from harness.client import LocalGateway, RemoteGateway
 from harness.gateway import FakeRazorpay, GatewayKeys, GatewayServer
-from harness.nemesis import Fault, Nemesis, NemesisSpecError, RemoteKnobs, parse_spec
+from harness.nemesis import Fault, Nemesis, NemesisSpecError, parse_spec
 from harness.provider import Database
 from harness.runner import RunConfig, UsageError, run
 
@@ -78,7 +78,7 @@ def test_run_config_turns_a_bad_spec_into_a_usage_error() -> None:
 async def test_gateway_faults_are_on_inside_the_block_and_restored_after() -> None:
     fake = FakeRazorpay(GatewayKeys(), capture_latency_s=0.001)
     before = fake.knobs()
-    nemesis = Nemesis(parse_spec("gateway-errors:1,gateway-latency:20"), gateway=fake)
+    nemesis = Nemesis(parse_spec("gateway-errors:1,gateway-latency:20"), gateway=LocalGateway(fake))
     async with nemesis:
         assert fake.knobs() == {**before, "fail_rate": 1.0, "capture_latency_s": 0.02}
     assert fake.knobs() == before
@@ -91,10 +91,14 @@ async def test_gateway_faults_are_on_inside_the_block_and_restored_after() -> No
 
 async def test_a_remote_gateway_is_driven_through_its_knobs_endpoint() -> None:
     fake = FakeRazorpay(GatewayKeys())
-    with GatewayServer(fake) as server, httpx.Client(base_url=server.url) as http:
-        async with Nemesis(parse_spec("gateway-errors:0.5"), gateway=RemoteKnobs(http)):
-            assert fake.knobs()["fail_rate"] == 0.5
-        assert fake.knobs()["fail_rate"] == 0.0
+    with GatewayServer(fake) as server:
+        remote = RemoteGateway(server.url)
+        try:
+            async with Nemesis(parse_spec("gateway-errors:0.5"), gateway=remote):
+                assert fake.knobs()["fail_rate"] == 0.5
+            assert fake.knobs()["fail_rate"] == 0.0
+        finally:
+            remote.close()
 
 
 # -- kill-backends -----------------------------------------------------------------------------
