@@ -258,6 +258,7 @@ def explore_command(
     scenario: Annotated[Path | None, typer.Option(help="TOML scenario file")] = None,
     dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
     out: Annotated[Path, typer.Option()] = Path("reports"),
+    durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
 ) -> None:
     """Every schedule of the pause points of concurrent requests, judged by the oracle."""
     from harness.explore import explore_main
@@ -274,6 +275,7 @@ def explore_command(
         dsn=dsn,
         out_dir=out,
         console=console,
+        durable=durable,
     )
     raise typer.Exit(code)
 
@@ -292,6 +294,7 @@ def load_command(
         str, typer.Option(help="race_pairs | webhook_storm | mixed, a path, or a comma list")
     ] = "race_pairs",
     out: Annotated[Path, typer.Option()] = Path("reports"),
+    durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
 ) -> None:
     """Start PostgreSQL, the fake gateway and the service; run Locust headless; judge."""
     from harness.load import load_main
@@ -308,6 +311,7 @@ def load_command(
         out_dir=out,
         console=console,
         extra_args=list(ctx.args),
+        durable=durable,
     )
     raise typer.Exit(code)
 

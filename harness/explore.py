@@ -564,6 +564,7 @@ def explore_main(
     dsn: str | None,
     out_dir: Path,
     console: Console,
+    durable: bool = False,
 ) -> int:
     """`payrace explore`: 0 clean (or as the scenario expects), 1 violation, 2 usage or
     infrastructure error (the message says what to do)."""
@@ -604,7 +605,9 @@ def explore_main(
         progress.update(task, advance=1, found=f"{found['waiting']} waited")
 
     try:
-        with provide_postgres(dsn, announce=lambda line: console.print(Text(line))) as db:
+        with provide_postgres(
+            dsn, durable=durable, announce=lambda line: console.print(Text(line))
+        ) as db:
             fake = FakeRazorpay(GatewayKeys(), seed=seed)
             with GatewayServer(fake) as server, progress:
                 result = asyncio.run(

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypedDict, Unpack
+from typing import Any, NotRequired, TypedDict, Unpack
 
 import psycopg
 from rich.console import Console
@@ -122,6 +122,7 @@ class LoadArgs(TypedDict):
     locustfile: str
     out_dir: Path
     extra_args: Sequence[str]  # handed to Locust as they are
+    durable: NotRequired[bool]  # keep fsync/synchronous_commit on a throwaway cluster
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class LoadPlan:
     run_id: str
     command: str
     extra_args: list[str]
+    durable: bool = False
 
     @classmethod
     def build(
@@ -156,6 +158,7 @@ class LoadPlan:
         locustfile: str,
         out_dir: Path,
         extra_args: Sequence[str],
+        durable: bool = False,
     ) -> LoadPlan:
         if strategy not in DECLARED:
             raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(DECLARED)}")
@@ -191,6 +194,7 @@ class LoadPlan:
             run_id=run_id,
             command=shlex.join(args),
             extra_args=list(extra_args),
+            durable=durable,
         )
 
     def locust_cmd(self, host: str, master_port: int | None = None) -> list[str]:
@@ -257,7 +261,7 @@ def _run(plan: LoadPlan, console: Console) -> int:
         console.out(line, highlight=False)
 
     with ExitStack() as stack:
-        db = stack.enter_context(provide_postgres(plan.dsn, announce=say))
+        db = stack.enter_context(provide_postgres(plan.dsn, durable=plan.durable, announce=say))
         gateway = stack.enter_context(GatewayServer(FakeRazorpay(GatewayKeys())))
         env = {**service_env(db, gateway.url, plan.strategy), **plan.service_pool()}
         service = stack.enter_context(
