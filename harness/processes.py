@@ -35,6 +35,7 @@ from typing import IO, TYPE_CHECKING, Any
 import httpx
 import psycopg
 
+from harness import watchdog
 from harness.provider import Database
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def stop_process(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=timeout_s)
+        watchdog.release_group(proc.pid)
 
 
 def wait_until_answers(
@@ -178,6 +180,7 @@ class ServiceProcess:
         finally:
             if self.log_path and not isinstance(log, int):
                 log.close()
+        watchdog.guard_group(self.proc.pid)
         try:
             wait_until_answers(
                 self.url,
@@ -239,6 +242,7 @@ class LocustProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        watchdog.guard_group(self.proc.pid)
         assert self.proc.stdout is not None
         self._reader = threading.Thread(
             target=self._tee, args=(self.proc.stdout,), name="payrace-locust-log", daemon=True

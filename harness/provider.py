@@ -38,6 +38,8 @@ from urllib.parse import parse_qs, quote, urlsplit
 import psycopg
 from psycopg import sql
 
+from harness import watchdog
+
 Route = Literal["dsn", "docker", "embedded"]
 
 ENV_VAR = "PAYRACE_DATABASE_URL"
@@ -269,6 +271,8 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
         )
         hint = f"read the server log at {pgdata / 'log'}"
         version, fast = _wait_until_answers(url, within=30.0, hint=hint)
+        # pg_ctl detached the postmaster: if payrace is killed outright, the guardian stops it.
+        watchdog.guard_cluster(workdir)
         yield Database(url, "embedded", version, fast)
     finally:
         if server is not None:
@@ -286,6 +290,7 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
             if not workdir.exists() or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+        watchdog.release_cluster(workdir)
 
 
 def _wait_until_answers(url: str, *, within: float, hint: str) -> tuple[str, bool]:
