@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
-import psutil
 import pytest
+from marked_run import cleared, cmdline, gone, marked_run
 
 from harness.provider import Database
 
@@ -91,71 +88,11 @@ def test_an_interrupted_run_stops_everything_it_started(
 ) -> None:
     """Ctrl-C or a CI runner's SIGTERM mid-run: the embedded PostgreSQL and the uvicorn
     service are gone afterwards, and the exit code says it was interrupted."""
-    # Every process this run starts inherits the marker (pg_ctl's postmaster too, which is
-    # not our child), so other payrace runs on the machine cannot be mistaken for ours.
-    marker = f"interrupt-{uuid.uuid4().hex}"
-    env = {k: v for k, v in os.environ.items() if k != "PAYRACE_DATABASE_URL"}
-    env["PAYRACE_TEST_MARKER"] = marker
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "run", "--target", "http", "--trials", "5000",
-         "--quiet", "--out", str(tmp_path)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    started: list[psutil.Process] = []
-    stderr = ""
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            started = marked(marker, exclude=proc.pid)
-            names = " ".join(cmdline(p) for p in started)
-            if "uvicorn" in names and "postgres" in names:
-                break
-            time.sleep(0.2)
-        names = " ".join(cmdline(p) for p in started)
-        assert "uvicorn" in names and "postgres" in names, "service or PostgreSQL never started"
-        clusters = {Path(a).parent for a in names.split() if a.endswith("pgdata")}
-        time.sleep(1.0)  # let trials run, so the interrupt lands mid-run
-        proc.send_signal(signum)
-        _, stderr = proc.communicate(timeout=90)
-        assert proc.returncode == 130, stderr
+    with marked_run(tmp_path) as run:
+        run.proc.send_signal(signum)
+        _, stderr = run.proc.communicate(timeout=90)
+        assert run.proc.returncode == 130, stderr
         assert "interrupted" in stderr
         assert "Traceback" not in stderr
-        assert all(gone(p.pid) for p in started), [cmdline(p) for p in started]
-        assert clusters and not any(c.exists() for c in clusters)
-    finally:
-        # A failing run must not leak what payrace failed to stop into the rest of the suite.
-        if proc.poll() is None:
-            proc.kill()
-        for leftover in marked(marker, exclude=proc.pid):
-            with contextlib.suppress(psutil.Error):
-                leftover.kill()
-
-
-def cmdline(p: psutil.Process) -> str:
-    try:
-        return " ".join(p.cmdline())
-    except psutil.Error:  # short-lived (pg_ctl) or already gone
-        return ""
-
-
-def marked(marker: str, exclude: int) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if p.pid != exclude and p.environ().get("PAYRACE_TEST_MARKER") == marker:
-                found.append(p)
-    return found
-
-
-def gone(pid: int, within_s: float = 5.0) -> bool:
-    """Not running: exited (a zombie until this machine's init reaps it counts as exited)."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.1)
-    return False
+        assert all(gone(p.pid) for p in run.started), [cmdline(p) for p in run.started]
+        assert run.clusters and cleared(run.clusters, within_s=0)
