@@ -2,7 +2,9 @@
 
     free_port()            a loopback port nobody listens on right now
     stop_process()         signal the whole group (SIGTERM, or the given signals in turn), wait,
-                           then SIGKILL what is left, also after a second Ctrl-C
+                           then SIGKILL what is left, also after a second Ctrl-C, and wait
+                           until the group has no living member
+    group_members(), wait_for_group()   the living members of a process group
     wait_until_answers()   GET a URL until it answers 200; fails at once when the server stopped,
                            and on timeout says what it saw last
     service_env()          the reference service's environment for one database and gateway
@@ -73,7 +75,37 @@ def stop_process(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=timeout_s)
+        # SIGKILL is delivered at once but a process takes a moment to tear down, and the
+        # members that are not our children are not reaped by the wait above: return only
+        # when they are gone, so nothing payrace started is still running after it says so.
+        wait_for_group(proc.pid, timeout_s)
         watchdog.release_group(proc.pid)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the living members of process group `pgid` (zombies are done running)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
+                rest = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited between listing and reading
+        if int(rest[2]) == pgid and rest[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+def wait_for_group(pgid: int, timeout_s: float) -> bool:
+    """Wait until no living process is left in group `pgid`; False if some outlast the bound."""
+    deadline = time.monotonic() + timeout_s
+    while group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def wait_until_answers(

@@ -14,6 +14,7 @@ normal exit, is nothing. No polling, no timing guess: end of file is the signal.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -26,13 +27,15 @@ from typing import IO
 
 _lock = threading.Lock()
 _pipe: int | None = None  # write end of the guardian's stdin; closed by the kernel at our exit
+_guardian: tuple[int, int] | None = None  # (guardian pid, pid of the process that started it)
 
 
 def _spawn() -> int:
+    global _guardian
     read, write = os.pipe()  # both close-on-exec: no later child can keep the pipe open
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
-        os.posix_spawn(
+        pid = os.posix_spawn(
             sys.executable,
             [sys.executable, "-m", "harness.watchdog"],
             os.environ,
@@ -47,6 +50,8 @@ def _spawn() -> int:
     finally:
         os.close(read)
         os.close(devnull)
+    _guardian = (pid, os.getpid())
+    atexit.register(_dismiss)
     # No Popen object and no file object on purpose: the guardian is meant to outlive this
     # process, and either would warn at interpreter exit about something left running.
     return write
@@ -64,6 +69,32 @@ def _send(line: str, *, start: bool = True) -> None:
         except BrokenPipeError:  # the guardian is gone; start another for what follows
             os.close(_pipe)
             _pipe = None
+
+
+def _dismiss(timeout_s: float = 30.0) -> None:
+    """At a normal exit: close the pipe and wait for the guardian to finish, so that no
+    process payrace started outlives it, the guardian included (a test checks exactly that,
+    and a guardian still exiting a few milliseconds after payrace would fail it)."""
+    global _pipe, _guardian
+    with _lock:
+        if _guardian is None or _guardian[1] != os.getpid():  # a forked child: not ours
+            return
+        pid, _ = _guardian
+        _guardian = None
+        if _pipe is not None:
+            os.close(_pipe)
+            _pipe = None
+    # After a normal exit nothing is registered and this is quick; the bound is for a
+    # guardian stopping leftovers (at most 5 s per group, 10 s per cluster).
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # already reaped
+            return
+        if done:
+            return
+        time.sleep(0.01)
 
 
 def guard_group(pgid: int) -> None:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +27,13 @@ from harness.processes import (
     LocustProcess,
     ServiceProcess,
     free_port,
+    group_members,
     in_group,
     postmaster_pid,
     read_procs,
     service_env,
     stop_process,
+    wait_for_group,
     wait_until_answers,
 )
 from harness.provider import Database
@@ -45,23 +48,6 @@ def group_gone(pgid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
-
-
-def running_in_group(pgid: int) -> list[int]:
-    """Members of the group that are not zombies."""
-    pids = []
-    for entry in PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
-        state, _ppid, pgrp = stat.rpartition(")")[2].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 def settles(condition: Callable[[], bool], within_s: float = 5.0) -> bool:
@@ -143,9 +129,9 @@ def test_service_with_workers_leaves_no_worker_running(pg: Database, gateway_url
     with ServiceProcess(service_env(pg, gateway_url, "for_update"), workers=2) as svc:
         assert svc.proc is not None
         pid = svc.proc.pid
-        assert len(running_in_group(pid)) >= 3  # the supervisor and two workers
+        assert len(group_members(pid)) >= 3  # the supervisor and two workers
         assert httpx.get(f"{svc.url}/healthz", timeout=5).status_code == 200
-    assert running_in_group(pid) == []
+    assert group_members(pid) == []
 
 
 def spawn(code: str) -> subprocess.Popen[bytes]:
@@ -183,15 +169,32 @@ def test_stop_process_stops_children_left_behind_by_an_exited_leader() -> None:
     proc.wait(timeout=10)
     proc.stdout.close()
     try:
-        assert running_in_group(proc.pid) == [child]
+        assert group_members(proc.pid) == [child]
         stop_process(proc, timeout_s=2)
-        deadline = time.monotonic() + 5
-        while running_in_group(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert running_in_group(proc.pid) == []
+        # At once, not eventually: stop_process returns when the group has no one left.
+        assert group_members(proc.pid) == []
     finally:
-        if child in running_in_group(proc.pid):  # the test failed: do not leave it behind
+        if child in group_members(proc.pid):  # the test failed: do not leave it behind
             os.kill(child, signal.SIGKILL)
+
+
+@needs_proc
+def test_wait_for_group_waits_for_the_last_member_and_gives_up_at_the_bound() -> None:
+    proc = spawn("import time; print('ready', flush=True); time.sleep(60)")
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    try:
+        assert group_members(proc.pid) == [proc.pid]
+        started = time.monotonic()
+        assert wait_for_group(proc.pid, timeout_s=0.3) is False
+        assert time.monotonic() - started >= 0.3
+        threading.Timer(0.2, proc.kill).start()
+        assert wait_for_group(proc.pid, timeout_s=10) is True
+        assert group_members(proc.pid) == []
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def test_stop_process_on_a_process_that_is_already_gone_is_quiet() -> None:
@@ -289,8 +292,8 @@ def test_stopping_locust_kills_its_whole_group_even_when_it_ignores_signals(
     )
     with locust:
         assert settles(lambda: "ready" in lines, within_s=10)
-        assert len(running_in_group(locust.pid)) == 2  # the master and its forked worker
-    assert settles(lambda: running_in_group(locust.pid) == [])
+        assert len(group_members(locust.pid)) == 2  # the master and its forked worker
+    assert settles(lambda: group_members(locust.pid) == [])
     assert locust.proc is not None and locust.proc.returncode == -signal.SIGKILL
     assert (tmp_path / "locust.log").read_text() == "ready\n"
 

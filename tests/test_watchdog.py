@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 from marked_run import cleared, cmdline, gone, marked_run
 
 from harness.watchdog import serve
@@ -55,3 +57,27 @@ def test_a_killed_payrace_leaves_neither_service_nor_postgresql(tmp_path: Path) 
         survivors = [p for p in run.started if "harness.watchdog" not in cmdline(p)]
         assert all(gone(p.pid, within_s=20) for p in survivors), [cmdline(p) for p in survivors]
         assert run.clusters and cleared(run.clusters)
+
+
+def test_a_normal_exit_waits_for_the_guardian_so_nothing_outlives_payrace() -> None:
+    """The guarded group ignores SIGTERM, so the guardian needs its 5 s before SIGKILL: a
+    payrace that did not wait for it would exit while the guardian is still running."""
+    stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 300"], start_new_session=True)
+    script = (
+        "import os; from harness import watchdog\n"
+        f"watchdog.guard_group({stubborn.pid})\n"
+        "print(watchdog._guardian[0], flush=True)\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        )
+        guardian = int(done.stdout.strip())
+        # Right after the exit, not eventually: the guardian and what it stopped are gone.
+        assert not psutil.pid_exists(guardian) or psutil.Process(guardian).status() == "zombie"
+        stubborn.wait(timeout=1)
+        assert stubborn.returncode == -signal.SIGKILL
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
+            stubborn.wait()
