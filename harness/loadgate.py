@@ -17,8 +17,10 @@ by hand; see locustfiles/README.md. harness.load starts the stack and Locust aro
 
 The gate judges what the database and the gateway saw, not what Locust saw: the oracle's
 audit rows (a second transaction writing captured is a double capture even when the final
-state looks right) and the fake gateway's capture counters. Locust's failure counts and the
-deadlock counter are reported beside the verdict but do not decide it.
+state looks right) and the fake gateway's capture counters. The one thing it takes from the
+load side is the target's own 5xx answers (no_5xx: a crash under load fails the run too).
+Locust's failure counts and the deadlock counter are reported beside the verdict but do not
+decide it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import socket
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,16 +55,37 @@ ENV_RUN_ID = "PAYRACE_RUN_ID"
 ENV_COMMAND = "PAYRACE_COMMAND"
 ENV_SEED = "PAYRACE_SEED"
 
-# The invariants the gate decides on. no_5xx and error_classes read a full history, which a
-# load run does not keep (Locust's failure table is the load run's error classes); a zero
-# deadlock delta cannot settle while the service's pool is open (see harness.oracle).
+# The invariants the gate decides on. no_5xx reads the target's 5xx answers, which every
+# Locust process ships to the master (a crash under load fails the run like a double
+# capture). error_classes reads a full history, which a load run does not keep (Locust's
+# failure table is the load run's error classes); a zero deadlock delta cannot settle while
+# the service's pool is open (see harness.oracle).
 GATE_CHECKERS: tuple[checker.Checker, ...] = (
     checker.single_capture_write,
     checker.single_invoice_paid,
     checker.single_order_paid,
     checker.gateway_capture_once,
     checker.no_lost_capture,
+    checker.no_5xx,
 )
+# 5xx answers kept as examples, per kind (crash or handled fault), per report and on the
+# master; the counts are always complete.
+_EXAMPLES_KEPT = 25
+
+
+def is_crash(status: int, code: str | None) -> bool:
+    """As checker.no_5xx judges a 5xx: a 500, or no deliberate error code."""
+    return status == 500 or code not in checker.DELIBERATE_CODES
+
+
+def keep(examples: list[list[Any]], entry: list[Any]) -> None:
+    """Append [f, status, code, payment] unless _EXAMPLES_KEPT of its kind are there: a flood
+    of handled faults must not crowd out the one crash that decides the gate."""
+    crash = is_crash(entry[1], entry[2])
+    if sum(is_crash(e[1], e[2]) == crash for e in examples) < _EXAMPLES_KEPT:
+        examples.append(entry)
+
+
 # Histogram kind of the arrival spread: how far apart the service received the requests of
 # one race that were released together (its own X-Payrace-Received-At stamps).
 SPREAD = "arrival_spread"
@@ -123,11 +146,23 @@ class LoadTally:
     failures: int = 0
     payments: list[list[Any]] = field(default_factory=list)  # [payment id, gateway id | None]
     confirmed: list[list[Any]] = field(default_factory=list)  # [payment id, f, event | None]
+    answered: int = 0  # answers from the target (the fake gateway's are not counted)
+    server_errors: int = 0  # of which 5xx
+    crashes: int = 0  # of which a 500, or a 5xx without a deliberate error code
+    server_error_examples: list[list[Any]] = field(default_factory=list)  # [f, status, code, pid]
     _confirmed_ids: set[int] = field(default_factory=set)
 
     def request(self, failed: bool) -> None:
         self.requests += 1
         self.failures += failed
+
+    def answer(self, f: str, status: int, code: str | None, payment_id: int | None) -> None:
+        """The target answered `f` with `status`; a 5xx is kept for the gate's no_5xx."""
+        self.answered += 1
+        if status >= 500:
+            self.server_errors += 1
+            self.crashes += is_crash(status, code)
+            keep(self.server_error_examples, [f, status, code, payment_id])
 
     def timing(self, kind: str, path: str, ms: float) -> None:
         if ms >= 0:
@@ -150,11 +185,15 @@ class LoadTally:
             "failures": self.failures,
             "payments": self.payments,
             "confirmed": self.confirmed,
+            "answered": self.answered,
+            "server_errors": self.server_errors,
+            "crashes": self.crashes,
+            "server_error_examples": self.server_error_examples,
             "hdr": self.hist.encode(),
         }
         self.hist = PathHistograms()
-        self.requests = self.failures = 0
-        self.payments, self.confirmed = [], []
+        self.requests = self.failures = self.answered = self.server_errors = self.crashes = 0
+        self.payments, self.confirmed, self.server_error_examples = [], [], []
         # _confirmed_ids stays: a later answer about the same payment is not news.
         return data
 
@@ -188,6 +227,10 @@ class LoadRun:
     workers: dict[str, WorkerTotals] = field(default_factory=dict)
     payments: dict[int, str | None] = field(default_factory=dict)
     confirmed: dict[int, tuple[str, str | None]] = field(default_factory=dict)
+    answered: int = 0
+    server_errors: int = 0
+    crashes: int = 0
+    server_error_examples: list[list[Any]] = field(default_factory=list)
     baseline: oracle.Baseline | None = None
     problems: list[str] = field(default_factory=list)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -205,6 +248,13 @@ class LoadRun:
             self.payments[int(payment_id)] = gateway_payment_id
         for payment_id, f, event in data["confirmed"]:
             self.confirmed.setdefault(int(payment_id), (str(f), event))
+        # .get: a worker running an older locustfile sends no answers; the gate still works.
+        self.answered += int(data.get("answered", 0))
+        self.server_errors += int(data.get("server_errors", 0))
+        self.crashes += int(data.get("crashes", 0))
+        for f, status, code, payment_id in data.get("server_error_examples", []):
+            pid = None if payment_id is None else int(payment_id)
+            keep(self.server_error_examples, [str(f), int(status), code, pid])
         self.hist.merge(PathHistograms.decode(data["hdr"]))
 
     def prepare(self) -> None:
@@ -218,8 +268,9 @@ class LoadRun:
         self.baseline = oracle.baseline(url)
 
     def ops(self) -> list[Operation]:
-        """The little history the checkers need: who owns which gateway payment, and which
-        payments the target confirmed as captured (no_lost_capture's evidence)."""
+        """The little history the checkers need: who owns which gateway payment, which
+        payments the target confirmed as captured (no_lost_capture's evidence), and the
+        target's 5xx answers (no_5xx's)."""
         out: list[Operation] = []
 
         def add(**fields: Any) -> None:
@@ -234,7 +285,22 @@ class LoadRun:
             add(type="invoke", f=f, process=process, payment=payment_id, value={"event": event})
             done = {"status": "captured", "event": event}
             add(type="ok", f=f, process=process, payment=payment_id, value=done, status=200)
+        for f, status, code, payment_id in self.server_error_examples:
+            error = {"error": {"code": code}} if code else {}
+            add(type="info", f=f, process="locust", payment=payment_id, value=error, status=status)
         return out
+
+    def _no_5xx_in_full(self, result: checker.CheckResult) -> checker.CheckResult:
+        """no_5xx saw the examples the workers kept; say what it stands for: every answer."""
+        kept = len(self.server_error_examples)
+        note = (
+            f"{self.answered} answer(s) from the target, {self.server_errors} of them 5xx, "
+            f"{self.crashes} crash(es)"
+        )
+        if self.server_errors > kept:
+            note += f"; {kept} kept as examples"
+        count = max(result.count, self.crashes)
+        return replace(result, count=count, checked=self.answered, note=note)
 
     def finish(self, *, host: str, locust: Mapping[str, Any], window_s: float) -> dict[str, Any]:
         """Wait for the target to go quiet, observe, check, write the reports; the summary."""
@@ -322,6 +388,8 @@ class LoadRun:
             gateway_payment_ids=[g for g in self.payments.values() if g],
         )
         verdict = checker.check(self.ops(), obs, checkers=GATE_CHECKERS)
+        if "no_5xx" in verdict.results:
+            verdict.results["no_5xx"] = self._no_5xx_in_full(verdict.results["no_5xx"])
         captured = obs.config.payments.done_value
         captures = sum(1 for s in obs.payments.values() if s.status == captured)
         first = None

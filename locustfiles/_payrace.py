@@ -112,13 +112,23 @@ def _json(response: Any) -> Any:
         return None
 
 
+def _code(body: Any) -> str | None:
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
 def _failure(response: Any, body: Any) -> str:
     """One failure row per class (status + error code), not per payment."""
     if not response.status_code:
         return f"no answer: {type(response.error).__name__ if response.error else 'unknown'}"
-    error = body.get("error") if isinstance(body, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    return f"{response.status_code} {code or 'no error code'}"
+    return f"{response.status_code} {_code(body) or 'no error code'}"
+
+
+def _answered(f: str, response: Any, body: Any, payment_id: int | None) -> None:
+    """Tell the gate the target answered (a 5xx decides its no_5xx); no answer is Locust's."""
+    if response.status_code:
+        TALLY.answer(f, int(response.status_code), _code(body), payment_id)
 
 
 class PayraceUser(FastHttpUser):
@@ -145,6 +155,7 @@ class PayraceUser(FastHttpUser):
             catch_response=True,
         ) as resp:
             body = _json(resp)
+            _answered("create_order", resp, body, None)
             if resp.status_code != 201 or not isinstance(body, dict) or "payment_id" not in body:
                 resp.failure(_failure(resp, body))
                 return None
@@ -174,6 +185,7 @@ class PayraceUser(FastHttpUser):
             f"/payments/{payment_id}", name="/payments/[id]", catch_response=True
         ) as resp:
             body = _json(resp)
+            _answered("read", resp, body, payment_id)
             if resp.status_code == 200 and isinstance(body, dict) and "status" in body:
                 resp.success()
             else:
@@ -236,6 +248,7 @@ class PayraceUser(FastHttpUser):
         ) as resp:
             self._record_timings(resp, p)
             body = _json(resp)
+            _answered(p.delivery.kind, resp, body, p.payment_id)
             if not resp.status_code:
                 return None  # no answer: Locust records the connection error itself
             status = body.get("status") if isinstance(body, dict) else None

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from harness import checker
-from harness.loadgate import LoadRun, LoadSettings, LoadTally
+from harness.loadgate import GATE_CHECKERS, LoadRun, LoadSettings, LoadTally
 from harness.oracle import AuditRow, Observation, OracleConfig, PaymentState
 
 # -- settings -----------------------------------------------------------------------------
@@ -111,3 +111,62 @@ def test_synthesised_ops_let_no_lost_capture_see_confirmations_and_gateway_owner
     result = checker.no_lost_capture(run.ops(), obs)
     assert result.valid is False
     assert result.payments == frozenset({1, 2})
+
+
+# -- the target's 5xx answers: no_5xx in the gate -----------------------------------------
+
+
+def _answers(*answers: tuple[str, int, str | None, int | None]) -> dict[str, Any]:
+    tally = LoadTally()
+    for f, status, code, payment_id in answers:
+        tally.answer(f, status, code, payment_id)
+    return tally.drain()
+
+
+def _gate_5xx(run: LoadRun) -> checker.CheckResult:
+    obs = _observation({1: "captured"}, {})
+    verdict = checker.check(run.ops(), obs, checkers=GATE_CHECKERS)
+    return run._no_5xx_in_full(verdict.results["no_5xx"])
+
+
+def test_a_crash_under_load_violates_the_gate() -> None:
+    run = LoadRun(LoadSettings.from_env({}))
+    run.absorb("w1", _answers(("verify", 200, None, 1), ("webhook", 200, None, 1)))
+    run.absorb("w2", _answers(("webhook", 500, "internal", 1), ("create_order", 201, None, None)))
+    result = _gate_5xx(run)
+    assert result.valid is False and result.count == 1 and result.checked == 4
+    assert result.first is not None and result.first["f"] == "webhook"
+    assert "4 answer(s) from the target, 1 of them 5xx, 1 crash(es)" in result.note
+
+
+def test_handled_faults_under_load_leave_the_gate_valid() -> None:
+    run = LoadRun(LoadSettings.from_env({}))
+    run.absorb("w1", _answers(("verify", 503, "database_unavailable", 1), ("verify", 200, None, 1)))
+    run.absorb("w2", _answers(("verify", 502, "gateway_error", 1), ("read", 404, "not_found", 9)))
+    result = _gate_5xx(run)
+    assert result.valid is True and result.count == 0 and result.checked == 4
+    assert "2 of them 5xx, 0 crash(es)" in result.note
+
+
+def test_a_flood_of_handled_faults_does_not_crowd_out_the_crash() -> None:
+    """Examples are capped; the crash that decides the gate is kept, and the counts are whole."""
+    flood = [("verify", 503, "database_unavailable", n) for n in range(200)]
+    data = _answers(*flood, ("webhook", 502, None, 7))  # a 502 without a code: a crash
+    assert data["server_errors"] == 201 and data["crashes"] == 1
+    assert len(data["server_error_examples"]) < 201
+    run = LoadRun(LoadSettings.from_env({}))
+    run.absorb("w", data)
+    run.absorb("w", _answers(*flood))
+    result = _gate_5xx(run)
+    assert result.valid is False and result.count == 1 and result.payments == frozenset({7})
+    assert "401 of them 5xx" in result.note and "kept as examples" in result.note
+
+
+def test_a_worker_without_answers_in_its_report_is_still_merged() -> None:
+    """A worker running an older locustfile: the gate judges what it has."""
+    run = LoadRun(LoadSettings.from_env({}))
+    data = _tally(2, [(1, "pay_a")], [])
+    for key in ("answered", "server_errors", "crashes", "server_error_examples"):
+        data.pop(key)
+    run.absorb("old", data)
+    assert run.answered == 0 and run.payments == {1: "pay_a"}
