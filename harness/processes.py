@@ -84,18 +84,7 @@ def stop_process(
 
 def group_members(pgid: int) -> list[int]:
     """Pids of the living members of process group `pgid` (zombies are done running)."""
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
-                rest = fh.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # exited between listing and reading
-        if int(rest[2]) == pgid and rest[0] not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
+    return [p.pid for p in read_procs().values() if p.pgrp == pgid and p.state not in "ZX"]
 
 
 def wait_for_group(pgid: int, timeout_s: float) -> bool:
@@ -327,6 +316,7 @@ class ProcStat:
     ppid: int
     pgrp: int
     ticks: int  # utime + stime
+    state: str  # R, S, D, Z (zombie), X (dead), ... as in /proc/<pid>/stat
 
 
 # Whether a process belongs to a group, given every process (to look at its parent).
@@ -346,7 +336,8 @@ def read_procs() -> dict[int, ProcStat]:
         # The command name may hold spaces and parentheses; the fields follow the last ')'.
         rest = stat.rsplit(")", 1)[1].split()
         pid = int(entry.name)
-        procs[pid] = ProcStat(pid, int(rest[1]), int(rest[2]), int(rest[11]) + int(rest[12]))
+        ticks = int(rest[11]) + int(rest[12])
+        procs[pid] = ProcStat(pid, int(rest[1]), int(rest[2]), ticks, rest[0])
     return procs
 
 
