@@ -263,8 +263,7 @@ def write_junit(summary: dict[str, Any], path: Path) -> None:
             if timeline and check_name in shown_in:
                 _append_out(case, f"first violating schedule:\n{timeline}")
         if timeline:
-            header = f"first violation: trial {violation.get('trial')}, "
-            header += f"payment {violation.get('payment')}\n"
+            header = f"first violation: {_where(violation)}\n"
             ET.SubElement(suite, "system-out").text = header + timeline
     for gate in gates:
         strategy_name = str(gate.get("strategy") or "")
@@ -431,14 +430,21 @@ def _checks_html(strategy: Mapping[str, Any]) -> str:
     return _table(["checker", "valid", "count", "checked", "examples", "note"], rows)
 
 
+def _where(violation: Mapping[str, Any]) -> str:
+    """`trial 3, payment 17`; a load run has payments, not numbered trials: `payment 17`."""
+    trial = violation.get("trial")
+    payment = f"payment {violation.get('payment')}"
+    return payment if trial is None else f"trial {trial}, {payment}"
+
+
 def _violation_html(strategy: Mapping[str, Any]) -> str:
     violation = strategy.get("first_violation")
     if not violation:
         return ""
     events = _timeline(strategy)
     title = (
-        f"First violating schedule: trial {violation.get('trial')}, payment "
-        f"{violation.get('payment')} ({', '.join(map(str, violation.get('checks') or []))})"
+        f"First violating schedule: {_where(violation)} "
+        f"({', '.join(map(str, violation.get('checks') or []))})"
     )
     body = render_html(events) if events else '<p class="meta">no timeline recorded</p>'
     return f"<h3>{_esc(title)}</h3>{body}"
@@ -652,8 +658,8 @@ def render_console(
             continue
         violation = strategy.get("first_violation") or {}
         title = (
-            f"first violation: {name}, trial {violation.get('trial')}, payment "
-            f"{violation.get('payment')} ({', '.join(map(str, violation.get('checks') or []))})"
+            f"first violation: {name}, {_where(violation)} "
+            f"({', '.join(map(str, violation.get('checks') or []))})"
         )
         console.print(Panel(Text(render_text(events)), title=Text(title), expand=False))
 

@@ -315,6 +315,15 @@ def test_html_has_a_plot_per_kind_and_path_set_and_the_timeline(tmp_path: Path) 
     assert "violated, as declared" in text
     assert "arrival spread" in text and "gate" in text
     assert "PostgreSQL 16.2 via embedded" in text
+    assert "First violating schedule: trial 3, payment 17" in text
+
+
+def test_html_names_no_trial_for_a_load_runs_violation(tmp_path: Path) -> None:
+    """A Locust run has payments, not numbered trials."""
+    summary = realistic_summary()
+    summary["strategies"]["naive"]["first_violation"]["trial"] = None
+    text = html_of(summary, tmp_path)
+    assert "First violating schedule: payment 17 (" in text and "trial None" not in text
 
 
 def test_html_escapes_everything_from_the_summary(tmp_path: Path) -> None:
