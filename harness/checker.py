@@ -3,7 +3,7 @@
     Validity              True | False | "unknown"
     CheckResult           name, valid, count (violations), checked, first / worst / last, note
     Verdict               valid (composed), results by name, violating_payments
-    compose()             false > unknown > true
+    compose()             false > unknown > true; compose_validity() of bare values
     check()               runs CHECKERS; a checker that raises is "unknown", its error in note
     CHECKERS
     ├── single_capture_write   audit: one transaction writes payments.status = captured
@@ -99,11 +99,16 @@ Checker = Callable[[Sequence[Operation], Observation], CheckResult]
 
 def compose(results: Iterable[CheckResult]) -> Validity:
     """False over unknown over True; nothing checked is True (as in Jepsen's compose)."""
+    return compose_validity(result.valid for result in results)
+
+
+def compose_validity(values: Iterable[Validity]) -> Validity:
+    """compose() of bare validities (checks read back from a summary.json)."""
     valid: Validity = True
-    for result in results:
-        if result.valid is False:
+    for value in values:
+        if value is False:
             return False
-        if result.valid == "unknown":
+        if value == "unknown":
             valid = "unknown"
     return valid
 

@@ -10,8 +10,9 @@
     load_table()     the figures a performance team asks for first, under the usual report
 
 The judging happens inside Locust, at its `quitting` event on the master: harness.loadgate
-writes summary.json there, and load_main reads it back once Locust has exited, adds the
-database route and the CPU shares of Locust, the service, PostgreSQL and payrace
+writes summary.json there, and load_main reads it back once Locust has exited, reads the
+deadlock counter again once the service has stopped (only then does a zero delta settle),
+adds the database route and the CPU shares of Locust, the service, PostgreSQL and payrace
 (harness.processes.CpuSampler), and renders the reports. Every process is started as a
 context manager (harness.provider, harness.gateway, harness.processes), so none outlives the
 run, also on Ctrl-C, SIGTERM or a failure.
@@ -40,7 +41,7 @@ from rich.table import Table
 
 from harness import oracle, report
 from harness.gateway import FakeRazorpay, GatewayKeys, GatewayServer
-from harness.loadgate import EXIT_ERROR, EXIT_VIOLATED, LoadSettings
+from harness.loadgate import EXIT_ERROR, EXIT_VIOLATED, LoadSettings, settle_deadlocks
 from harness.processes import (
     CpuSampler,
     LocustProcess,
@@ -260,8 +261,11 @@ def _run(plan: LoadPlan, console: Console) -> int:
     def echo(line: str) -> None:
         console.out(line, highlight=False)
 
+    deadlocks = _DeadlockReading(plan.run_dir)
     with ExitStack() as stack:
         db = stack.enter_context(provide_postgres(plan.dsn, durable=plan.durable, announce=say))
+        # Unwound after the service (registered before it), while PostgreSQL still runs.
+        stack.callback(deadlocks.read, db.url)
         gateway = stack.enter_context(GatewayServer(FakeRazorpay(GatewayKeys())))
         env = {**service_env(db, gateway.url, plan.strategy), **plan.service_pool()}
         service = stack.enter_context(
@@ -288,6 +292,7 @@ def _run(plan: LoadPlan, console: Console) -> int:
         stack.enter_context(locust)
         with _cpu_sampler(locust, service, db) as sampler:
             code = locust.wait(plan.run_time_s + _LOCUST_GRACE_S)
+        deadlocks.wanted = code is not None
         if code is None:
             console.print(
                 f"[bold red]payrace load:[/] Locust still ran {_LOCUST_GRACE_S:.0f} s past "
@@ -300,7 +305,41 @@ def _run(plan: LoadPlan, console: Console) -> int:
             f"summary.json; see {plan.run_dir / 'locust.log'}"
         )
         return EXIT_ERROR
+    if deadlocks.reading is not None:
+        settle_deadlocks(summary, *deadlocks.reading)
+    if deadlocks.problem:
+        summary.setdefault("problems", []).append(deadlocks.problem)
     return _finish_reports(summary, db, plan, console, sampler.result(), code)
+
+
+class _DeadlockReading:
+    """pg_stat_database.deadlocks read again once the service has stopped.
+
+    The gate inside Locust reads the counter while the service's pool is still open, when a
+    zero delta cannot be trusted (idle backends flush their counts up to 10 s late). Once the
+    service is stopped its backends exit and flush, so this reading settles at once."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.wanted = False  # only after Locust ended on its own: not on Ctrl-C or a failure
+        self.reading: tuple[int, bool, str] | None = None
+        self.problem: str | None = None
+
+    def read(self, url: str) -> None:
+        summary = _read_summary(self.run_dir) if self.wanted else None
+        baselines = [
+            s["deadlocks"]["baseline"]
+            for s in ((summary or {}).get("strategies") or {}).values()
+            if isinstance(s, dict) and isinstance(s.get("deadlocks"), dict)
+            and "baseline" in s["deadlocks"]
+        ]  # fmt: skip
+        if not baselines:
+            return
+        try:
+            since = oracle.Baseline.from_json(baselines[0])
+            self.reading = oracle.deadlocks_since(url, since, settle_timeout_s=5.0)
+        except (psycopg.Error, oracle.OracleError, KeyError, ValueError) as exc:
+            self.problem = f"the deadlock counter could not be read again: {exc}"
 
 
 def _cpu_sampler(locust: LocustProcess, service: ServiceProcess, db: Database) -> CpuSampler:

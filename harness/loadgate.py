@@ -7,6 +7,7 @@
     WorkerTotals     per worker on the master: requests, failures, payments, reports
     LoadRun          the master's merge of every tally; prepare() installs the oracle and takes
                      the baseline, finish() settles, observes, checks, writes the summary
+    settle_deadlocks()   no_deadlock on a reading taken after the service stopped (payrace load)
     wait_quiet()     until the target's transactions are done, before the oracle looks
 
 How the parts talk: PAYRACE_* variables -> locustfiles/_payrace.py, whose event listeners feed
@@ -19,8 +20,8 @@ The gate judges what the database and the gateway saw, not what Locust saw: the 
 audit rows (a second transaction writing captured is a double capture even when the final
 state looks right) and the fake gateway's capture counters. The one thing it takes from the
 load side is the target's own 5xx answers (no_5xx: a crash under load fails the run too).
-Locust's failure counts and the deadlock counter are reported beside the verdict but do not
-decide it.
+The deadlock counter decides once its reading has settled (see GATE_CHECKERS). Locust's
+failure counts are reported beside the verdict but do not decide it.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ ENV_SEED = "PAYRACE_SEED"
 # The invariants the gate decides on. no_5xx reads the target's 5xx answers, which every
 # Locust process ships to the master (a crash under load fails the run like a double
 # capture). error_classes reads a full history, which a load run does not keep (Locust's
-# failure table is the load run's error classes); a zero deadlock delta cannot settle while
-# the service's pool is open (see harness.oracle).
+# failure table is the load run's error classes). no_deadlock joins when its reading is
+# decisive: a zero delta cannot settle while the service's pool is open (harness.oracle), so
+# payrace load reads it again once it has stopped the service (settle_deadlocks).
 GATE_CHECKERS: tuple[checker.Checker, ...] = (
     checker.single_capture_write,
     checker.single_invoice_paid,
@@ -330,14 +332,7 @@ class LoadRun:
                 problems.append(f"the oracle could not judge the run: {type(exc).__name__}: {exc}")
         elif url is not None:
             problems.append("no oracle baseline was taken, so the run cannot be judged")
-        valid = result["valid"]
-        verdict, code = (
-            ("valid", EXIT_OK)
-            if valid is True
-            else ("violated", EXIT_VIOLATED)
-            if valid is False
-            else ("unknown", EXIT_ERROR)
-        )
+        verdict, code = verdict_of(result["valid"])
         summary = {
             "run_id": self.settings.run_id,
             "command": self.settings.command,
@@ -387,7 +382,12 @@ class LoadRun:
             gateway_counters=counters,
             gateway_payment_ids=[g for g in self.payments.values() if g],
         )
-        verdict = checker.check(self.ops(), obs, checkers=GATE_CHECKERS)
+        # A positive deadlock delta is always a violation; a zero one only counts once it has
+        # settled, which it rarely has while the service's pool is still open (payrace load
+        # reads it again after stopping the service: settle_deadlocks).
+        decisive = obs.deadlocks > 0 or obs.deadlocks_settled
+        checkers = (*GATE_CHECKERS, checker.no_deadlock) if decisive else GATE_CHECKERS
+        verdict = checker.check(self.ops(), obs, checkers=checkers)
         if "no_5xx" in verdict.results:
             verdict.results["no_5xx"] = self._no_5xx_in_full(verdict.results["no_5xx"])
         captured = obs.config.payments.done_value
@@ -407,7 +407,11 @@ class LoadRun:
             "captures": captures,
             "captures_per_second": round(captures / window_s, 2) if window_s else 0.0,
             "checks": {name: r.to_json() for name, r in verdict.results.items()},
-            "deadlocks": {"delta": obs.deadlocks, "settled": obs.deadlocks_settled},
+            "deadlocks": {
+                "delta": obs.deadlocks,
+                "settled": obs.deadlocks_settled,
+                "baseline": since.to_json(),
+            },
             "first_violation": first,
         }
 
@@ -423,6 +427,44 @@ class LoadRun:
         }
         (out / "latency_hdr.json").write_text(json.dumps(hdr, indent=2) + "\n", encoding="utf-8")
         report.write_all(summary, out)
+
+
+def verdict_of(valid: checker.Validity) -> tuple[str, int]:
+    """The summary's verdict word and the exit code it sets."""
+    if valid is True:
+        return "valid", EXIT_OK
+    if valid is False:
+        return "violated", EXIT_VIOLATED
+    return "unknown", EXIT_ERROR
+
+
+def settle_deadlocks(summary: dict[str, Any], delta: int, settled: bool, note: str) -> None:
+    """Judge no_deadlock on a reading taken after the target closed its pool, and update
+    the verdict and exit code with it (payrace load does this once it stopped the service).
+
+    A reading that still did not settle changes nothing: the gate's own reading stands."""
+    if not settled and delta <= 0:
+        return
+    for result in (summary.get("strategies") or {}).values():
+        if not isinstance(result, dict) or "deadlocks" not in result:
+            continue  # the gate never observed (no database): nothing to compare with
+        obs = oracle.Observation(
+            audit=(),
+            payments={},
+            gateway_captures={},
+            gateway_accepted={},
+            deadlocks=delta,
+            config=oracle.OracleConfig.reference(),
+            deadlocks_settled=settled,
+            deadlock_note=note,
+        )
+        result["deadlocks"].update(delta=delta, settled=settled, read="after the service stopped")
+        result.setdefault("checks", {})["no_deadlock"] = checker.no_deadlock([], obs).to_json()
+        checks = result["checks"].values()
+        result["valid"] = checker.compose_validity(c.get("valid", "unknown") for c in checks)
+    strategies = (summary.get("strategies") or {}).values()
+    overall = checker.compose_validity(r.get("valid", "unknown") for r in strategies)
+    summary["verdict"], summary["exit_code"] = verdict_of(overall)
 
 
 def _target_strategy(host: str) -> str:

@@ -289,6 +289,19 @@ class Baseline:
     # pg_stat_database.stats_reset: a reset between baseline and observe voids the delta.
     stats_reset: datetime | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        reset = self.stats_reset.isoformat() if self.stats_reset is not None else None
+        return {"deadlocks": self.deadlocks, "audit_id": self.audit_id, "stats_reset": reset}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Baseline:
+        reset = doc.get("stats_reset")
+        return cls(
+            deadlocks=int(doc["deadlocks"]),
+            audit_id=int(doc["audit_id"]),
+            stats_reset=datetime.fromisoformat(reset) if isinstance(reset, str) else None,
+        )
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -544,6 +557,18 @@ def _settled_deadlocks(
             f"pool before observing, or pass settle_timeout_s>={settle_s:g}",
         )
     return delta, True, ""
+
+
+def deadlocks_since(
+    url: str, since: Baseline, *, settle_timeout_s: float = 2.0
+) -> tuple[int, bool, str]:
+    """The deadlock delta alone, read as observe() reads it: (delta, settled, note).
+
+    For a caller that observed while the target was still connected and can read again once
+    the target has closed its pool (payrace load, after stopping the service): its backends
+    flush their counts on exit, so the reading settles within `settle_timeout_s`."""
+    with _connect(url) as conn:
+        return _settled_deadlocks(conn, since, settle_timeout_s)
 
 
 def observe(

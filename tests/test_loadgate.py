@@ -3,6 +3,7 @@ merges, and the little history the gate's checkers read."""
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from harness import checker
-from harness.loadgate import GATE_CHECKERS, LoadRun, LoadSettings, LoadTally
+from harness.loadgate import GATE_CHECKERS, LoadRun, LoadSettings, LoadTally, settle_deadlocks
 from harness.oracle import AuditRow, Observation, OracleConfig, PaymentState
 
 # -- settings -----------------------------------------------------------------------------
@@ -170,3 +171,48 @@ def test_a_worker_without_answers_in_its_report_is_still_merged() -> None:
         data.pop(key)
     run.absorb("old", data)
     assert run.answered == 0 and run.payments == {1: "pay_a"}
+
+
+# -- the deadlock counter, read again after the service stopped ---------------------------
+
+
+def _judged_summary(valid: object = True, deadlocks: object = None) -> dict[str, Any]:
+    checks = {"single_capture_write": {"name": "single_capture_write", "valid": valid}}
+    result: dict[str, Any] = {"valid": valid, "checks": checks}
+    if deadlocks is not None:
+        result["deadlocks"] = deadlocks
+    return {"strategies": {"for_update": result}, "verdict": "valid", "exit_code": 0}
+
+
+def test_a_deadlock_found_after_the_service_stopped_violates_the_run() -> None:
+    summary = _judged_summary(deadlocks={"delta": 0, "settled": False})
+    settle_deadlocks(summary, 2, True, "")
+    result = summary["strategies"]["for_update"]
+    assert result["checks"]["no_deadlock"]["valid"] is False
+    assert result["checks"]["no_deadlock"]["count"] == 2
+    assert result["deadlocks"]["delta"] == 2 and result["valid"] is False
+    assert (summary["verdict"], summary["exit_code"]) == ("violated", 1)
+
+
+def test_a_settled_zero_joins_the_checks_and_keeps_the_run_valid() -> None:
+    summary = _judged_summary(deadlocks={"delta": 0, "settled": False})
+    settle_deadlocks(summary, 0, True, "")
+    result = summary["strategies"]["for_update"]
+    assert result["checks"]["no_deadlock"]["valid"] is True
+    assert result["deadlocks"]["settled"] is True
+    assert (summary["verdict"], summary["exit_code"]) == ("valid", 0)
+
+
+def test_a_reading_that_still_did_not_settle_changes_nothing() -> None:
+    summary = _judged_summary(deadlocks={"delta": 0, "settled": False})
+    before = json.loads(json.dumps(summary))
+    settle_deadlocks(summary, 0, False, "1 client backend(s) active")
+    assert summary == before
+
+
+def test_a_run_the_gate_never_judged_is_not_made_valid_by_the_deadlock_reading() -> None:
+    summary = _judged_summary(valid="unknown")  # no "deadlocks": the oracle never observed
+    summary["verdict"], summary["exit_code"] = "unknown", 2
+    settle_deadlocks(summary, 0, True, "")
+    assert (summary["verdict"], summary["exit_code"]) == ("unknown", 2)
+    assert "no_deadlock" not in summary["strategies"]["for_update"]["checks"]

@@ -113,6 +113,10 @@ def test_for_update_under_load_exits_0_with_every_invariant_holding(for_update_r
                  "gateway_capture_once", "no_lost_capture", "no_5xx"):  # fmt: skip
         check = result["checks"][name]
         assert check["valid"] is True and check["count"] == 0 and check["checked"] > 0, check
+    # Read again once the service had stopped: its backends flushed, so zero is trusted.
+    assert result["deadlocks"]["settled"] is True, result["deadlocks"]
+    assert result["deadlocks"]["read"] == "after the service stopped"
+    assert result["checks"]["no_deadlock"]["valid"] is True
 
 
 def test_lock_and_hold_are_rows_of_their_own_in_locusts_csv(for_update_run: Run) -> None:

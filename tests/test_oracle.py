@@ -7,6 +7,7 @@ to themselves (uninstall, a team's own schema, deadlocks) create a scratch datab
 
 from __future__ import annotations
 
+import json
 import asyncio
 import secrets
 import threading
@@ -409,6 +410,21 @@ def test_deadlock_is_counted_once_the_backends_have_flushed(
     assert (obs.deadlocks, obs.deadlocks_settled) == (1, True)
     result = check([], obs).results["no_deadlock"]
     assert (result.valid, result.count) == (False, 1)
+
+
+def test_deadlocks_since_reads_the_delta_alone_from_a_baseline_that_went_through_json(
+    team: tuple[str, OracleConfig],
+) -> None:
+    """payrace load's second reading: the baseline comes back from summary.json."""
+    url, _ = team
+    since = oracle.Baseline.from_json(json.loads(json.dumps(oracle.baseline(url).to_json())))
+    assert oracle.deadlocks_since(url, since, settle_timeout_s=5) == (0, True, "")
+    _deadlock(url)
+    assert oracle.deadlocks_since(url, since, settle_timeout_s=10) == (1, True, "")
+    with psycopg.connect(url, autocommit=True) as busy:  # a pool still open: not settled
+        busy.execute("SELECT 1")
+        delta, settled, note = oracle.deadlocks_since(url, since, settle_timeout_s=0)
+    assert (delta, settled) == (1, False) and "settle_timeout_s" in note
 
 
 def test_a_zero_deadlock_delta_is_not_trusted_while_a_backend_may_hold_counts(
