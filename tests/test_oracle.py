@@ -7,8 +7,8 @@ to themselves (uninstall, a team's own schema, deadlocks) create a scratch datab
 
 from __future__ import annotations
 
-import json
 import asyncio
+import json
 import secrets
 import threading
 from collections.abc import Iterator
