@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from harness.gateway import FakeRazorpay, GatewayKeys, GatewayServer
-from harness.provider import Database
-from service.app import Runtime, create_app
-from service.settings import Settings
+from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+from payrace.harness.infra.provider import Database
+from payrace.service.app import Runtime, create_app
+from payrace.service.settings import Settings
 
 
 @pytest.fixture(scope="session")

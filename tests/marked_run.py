@@ -42,7 +42,7 @@ def marked_run(out: Path) -> Iterator[MarkedRun]:
     env = {k: v for k, v in os.environ.items() if k != "PAYRACE_DATABASE_URL"}
     env[MARKER] = marker
     proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "run", "--target", "http", "--trials", "5000",
+        [sys.executable, "-m", "payrace.harness.cli", "run", "--target", "http", "--trials", "5000",
          "--quiet", "--out", str(out)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

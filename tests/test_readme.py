@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.provider import Database
+from payrace.harness.infra.provider import Database
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -1,0 +1,221 @@
+"""harness/provider.py against real PostgreSQL servers: embedded, an outside DSN, Docker."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]
+import psycopg
+import pytest
+import sqlalchemy
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from payrace.harness.infra.provider import (
+    ENV_VAR,
+    Database,
+    ProviderError,
+    docker_available,
+    provide_postgres,
+)
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Iterator[tuple[Database, list[str]]]:
+    announced: list[str] = []
+    with provide_postgres(prefer="embedded", announce=announced.append) as database:
+        yield database, announced
+
+
+@pytest.fixture(scope="module")
+def outside(embedded: tuple[Database, list[str]]) -> str:
+    # CI points this at a real server; elsewhere the embedded one plays the outside server,
+    # so the DSN route is always exercised.
+    return os.environ.get("PAYRACE_TEST_OUTSIDE_DSN") or embedded[0].url
+
+
+def _show(url: str, setting: str) -> str:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(f"SHOW {setting}").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _databases(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        return {name for (name,) in conn.execute("SELECT datname FROM pg_database")}
+
+
+def _postmaster(database: Database) -> tuple[Path, int]:
+    data_dir = Path(_show(database.url, "data_directory"))
+    return data_dir, int((data_dir / "postmaster.pid").read_text().split()[0])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)  # exited, unreaped
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_embedded_route_answers_with_version_fast_settings_and_room_for_connections(
+    embedded: tuple[Database, list[str]],
+) -> None:
+    database, announced = embedded
+    assert database.route == "embedded"
+    assert database.url.startswith("postgresql://postgres@/postgres?host=/")
+    assert _show(database.url, "server_version").startswith(database.server_version)
+    assert re.fullmatch(r"\d+\.\d+", database.server_version)
+    assert database.fast
+    assert _show(database.url, "fsync") == "off"
+    assert _show(database.url, "synchronous_commit") == "off"
+    assert int(_show(database.url, "max_connections")) >= 300
+    assert database.describe().startswith(f"embedded PostgreSQL {database.server_version} (")
+    assert "fsync off, synchronous_commit off" in database.describe()
+    [line] = announced
+    assert "embedded PostgreSQL" in line
+    assert "changes durability, not locking; pass --durable" in line
+
+
+def test_embedded_route_leaves_no_directory_and_no_postmaster_behind() -> None:
+    with provide_postgres(prefer="embedded", announce=lambda _: None) as database:
+        data_dir, pid = _postmaster(database)
+        assert not _gone(pid)
+    assert not data_dir.parent.exists()
+    assert _gone(pid)
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
+def test_embedded_route_cleans_up_when_the_body_raises(interruption: type[BaseException]) -> None:
+    with (
+        pytest.raises(interruption),
+        provide_postgres(prefer="embedded", announce=lambda _: None) as database,
+    ):
+        data_dir, pid = _postmaster(database)
+        raise interruption("the run ended early")
+    assert not data_dir.parent.exists()
+    assert _gone(pid)
+
+
+def test_durable_keeps_fsync_and_synchronous_commit_on() -> None:
+    announced: list[str] = []
+    with provide_postgres(prefer="embedded", durable=True, announce=announced.append) as database:
+        assert not database.fast
+        assert _show(database.url, "fsync") == "on"
+        assert _show(database.url, "synchronous_commit") == "on"
+        assert int(_show(database.url, "max_connections")) >= 300
+    assert "durability" not in announced[0]
+    assert "durable settings" in database.describe()
+
+
+def test_sqlalchemy_psycopg_url_reaches_the_server(embedded: tuple[Database, list[str]]) -> None:
+    engine = sqlalchemy.create_engine(embedded[0].psycopg_url())
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sqlalchemy.text("SELECT 41 + 1")).scalar() == 42
+    finally:
+        engine.dispose()
+
+
+async def test_sqlalchemy_asyncpg_url_reaches_the_server(
+    embedded: tuple[Database, list[str]],
+) -> None:
+    engine = create_async_engine(embedded[0].asyncpg_url())
+    try:
+        async with engine.connect() as conn:
+            assert (await conn.execute(sqlalchemy.text("SELECT 41 + 1"))).scalar() == 42
+    finally:
+        await engine.dispose()
+
+
+def test_dsn_route_creates_a_fresh_database_and_drops_it_after(outside: str) -> None:
+    with provide_postgres(outside, announce=lambda _: None) as database:
+        name = database.url.split("?")[0].rsplit("/", 1)[1]
+        assert database.route == "dsn"
+        assert re.fullmatch(r"payrace_\d{14}_[0-9a-f]{6}", name)
+        assert name in _databases(outside)
+        with psycopg.connect(database.url) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == (name,)
+            conn.execute("CREATE TABLE payments (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO payments VALUES (1)")
+        assert name in database.describe()
+    assert name not in _databases(outside)
+
+
+def test_dsn_route_drops_the_database_when_the_body_raises(outside: str) -> None:
+    with (
+        pytest.raises(RuntimeError),
+        provide_postgres(outside, announce=lambda _: None) as database,
+    ):
+        name = database.url.split("?")[0].rsplit("/", 1)[1]
+        with psycopg.connect(database.url):  # an open session must not block the drop
+            raise RuntimeError("the run ended early")
+    assert name not in _databases(outside)
+
+
+@pytest.mark.parametrize(
+    "scheme", ["postgres://", "postgresql+asyncpg://", "postgresql+psycopg://"]
+)
+def test_dsn_route_accepts_other_schemes_and_the_env_var(
+    outside: str, scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_VAR, re.sub(r"^[\w+]+://", scheme, outside))
+    with provide_postgres(announce=lambda _: None) as database:
+        assert database.route == "dsn"
+        assert database.url.startswith("postgresql://")
+        assert _show(database.url, "server_version").startswith(database.server_version)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "complaint"),
+    [
+        ("host=localhost dbname=app", "is not a PostgreSQL URL"),
+        ("mysql://root@localhost/app", "is not a PostgreSQL URL"),
+        ("postgresql://app:s3cret@localhost:port/app", "cannot be read"),
+        ("postgresql://app@localhost/app?colour=blue", "cannot be read"),
+    ],
+)
+def test_malformed_dsn_says_what_to_fix_without_leaking_the_password(
+    dsn: str, complaint: str
+) -> None:
+    with pytest.raises(ProviderError) as raised, provide_postgres(dsn):
+        pytest.fail("a malformed DSN must not yield a database")
+    message = str(raised.value)
+    assert complaint in message
+    assert "expected postgresql://user[:password]@host[:port]/dbname" in message
+    assert "s3cret" not in message
+
+
+def test_docker_route_hands_out_a_throwaway_container() -> None:
+    answers, reason = docker_available()
+    if not answers:
+        pytest.skip(reason)
+    with provide_postgres(prefer="docker", announce=lambda _: None) as database:
+        assert database.route == "docker"
+        assert database.fast
+        assert int(_show(database.url, "max_connections")) >= 300
+        assert database.server_version.startswith("16.")
+
+
+def test_forced_route_that_cannot_start_names_all_three_routes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-daemon.sock")
+    answers, reason = docker_available()
+    assert not answers
+    assert "no-daemon.sock" in reason
+    with pytest.raises(ProviderError) as raised, provide_postgres(prefer="docker"):
+        pytest.fail("no Docker daemon, yet a database was yielded")
+    message = str(raised.value)
+    for route in ("dsn:", "docker:", "embedded:"):
+        assert route in message
+    for way in (ENV_VAR, "DOCKER_HOST", "pip install pgserver"):
+        assert way in message
+
+
+def test_prefer_dsn_without_any_dsn_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    with pytest.raises(ProviderError, match="no DSN given"), provide_postgres(prefer="dsn"):
+        pytest.fail("no DSN, yet a database was yielded")

@@ -1,0 +1,83 @@
+"""The guardian stops what payrace started when payrace dies without unwinding."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+from marked_run import cleared, cmdline, gone, marked_run
+
+from payrace.harness.infra.watchdog import serve
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "300"], start_new_session=True)
+
+
+def test_at_end_of_input_a_guarded_group_is_stopped_and_a_released_one_is_not() -> None:
+    guarded, released = sleeper(), sleeper()
+    try:
+        commands = f"+group {guarded.pid}\n+group {released.pid}\n-group {released.pid}\n"
+        serve(io.BytesIO(commands.encode()))
+        guarded.wait(timeout=10)
+        assert guarded.returncode == -signal.SIGTERM
+        assert released.poll() is None
+    finally:
+        for proc in (guarded, released):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_guarded_cluster_gets_an_immediate_shutdown_and_its_directory_goes(
+    tmp_path: Path,
+) -> None:
+    postmaster = sleeper()  # stands in for the postmaster: SIGQUIT ends it
+    workdir = tmp_path / "payrace-pg-test"
+    (workdir / "pgdata").mkdir(parents=True)
+    (workdir / "pgdata" / "postmaster.pid").write_text(f"{postmaster.pid}\n/some/dir\n")
+    try:
+        serve(io.BytesIO(f"+cluster {workdir}\n".encode()))
+        postmaster.wait(timeout=10)
+        assert postmaster.returncode == -signal.SIGQUIT
+        assert not workdir.exists()
+    finally:
+        postmaster.kill()
+        postmaster.wait()
+
+
+def test_a_killed_payrace_leaves_neither_service_nor_postgresql(tmp_path: Path) -> None:
+    """SIGKILL: no handler runs in payrace; the guardian sees its pipe close and cleans up."""
+    with marked_run(tmp_path) as run:
+        run.proc.kill()
+        run.proc.wait(timeout=10)
+        survivors = [p for p in run.started if "payrace.harness.infra.watchdog" not in cmdline(p)]
+        assert all(gone(p.pid, within_s=20) for p in survivors), [cmdline(p) for p in survivors]
+        assert run.clusters and cleared(run.clusters)
+
+
+def test_a_normal_exit_waits_for_the_guardian_so_nothing_outlives_payrace() -> None:
+    """The guarded group ignores SIGTERM, so the guardian needs its 5 s before SIGKILL: a
+    payrace that did not wait for it would exit while the guardian is still running."""
+    stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 300"], start_new_session=True)
+    script = (
+        "import os; from payrace.harness.infra import watchdog\n"
+        f"watchdog.guard_group({stubborn.pid})\n"
+        "print(watchdog._guardian[0], flush=True)\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        )
+        guardian = int(done.stdout.strip())
+        # Right after the exit, not eventually: the guardian and what it stopped are gone.
+        assert not psutil.pid_exists(guardian) or psutil.Process(guardian).status() == "zombie"
+        stubborn.wait(timeout=1)
+        assert stubborn.returncode == -signal.SIGKILL
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
+            stubborn.wait()

@@ -1,0 +1,224 @@
+"""harness/loadgate.py: the settings handed to Locust, the tallies workers send and the master
+merges, and the little history the gate's checkers read."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from payrace.harness.load.gate import (
+    GATE_CHECKERS,
+    LoadRun,
+    LoadSettings,
+    LoadTally,
+    settle_deadlocks,
+)
+from payrace.harness.model import checker
+from payrace.harness.model.oracle import AuditRow, Observation, OracleConfig, PaymentState
+
+# -- settings -----------------------------------------------------------------------------
+
+
+def test_settings_survive_the_trip_through_the_environment(tmp_path: Path) -> None:
+    settings = LoadSettings(
+        gateway_url="http://127.0.0.1:9411",
+        database_url="postgresql://payrace@127.0.0.1:5432/payrace",
+        report_dir=tmp_path,
+        run_id="20240101-000000-load-naive-race_pairs",
+        command="payrace load --strategy naive",
+        seed=-7,
+    )
+    assert LoadSettings.from_env(settings.to_env()) == settings
+
+
+def test_settings_set_by_hand_need_only_the_gateway() -> None:
+    settings = LoadSettings.from_env({"PAYRACE_GATEWAY_URL": "http://gw:9411/"})
+    assert settings.gateway_url == "http://gw:9411"
+    assert settings.database_url is None and settings.seed is None
+    assert settings.run_id.endswith("-locust")
+    assert settings.report_dir == Path("reports") / settings.run_id
+
+
+# -- tallies: workers -> master -----------------------------------------------------------
+
+
+def _tally(
+    requests: int, payments: list[tuple[int, str | None]], lock_ms: list[float]
+) -> dict[str, Any]:
+    tally = LoadTally()
+    for n in range(requests):
+        tally.request(failed=n == 0)
+    for payment_id, gateway_id in payments:
+        tally.payment(payment_id, gateway_id)
+    for ms in lock_ms:
+        tally.timing("lock", "client", ms)
+    return tally.drain()
+
+
+def test_drain_hands_over_and_starts_afresh() -> None:
+    tally = LoadTally()
+    tally.request(failed=False)
+    tally.timing("lock", "webhook", 1.5)
+    tally.confirm(7, "verify", None)
+    first = tally.drain()
+    assert first["requests"] == 1 and first["pid"] == os.getpid()
+    assert first["confirmed"] == [[7, "verify", None]]
+    tally.confirm(7, "webhook", "payment.captured")  # old news about payment 7
+    second = tally.drain()
+    assert second["requests"] == 0 and second["confirmed"] == [] and second["hdr"] == {}
+
+
+def test_master_merges_every_workers_reports() -> None:
+    run = LoadRun(LoadSettings.from_env({}))
+    run.absorb("w1", _tally(3, [(1, "pay_a")], [1.0, 2.0]))
+    run.absorb("w2", _tally(5, [(2, "pay_b"), (3, None)], [3.0]))
+    run.absorb("w1", _tally(2, [], [4.0]))
+    assert {cid: w.requests for cid, w in run.workers.items()} == {"w1": 5, "w2": 5}
+    assert {cid: w.failures for cid, w in run.workers.items()} == {"w1": 2, "w2": 1}
+    assert run.workers["w1"].reports == 2
+    assert run.payments == {1: "pay_a", 2: "pay_b", 3: None}
+    lock = run.hist.get("lock", "client")
+    assert lock.count == 4 and lock.summary()["max"] == pytest.approx(4.0, abs=0.01)
+
+
+# -- what the gate's checkers read --------------------------------------------------------
+
+
+def _observation(states: dict[int, str], accepted: dict[str, int]) -> Observation:
+    at = datetime.now(UTC)
+    audit = tuple(
+        AuditRow(n, "payments", pid, pid, "UPDATE", "pending", status, 100 + n, 1, at)
+        for n, (pid, status) in enumerate(states.items())
+        if status == "captured"
+    )
+    return Observation(
+        audit=audit,
+        payments={pid: PaymentState(pid, s, None, None, None) for pid, s in states.items()},
+        gateway_captures=dict(accepted),
+        gateway_accepted=dict(accepted),
+        deadlocks=0,
+        config=OracleConfig.reference(),
+    )
+
+
+def test_synthesised_ops_let_no_lost_capture_see_confirmations_and_gateway_owners() -> None:
+    """Payment 1 was confirmed to the client, payment 2's capture was accepted by the gateway,
+    and both end pending: two lost captures. The database never recorded pay_b's owner, so
+    only the history the master synthesises can tie the gateway capture to payment 2."""
+    run = LoadRun(LoadSettings.from_env({}))
+    data = _tally(1, [(1, "pay_a"), (2, "pay_b"), (3, "pay_c")], [])
+    data["confirmed"] = [[1, "verify", None], [3, "webhook", "payment.captured"]]
+    run.absorb("w", data)
+    obs = _observation({1: "pending", 2: "pending", 3: "captured"}, {"pay_b": 1})
+    result = checker.no_lost_capture(run.ops(), obs)
+    assert result.valid is False
+    assert result.payments == frozenset({1, 2})
+
+
+# -- the target's 5xx answers: no_5xx in the gate -----------------------------------------
+
+
+def _answers(*answers: tuple[str, int, str | None, int | None]) -> dict[str, Any]:
+    tally = LoadTally()
+    for f, status, code, payment_id in answers:
+        tally.answer(f, status, code, payment_id)
+    return tally.drain()
+
+
+def _gate_5xx(run: LoadRun) -> checker.CheckResult:
+    obs = _observation({1: "captured"}, {})
+    verdict = checker.check(run.ops(), obs, checkers=GATE_CHECKERS)
+    return run._no_5xx_in_full(verdict.results["no_5xx"])
+
+
+def test_a_crash_under_load_violates_the_gate() -> None:
+    run = LoadRun(LoadSettings.from_env({}))
+    run.absorb("w1", _answers(("verify", 200, None, 1), ("webhook", 200, None, 1)))
+    run.absorb("w2", _answers(("webhook", 500, "internal", 1), ("create_order", 201, None, None)))
+    result = _gate_5xx(run)
+    assert result.valid is False and result.count == 1 and result.checked == 4
+    assert result.first is not None and result.first["f"] == "webhook"
+    assert "4 answer(s) from the target, 1 of them 5xx, 1 crash(es)" in result.note
+
+
+def test_handled_faults_under_load_leave_the_gate_valid() -> None:
+    run = LoadRun(LoadSettings.from_env({}))
+    run.absorb("w1", _answers(("verify", 503, "database_unavailable", 1), ("verify", 200, None, 1)))
+    run.absorb("w2", _answers(("verify", 502, "gateway_error", 1), ("read", 404, "not_found", 9)))
+    result = _gate_5xx(run)
+    assert result.valid is True and result.count == 0 and result.checked == 4
+    assert "2 of them 5xx, 0 crash(es)" in result.note
+
+
+def test_a_flood_of_handled_faults_does_not_crowd_out_the_crash() -> None:
+    """Examples are capped; the crash that decides the gate is kept, and the counts are whole."""
+    flood = [("verify", 503, "database_unavailable", n) for n in range(200)]
+    data = _answers(*flood, ("webhook", 502, None, 7))  # a 502 without a code: a crash
+    assert data["server_errors"] == 201 and data["crashes"] == 1
+    assert len(data["server_error_examples"]) < 201
+    run = LoadRun(LoadSettings.from_env({}))
+    run.absorb("w", data)
+    run.absorb("w", _answers(*flood))
+    result = _gate_5xx(run)
+    assert result.valid is False and result.count == 1 and result.payments == frozenset({7})
+    assert "401 of them 5xx" in result.note and "kept as examples" in result.note
+
+
+def test_a_worker_without_answers_in_its_report_is_still_merged() -> None:
+    """A worker running an older locustfile: the gate judges what it has."""
+    run = LoadRun(LoadSettings.from_env({}))
+    data = _tally(2, [(1, "pay_a")], [])
+    for key in ("answered", "server_errors", "crashes", "server_error_examples"):
+        data.pop(key)
+    run.absorb("old", data)
+    assert run.answered == 0 and run.payments == {1: "pay_a"}
+
+
+# -- the deadlock counter, read again after the service stopped ---------------------------
+
+
+def _judged_summary(valid: object = True, deadlocks: object = None) -> dict[str, Any]:
+    checks = {"single_capture_write": {"name": "single_capture_write", "valid": valid}}
+    result: dict[str, Any] = {"valid": valid, "checks": checks}
+    if deadlocks is not None:
+        result["deadlocks"] = deadlocks
+    return {"strategies": {"for_update": result}, "verdict": "valid", "exit_code": 0}
+
+
+def test_a_deadlock_found_after_the_service_stopped_violates_the_run() -> None:
+    summary = _judged_summary(deadlocks={"delta": 0, "settled": False})
+    settle_deadlocks(summary, 2, True, "")
+    result = summary["strategies"]["for_update"]
+    assert result["checks"]["no_deadlock"]["valid"] is False
+    assert result["checks"]["no_deadlock"]["count"] == 2
+    assert result["deadlocks"]["delta"] == 2 and result["valid"] is False
+    assert (summary["verdict"], summary["exit_code"]) == ("violated", 1)
+
+
+def test_a_settled_zero_joins_the_checks_and_keeps_the_run_valid() -> None:
+    summary = _judged_summary(deadlocks={"delta": 0, "settled": False})
+    settle_deadlocks(summary, 0, True, "")
+    result = summary["strategies"]["for_update"]
+    assert result["checks"]["no_deadlock"]["valid"] is True
+    assert result["deadlocks"]["settled"] is True
+    assert (summary["verdict"], summary["exit_code"]) == ("valid", 0)
+
+
+def test_a_reading_that_still_did_not_settle_changes_nothing() -> None:
+    summary = _judged_summary(deadlocks={"delta": 0, "settled": False})
+    before = json.loads(json.dumps(summary))
+    settle_deadlocks(summary, 0, False, "1 client backend(s) active")
+    assert summary == before
+
+
+def test_a_run_the_gate_never_judged_is_not_made_valid_by_the_deadlock_reading() -> None:
+    summary = _judged_summary(valid="unknown")  # no "deadlocks": the oracle never observed
+    summary["verdict"], summary["exit_code"] = "unknown", 2
+    settle_deadlocks(summary, 0, True, "")
+    assert (summary["verdict"], summary["exit_code"]) == ("unknown", 2)
+    assert "no_deadlock" not in summary["strategies"]["for_update"]["checks"]

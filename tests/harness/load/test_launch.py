@@ -1,0 +1,240 @@
+"""harness/load.py: arguments, the plan, usage errors, and that no process outlives
+`payrace load` (Ctrl-C in the middle of a run, and a run whose Locust fails)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import cast
+
+import psutil
+import pytest
+from rich.console import Console
+
+from payrace.harness.infra.provider import Database
+from payrace.harness.load.launch import (
+    LOCUSTFILES,
+    LoadArgs,
+    LoadPlan,
+    UsageError,
+    load_main,
+    locust_processes,
+    parse_run_time,
+    resolve_locustfile,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
+MARKER = "PAYRACE_TEST_LOAD_MARKER"
+# The smallest run; each test names what it changes.
+SMALL: dict[str, object] = {
+    "strategy": "for_update",
+    "users": 1,
+    "spawn_rate": 1.0,
+    "run_time": "30s",
+    "processes": 1,
+    "workers": 1,
+    "dsn": None,
+    "locustfile": "race_pairs",
+}
+
+
+# -- arguments ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("45s", 45), ("1m30s", 90), ("2h", 7200), ("1h1m1s", 3661)]
+)
+def test_run_time_reads_locusts_syntax(text: str, seconds: float) -> None:
+    assert parse_run_time(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1.5m", "ten", "30 s", "s"])
+def test_run_time_rejects_what_locust_would(text: str) -> None:
+    with pytest.raises(UsageError, match="run time"):
+        parse_run_time(text)
+
+
+def test_locustfile_resolves_a_scenario_name_a_path_and_a_list() -> None:
+    race = str(LOCUSTFILES / "race_pairs.py")
+    assert resolve_locustfile("race_pairs") == race
+    assert resolve_locustfile(race) == race
+    assert resolve_locustfile("race_pairs, mixed").split(",") == [
+        race,
+        str(LOCUSTFILES / "mixed.py"),
+    ]
+
+
+def test_unknown_locustfile_names_the_scenarios_there_are() -> None:
+    with pytest.raises(UsageError, match="race_pairs, webhook_storm"):
+        resolve_locustfile("nope")
+    with pytest.raises(UsageError, match="not found"):
+        resolve_locustfile("_payrace")  # the helper module is not a scenario
+
+
+def test_processes_one_means_one_local_locust() -> None:
+    assert locust_processes(0) == locust_processes(1) == []
+    assert locust_processes(4) == ["--processes", "4"]
+    assert locust_processes(-1) == ["--processes", "-1"]
+    with pytest.raises(UsageError):
+        locust_processes(-2)
+
+
+def test_plan_builds_the_locust_command_with_reports_in_the_run_dir(tmp_path: Path) -> None:
+    plan = LoadPlan.build(
+        strategy="naive",
+        users=50,
+        spawn_rate=12.5,
+        run_time="1m",
+        processes=2,
+        workers=3,
+        dsn=None,
+        locustfile="webhook_storm",
+        out_dir=tmp_path,
+        extra_args=["--stop-timeout", "2"],
+    )
+    assert plan.run_dir.parent == tmp_path and plan.run_dir.name.endswith("-naive-webhook_storm")
+    cmd = plan.locust_cmd("http://127.0.0.1:1", master_port=6123)
+    assert cmd[1:3] == ["-m", "locust"] and "--headless" in cmd
+    flags = [("-u", "50"), ("-r", "12.5"), ("-t", "1m"), ("--processes", "2")]
+    # Not Locust's default 5557: two runs on one machine must not collide.
+    flags += [("--master-bind-host", "127.0.0.1"), ("--master-bind-port", "6123")]
+    for flag, value in [*flags, ("--master-port", "6123")]:
+        assert cmd[cmd.index(flag) + 1] == value
+    assert cmd[cmd.index("--html") + 1] == str(plan.run_dir / "locust.html")
+    assert cmd[cmd.index("--csv") + 1] == str(plan.run_dir / "locust")
+    assert cmd[-2:] == ["--stop-timeout", "2"]
+    # 3 workers x (pool + overflow) stays under a default max_connections of 100.
+    pool = plan.service_pool()
+    assert 3 * (int(pool["DB_POOL_SIZE"]) + int(pool["DB_MAX_OVERFLOW"])) <= 90
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"strategy": "optimistic"}, "--strategy"),
+        ({"users": 0}, "--users"),
+        ({"spawn_rate": 0.0}, "--spawn-rate"),
+        ({"run_time": "soon"}, "run time"),
+        ({"run_time": "0s"}, "longer than zero"),
+        ({"workers": 0}, "--workers"),
+        ({"locustfile": "missing_scenario"}, "not found"),
+        ({"processes": -5}, "--processes"),
+    ],
+)
+def test_usage_errors_exit_2_before_anything_starts(
+    tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    args = cast(LoadArgs, {**SMALL, "out_dir": tmp_path, "extra_args": [], **changes})
+    out = io.StringIO()
+    code = load_main(console=Console(file=out, width=200), **args)
+    assert code == 2
+    assert message in out.getvalue()
+    assert list(tmp_path.iterdir()) == []  # no run directory, no database, no process
+
+
+# -- no process outlives payrace load -----------------------------------------------------
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    """Every process whose environment carries the marker: payrace, the service and its
+    workers, Locust and its workers, the postmaster (its children rewrite their environ
+    area for the process title, but die with it)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(MARKER) == marker and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _describe(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            out.append(f"{p.pid} (gone)")
+    return out
+
+
+def _spawn_load(tmp_path: Path, marker: str, **changes: object) -> subprocess.Popen[bytes]:
+    """`payrace load` with SMALL and `changes`, in a process of its own marked with `marker`."""
+    args = {**SMALL, **changes}
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from rich.console import Console
+        from payrace.harness.load.launch import load_main
+        args = {args!r}
+        sys.exit(load_main(console=Console(width=200), out_dir=Path({str(tmp_path)!r}),
+                           extra_args=[], **args))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PAYRACE_DATABASE_URL"}
+    env[MARKER] = marker
+    log = (tmp_path / "payrace.log").open("wb")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", script], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    finally:
+        log.close()
+
+
+def test_ctrl_c_in_the_middle_of_a_run_stops_everything(tmp_path: Path) -> None:
+    """The embedded PostgreSQL route, so the postmaster is payrace's to stop too."""
+    marker = uuid.uuid4().hex
+    proc = _spawn_load(
+        tmp_path, marker, users=4, spawn_rate=4.0, run_time="60s", processes=2, workers=2
+    )
+    try:
+        deadline = time.monotonic() + 60
+        seen: list[str] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            seen = _describe(_marked(marker))
+            if sum(" locust " in s for s in seen) >= 3:  # master + 2 workers
+                break
+            time.sleep(0.2)
+        assert sum(" locust " in s for s in seen) >= 3, (tmp_path / "payrace.log").read_text()
+        assert any("postgres" in s for s in seen) and any("uvicorn" in s for s in seen)
+        time.sleep(2.0)  # users spawned and racing
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / "payrace.log").read_text()
+    assert code == 130, log
+    assert "interrupted" in log
+    assert _describe(_marked(marker)) == []
+
+
+def test_a_failing_locust_run_exits_2_and_leaves_nothing_behind(
+    tmp_path: Path, pg: Database
+) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("import locust\nraise RuntimeError('a locustfile that cannot load')\n")
+    marker = uuid.uuid4().hex
+    proc = _spawn_load(tmp_path, marker, dsn=pg.url, locustfile=str(broken))
+    try:
+        code = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / "payrace.log").read_text()
+    assert code == 2, log
+    assert "before its gate wrote summary.json" in log
+    assert "a locustfile that cannot load" in next(tmp_path.glob("*/locust.log")).read_text()
+    assert _describe(_marked(marker)) == []

@@ -1,0 +1,351 @@
+"""harness/client.py: signed requests, the in-process and HTTP clients, gateway control.
+
+The HTTP tests run against a real uvicorn ServiceProcess on the session's PostgreSQL and the
+fake gateway; every assertion is about the test's own orders and payments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import razorpay
+from conftest import Service
+from razorpay.errors import SignatureVerificationError
+
+from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys
+from payrace.harness.infra.processes import ServiceProcess, free_port, service_env
+from payrace.harness.infra.provider import Database
+from payrace.harness.model.client import (
+    AsgiClient,
+    HttpClient,
+    LocalGateway,
+    PaymentContext,
+    Prepared,
+    RemoteGateway,
+    Reply,
+    prepare,
+)
+from payrace.harness.model.generator import Step
+
+KEYS = GatewayKeys()
+AMOUNT = 50000
+VERIFY = Step("client", "verify")
+CAPTURED = Step("webhook-1", "webhook", "payment.captured")
+
+
+def razorpay_utility() -> Any:
+    return razorpay.Client(auth=(KEYS.key_id, KEYS.key_secret)).utility
+
+
+def gateway_payment(fake: FakeRazorpay) -> tuple[str, dict[str, Any]]:
+    order = fake.create_order({"amount": AMOUNT, "currency": "INR"})
+    return order["id"], fake.authorize_payment(order["id"])
+
+
+def context(fake: FakeRazorpay, payment_id: int = 1) -> PaymentContext:
+    order_id, payment = gateway_payment(fake)
+    return PaymentContext(payment_id, order_id, payment)
+
+
+def spread_ms(replies: list[Reply]) -> float:
+    stamps = [int(r.server()["received_at_ns"]) for r in replies]
+    return (max(stamps) - min(stamps)) / 1e6
+
+
+# -- prepare() --------------------------------------------------------------------------------
+
+
+def test_verify_body_carries_a_signature_the_razorpay_sdk_accepts(
+    fake_gateway: FakeRazorpay,
+) -> None:
+    ctx = context(fake_gateway, payment_id=17)
+    req = prepare(VERIFY, 0, ctx, KEYS)
+    assert (req.method, req.path, req.f) == ("POST", "/payments/verify", "verify")
+    assert req.headers == {"content-type": "application/json"}
+    body = json.loads(req.body)
+    assert body["internal_payment_id"] == 17
+    assert body["razorpay_order_id"] == ctx.gateway_order_id
+    assert body["razorpay_payment_id"] == ctx.gateway_payment["id"]
+    assert req.value == {"gateway_payment_id": ctx.gateway_payment["id"]}
+    assert razorpay_utility().verify_payment_signature(body) is True
+    with pytest.raises(SignatureVerificationError):
+        razorpay_utility().verify_payment_signature({**body, "razorpay_payment_id": "pay_other"})
+
+
+def test_webhook_signature_verifies_over_the_exact_raw_bytes(fake_gateway: FakeRazorpay) -> None:
+    ctx = context(fake_gateway)
+    req = prepare(CAPTURED, 1, ctx, KEYS)
+    assert (req.method, req.path, req.f) == ("POST", "/webhooks/razorpay", "webhook")
+    signature = req.headers["x-razorpay-signature"]
+    assert razorpay_utility().verify_webhook_signature(
+        req.body.decode(), signature, KEYS.webhook_secret
+    )
+    # The same document encoded another way is not what was signed.
+    reencoded = json.dumps(json.loads(req.body))
+    assert reencoded.encode() != req.body
+    with pytest.raises(SignatureVerificationError):
+        razorpay_utility().verify_webhook_signature(reencoded, signature, KEYS.webhook_secret)
+
+    envelope = json.loads(req.body)
+    assert envelope["event"] == "payment.captured"
+    assert envelope["account_id"] == KEYS.account_id
+    assert envelope["payload"]["payment"]["entity"]["id"] == ctx.gateway_payment["id"]
+    assert req.value == {
+        "event": "payment.captured",
+        "event_id": req.headers["x-razorpay-event-id"],
+        "gateway_payment_id": ctx.gateway_payment["id"],
+    }
+    assert ctx.event_ids == {1: req.headers["x-razorpay-event-id"]}
+
+
+def test_a_duplicate_step_reuses_the_event_id_and_a_redelivery_does_not(
+    fake_gateway: FakeRazorpay,
+) -> None:
+    ctx = context(fake_gateway)
+    first = prepare(CAPTURED, 1, ctx, KEYS)
+    duplicate = prepare(
+        Step("webhook-2", "webhook", "payment.captured", same_event_as=1), 2, ctx, KEYS
+    )
+    redelivery = prepare(Step("webhook-3", "webhook", "payment.captured"), 3, ctx, KEYS)
+    event_id = first.headers["x-razorpay-event-id"]
+    assert duplicate.headers["x-razorpay-event-id"] == event_id
+    assert duplicate.value["event_id"] == event_id
+    assert redelivery.headers["x-razorpay-event-id"] != event_id
+    assert ctx.event_ids == {1: event_id, 2: event_id, 3: redelivery.value["event_id"]}
+
+
+def test_order_paid_webhook_carries_the_order(fake_gateway: FakeRazorpay) -> None:
+    ctx = context(fake_gateway)
+    req = prepare(Step("webhook-2", "webhook", "order.paid"), 2, ctx, KEYS)
+    envelope = json.loads(req.body)
+    assert envelope["payload"]["order"]["entity"]["id"] == ctx.gateway_order_id
+    assert envelope["payload"]["order"]["entity"]["status"] == "paid"
+
+
+def test_reply_server_reads_server_timing_and_received_at() -> None:
+    reply = Reply(
+        200,
+        {},
+        {"server-timing": "lock;dur=1.5, hold;dur=3, db;dur=0.2", "x-payrace-received-at": "42"},
+    )
+    assert reply.server() == {"lock": 1.5, "hold": 3.0, "db": 0.2, "received_at_ns": 42}
+    assert Reply(200, {}, {"x-payrace-received-at": "soon"}).server() == {}
+    assert Reply(None, {}, {}, "refused").server() == {}
+
+
+# -- AsgiClient ---------------------------------------------------------------------------------
+
+
+async def test_asgi_client_creates_an_order_and_captures_through_the_service(
+    service: Service, fake_gateway: FakeRazorpay
+) -> None:
+    client = AsgiClient(service.app)
+    try:
+        order = await client.create_order(AMOUNT, "INR")
+        assert order["amount"] == AMOUNT and order["gateway_order_id"].startswith("order_")
+        payment = LocalGateway(fake_gateway).authorize(order["gateway_order_id"])
+        ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
+        reply = await client.send(prepare(VERIFY, 0, ctx, KEYS))
+    finally:
+        await client.aclose()
+    assert reply.status == 200, reply
+    assert reply.error is None
+    assert reply.body["payment_id"] == order["payment_id"]
+    assert reply.body["status"] == "captured"
+    server = reply.server()
+    assert {"lock", "hold", "received_at_ns"} <= server.keys()
+    assert server["lock"] >= 0 and server["hold"] >= 0
+
+
+async def test_asgi_send_together_answers_every_request(
+    service: Service, fake_gateway: FakeRazorpay
+) -> None:
+    client = AsgiClient(service.app)
+    try:
+        order = await client.create_order(AMOUNT, "INR")
+        payment = fake_gateway.authorize_payment(order["gateway_order_id"])
+        ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
+        replies = await client.send_together(
+            [prepare(VERIFY, 0, ctx, KEYS), prepare(CAPTURED, 1, ctx, KEYS)]
+        )
+    finally:
+        await client.aclose()
+    assert [r.status for r in replies] == [200, 200], replies
+    assert replies[1].body["event"] == "payment.captured"
+    assert sorted(r.body["idempotent"] for r in replies) == [False, True]
+
+
+async def test_create_order_refused_by_the_target_raises(service: Service) -> None:
+    client = AsgiClient(service.app)
+    try:
+        with pytest.raises(RuntimeError, match="refused POST /orders: HTTP 422"):
+            await client.create_order(0, "INR")
+    finally:
+        await client.aclose()
+
+
+# -- HttpClient against a real uvicorn --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def service_url(
+    pg: Database, gateway_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("client") / "service.log"
+    with ServiceProcess(service_env(pg, gateway_url, "for_update"), log_path=log) as svc:
+        yield svc.url
+
+
+async def verifies(client: HttpClient, fake: FakeRazorpay, n: int) -> list[Prepared]:
+    reqs = []
+    for _ in range(n):
+        order = await client.create_order(AMOUNT, "INR")
+        payment = fake.authorize_payment(order["gateway_order_id"])
+        ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
+        reqs.append(prepare(VERIFY, 0, ctx, KEYS))
+    return reqs
+
+
+async def test_http_send_gets_an_answer_with_the_servers_timings(
+    service_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    client = HttpClient(service_url)
+    try:
+        (req,) = await verifies(client, fake_gateway, 1)
+        reply = await client.send(req)
+        again = await client.send(req)
+    finally:
+        await client.aclose()
+    assert reply.status == 200, reply
+    assert reply.body["status"] == "captured" and reply.body["idempotent"] is False
+    assert again.status == 200 and again.body["idempotent"] is True
+    assert {"lock", "hold", "received_at_ns"} <= reply.server().keys()
+
+
+async def test_http_send_together_answers_a_verify_and_its_webhook(
+    service_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    client = HttpClient(service_url)
+    try:
+        order = await client.create_order(AMOUNT, "INR")
+        payment = fake_gateway.authorize_payment(order["gateway_order_id"])
+        ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
+        replies = await client.send_together(
+            [prepare(VERIFY, 0, ctx, KEYS), prepare(CAPTURED, 1, ctx, KEYS)]
+        )
+    finally:
+        await client.aclose()
+    assert [r.status for r in replies] == [200, 200], replies
+    assert all(r.error is None for r in replies)
+    assert all(r.body["payment_id"] == order["payment_id"] for r in replies)
+    assert replies[1].body["event"] == "payment.captured"
+    assert sorted(r.body["idempotent"] for r in replies) == [False, True]
+    assert "received_at_ns" in replies[0].server()
+
+
+async def test_send_together_lines_up_arrivals_and_spaced_sends_do_not(
+    service_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    client = HttpClient(service_url)
+    try:
+        together = await client.send_together(await verifies(client, fake_gateway, 4))
+        spaced = []
+        for req in await verifies(client, fake_gateway, 4):
+            spaced.append(await client.send(req))
+            await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+    assert [r.status for r in together + spaced] == [200] * 8
+    # A sanity bound, not a benchmark: the measure separates the two by an order of magnitude.
+    assert spread_ms(together) < 50
+    assert spread_ms(spaced) > 250
+
+
+async def test_send_together_stamps_mark_the_release_not_the_connection_setup(
+    service_url: str, fake_gateway: FakeRazorpay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slow connection set-up (40 ms each) must not show in the arrival spread: the server
+    stamps a request when its head is complete, so the head's last byte is what is held."""
+    open_connection = asyncio.open_connection
+
+    async def slow_open(*args: Any, **kwargs: Any) -> Any:
+        streams = await open_connection(*args, **kwargs)
+        await asyncio.sleep(0.04)
+        return streams
+
+    client = HttpClient(service_url)
+    try:
+        reqs = await verifies(client, fake_gateway, 4)
+        monkeypatch.setattr(asyncio, "open_connection", slow_open)
+        replies = await client.send_together(reqs)
+    finally:
+        monkeypatch.undo()
+        await client.aclose()
+    assert [r.status for r in replies] == [200] * 4, replies
+    assert spread_ms(replies) < 50
+
+
+async def test_http_client_on_a_closed_port_replies_with_no_status_and_an_error() -> None:
+    client = HttpClient(f"http://127.0.0.1:{free_port()}")
+    req = Prepared(
+        "POST", "/payments/verify", b"{}", {"content-type": "application/json"}, "verify"
+    )
+    try:
+        reply = await client.send(req)
+        together = await client.send_together([req, req])
+    finally:
+        await client.aclose()
+    assert reply.status is None and reply.body == {}
+    assert reply.error is not None and "ConnectError" in reply.error
+    assert [r.status for r in together] == [None, None]
+    assert all(r.error for r in together)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://127.0.0.1:8000", "127.0.0.1:8000", "http://", "ftp://host/", ""]
+)
+def test_http_client_rejects_a_url_it_cannot_reach(url: str) -> None:
+    with pytest.raises(ValueError, match="target URL must look like http://"):
+        HttpClient(url)
+
+
+# -- gateway control --------------------------------------------------------------------------
+
+
+def test_remote_gateway_authorizes_and_reads_counters(
+    gateway_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    order = fake_gateway.create_order({"amount": AMOUNT, "currency": "INR"})
+    gateway = RemoteGateway(gateway_url + "/")
+    try:
+        payment = gateway.authorize(order["id"])
+        assert payment["order_id"] == order["id"] and payment["status"] == "authorized"
+        assert payment["amount"] == AMOUNT
+        assert payment["id"] not in gateway.counters()["captures"]
+        fake_gateway.capture(payment["id"], {"amount": AMOUNT, "currency": "INR"})
+        counters = gateway.counters()
+        assert set(counters) == {"captures", "accepted", "rejected", "injected"}
+        assert counters["captures"][payment["id"]] == 1
+        assert counters["accepted"][payment["id"]] == 1
+        with pytest.raises(httpx.HTTPStatusError):
+            gateway.authorize("order_doesnotexist0")
+    finally:
+        gateway.close()
+
+
+def test_local_gateway_authorizes_and_reads_counters(fake_gateway: FakeRazorpay) -> None:
+    order = fake_gateway.create_order({"amount": AMOUNT, "currency": "INR"})
+    gateway = LocalGateway(fake_gateway)
+    payment = gateway.authorize(order["id"])
+    assert payment["order_id"] == order["id"] and payment["status"] == "authorized"
+    assert payment["id"] not in gateway.counters()["captures"]
+    fake_gateway.capture(payment["id"], {"amount": AMOUNT, "currency": "INR"})
+    assert gateway.counters()["captures"][payment["id"]] == 1
+    assert gateway.counters()["accepted"][payment["id"]] == 1
+    with pytest.raises(KeyError):
+        gateway.authorize("order_doesnotexist0")

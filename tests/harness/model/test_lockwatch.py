@@ -1,0 +1,129 @@
+"""harness/lockwatch.py: real row-lock waits on the session's PostgreSQL, seen from outside.
+
+Each test makes its own table and its own transactions with asyncpg; a holder keeps
+`SELECT ... FOR UPDATE` on a row while waiters queue behind it for HOLD_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from payrace.harness.infra.provider import Database
+from payrace.harness.model.lockwatch import LockWatch
+
+HOLD_S = 0.3
+
+
+@pytest.fixture
+async def table(pg: Database) -> AsyncIterator[str]:
+    name = f"lockwatch_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(pg.url)
+    try:
+        await conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, n int NOT NULL)")
+        await conn.execute(f"INSERT INTO {name} VALUES (1, 0), (2, 0)")
+        yield name
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {name}")
+        await conn.close()
+
+
+async def hold_row(pg: Database, table: str, waiters: int) -> list[float]:
+    """Hold row 1 FOR UPDATE for HOLD_S while `waiters` transactions queue for it; return
+    how long each waiter took to get the row, as the waiter itself measured it."""
+    holder = await asyncpg.connect(pg.url)
+    others = [await asyncpg.connect(pg.url) for _ in range(waiters)]
+    try:
+        await holder.execute("BEGIN")
+        await holder.fetch(f"SELECT * FROM {table} WHERE id = 1 FOR UPDATE")
+
+        async def wait(conn: asyncpg.Connection) -> float:
+            started = time.perf_counter()
+            async with conn.transaction():
+                await conn.fetch(f"SELECT * FROM {table} WHERE id = 1 FOR UPDATE")
+                waited = time.perf_counter() - started
+                await conn.execute(f"UPDATE {table} SET n = n + 1 WHERE id = 1")
+            return waited
+
+        tasks = [asyncio.create_task(wait(conn)) for conn in others]
+        await asyncio.sleep(HOLD_S)
+        await holder.execute("COMMIT")
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for conn in [holder, *others]:
+            await conn.close()
+
+
+async def test_a_waiter_behind_a_row_lock_is_seen_with_its_wait(pg: Database, table: str) -> None:
+    async with LockWatch(pg.url, interval_s=0.005) as watch:
+        (waited,) = await hold_row(pg, table, waiters=1)
+    result = watch.result
+    assert waited >= HOLD_S * 0.9  # the wait was real
+    assert result.waiting_max >= 1
+    assert result.waiting_seen >= 10  # ~300 ms of 5 ms samples
+    assert result.episodes >= 1
+    summary = result.waits.summary()
+    assert 150 <= summary["max"] <= 1500, summary
+    assert result.samples > result.waiting_seen
+
+
+async def test_two_waiters_are_counted_at_once(pg: Database, table: str) -> None:
+    async with LockWatch(pg.url, interval_s=0.005) as watch:
+        await hold_row(pg, table, waiters=2)
+    assert watch.result.waiting_max >= 2
+    assert watch.result.episodes >= 2
+
+
+async def test_no_contention_means_no_waits(pg: Database, table: str) -> None:
+    conn = await asyncpg.connect(pg.url)
+    try:
+        async with LockWatch(pg.url, interval_s=0.005) as watch:
+            # Locks taken and released one after another: nobody waits.
+            for row in (1, 2, 1, 2):
+                async with conn.transaction():
+                    await conn.fetch(f"SELECT * FROM {table} WHERE id = $1 FOR UPDATE", row)
+                    await asyncio.sleep(0.03)
+    finally:
+        await conn.close()
+    result = watch.result
+    assert result.samples >= 5
+    assert result.waiting_seen == 0
+    assert result.waiting_max == 0
+    assert result.episodes == 0
+    assert result.waits.count == 0
+
+
+async def test_to_json_reports_the_interval_and_the_wait_summary(pg: Database, table: str) -> None:
+    async with LockWatch(pg.url, interval_s=0.01) as watch:
+        await hold_row(pg, table, waiters=1)
+    doc = watch.result.to_json()
+    assert set(doc) == {
+        "samples",
+        "interval_ms",
+        "waiting_max",
+        "waiting_seen",
+        "episodes",
+        "wait_ms",
+    }
+    assert doc["interval_ms"] == pytest.approx(10.0)
+    assert doc["samples"] == watch.result.samples > 0
+    assert doc["wait_ms"]["count"] == doc["episodes"] >= 1
+
+
+async def test_leaving_the_watch_stops_polling_and_closes_its_connection(pg: Database) -> None:
+    watch = LockWatch(pg.url, interval_s=0.005)
+    await watch.__aenter__()
+    await asyncio.sleep(0.05)
+    started = time.perf_counter()
+    await watch.__aexit__(None, None, None)
+    assert time.perf_counter() - started < 1.0  # a poll cut short does not hold up the exit
+    samples = watch.result.samples
+    assert samples >= 2
+    await asyncio.sleep(0.05)
+    assert watch.result.samples == samples
+    assert watch._conn.is_closed()

@@ -1,0 +1,652 @@
+"""harness/oracle.py on a real PostgreSQL: triggers, scoping, baselines, deadlocks, config.
+
+The shared session database holds rows from other tests, so every test scopes its
+observation to its own payment ids and takes its own baseline. Tests that need a database
+to themselves (uninstall, a team's own schema, deadlocks) create a scratch database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from sqlalchemy import create_engine
+
+from payrace.harness.gateway.fake import (
+    FakeRazorpay,
+    GatewayKeys,
+    client_callback,
+    signed_webhook,
+    webhook_event,
+)
+from payrace.harness.infra.provider import Database
+from payrace.harness.model import oracle
+from payrace.harness.model.checker import check
+from payrace.harness.model.history import History, classify
+from payrace.harness.model.oracle import OracleConfig, OracleError, WatchedTable
+from payrace.service.models import Base
+
+KEYS = GatewayKeys()
+REFERENCE = OracleConfig.reference()
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def reference_tables(pg: Database) -> str:
+    engine = create_engine(pg.psycopg_url())
+    try:
+        with engine.begin() as conn:
+            # Same lock as service.db.create_schema: services may be creating the tables too.
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(720131)")
+            Base.metadata.create_all(conn)
+    finally:
+        engine.dispose()
+    return pg.url
+
+
+@pytest.fixture
+def audited(reference_tables: str) -> str:
+    """The session database with the reference tables and the oracle installed (again: other
+    tests share the database and may have uninstalled it)."""
+    oracle.install(reference_tables)
+    return reference_tables
+
+
+@pytest.fixture
+def scratch(pg: Database) -> Iterator[str]:
+    """A database of its own on the same server, dropped afterwards."""
+    name = f"payrace_oracle_{secrets.token_hex(4)}"
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(pg.url, dbname=name)
+    finally:
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+TEAM_SCHEMA = """
+CREATE SCHEMA billing;
+CREATE TABLE billing.purchase (purchase_no bigint PRIMARY KEY, state text NOT NULL);
+CREATE TABLE billing.charge (
+    charge_no bigint PRIMARY KEY, purchase_no bigint REFERENCES billing.purchase,
+    rzp_id text UNIQUE, state text NOT NULL, touched_at timestamptz);
+CREATE TABLE billing.bill (bill_no bigint PRIMARY KEY, charge_no bigint REFERENCES billing.charge,
+    "Bill State" text NOT NULL);
+"""
+
+TEAM_TOML = """
+payment_order_column = "purchase_no"
+gateway_payment_column = "rzp_id"
+
+[payments]
+table = "billing.charge"
+id_column = "charge_no"
+status_column = "state"
+done_value = "settled"
+ignore_columns = ["touched_at"]
+
+[invoices]
+table = "billing.bill"
+id_column = "bill_no"
+status_column = "Bill State"
+done_value = "cleared"
+payment_column = "charge_no"
+
+[orders]
+table = "billing.purchase"
+id_column = "purchase_no"
+status_column = "state"
+done_value = "complete"
+"""
+
+
+@pytest.fixture
+def team(scratch: str, tmp_path: Path) -> tuple[str, OracleConfig]:
+    """A team's own schema (other names, a schema-qualified table, a quoted column)."""
+    with psycopg.connect(scratch, autocommit=True) as conn:
+        conn.execute(TEAM_SCHEMA)
+        conn.execute(
+            "INSERT INTO billing.purchase VALUES (1, 'open'), (2, 'open');"
+            "INSERT INTO billing.charge VALUES (10, 1, 'pay_a', 'pending', NULL),"
+            " (20, 2, 'pay_b', 'pending', NULL);"
+            "INSERT INTO billing.bill VALUES (100, 10, 'due'), (200, 20, 'due')"
+        )
+    path = tmp_path / "oracle.toml"
+    path.write_text(TEAM_TOML)
+    config = OracleConfig.from_toml(path)
+    oracle.install(scratch, config)
+    return scratch, config
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _new_payment(url: str) -> int:
+    """Order, payment and invoice rows as POST /orders writes them, by plain SQL."""
+    gateway_order = f"order_{secrets.token_hex(7)}"
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        order = conn.execute(
+            "INSERT INTO orders (gateway_order_id, amount, currency, status) "
+            "VALUES (%s, 50000, 'INR', 'created') RETURNING id",
+            (gateway_order,),
+        ).fetchone()
+        assert order is not None
+        payment = conn.execute(
+            "INSERT INTO payments (order_id, amount, currency, status) "
+            "VALUES (%s, 50000, 'INR', 'pending') RETURNING id",
+            order,
+        ).fetchone()
+        assert payment is not None
+        conn.execute(
+            "INSERT INTO invoices (order_id, payment_id, amount, amount_paid, status) "
+            "VALUES (%s, %s, 50000, 0, 'issued')",
+            (order[0], payment[0]),
+        )
+        return int(payment[0])
+
+
+def _capture_by_sql(url: str, payment: int, *, with_rest: bool = True) -> None:
+    """One transaction doing what a capture does: payment, then invoice, then order."""
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        conn.execute(
+            "UPDATE payments SET status = 'captured', captured_at = clock_timestamp(), "
+            "gateway_payment_id = coalesce(gateway_payment_id, %s) WHERE id = %s",
+            (f"pay_{secrets.token_hex(7)}", payment),
+        )
+        if with_rest:
+            conn.execute(
+                "UPDATE invoices SET status = 'paid', amount_paid = amount, "
+                "paid_at = clock_timestamp() WHERE payment_id = %s",
+                (payment,),
+            )
+            conn.execute(
+                "UPDATE orders SET status = 'paid', paid_at = clock_timestamp() "
+                "WHERE id = (SELECT order_id FROM payments WHERE id = %s)",
+                (payment,),
+            )
+
+
+def _rows(obs: oracle.Observation, table: str) -> list[oracle.AuditRow]:
+    return [r for r in obs.audit if r.table == table]
+
+
+# -- install ------------------------------------------------------------------------------
+
+
+def _triggers(url: str) -> dict[str, int]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT tgrelid::regclass::text, count(*) FROM pg_trigger WHERE tgname = %s GROUP BY 1",
+            (oracle.TRIGGER,),
+        ).fetchall()
+    return {name: int(n) for name, n in rows}
+
+
+def test_install_is_idempotent_and_survives_concurrent_installers(audited: str) -> None:
+    oracle.install(audited)
+    errors: list[BaseException] = []
+
+    def install() -> None:
+        try:
+            oracle.install(audited)
+        except BaseException as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=install) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _triggers(audited) == {"payments": 1, "invoices": 1, "orders": 1}
+    assert oracle.installed(audited)
+
+
+def test_install_names_the_config_key_of_a_missing_column(audited: str) -> None:
+    config = OracleConfig(
+        payments=WatchedTable("payments", "captured", status_column="state"),
+        invoices=REFERENCE.invoices,
+        orders=REFERENCE.orders,
+    )
+    with pytest.raises(OracleError, match=r"payments\.status_column = 'state'.*no such column"):
+        oracle.install(audited, config)
+
+
+def test_install_refuses_a_missing_table_before_touching_anything(scratch: str) -> None:
+    with pytest.raises(OracleError, match=r"payments\.table = 'payments': no such table"):
+        oracle.install(scratch)
+    assert not oracle.installed(scratch)
+
+
+def test_uninstall_removes_triggers_and_schema(team: tuple[str, OracleConfig]) -> None:
+    url, config = team
+    assert set(_triggers(url)) == {"billing.charge", "billing.bill", "billing.purchase"}
+    oracle.uninstall(url, config)
+    assert _triggers(url) == {}
+    assert not oracle.installed(url)
+    oracle.uninstall(url, config)  # a no-op the second time
+    with pytest.raises(OracleError, match="not installed"):
+        oracle.observe(url, config, since=oracle.Baseline(0, 0))
+
+
+# -- what the triggers record -------------------------------------------------------------
+
+
+def test_sql_double_capture_is_caught_as_single_capture_write_violated(audited: str) -> None:
+    payment = _new_payment(audited)
+    since = oracle.baseline(audited)
+    _capture_by_sql(audited, payment)
+    _capture_by_sql(audited, payment, with_rest=False)  # a second transaction captures again
+
+    obs = oracle.observe(audited, REFERENCE, since=since, payment_ids=[payment])
+    writes = _rows(obs, "payments")
+    assert [(r.op, r.old_status, r.new_status) for r in writes] == [
+        ("UPDATE", "pending", "captured"),
+        ("UPDATE", "captured", "captured"),
+    ]
+    assert writes[0].txid != writes[1].txid
+    assert "captured_at" in writes[1].changed
+
+    verdict = check([], obs)
+    result = verdict.results["single_capture_write"]
+    assert result.valid is False
+    assert result.count == 1
+    assert result.worst is not None
+    assert result.worst["payment"] == payment
+    assert result.worst["writes"] == 2
+    assert result.worst["rewrites"] == 1
+    assert result.worst["txids"] == [writes[0].txid, writes[1].txid]
+    assert verdict.results["single_invoice_paid"].valid is True
+    assert verdict.valid is False
+    assert verdict.violating_payments == {payment}
+
+
+def test_sql_clean_capture_is_valid_and_one_transaction_writes_all_three(audited: str) -> None:
+    payment = _new_payment(audited)
+    since = oracle.baseline(audited)
+    _capture_by_sql(audited, payment)
+
+    obs = oracle.observe(audited, REFERENCE, since=since, payment_ids=[payment])
+    assert [r.table for r in obs.audit] == ["payments", "invoices", "orders"]
+    assert len({r.txid for r in obs.audit}) == 1
+    assert {r.payment_id for r in obs.audit} == {payment}
+    state = obs.payments[payment]
+    assert (state.status, state.invoice_status, state.order_status) == ("captured", "paid", "paid")
+
+    verdict = check([], obs)
+    for name in ("single_capture_write", "single_invoice_paid", "single_order_paid"):
+        assert verdict.results[name].valid is True, verdict.results[name]
+    assert verdict.results["single_capture_write"].checked == 1
+
+
+def test_observe_scoped_to_payment_ids_ignores_other_payments(audited: str) -> None:
+    mine, other = _new_payment(audited), _new_payment(audited)
+    since = oracle.baseline(audited)
+    _capture_by_sql(audited, mine)
+    _capture_by_sql(audited, other)
+    _capture_by_sql(audited, other, with_rest=False)  # a violation, but not in scope
+    with psycopg.connect(audited) as conn:
+        gids: dict[int, str] = dict(
+            conn.execute(
+                "SELECT id, gateway_payment_id FROM payments WHERE id = ANY(%s)", ([mine, other],)
+            ).fetchall()
+        )
+    counters = {"captures": {gids[mine]: 1, gids[other]: 2}, "accepted": {gids[mine]: 1}}
+
+    obs = oracle.observe(
+        audited, REFERENCE, since=since, payment_ids=[mine], gateway_counters=counters
+    )
+    assert {r.payment_id for r in obs.audit} == {mine}
+    assert len(obs.audit) == 3  # payment, invoice and order (mapped through payments.order_id)
+    assert set(obs.payments) == {mine}
+    assert obs.gateway_captures == {gids[mine]: 1}
+    assert check([], obs).results["single_capture_write"].valid is True
+
+    everything = oracle.observe(audited, REFERENCE, since=since, gateway_counters=counters)
+    assert {mine, other} <= set(everything.payments)
+    assert everything.gateway_captures == counters["captures"]
+    assert check([], everything).results["single_capture_write"].valid is False
+
+
+def test_baseline_excludes_earlier_audit_rows(audited: str) -> None:
+    payment = _new_payment(audited)
+    _capture_by_sql(audited, payment)
+    since = oracle.baseline(audited)
+
+    obs = oracle.observe(audited, REFERENCE, since=since, payment_ids=[payment])
+    assert obs.audit == ()
+    assert obs.payments[payment].status == "captured"
+    # Captured, but the capture is not in this window: the oracle cannot vouch for it.
+    result = check([], obs).results["single_capture_write"]
+    assert result.valid == "unknown"
+    assert result.first is not None and result.first["problem"] == "no write seen"
+
+    before = oracle.observe(audited, REFERENCE, since=oracle.Baseline(0, 0), payment_ids=[payment])
+    assert [r.op for r in _rows(before, "payments")] == ["INSERT", "UPDATE"]
+
+
+def test_a_team_schema_from_toml_is_audited_and_ignore_columns_apply(
+    team: tuple[str, OracleConfig],
+) -> None:
+    url, config = team
+    since = oracle.baseline(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("UPDATE billing.charge SET state = 'settled' WHERE charge_no = 10")
+            conn.execute("UPDATE billing.bill SET \"Bill State\" = 'cleared' WHERE bill_no = 100")
+            conn.execute("UPDATE billing.purchase SET state = 'complete' WHERE purchase_no = 1")
+        # An idempotent repeat that only bumps a harmless column: not a second capture.
+        conn.execute("UPDATE billing.charge SET touched_at = now() WHERE charge_no = 10")
+
+    obs = oracle.observe(url, config, since=since, payment_ids=[10])
+    assert [(r.table, r.row_id, r.payment_id) for r in obs.audit] == [
+        ("payments", 10, 10),
+        ("invoices", 100, 10),
+        ("orders", 1, 10),
+        ("payments", 10, 10),
+    ]
+    assert obs.audit[-1].changed == ("touched_at",)
+    state = obs.payments[10]
+    assert (state.status, state.gateway_payment_id) == ("settled", "pay_a")
+    assert (state.invoice_status, state.order_status) == ("cleared", "complete")
+    verdict = check([], obs)
+    for name in ("single_capture_write", "single_invoice_paid", "single_order_paid"):
+        assert verdict.results[name].valid is True, verdict.results[name]
+
+
+# -- deadlocks ----------------------------------------------------------------------------
+
+
+def _deadlock(url: str) -> None:
+    """Two transactions lock two rows in opposite orders; PostgreSQL kills one of them."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS knot (id int PRIMARY KEY, v int)")
+        conn.execute("INSERT INTO knot VALUES (1, 0), (2, 0) ON CONFLICT DO NOTHING")
+    a, b = psycopg.connect(url), psycopg.connect(url)
+    outcomes: list[str] = []
+    try:
+        a.execute("UPDATE knot SET v = v + 1 WHERE id = 1")
+        b.execute("UPDATE knot SET v = v + 1 WHERE id = 2")
+
+        def second_lock(conn: psycopg.Connection[Any], row: int) -> None:
+            try:
+                conn.execute("UPDATE knot SET v = v + 1 WHERE id = %s", (row,))
+                outcomes.append("ok")
+            except psycopg.errors.DeadlockDetected:
+                outcomes.append("deadlock")
+            finally:
+                conn.rollback()
+
+        t = threading.Thread(target=second_lock, args=(a, 2))
+        t.start()
+        second_lock(b, 1)
+        t.join()
+    finally:
+        a.close()
+        b.close()
+    assert sorted(outcomes) == ["deadlock", "ok"]
+
+
+def test_deadlock_is_counted_once_the_backends_have_flushed(
+    team: tuple[str, OracleConfig],
+) -> None:
+    url, config = team
+    since = oracle.baseline(url)
+    _deadlock(url)
+    # Both backends exited, and a backend flushes its counters on exit.
+    obs = oracle.observe(url, config, since=since, payment_ids=[], settle_timeout_s=10)
+    assert (obs.deadlocks, obs.deadlocks_settled) == (1, True)
+    result = check([], obs).results["no_deadlock"]
+    assert (result.valid, result.count) == (False, 1)
+
+
+def test_deadlocks_since_reads_the_delta_alone_from_a_baseline_that_went_through_json(
+    team: tuple[str, OracleConfig],
+) -> None:
+    """payrace load's second reading: the baseline comes back from summary.json."""
+    url, _ = team
+    since = oracle.Baseline.from_json(json.loads(json.dumps(oracle.baseline(url).to_json())))
+    assert oracle.deadlocks_since(url, since, settle_timeout_s=5) == (0, True, "")
+    _deadlock(url)
+    assert oracle.deadlocks_since(url, since, settle_timeout_s=10) == (1, True, "")
+    with psycopg.connect(url, autocommit=True) as busy:  # a pool still open: not settled
+        busy.execute("SELECT 1")
+        delta, settled, note = oracle.deadlocks_since(url, since, settle_timeout_s=0)
+    assert (delta, settled) == (1, False) and "settle_timeout_s" in note
+
+
+def test_a_zero_deadlock_delta_is_not_trusted_while_a_backend_may_hold_counts(
+    team: tuple[str, OracleConfig],
+) -> None:
+    url, config = team
+    since = oracle.baseline(url)
+    with psycopg.connect(url, autocommit=True) as busy:
+        busy.execute("SELECT 1")
+        obs = oracle.observe(url, config, since=since, payment_ids=[], settle_timeout_s=0)
+        assert (obs.deadlocks, obs.deadlocks_settled) == (0, False)
+        assert "settle_timeout_s" in obs.deadlock_note
+        assert check([], obs).results["no_deadlock"].valid == "unknown"
+        # The harness's own read-only connections are not waited for.
+        with psycopg.connect(url, autocommit=True, application_name="payrace-lockwatch") as w:
+            w.execute("SELECT 1")
+            busy.close()
+            settled = oracle.observe(url, config, since=since, payment_ids=[], settle_timeout_s=5)
+    assert (settled.deadlocks, settled.deadlocks_settled) == (0, True)
+    assert check([], settled).results["no_deadlock"].valid is True
+
+
+# -- config -------------------------------------------------------------------------------
+
+
+def test_from_toml_round_trips(tmp_path: Path) -> None:
+    team = tmp_path / "team.toml"
+    team.write_text(TEAM_TOML)
+    for config in (REFERENCE, OracleConfig.from_toml(team)):
+        path = tmp_path / "oracle.toml"
+        path.write_text(config.to_toml())
+        assert OracleConfig.from_toml(path) == config
+    assert OracleConfig.from_toml(team).invoices.status_column == "Bill State"
+
+
+def test_from_toml_reads_tool_payrace_oracle_of_a_pyproject(tmp_path: Path) -> None:
+    path = tmp_path / "pyproject.toml"
+    body = REFERENCE.to_toml().replace("[payments]", "[tool.payrace.oracle.payments]")
+    body = body.replace("[invoices]", "[tool.payrace.oracle.invoices]")
+    body = body.replace("[orders]", "[tool.payrace.oracle.orders]")
+    links, tables = body.split("\n\n", 1)
+    path.write_text(f'[project]\nname = "shop"\n\n[tool.payrace.oracle]\n{links}\n\n{tables}')
+    assert OracleConfig.from_toml(path) == REFERENCE
+    path.write_text('[project]\nname = "shop"\n')
+    with pytest.raises(OracleError, match=r"pyproject\.toml: no \[tool\.payrace\.oracle\] table"):
+        OracleConfig.from_toml(path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('done_value = "settled"\n', "", r"\[payments\]: missing key 'done_value'"),
+        ('status_column = "state"\ndone', 'status_colum = "state"\ndone', r"\['status_colum'\]"),
+        ("[orders]", "[order]", r"unknown key\(s\) \['order'\]"),
+        ('done_value = "cleared"', "done_value = 3", r"'done_value' must be a non-empty string"),
+        ('payment_column = "charge_no"\n', "", r"invoices\.payment_column is required"),
+        ('["touched_at"]', '"touched_at"', r"\[payments\]: 'ignore_columns' must be a list"),
+        ("[payments]", "[payments", r"not valid TOML"),
+    ],
+)
+def test_from_toml_says_which_key_is_wrong(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    assert old in TEAM_TOML
+    path = tmp_path / "oracle.toml"
+    path.write_text(TEAM_TOML.replace(old, new, 1))
+    with pytest.raises(OracleError, match=message):
+        OracleConfig.from_toml(path)
+
+
+def test_from_toml_names_a_missing_table(tmp_path: Path) -> None:
+    path = tmp_path / "oracle.toml"
+    path.write_text(TEAM_TOML.split("[orders]")[0])
+    with pytest.raises(OracleError, match=r"oracle\.toml: missing table \[orders\]"):
+        OracleConfig.from_toml(path)
+
+
+def test_from_toml_names_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(OracleError, match=r"cannot read oracle config .*nope\.toml"):
+        OracleConfig.from_toml(tmp_path / "nope.toml")
+
+
+# -- the real reference service ------------------------------------------------------------
+
+
+async def _order(svc: Any, gateway: FakeRazorpay) -> tuple[dict[str, Any], dict[str, Any]]:
+    created = await svc.client.post("/orders", json={"amount": 50000, "currency": "INR"})
+    assert created.status_code == 201, created.text
+    order = created.json()
+    return order, gateway.authorize_payment(order["gateway_order_id"])
+
+
+async def _fire(
+    history: History,
+    svc: Any,
+    f: str,
+    process: str,
+    payment: int,
+    gw: dict[str, Any],
+    event: str = "",
+) -> None:
+    if f == "verify":
+        value: dict[str, Any] = {"gateway_payment_id": gw["id"]}
+        body = {
+            **client_callback(gw["order_id"], gw["id"], KEYS.key_secret),
+            "internal_payment_id": payment,
+        }
+        send = svc.client.post("/payments/verify", json=body)
+    else:
+        raw, headers = signed_webhook(webhook_event(event, gw), KEYS.webhook_secret)
+        value = {
+            "event": event,
+            "event_id": headers["X-Razorpay-Event-Id"],
+            "gateway_payment_id": gw["id"],
+        }
+        send = svc.client.post("/webhooks/razorpay", content=raw, headers=headers)
+    invoke = history.invoke(f, process, 1, payment, value)
+    response = await send
+    history.complete(
+        invoke, classify(response.status_code), value=response.json(), status=response.status_code
+    )
+
+
+async def _race(
+    svc: Any, gateway: FakeRazorpay, url: str
+) -> tuple[History, oracle.Observation, int, oracle.Baseline]:
+    """Verify and a payment.captured webhook, both held at the payment row, released together.
+
+    The test holds the payment's row lock (an UPDATE that leaves the status alone), so both
+    requests have read the payment — or queued for its lock — before either can write."""
+    order, gw = await _order(svc, gateway)
+    payment = order["payment_id"]
+    since = oracle.baseline(url)
+    history = History()
+    holder = await psycopg.AsyncConnection.connect(url)
+    watcher = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    try:
+        await holder.execute("UPDATE payments SET method = method WHERE id = %s", (payment,))
+        tasks = [
+            asyncio.create_task(_fire(history, svc, "verify", "client", payment, gw)),
+            asyncio.create_task(
+                _fire(history, svc, "webhook", "webhook-1", payment, gw, "payment.captured")
+            ),
+        ]
+        for _ in range(400):
+            cur = await watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND cardinality(pg_blocking_pids(pid)) > 0"
+            )
+            row = await cur.fetchone()
+            if (row and row[0] >= 2) or any(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.025)
+        assert not any(t.done() for t in tasks), "a request finished while the row was held"
+        await holder.commit()
+        await asyncio.gather(*tasks)
+    finally:
+        await holder.close()
+        await watcher.close()
+    obs = oracle.observe(
+        url,
+        REFERENCE,
+        since=since,
+        payment_ids=[payment],
+        gateway_counters=gateway.counters(),
+        gateway_payment_ids=[gw["id"]],
+        settle_timeout_s=0,  # the service's pool is still open: it would not settle anyway
+    )
+    return history, obs, payment, since
+
+
+async def test_for_update_service_captures_once_when_callback_and_webhook_race(
+    audited: str, service: Any, fake_gateway: FakeRazorpay
+) -> None:
+    history, obs, payment, since = await _race(service, fake_gateway, audited)
+    answers = [op.value for op in history.completions()]
+    assert sorted(a["idempotent"] for a in answers) == [False, True]
+    writes = [r for r in obs.audit if r.new_status in ("captured", "paid")]
+    assert [r.table for r in writes] == ["payments", "invoices", "orders"]
+    assert len({r.txid for r in writes}) == 1  # one transaction captured
+    # The holder's UPDATE left the status alone: logged, but not a write of "captured".
+    held = _rows(obs, "payments")[0]
+    assert (held.op, held.old_status, held.new_status, held.changed) == (
+        "UPDATE",
+        "pending",
+        "pending",
+        (),
+    )
+
+    verdict = check(history.ops(), obs)
+    for name, result in verdict.results.items():
+        if name != "no_deadlock":
+            assert result.valid is True, result
+    # The service's pool is still open, so a zero deadlock delta cannot be trusted yet ...
+    assert verdict.results["no_deadlock"].valid in (True, "unknown")
+    # ... until its backends exit and flush their counters.
+    await service.runtime.engine.dispose()
+    settled = oracle.observe(
+        audited, REFERENCE, since=since, payment_ids=[payment], settle_timeout_s=5
+    )
+    assert (settled.deadlocks, settled.deadlocks_settled) == (0, True), settled.deadlock_note
+    assert check(history.ops(), settled).valid is True
+
+
+async def test_naive_service_double_captures_when_callback_and_webhook_race(
+    audited: str, naive_service: Any, fake_gateway: FakeRazorpay
+) -> None:
+    history, obs, payment, _ = await _race(naive_service, fake_gateway, audited)
+    answers = [op.value for op in history.completions()]
+    assert [a["idempotent"] for a in answers] == [False, False]  # both think they captured
+
+    verdict = check(history.ops(), obs)
+    assert verdict.valid is False
+    assert verdict.violating_payments == {payment}
+    for name in ("single_capture_write", "single_invoice_paid", "single_order_paid"):
+        result = verdict.results[name]
+        assert (result.valid, result.count) == (False, 1), result
+        assert result.worst is not None and result.worst["writes"] == 2
+        assert len(set(result.worst["backend_pids"])) == 2
+    capture = verdict.results["single_capture_write"].worst
+    assert capture is not None
+    assert capture["rewrites"] == 1
+    assert {op["f"] for op in capture["ops"]} == {"verify", "webhook"}
+    # Only the callback path calls the gateway here, so the gateway saw one capture.
+    assert verdict.results["gateway_capture_once"].valid is True

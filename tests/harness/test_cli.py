@@ -1,0 +1,98 @@
+"""`payrace` as a user runs it: a real process, real exit codes, real report files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from marked_run import cleared, cmdline, gone, marked_run
+
+from payrace.harness.infra.provider import Database
+
+
+def payrace(*args: str, pg: Database, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PAYRACE_DATABASE_URL": pg.url, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "payrace.harness.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_run_exits_1_on_naive_and_writes_every_report(pg: Database, tmp_path: Path) -> None:
+    done = payrace(
+        "run", "--strategy", "naive", "--trials", "5", "--quiet", "--out", str(tmp_path), pg=pg
+    )
+    assert done.returncode == 1, done.stderr
+    (run_dir,) = tmp_path.iterdir()
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "history.jsonl", "summary.json", "junit.xml", "report.html",
+    }  # fmt: skip
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["strategies"]["naive"]["violating_trials"] == 5
+    assert "read payment (pending)" in done.stdout  # the timeline is printed
+
+
+def test_run_exits_0_when_the_fix_holds(pg: Database, tmp_path: Path) -> None:
+    done = payrace(
+        "run", "--strategy", "for_update", "--trials", "5", "--quiet", "--out", str(tmp_path),
+        pg=pg,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_breached_gate_exits_1(pg: Database, tmp_path: Path) -> None:
+    done = payrace(
+        "run", "--trials", "3", "--quiet", "--out", str(tmp_path), "--gate", "lock_max_ms<0",
+        pg=pg,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "lock_max_ms<0" in done.stdout
+
+
+def test_usage_errors_exit_2_with_a_message(pg: Database, tmp_path: Path) -> None:
+    for args, hint in (
+        (["--mode", "sideways"], "--mode must be one of"),
+        (["--gate", "p99 small"], "is not of the form"),
+        (["--strategy", "optimistic"], "unknown strategy"),
+    ):
+        done = payrace("run", "--out", str(tmp_path), *args, pg=pg)
+        assert done.returncode == 2, args
+        assert hint in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_an_unreachable_database_is_an_infrastructure_error(tmp_path: Path) -> None:
+    env = {**os.environ, "PAYRACE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", "--trials", "1", "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "127.0.0.1:1" in done.stderr
+    assert "did not answer" in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_stops_everything_it_started(
+    signum: signal.Signals, tmp_path: Path
+) -> None:
+    """Ctrl-C or a CI runner's SIGTERM mid-run: the embedded PostgreSQL and the uvicorn
+    service are gone afterwards, and the exit code says it was interrupted."""
+    with marked_run(tmp_path) as run:
+        run.proc.send_signal(signum)
+        _, stderr = run.proc.communicate(timeout=90)
+        assert run.proc.returncode == 130, stderr
+        assert "interrupted" in stderr
+        assert "Traceback" not in stderr
+        assert all(gone(p.pid) for p in run.started), [cmdline(p) for p in run.started]
+        assert run.clusters and cleared(run.clusters, within_s=0)

@@ -1,0 +1,222 @@
+"""The locustfiles under real, short Locust runs through `payrace load` (loopback only).
+
+Two runs, shared by the tests below:
+- for_update, all three scenarios at once in one local Locust: exits 0, every invariant
+  holds, and the lock wait and lock hold rows are in Locust's CSV and HTML;
+- naive, race_pairs, `--processes 2`: exits 1 with the double captures it found, and the
+  master's totals are the sum of both workers' reports.
+
+Locust itself never runs inside pytest (importing it would let gevent patch this process).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from rich.console import Console
+
+from payrace.harness.infra.provider import Database
+from payrace.harness.load.launch import load_main
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    dir: Path
+    summary: dict[str, Any]
+    output: str
+
+    def stats_rows(self) -> list[dict[str, str]]:
+        with (self.dir / "locust_stats.csv").open(newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def strategy(self) -> dict[str, Any]:
+        (result,) = self.summary["strategies"].values()
+        return dict(result)
+
+
+# Every process a run here starts inherits this (os.environ is copied into each child), so
+# the leak check finds Locust workers and uvicorn even after they were re-parented to init.
+MARKER = ("PAYRACE_TEST_LOCUSTFILES_MARKER", uuid.uuid4().hex)
+
+
+def _load(out: Path, pg: Database, **kwargs: Any) -> Run:
+    console = Console(file=io.StringIO(), width=240)
+    os.environ[MARKER[0]] = MARKER[1]
+    try:
+        code = _load_main(out, pg, console, **kwargs)
+    finally:
+        del os.environ[MARKER[0]]
+    (run_dir,) = out.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    output = console.file.getvalue()  # type: ignore[attr-defined]
+    return Run(code, run_dir, summary, output)
+
+
+def _load_main(out: Path, pg: Database, console: Console, **kwargs: Any) -> int:
+    return load_main(
+        spawn_rate=20.0,
+        run_time="5s",
+        workers=1,
+        dsn=pg.url,
+        out_dir=out,
+        console=console,
+        extra_args=[],
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def for_update_run(pg: Database, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _load(
+        tmp_path_factory.mktemp("for_update"),
+        pg,
+        strategy="for_update",
+        users=9,
+        processes=1,
+        locustfile="race_pairs,webhook_storm,mixed",
+    )
+
+
+@pytest.fixture(scope="module")
+def naive_run(pg: Database, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return _load(
+        tmp_path_factory.mktemp("naive"),
+        pg,
+        strategy="naive",
+        users=8,
+        processes=2,
+        locustfile="race_pairs",
+    )
+
+
+# -- for_update ---------------------------------------------------------------------------
+
+
+def test_for_update_under_load_exits_0_with_every_invariant_holding(for_update_run: Run) -> None:
+    run = for_update_run
+    assert run.code == 0, run.output
+    assert run.summary["verdict"] == "valid" and run.summary["exit_code"] == 0
+    result = run.strategy()
+    assert result["expected"] == "valid" and result["valid"] is True
+    assert result["trials"] > 20 and result["captures"] > 10
+    for name in ("single_capture_write", "single_invoice_paid", "single_order_paid",
+                 "gateway_capture_once", "no_lost_capture", "no_5xx"):  # fmt: skip
+        check = result["checks"][name]
+        assert check["valid"] is True and check["count"] == 0 and check["checked"] > 0, check
+    # Read again once the service had stopped: its backends flushed, so zero is trusted.
+    assert result["deadlocks"]["settled"] is True, result["deadlocks"]
+    assert result["deadlocks"]["read"] == "after the service stopped"
+    assert result["checks"]["no_deadlock"]["valid"] is True
+
+
+def test_lock_and_hold_are_rows_of_their_own_in_locusts_csv(for_update_run: Run) -> None:
+    rows = for_update_run.stats_rows()
+    by_key = {(r["Type"], r["Name"]): r for r in rows}
+    for request_type in ("LOCK", "HOLD"):
+        for name in ("/payments/verify", "/webhooks/razorpay"):
+            row = by_key[(request_type, name)]
+            assert int(row["Request Count"]) > 0 and int(row["Failure Count"]) == 0, row
+    # They bypass the request event: the Aggregated row counts HTTP requests only.
+    http = sum(int(r["Request Count"]) for r in rows if r["Type"] not in ("LOCK", "HOLD", ""))
+    assert int(by_key[("", "Aggregated")]["Request Count"]) == http
+
+
+def test_lock_rows_are_in_locusts_html_report(for_update_run: Run) -> None:
+    page = (for_update_run.dir / "locust.html").read_text()
+    assert '"method": "LOCK"' in page or '"LOCK"' in page
+    assert "HOLD" in page
+
+
+def test_hdr_histograms_are_written_next_to_locusts_reports(for_update_run: Run) -> None:
+    hdr = json.loads((for_update_run.dir / "latency_hdr.json").read_text())
+    rows = {(r["Type"], r["Name"]): r for r in for_update_run.stats_rows()}
+    for kind, request_type in (("lock", "LOCK"), ("hold", "HOLD")):
+        for path, name in (("client", "/payments/verify"), ("webhook", "/webhooks/razorpay")):
+            summary = hdr[kind][path]["summary"]
+            assert hdr[kind][path]["hdr"]  # the encoded histogram, mergeable later
+            # Locust's CSV is written once a second, so it may trail the final tally.
+            assert summary["count"] >= int(rows[(request_type, name)]["Request Count"]) > 0
+    assert for_update_run.strategy()["latency_ms"]["lock"]["all"]["count"] > 0
+
+
+def test_every_scenario_ran_and_no_response_was_judged_a_failure(for_update_run: Run) -> None:
+    names = {r["Name"] for r in for_update_run.stats_rows()}
+    assert "/payments/[id]" in names  # mixed.py's status reads
+    assert {"/orders", "/payments/verify", "/webhooks/razorpay [order.paid]"} <= names
+    page = (for_update_run.dir / "locust.html").read_text()
+    assert all(user in page for user in ("RacePairs", "WebhookStorm", "Shopper"))
+    locust = for_update_run.summary["locust"]
+    assert locust["failures"] == 0, locust["errors"]
+
+
+def test_requests_released_together_reach_the_service_together(for_update_run: Run) -> None:
+    spread = for_update_run.strategy()["arrival_spread_ms"]
+    assert spread["count"] > 10
+    # Loopback, one gevent loop turn apart; generous for a machine shared with other work.
+    assert spread["p50"] < 50, spread
+
+
+def test_reports_are_where_the_output_says(for_update_run: Run) -> None:
+    for name in ("summary.json", "report.html", "junit.xml", "locust.html", "locust.log"):
+        assert (for_update_run.dir / name).is_file(), name
+        assert name in for_update_run.output
+    assert f"reports: {for_update_run.dir}" in for_update_run.output
+    cpu = for_update_run.summary["cpu"]
+    assert {"locust", "service", "postgres"} <= set(cpu["groups"])
+
+
+# -- naive, two Locust worker processes ---------------------------------------------------
+
+
+def test_naive_under_load_exits_1_and_reports_the_double_captures(naive_run: Run) -> None:
+    run = naive_run
+    assert run.code == 1, run.output
+    assert run.summary["verdict"] == "violated"
+    result = run.strategy()
+    assert result["expected"] == "violated" and result["valid"] is False
+    double = result["checks"]["single_capture_write"]
+    assert double["valid"] is False and double["count"] > 0
+    assert len(double["first"]["txids"]) >= 2  # two transactions wrote captured
+    assert result["checks"]["single_invoice_paid"]["count"] > 0
+    assert result["first_violation"]["payment"] in double["payments"]
+    assert "single_capture_write" in run.output
+
+
+def test_master_totals_include_both_workers(naive_run: Run) -> None:
+    locust = naive_run.summary["locust"]
+    workers = locust["workers"]
+    assert locust["worker_count"] == 2, workers
+    assert len({w["pid"] for w in workers.values()}) == 2
+    assert all(w["requests"] > 0 and w["payments"] > 0 for w in workers.values()), workers
+    # Each worker's count travels in the same report as its Locust stats, so the master's
+    # own total is exactly their sum.
+    assert locust["requests"] == sum(w["requests"] for w in workers.values())
+    assert naive_run.strategy()["trials"] == sum(w["payments"] for w in workers.values())
+
+
+def test_no_locust_or_service_process_outlives_the_runs(
+    for_update_run: Run, naive_run: Run
+) -> None:
+    # The embedded PostgreSQL is the session fixture's; everything else was payrace load's,
+    # found by the marker in its environment, wherever it was re-parented to.
+    left = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == os.getpid() or proc.environ().get(MARKER[0]) != MARKER[1]:
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            left.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+        except psutil.Error:
+            continue
+    assert left == []

@@ -1,0 +1,75 @@
+"""service/timing.py: per-request timings and the Server-Timing header they become."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+
+import pytest
+
+from payrace.service import timing
+from payrace.service.timing import Timings, parse_server_timing
+
+
+def test_header_lists_lock_hold_db_gateway_in_milliseconds() -> None:
+    t = Timings(lock_ms=1.5, hold_ms=250.25, db_ms=3.0, gateway_ms=200.0)
+
+    assert t.header() == "lock;dur=1.500, hold;dur=250.250, db;dur=3.000, gateway;dur=200.000"
+
+
+def test_header_leaves_out_what_was_not_measured_but_always_names_gateway() -> None:
+    assert Timings().header() == "gateway;dur=0.000"
+    assert Timings(lock_ms=0.0).header() == "lock;dur=0.000, gateway;dur=0.000"
+
+
+def test_header_round_trips_through_the_parser() -> None:
+    t = Timings(lock_ms=12.3456, hold_ms=0.001, db_ms=7.0, gateway_ms=0.5)
+
+    assert parse_server_timing(t.header()) == {
+        "lock": 12.346,
+        "hold": 0.001,
+        "db": 7.0,
+        "gateway": 0.5,
+    }
+
+
+@pytest.mark.parametrize(
+    ("header", "parsed"),
+    [
+        ("lock;dur=1.5, hold;dur=3", {"lock": 1.5, "hold": 3.0}),
+        ('lock;desc="row lock";dur=2', {"lock": 2.0}),
+        ("cache, db;dur=4", {"db": 4.0}),  # an entry without dur is skipped
+        ("db;dur=abc, gateway;dur=1", {"gateway": 1.0}),  # so is one that is not a number
+        (";dur=5, lock;dur=1", {"lock": 1.0}),  # and one without a name
+        ("", {}),
+        ("  lock ; dur=0.25  ", {"lock": 0.25}),
+    ],
+)
+def test_parse_server_timing_reads_what_it_can_and_skips_the_rest(
+    header: str, parsed: dict[str, float]
+) -> None:
+    assert parse_server_timing(header) == parsed
+
+
+async def test_each_task_gets_its_own_timings() -> None:
+    async def request(lock_ms: float) -> Timings:
+        timing.begin()
+        await asyncio.sleep(0)
+        timing.current().lock_ms = lock_ms
+        await asyncio.sleep(0)
+        return timing.current()
+
+    first, second = await asyncio.gather(request(1.0), request(2.0))
+
+    assert (first.lock_ms, second.lock_ms) == (1.0, 2.0)
+    assert first is not second
+
+
+async def test_current_without_begin_starts_fresh_timings_and_keeps_them() -> None:
+    async def fresh() -> tuple[Timings, Timings]:
+        return timing.current(), timing.current()
+
+    one, same = await asyncio.create_task(fresh(), context=contextvars.Context())
+
+    assert one is same
+    assert one == Timings()
