@@ -29,17 +29,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from payrace.harness.errors import UsageError
 from payrace.harness.infra.provider import ProviderError
-from payrace.harness.reports import report
-from payrace.harness.runner.run import (
+from payrace.harness.model.verdict import (
     DECLARED,
-    Gate,
-    Mode,
-    RunConfig,
-    UsageError,
-    run,
-    write_history,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_VIOLATED,
 )
+from payrace.harness.reports import report
+from payrace.harness.runner.config import Gate, Mode, RunConfig
+from payrace.harness.runner.run import run, write_history
 
 app = typer.Typer(
     add_completion=False,
@@ -51,8 +51,6 @@ err = Console(stderr=True)
 if not console.is_terminal:
     # CI logs and pipes have no width; rich would squeeze the tables to 80 columns.
     console.width = max(console.width, 150)
-
-EXIT_OK, EXIT_VIOLATED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _fail(message: str) -> typer.Exit:

@@ -19,13 +19,15 @@ import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from payrace.harness.infra.provider import Database, provide_postgres
-from payrace.harness.reports.timeline import TimelineEvent, render_text
-from payrace.harness.runner.run import Gate, RunConfig, run, write_history
+# pytest loads this module in every session of every project payrace is installed into, so
+# it imports nothing but pytest at start: the provider, the runner (FastAPI, SQLAlchemy, the
+# razorpay SDK) and the reports load inside the fixtures, the first time a test uses one.
+if TYPE_CHECKING:
+    from payrace.harness.infra.provider import Database
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,6 +68,8 @@ class RaceResult:
                  f"{result['trials']}, failed checks {failed}"]  # fmt: skip
         first = result.get("first_violation")
         if first:
+            from payrace.harness.reports.timeline import TimelineEvent, render_text
+
             events = [TimelineEvent(**e) for e in first["timeline"]]
             lines += [f"first violating trial {first['trial']}:", render_text(events)]
         return "\n".join(lines)
@@ -77,12 +81,17 @@ class RaceResult:
 
 @pytest.fixture(scope="session")
 def payrace_postgres(request: pytest.FixtureRequest) -> Iterator[Database]:
+    from payrace.harness.infra.provider import provide_postgres
+
     with provide_postgres(request.config.getoption("--payrace-dsn")) as db:
         yield db
 
 
 @pytest.fixture
 def race(payrace_postgres: Database, request: pytest.FixtureRequest) -> Callable[..., RaceResult]:
+    from payrace.harness.runner.config import Gate, RunConfig
+    from payrace.harness.runner.run import run, write_history
+
     reports = request.config.getoption("--payrace-reports")
 
     def runner(strategy: str = "for_update", **fields: Any) -> RaceResult:

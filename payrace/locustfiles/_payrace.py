@@ -44,7 +44,8 @@ from payrace.harness.gateway.signing import (
     signed_webhook,
     webhook_event,
 )
-from payrace.harness.load.gate import EXIT_ERROR, SPREAD, LoadRun, LoadSettings, LoadTally
+from payrace.harness.load.gate import SPREAD, LoadRun, LoadSettings, LoadTally
+from payrace.harness.model.verdict import EXIT_ERROR
 from payrace.service.timing import parse_server_timing
 
 log = logging.getLogger("payrace")

@@ -34,12 +34,11 @@ from rich.text import Text
 
 from payrace.harness.explore.scenario import RequestSpec, Scenario, ScheduleRef
 from payrace.harness.explore.scheduler import PctBound, Wait, answer_text
+from payrace.harness.infra.machine import machine
 from payrace.harness.model import checker
 from payrace.harness.model.client import Reply
+from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, EXIT_OK, EXIT_VIOLATED
 from payrace.harness.reports.timeline import TimelineEvent, render_html, render_text
-from payrace.harness.runner.run import DECLARED, machine
-
-EXIT_OK, EXIT_VIOLATED, EXIT_ERROR = 0, 1, 2
 
 
 @dataclass

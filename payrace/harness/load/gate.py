@@ -42,13 +42,13 @@ import httpx
 import psycopg
 
 from payrace.harness.gateway.fake import GatewayKeys
+from payrace.harness.infra.machine import machine
 from payrace.harness.model import checker, oracle
 from payrace.harness.model.history import Operation
+from payrace.harness.model.judge import judge
 from payrace.harness.model.stats import PathHistograms
+from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, verdict_of
 from payrace.harness.reports import report
-from payrace.harness.reports.timeline import from_audit
-
-EXIT_OK, EXIT_VIOLATED, EXIT_ERROR = 0, 1, 2  # the gate sets Locust's process_exit_code
 
 ENV_DATABASE_URL = "PAYRACE_DATABASE_URL"  # libpq URL of the target's database (the gate)
 ENV_GATEWAY_URL = "PAYRACE_GATEWAY_URL"  # the fake Razorpay (authorize payments, counters)
@@ -307,10 +307,6 @@ class LoadRun:
 
     def finish(self, *, host: str, locust: Mapping[str, Any], window_s: float) -> dict[str, Any]:
         """Wait for the target to go quiet, observe, check, write the reports; the summary."""
-        # Imported here, not at the top: harness.runner.run brings the whole service (FastAPI,
-        # SQLAlchemy, asyncpg), which every Locust worker would otherwise carry.
-        from payrace.harness.runner.run import DECLARED, machine
-
         strategy, problems = _target_strategy(host), list(self.problems)
         result: dict[str, Any] = {
             "expected": DECLARED.get(strategy),
@@ -333,7 +329,7 @@ class LoadRun:
                 problems.append(f"the oracle could not judge the run: {type(exc).__name__}: {exc}")
         elif url is not None:
             problems.append("no oracle baseline was taken, so the run cannot be judged")
-        verdict, code = verdict_of(result["valid"])
+        verdict, code = verdict_of(result["valid"], unknown_exit=EXIT_ERROR)
         summary = {
             "run_id": self.settings.run_id,
             "command": self.settings.command,
@@ -388,32 +384,24 @@ class LoadRun:
         # reads it again after stopping the service: settle_deadlocks).
         decisive = obs.deadlocks > 0 or obs.deadlocks_settled
         checkers = (*GATE_CHECKERS, checker.no_deadlock) if decisive else GATE_CHECKERS
-        verdict = checker.check(self.ops(), obs, checkers=checkers)
+        judged = judge(self.ops(), obs, checkers=checkers)
+        verdict = judged.verdict
         if "no_5xx" in verdict.results:
             verdict.results["no_5xx"] = self._no_5xx_in_full(verdict.results["no_5xx"])
         captured = obs.config.payments.done_value
         captures = sum(1 for s in obs.payments.values() if s.status == captured)
-        first = None
-        if verdict.violating_payments:
-            payment = min(verdict.violating_payments)
-            first = {
-                "trial": None,
-                "payment": payment,
-                "checks": [n for n, r in verdict.results.items() if payment in r.payments],
-                "timeline": [e.to_json() for e in from_audit(obs.audit, payment)],
-            }
         return {
             "valid": verdict.valid,
             "violating_trials": len(verdict.violating_payments),
             "captures": captures,
             "captures_per_second": round(captures / window_s, 2) if window_s else 0.0,
-            "checks": {name: r.to_json() for name, r in verdict.results.items()},
+            "checks": judged.checks(),
             "deadlocks": {
                 "delta": obs.deadlocks,
                 "settled": obs.deadlocks_settled,
                 "baseline": since.to_json(),
             },
-            "first_violation": first,
+            "first_violation": judged.first_violation(),
         }
 
     def write(self, summary: dict[str, Any]) -> None:
@@ -428,15 +416,6 @@ class LoadRun:
         }
         (out / "latency_hdr.json").write_text(json.dumps(hdr, indent=2) + "\n", encoding="utf-8")
         report.write_all(summary, out)
-
-
-def verdict_of(valid: checker.Validity) -> tuple[str, int]:
-    """The summary's verdict word and the exit code it sets."""
-    if valid is True:
-        return "valid", EXIT_OK
-    if valid is False:
-        return "violated", EXIT_VIOLATED
-    return "unknown", EXIT_ERROR
 
 
 def settle_deadlocks(summary: dict[str, Any], delta: int, settled: bool, note: str) -> None:
@@ -465,7 +444,7 @@ def settle_deadlocks(summary: dict[str, Any], delta: int, settled: bool, note: s
         result["valid"] = checker.compose_validity(c.get("valid", "unknown") for c in checks)
     strategies = (summary.get("strategies") or {}).values()
     overall = checker.compose_validity(r.get("valid", "unknown") for r in strategies)
-    summary["verdict"], summary["exit_code"] = verdict_of(overall)
+    summary["verdict"], summary["exit_code"] = verdict_of(overall, unknown_exit=EXIT_ERROR)
 
 
 def _target_strategy(host: str) -> str:

@@ -39,6 +39,7 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
+from payrace.harness.errors import UsageError
 from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
 from payrace.harness.infra.processes import (
     CpuSampler,
@@ -51,19 +52,14 @@ from payrace.harness.infra.processes import (
     service_env,
 )
 from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
-from payrace.harness.load.gate import EXIT_ERROR, EXIT_VIOLATED, LoadSettings, settle_deadlocks
+from payrace.harness.load.gate import LoadSettings, settle_deadlocks
 from payrace.harness.model import oracle
+from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_VIOLATED
 from payrace.harness.reports import report
-from payrace.harness.runner.run import DECLARED
 
-EXIT_INTERRUPTED = 130
 LOCUSTFILES = Path(__file__).resolve().parents[2] / "locustfiles"
 _RUN_TIME = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
 _LOCUST_GRACE_S = 120.0  # past -t: spawn-up, the gate, the reports
-
-
-class UsageError(ValueError):
-    """The arguments cannot work; the message says what to change."""
 
 
 # -- arguments ----------------------------------------------------------------------------

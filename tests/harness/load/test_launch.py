@@ -19,11 +19,11 @@ import pytest
 from rich.console import Console
 
 from payrace.harness.infra.provider import Database
+from payrace.harness.errors import UsageError
 from payrace.harness.load.launch import (
     LOCUSTFILES,
     LoadArgs,
     LoadPlan,
-    UsageError,
     load_main,
     locust_processes,
     parse_run_time,

@@ -11,11 +11,13 @@ from typing import Any
 import psycopg
 import pytest
 
+from payrace.harness.errors import UsageError
 from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
 from payrace.harness.infra.provider import Database
 from payrace.harness.model.client import LocalGateway, RemoteGateway
 from payrace.harness.model.nemesis import Fault, Nemesis, NemesisSpecError, parse_spec
-from payrace.harness.runner.run import RunConfig, UsageError, run
+from payrace.harness.runner.config import RunConfig
+from payrace.harness.runner.run import run
 
 INVARIANTS = (
     "single_capture_write",

@@ -1,0 +1,39 @@
+"""runner.config: gates and run configurations, checked before anything starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from payrace.harness.errors import UsageError
+from payrace.harness.runner.config import Gate, RunConfig
+
+
+def test_gate_parsing() -> None:
+    gate = Gate.parse("for_update: lock_webhook_p99_ms <= 100")
+    assert (gate.strategy, gate.metric, gate.op, gate.value) == (
+        "for_update", "lock_webhook_p99_ms", "<=", 100.0,
+    )  # fmt: skip
+    result = {"latency_ms": {"lock": {"webhook": {"p99": 120.0}}}, "violating_trials": 0}
+    assert gate.judge("for_update", result)["passed"] is False
+    with pytest.raises(UsageError, match="unknown metric"):
+        Gate.parse("lock_p42_ms<=1")
+    with pytest.raises(UsageError, match="form"):
+        Gate.parse("lock_p99_ms is small")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"trials": 0}, "--trials"),
+        ({"mode": "sideways"}, "--mode"),
+        ({"strategies": ["optimistic"]}, "unknown strategy"),
+        ({"target": "ftp://x"}, "--target"),
+        ({"target": "http://127.0.0.1:1"}, "--target-dsn"),
+        ({"hold_ms": 10.0, "mode": "aligned"}, "--hold-ms"),
+    ],
+)
+def test_bad_configs_say_what_to_fix(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        RunConfig(**fields).validate()
