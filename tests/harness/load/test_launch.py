@@ -18,8 +18,8 @@ import psutil
 import pytest
 from rich.console import Console
 
-from payrace.harness.infra.provider import Database
 from payrace.harness.errors import UsageError
+from payrace.harness.infra.provider import Database
 from payrace.harness.load.launch import (
     LOCUSTFILES,
     LoadArgs,
