@@ -176,7 +176,7 @@ def run_command(
             concurrency=concurrency,
             jitter_ms=jitter_ms,
             hold_ms=hold_ms,
-            isolation=isolation.replace("_", " ").upper(),
+            isolation=isolation,
             gates=gates,
             out_dir=out,
             durable=durable,
@@ -272,7 +272,7 @@ def explore_command(
     code = explore_main(
         strategy=strategy,
         requests=_split([requests]),
-        isolation=isolation.replace("_", " ").upper(),
+        isolation=isolation,
         pct_runs=pct,
         depth=depth,
         seed=seed,

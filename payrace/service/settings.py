@@ -17,24 +17,21 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from payrace.postgres import DsnError, dialect_url, normalise_isolation
+
 StrategyName = Literal["naive", "for_update", "advisory"]
 IsolationLevel = Literal["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"]
 
 
 def normalise_dsn(value: str) -> str:
     """Turn any PostgreSQL URL a user is likely to paste into the asyncpg dialect URL."""
-    for prefix in (
-        "postgresql+asyncpg://",
-        "postgresql+psycopg://",
-        "postgresql://",
-        "postgres://",
-    ):
-        if value.startswith(prefix):
-            return "postgresql+asyncpg://" + value[len(prefix) :]
-    raise ValueError(
-        "DATABASE_URL must be a PostgreSQL URL such as "
-        "postgresql://user@127.0.0.1:5432/dbname (got a value with another scheme)"
-    )
+    try:
+        return dialect_url(value, "asyncpg")
+    except DsnError:
+        raise ValueError(
+            "DATABASE_URL must be a PostgreSQL URL such as "
+            "postgresql://user@127.0.0.1:5432/dbname (got a value with another scheme)"
+        ) from None
 
 
 class Settings(BaseSettings):
@@ -63,8 +60,8 @@ class Settings(BaseSettings):
     @field_validator("isolation_level", mode="before")
     @classmethod
     def _isolation(cls, value: object) -> object:
-        # Accept read_committed / "read committed" as well as the SQL spelling.
-        return value.replace("_", " ").upper() if isinstance(value, str) else value
+        # Accept read_committed / "read committed" / rc as well as the SQL spelling.
+        return normalise_isolation(value) if isinstance(value, str) else value
 
 
 @lru_cache(maxsize=1)

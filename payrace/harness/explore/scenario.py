@@ -35,14 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from payrace import postgres
 from payrace.harness.model.generator import Step
+from payrace.postgres import ISOLATION_CODES
 from payrace.service.probes import POINTS
 
-ISOLATION_CODES: dict[str, str] = {
-    "READ COMMITTED": "rc",
-    "REPEATABLE READ": "rr",
-    "SERIALIZABLE": "sr",
-}
 Expectation = Literal["valid", "violated"]
 Mode = Literal["exhaustive", "pct", "schedules"]
 
@@ -154,16 +151,10 @@ def parse_requests(tokens: Sequence[str]) -> tuple[RequestSpec, ...]:
 
 
 def normalise_isolation(value: str) -> str:
-    level = value.replace("_", " ").replace("-", " ").strip().upper()
-    level = {"RC": "READ COMMITTED", "RR": "REPEATABLE READ", "SR": "SERIALIZABLE"}.get(
-        level, level
-    )
-    if level not in ISOLATION_CODES:
-        raise ScenarioError(
-            f"unknown isolation level {value!r}; choose READ COMMITTED, REPEATABLE READ "
-            "or SERIALIZABLE"
-        )
-    return level
+    try:
+        return postgres.normalise_isolation(value)
+    except ValueError as exc:
+        raise ScenarioError(str(exc)) from None
 
 
 # -- schedule ids -------------------------------------------------------------------------

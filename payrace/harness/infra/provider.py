@@ -39,6 +39,7 @@ import psycopg
 from psycopg import sql
 
 from payrace.harness.infra import watchdog
+from payrace.postgres import EXPECTED, DsnError, dialect_url, libpq_url
 
 Route = Literal["dsn", "docker", "embedded"]
 
@@ -47,11 +48,8 @@ DOCKER_IMAGE = "postgres:16-alpine"
 _FAST = {"fsync": "off", "synchronous_commit": "off"}
 # A race opens many sessions at once (service pool + probes + admin); the default 100 runs out.
 _ROOMY = {"max_connections": "300"}
-_SCHEME = re.compile(r"^(?:postgres|postgresql)(?:\+[\w.]+)?://", re.IGNORECASE)
 _EXPECTED = (
-    "expected postgresql://user[:password]@host[:port]/dbname (postgres:// and "
-    "postgresql+asyncpg:// work too; a unix socket is postgresql://user@/dbname?host=/socket/dir)"
-    f", or leave the DSN and ${ENV_VAR} out to let payrace start its own PostgreSQL"
+    EXPECTED + f", or leave the DSN and ${ENV_VAR} out to let payrace start its own PostgreSQL"
 )
 _HOW_TO_GET: dict[Route, str] = {
     "dsn": f"pass --dsn postgresql://user@host:5432/postgres or set ${ENV_VAR}; payrace "
@@ -75,10 +73,10 @@ class Database:
     fast: bool  # fsync and synchronous_commit are both off on this server
 
     def asyncpg_url(self) -> str:
-        return "postgresql+asyncpg://" + self.url.removeprefix("postgresql://")
+        return dialect_url(self.url, "asyncpg")
 
     def psycopg_url(self) -> str:
-        return "postgresql+psycopg://" + self.url.removeprefix("postgresql://")
+        return dialect_url(self.url, "psycopg")
 
     def describe(self) -> str:
         settings = "fsync off, synchronous_commit off" if self.fast else "durable settings"
@@ -324,10 +322,10 @@ def _run_outside_a_transaction(url: str, statement: sql.Composed) -> None:
 
 def _normalise(dsn: str) -> str:
     text = dsn.strip()
-    scheme = _SCHEME.match(text)
-    if scheme is None:
-        raise ProviderError(f"DSN {_redact(text)!r} is not a PostgreSQL URL: {_EXPECTED}")
-    url = "postgresql://" + text[scheme.end() :]
+    try:
+        url = libpq_url(text)
+    except DsnError:
+        raise ProviderError(f"DSN {_redact(text)!r} is not a PostgreSQL URL: {_EXPECTED}") from None
     try:
         _ = urlsplit(url).port  # a non-numeric port or broken IPv6 host surfaces only here
         psycopg.conninfo.conninfo_to_dict(url)

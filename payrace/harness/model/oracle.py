@@ -68,6 +68,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from payrace.postgres import libpq_url
+
 SCHEMA = "payrace_audit"
 TRIGGER = "payrace_audit"
 APPLICATION_NAME = "payrace-oracle"
@@ -319,18 +321,13 @@ class Observation:
 # -- connection ---------------------------------------------------------------------------
 
 
-def _libpq(url: str) -> str:
-    """Accept SQLAlchemy-style postgresql+driver:// URLs too; libpq wants postgresql://."""
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme.startswith(("postgresql+", "postgres+")):
-        return "postgresql://" + rest
-    return url
-
-
 @contextmanager
 def _connect(url: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
     # autocommit: every statement of a read is its own transaction, so stats views are fresh.
-    with psycopg.connect(_libpq(url), autocommit=True, application_name=APPLICATION_NAME) as conn:
+    # A libpq key=value conninfo (host=... dbname=...) is taken as is; a URL in any spelling
+    # a user pastes (postgresql+asyncpg://, postgres://) is made libpq's.
+    conninfo = libpq_url(url) if "://" in url else url
+    with psycopg.connect(conninfo, autocommit=True, application_name=APPLICATION_NAME) as conn:
         yield conn
 
 

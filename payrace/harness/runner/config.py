@@ -20,6 +20,7 @@ from typing import Any, Literal
 from payrace.harness.errors import UsageError
 from payrace.harness.model import oracle
 from payrace.harness.model.nemesis import NemesisSpecError, parse_spec
+from payrace.postgres import normalise_isolation
 from payrace.service.capture import STRATEGIES
 
 Mode = Literal["forced", "aligned", "jitter"]
@@ -141,6 +142,10 @@ class RunConfig:
                 f"--event must be payment.captured, payment.authorized or order.paid, "
                 f"got {self.first_event!r}"
             )
+        try:
+            self.isolation = normalise_isolation(self.isolation)
+        except ValueError as exc:
+            raise UsageError(f"--isolation: {exc}") from None
         if self.hold_ms < 0 or self.jitter_ms < 0:
             raise UsageError("--hold-ms and --jitter-ms must be >= 0")
         if self.oracle_config is not None:

@@ -32,6 +32,7 @@ def test_gate_parsing() -> None:
         ({"target": "ftp://x"}, "--target"),
         ({"target": "http://127.0.0.1:1"}, "--target-dsn"),
         ({"hold_ms": 10.0, "mode": "aligned"}, "--hold-ms"),
+        ({"isolation": "bogus"}, "--isolation"),
     ],
 )
 def test_bad_configs_say_what_to_fix(fields: dict[str, Any], message: str) -> None:
