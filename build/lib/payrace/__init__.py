@@ -1,0 +1,15 @@
+"""payrace: prove on a real PostgreSQL that a payment is captured exactly once.
+
+Everything payrace installs lives under this one namespace, so it can never shadow a
+team's own `service`, `harness` or `tests` packages:
+
+    payrace.service      the reference capture service (the system under test)
+    payrace.harness      fires the races, watches the database, judges, reports (CLI `payrace`)
+    payrace.locustfiles  the same races at volume, for Locust (files, run with `locust -f`)
+
+Importing this package imports nothing else: the pytest plugin and the CLI pay for the
+web framework, the ORM and the SDK only when they use them.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

@@ -1,0 +1,365 @@
+"""`payrace`: the command line.
+
+    payrace run       trials of one or more strategies; exit 0 clean, 1 violated or gate
+                      breached, 2 usage or infrastructure error
+    payrace race      what `make race`: naive and for_update, forced and aligned; exits non-zero
+                      only when a strategy's verdict differs from what it is declared to be
+    payrace explore   every schedule of the pause points (payrace.harness.explore.engine)
+    payrace load      the Locust suite against a started service (payrace.harness.load.launch)
+    payrace gateway   a fake Razorpay on loopback, for a target started by hand
+
+Reports go to reports/<run>/: history.jsonl, summary.json, junit.xml, report.html.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import asyncpg
+import httpx
+import psycopg
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from payrace.harness.errors import UsageError
+from payrace.harness.infra.provider import ProviderError
+from payrace.harness.model.verdict import (
+    DECLARED,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_VIOLATED,
+)
+from payrace.harness.reports import report
+from payrace.harness.runner.config import Gate, Mode, RunConfig
+from payrace.harness.runner.run import run, write_history
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Prove on a real PostgreSQL that a payment is captured exactly once.",
+)
+console = Console(stderr=False)
+err = Console(stderr=True)
+if not console.is_terminal:
+    # CI logs and pipes have no width; rich would squeeze the tables to 80 columns.
+    console.width = max(console.width, 150)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]payrace:[/] {message}")
+    return typer.Exit(EXIT_ERROR)
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def execute(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Run with a progress bar; write the reports; return the summary."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    )
+    tasks = {
+        s: progress.add_task(f"{s} · {config.mode}", total=config.trials) for s in config.strategies
+    }
+    with progress:
+        summary = asyncio.run(
+            run(
+                config,
+                announce=lambda line: console.print(line, highlight=False),
+                on_trial=lambda s: progress.advance(tasks[s]),
+            )
+        )
+    out = config.out_dir / summary["run_id"]
+    write_history(summary, out / "history.jsonl")
+    report.write_all(summary, out)
+    return summary
+
+
+def _guarded(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
+    try:
+        return execute(config, quiet=quiet)
+    except UsageError as exc:
+        raise _fail(str(exc)) from None
+    except ProviderError as exc:
+        raise _fail(str(exc)) from None
+    except (OSError, TimeoutError, RuntimeError, httpx.HTTPError, asyncpg.PostgresError,
+            psycopg.Error) as exc:  # fmt: skip
+        raise _fail(f"infrastructure error: {type(exc).__name__}: {exc}") from None
+    except KeyboardInterrupt:
+        # Every context manager on the way out has stopped what it started by now.
+        err.print("payrace: interrupted; PostgreSQL, the gateway and the service were stopped")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+@app.command("run")
+def run_command(
+    strategy: Annotated[
+        list[str],
+        typer.Option(
+            "--strategy", "-s", help="naive, for_update, advisory (repeat or comma-separate)"
+        ),
+    ] = ["for_update"],  # noqa: B006
+    trials: Annotated[int, typer.Option(help="trials (payments) per strategy")] = 100,
+    mode: Annotated[str, typer.Option(help="forced | aligned | jitter")] = "forced",
+    target: Annotated[str, typer.Option(help="inproc | http | http://host:port")] = "inproc",
+    dsn: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PAYRACE_DATABASE_URL",
+            help="PostgreSQL server to use (a fresh database is created and dropped)",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 1,
+    webhooks: Annotated[
+        int, typer.Option(help="webhooks per trial besides the client callback")
+    ] = 1,
+    concurrency: Annotated[int, typer.Option(help="trials in flight at once")] = 4,
+    jitter_ms: Annotated[float, typer.Option(help="max random offset in jitter mode")] = 5.0,
+    hold_ms: Annotated[
+        float, typer.Option(help="forced mode: hold locks this long before commit")
+    ] = 0.0,
+    isolation: Annotated[
+        str, typer.Option(help="READ COMMITTED | REPEATABLE READ | SERIALIZABLE")
+    ] = "READ COMMITTED",
+    gate: Annotated[list[str], typer.Option(help="e.g. 'lock_p99_ms<=100' (repeatable)")] = [],  # noqa: B006
+    out: Annotated[Path, typer.Option(help="reports directory")] = Path("reports"),
+    durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
+    target_dsn: Annotated[
+        str | None, typer.Option(help="with --target URL: the target's database")
+    ] = None,
+    gateway_url: Annotated[
+        str | None, typer.Option(help="with --target URL: its fake gateway")
+    ] = None,
+    oracle_config: Annotated[
+        Path | None, typer.Option(help="TOML naming your own tables and statuses")
+    ] = None,
+    event: Annotated[
+        str,
+        typer.Option(help="the racing webhook: payment.captured | payment.authorized | order.paid"),
+    ] = "payment.captured",
+    nemesis: Annotated[
+        str | None,
+        typer.Option(
+            help="faults during the trials, e.g. 'gateway-errors:0.2,gateway-latency:50,"
+            "kill-backends:0.5' (capture failure rate, capture latency ms, seconds between "
+            "backend kills)"
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Fire interleaved client callbacks and webhooks; judge with the harness's own oracle."""
+    try:
+        gates = [Gate.parse(g) for g in gate]
+        config = RunConfig(
+            strategies=_split(strategy),
+            trials=trials,
+            mode=mode,  # type: ignore[arg-type]  # validated by RunConfig.validate
+            target=target,
+            dsn=dsn,
+            seed=seed,
+            webhooks=webhooks,
+            concurrency=concurrency,
+            jitter_ms=jitter_ms,
+            hold_ms=hold_ms,
+            isolation=isolation,
+            gates=gates,
+            out_dir=out,
+            durable=durable,
+            target_dsn=target_dsn,
+            gateway_url=gateway_url,
+            oracle_config=oracle_config,
+            first_event=event,
+            nemesis=nemesis,
+            command=shlex.join(["payrace", *sys.argv[1:]]),
+        )
+        config.validate()
+    except UsageError as exc:
+        raise _fail(str(exc)) from None
+    summary = _guarded(config, quiet)
+    report.render_console(summary, console)
+    raise typer.Exit(summary["exit_code"])
+
+
+@app.command("race")
+def race_command(
+    trials: Annotated[int, typer.Option(help="trials per strategy and mode")] = 200,
+    dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
+    out: Annotated[Path, typer.Option()] = Path("reports"),
+    seed: Annotated[int, typer.Option()] = 1,
+    durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
+) -> None:
+    """Every strategy in forced and aligned modes, against its declared verdict."""
+    rows: list[tuple[str, str, dict[str, Any], str]] = []
+    modes: tuple[Mode, ...] = ("forced", "aligned")
+    for mode in modes:
+        config = RunConfig(
+            strategies=list(DECLARED),
+            trials=trials,
+            mode=mode,
+            dsn=dsn,
+            seed=seed,
+            out_dir=out,
+            durable=durable,
+            command=shlex.join(["payrace", *sys.argv[1:]]),
+        )
+        summary = _guarded(config)
+        for name, result in summary["strategies"].items():
+            rows.append((name, mode, result, summary["run_id"]))
+    table = Table(title="payrace race: verdicts against what each strategy is declared to be")
+    for col in ("strategy", "mode", "declared", "found", "trials", "double captures",
+                "double invoice updates", "lock p99 ms", "as declared"):  # fmt: skip
+        numeric = col in ("trials", "double captures", "double invoice updates", "lock p99 ms")
+        table.add_column(col, justify="right" if numeric else "left")
+    mismatches = 0
+    for name, row_mode, result, _ in rows:
+        valid = result["valid"]
+        found = "valid" if valid is True else "violated" if valid is False else "unknown"
+        ok = found == result["expected"]
+        mismatches += not ok
+        checks = result["checks"]
+        table.add_row(
+            name,
+            row_mode,
+            result["expected"],
+            found,
+            str(result["trials"]),
+            str(checks.get("single_capture_write", {}).get("count", "?")),
+            str(checks.get("single_invoice_paid", {}).get("count", "?")),
+            f"{result['latency_ms'].get('lock', {}).get('all', {}).get('p99', 0):.2f}",
+            "[green]yes[/]" if ok else "[bold red]NO[/]",
+        )
+    console.print(table)
+    console.print(f"reports: {', '.join(sorted({str(out / r[3]) for r in rows}))}")
+    if mismatches:
+        err.print(f"[bold red]{mismatches} verdict(s) differ from the declared ones[/]")
+        raise typer.Exit(EXIT_VIOLATED)
+
+
+@app.command("explore")
+def explore_command(
+    strategy: Annotated[str, typer.Option()] = "for_update",
+    requests: Annotated[
+        str, typer.Option(help="comma list, e.g. client,webhook,webhook")
+    ] = "client,webhook",
+    isolation: Annotated[str, typer.Option()] = "READ COMMITTED",
+    pct: Annotated[int | None, typer.Option(help="PCT runs (3+ requests)")] = None,
+    depth: Annotated[int, typer.Option(help="PCT bug depth d")] = 2,
+    seed: Annotated[int, typer.Option()] = 1,
+    replay: Annotated[str | None, typer.Option(help="rerun exactly this schedule id")] = None,
+    scenario: Annotated[Path | None, typer.Option(help="TOML scenario file")] = None,
+    dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
+    out: Annotated[Path, typer.Option()] = Path("reports"),
+    durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
+) -> None:
+    """Every schedule of the pause points of concurrent requests, judged by the oracle."""
+    from payrace.harness.explore.engine import explore_main
+
+    code = explore_main(
+        strategy=strategy,
+        requests=_split([requests]),
+        isolation=isolation,
+        pct_runs=pct,
+        depth=depth,
+        seed=seed,
+        replay=replay,
+        scenario=scenario,
+        dsn=dsn,
+        out_dir=out,
+        console=console,
+        durable=durable,
+    )
+    raise typer.Exit(code)
+
+
+@app.command("load", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def load_command(
+    ctx: typer.Context,
+    strategy: Annotated[str, typer.Option()] = "for_update",
+    users: Annotated[int, typer.Option("-u", "--users")] = 20,
+    spawn_rate: Annotated[float, typer.Option("-r", "--spawn-rate")] = 10.0,
+    run_time: Annotated[str, typer.Option("-t", "--run-time")] = "30s",
+    processes: Annotated[int, typer.Option(help="Locust --processes")] = 1,
+    workers: Annotated[int, typer.Option(help="uvicorn workers of the service")] = 1,
+    dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
+    locustfile: Annotated[
+        str, typer.Option(help="race_pairs | webhook_storm | mixed, a path, or a comma list")
+    ] = "race_pairs",
+    out: Annotated[Path, typer.Option()] = Path("reports"),
+    durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
+) -> None:
+    """Start PostgreSQL, the fake gateway and the service; run Locust headless; judge."""
+    from payrace.harness.load.launch import load_main
+
+    code = load_main(
+        strategy=strategy,
+        users=users,
+        spawn_rate=spawn_rate,
+        run_time=run_time,
+        processes=processes,
+        workers=workers,
+        dsn=dsn,
+        locustfile=locustfile,
+        out_dir=out,
+        console=console,
+        extra_args=list(ctx.args),
+        durable=durable,
+    )
+    raise typer.Exit(code)
+
+
+@app.command("gateway")
+def gateway_command(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 9411,
+) -> None:
+    """Serve a fake Razorpay until Ctrl-C (for `payrace run --target URL --gateway-url`)."""
+    import time
+
+    from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+
+    keys = GatewayKeys()
+    with GatewayServer(FakeRazorpay(keys), host=host, port=port) as server:
+        console.print(
+            f"fake Razorpay at {server.url} (key id {keys.key_id}, key secret "
+            f"{keys.key_secret}, webhook secret {keys.webhook_secret}); Ctrl-C stops it"
+        )
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.print("stopping the fake gateway")
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (a CI runner cancelling the job, `kill`) unwinds like Ctrl-C, so every
+    # context manager stops what it started instead of leaving PostgreSQL or uvicorn behind.
+    # Re-raised as SIGINT, asyncio.run cancels its main task cleanly; raising here instead
+    # would land in whatever frame runs and strand the other tasks.
+    signal.raise_signal(signal.SIGINT)
+
+
+def main() -> None:
+    # A shell starts background jobs with SIGINT ignored; payrace wants it either way, since
+    # asyncio.run only turns SIGINT into a clean cancellation when the default handler is set.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The explorer: every schedule of the pause points of two requests, PCT for more."""

@@ -1,0 +1,777 @@
+"""Who decides what runs next: the step model, the Scheduler and the schedule policies.
+
+    StepClass       LOCAL < READ < WRITE < END: what the code between two pause points may do
+    predict()       the class of a request's next step, read off service/capture.py; every
+                    executed step is checked against it (Scheduler.guard)
+    dependent()     may two steps of different requests not be swapped?
+    statement_class(), describe_statement()
+                    what an executed SQL statement did, and how a timeline names it
+    ScheduleError   an explicit schedule or id this service cannot follow
+    Wait            a lock wait PostgreSQL reported
+    ScheduledRequest  one request within a schedule: its gate, pause point, step in flight
+    answer_text()   "200 captured (idempotent)": a reply as the timeline shows it
+    blocking_pids() pg_blocking_pids() for the requests' backends, one query
+    Scheduler       the PauseController: parks every request at its pause points, releases one
+                    at a time and settles: each request paused, answered, or waiting for a
+                    lock that pg_blocking_pids() says another request holds; mutual waits are
+                    reported as deadlocks, a step that does neither within the bound is
+                    cancelled and reported as stuck
+    Policy          which runnable request goes next:
+    ├── Prefix          follow a choice sequence, then the lowest candidate (exhaustive
+    │                   search, next_prefix() gives the next branch; exact: replay an id)
+    ├── Steps           an explicit schedule ("client:payment_read", "webhook-1:end", ...)
+    └── Pct             PCT: random priorities, d-1 change points, seeded
+    PctBound        n, k, d -> p = 1/(n*k^(d-1)) and the runs a confidence needs
+
+explore.engine runs these against the in-process service; explore.findings judges and
+draws what they produced.
+
+Steps. A step releases one request from one pause point to its next (or to its answer).
+Steps whose code cannot affect or be affected by another request — LOCAL in the table of
+predict() — are run at once, folded into the step before them (VeriSoft's "invisible"
+operations); only the others are schedule choices. This is sound because a LOCAL step
+commutes with every step of every other request, so every schedule is equivalent to one in
+which LOCAL steps run as early as possible.
+
+Equivalent schedules (exhaustive mode, `reduce`). Two adjacent steps of different requests
+commute when `dependent()` says no: plain reads (READ) commute with each other, and at READ
+COMMITTED and REPEATABLE READ with writes that are not committed yet (MVCC: a plain SELECT
+neither sees an uncommitted row nor waits for its lock, and a WRITE step never commits: at
+worst it rolls back, which no reader can see); END (commit and answer) and WRITE-WRITE pairs
+never commute (WRITE-WRITE conservatively, whatever the rows). At SERIALIZABLE a read and a
+write of a concurrent transaction form the same rw-conflict in either order, but the order
+decides which transaction SSI rolls back, so they do not commute either.
+Of each class of equivalent schedules the explorer runs the lexicographically least, using
+the two-process characterisation of that normal form: after a step of request j, request
+i < j is released next only if its step depends on j's step (or j cannot move). Pruning is
+skipped whenever it could leave no choice, so it only ever drops schedules that have an
+equivalent one that is explored. Blocked variants are never collapsed into unblocked ones:
+a step that waits for a lock is WRITE, and END (which releases locks) depends on it.
+
+The table is checked while running: a LOCAL or READ step that wrote, locked, committed or
+waited, or a WRITE step that committed, makes the run fail with exit code 2 and a message
+naming the step (the reduction would no longer be sound for this capture path).
+
+Waiting is read from PostgreSQL, never from the clock: after a release the scheduler polls
+(poll_s) until every request is paused, answered, or waiting on a backend of another
+request according to pg_blocking_pids() on its own connection; only then does it choose
+again, and it reads waits at that settled state, where no lock can change hands.
+
+Races inside PostgreSQL. When one step releases two waiters of the same row (side by side,
+or one queued behind the other), which of them locks the row's new version first is decided
+inside the server (both re-lock it through EvalPlanQual; there is no pause point between).
+Such steps are marked <race>; what follows them may differ from one run to the next, so
+golden output shows those schedules only up to the race, and replaying one may take the
+other branch (the run then says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from payrace.harness.explore.scenario import RequestSpec, StepSpec
+from payrace.harness.model.client import Prepared, Reply
+from payrace.harness.model.history import Operation
+from payrace.harness.reports.timeline import TimelineEvent, phrase
+from payrace.service import probes
+from payrace.service.probes import ProbeContext
+
+_BLOCKERS = "SELECT pid, pg_blocking_pids(pid) AS blockers FROM unnest($1::int[]) AS pid"
+
+
+class StepClass(enum.IntEnum):
+    LOCAL = 0  # commutes with everything: no statement, or reads of columns nobody changes
+    READ = 1  # plain SELECTs only (includes taking the REPEATABLE READ snapshot)
+    WRITE = 2  # takes row locks or writes, may wait, may fail and roll back
+    END = 3  # commit (publishes writes, releases locks) and the answer
+
+
+def predict(
+    spec: RequestSpec, point: str | None, detail: str | None, *, isolation: str, lock_rows: bool
+) -> StepClass:
+    """The class of the code service/capture.py runs after `point` (None: not started yet).
+
+    Read off the capture path; the Scheduler checks every executed step against it."""
+    if point is None:
+        # The webhook route looks the payment up by gateway order id (immutable columns, a
+        # transaction of its own); then BEGIN, the backend pid read from the driver (no
+        # statement). READ at REPEATABLE READ / SERIALIZABLE is conservative since the
+        # probes stopped running SELECT pg_backend_pid() here (it took the snapshot); LOCAL
+        # would be sound, but would renumber every rr/sr schedule id and golden file.
+        return StepClass.LOCAL if isolation == "READ COMMITTED" else StepClass.READ
+    if point == "txn_begun":
+        # The payment read: FOR UPDATE (or an advisory lock first) locks, a plain SELECT not.
+        return StepClass.WRITE if lock_rows else StepClass.READ
+    if point == "payment_read":
+        if detail == "missing" or spec.kind.is_webhook:
+            # Webhooks insert their event id here (dedupe; its foreign key takes FOR KEY
+            # SHARE on the payment row); a missing payment rolls back and answers 404.
+            return StepClass.WRITE
+        # session.get(Order): a plain read of id / amount / currency, which never change.
+        return StepClass.READ if isolation == "SERIALIZABLE" else StepClass.LOCAL
+    if point == "status_checked":
+        if detail == "repeat":
+            return StepClass.READ  # _states(): reads invoice and order status
+        if spec.captures_at_gateway and not spec.marks_failed:
+            return StepClass.LOCAL  # straight to pause("gateway_called")
+        return StepClass.WRITE
+    if point == "payment_written":
+        return StepClass.READ if spec.marks_failed else StepClass.WRITE
+    if point in ("gateway_called", "invoice_written"):
+        return StepClass.WRITE
+    if point == "order_written":
+        return StepClass.LOCAL  # returns from _write_capture to pause("before_commit")
+    return StepClass.END  # before_commit, or a point this table does not know: the worst
+
+
+def dependent(a: StepClass, b: StepClass, isolation: str) -> bool:
+    if StepClass.LOCAL in (a, b) or (a is StepClass.READ and b is StepClass.READ):
+        return False
+    if isolation == "SERIALIZABLE" or StepClass.END in (a, b):
+        return True
+    return a is StepClass.WRITE and b is StepClass.WRITE
+
+
+_FOR_LOCK = re.compile(r"\bFOR\s+(UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE)\b", re.IGNORECASE)
+_ADVISORY = re.compile(r"\bpg_advisory(_xact)?_lock(_shared)?\s*\(", re.IGNORECASE)
+
+
+def statement_class(statement: str) -> StepClass:
+    text = statement.lstrip().upper()
+    if text.startswith(("SELECT", "WITH")) and not (
+        _FOR_LOCK.search(statement) or _ADVISORY.search(statement)
+    ):
+        return StepClass.READ
+    return StepClass.WRITE
+
+
+_TABLE_WORD = {"payments": "payment", "invoices": "invoice", "orders": "order"}
+
+
+def describe_statement(statement: str) -> str:
+    """ "UPDATE payments SET ..." -> "update payment": what a waiting request waits to do."""
+    text = " ".join(statement.split())
+    if m := re.match(r"(?i)UPDATE\s+(\w+)", text):
+        return f"update {_TABLE_WORD.get(m[1], m[1])}"
+    if m := re.match(r"(?i)INSERT\s+INTO\s+(\w+)", text):
+        return "record event id" if m[1] == "webhook_events" else f"insert {m[1]}"
+    if _ADVISORY.search(text):
+        return "advisory lock"
+    if m := re.search(r"(?i)\bFROM\s+(\w+)", text):
+        verb = "lock" if _FOR_LOCK.search(text) else "read"
+        return f"{verb} {_TABLE_WORD.get(m[1], m[1])}"
+    return text[:40]
+
+
+class ScheduleError(RuntimeError):
+    """An explicit schedule or id cannot be followed by this service (says where and why)."""
+
+
+# -- one request in a schedule --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wait:
+    label: str
+    blocked_by: tuple[str, ...]
+    what: str  # the statement it waits to run, described
+    blocker_pids: tuple[int, ...] = ()  # what pg_blocking_pids() answered
+
+
+@dataclass
+class ScheduledRequest:
+    index: int
+    spec: RequestSpec
+    prepared: Prepared
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    state: str = "new"  # new | parked | running | blocked | done
+    point: str | None = None
+    detail: str | None = None
+    probe: ProbeContext | None = None
+    task: asyncio.Task[None] | None = None
+    reply: Reply | None = None
+    invoke: Operation | None = None
+    blocked_by: tuple[str, ...] = ()
+    blocker_pids: tuple[int, ...] = ()
+    trail: list[str] = field(default_factory=list)  # pause points passed, in order
+    # The step in flight: what it was predicted to do and what it did.
+    predicted: StepClass = StepClass.LOCAL
+    step_from: str | None = None
+    statements: list[str] = field(default_factory=list)
+    committed: bool = False
+    waited: bool = False
+    errors: list[str] = field(default_factory=list)
+    observed: StepClass = StepClass.LOCAL  # of the last completed step
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+
+def answer_text(reply: Reply | None) -> str:
+    if reply is None or reply.status is None:
+        return "no answer" + (f" ({reply.error})" if reply and reply.error else "")
+    body = reply.body
+    if 200 <= reply.status < 300:
+        words = [str(body.get("status", "ok"))]
+        if body.get("duplicate_event"):
+            words.append("(duplicate event)")
+        elif body.get("idempotent"):
+            words.append("(idempotent)")
+        return f"{reply.status} {' '.join(words)}"
+    error = body.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    return f"{reply.status} {code or 'error'}"
+
+
+async def blocking_pids(conn: Any, pids: list[int]) -> dict[int, list[int]]:
+    """pid -> the pids PostgreSQL says it waits for (asyncpg connection, one round trip)."""
+    if not pids:
+        return {}
+    rows = await conn.fetch(_BLOCKERS, pids)
+    return {int(row["pid"]): [int(p) for p in row["blockers"]] for row in rows}
+
+
+class Policy(Protocol):
+    def choose(
+        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[ScheduledRequest]
+    ) -> int: ...
+
+
+class Scheduler:
+    """The explorer's PauseController for one schedule (one payment, fresh state)."""
+
+    def __init__(
+        self,
+        reqs: list[ScheduledRequest],
+        *,
+        send: Callable[[ScheduledRequest], Any],
+        blockers: Callable[[list[int]], Any],
+        isolation: str,
+        lock_rows: bool,
+        reduce: bool,
+        bound_s: float,
+        poll_s: float,
+    ) -> None:
+        self.reqs = reqs
+        self._by_label = {r.label: r for r in reqs}
+        self._send = send
+        self._blockers = blockers
+        self.isolation = isolation
+        self.lock_rows = lock_rows
+        self.reduce = reduce
+        self.bound_s = bound_s
+        self.poll_s = poll_s
+        self._changed = asyncio.Event()
+        self._free = False  # after a give-up: let everything run to its end
+        self._seq = 0
+        self._pending: list[tuple[int, int, str, str]] = []
+        self._released: ScheduledRequest | None = None
+        self.events: list[TimelineEvent] = []
+        self.choices: list[int] = []
+        self.decisions: list[tuple[tuple[int, ...], int]] = []
+        self.waits: list[Wait] = []
+        self.deadlocks: list[tuple[str, ...]] = []
+        self.stuck: list[str] = []
+        self.guard: list[str] = []
+        self.pruned = 0
+        self.races: list[tuple[int, tuple[str, ...]]] = []
+
+    # -- PauseController --------------------------------------------------------------------
+
+    async def reached(self, point: str, probe: ProbeContext) -> None:
+        r = self._by_label.get(probe.label)
+        if r is None or self._free:
+            return
+        r.point, r.detail = point, probe.points[-1][2] if probe.points else None
+        r.trail.append(point)
+        # The commit runs in the step *after* this pause: it is drawn there, with the answer.
+        self._arrive(r, None if point == "before_commit" else phrase(point, r.detail))
+        r.state = "parked"
+        self._changed.set()
+        await r.gate.wait()
+        r.gate.clear()
+
+    def finished(self, probe: ProbeContext) -> None:
+        """Nothing to do: a request counts as done when its answer is back (task end)."""
+
+    # -- what the service's engine tells us (SQLAlchemy events, per request) ---------------
+
+    def on_statement(self, label: str, statement: str) -> None:
+        if (r := self._by_label.get(label)) is not None:
+            r.statements.append(statement)
+
+    def on_commit(self, label: str) -> None:
+        if (r := self._by_label.get(label)) is not None:
+            r.committed = True
+
+    def on_error(self, label: str, message: str) -> None:
+        if (r := self._by_label.get(label)) is not None:
+            r.errors.append(message)
+
+    # -- timeline ---------------------------------------------------------------------------
+
+    def _log(self, r: ScheduledRequest, text: str) -> None:
+        # Requests that move at the same time (a commit wakes a waiter while the committer
+        # answers) log in a fixed order: the released request first, then by index.
+        key = -1 if r is self._released else r.index
+        self._pending.append((key, len(self._pending), r.label, text))
+
+    def _flush(self) -> None:
+        for _, _, label, text in sorted(self._pending):
+            self.events.append(TimelineEvent(self._seq, label, text))
+            self._seq += 1
+        self._pending.clear()
+
+    def _arrive(self, r: ScheduledRequest, text: str | None) -> None:
+        """A request's step ended: log it and check it against its predicted class."""
+        lines = [f"{message}: rollback" for message in r.errors]
+        if r.errors and r.point == "txn_begun" and r.state != "done":
+            text = "retry: begin"
+        if text is not None:
+            lines.append(f"commit {text}" if r.committed and text.startswith("→") else text)
+        if r.waited and lines:  # isolation tester style: the step that waited ends here
+            lines[0] = f"<completed> {lines[0]}"
+        for line in lines:
+            self._log(r, line)
+        observed = StepClass.LOCAL
+        for statement in r.statements:
+            observed = max(observed, statement_class(statement))
+        if r.waited:
+            observed = max(observed, StepClass.WRITE)
+        if r.committed:
+            observed = StepClass.END
+        allowed = StepClass.READ if r.predicted <= StepClass.READ else r.predicted
+        if observed > allowed and not self._free:
+            what = "; ".join(describe_statement(s) for s in r.statements) or "no statement"
+            self.guard.append(
+                f"{r.label}: the step after {r.step_from or 'the start'} was assumed "
+                f"{r.predicted.name} but did {observed.name} ({what}"
+                f"{', waited for a lock' if r.waited else ''}"
+                f"{', committed' if r.committed else ''})"
+            )
+        r.observed = max(observed, r.predicted)
+        r.statements, r.errors, r.committed, r.waited = [], [], False, False
+
+    # -- releasing and settling --------------------------------------------------------------
+
+    def runnable(self) -> list[int]:
+        return [r.index for r in self.reqs if r.state in ("new", "parked")]
+
+    def done(self) -> bool:
+        return all(r.state == "done" for r in self.reqs)
+
+    def predicted(self, r: ScheduledRequest) -> StepClass:
+        return predict(
+            r.spec, r.point, r.detail, isolation=self.isolation, lock_rows=self.lock_rows
+        )
+
+    async def step(self, index: int) -> None:
+        r = self.reqs[index]
+        before = {q.label: q.blocked_by for q in self.reqs if q.state == "blocked"}
+        r.predicted, r.step_from = self.predicted(r), r.point
+        r.statements, r.errors, r.committed, r.waited = [], [], False, False
+        self._released = r
+        if r.state == "new":
+            r.state = "running"
+            r.task = asyncio.create_task(self._request(r), name=f"explore-{r.label}")
+        else:
+            r.state = "running"
+            r.gate.set()
+        await self._settle()
+        # Waits are read at the settled state only: there no lock can change hands. In
+        # between, a waiter woken by a commit may be seen running for a moment before it
+        # queues for its next lock; whether a poll lands there is timing, not behaviour.
+        for q in self.reqs:
+            if q.state == "blocked" and before.get(q.label) != q.blocked_by:
+                what = describe_statement(q.statements[-1]) if q.statements else "lock"
+                self.waits.append(Wait(q.label, q.blocked_by, what, q.blocker_pids))
+                self._log(q, f"{what} <waiting>")
+                q.waited = True
+        # A step that releases two waiters of the released request (side by side, or one
+        # queued behind the other on the tuple lock) starts a race inside PostgreSQL: each
+        # re-locks the row's new version (EvalPlanQual) and the first to get there wins. No
+        # pause point lies in between, so no schedule orders them. Whether a race was
+        # possible is read from the state before the step, so that it is reported the same
+        # way whichever waiter won.
+        behind = self._waiting_on(r.label, before)
+        if len(behind) > 1 and any(
+            q.state != "blocked" or q.blocked_by != before[q.label]
+            for q in self.reqs
+            if q.label in behind
+        ):
+            self.races.append((len(self.choices), behind))
+            self._log(
+                self._by_label[behind[0]],
+                f"<race> {' and '.join(behind)} released together: PostgreSQL picks who "
+                "locks first",
+            )
+        self._flush()
+
+    async def _request(self, r: ScheduledRequest) -> None:
+        try:
+            with probes.controlled(self, r.label) as probe:
+                r.probe = probe
+                r.reply = await self._send(r)
+        except asyncio.CancelledError:
+            # Ours (a stuck step) or the run's end: either way the request has no answer.
+            r.reply = Reply(None, {}, {}, "cancelled by the explorer")
+        finally:
+            if r.state != "done":
+                self._arrive(r, f"→ {answer_text(r.reply)}")
+            r.state = "done"
+            self._changed.set()
+
+    async def _settle(self) -> None:
+        """Until every request is paused, answered or waiting for another one's lock."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.bound_s
+        while True:
+            self._changed.clear()
+            active = [r for r in self.reqs if r.state in ("running", "blocked")]
+            if not active:
+                return
+            if any(r.state == "running" for r in active):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_s):
+                        await self._changed.wait()
+                if self._changed.is_set():
+                    continue
+            pids = {
+                r.label: r.probe.backend_pid
+                for r in active
+                if r.probe is not None and r.probe.backend_pid is not None
+            }
+            ours = {
+                r.probe.backend_pid: r.label
+                for r in self.reqs
+                if r.state != "done" and r.probe is not None and r.probe.backend_pid is not None
+            }
+            answer: dict[int, list[int]] = await self._blockers(sorted(set(pids.values())))
+            if self._changed.is_set():
+                continue  # someone moved while we asked: the answer may be stale
+            all_blocked = True
+            for r in active:
+                pid = pids.get(r.label)
+                named = tuple(b for b in answer.get(pid or -1, []) if b in ours)
+                by = tuple(
+                    sorted(
+                        {
+                            ours[b]
+                            for b in answer.get(pid or -1, [])
+                            if ours.get(b, r.label) != r.label
+                        },
+                        key=lambda label: self._by_label[label].index,
+                    )
+                )
+                if not by:
+                    all_blocked = False
+                    if r.state == "blocked":
+                        r.state = "running"  # the holder committed: it runs again
+                    continue
+                r.state, r.blocked_by, r.blocker_pids = "blocked", by, named
+            if all_blocked:
+                cycle = self._cycle(active)
+                if cycle is None:
+                    return
+                if cycle not in self.deadlocks:
+                    # PostgreSQL breaks it after deadlock_timeout; the victim's 40P01 is
+                    # retried by the service. Report it, and wait for that to happen.
+                    self.deadlocks.append(cycle)
+                    self._log(self._by_label[cycle[0]], f"deadlock: {' ⇄ '.join(cycle)}")
+            if loop.time() > deadline:
+                await self._give_up(active)
+                return
+            if all_blocked or not any(r.state == "running" for r in active):
+                await asyncio.sleep(self.poll_s)
+
+    def _waiting_on(self, label: str, graph: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+        """The requests that wait, directly or through others, for `label` in `graph`."""
+        found: set[str] = set()
+        frontier = {label}
+        while frontier:
+            frontier = {w for w, by in graph.items() if set(by) & frontier} - found
+            found |= frontier
+        found.discard(label)
+        return tuple(sorted(found, key=lambda name: self._by_label[name].index))
+
+    def _cycle(self, active: Sequence[ScheduledRequest]) -> tuple[str, ...] | None:
+        graph = {r.label: r.blocked_by for r in active if r.state == "blocked"}
+        for start in graph:
+            path = [start]
+            while True:
+                nxt = next((b for b in graph.get(path[-1], ()) if b in graph), None)
+                if nxt is None:
+                    break
+                if nxt in path:
+                    loop_ = path[path.index(nxt) :]
+                    first = min(range(len(loop_)), key=lambda i: self._by_label[loop_[i]].index)
+                    return tuple(loop_[first:] + loop_[:first])
+                path.append(nxt)
+        return None
+
+    async def _give_up(self, active: Sequence[ScheduledRequest]) -> None:
+        for r in active:
+            self.stuck.append(r.label)
+            how = (
+                f"waiting for {', '.join(r.blocked_by)}"
+                if r.blocked_by
+                else "neither paused nor waiting"
+            )
+            self._log(r, f"<stuck> {how} after {self.bound_s:g} s: cancelled")
+            if r.task is not None:
+                r.task.cancel()
+        await self.close()
+
+    async def close(self) -> None:
+        """Let every request finish (no more pauses); cancel what the bound cannot wait for."""
+        tasks = [r.task for r in self.reqs if r.task is not None and not r.task.done()]
+        if not tasks:
+            self._flush()
+            return
+        self._free = True
+        for r in self.reqs:
+            r.gate.set()
+        _, pending = await asyncio.wait(tasks, timeout=self.bound_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=self.bound_s)
+        self._flush()
+
+    async def run_local(self) -> None:
+        """Fold LOCAL steps into the step before them (see the module docstring)."""
+        progressed = True
+        while progressed and not self._free:
+            progressed = False
+            for r in self.reqs:
+                if r.state in ("new", "parked") and self.predicted(r) is StepClass.LOCAL:
+                    await self.step(r.index)
+                    progressed = True
+
+    async def drive(self, policy: Policy) -> None:
+        await self.run_local()
+        previous: tuple[int, StepClass, frozenset[int]] | None = None
+        while not self.done() and not self._free:
+            runnable = self.runnable()
+            if not runnable:
+                # Only waiting requests left, none of ours holding what they wait for.
+                await self._give_up([r for r in self.reqs if r.state != "done"])
+                return
+            candidates = self._prune(runnable, previous)
+            try:
+                choice = policy.choose(runnable, candidates, self.reqs)
+            except ScheduleError as exc:
+                if self.races:
+                    step, who = self.races[0]
+                    raise ScheduleError(
+                        f"{exc} — PostgreSQL decided the race between {' and '.join(who)} "
+                        f"at step {step} the other way this time; run it again"
+                    ) from exc
+                raise
+            if choice not in runnable:
+                raise ScheduleError(f"step {len(self.choices) + 1}: request {choice} cannot move")
+            self.decisions.append((tuple(candidates), choice))
+            self.choices.append(choice)
+            await self.step(choice)
+            await self.run_local()
+            previous = (choice, self.reqs[choice].observed, frozenset(runnable))
+
+    def _prune(
+        self, runnable: list[int], previous: tuple[int, StepClass, frozenset[int]] | None
+    ) -> list[int]:
+        """Keep the lexicographic normal form: after j's step, i < j only if they conflict."""
+        if not self.reduce or previous is None:
+            return runnable
+        j, j_class, before = previous
+        if j not in runnable:
+            return runnable  # j waits or answered: no choice may be dropped
+        keep = []
+        for i in runnable:
+            if (
+                i < j
+                and i in before
+                and not dependent(self.predicted(self.reqs[i]), j_class, self.isolation)
+            ):
+                self.pruned += 1
+                continue
+            keep.append(i)
+        return keep
+
+
+# -- policies -------------------------------------------------------------------------------
+
+
+class Prefix:
+    """Follow `choices`, then always the lowest candidate (the depth-first order)."""
+
+    def __init__(self, choices: Sequence[int], *, exact: bool = False) -> None:
+        self.choices = list(choices)
+        self.exact = exact
+        self.position = 0
+        self.notes: list[str] = []
+        self.diverged_at: int | None = None
+
+    def choose(
+        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[ScheduledRequest]
+    ) -> int:
+        pool = runnable if self.exact else candidates
+        if self.position < len(self.choices):
+            want = self.choices[self.position]
+            self.position += 1
+            if want in pool:
+                return want
+            if self.exact:
+                r = reqs[want]
+                state = {"blocked": f"waits for {', '.join(r.blocked_by)}", "done": "has answered"}
+                raise ScheduleError(
+                    f"step {self.position}: the id releases {r.label}, but it "
+                    f"{state.get(r.state, r.state)}; this service no longer runs that schedule"
+                )
+            self.notes.append(f"step {self.position}: {want} not among {list(pool)}")
+            self.diverged_at = self.diverged_at or self.position
+        elif self.exact and self.position == len(self.choices):
+            self.position += 1
+            self.notes.append("the id ended before every request answered")
+            self.diverged_at = self.diverged_at or self.position
+        return min(pool)
+
+
+def next_prefix(decisions: Sequence[tuple[tuple[int, ...], int]]) -> list[int] | None:
+    """The next branch of the depth-first search, or None when every branch was taken."""
+    for i in range(len(decisions) - 1, -1, -1):
+        candidates, chosen = decisions[i]
+        later = [c for c in candidates if c > chosen]
+        if later:
+            return [c for _, c in decisions[:i]] + [later[0]]
+    return None
+
+
+class Steps:
+    """An explicit schedule: `label` = one step, `label:point` = until paused at point."""
+
+    def __init__(self, steps: Sequence[StepSpec]) -> None:
+        self.queue = list(steps)
+        self.moved = 0  # steps released for queue[0]
+        self.mark = 0  # len(trail) when queue[0] began: LOCAL steps may run past its point
+
+    def choose(
+        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[ScheduledRequest]
+    ) -> int:
+        by_label = {r.label: r for r in reqs}
+        while self.queue:
+            spec = self.queue[0]
+            r = by_label[spec.label]
+            if not self.moved:
+                self.mark = len(r.trail)
+            if self.moved and self._met(spec, r, self.mark):
+                self.queue.pop(0)
+                self.moved = 0
+                continue
+            if r.state == "done":
+                if spec.until not in (None, "end"):
+                    raise ScheduleError(
+                        f"{spec}: {r.label} answered without pausing at {spec.until} "
+                        f"(it went {r.step_from or 'from the start'} -> answer)"
+                    )
+                self.queue.pop(0)
+                self.moved = 0
+                continue
+            if r.state == "blocked":
+                if not self.moved:
+                    raise ScheduleError(
+                        f"{spec}: {r.label} is waiting for a lock held by "
+                        f"{', '.join(r.blocked_by)}; release that request first"
+                    )
+                self.queue.pop(0)  # waiting on the way: go on, as the isolation tester does
+                self.moved = 0
+                continue
+            self.moved += 1
+            return r.index
+        return min(runnable)
+
+    @staticmethod
+    def _met(spec: StepSpec, r: ScheduledRequest, mark: int) -> bool:
+        if spec.until is None:
+            return True
+        if spec.until == "end":
+            return r.state == "done"
+        return spec.until in r.trail[mark:]
+
+
+class Pct:
+    """Probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010): distinct random
+    priorities d..d+n-1, d-1 change points drawn from 1..k; at the i-th change point the
+    request about to run drops to priority d-i; always run the highest-priority runnable."""
+
+    def __init__(self, n: int, k: int, d: int, rng: random.Random) -> None:
+        self.priority = dict(enumerate(rng.sample(range(d, d + n), n)))
+        points = rng.sample(range(1, k + 1), min(d - 1, k))
+        self.changes = {step: d - i for i, step in enumerate(sorted(points), start=1)}
+        self.steps = 0
+
+    def choose(
+        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[ScheduledRequest]
+    ) -> int:
+        self.steps += 1
+        best = max(runnable, key=lambda i: self.priority[i])
+        if self.steps in self.changes:
+            self.priority[best] = self.changes[self.steps]
+            best = max(runnable, key=lambda i: self.priority[i])
+        return best
+
+
+@dataclass(frozen=True)
+class PctBound:
+    n: int  # requests
+    k: int  # steps of one run (estimated from each request running alone)
+    d: int  # bug depth
+
+    @property
+    def p(self) -> float:
+        return 1.0 / (self.n * float(self.k) ** (self.d - 1))
+
+    def runs_for(self, confidence: float) -> int:
+        if self.p >= 1.0:
+            return 1
+        return math.ceil(math.log(1.0 - confidence) / math.log(1.0 - self.p))
+
+    def confidence(self, runs: int) -> float:
+        return 1.0 - (1.0 - self.p) ** runs
+
+    def describe(self, runs: int, confidence: float = 0.95) -> str:
+        return (
+            f"PCT: n={self.n} requests, k={self.k} steps, depth d={self.d}: a run finds a given "
+            f"depth-{self.d} bug with p >= 1/(n·k^(d-1)) = 1/{round(1 / self.p)} "
+            f"({self.p:.3%}); {confidence:.0%} confidence needs {self.runs_for(confidence)} "
+            f"runs; {runs} runs give {self.confidence(runs):.1%}"
+        )
+
+
+__all__ = [
+    "Pct",
+    "PctBound",
+    "Policy",
+    "Prefix",
+    "ScheduleError",
+    "ScheduledRequest",
+    "Scheduler",
+    "StepClass",
+    "Steps",
+    "Wait",
+    "answer_text",
+    "blocking_pids",
+    "dependent",
+    "describe_statement",
+    "next_prefix",
+    "predict",
+    "statement_class",
+]

@@ -1,0 +1,1 @@
+"""Infrastructure: the PostgreSQL provider, the processes payrace starts, the guardian."""

@@ -1,0 +1,354 @@
+"""Hand every part of payrace a PostgreSQL DSN, wherever the user is.
+
+    provide_postgres(dsn, durable=, prefer=, announce=)   context manager -> Database
+    ├── 1. "dsn"       dsn argument or $PAYRACE_DATABASE_URL: CREATE DATABASE payrace_<utc>_<hex>
+    │                  on that server, DROP ... WITH (FORCE) after; server settings left alone
+    ├── 2. "docker"    a Docker daemon answering a ping: testcontainers postgres:16-alpine
+    └── 3. "embedded"  the pgserver wheel: initdb + start in a fresh temporary directory
+    Database           url (libpq), route, server_version, fast; SQLAlchemy URLs; describe()
+    ProviderError      nothing could be provided: names all three routes and how to get each
+    docker_available() (answers?, reason): the quick check behind route 2
+
+Each route is configure -> start -> wait until `SELECT version()` answers -> yield, and its
+`finally` stops and deletes what it started, also when the start fails or on Ctrl-C.
+Throwaway clusters (docker, embedded) run with fsync and synchronous_commit off unless
+durable=True: that changes durability, not locking, and the run says so.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+from urllib.parse import parse_qs, quote, urlsplit
+
+import psycopg
+from psycopg import sql
+
+from payrace.harness.infra import watchdog
+from payrace.postgres import EXPECTED, DsnError, dialect_url, libpq_url
+
+Route = Literal["dsn", "docker", "embedded"]
+
+ENV_VAR = "PAYRACE_DATABASE_URL"
+DOCKER_IMAGE = "postgres:16-alpine"
+_FAST = {"fsync": "off", "synchronous_commit": "off"}
+# A race opens many sessions at once (service pool + probes + admin); the default 100 runs out.
+_ROOMY = {"max_connections": "300"}
+_EXPECTED = (
+    EXPECTED + f", or leave the DSN and ${ENV_VAR} out to let payrace start its own PostgreSQL"
+)
+_HOW_TO_GET: dict[Route, str] = {
+    "dsn": f"pass --dsn postgresql://user@host:5432/postgres or set ${ENV_VAR}; payrace "
+    "creates a database there for the run and drops it after (the user needs CREATEDB)",
+    "docker": "start a Docker daemon (Docker Desktop, colima, `sudo systemctl start docker`) or "
+    f"point DOCKER_HOST at one; payrace runs {DOCKER_IMAGE} through testcontainers",
+    "embedded": "`pip install pgserver` (wheels for Linux and macOS; as root it runs the server "
+    "as a `pgserver` system user); payrace runs it in a temporary directory",
+}
+
+
+class ProviderError(RuntimeError):
+    """No PostgreSQL could be provided; the message says what happened and what to do."""
+
+
+@dataclass(frozen=True)
+class Database:
+    url: str  # libpq URL: psql and psycopg take it as is
+    route: Route
+    server_version: str
+    fast: bool  # fsync and synchronous_commit are both off on this server
+
+    def asyncpg_url(self) -> str:
+        return dialect_url(self.url, "asyncpg")
+
+    def psycopg_url(self) -> str:
+        return dialect_url(self.url, "psycopg")
+
+    def describe(self) -> str:
+        settings = "fsync off, synchronous_commit off" if self.fast else "durable settings"
+        where = _where(self.url)
+        if self.route == "embedded":
+            return f"embedded PostgreSQL {self.server_version} (pgserver, {where}, {settings})"
+        if self.route == "docker":
+            return (
+                f"docker PostgreSQL {self.server_version} ({DOCKER_IMAGE} at {where}, {settings})"
+            )
+        database = urlsplit(self.url).path.lstrip("/")
+        return (
+            f"PostgreSQL {self.server_version} from the DSN ({where}, database {database} "
+            f"dropped after the run, {settings})"
+        )
+
+
+@contextmanager
+def provide_postgres(
+    dsn: str | None = None,
+    *,
+    durable: bool = False,
+    prefer: Route | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> Iterator[Database]:
+    """Yield a Database on the first route that works (or on `prefer`), clean up after."""
+    say = announce or _print_to_stderr
+    with ExitStack() as stack:
+        database = _start_one(stack, dsn or os.environ.get(ENV_VAR) or None, durable, prefer, say)
+        line = f"payrace: using {database.describe()}"
+        if database.fast and database.route != "dsn":
+            line += (
+                "; fsync and synchronous_commit are off for this throwaway cluster: that "
+                "changes durability, not locking; pass --durable to keep defaults"
+            )
+        say(line)
+        yield database
+
+
+def docker_available() -> tuple[bool, str]:
+    """Whether a Docker daemon answers a ping within 2 s, and why (not)."""
+    host = os.environ.get("DOCKER_HOST")
+    where = host or "unix:///var/run/docker.sock"
+    if not host and not Path("/var/run/docker.sock").exists():
+        return False, "no Docker daemon: DOCKER_HOST is unset and /var/run/docker.sock is missing"
+    try:
+        import docker  # type: ignore[import-untyped]
+    except ImportError:
+        return False, "the docker Python package is not installed"
+    with warnings.catch_warnings():
+        # A refused connection leaves its socket to the garbage collector; that ResourceWarning
+        # would turn into an error under pytest's filterwarnings=error, and says nothing new.
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            client = docker.from_env(timeout=2)
+            try:
+                client.ping()
+            finally:
+                client.close()
+            answer = (True, f"a Docker daemon answers at {where}")
+        except Exception as exc:
+            answer = (False, f"no Docker daemon answered at {where} within 2 s: {exc}")
+        gc.collect()
+    return answer
+
+
+def _start_one(
+    stack: ExitStack,
+    dsn: str | None,
+    durable: bool,
+    prefer: Route | None,
+    say: Callable[[str], None],
+) -> Database:
+    tried: dict[Route, str] = {}
+    if prefer in (None, "dsn"):
+        if dsn:
+            # A server the user named is never silently swapped for another one.
+            return stack.enter_context(_from_dsn(dsn, say))
+        tried["dsn"] = f"no DSN given (dsn argument, --dsn or ${ENV_VAR})"
+    if prefer in (None, "docker"):
+        answers, reason = docker_available()
+        if answers:
+            try:
+                return stack.enter_context(_from_docker(durable))
+            except ProviderError as exc:
+                reason = str(exc)
+                if prefer is None:
+                    say(f"payrace: docker route failed, trying embedded PostgreSQL: {reason}")
+        tried["docker"] = reason
+    if prefer in (None, "embedded"):
+        try:
+            return stack.enter_context(_from_pgserver(durable))
+        except ProviderError as exc:
+            tried["embedded"] = str(exc)
+    lines = ["no PostgreSQL could be provided; each route, what happened, and how to get it:"]
+    for route in ("dsn", "docker", "embedded"):
+        lines.append(f"  {route}: {tried.get(route, f'not tried (prefer={prefer!r})')}")
+        lines.append(f"    to get it: {_HOW_TO_GET[route]}")
+    raise ProviderError("\n".join(lines))
+
+
+@contextmanager
+def _from_dsn(dsn: str, say: Callable[[str], None]) -> Iterator[Database]:
+    admin_url = _normalise(dsn)
+    hint = f"check the server is up and that `psql '{_redact(admin_url)}'` connects"
+    _wait_until_answers(admin_url, within=5.0, hint=hint)
+    name = f"payrace_{datetime.now(UTC):%Y%m%d%H%M%S}_{secrets.token_hex(3)}"
+    try:
+        _run_outside_a_transaction(
+            admin_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        )
+    except psycopg.Error as exc:
+        raise ProviderError(
+            f"dsn: could not create database {name} at {_where(admin_url)}: {exc}; "
+            "the DSN's user needs the CREATEDB privilege"
+        ) from exc
+    try:
+        url = _with_database(admin_url, name)
+        version, fast = _wait_until_answers(url, within=5.0, hint=hint)
+        yield Database(url, "dsn", version, fast)
+    finally:
+        drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        try:
+            _run_outside_a_transaction(admin_url, drop)
+        except psycopg.Error as exc:
+            # Raising here would hide whatever ended the run; say it loudly instead.
+            say(f"payrace: could not drop database {name} at {_where(admin_url)}: {exc}")
+
+
+@contextmanager
+def _from_docker(durable: bool) -> Iterator[Database]:
+    try:
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:  # testcontainers before the community/ split
+        from testcontainers.postgres import PostgresContainer
+    settings = _ROOMY if durable else {**_ROOMY, **_FAST}
+    command = ["postgres", *(arg for k, v in settings.items() for arg in ("-c", f"{k}={v}"))]
+    container = PostgresContainer(
+        DOCKER_IMAGE, username="postgres", password="payrace", dbname="postgres", driver=None
+    ).with_command(command)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(container)  # its __enter__ removes the container if start fails
+        except Exception as exc:
+            raise ProviderError(f"docker: could not start {DOCKER_IMAGE}: {exc}") from exc
+        url = container.get_connection_url()
+        hint = "`docker logs` of the postgres container; is the daemon short of memory?"
+        version, fast = _wait_until_answers(url, within=60.0, hint=hint)
+        yield Database(url, "docker", version, fast)
+
+
+@contextmanager
+def _from_pgserver(durable: bool) -> Iterator[Database]:
+    try:
+        with warnings.catch_warnings():
+            # Root shells and CI have no XDG_RUNTIME_DIR; pgserver falls back to /tmp, harmlessly.
+            warnings.simplefilter("ignore")
+            from pgserver._commands import POSTGRES_BIN_PATH
+            from pgserver.postgres_server import PostgresServer
+    except ImportError as exc:
+        raise ProviderError(f"embedded: pgserver is not importable ({exc})") from exc
+    settings = _ROOMY if durable else {**_ROOMY, **_FAST}
+
+    class TunedServer(PostgresServer):
+        # max_connections takes effect only at server start, and pgserver starts the server in
+        # its constructor right after initdb: this hook is the one moment between the two.
+        def ensure_pgdata_inited(self) -> None:
+            super().ensure_pgdata_inited()
+            with (self.pgdata / "postgresql.auto.conf").open("a") as conf:
+                conf.writelines(f"{key} = '{value}'\n" for key, value in settings.items())
+
+    workdir = Path(tempfile.mkdtemp(prefix="payrace-pg-")).resolve()
+    pgdata = workdir / "pgdata"
+    pgdata.mkdir()
+    server: TunedServer | None = None
+    try:
+        try:
+            server = TunedServer(pgdata, cleanup_mode="delete")
+        except Exception as exc:
+            log = pgdata / "log"
+            tail = "".join(log.read_text().splitlines(True)[-15:]) if log.exists() else ""
+            raise ProviderError(
+                f"embedded: pgserver could not start in {pgdata}: {exc}\n{tail}"
+            ) from exc
+        socket_dir = server.get_postmaster_info().socket_dir
+        url = (
+            f"postgresql://postgres@/postgres?host={quote(str(socket_dir))}"
+            if socket_dir is not None
+            else _normalise(server.get_uri())  # Windows: TCP on 127.0.0.1
+        )
+        hint = f"read the server log at {pgdata / 'log'}"
+        version, fast = _wait_until_answers(url, within=30.0, hint=hint)
+        # pg_ctl detached the postmaster: if payrace is killed outright, the guardian stops it.
+        watchdog.guard_cluster(workdir)
+        yield Database(url, "embedded", version, fast)
+    finally:
+        if server is not None:
+            server.cleanup()  # pg_ctl stop (fast mode), then removes pgdata
+        elif (pgdata / "postmaster.pid").exists():
+            # Interrupted between pg_ctl start and pgserver handing back a handle.
+            pg_ctl = str(POSTGRES_BIN_PATH / "pg_ctl")
+            stop = [pg_ctl, "-D", str(pgdata), "-m", "immediate", "stop"]
+            owner = "pgserver" if os.geteuid() == 0 else None  # pgserver's user when run as root
+            subprocess.run(stop, user=owner, capture_output=True, timeout=30, check=False)
+        # An interrupted initdb leaves its bootstrap postgres writing for a moment: retry.
+        deadline = time.monotonic() + 5.0
+        while True:
+            shutil.rmtree(workdir, ignore_errors=True)
+            if not workdir.exists() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        watchdog.release_cluster(workdir)
+
+
+def _wait_until_answers(url: str, *, within: float, hint: str) -> tuple[str, bool]:
+    """Poll until a real query answers; return (server version, fsync+synchronous_commit off)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
+                conn.execute("SELECT version()").fetchone()
+                row = conn.execute(
+                    "SELECT current_setting('fsync') = 'off'"
+                    " AND current_setting('synchronous_commit') = 'off'"
+                ).fetchone()
+                number = conn.info.server_version
+                return f"{number // 10000}.{number % 10000}", bool(row and row[0])
+        except psycopg.OperationalError as exc:
+            last_seen = " ".join(str(exc).split())
+        if time.monotonic() > deadline:
+            raise ProviderError(
+                f"PostgreSQL at {_where(url)} did not answer SELECT version() within "
+                f"{within:.0f} s; last seen: {last_seen}\nTry: {hint}"
+            )
+        time.sleep(0.1)
+
+
+def _run_outside_a_transaction(url: str, statement: sql.Composed) -> None:
+    # CREATE/DROP DATABASE refuse to run inside a transaction block, hence autocommit.
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(statement)
+
+
+def _normalise(dsn: str) -> str:
+    text = dsn.strip()
+    try:
+        url = libpq_url(text)
+    except DsnError:
+        raise ProviderError(f"DSN {_redact(text)!r} is not a PostgreSQL URL: {_EXPECTED}") from None
+    try:
+        _ = urlsplit(url).port  # a non-numeric port or broken IPv6 host surfaces only here
+        psycopg.conninfo.conninfo_to_dict(url)
+    except (ValueError, psycopg.Error) as exc:
+        raise ProviderError(f"DSN {_redact(text)!r} cannot be read ({exc}): {_EXPECTED}") from None
+    return url
+
+
+def _with_database(url: str, name: str) -> str:
+    # Not urlunsplit: it drops the "//" of an empty host (postgresql:///db?host=/socket/dir).
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}/{name}" + (f"?{parts.query}" if parts.query else "")
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    host = parse_qs(parts.query).get("host", [parts.hostname or "localhost"])[0]
+    return f"socket {host}" if host.startswith("/") else f"{host}:{parts.port or 5432}"
+
+
+def _redact(text: str) -> str:
+    return re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", text)
+
+
+def _print_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,481 @@
+"""The gate a Locust run ends with, and what feeds it: loaded into every Locust process.
+
+    LoadSettings     what `payrace load` (or a user, by hand) hands Locust through PAYRACE_*
+                     environment variables
+    LoadTally        one Locust process's samples since its last report: HDR histograms,
+                     request counts, the payments it created and the captures it was told of
+    WorkerTotals     per worker on the master: requests, failures, payments, reports
+    LoadRun          the master's merge of every tally; prepare() installs the oracle and takes
+                     the baseline, finish() settles, observes, checks, writes the summary
+    settle_deadlocks()   no_deadlock on a reading taken after the service stopped (payrace load)
+    wait_quiet()     until the target's transactions are done, before the oracle looks
+
+How the parts talk: PAYRACE_* variables -> locustfiles/_payrace.py, whose event listeners feed
+a LoadTally per process, ship it to the master in Locust's own worker reports, merge it into a
+LoadRun there and call LoadRun.finish() at `quitting`. The same locustfiles run without
+`payrace load` (distributed Locust against an external PostgreSQL) when the variables are set
+by hand; see locustfiles/README.md. harness.load.launch starts the stack and Locust around this.
+
+The gate judges what the database and the gateway saw, not what Locust saw: the oracle's
+audit rows (a second transaction writing captured is a double capture even when the final
+state looks right) and the fake gateway's capture counters. The one thing it takes from the
+load side is the target's own 5xx answers (no_5xx: a crash under load fails the run too).
+The deadlock counter decides once its reading has settled (see GATE_CHECKERS). Locust's
+failure counts are reported beside the verdict but do not decide it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from payrace.harness.gateway.fake import GatewayKeys
+from payrace.harness.infra.machine import machine
+from payrace.harness.model import checker, oracle
+from payrace.harness.model.history import Operation
+from payrace.harness.model.judge import judge
+from payrace.harness.model.stats import PathHistograms
+from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, verdict_of
+from payrace.harness.reports import report
+
+ENV_DATABASE_URL = "PAYRACE_DATABASE_URL"  # libpq URL of the target's database (the gate)
+ENV_GATEWAY_URL = "PAYRACE_GATEWAY_URL"  # the fake Razorpay (authorize payments, counters)
+ENV_REPORT_DIR = "PAYRACE_REPORT_DIR"
+ENV_RUN_ID = "PAYRACE_RUN_ID"
+ENV_COMMAND = "PAYRACE_COMMAND"
+ENV_SEED = "PAYRACE_SEED"
+
+# The invariants the gate decides on. no_5xx reads the target's 5xx answers, which every
+# Locust process ships to the master (a crash under load fails the run like a double
+# capture). error_classes reads a full history, which a load run does not keep (Locust's
+# failure table is the load run's error classes). no_deadlock joins when its reading is
+# decisive: a zero delta cannot settle while the service's pool is open (harness.model.oracle), so
+# payrace load reads it again once it has stopped the service (settle_deadlocks).
+GATE_CHECKERS: tuple[checker.Checker, ...] = (
+    checker.single_capture_write,
+    checker.single_invoice_paid,
+    checker.single_order_paid,
+    checker.gateway_capture_once,
+    checker.no_lost_capture,
+    checker.no_5xx,
+)
+# 5xx answers kept as examples, per kind (crash or handled fault), per report and on the
+# master; the counts are always complete.
+_EXAMPLES_KEPT = 25
+
+
+def is_crash(status: int, code: str | None) -> bool:
+    """As checker.no_5xx judges a 5xx: a 500, or no deliberate error code."""
+    return status == 500 or code not in checker.DELIBERATE_CODES
+
+
+def keep(examples: list[list[Any]], entry: list[Any]) -> None:
+    """Append [f, status, code, payment] unless _EXAMPLES_KEPT of its kind are there: a flood
+    of handled faults must not crowd out the one crash that decides the gate."""
+    crash = is_crash(entry[1], entry[2])
+    if sum(is_crash(e[1], e[2]) == crash for e in examples) < _EXAMPLES_KEPT:
+        examples.append(entry)
+
+
+# Histogram kind of the arrival spread: how far apart the service received the requests of
+# one race that were released together (its own X-Payrace-Received-At stamps).
+SPREAD = "arrival_spread"
+_QUIET_POLLS = 3  # consecutive quiet readings of pg_stat_activity before the oracle looks
+
+
+# -- settings handed to Locust ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    gateway_url: str | None
+    database_url: str | None
+    report_dir: Path
+    run_id: str
+    command: str
+    seed: int | None
+    keys: GatewayKeys = field(default_factory=GatewayKeys)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> LoadSettings:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        run_id = env.get(ENV_RUN_ID) or f"{stamp}-locust"
+        seed = env.get(ENV_SEED)
+        return cls(
+            gateway_url=(env.get(ENV_GATEWAY_URL) or "").rstrip("/") or None,
+            database_url=env.get(ENV_DATABASE_URL) or None,
+            report_dir=Path(env.get(ENV_REPORT_DIR) or Path("reports") / run_id),
+            run_id=run_id,
+            command=env.get(ENV_COMMAND) or shlex.join(["locust", *sys.argv[1:]]),
+            seed=int(seed) if seed and seed.lstrip("-").isdigit() else None,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        env = {
+            ENV_REPORT_DIR: str(self.report_dir),
+            ENV_RUN_ID: self.run_id,
+            ENV_COMMAND: self.command,
+        }
+        if self.gateway_url:
+            env[ENV_GATEWAY_URL] = self.gateway_url
+        if self.database_url:
+            env[ENV_DATABASE_URL] = self.database_url
+        if self.seed is not None:
+            env[ENV_SEED] = str(self.seed)
+        return env
+
+
+# -- what workers send, what the master keeps ---------------------------------------------
+
+
+@dataclass
+class LoadTally:
+    """One Locust process's samples since its last report; drain() hands them over."""
+
+    hist: PathHistograms = field(default_factory=PathHistograms)
+    requests: int = 0
+    failures: int = 0
+    payments: list[list[Any]] = field(default_factory=list)  # [payment id, gateway id | None]
+    confirmed: list[list[Any]] = field(default_factory=list)  # [payment id, f, event | None]
+    answered: int = 0  # answers from the target (the fake gateway's are not counted)
+    server_errors: int = 0  # of which 5xx
+    crashes: int = 0  # of which a 500, or a 5xx without a deliberate error code
+    server_error_examples: list[list[Any]] = field(default_factory=list)  # [f, status, code, pid]
+    _confirmed_ids: set[int] = field(default_factory=set)
+
+    def request(self, failed: bool) -> None:
+        self.requests += 1
+        self.failures += failed
+
+    def answer(self, f: str, status: int, code: str | None, payment_id: int | None) -> None:
+        """The target answered `f` with `status`; a 5xx is kept for the gate's no_5xx."""
+        self.answered += 1
+        if status >= 500:
+            self.server_errors += 1
+            self.crashes += is_crash(status, code)
+            keep(self.server_error_examples, [f, status, code, payment_id])
+
+    def timing(self, kind: str, path: str, ms: float) -> None:
+        if ms >= 0:
+            self.hist.record(kind, path, ms)
+
+    def payment(self, payment_id: int, gateway_payment_id: str | None) -> None:
+        self.payments.append([payment_id, gateway_payment_id])
+
+    def confirm(self, payment_id: int, f: str, event: str | None) -> None:
+        """The target said this payment is captured; the first word per payment is enough."""
+        if payment_id not in self._confirmed_ids:
+            self._confirmed_ids.add(payment_id)
+            self.confirmed.append([payment_id, f, event])
+
+    def drain(self) -> dict[str, Any]:
+        data = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "requests": self.requests,
+            "failures": self.failures,
+            "payments": self.payments,
+            "confirmed": self.confirmed,
+            "answered": self.answered,
+            "server_errors": self.server_errors,
+            "crashes": self.crashes,
+            "server_error_examples": self.server_error_examples,
+            "hdr": self.hist.encode(),
+        }
+        self.hist = PathHistograms()
+        self.requests = self.failures = self.answered = self.server_errors = self.crashes = 0
+        self.payments, self.confirmed, self.server_error_examples = [], [], []
+        # _confirmed_ids stays: a later answer about the same payment is not news.
+        return data
+
+
+@dataclass
+class WorkerTotals:
+    pid: int
+    host: str
+    requests: int = 0
+    failures: int = 0
+    payments: int = 0
+    reports: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "host": self.host,
+            "requests": self.requests,
+            "failures": self.failures,
+            "payments": self.payments,
+            "reports": self.reports,
+        }
+
+
+@dataclass
+class LoadRun:
+    """The master's view: every worker's tallies merged, then judged once at the end."""
+
+    settings: LoadSettings
+    hist: PathHistograms = field(default_factory=PathHistograms)
+    workers: dict[str, WorkerTotals] = field(default_factory=dict)
+    payments: dict[int, str | None] = field(default_factory=dict)
+    confirmed: dict[int, tuple[str, str | None]] = field(default_factory=dict)
+    answered: int = 0
+    server_errors: int = 0
+    crashes: int = 0
+    server_error_examples: list[list[Any]] = field(default_factory=list)
+    baseline: oracle.Baseline | None = None
+    problems: list[str] = field(default_factory=list)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: float = field(default_factory=time.perf_counter)
+
+    def absorb(self, client_id: str, data: Mapping[str, Any]) -> None:
+        totals = self.workers.get(client_id)
+        if totals is None:
+            totals = self.workers[client_id] = WorkerTotals(int(data["pid"]), str(data["host"]))
+        totals.requests += int(data["requests"])
+        totals.failures += int(data["failures"])
+        totals.payments += len(data["payments"])
+        totals.reports += 1
+        for payment_id, gateway_payment_id in data["payments"]:
+            self.payments[int(payment_id)] = gateway_payment_id
+        for payment_id, f, event in data["confirmed"]:
+            self.confirmed.setdefault(int(payment_id), (str(f), event))
+        # .get: a worker running an older locustfile sends no answers; the gate still works.
+        self.answered += int(data.get("answered", 0))
+        self.server_errors += int(data.get("server_errors", 0))
+        self.crashes += int(data.get("crashes", 0))
+        for f, status, code, payment_id in data.get("server_error_examples", []):
+            pid = None if payment_id is None else int(payment_id)
+            keep(self.server_error_examples, [str(f), int(status), code, pid])
+        self.hist.merge(PathHistograms.decode(data["hdr"]))
+
+    def prepare(self) -> None:
+        """Install the oracle if it is missing and take the baseline (master, before users)."""
+        url = self.settings.database_url
+        if url is None:
+            self.problems.append(f"{ENV_DATABASE_URL} is not set: the database is not checked")
+            return
+        if not oracle.installed(url):
+            oracle.install(url)
+        self.baseline = oracle.baseline(url)
+
+    def ops(self) -> list[Operation]:
+        """The little history the checkers need: who owns which gateway payment, which
+        payments the target confirmed as captured (no_lost_capture's evidence), and the
+        target's 5xx answers (no_5xx's)."""
+        out: list[Operation] = []
+
+        def add(**fields: Any) -> None:
+            out.append(Operation(index=len(out), trial=0, time=0, **fields))
+
+        for payment_id, gateway_payment_id in sorted(self.payments.items()):
+            if gateway_payment_id:
+                value = {"gateway_payment_id": gateway_payment_id}
+                add(type="invoke", f="authorize", process="locust", payment=payment_id, value=value)
+        for payment_id, (f, event) in sorted(self.confirmed.items()):
+            process = f"locust-{payment_id}"
+            add(type="invoke", f=f, process=process, payment=payment_id, value={"event": event})
+            done = {"status": "captured", "event": event}
+            add(type="ok", f=f, process=process, payment=payment_id, value=done, status=200)
+        for f, status, code, payment_id in self.server_error_examples:
+            error = {"error": {"code": code}} if code else {}
+            add(type="info", f=f, process="locust", payment=payment_id, value=error, status=status)
+        return out
+
+    def _no_5xx_in_full(self, result: checker.CheckResult) -> checker.CheckResult:
+        """no_5xx saw the examples the workers kept; say what it stands for: every answer."""
+        kept = len(self.server_error_examples)
+        note = (
+            f"{self.answered} answer(s) from the target, {self.server_errors} of them 5xx, "
+            f"{self.crashes} crash(es)"
+        )
+        if self.server_errors > kept:
+            note += f"; {kept} kept as examples"
+        count = max(result.count, self.crashes)
+        return replace(result, count=count, checked=self.answered, note=note)
+
+    def finish(self, *, host: str, locust: Mapping[str, Any], window_s: float) -> dict[str, Any]:
+        """Wait for the target to go quiet, observe, check, write the reports; the summary."""
+        strategy, problems = _target_strategy(host), list(self.problems)
+        result: dict[str, Any] = {
+            "expected": DECLARED.get(strategy),
+            "valid": "unknown",
+            "trials": len(self.payments),
+            "violating_trials": 0,
+            "duration_s": round(window_s, 3),
+            "trials_per_second": round(len(self.payments) / window_s, 2) if window_s else 0.0,
+            "captures": None,
+            "captures_per_second": None,
+            "checks": {},
+            "first_violation": None,
+            **self._latency(),
+        }
+        url = self.settings.database_url
+        if url is not None and self.baseline is not None:
+            try:
+                result.update(self._judge(url, self.baseline, window_s, problems))
+            except (psycopg.Error, oracle.OracleError, httpx.HTTPError, OSError) as exc:
+                problems.append(f"the oracle could not judge the run: {type(exc).__name__}: {exc}")
+        elif url is not None:
+            problems.append("no oracle baseline was taken, so the run cannot be judged")
+        verdict, code = verdict_of(result["valid"], unknown_exit=EXIT_ERROR)
+        summary = {
+            "run_id": self.settings.run_id,
+            "command": self.settings.command,
+            "started_at": self.started_at.isoformat(timespec="seconds"),
+            "duration_s": round(time.perf_counter() - self.started, 3),
+            "machine": machine(),
+            "database": {"route": "dsn", "describe": f"{ENV_DATABASE_URL} (set for Locust)"},
+            "target": host,
+            "mode": "load",
+            "trials": len(self.payments),
+            "strategies": {strategy: result},
+            "locust": {
+                **locust,
+                "workers": {cid: w.to_json() for cid, w in sorted(self.workers.items())},
+                "worker_count": len(self.workers),
+            },
+            "problems": problems,
+            "gates": [],
+            "verdict": verdict,
+            "exit_code": code,
+        }
+        self.write(summary)
+        return summary
+
+    def _latency(self) -> dict[str, Any]:
+        latency, plots = self.hist.summary(), self.hist.plots()
+        spread = latency.pop(SPREAD, {}).get("race")
+        plots.pop(SPREAD, None)  # a spread is not a latency; summary.json has its own key
+        return {"latency_ms": latency, "plots": plots, "arrival_spread_ms": spread}
+
+    def _judge(
+        self, url: str, since: oracle.Baseline, window_s: float, problems: list[str]
+    ) -> dict[str, Any]:
+        if not wait_quiet(url):
+            problems.append("the target's transactions did not go quiet within 10 s")
+        counters = None
+        if self.settings.gateway_url:
+            response = httpx.get(f"{self.settings.gateway_url}/_fake/counters", timeout=10.0)
+            response.raise_for_status()
+            counters = response.json()
+        else:
+            problems.append(f"{ENV_GATEWAY_URL} is not set: gateway captures are not counted")
+        obs = oracle.observe(
+            url,
+            since=since,
+            payment_ids=set(self.payments),
+            gateway_counters=counters,
+            gateway_payment_ids=[g for g in self.payments.values() if g],
+        )
+        # A positive deadlock delta is always a violation; a zero one only counts once it has
+        # settled, which it rarely has while the service's pool is still open (payrace load
+        # reads it again after stopping the service: settle_deadlocks).
+        decisive = obs.deadlocks > 0 or obs.deadlocks_settled
+        checkers = (*GATE_CHECKERS, checker.no_deadlock) if decisive else GATE_CHECKERS
+        judged = judge(self.ops(), obs, checkers=checkers)
+        verdict = judged.verdict
+        if "no_5xx" in verdict.results:
+            verdict.results["no_5xx"] = self._no_5xx_in_full(verdict.results["no_5xx"])
+        captured = obs.config.payments.done_value
+        captures = sum(1 for s in obs.payments.values() if s.status == captured)
+        return {
+            "valid": verdict.valid,
+            "violating_trials": len(verdict.violating_payments),
+            "captures": captures,
+            "captures_per_second": round(captures / window_s, 2) if window_s else 0.0,
+            "checks": judged.checks(),
+            "deadlocks": {
+                "delta": obs.deadlocks,
+                "settled": obs.deadlocks_settled,
+                "baseline": since.to_json(),
+            },
+            "first_violation": judged.first_violation(),
+        }
+
+    def write(self, summary: dict[str, Any]) -> None:
+        out = self.settings.report_dir
+        out.mkdir(parents=True, exist_ok=True)
+        hdr = {
+            kind: {
+                path: {"summary": self.hist.get(kind, path).summary(), "hdr": text}
+                for path, text in paths.items()
+            }
+            for kind, paths in self.hist.encode().items()
+        }
+        (out / "latency_hdr.json").write_text(json.dumps(hdr, indent=2) + "\n", encoding="utf-8")
+        report.write_all(summary, out)
+
+
+def settle_deadlocks(summary: dict[str, Any], delta: int, settled: bool, note: str) -> None:
+    """Judge no_deadlock on a reading taken after the target closed its pool, and update
+    the verdict and exit code with it (payrace load does this once it stopped the service).
+
+    A reading that still did not settle changes nothing: the gate's own reading stands."""
+    if not settled and delta <= 0:
+        return
+    for result in (summary.get("strategies") or {}).values():
+        if not isinstance(result, dict) or "deadlocks" not in result:
+            continue  # the gate never observed (no database): nothing to compare with
+        obs = oracle.Observation(
+            audit=(),
+            payments={},
+            gateway_captures={},
+            gateway_accepted={},
+            deadlocks=delta,
+            config=oracle.OracleConfig.reference(),
+            deadlocks_settled=settled,
+            deadlock_note=note,
+        )
+        result["deadlocks"].update(delta=delta, settled=settled, read="after the service stopped")
+        result.setdefault("checks", {})["no_deadlock"] = checker.no_deadlock([], obs).to_json()
+        checks = result["checks"].values()
+        result["valid"] = checker.compose_validity(c.get("valid", "unknown") for c in checks)
+    strategies = (summary.get("strategies") or {}).values()
+    overall = checker.compose_validity(r.get("valid", "unknown") for r in strategies)
+    summary["verdict"], summary["exit_code"] = verdict_of(overall, unknown_exit=EXIT_ERROR)
+
+
+def _target_strategy(host: str) -> str:
+    """The reference service says its strategy on /healthz; any other target is 'target'."""
+    try:
+        body = httpx.get(f"{host.rstrip('/')}/healthz", timeout=5.0).json()
+    except (httpx.HTTPError, ValueError):
+        return "target"
+    strategy = body.get("strategy") if isinstance(body, dict) else None
+    return strategy if isinstance(strategy, str) else "target"
+
+
+def wait_quiet(url: str, timeout_s: float = 10.0) -> bool:
+    """Wait until no client backend of the target is inside a statement or transaction.
+
+    Locust kills its users mid-request when the run ends, but the service finishes what it
+    already received; observing before those captures commit would judge a half-done run.
+    """
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    with psycopg.connect(url, autocommit=True, application_name="payrace-load") as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
+                "AND coalesce(application_name, '') NOT LIKE %s "
+                "AND state IS DISTINCT FROM 'idle'",
+                (oracle.HARNESS_APPLICATION_PREFIX + "%",),
+            ).fetchone()
+            quiet = quiet + 1 if row is not None and row[0] == 0 else 0
+            if quiet >= _QUIET_POLLS:
+                return True
+            time.sleep(0.1)
+    return False

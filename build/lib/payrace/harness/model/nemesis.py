@@ -1,0 +1,263 @@
+"""Who breaks things: faults injected while a strategy's trials run (Jepsen's nemesis).
+
+    FAULTS          fault name -> what its parameter means and the range it must lie in
+    Fault           one parsed `name:parameter`
+    parse_spec()    "gateway-errors:0.2,gateway-latency:50,kill-backends:0.5" -> [Fault];
+                    a bad spec raises NemesisSpecError naming the valid forms
+    (the gateway's knobs are turned through harness.model.client.GatewayControl: LocalGateway
+    for an in-process fake, RemoteGateway for one in another process)
+    Nemesis         async context manager: faults on at enter; at exit the killer stops and the
+                    knobs are restored; report() says what was injected
+    BackendKiller   every SECONDS, pg_terminate_backend() of one seeded-random client backend of
+                    the target's database that is inside a transaction ('idle in transaction',
+                    or 'active' holding an xid / snapshot), never a `payrace-…` connection
+
+Faults:
+    gateway-errors:RATE     captures fail with a 502/503 at this rate (0..1), seeded by the fake
+    gateway-latency:MS      every capture at the gateway takes this much longer
+    kill-backends:SECONDS   one backend killed this often: a transaction dies mid-flight, which
+                            is what a crashed worker, a failover or an operator's kill look like
+
+A killed transaction wrote nothing (PostgreSQL rolls it back with its backend), so the
+invariants must hold as before; the target may answer a 503 it chose, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+
+from payrace.harness.model.client import GatewayControl
+
+# Harness connections name themselves `payrace-…` (oracle.py); killing one would break the
+# observer, not the system under test.
+HARNESS_PREFIX = "payrace-"
+APPLICATION_NAME = "payrace-nemesis"
+
+
+@dataclass(frozen=True)
+class _Param:
+    unit: str
+    low: float
+    high: float
+    meaning: str
+
+
+FAULTS: dict[str, _Param] = {
+    "gateway-errors": _Param("RATE", 0.0, 1.0, "fraction of gateway captures failed, 0..1"),
+    "gateway-latency": _Param("MS", 0.0, 60_000.0, "ms added to each gateway capture"),
+    "kill-backends": _Param(
+        "SECONDS", 0.01, 3_600.0, "kill one backend in a transaction this often"
+    ),
+}
+
+
+class NemesisSpecError(ValueError):
+    """The spec cannot work; the message lists the valid forms."""
+
+
+def _forms() -> str:
+    return "; ".join(
+        f"{name}:{p.unit} ({p.meaning}, {p.low:g}..{p.high:g})" for name, p in FAULTS.items()
+    )
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.value:g}"
+
+
+def parse_spec(spec: str) -> list[Fault]:
+    """`fault:parameter[,fault:parameter...]`, each fault at most once."""
+    faults: list[Fault] = []
+    parts = [p.strip() for p in spec.split(",")]
+    if not any(parts):
+        raise NemesisSpecError(f"--nemesis is empty; use one or more of: {_forms()}")
+    for part in parts:
+        name, sep, raw = (s.strip() for s in part.partition(":"))
+        param = FAULTS.get(name)
+        if param is None or not sep:
+            what = f"unknown fault {name!r}" if param is None else f"{name} needs a parameter"
+            raise NemesisSpecError(f"--nemesis {part!r}: {what}; use {_forms()}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise NemesisSpecError(
+                f"--nemesis {part!r}: {raw!r} is not a number; use {name}:{param.unit} "
+                f"({param.meaning}, {param.low:g}..{param.high:g})"
+            ) from None
+        if not param.low <= value <= param.high:
+            raise NemesisSpecError(
+                f"--nemesis {part!r}: {param.unit} must be within {param.low:g}..{param.high:g} "
+                f"({param.meaning})"
+            )
+        if any(f.name == name for f in faults):
+            raise NemesisSpecError(f"--nemesis names {name} twice; give each fault once")
+        faults.append(Fault(name, value))
+    return faults
+
+
+# Client backends of this database inside a transaction: idle in one (a request held between
+# statements, waiting on the gateway), or running a statement with an xid or a snapshot.
+CANDIDATES = """
+SELECT pid FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND backend_type = 'client backend'
+  AND coalesce(application_name, '') NOT LIKE $1
+  AND (state IN ('idle in transaction', 'idle in transaction (aborted)')
+       OR (state = 'active' AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)))
+ORDER BY pid
+"""
+# Re-checked in the statement that kills: a backend that committed meanwhile is left alone.
+KILL = """
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+WHERE pid = $1 AND state IS DISTINCT FROM 'idle'
+  AND coalesce(application_name, '') NOT LIKE $2
+"""
+
+
+class BackendKiller:
+    """Every `interval_s`, terminate one random in-transaction backend of `dsn`'s database."""
+
+    def __init__(self, dsn: str, interval_s: float, rng: random.Random) -> None:
+        self.dsn = dsn
+        self.interval_s = interval_s
+        self.rng = rng
+        self.killed = 0
+        self.idle_ticks = 0  # ticks that found no backend inside a transaction
+        self._conn: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._conn = await asyncpg.connect(
+            self.dsn, server_settings={"application_name": APPLICATION_NAME}
+        )
+        self._task = asyncio.create_task(self._loop())
+
+    async def tick(self) -> int | None:
+        """Kill one candidate now; its pid, or None when there was none (or it just left)."""
+        pids = [int(r["pid"]) for r in await self._conn.fetch(CANDIDATES, HARNESS_PREFIX + "%")]
+        if not pids:
+            self.idle_ticks += 1
+            return None
+        pid = self.rng.choice(pids)
+        if not await self._conn.fetchval(KILL, pid, HARNESS_PREFIX + "%"):
+            self.idle_ticks += 1
+            return None
+        self.killed += 1
+        return pid
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.tick()
+
+    async def stop(self) -> None:
+        """Stop killing; a failure of the killer itself is raised here, not swallowed."""
+        try:
+            if self._task is not None:
+                if self._task.done():
+                    self._task.result()
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        finally:
+            if self._conn is not None:
+                await self._conn.close()
+
+
+class Nemesis:
+    """The faults of a spec, on for the duration of an `async with` block."""
+
+    def __init__(
+        self,
+        faults: list[Fault],
+        *,
+        gateway: GatewayControl | None = None,
+        dsn: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.faults = faults
+        by_name = {f.name: f.value for f in faults}
+        self._fail_rate = by_name.get("gateway-errors")
+        self._latency_ms = by_name.get("gateway-latency")
+        self._kill_every = by_name.get("kill-backends")
+        gateway_faults = self._fail_rate is not None or self._latency_ms is not None
+        if gateway_faults and gateway is None:
+            raise ValueError("gateway faults need the fake gateway")
+        if self._kill_every is not None and dsn is None:
+            raise ValueError("kill-backends needs the target's database (a DSN)")
+        self._knobs = gateway if gateway is not None and gateway_faults else None
+        self._killer = (
+            BackendKiller(dsn, self._kill_every, random.Random(seed))
+            if dsn is not None and self._kill_every is not None
+            else None
+        )
+        self._saved: dict[str, float] | None = None
+        self._injected_before = 0
+        self.gateway_errors_injected = 0
+
+    @classmethod
+    def from_spec(cls, spec: str | None, **kwargs: Any) -> Nemesis:
+        return cls(parse_spec(spec) if spec else [], **kwargs)
+
+    def _injected(self) -> int:
+        assert self._knobs is not None
+        return sum(self._knobs.counters().get("injected", {}).values())
+
+    async def __aenter__(self) -> Nemesis:
+        if self._knobs is not None:
+            self._saved = await asyncio.to_thread(self._knobs.knobs)
+            self._injected_before = await asyncio.to_thread(self._injected)
+            latency = None if self._latency_ms is None else self._latency_ms / 1000
+            await asyncio.to_thread(
+                self._knobs.set_knobs, fail_rate=self._fail_rate, capture_latency_s=latency
+            )
+        if self._killer is not None:
+            try:
+                await self._killer.start()
+            except BaseException:
+                await self._restore()
+                raise
+        return self
+
+    async def _restore(self) -> None:
+        if self._knobs is None or self._saved is None:
+            return
+        knobs, saved = self._knobs, self._saved
+        self._saved = None
+        await asyncio.to_thread(knobs.set_knobs, **saved)
+        self.gateway_errors_injected = await asyncio.to_thread(self._injected)
+        self.gateway_errors_injected -= self._injected_before
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._killer is not None:
+                await self._killer.stop()
+        finally:
+            await self._restore()
+
+    def report(self) -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "faults": [str(f) for f in self.faults],
+            "gateway_errors_injected": self.gateway_errors_injected,
+            "backends_killed": self._killer.killed if self._killer else 0,
+        }
+        if self._killer is not None:
+            report["kill_ticks_without_target"] = self._killer.idle_ticks
+        return report

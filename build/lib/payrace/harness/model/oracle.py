@@ -1,0 +1,717 @@
+"""The oracle: what the harness sees with its own eyes, independent of the target's self-report.
+
+    WatchedTable   one audited table: name, id / status columns, its "done" status, payment link
+    OracleConfig   payments, invoices, orders; reference() (the reference service), from_toml()
+    install()      schema payrace_audit: table log, function record(), one trigger per table
+    uninstall()    drops the triggers and the schema
+    baseline()     before a run: last audit id and the deadlock counter  -> Baseline
+    observe()      after a run, scoped to its payments                   -> Observation
+    ├── audit       AuditRow per INSERT / UPDATE / DELETE since the baseline
+    ├── payments    PaymentState: final status of each payment, its invoice and its order
+    ├── gateway_*   the fake gateway's capture calls per gateway payment id
+    └── deadlocks   pg_stat_database.deadlocks delta, and whether that reading has settled
+    OracleError    the oracle cannot do its job here; the message says what to change
+
+The target's answers say what it *thinks* happened. The audit triggers record what reached
+the database: an AFTER ... FOR EACH ROW trigger runs inside the writing transaction, so a
+row of `payrace_audit.log` exists iff the write committed, stamped with the writer's txid
+and backend pid. Two transactions that each set `payments.status = 'captured'` leave two
+rows even when the second overwrote captured with captured (READ COMMITTED re-evaluates the
+UPDATE on the committed row and writes it again) — the double capture that the final
+state alone can never show.
+
+Every INSERT, UPDATE and DELETE is logged with the status before and after and the columns
+the UPDATE changed. The naive flow's second writer shows why UPDATEs that leave the status
+as it was must be kept: it reads the invoice after the first writer committed, so its ORM
+drops the unchanged status from the SET list and only re-stamps `paid_at` — still a second
+"mark paid". A target that touches done rows for other reasons (an `updated_at` bump on an
+idempotent repeat) names those columns in `WatchedTable.ignore_columns`, and an UPDATE that
+changed nothing else is then not counted as a write of the done status.
+
+The trigger function is SECURITY DEFINER with a fixed search_path, so the target's database
+role needs no grants on payrace_audit; ids must be integers (checked at install, so a
+trigger can never fail the target's write at run time). The triggers add one INSERT to
+every write of the target's transactions, so lock hold times measured with the oracle
+installed include it (microseconds, the same for every strategy).
+
+Deadlocks, and how stale the counter can be. `pg_stat_database.deadlocks` is counted by
+the backend that detects the deadlock (the victim), in backend-local pending stats:
+- PostgreSQL 15+: pending stats reach shared memory when the backend is idle outside a
+  transaction, at most once per second (PGSTAT_MIN_INTERVAL); a rate-limited or contended
+  flush is retried after 10 s idle (PGSTAT_IDLE_INTERVAL), a busy backend flushes at the
+  latest after 60 s, and a backend flushes everything when it exits.
+  `pg_stat_force_next_flush()` only affects the calling backend, so it cannot help here.
+- PostgreSQL 14 and older: the victim sends a message to the stats collector at once; a
+  reader sees it within ~0.5 s (PGSTAT_STAT_INTERVAL). The collector's UDP is lossy.
+So a zero delta read right after a run may be a deadlock not yet flushed. observe() calls
+the reading *settled* only when every other client backend of the database has gone away or
+has been idle outside a transaction long enough that its pending counters must have been
+flushed (11 s on 15+, 1 s before). Otherwise `deadlocks_settled` is False and the checker
+says "unknown" for a zero delta — never a false "valid". A positive delta is always
+reported. To get a settled reading, close the target's pool first (its backends flush on
+exit, so the reading settles as soon as they are gone) or pass `settle_timeout_s=12`.
+Harness connections that never write name themselves `application_name = 'payrace-…'`
+and are not waited for.
+"""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from payrace.postgres import libpq_url
+
+SCHEMA = "payrace_audit"
+TRIGGER = "payrace_audit"
+APPLICATION_NAME = "payrace-oracle"
+# Harness connections that never write; observe() does not wait for them to settle.
+HARNESS_APPLICATION_PREFIX = "payrace-"
+
+# PostgreSQL 15+: an idle backend retries a deferred flush after PGSTAT_IDLE_INTERVAL (10 s).
+_SETTLE_S_PG15 = 11.0
+# PostgreSQL <= 14: the deadlock message is sent at once; the stats file is <= 0.5 s old.
+_SETTLE_S_PG14 = 1.0
+_LOCK_TIMEOUT = "10s"
+
+
+class OracleError(RuntimeError):
+    """The oracle cannot be installed or read here; the message says what to change."""
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WatchedTable:
+    """One table the oracle audits.
+
+    `table` may be schema-qualified ("billing.payments"). `payment_column` links a row to its
+    payment id: required for invoices; None for the payments table itself (its id is the
+    payment id) and usually for orders (mapped through payments.<payment_order_column> at
+    observe time).
+    """
+
+    table: str
+    done_value: str
+    payment_column: str | None = None
+    id_column: str = "id"
+    status_column: str = "status"
+    # Columns a target may update on a done row without writing it again (e.g. updated_at).
+    ignore_columns: tuple[str, ...] = ()
+
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(*self.table.split(".", 1))
+
+
+_LOGICAL = ("payments", "invoices", "orders")
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    payments: WatchedTable
+    invoices: WatchedTable
+    orders: WatchedTable
+    payment_order_column: str = "order_id"  # payments.<col> -> orders.id
+    gateway_payment_column: str = "gateway_payment_id"  # payments.<col>: Razorpay's pay_…
+
+    def __post_init__(self) -> None:
+        if self.invoices.payment_column is None:
+            raise OracleError(
+                "invoices.payment_column is required: the column of the invoices table that "
+                "holds the payment id (the reference service's is 'payment_id')"
+            )
+
+    def watched(self) -> tuple[tuple[str, WatchedTable], ...]:
+        return (("payments", self.payments), ("invoices", self.invoices), ("orders", self.orders))
+
+    @classmethod
+    def reference(cls) -> OracleConfig:
+        """The reference service's schema (service/models.py)."""
+        return cls(
+            payments=WatchedTable("payments", "captured"),
+            invoices=WatchedTable("invoices", "paid", payment_column="payment_id"),
+            orders=WatchedTable("orders", "paid"),
+        )
+
+    @classmethod
+    def from_toml(cls, path: Path) -> OracleConfig:
+        """Read a team's schema description.
+
+        The file holds `[payments]`, `[invoices]` and `[orders]` tables (each with `table`,
+        `done_value` and optionally `id_column`, `status_column`, `payment_column`,
+        `ignore_columns`) and
+        optionally top-level `payment_order_column` / `gateway_payment_column`; in a
+        pyproject.toml the same lives under `[tool.payrace.oracle]`. Unknown keys are errors,
+        so a typo cannot silently fall back to a default.
+        """
+        try:
+            doc: Mapping[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise OracleError(f"cannot read oracle config {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise OracleError(f"{path} is not valid TOML: {exc}") from exc
+        where = str(path)
+        if "tool" in doc or "project" in doc:  # a pyproject.toml
+            tool = doc.get("tool")
+            payrace = tool.get("payrace") if isinstance(tool, dict) else None
+            if not isinstance(payrace, dict) or "oracle" not in payrace:
+                raise OracleError(f"{where}: no [tool.payrace.oracle] table")
+            doc = _table(payrace, "oracle", f"{where}: tool.payrace")
+            where = f"{where}: tool.payrace.oracle"
+        return cls._from_mapping(doc, where)
+
+    @classmethod
+    def _from_mapping(cls, doc: Mapping[str, Any], where: str) -> OracleConfig:
+        links = ("payment_order_column", "gateway_payment_column")
+        _no_unknown_keys(doc, (*_LOGICAL, *links), where)
+        payments, invoices, orders = (
+            _watched(_table(doc, name, where), f"{where}: [{name}]") for name in _LOGICAL
+        )
+        return cls(
+            payments,
+            invoices,
+            orders,
+            **{k: _string(doc, k, where) for k in links if k in doc},
+        )
+
+    def to_toml(self) -> str:
+        """The TOML that from_toml() reads back into an equal config."""
+        lines = [
+            f"payment_order_column = {_toml_str(self.payment_order_column)}",
+            f"gateway_payment_column = {_toml_str(self.gateway_payment_column)}",
+        ]
+        for name, wt in self.watched():
+            lines += ["", f"[{name}]"]
+            for f in fields(WatchedTable):
+                value = getattr(wt, f.name)
+                if isinstance(value, tuple):
+                    lines.append(f"{f.name} = [{', '.join(_toml_str(v) for v in value)}]")
+                elif value is not None:
+                    lines.append(f"{f.name} = {_toml_str(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_str(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _table(doc: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    if key not in doc:
+        raise OracleError(f"{where}: missing table [{key}]")
+    value = doc[key]
+    if not isinstance(value, dict):
+        raise OracleError(f"{where}: '{key}' must be a table, got {type(value).__name__}")
+    return value
+
+
+def _string(doc: Mapping[str, Any], key: str, where: str) -> str:
+    value = doc[key]
+    if not isinstance(value, str) or not value:
+        raise OracleError(f"{where}: '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _no_unknown_keys(doc: Mapping[str, Any], known: Collection[str], where: str) -> None:
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        raise OracleError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+
+
+def _watched(doc: Mapping[str, Any], where: str) -> WatchedTable:
+    known = [f.name for f in fields(WatchedTable)]
+    _no_unknown_keys(doc, known, where)
+    for required in ("table", "done_value"):
+        if required not in doc:
+            raise OracleError(f"{where}: missing key '{required}'")
+    ignore = doc.get("ignore_columns", [])
+    if not isinstance(ignore, list) or not all(isinstance(c, str) and c for c in ignore):
+        raise OracleError(
+            f"{where}: 'ignore_columns' must be a list of column names, got {ignore!r}"
+        )
+    strings = {k: _string(doc, k, where) for k in known if k in doc and k != "ignore_columns"}
+    return WatchedTable(**strings, ignore_columns=tuple(ignore))
+
+
+# -- what observe() hands the checkers -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    id: int
+    table: str  # logical: "payments" | "invoices" | "orders"
+    row_id: int
+    payment_id: int | None
+    op: str  # "INSERT" | "UPDATE" | "DELETE"
+    old_status: str | None
+    new_status: str | None
+    txid: int
+    backend_pid: int
+    at: datetime
+    changed: tuple[str, ...] = ()  # UPDATE: the columns whose value changed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "table": self.table,
+            "row_id": self.row_id,
+            "payment_id": self.payment_id,
+            "op": self.op,
+            "old_status": self.old_status,
+            "new_status": self.new_status,
+            "txid": self.txid,
+            "backend_pid": self.backend_pid,
+            "at": self.at.isoformat(),
+            "changed": list(self.changed),
+        }
+
+
+@dataclass(frozen=True)
+class PaymentState:
+    payment_id: int
+    status: str
+    gateway_payment_id: str | None
+    invoice_status: str | None
+    order_status: str | None
+
+
+@dataclass(frozen=True)
+class Baseline:
+    deadlocks: int
+    audit_id: int
+    # pg_stat_database.stats_reset: a reset between baseline and observe voids the delta.
+    stats_reset: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        reset = self.stats_reset.isoformat() if self.stats_reset is not None else None
+        return {"deadlocks": self.deadlocks, "audit_id": self.audit_id, "stats_reset": reset}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Baseline:
+        reset = doc.get("stats_reset")
+        return cls(
+            deadlocks=int(doc["deadlocks"]),
+            audit_id=int(doc["audit_id"]),
+            stats_reset=datetime.fromisoformat(reset) if isinstance(reset, str) else None,
+        )
+
+
+@dataclass(frozen=True)
+class Observation:
+    audit: tuple[AuditRow, ...]
+    payments: dict[int, PaymentState]  # final states of the payments in scope
+    gateway_captures: dict[str, int]  # gateway payment id -> capture calls
+    gateway_accepted: dict[str, int]  # gateway payment id -> captures the gateway accepted
+    deadlocks: int  # pg_stat_database.deadlocks delta since the baseline
+    config: OracleConfig
+    # False when a zero delta may be a deadlock not yet flushed (see the module docstring).
+    deadlocks_settled: bool = True
+    deadlock_note: str = ""
+
+
+# -- connection ---------------------------------------------------------------------------
+
+
+@contextmanager
+def _connect(url: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+    # autocommit: every statement of a read is its own transaction, so stats views are fresh.
+    # A libpq key=value conninfo (host=... dbname=...) is taken as is; a URL in any spelling
+    # a user pastes (postgresql+asyncpg://, postgres://) is made libpq's.
+    conninfo = libpq_url(url) if "://" in url else url
+    with psycopg.connect(conninfo, autocommit=True, application_name=APPLICATION_NAME) as conn:
+        yield conn
+
+
+# -- install / uninstall ------------------------------------------------------------------
+
+_FUNCTION = """
+CREATE OR REPLACE FUNCTION payrace_audit.record() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+-- TG_ARGV: 0 logical table, 1 id column, 2 status column, 3 payment column ('' = none)
+DECLARE
+    cur jsonb := CASE WHEN TG_OP = 'DELETE' THEN to_jsonb(OLD) ELSE to_jsonb(NEW) END;
+    prev jsonb := CASE WHEN TG_OP = 'INSERT' THEN NULL ELSE to_jsonb(OLD) END;
+BEGIN
+    INSERT INTO payrace_audit.log
+        (tbl, relname, row_id, payment_id, op, old_status, new_status, changed)
+    VALUES (
+        TG_ARGV[0],
+        TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
+        (cur ->> TG_ARGV[1])::bigint,
+        CASE WHEN TG_ARGV[3] = '' THEN NULL ELSE (cur ->> TG_ARGV[3])::bigint END,
+        TG_OP,
+        prev ->> TG_ARGV[2],
+        CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE cur ->> TG_ARGV[2] END,
+        CASE WHEN TG_OP = 'UPDATE' THEN ARRAY(
+            SELECT n.key FROM jsonb_each(cur) n
+            WHERE n.value IS DISTINCT FROM prev -> n.key ORDER BY n.key
+        ) END
+    );
+    RETURN NULL;
+END
+$fn$
+"""
+
+_LOG_TABLE = """
+CREATE TABLE IF NOT EXISTS payrace_audit.log (
+    id          bigserial PRIMARY KEY,
+    tbl         text NOT NULL,
+    relname     text NOT NULL,
+    row_id      bigint NOT NULL,
+    payment_id  bigint,
+    op          text NOT NULL,
+    old_status  text,
+    new_status  text,
+    txid        bigint NOT NULL DEFAULT txid_current(),
+    backend_pid int NOT NULL DEFAULT pg_backend_pid(),
+    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    changed     text[]
+)
+"""
+
+
+def install(url: str, config: OracleConfig = OracleConfig.reference()) -> None:
+    """Create the audit schema and (re)create the triggers; safe to repeat and to race.
+
+    The watched tables must exist (create the target's schema first). A later install with
+    another config replaces the triggers it names."""
+    with _connect(url) as conn, conn.transaction():
+        # Two installers at once would race on CREATE SCHEMA / CREATE TRIGGER; the second
+        # waits here and then finds everything in place.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('payrace.oracle.install'))")
+        # CREATE TRIGGER waits for the table's open transactions; never hang a run on it.
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(_LOCK_TIMEOUT)))
+        _validate_schema(conn, config)
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
+        conn.execute(_LOG_TABLE)
+        conn.execute(
+            "CREATE INDEX IF NOT EXISTS log_payment_idx ON payrace_audit.log (tbl, payment_id)"
+        )
+        conn.execute(_FUNCTION)
+        for logical, wt in config.watched():
+            payment_column = wt.id_column if logical == "payments" else wt.payment_column
+            args = (logical, wt.id_column, wt.status_column, payment_column or "")
+            conn.execute(
+                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                    sql.Identifier(TRIGGER), wt.identifier()
+                )
+            )
+            conn.execute(
+                sql.SQL(
+                    "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} "
+                    "FOR EACH ROW EXECUTE FUNCTION payrace_audit.record({})"
+                ).format(
+                    sql.Identifier(TRIGGER),
+                    wt.identifier(),
+                    sql.SQL(", ").join(sql.Literal(a) for a in args),
+                )
+            )
+
+
+def uninstall(url: str, config: OracleConfig = OracleConfig.reference()) -> None:
+    """Drop the triggers and the audit schema (with its rows); a no-op when not installed."""
+    with _connect(url) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('payrace.oracle.install'))")
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(_LOCK_TIMEOUT)))
+        for _, wt in config.watched():
+            if _regclass(conn, wt.table) is not None:
+                conn.execute(
+                    sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                        sql.Identifier(TRIGGER), wt.identifier()
+                    )
+                )
+        # CASCADE also takes triggers an install with another config left on other tables.
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
+
+
+def installed(url: str) -> bool:
+    with _connect(url) as conn:
+        return _regclass(conn, f"{SCHEMA}.log") is not None
+
+
+def _regclass(conn: psycopg.Connection[tuple[Any, ...]], table: str) -> int | None:
+    ident = sql.Identifier(*table.split(".", 1)).as_string(conn)
+    row = conn.execute("SELECT to_regclass(%s)::oid", (ident,)).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+_INTEGER_TYPES = {"smallint", "integer", "bigint"}
+
+
+def _validate_schema(conn: psycopg.Connection[tuple[Any, ...]], config: OracleConfig) -> None:
+    """Fail at install, naming the config key, rather than fail the target's writes later."""
+    for logical, wt in config.watched():
+        oid = _regclass(conn, wt.table)
+        if oid is None:
+            raise OracleError(
+                f"{logical}.table = {wt.table!r}: no such table in this database "
+                "(create the target's schema before installing the oracle)"
+            )
+        columns = dict(
+            conn.execute(
+                "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
+                "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
+                (oid,),
+            ).fetchall()
+        )
+        wanted = {"id_column": wt.id_column, "status_column": wt.status_column}
+        wanted |= {f"ignore_columns[{i}]": c for i, c in enumerate(wt.ignore_columns)}
+        if wt.payment_column is not None:
+            wanted["payment_column"] = wt.payment_column
+        if logical == "payments":
+            wanted["payment_order_column"] = config.payment_order_column
+            wanted["gateway_payment_column"] = config.gateway_payment_column
+        for key, column in wanted.items():
+            prefix = key if key.startswith(("payment_order", "gateway")) else f"{logical}.{key}"
+            if column not in columns:
+                raise OracleError(
+                    f"{prefix} = {column!r}: table {wt.table} has no such column "
+                    f"(it has {sorted(columns)})"
+                )
+            if key in ("id_column", "payment_column") and columns[column] not in _INTEGER_TYPES:
+                raise OracleError(
+                    f"{prefix} = {column!r}: the oracle needs an integer id column, "
+                    f"{wt.table}.{column} is {columns[column]}"
+                )
+
+
+# -- baseline / observe -------------------------------------------------------------------
+
+
+def baseline(url: str) -> Baseline:
+    """Where the run starts: the last audit id handed out and the deadlock counter."""
+    with _connect(url) as conn:
+        deadlocks, stats_reset = _deadlock_counter(conn)
+        return Baseline(deadlocks=deadlocks, audit_id=_last_audit_id(conn), stats_reset=stats_reset)
+
+
+def _last_audit_id(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+    if _regclass(conn, f"{SCHEMA}.log") is None:
+        return 0
+    # The sequence, not max(id): an id handed to a transaction still open now belongs to the
+    # past even if it commits during the run.
+    row = conn.execute("SELECT last_value, is_called FROM payrace_audit.log_id_seq").fetchone()
+    assert row is not None
+    return int(row[0]) if row[1] else 0
+
+
+def _deadlock_counter(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[int, datetime | None]:
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(
+        "SELECT deadlocks, stats_reset FROM pg_stat_database WHERE datname = current_database()"
+    ).fetchone()
+    if row is None:  # pragma: no cover - the database we are connected to is always there
+        raise OracleError("pg_stat_database has no row for the current database")
+    return int(row[0] or 0), row[1]
+
+
+def _unsettled_backends(conn: psycopg.Connection[tuple[Any, ...]], settle_s: float) -> int:
+    """Client backends of this database that may still hold unflushed deadlock counts."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND backend_type = 'client backend' "
+        "AND coalesce(application_name, '') NOT LIKE %s "
+        # state is NULL for other roles' sessions without pg_read_all_stats: not settled.
+        "AND (state IS DISTINCT FROM 'idle' "
+        "     OR state_change > clock_timestamp() - make_interval(secs => %s))",
+        (HARNESS_APPLICATION_PREFIX + "%", settle_s),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _settled_deadlocks(
+    conn: psycopg.Connection[tuple[Any, ...]], since: Baseline, settle_timeout_s: float
+) -> tuple[int, bool, str]:
+    settle_s = _SETTLE_S_PG15 if conn.info.server_version >= 150000 else _SETTLE_S_PG14
+    deadline = time.monotonic() + settle_timeout_s
+    while True:
+        unsettled = _unsettled_backends(conn, settle_s)
+        # Read after the activity check: a backend that just exited has had time to flush.
+        count, stats_reset = _deadlock_counter(conn)
+        if unsettled == 0 or time.monotonic() >= deadline:
+            break
+        time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+    delta = count - since.deadlocks
+    if stats_reset != since.stats_reset or delta < 0:
+        return 0, False, "pg_stat_database was reset during the run; the deadlock delta is void"
+    if unsettled:
+        return (
+            delta,
+            False,
+            f"{unsettled} client backend(s) active or idle for less than {settle_s:g} s may "
+            "hold deadlock counts not yet flushed to pg_stat_database; close the target's "
+            f"pool before observing, or pass settle_timeout_s>={settle_s:g}",
+        )
+    return delta, True, ""
+
+
+def deadlocks_since(
+    url: str, since: Baseline, *, settle_timeout_s: float = 2.0
+) -> tuple[int, bool, str]:
+    """The deadlock delta alone, read as observe() reads it: (delta, settled, note).
+
+    For a caller that observed while the target was still connected and can read again once
+    the target has closed its pool (payrace load, after stopping the service): its backends
+    flush their counts on exit, so the reading settles within `settle_timeout_s`."""
+    with _connect(url) as conn:
+        return _settled_deadlocks(conn, since, settle_timeout_s)
+
+
+def observe(
+    url: str,
+    config: OracleConfig = OracleConfig.reference(),
+    *,
+    since: Baseline,
+    payment_ids: Collection[int] | None = None,
+    gateway_counters: Mapping[str, Mapping[str, int]] | None = None,
+    gateway_payment_ids: Collection[str] = (),
+    settle_timeout_s: float = 2.0,
+) -> Observation:
+    """What happened since `since`, for `payment_ids` (None: every payment the audit names).
+
+    `gateway_counters` is FakeRazorpay.counters() (or its JSON from GET /_fake/counters).
+    With `payment_ids` given, counters are kept for the gateway ids those payments hold in
+    the database plus `gateway_payment_ids` — pass the ids the run authorized so a capture
+    the gateway accepted but the database never recorded still reaches the checkers.
+    `settle_timeout_s` is how long to wait for the deadlock reading to settle; it returns as
+    soon as it has. The default covers a target that has just closed its pool (its backends
+    take a moment to exit); a target still connected needs 12 s, or 0 to not wait.
+    """
+    scope = None if payment_ids is None else frozenset(int(p) for p in payment_ids)
+    with _connect(url) as conn:
+        if _regclass(conn, f"{SCHEMA}.log") is None:
+            raise OracleError("the oracle is not installed in this database; call install() first")
+        audit = _audit_rows(conn, config, since.audit_id, scope)
+        ids = scope if scope is not None else {r.payment_id for r in audit if r.payment_id}
+        states = _payment_states(conn, config, sorted(ids))
+        deadlocks, settled, note = _settled_deadlocks(conn, since, settle_timeout_s)
+    captures, accepted = _gateway(gateway_counters, scope, states, gateway_payment_ids)
+    return Observation(
+        audit=audit,
+        payments=states,
+        gateway_captures=captures,
+        gateway_accepted=accepted,
+        deadlocks=deadlocks,
+        config=config,
+        deadlocks_settled=settled,
+        deadlock_note=note,
+    )
+
+
+def _audit_rows(
+    conn: psycopg.Connection[tuple[Any, ...]],
+    config: OracleConfig,
+    after_id: int,
+    scope: frozenset[int] | None,
+) -> tuple[AuditRow, ...]:
+    pay = config.payments
+    # Order rows carry no payment id; map them through payments.<order column> now. With a
+    # scope, prefer the scoped payment of an order that has several.
+    query = sql.SQL(
+        """
+        SELECT l.id, l.tbl, l.row_id,
+               CASE WHEN l.tbl = 'orders' AND l.payment_id IS NULL THEN (
+                   SELECT min(p.{pid}) FROM {payments} p
+                   WHERE p.{poid} = l.row_id AND (%(scope)s::bigint[] IS NULL
+                                                  OR p.{pid} = ANY(%(scope)s::bigint[]))
+               ) ELSE l.payment_id END,
+               l.op, l.old_status, l.new_status, l.txid, l.backend_pid, l.at,
+               coalesce(l.changed, '{{}}')
+        FROM payrace_audit.log l
+        WHERE l.id > %(after)s
+        ORDER BY l.id
+        """
+    ).format(
+        pid=sql.Identifier(pay.id_column),
+        payments=pay.identifier(),
+        poid=sql.Identifier(config.payment_order_column),
+    )
+    rows = conn.execute(
+        query, {"after": after_id, "scope": None if scope is None else sorted(scope)}
+    ).fetchall()
+    audit = (
+        AuditRow(
+            id=r[0],
+            table=r[1],
+            row_id=r[2],
+            payment_id=r[3],
+            op=r[4],
+            old_status=r[5],
+            new_status=r[6],
+            txid=r[7],
+            backend_pid=r[8],
+            at=r[9],
+            changed=tuple(r[10]),
+        )
+        for r in rows
+    )
+    if scope is None:
+        return tuple(audit)
+    return tuple(r for r in audit if r.payment_id in scope)
+
+
+def _payment_states(
+    conn: psycopg.Connection[tuple[Any, ...]], config: OracleConfig, ids: Sequence[int]
+) -> dict[int, PaymentState]:
+    if not ids:
+        return {}
+    pay, inv, order = config.payments, config.invoices, config.orders
+    assert inv.payment_column is not None  # OracleConfig.__post_init__
+    query = sql.SQL(
+        """
+        SELECT DISTINCT ON (p.{pid}) p.{pid}, p.{pstatus}, p.{gwid}, i.{istatus}, o.{ostatus}
+        FROM {payments} p
+        LEFT JOIN {orders} o ON o.{oid} = p.{poid}
+        LEFT JOIN {invoices} i ON i.{ipay} = p.{pid}
+        WHERE p.{pid} = ANY(%s::bigint[])
+        ORDER BY p.{pid}, i.{iid} DESC
+        """
+    ).format(
+        pid=sql.Identifier(pay.id_column),
+        pstatus=sql.Identifier(pay.status_column),
+        gwid=sql.Identifier(config.gateway_payment_column),
+        istatus=sql.Identifier(inv.status_column),
+        ostatus=sql.Identifier(order.status_column),
+        payments=pay.identifier(),
+        orders=order.identifier(),
+        oid=sql.Identifier(order.id_column),
+        poid=sql.Identifier(config.payment_order_column),
+        invoices=inv.identifier(),
+        ipay=sql.Identifier(inv.payment_column),
+        iid=sql.Identifier(inv.id_column),
+    )
+    return {
+        int(row[0]): PaymentState(int(row[0]), row[1], row[2], row[3], row[4])
+        for row in conn.execute(query, (list(ids),)).fetchall()
+    }
+
+
+def _gateway(
+    counters: Mapping[str, Mapping[str, int]] | None,
+    scope: frozenset[int] | None,
+    states: Mapping[int, PaymentState],
+    extra_ids: Collection[str],
+) -> tuple[dict[str, int], dict[str, int]]:
+    if counters is None:
+        return {}, {}
+    captures = counters.get("captures", {})
+    accepted = counters.get("accepted", {})
+    if scope is None:
+        return dict(captures), dict(accepted)
+    keep = {s.gateway_payment_id for s in states.values() if s.gateway_payment_id}
+    keep |= set(extra_ids)
+    return (
+        {k: v for k, v in captures.items() if k in keep},
+        {k: v for k, v in accepted.items() if k in keep},
+    )

@@ -1,0 +1,125 @@
+"""pytest plugin (entry point `pytest11: payrace`): race tests inside a team's own suite.
+
+    --payrace-dsn / PAYRACE_DATABASE_URL   use that server instead of the default provider
+    payrace_postgres   session fixture: a provisioned PostgreSQL (harness.infra.provider.Database)
+    race               fixture: race(strategy=..., trials=..., mode=..., **RunConfig fields)
+                       runs trials on a fresh database of that server and returns a RaceResult
+    RaceResult         .valid, .violating_trials, .summary; .assert_exactly_once() fails the
+                       test with the first violating schedule drawn as a timeline
+
+Example (tests/harness/test_pytest_plugin.py runs it):
+
+    def test_capture_is_exactly_once(race):
+        race(strategy="for_update", trials=50, mode="forced").assert_exactly_once()
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+# pytest loads this module in every session of every project payrace is installed into, so
+# it imports nothing but pytest at start: the provider, the runner (FastAPI, SQLAlchemy, the
+# razorpay SDK) and the reports load inside the fixtures, the first time a test uses one.
+if TYPE_CHECKING:
+    from payrace.harness.infra.provider import Database
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("payrace")
+    group.addoption(
+        "--payrace-dsn",
+        default=None,
+        help="PostgreSQL server for race tests (default: PAYRACE_DATABASE_URL, then Docker, "
+        "then an embedded server)",
+    )
+    group.addoption(
+        "--payrace-reports",
+        default=None,
+        help="write each race's reports (summary.json, junit.xml, report.html) under this dir",
+    )
+
+
+@dataclass(frozen=True)
+class RaceResult:
+    summary: dict[str, Any]
+
+    def strategy(self) -> dict[str, Any]:
+        result: dict[str, Any] = next(iter(self.summary["strategies"].values()))
+        return result
+
+    @property
+    def valid(self) -> bool | str:
+        return self.strategy()["valid"]  # type: ignore[no-any-return]
+
+    @property
+    def violating_trials(self) -> int:
+        return int(self.strategy()["violating_trials"])
+
+    def explain(self) -> str:
+        result = self.strategy()
+        failed = {n: c["count"] for n, c in result["checks"].items() if c["valid"] is not True}
+        lines = [f"valid={result['valid']}, violating trials {result['violating_trials']}/"
+                 f"{result['trials']}, failed checks {failed}"]  # fmt: skip
+        first = result.get("first_violation")
+        if first:
+            from payrace.harness.reports.timeline import TimelineEvent, render_text
+
+            events = [TimelineEvent(**e) for e in first["timeline"]]
+            lines += [f"first violating trial {first['trial']}:", render_text(events)]
+        return "\n".join(lines)
+
+    def assert_exactly_once(self) -> None:
+        if self.valid is not True:
+            pytest.fail("capture was not exactly once:\n" + self.explain(), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def payrace_postgres(request: pytest.FixtureRequest) -> Iterator[Database]:
+    from payrace.harness.infra.provider import provide_postgres
+
+    with provide_postgres(request.config.getoption("--payrace-dsn")) as db:
+        yield db
+
+
+@pytest.fixture
+def race(payrace_postgres: Database, request: pytest.FixtureRequest) -> Callable[..., RaceResult]:
+    from payrace.harness.runner.config import Gate, RunConfig
+    from payrace.harness.runner.run import run, write_history
+
+    reports = request.config.getoption("--payrace-reports")
+
+    def runner(strategy: str = "for_update", **fields: Any) -> RaceResult:
+        gates = [Gate.parse(g) if isinstance(g, str) else g for g in fields.pop("gates", [])]
+        config = RunConfig(
+            strategies=[strategy],
+            dsn=payrace_postgres.url,
+            gates=gates,
+            command=f"pytest {request.node.nodeid}",
+            **fields,
+        )
+        if reports:
+            config.out_dir = Path(reports)
+        summary = asyncio.run(run(config, announce=lambda line: None))
+        if reports:
+            from payrace.harness.reports import report
+
+            out = config.out_dir / summary["run_id"]
+            write_history(summary, out / "history.jsonl")
+            report.write_all(summary, out)
+        else:
+            write_history_discard(summary)
+        return RaceResult(summary)
+
+    return runner
+
+
+def write_history_discard(summary: dict[str, Any]) -> None:
+    """Drop the in-memory histories when no report is wanted (summary stays JSON-able)."""
+    for result in summary["strategies"].values():
+        result.pop("_history", None)

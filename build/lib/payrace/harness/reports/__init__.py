@@ -1,0 +1,1 @@
+"""Reports: summary JSON, JUnit XML, self-contained HTML with plots, the console table."""

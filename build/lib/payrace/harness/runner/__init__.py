@@ -1,0 +1,1 @@
+"""Forced, aligned and jitter runs: configuration and gates, the target, the trials."""

@@ -1,0 +1,168 @@
+"""What a run is asked to do, checked before anything starts.
+
+Mode, MODES    forced | aligned | jitter (how a race is forced; see runner.trials)
+Gate           `[strategy:]metric<=number`, e.g. `lock_p99_ms<=100`, judged on a
+               strategy's summary
+RunConfig      strategies, trials, mode, target, seed, gates, nemesis, ...; validate()
+               raises UsageError (exit 2) before anything is provisioned
+oracle_config  the oracle's view of the target's schema: the reference one, or a TOML file
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from payrace.harness.errors import UsageError
+from payrace.harness.model import oracle
+from payrace.harness.model.nemesis import NemesisSpecError, parse_spec
+from payrace.postgres import normalise_isolation
+from payrace.service.capture import STRATEGIES
+
+Mode = Literal["forced", "aligned", "jitter"]
+MODES: tuple[Mode, ...] = ("forced", "aligned", "jitter")
+
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "<": operator.lt,
+    ">": operator.gt,
+}
+_GATE = re.compile(r"^\s*(?:(?P<strategy>[a-z_]+)\s*:)?\s*(?P<metric>[a-z0-9_]+)\s*"
+                   r"(?P<op><=|>=|==|<|>)\s*(?P<value>-?\d+(?:\.\d+)?)\s*$")  # fmt: skip
+_LATENCY_METRIC = re.compile(
+    r"^(?P<kind>lock|hold|request)(?:_(?P<path>client|webhook))?_(?P<stat>p50|p95|p99|max|mean)_ms$"
+)
+
+
+@dataclass(frozen=True)
+class Gate:
+    expr: str
+    strategy: str | None
+    metric: str
+    op: str
+    value: float
+
+    @classmethod
+    def parse(cls, expr: str) -> Gate:
+        m = _GATE.match(expr)
+        if not m:
+            raise UsageError(
+                f"gate {expr!r} is not of the form [strategy:]metric<=number, "
+                "e.g. 'lock_p99_ms<=100' or 'for_update:hold_p99_ms<50'"
+            )
+        metric = m["metric"]
+        if metric not in ("violations", "trials_per_second") and not _LATENCY_METRIC.match(metric):
+            raise UsageError(
+                f"gate {expr!r}: unknown metric {metric!r}; use violations, trials_per_second "
+                "or {lock|hold|request}[_client|_webhook]_{p50|p95|p99|max|mean}_ms"
+            )
+        return cls(expr, m["strategy"], metric, m["op"], float(m["value"]))
+
+    def measure(self, result: dict[str, Any]) -> float:
+        if self.metric == "violations":
+            return float(result["violating_trials"])
+        if self.metric == "trials_per_second":
+            return float(result["trials_per_second"])
+        m = _LATENCY_METRIC.match(self.metric)
+        assert m is not None
+        stats = result["latency_ms"].get(m["kind"], {}).get(m["path"] or "all", {})
+        return float(stats.get(m["stat"], 0.0))
+
+    def judge(self, strategy: str, result: dict[str, Any]) -> dict[str, Any]:
+        value = self.measure(result)
+        return {
+            "expr": self.expr,
+            "strategy": strategy,
+            "value": round(value, 3),
+            "passed": _OPS[self.op](value, self.value),
+        }
+
+
+@dataclass
+class RunConfig:
+    strategies: list[str] = field(default_factory=lambda: ["for_update"])
+    trials: int = 100
+    mode: Mode = "forced"
+    target: str = "inproc"  # inproc | http | http://host:port (a running service)
+    dsn: str | None = None
+    seed: int = 1
+    webhooks: int = 1
+    first_event: str = "payment.captured"
+    concurrency: int = 4
+    jitter_ms: float = 5.0
+    hold_ms: float = 0.0
+    isolation: str = "READ COMMITTED"
+    gates: list[Gate] = field(default_factory=list)
+    out_dir: Path = Path("reports")
+    durable: bool = False
+    amount: int = 50_000
+    pause_timeout_s: float = 5.0
+    target_dsn: str | None = None  # a running target's own database, for the oracle
+    gateway_url: str | None = None  # the fake gateway a running target talks to
+    oracle_config: Path | None = None  # a team's own schema (TOML); default: the reference
+    nemesis: str | None = None  # faults during the trials: "gateway-errors:0.2,kill-backends:1"
+    command: str = "payrace run"
+    run_id: str = ""
+
+    def validate(self) -> None:
+        if self.trials < 1 or self.trials > 1_000_000:
+            raise UsageError("--trials must be between 1 and 1000000")
+        if self.mode not in MODES:
+            raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.concurrency < 1 or self.concurrency > 64:
+            raise UsageError("--concurrency must be between 1 and 64")
+        external = self.target not in ("inproc", "http")
+        if external:
+            if not self.target.startswith("http://"):
+                raise UsageError(
+                    f"--target must be inproc, http or a URL like http://127.0.0.1:8000, "
+                    f"got {self.target!r}"
+                )
+            if not self.target_dsn or not self.gateway_url:
+                raise UsageError(
+                    "--target URL needs --target-dsn (the target's own database, where the "
+                    "oracle installs its audit triggers) and --gateway-url (the fake gateway "
+                    "it talks to, e.g. one started with `payrace gateway`)"
+                )
+        else:
+            unknown = [s for s in self.strategies if s not in STRATEGIES]
+            if unknown:
+                raise UsageError(
+                    f"unknown strategy {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}"
+                )
+        if self.first_event not in ("payment.captured", "payment.authorized", "order.paid"):
+            raise UsageError(
+                f"--event must be payment.captured, payment.authorized or order.paid, "
+                f"got {self.first_event!r}"
+            )
+        try:
+            self.isolation = normalise_isolation(self.isolation)
+        except ValueError as exc:
+            raise UsageError(f"--isolation: {exc}") from None
+        if self.hold_ms < 0 or self.jitter_ms < 0:
+            raise UsageError("--hold-ms and --jitter-ms must be >= 0")
+        if self.oracle_config is not None:
+            oracle_config(self)  # a bad file is a usage error before anything starts
+        if self.hold_ms and self.mode != "forced":
+            raise UsageError("--hold-ms is injected at the forced-mode pause; use --mode forced")
+        if self.nemesis is not None:
+            try:
+                parse_spec(self.nemesis)
+            except NemesisSpecError as exc:
+                raise UsageError(str(exc)) from exc
+
+
+def oracle_config(config: RunConfig) -> oracle.OracleConfig:
+    if config.oracle_config is None:
+        return oracle.OracleConfig.reference()
+    try:
+        return oracle.OracleConfig.from_toml(config.oracle_config)
+    except oracle.OracleError as exc:
+        raise UsageError(str(exc)) from exc

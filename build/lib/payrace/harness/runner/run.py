@@ -1,0 +1,207 @@
+"""A run: provision, then per strategy start the target, fire the trials, judge; summarise.
+
+    run()            provision PostgreSQL (infra.provider) and the fake gateway, install the
+                     oracle, then per strategy: start_target (runner.target), fire_trials
+                     (runner.trials), judge (model.judge); gates; the summary (contracts.md)
+    judge()          one strategy's trials -> its part of summary.json
+    write_history()  history.jsonl: every strategy's operations
+
+Strategies run one after another on one database, so the deadlock counter's delta and the
+lock-wait figures of each belong to it alone. A `--nemesis` (model.nemesis) is on while a
+strategy's trials run, after the oracle's baseline; what it injected lands in that
+strategy's summary as "nemesis".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from payrace.harness.errors import UsageError
+from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+from payrace.harness.infra.machine import machine
+from payrace.harness.infra.provider import Database, provide_postgres
+from payrace.harness.model import oracle
+from payrace.harness.model.client import GatewayControl, LocalGateway, RemoteGateway
+from payrace.harness.model.judge import judge as check
+from payrace.harness.model.verdict import DECLARED, overall
+from payrace.harness.runner.config import RunConfig, oracle_config
+from payrace.harness.runner.target import start_target
+from payrace.harness.runner.trials import StrategyRun, fire_trials
+
+
+async def judge(
+    config: RunConfig, run: StrategyRun, gateway: GatewayControl, oracle_url: str
+) -> dict[str, Any]:
+    """Observe with the oracle and check. Called after the target stopped when payrace
+    started it: its backends have exited and flushed their counters (deadlocks)."""
+    assert run.since is not None
+    payments = {o.payment_id: o.trial for o in run.outcomes.values()}
+    counters = await asyncio.to_thread(gateway.counters)
+    obs = await asyncio.to_thread(
+        oracle.observe,
+        oracle_url,
+        oracle_config(config),
+        since=run.since,
+        payment_ids=set(payments),
+        gateway_counters=counters,
+        # Also the ids the database never recorded: a capture the gateway accepted in a
+        # transaction that then rolled back is exactly what no_lost_capture is for.
+        gateway_payment_ids=[o.gateway_payment_id for o in run.outcomes.values()],
+    )
+    judged = check(run.history.ops(), obs)
+    valid = judged.valid
+    if run.trial_errors and valid is True:
+        valid = "unknown"
+    violating = sorted(payments[p] for p in judged.verdict.violating_payments if p in payments)
+    first = None
+    if violating:
+        outcome = run.outcomes[violating[0]]
+        first = judged.first_violation(
+            outcome.payment_id, trial=outcome.trial, timeline=outcome.timeline
+        )
+    duration = run.duration_s
+    faults = {"nemesis": run.nemesis} if run.nemesis is not None else {}
+    return {
+        "expected": DECLARED.get(run.strategy),
+        "valid": valid,
+        "trials": config.trials,
+        "violating_trials": len(violating),
+        "trials_per_second": round(config.trials / duration, 2) if duration else 0.0,
+        "duration_s": round(duration, 3),
+        "pause_timeouts": run.pause_timeouts,
+        "trial_errors": {"count": len(run.trial_errors), "first": run.trial_errors[:3]},
+        "checks": judged.checks(),
+        "latency_ms": run.latency.summary(),
+        "plots": run.latency.plots(),
+        "server_side": run.server_side,
+        "arrival_spread_ms": run.arrival.summary() if config.mode == "aligned" else None,
+        "first_violation": first,
+        **faults,
+        "_history": run.history,
+    }
+
+
+async def run(
+    config: RunConfig,
+    *,
+    announce: Callable[[str], None] = print,
+    on_trial: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Run every strategy of `config`; return the summary (contracts.md), histories attached."""
+    config.validate()
+    if not config.run_id:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        config.run_id = f"{stamp}-{'-'.join(config.strategies)}-{config.mode}"
+    started_at = datetime.now(UTC)
+    started = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    async with AsyncExitStack() as stack:
+        external = config.target not in ("inproc", "http")
+        target_db: Database | None = None
+        db_info: dict[str, Any]
+        if external:
+            assert config.target_dsn is not None and config.gateway_url is not None
+            oracle_url = config.target_dsn
+            db_info = {"route": "target", "describe": "the target's own database (--target-dsn)"}
+            remote = RemoteGateway(config.gateway_url)
+            stack.callback(remote.close)
+            gateway: GatewayControl = remote
+            gateway_url = config.gateway_url
+        else:
+            db = stack.enter_context(
+                provide_postgres(config.dsn, durable=config.durable, announce=announce)
+            )
+            target_db = db
+            oracle_url = db.url
+            db_info = {
+                "route": db.route,
+                "server_version": db.server_version,
+                "fast": db.fast,
+                "describe": db.describe(),
+            }
+            fake = FakeRazorpay(GatewayKeys(), seed=config.seed)
+            server = stack.enter_context(GatewayServer(fake))
+            gateway, gateway_url = LocalGateway(fake), server.url
+        pool = await asyncpg.create_pool(
+            oracle_url,
+            min_size=1,
+            max_size=4,
+            server_settings={"application_name": "payrace-harness"},
+        )
+        stack.push_async_callback(pool.close)
+        if target_db is not None:
+            # The service creates its tables on start; the oracle needs them first.
+            await _create_schema(target_db)
+        try:
+            await asyncio.to_thread(oracle.install, oracle_url, oracle_config(config))
+        except oracle.OracleError as exc:
+            raise UsageError(f"cannot install the oracle's audit triggers: {exc}") from exc
+        for strategy in config.strategies:
+            async with start_target(config, strategy, target_db, gateway_url) as target:
+                fired = await fire_trials(
+                    config,
+                    strategy,
+                    target,
+                    gateway,
+                    oracle_url,
+                    pool,
+                    lambda s=strategy: on_trial(s),  # type: ignore[misc]
+                )
+            results[strategy] = await judge(config, fired, gateway, oracle_url)
+    gates = [
+        g.judge(name, result)
+        for g in config.gates
+        for name, result in results.items()
+        if g.strategy in (None, name)
+    ]
+    verdict, code = overall(results, gates)
+    return {
+        "run_id": config.run_id,
+        "command": config.command,
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "duration_s": round(time.perf_counter() - started, 3),
+        "machine": machine(),
+        "database": db_info,
+        "target": config.target,
+        "mode": config.mode,
+        "trials": config.trials,
+        "seed": config.seed,
+        "webhooks_per_trial": config.webhooks,
+        "isolation_level": config.isolation,
+        "hold_ms": config.hold_ms,
+        "strategies": results,
+        "gates": gates,
+        "verdict": verdict,
+        "exit_code": code,
+    }
+
+
+async def _create_schema(db: Database) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from payrace.service.db import create_schema
+
+    engine = create_async_engine(db.asyncpg_url())
+    try:
+        await create_schema(engine)
+    finally:
+        await engine.dispose()
+
+
+def write_history(summary: dict[str, Any], path: Path) -> None:
+    """One history.jsonl for the run: every strategy's operations, each tagged with it."""
+    histories = [r.pop("_history") for r in summary["strategies"].values() if "_history" in r]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for history in histories:
+            for op in history:
+                fh.write(json.dumps(op.to_json(), separators=(",", ":")) + "\n")

@@ -1,0 +1,305 @@
+"""Firing the trials of one strategy: each trial a payment raced by its requests.
+
+StrategyRun      everything one strategy's trials produce (history, latencies, outcomes)
+fire_trials()    all trials against a started target, lock waits sampled, nemesis on
+run_trial()      one trial: create the order, authorize at the gateway, fire, record
+_fire()          how the requests are released, by mode:
+  forced           a pause after the payment read holds each request until every other
+                   request of the trial has read too, has finished, or waits on a lock
+                   (pg_blocking_pids); in-process through service probes' Rendezvous,
+                   over HTTP via X-Payrace-Pause
+  aligned          released together: an asyncio gate in-process, last-byte sync over
+                   HTTP; the arrival spread is measured from the target's own stamps
+  jitter           seeded random offsets per request
+_redeliver()     webhooks answered with a 5xx sent again, as Razorpay does (nemesis only)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from payrace.harness.errors import UsageError
+from payrace.harness.gateway.fake import GatewayKeys
+from payrace.harness.model import oracle
+from payrace.harness.model.client import GatewayControl, PaymentContext, Prepared, Reply, prepare
+from payrace.harness.model.generator import Generator, TrialPlan
+from payrace.harness.model.history import History, Operation, classify
+from payrace.harness.model.lockwatch import LockWatch
+from payrace.harness.model.nemesis import Nemesis
+from payrace.harness.model.stats import LatencyHistogram, PathHistograms
+from payrace.harness.reports.timeline import TimelineEvent, from_probes
+from payrace.harness.runner.config import RunConfig
+from payrace.harness.runner.target import Target
+from payrace.service import probes
+
+
+class BlockedProbe:
+    """The harness's own view of "is this backend waiting for a lock?" (its own pool)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def __call__(self, pid: int) -> bool:
+        async with self.pool.acquire() as conn:
+            return bool(await conn.fetchval("SELECT cardinality(pg_blocking_pids($1)) > 0", pid))
+
+
+class Recorder:
+    """A controller that holds nobody: it only lets the pause points be recorded."""
+
+    async def reached(self, point: str, probe: probes.ProbeContext) -> None:
+        return None
+
+    def finished(self, probe: probes.ProbeContext) -> None:
+        return None
+
+
+@dataclass
+class TrialOutcome:
+    trial: int
+    payment_id: int
+    gateway_payment_id: str
+    arrival_spread_ms: float | None
+    timeline: list[TimelineEvent]
+    pause_timeouts: int
+
+
+class StrategyRun:
+    """Everything one strategy's trials produce; turned into its part of summary.json."""
+
+    def __init__(self, strategy: str) -> None:
+        self.strategy = strategy
+        self.history = History(strategy=strategy)
+        self.latency = PathHistograms()
+        self.arrival = LatencyHistogram()
+        self.outcomes: dict[int, TrialOutcome] = {}
+        self.pause_timeouts = 0
+        self.since: oracle.Baseline | None = None
+        self.duration_s = 0.0
+        self.server_side: dict[str, Any] = {}
+        # Trials that could not be carried out (the target refused to create an order, ...):
+        # their payments were never raced, so a clean verdict is "unknown", not "valid".
+        self.trial_errors: list[str] = []
+        self.nemesis: dict[str, Any] | None = None
+        self.redelivered = 0  # webhooks sent again after a 5xx (under the nemesis only)
+
+
+async def _fire(
+    config: RunConfig,
+    target: Target,
+    plan: TrialPlan,
+    reqs: list[Prepared],
+    ctx: PaymentContext,
+    run: StrategyRun,
+    is_blocked: BlockedProbe,
+) -> tuple[list[Reply], list[Operation], dict[str, probes.ProbeContext], int]:
+    steps = plan.steps
+    captured: dict[str, probes.ProbeContext] = {}
+    if config.mode == "aligned":
+        invokes = [
+            run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, req.value)
+            for step, req in zip(steps, reqs, strict=True)
+        ]
+        if not target.in_process:
+            return await target.client.send_together(reqs), invokes, captured, 0
+        # In-process, the requests also pass a recorder, so a violating trial's timeline
+        # names who did what (over HTTP the oracle's audit rows stand in for it).
+        gate = asyncio.Event()
+        recorder = Recorder()
+
+        async def released(i: int) -> Reply:
+            with probes.controlled(recorder, steps[i].process) as probe:
+                await gate.wait()
+                reply = await target.client.send(reqs[i])
+            captured[steps[i].process] = probe
+            return reply
+
+        tasks = [asyncio.create_task(released(i)) for i in range(len(reqs))]
+        await asyncio.sleep(0)  # every task is parked on the gate before it opens
+        gate.set()
+        return list(await asyncio.gather(*tasks)), invokes, captured, 0
+
+    rendezvous = probes.Rendezvous(
+        len(reqs),
+        is_blocked,
+        timeout_s=config.pause_timeout_s,
+        hold_s=config.hold_ms / 1000,
+    )
+    group = f"{config.run_id}-{run.strategy}-{plan.trial}"
+    pause_header = (
+        f"group={group}; size={len(reqs)}; timeout_ms={int(config.pause_timeout_s * 1000)}; "
+        f"hold_ms={int(config.hold_ms)}"
+    )
+
+    invoked: dict[int, Operation] = {}
+
+    async def one(i: int) -> Reply:
+        step, req = steps[i], reqs[i]
+        if config.mode == "jitter" and step.offset_ms:
+            await asyncio.sleep(step.offset_ms / 1000)
+        invoked[i] = run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, req.value)
+        if config.mode != "forced":
+            return await target.client.send(req)
+        if not target.in_process:
+            return await target.client.send(req, {"x-payrace-pause": pause_header})
+        with probes.controlled(rendezvous, step.process) as probe:
+            reply = await target.client.send(req)
+        captured[step.process] = probe
+        return reply
+
+    replies = list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
+    return replies, [invoked[i] for i in range(len(reqs))], captured, rendezvous.timeouts
+
+
+async def run_trial(
+    config: RunConfig,
+    target: Target,
+    gateway: GatewayControl,
+    generator: Generator,
+    trial: int,
+    run: StrategyRun,
+    is_blocked: BlockedProbe,
+) -> None:
+    plan = generator.plan(trial)
+    order = await _create_order(target, config.amount)
+    payment = await asyncio.to_thread(gateway.authorize, order["gateway_order_id"])
+    ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
+    keys = GatewayKeys()
+    reqs = [prepare(step, i, ctx, keys) for i, step in enumerate(plan.steps)]
+    replies, invokes, captured, timeouts = await _fire(
+        config, target, plan, reqs, ctx, run, is_blocked
+    )
+    if config.mode == "forced" and not target.in_process:
+        timeouts += _pauses_over_http(replies)
+    received: list[int] = []
+    for step, inv, reply in zip(plan.steps, invokes, replies, strict=True):
+        server = _complete(run, inv, reply)
+        path = "client" if step.kind == "verify" else "webhook"
+        for kind in ("lock", "hold"):
+            if kind in server:
+                run.latency.record(kind, path, float(server[kind]))
+        if "received_at_ns" in server:
+            received.append(int(server["received_at_ns"]))
+    if config.nemesis:
+        await _redeliver(target, plan, reqs, replies, ctx, run)
+    spread = (max(received) - min(received)) / 1e6 if len(received) > 1 else None
+    if spread is not None and config.mode == "aligned":
+        run.arrival.record_ms(spread)
+    run.pause_timeouts += timeouts
+    run.outcomes[trial] = TrialOutcome(
+        trial, ctx.payment_id, payment["id"], spread, from_probes(captured), timeouts
+    )
+
+
+def _complete(run: StrategyRun, invoke: Operation, reply: Reply) -> dict[str, Any]:
+    """Record the answer to `invoke`; return what the target said about itself."""
+    server = reply.server()
+    run.history.complete(
+        invoke,
+        classify(reply.status),
+        value=reply.body,
+        status=reply.status,
+        error=reply.error,
+        server=server,
+    )
+    return server
+
+
+REDELIVERIES = 3
+
+
+async def _redeliver(
+    target: Target,
+    plan: TrialPlan,
+    reqs: list[Prepared],
+    replies: list[Reply],
+    ctx: PaymentContext,
+    run: StrategyRun,
+) -> None:
+    """Razorpay delivers a webhook at least once: one answered with a 5xx, or not at all, is
+    sent again with the same event id, as Razorpay's retries would. Only under the nemesis,
+    whose faults make a retryable 503 the right answer; each redelivery is its own operation."""
+    for step, req, reply in zip(plan.steps, reqs, replies, strict=True):
+        attempt = 0
+        while req.f == "webhook" and (reply.status is None or reply.status >= 500):
+            if attempt == REDELIVERIES:
+                break
+            attempt += 1
+            await asyncio.sleep(0.01 * attempt)
+            value = {**req.value, "redelivery": attempt}
+            inv = run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, value)
+            reply = await target.client.send(req)
+            _complete(run, inv, reply)
+            run.redelivered += 1
+
+
+async def _create_order(target: Target, amount: int, attempts: int = 5) -> dict[str, Any]:
+    """POST /orders, again after a 503 database_unavailable (a killed backend under the
+    nemesis): the answer says to retry, and the order is setup, not the race under test."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await target.client.create_order(amount, "INR")
+        except RuntimeError as exc:
+            if attempt == attempts or "database_unavailable" not in str(exc):
+                raise
+            await asyncio.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def fire_trials(
+    config: RunConfig,
+    strategy: str,
+    target: Target,
+    gateway: GatewayControl,
+    oracle_url: str,
+    pool: asyncpg.Pool,
+    on_trial: Callable[[], None] = lambda: None,
+) -> StrategyRun:
+    """All trials of one strategy against a started target, with the server-side sampler on."""
+    generator = Generator(
+        config.seed,
+        webhooks=config.webhooks,
+        first_event=config.first_event,
+        jitter_ms=config.jitter_ms if config.mode == "jitter" else 0.0,
+    )
+    run = StrategyRun(strategy)
+    run.since = await asyncio.to_thread(oracle.baseline, oracle_url)
+    is_blocked = BlockedProbe(pool)
+    semaphore = asyncio.Semaphore(config.concurrency)
+
+    async def guarded(trial: int) -> None:
+        async with semaphore:
+            try:
+                await run_trial(config, target, gateway, generator, trial, run, is_blocked)
+            except UsageError:
+                raise
+            except Exception as exc:  # one broken trial must not hide the others' verdicts
+                run.trial_errors.append(f"trial {trial}: {type(exc).__name__}: {exc}")
+            on_trial()
+
+    nemesis = Nemesis.from_spec(config.nemesis, gateway=gateway, dsn=oracle_url, seed=config.seed)
+    started = time.perf_counter()
+    async with LockWatch(oracle_url) as watch, nemesis:
+        await asyncio.gather(*(guarded(t) for t in range(config.trials)))
+    run.duration_s = time.perf_counter() - started
+    run.server_side = watch.result.to_json()
+    if config.nemesis:
+        run.nemesis = {**nemesis.report(), "webhooks_redelivered": run.redelivered}
+    return run
+
+
+def _pauses_over_http(replies: list[Reply]) -> int:
+    """Check the target honoured X-Payrace-Pause; count the pauses that gave up waiting."""
+    states = [r.headers.get("x-payrace-pause") for r in replies if r.status is not None]
+    if any(state is None for state in states):
+        raise UsageError(
+            "the target ignored X-Payrace-Pause, so nothing was forced: start it with "
+            "PAYRACE_PROBES=1 (test deployments only), or use --mode aligned"
+        )
+    return sum(state == "timed-out" for state in states)

@@ -1,0 +1,1 @@
+"""The reference capture service: one target payrace races, readable in one sitting."""

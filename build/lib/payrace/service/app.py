@@ -1,0 +1,432 @@
+"""The reference capture service: FastAPI routes over the one capture routine.
+
+    POST /orders              create an order at the gateway (razorpay SDK) and here
+    POST /payments/verify     Razorpay Checkout's callback -> capture
+    POST /webhooks/razorpay   signed webhook -> capture / mark failed / ignore
+    GET  /payments/{id}       a payment's state
+    GET  /healthz             liveness plus a real query
+
+Routes stay thin: they check signatures and shapes, then call payrace.service.capture. `Runtime`
+owns the engine, the gateway client and the strategy; `create_app()` builds one, so a harness
+can run several services with different strategies in one process. `TimingMiddleware`
+(plain ASGI) adds `Server-Timing` and `X-Payrace-Received-At` and, only with PAYRACE_PROBES
+on, honours `X-Payrace-Pause`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import razorpay
+from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from razorpay.errors import SignatureVerificationError
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from payrace.service import probes, timing
+from payrace.service.capture import STRATEGIES, CaptureCommand, Runner, capture, mark_failed
+from payrace.service.db import create_schema, make_engine, make_sessionmaker
+from payrace.service.errors import ApiError, GatewayFailed, NotFound, Rejected, install_handlers
+from payrace.service.gateway_client import GatewayClient, GatewayError
+from payrace.service.models import Invoice, Order, Payment
+from payrace.service.settings import Settings, get_settings
+
+CAPTURE_EVENTS = {"payment.authorized", "payment.captured", "order.paid"}
+ID_MAX = 64  # payments.gateway_payment_id, orders.gateway_order_id
+EVENT_ID_MAX = 128  # webhook_events.event_id
+METHOD_MAX = 32  # payments.method
+ERROR_CODE_MAX = 64  # payments.error_code
+KNOWN_EVENTS = CAPTURE_EVENTS | {"payment.failed"}
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    maker: async_sessionmaker[AsyncSession]
+    gateway: GatewayClient
+    runner: Runner
+    # Forced-mode groups requested over HTTP (probes on only); dropped when all finished.
+    rendezvous: dict[str, probes.Rendezvous]
+
+    @classmethod
+    def build(cls, settings: Settings) -> Runtime:
+        engine = make_engine(settings)
+        maker = make_sessionmaker(engine)
+        gateway = GatewayClient(
+            settings.razorpay_key_id,
+            settings.razorpay_key_secret,
+            settings.razorpay_base_url,
+            settings.gateway_threads,
+        )
+        runner = Runner(
+            maker=maker,
+            strategy=STRATEGIES[settings.capture_strategy],
+            gateway=gateway,
+            isolation_level=settings.isolation_level,
+            retries=settings.serialization_retries,
+        )
+        return cls(settings, engine, maker, gateway, runner, {})
+
+    async def startup(self) -> None:
+        await create_schema(self.engine)
+
+    async def shutdown(self) -> None:
+        self.gateway.close()
+        await self.engine.dispose()
+
+    async def is_blocked(self, pid: int) -> bool:
+        async with self.engine.connect() as conn:
+            row = await conn.execute(
+                text("SELECT cardinality(pg_blocking_pids(:pid)) > 0"), {"pid": pid}
+            )
+            return bool(row.scalar_one())
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with get_runtime(request).maker() as session:
+        yield session
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+class OrderIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # Razorpay's minimum order amount is 100 in the smallest unit (1 INR); below it the
+    # gateway refuses, which is the caller's mistake, so it is a 422 here and not a 502.
+    amount: int = Field(ge=100, le=10**12, description="smallest currency unit (paise)")
+    currency: str = Field(default="INR", pattern=r"^[A-Z]{3}$")
+
+
+class VerifyIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    # No NUL: PostgreSQL text cannot hold it, and the write would fail with a 500.
+    razorpay_order_id: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00]+$")
+    razorpay_payment_id: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00]+$")
+    # Optional here so that a missing signature is a 400 "invalid signature", like a wrong one.
+    razorpay_signature: str | None = None
+    internal_payment_id: int = Field(gt=0, lt=2**63)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    runtime = Runtime.build(settings or get_settings())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.startup()
+        try:
+            yield
+        finally:
+            await runtime.shutdown()
+
+    app = FastAPI(title="payrace reference capture service", lifespan=lifespan)
+    app.state.runtime = runtime
+    install_handlers(app)
+    app.add_middleware(TimingMiddleware, runtime=runtime)
+
+    @app.get("/healthz")
+    async def healthz(session: SessionDep) -> dict[str, str]:
+        await session.execute(text("SELECT 1"))
+        return {
+            "status": "ok",
+            "strategy": runtime.runner.strategy.name,
+            "isolation_level": runtime.settings.isolation_level,
+        }
+
+    @app.post("/orders", status_code=201)
+    async def create_order(body: OrderIn, rt: RuntimeDep, session: SessionDep) -> dict[str, Any]:
+        try:
+            gw = await rt.gateway.create_order(
+                body.amount, body.currency, f"rcpt_{uuid.uuid4().hex[:16]}"
+            )
+        except GatewayError as exc:
+            raise GatewayFailed(str(exc)) from exc
+        async with session.begin():
+            order = Order(
+                gateway_order_id=gw["id"],
+                amount=body.amount,
+                currency=body.currency,
+                status="created",
+            )
+            session.add(order)
+            await session.flush()
+            payment = Payment(
+                order_id=order.id, amount=body.amount, currency=body.currency, status="pending"
+            )
+            session.add(payment)
+            await session.flush()
+            session.add(
+                Invoice(
+                    order_id=order.id, payment_id=payment.id, amount=body.amount, status="issued"
+                )
+            )
+        return {
+            "order_id": order.id,
+            "payment_id": payment.id,
+            "gateway_order_id": order.gateway_order_id,
+            "amount": order.amount,
+            "currency": order.currency,
+        }
+
+    @app.get("/payments/{payment_id}")
+    async def get_payment(
+        # Bounded like internal_payment_id: past int64, asyncpg fails the query (a 500).
+        payment_id: Annotated[int, Path(gt=0, lt=2**63)],
+        session: SessionDep,
+    ) -> dict[str, Any]:
+        row = (
+            await session.execute(
+                select(Payment, Order.gateway_order_id, Order.status, Invoice.status)
+                .join(Order, Order.id == Payment.order_id)
+                .outerjoin(Invoice, Invoice.payment_id == Payment.id)
+                .where(Payment.id == payment_id)
+            )
+        ).one_or_none()
+        if row is None:
+            raise NotFound(f"payment {payment_id} does not exist")
+        payment, gateway_order_id, order_status, invoice_status = row
+        return {
+            "payment_id": payment.id,
+            "status": payment.status,
+            "amount": payment.amount,
+            "currency": payment.currency,
+            "gateway_order_id": gateway_order_id,
+            "gateway_payment_id": payment.gateway_payment_id,
+            "order_status": order_status,
+            "invoice_status": invoice_status,
+            "captured_at": payment.captured_at.isoformat() if payment.captured_at else None,
+        }
+
+    @app.post("/payments/verify")
+    async def verify(body: VerifyIn, rt: RuntimeDep) -> dict[str, Any]:
+        _check_signature(
+            lambda util: util.verify_payment_signature(
+                {
+                    "razorpay_order_id": body.razorpay_order_id,
+                    "razorpay_payment_id": body.razorpay_payment_id,
+                    "razorpay_signature": body.razorpay_signature,
+                }
+            ),
+            rt,
+            body.razorpay_signature,
+        )
+        cmd = CaptureCommand(
+            source="client",
+            payment_id=body.internal_payment_id,
+            gateway_order_id=body.razorpay_order_id,
+            gateway_payment_id=body.razorpay_payment_id,
+            capture_at_gateway=True,
+        )
+        return (await capture(rt.runner, cmd)).as_json()
+
+    @app.post("/webhooks/razorpay")
+    async def webhook(
+        request: Request,
+        rt: RuntimeDep,
+        session: SessionDep,
+        signature: Annotated[str | None, Header(alias="X-Razorpay-Signature")] = None,
+        event_id: Annotated[str | None, Header(alias="X-Razorpay-Event-Id")] = None,
+    ) -> JSONResponse:
+        raw = await request.body()
+        try:
+            body_text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Rejected("webhook body is not UTF-8", code="invalid_body") from exc
+        secret = rt.settings.razorpay_webhook_secret
+        _check_signature(
+            lambda util: util.verify_webhook_signature(body_text, signature, secret), rt, signature
+        )
+        # An empty id would make every later empty-id event a "duplicate"; a long one fails
+        # the insert with a 500.
+        if event_id is not None and (not 1 <= len(event_id) <= EVENT_ID_MAX or "\x00" in event_id):
+            raise Rejected(
+                f"X-Razorpay-Event-Id must be 1..{EVENT_ID_MAX} characters, without NUL",
+                code="invalid_body",
+            )
+        envelope = _parse_envelope(body_text)
+        event = envelope["event"]
+        if event not in KNOWN_EVENTS:
+            return JSONResponse({"ignored": True, "event": event})
+        entity = envelope["payment"]
+        payment_id = (
+            await session.execute(
+                select(Payment.id)
+                .join(Order, Order.id == Payment.order_id)
+                .where(Order.gateway_order_id == entity["order_id"])
+            )
+        ).scalar_one_or_none()
+        await session.close()  # the capture runs in its own transaction and connection
+        if payment_id is None:
+            raise NotFound(f"no order {entity['order_id']} here", code="unknown_order")
+        cmd = CaptureCommand(
+            source="webhook",
+            payment_id=payment_id,
+            gateway_order_id=entity["order_id"],
+            gateway_payment_id=entity["id"],
+            # An authorized payment is captured by the service; the other events report
+            # a capture that already happened at the gateway.
+            capture_at_gateway=event == "payment.authorized",
+            amount=entity["amount"],
+            currency=entity["currency"],
+            event=event,
+            event_id=event_id,
+            method=entity.get("method"),
+        )
+        if event == "payment.failed":
+            result = await mark_failed(rt.runner, cmd, entity.get("error_code"))
+        else:
+            result = await capture(rt.runner, cmd)
+        return JSONResponse({"event": event, **result.as_json()})
+
+    return app
+
+
+def _check_signature(verify: Any, rt: Runtime, signature: str | None) -> None:
+    if not signature:
+        raise Rejected("signature is missing", code="invalid_signature")
+    util = razorpay.Client(
+        auth=(rt.settings.razorpay_key_id, rt.settings.razorpay_key_secret)
+    ).utility
+    try:
+        verify(util)
+    # The SDK raises TypeError, not SignatureVerificationError, for a non-ASCII signature.
+    except (SignatureVerificationError, TypeError, ValueError) as exc:
+        raise Rejected("signature does not match", code="invalid_signature") from exc
+
+
+def _parse_envelope(body_text: str) -> dict[str, Any]:
+    """Pull the fields the service needs out of Razorpay's envelope, or say what is missing."""
+    try:
+        doc = json.loads(body_text)
+    except ValueError as exc:
+        raise Rejected(f"webhook body is not JSON: {exc}", code="invalid_body") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
+        raise Rejected("webhook body needs a string field 'event'", code="invalid_body")
+    if doc["event"] not in KNOWN_EVENTS:
+        return {"event": doc["event"]}
+    entity: object = doc
+    for key in ("payload", "payment", "entity"):
+        # Any level may be missing or of another type (a list, a string): never a 500.
+        entity = entity.get(key) if isinstance(entity, dict) else None
+    if not isinstance(entity, dict):
+        raise Rejected("webhook body needs payload.payment.entity", code="invalid_body")
+    for key, kind in (("id", str), ("order_id", str), ("amount", int), ("currency", str)):
+        if not isinstance(entity.get(key), kind) or isinstance(entity.get(key), bool):
+            raise Rejected(
+                f"payload.payment.entity.{key} must be a {kind.__name__}", code="invalid_body"
+            )
+    # Every string the service stores must fit its column and hold no NUL (PostgreSQL text
+    # cannot): either would fail the write with a 500 instead of a 400 naming the field.
+    for key, low, high in (
+        ("id", 1, ID_MAX),
+        ("order_id", 1, ID_MAX),
+        ("currency", 3, 3),
+        ("method", 0, METHOD_MAX),
+        ("error_code", 0, ERROR_CODE_MAX),
+    ):
+        value = entity.get(key)
+        if value is None and key in ("method", "error_code"):
+            continue
+        if not isinstance(value, str) or not low <= len(value) <= high or "\x00" in value:
+            raise Rejected(
+                f"payload.payment.entity.{key} must be a string of {low}..{high} characters "
+                "without NUL",
+                code="invalid_body",
+            )
+    return {"event": doc["event"], "payment": entity}
+
+
+class TimingMiddleware:
+    """Adds Server-Timing to capture-path responses and honours X-Payrace-Pause (probes only)."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received_ns = time.time_ns()
+        t = timing.begin()
+        # Set when X-Payrace-Pause was honoured: the answer says so, and whether the pause
+        # gave up waiting, so a harness never labels an unforced run "forced".
+        paused: list[probes.ProbeContext] = []
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-payrace-received-at", str(received_ns).encode()))
+                if t.lock_ms is not None or t.gateway_ms:
+                    headers.append((b"server-timing", t.header().encode()))
+                for probe in paused:
+                    state = b"timed-out" if probe.timed_out else b"honoured"
+                    headers.append((b"x-payrace-pause", state))
+                message["headers"] = headers
+            await send(message)
+
+        pause_value = None
+        if self.runtime.settings.payrace_probes:
+            for name, value in scope.get("headers", []):
+                if name == b"x-payrace-pause":
+                    pause_value = value.decode("latin-1")
+        if pause_value is None:
+            await self.app(scope, receive, send_with_headers)
+            return
+        try:
+            request = probes.parse_pause_header(pause_value)
+        except probes.PauseHeaderError as exc:
+            response = JSONResponse(
+                {"error": {"code": "invalid_pause", "message": str(exc)}}, status_code=400
+            )
+            await response(scope, receive, send)
+            return
+        self._forget_stale_groups()
+        group = self.runtime.rendezvous.get(request.group)
+        if group is None:
+            group = probes.Rendezvous(
+                request.size,
+                self.runtime.is_blocked,
+                point=request.point,
+                timeout_s=request.timeout_ms / 1000,
+                hold_s=request.hold_ms / 1000,
+            )
+            self.runtime.rendezvous[request.group] = group
+        try:
+            with probes.controlled(group, label=request.group) as probe:
+                paused.append(probe)
+                await self.app(scope, receive, send_with_headers)
+        finally:
+            if group.done():
+                self.runtime.rendezvous.pop(request.group, None)
+
+    def _forget_stale_groups(self) -> None:
+        # A group whose members never all arrived (a client gave up) would otherwise stay
+        # forever, and a later request reusing its id would join it.
+        now = time.monotonic()
+        stale = [
+            name
+            for name, group in self.runtime.rendezvous.items()
+            if now - group.created > 2 * group.timeout_s + 1
+        ]
+        for name in stale:
+            del self.runtime.rendezvous[name]
+
+
+__all__ = ["ApiError", "Runtime", "create_app"]

@@ -1,0 +1,152 @@
+"""Every error leaves the service as JSON `{"error": {"code", "message"}}` with the right status.
+
+    ApiError        raised by routes and the capture routine (status, code, message)
+    ├── NotFound        404: unknown payment / order
+    ├── Rejected        400: bad signature, amount or order mismatch, malformed body
+    ├── RetryLater      409: serialisation failure after retries (safe to retry)
+    ├── GatewayFailed   502: the gateway failed or refused; nothing was written
+    └── ServiceUnavailable  503: the database connection was lost (backend killed, server
+                            restarting); its transaction rolled back, retrying is safe
+connection_lost()  is this SQLAlchemy error a lost connection (57P01 admin shutdown, class 08,
+                   asyncpg's ConnectionDoesNotExistError / InterfaceError)?
+install_handlers() maps validation errors (422), unknown routes (404/405), a lost database
+connection outside the capture path (503) and, as a last resort, anything unexpected (500,
+logged) into the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from asyncpg.exceptions import ConnectionDoesNotExistError, InterfaceError
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("service")
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class Rejected(ApiError):
+    status = 400
+    code = "rejected"
+
+
+class RetryLater(ApiError):
+    status = 409
+    code = "retry_later"
+
+
+class GatewayFailed(ApiError):
+    status = 502
+    code = "gateway_error"
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    code = "database_unavailable"
+
+
+def unavailable(attempts: int | None = None) -> ServiceUnavailable:
+    tried = f" ({attempts} attempts)" if attempts else ""
+    return ServiceUnavailable(
+        f"the database connection was lost{tried}; retry the request (captures are idempotent)"
+    )
+
+
+# SQLSTATEs of a connection PostgreSQL ended: pg_terminate_backend() is 57P01, a restarting
+# server 57P02 / 57P03; class 08 is every "connection exception".
+_CONNECTION_LOST_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """A DBAPIError meaning "the connection is gone", not "the statement was wrong".
+
+    The transaction it was in died with the backend; only a loss during COMMIT itself leaves
+    the outcome unknown, which an idempotent retry resolves."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    for cause in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str) and (
+            state in _CONNECTION_LOST_SQLSTATES or state.startswith("08")
+        ):
+            return True
+        # asyncpg: the socket closed mid-statement, or a statement on a closed connection.
+        # Other InterfaceErrors ("another operation is in progress") are bugs, not faults.
+        if isinstance(cause, ConnectionDoesNotExistError) or (
+            isinstance(cause, InterfaceError) and "connection is closed" in str(cause)
+        ):
+            return True
+    return False
+
+
+def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        retry = isinstance(exc, RetryLater | ServiceUnavailable)
+        headers = {"Retry-After": "1"} if retry else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        if not connection_lost(exc):
+            raise exc  # on to the last-resort handler: a 500, logged
+        log.info("database connection lost: %s", exc.orig)
+        return await _api(request, unavailable())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [
+            # A JSON decode error's loc is ("body", <character offset>): the field is the body.
+            {
+                "field": "body" if e["type"] == "json_invalid" else _field(e["loc"]),
+                "problem": e["msg"],
+            }
+            for e in exc.errors()
+        ]
+        message = "; ".join(f"{f['field']}: {f['problem']}" for f in fields)
+        return error_response(422, "invalid_request", message, fields=fields)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", exc_info=exc)
+        return error_response(500, "internal_error", "unexpected server error; see service log")

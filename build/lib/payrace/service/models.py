@@ -1,0 +1,98 @@
+"""Tables of the reference service: orders, payments, invoices, webhook_events.
+
+Amounts are integers in the smallest currency unit (paise). Every status column is guarded
+by a CHECK so a stray value cannot land; gateway ids are unique so one Razorpay object maps
+to one row. `webhook_events` is what dedupe by `X-Razorpay-Event-Id` needs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    String,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ORDER_STATUSES = ("created", "attempted", "paid")
+PAYMENT_STATUSES = ("pending", "authorized", "captured", "failed")
+INVOICE_STATUSES = ("issued", "paid", "void")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Order(Base):
+    __tablename__ = "orders"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="orders_amount_positive"),
+        CheckConstraint(_in("status", ORDER_STATUSES), name="orders_status_valid"),
+        CheckConstraint("currency ~ '^[A-Z]{3}$'", name="orders_currency_iso"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    gateway_order_id: Mapped[str] = mapped_column(String(64), unique=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16), default="created")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Payment(Base):
+    __tablename__ = "payments"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="payments_amount_positive"),
+        CheckConstraint(_in("status", PAYMENT_STATUSES), name="payments_status_valid"),
+        CheckConstraint(
+            "(status = 'captured') = (captured_at IS NOT NULL)", name="payments_captured_at"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    order_id: Mapped[int] = mapped_column(ForeignKey("orders.id"), index=True)
+    gateway_payment_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    method: Mapped[str | None] = mapped_column(String(32))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    captured_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Invoice(Base):
+    __tablename__ = "invoices"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="invoices_amount_positive"),
+        CheckConstraint(_in("status", INVOICE_STATUSES), name="invoices_status_valid"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    order_id: Mapped[int] = mapped_column(ForeignKey("orders.id"), unique=True)
+    payment_id: Mapped[int] = mapped_column(ForeignKey("payments.id"), unique=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    amount_paid: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="issued")
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookEvent(Base):
+    __tablename__ = "webhook_events"
+
+    event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    event: Mapped[str] = mapped_column(String(64))
+    payment_id: Mapped[int] = mapped_column(ForeignKey("payments.id"), index=True)
+    received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )

@@ -1,0 +1,69 @@
+"""Settings of the reference capture service, read from the environment.
+
+DATABASE_URL              postgresql+asyncpg://... (plain postgresql:// is accepted and upgraded)
+CAPTURE_STRATEGY          naive | for_update   (see payrace.service.capture.STRATEGIES)
+ISOLATION_LEVEL           READ COMMITTED | REPEATABLE READ | SERIALIZABLE
+RAZORPAY_KEY_ID / RAZORPAY_KEY_SECRET / RAZORPAY_WEBHOOK_SECRET
+RAZORPAY_BASE_URL         where the razorpay SDK sends its calls (the fake gateway in tests)
+PAYRACE_PROBES            honour the test-only X-Payrace-Pause header (off: it makes requests wait)
+DB_POOL_SIZE / DB_MAX_OVERFLOW / GATEWAY_THREADS
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from payrace.postgres import DsnError, dialect_url, normalise_isolation
+
+StrategyName = Literal["naive", "for_update", "advisory"]
+IsolationLevel = Literal["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"]
+
+
+def normalise_dsn(value: str) -> str:
+    """Turn any PostgreSQL URL a user is likely to paste into the asyncpg dialect URL."""
+    try:
+        return dialect_url(value, "asyncpg")
+    except DsnError:
+        raise ValueError(
+            "DATABASE_URL must be a PostgreSQL URL such as "
+            "postgresql://user@127.0.0.1:5432/dbname (got a value with another scheme)"
+        ) from None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/payrace"
+    capture_strategy: StrategyName = "for_update"
+    isolation_level: IsolationLevel = "READ COMMITTED"
+    razorpay_key_id: str = "rzp_test_payrace00000001"
+    razorpay_key_secret: str = "payrace_key_secret"
+    razorpay_webhook_secret: str = "payrace_webhook_secret"
+    razorpay_base_url: str = "https://api.razorpay.com"
+    payrace_probes: bool = False
+    db_pool_size: int = Field(default=20, ge=1, le=500)
+    db_max_overflow: int = Field(default=20, ge=0, le=500)
+    gateway_threads: int = Field(default=64, ge=1, le=512)
+    # Serialisation failures at REPEATABLE READ / SERIALIZABLE are retried this many times
+    # before the caller gets a retryable 409.
+    serialization_retries: int = Field(default=3, ge=0, le=20)
+
+    @field_validator("database_url")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        return normalise_dsn(value)
+
+    @field_validator("isolation_level", mode="before")
+    @classmethod
+    def _isolation(cls, value: object) -> object:
+        # Accept read_committed / "read committed" / rc as well as the SQL spelling.
+        return normalise_isolation(value) if isinstance(value, str) else value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

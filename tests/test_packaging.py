@@ -1,0 +1,106 @@
+"""What installing payrace does to a team's project: one namespace, a plugin that costs nothing.
+
+A wheel is built from this checkout (non-editable, as a team would install it). Its contents
+must all live under `payrace/`; installed into a fresh virtualenv beside a project that has its
+own `service` and `harness` packages, that project's own pytest run must pass, with the
+payrace plugin loaded and neither a web framework, an ORM nor the razorpay SDK imported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("fastapi", "sqlalchemy", "razorpay", "starlette", "asyncpg", "locust", "psycopg")
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "PAYRACE"))}
+    done = subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)], ROOT)
+    (built,) = out.glob("payrace-*.whl")
+    return built
+
+
+def test_the_wheel_installs_the_payrace_namespace_only(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert tops == {"payrace", next(t for t in tops if t.endswith(".dist-info"))}
+    assert "payrace/locustfiles/race_pairs.py" in names  # `payrace load` finds its scenarios
+    meta = next(n for n in names if n.endswith("entry_points.txt"))
+    entry_points = zipfile.ZipFile(wheel).read(meta).decode()
+    assert "payrace = payrace.harness.pytest_plugin" in entry_points
+    assert "payrace = payrace.harness.cli:main" in entry_points
+
+
+@pytest.fixture(scope="module")
+def team_project(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Iterator[Path]:
+    """A team's project with its own `service` and `harness`, payrace installed beside it."""
+    project = tmp_path_factory.mktemp("team")
+    for package, body in {
+        "service": "def answer() -> int:\n    return 42\n",
+        "harness": "NAME = 'the team harness'\n",
+    }.items():
+        (project / package).mkdir()
+        (project / package / "__init__.py").write_text(body)
+    (project / "tests").mkdir()
+    (project / "tests" / "test_team.py").write_text(
+        textwrap.dedent(
+            """
+            import harness
+            from service import answer
+
+            def test_the_team_packages_are_the_teams_own():
+                assert answer() == 42
+                assert harness.NAME == "the team harness"
+            """
+        )
+    )
+    (project / "pyproject.toml").write_text('[tool.pytest.ini_options]\npythonpath = ["."]\n')
+    venv = project / ".venv"
+    _run([sys.executable, "-m", "venv", str(venv)], project)
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)], project)
+    yield project
+
+
+# The team's pytest run, with a look at what it imported once it is over (sys.modules sees
+# plugins loaded through importlib too, which `-X importtime` does not list).
+_TEAM_RUN = """
+import sys, pytest
+code = pytest.main(["-q", "-p", "no:cacheprovider"])
+print("PLUGIN", "payrace.harness.pytest_plugin" in sys.modules)
+print("HEAVY", sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[1:])))
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_a_team_project_with_its_own_service_package_still_passes(team_project: Path) -> None:
+    python = str(team_project / ".venv" / "bin" / "python")
+    done = _run([python, "-c", _TEAM_RUN, *HEAVY], team_project)
+    assert "1 passed" in done.stdout
+    assert "PLUGIN True" in done.stdout  # the plugin was loaded ...
+    assert "HEAVY []" in done.stdout  # ... and imported none of the stack it races with
+
+
+@pytest.mark.slow
+def test_the_installed_cli_answers(team_project: Path) -> None:
+    done = _run([str(team_project / ".venv" / "bin" / "payrace"), "--help"], team_project)
+    assert "exactly once" in done.stdout
