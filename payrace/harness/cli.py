@@ -30,7 +30,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from payrace.harness.infra.provider import ProviderError
-from payrace.harness.reports import report
+from payrace.harness.reports.console import render_console
+from payrace.harness.reports.writers import write_all
 from payrace.harness.runner.run import (
     DECLARED,
     Gate,
@@ -88,7 +89,7 @@ def execute(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
         )
     out = config.out_dir / summary["run_id"]
     write_history(summary, out / "history.jsonl")
-    report.write_all(summary, out)
+    write_all(summary, out)
     return summary
 
 
@@ -193,7 +194,7 @@ def run_command(
     except UsageError as exc:
         raise _fail(str(exc)) from None
     summary = _guarded(config, quiet)
-    report.render_console(summary, console)
+    render_console(summary, console)
     raise typer.Exit(summary["exit_code"])
 
 

@@ -45,8 +45,8 @@ from payrace.harness.gateway.fake import GatewayKeys
 from payrace.harness.model import checker, oracle
 from payrace.harness.model.history import Operation
 from payrace.harness.model.stats import PathHistograms
-from payrace.harness.reports import report
 from payrace.harness.reports.timeline import from_audit
+from payrace.harness.reports.writers import write_all
 
 EXIT_OK, EXIT_VIOLATED, EXIT_ERROR = 0, 1, 2  # the gate sets Locust's process_exit_code
 
@@ -427,7 +427,7 @@ class LoadRun:
             for kind, paths in self.hist.encode().items()
         }
         (out / "latency_hdr.json").write_text(json.dumps(hdr, indent=2) + "\n", encoding="utf-8")
-        report.write_all(summary, out)
+        write_all(summary, out)
 
 
 def verdict_of(valid: checker.Validity) -> tuple[str, int]:

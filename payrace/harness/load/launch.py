@@ -53,7 +53,8 @@ from payrace.harness.infra.processes import (
 from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
 from payrace.harness.load.gate import EXIT_ERROR, EXIT_VIOLATED, LoadSettings, settle_deadlocks
 from payrace.harness.model import oracle
-from payrace.harness.reports import report
+from payrace.harness.reports.console import render_console
+from payrace.harness.reports.writers import write_all
 from payrace.harness.runner.run import DECLARED
 
 EXIT_INTERRUPTED = 130
@@ -402,11 +403,11 @@ def _finish_reports(
         }
     summary["cpu"] = cpu
     summary.setdefault("locust", {})["exit_code"] = locust_code
-    paths = report.write_all(summary, plan.run_dir)
+    paths = write_all(summary, plan.run_dir)
     for name in ("locust.html", "locust_stats.csv", "latency_hdr.json", "locust.log"):
         if (plan.run_dir / name).exists():
             paths[name] = plan.run_dir / name
-    report.render_console(summary, console, paths)
+    render_console(summary, console, paths)
     console.print(load_table(summary))
     for problem in summary.get("problems") or []:
         console.print(f"[yellow]note:[/] {problem}", highlight=False)
