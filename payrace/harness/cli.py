@@ -37,7 +37,8 @@ from payrace.harness.model.verdict import (
     EXIT_INTERRUPTED,
     EXIT_VIOLATED,
 )
-from payrace.harness.reports import report
+from payrace.harness.reports.console import render_console
+from payrace.harness.reports.writers import write_all
 from payrace.harness.runner.config import Gate, Mode, RunConfig
 from payrace.harness.runner.run import run, write_history
 
@@ -86,7 +87,7 @@ def execute(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
         )
     out = config.out_dir / summary["run_id"]
     write_history(summary, out / "history.jsonl")
-    report.write_all(summary, out)
+    write_all(summary, out)
     return summary
 
 
@@ -191,7 +192,7 @@ def run_command(
     except UsageError as exc:
         raise _fail(str(exc)) from None
     summary = _guarded(config, quiet)
-    report.render_console(summary, console)
+    render_console(summary, console)
     raise typer.Exit(summary["exit_code"])
 
 

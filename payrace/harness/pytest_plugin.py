@@ -107,11 +107,11 @@ def race(payrace_postgres: Database, request: pytest.FixtureRequest) -> Callable
             config.out_dir = Path(reports)
         summary = asyncio.run(run(config, announce=lambda line: None))
         if reports:
-            from payrace.harness.reports import report
+            from payrace.harness.reports.writers import write_all
 
             out = config.out_dir / summary["run_id"]
             write_history(summary, out / "history.jsonl")
-            report.write_all(summary, out)
+            write_all(summary, out)
         else:
             write_history_discard(summary)
         return RaceResult(summary)

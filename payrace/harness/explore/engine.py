@@ -664,14 +664,14 @@ def write_reports(
     started_at: str,
     history: History | None = None,
 ) -> dict[str, Path]:
-    """summary.json / junit.xml / report.html (reports.report), explore.txt, timeline.html."""
-    from payrace.harness.reports import report
+    """summary.json / junit.xml / report.html (reports.writers), explore.txt, timeline.html."""
+    from payrace.harness.reports.writers import write_all
 
     out.mkdir(parents=True, exist_ok=True)
     summary = result.summary(
         command=command, run_id=run_id, database=database, started_at=started_at
     )
-    written = report.write_all(summary, out)
+    written = write_all(summary, out)
     (out / "explore.txt").write_text(result.golden(), encoding="utf-8")
     (out / "timeline.html").write_text(result.html_fragment() + "\n", encoding="utf-8")
     written |= {"explore": out / "explore.txt", "timeline": out / "timeline.html"}

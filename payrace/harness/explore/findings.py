@@ -12,7 +12,7 @@
     ├── golden()        deterministic text (the golden files under tests/harness/explore/golden/)
     ├── html_fragment() the shown schedule as an HTML timeline (payrace.harness.reports.timeline)
     ├── render()        the console
-    └── summary()       summary.json in the shape harness.reports.report reads, mode "explore"
+    └── summary()       summary.json in the shape harness.reports reads, mode "explore"
 
 Only golden() must be byte-stable: it leaves out times, pids and row ids, and shows a
 schedule in which PostgreSQL decided a race between two waiters only up to that step (what
@@ -321,7 +321,7 @@ class ExploreResult:
     def summary(
         self, *, command: str, run_id: str, database: dict[str, Any], started_at: str
     ) -> dict[str, Any]:
-        """summary.json in the shape harness.reports.report reads (contracts.md), mode "explore"."""
+        """summary.json in the shape harness.reports reads (contracts.md), mode "explore"."""
         shown = self.shortest_violation()
         first = None
         if shown is not None:

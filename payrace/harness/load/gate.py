@@ -48,7 +48,7 @@ from payrace.harness.model.history import Operation
 from payrace.harness.model.judge import judge
 from payrace.harness.model.stats import PathHistograms
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, verdict_of
-from payrace.harness.reports import report
+from payrace.harness.reports.writers import write_all
 
 ENV_DATABASE_URL = "PAYRACE_DATABASE_URL"  # libpq URL of the target's database (the gate)
 ENV_GATEWAY_URL = "PAYRACE_GATEWAY_URL"  # the fake Razorpay (authorize payments, counters)
@@ -415,7 +415,7 @@ class LoadRun:
             for kind, paths in self.hist.encode().items()
         }
         (out / "latency_hdr.json").write_text(json.dumps(hdr, indent=2) + "\n", encoding="utf-8")
-        report.write_all(summary, out)
+        write_all(summary, out)
 
 
 def settle_deadlocks(summary: dict[str, Any], delta: int, settled: bool, note: str) -> None:

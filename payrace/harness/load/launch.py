@@ -55,7 +55,8 @@ from payrace.harness.infra.provider import Database, ProviderError, provide_post
 from payrace.harness.load.gate import LoadSettings, settle_deadlocks
 from payrace.harness.model import oracle
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_VIOLATED
-from payrace.harness.reports import report
+from payrace.harness.reports.console import render_console
+from payrace.harness.reports.writers import write_all
 
 LOCUSTFILES = Path(__file__).resolve().parents[2] / "locustfiles"
 _RUN_TIME = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
@@ -398,11 +399,11 @@ def _finish_reports(
         }
     summary["cpu"] = cpu
     summary.setdefault("locust", {})["exit_code"] = locust_code
-    paths = report.write_all(summary, plan.run_dir)
+    paths = write_all(summary, plan.run_dir)
     for name in ("locust.html", "locust_stats.csv", "latency_hdr.json", "locust.log"):
         if (plan.run_dir / name).exists():
             paths[name] = plan.run_dir / name
-    report.render_console(summary, console, paths)
+    render_console(summary, console, paths)
     console.print(load_table(summary))
     for problem in summary.get("problems") or []:
         console.print(f"[yellow]note:[/] {problem}", highlight=False)

@@ -1,1 +1,11 @@
-"""Reports: summary JSON, JUnit XML, self-contained HTML with plots, the console table."""
+"""Reports: summary JSON, JUnit XML, self-contained HTML with plots, the console table.
+
+summary     what a summary says (verdicts every writer shares) and summary.json
+junit       junit.xml
+html        report.html (plots from svgplot, schedules from timeline)
+console     the terminal tables, with rich (the only module here that imports it)
+writers     write_all(): summary.json, junit.xml and report.html into a run directory
+svgplot     latency plots as inline SVG
+timeline    a race drawn as the incident write-up drew it (also used by the runner, the
+            explorer, the Locust gate and the pytest plugin)
+"""

@@ -1,0 +1,171 @@
+"""What a run's summary says, read the same way by every report, and summary.json itself.
+
+    Summary           the summary as the writers read it (shape: docs/contracts.md)
+    outcome()         (strategy summary) -> Outcome: the verdict against what was declared
+    check_passed()    the same for one checker row; the console, JUnit and HTML all use these
+                      two, so they never disagree
+    valid_word(), gate_word()   a checker's validity, a gate's result, as a word
+    strategies_of(), checks_of(), latency_of(), violation_events(), where()
+                      the parts of a summary a writer picks out, with the summary's defaults
+    number(), compact(), machine_line()   values and the run's machine as text
+    write_atomically()   a file a reader never sees half-written (every writer uses it)
+    write_json()      summary.json, strict JSON (no NaN)
+
+Used by reports.junit, reports.html and reports.console; reports.writers puts summary.json
+beside the other files. Nothing here imports rich, so what the Locust gate loads stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from payrace.harness.reports.timeline import TimelineEvent
+
+Summary = Mapping[str, Any]
+
+PATH_ORDER = ("client", "webhook")
+
+
+# ---------------------------------------------------------------------------- verdicts
+
+
+@dataclass(frozen=True)
+class Outcome:
+    label: str  # what a reader sees: "valid", "violated, as declared", "VIOLATED", ...
+    passed: bool | None  # None: could not be decided; never shown as passed
+
+
+def outcome(strategy: Mapping[str, Any]) -> Outcome:
+    valid = strategy.get("valid", "unknown")
+    unsafe = strategy.get("expected") == "violated"
+    if valid is False:
+        return Outcome("violated, as declared", True) if unsafe else Outcome("VIOLATED", False)
+    if valid is True:
+        if unsafe:
+            return Outcome("valid, but declared unsafe: race not provoked", False)
+        return Outcome("valid", True)
+    return Outcome("unknown", None)
+
+
+def check_passed(valid: object, unsafe: bool) -> bool | None:
+    """A checker row as CI reads it: for a declared-unsafe strategy a found violation is
+    a catch (passed), and an invariant it happened not to break is fine too."""
+    if valid is True:
+        return True
+    if valid is False:
+        return unsafe
+    return None
+
+
+def valid_word(valid: object) -> str:
+    if valid is True:
+        return "valid"
+    return "violated" if valid is False else "unknown"
+
+
+def gate_word(gate: Mapping[str, Any]) -> str:
+    if gate.get("value") is None:
+        return "not measured"
+    return "passed" if gate.get("passed") is True else "breached"
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def strategies_of(summary: Summary) -> dict[str, Mapping[str, Any]]:
+    return dict(summary.get("strategies") or {})
+
+
+def checks_of(strategy: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return dict(strategy.get("checks") or {})
+
+
+def latency_of(strategy: Mapping[str, Any], kind: str, path: str) -> Mapping[str, Any]:
+    return ((strategy.get("latency_ms") or {}).get(kind) or {}).get(path) or {}
+
+
+def violation_events(strategy: Mapping[str, Any]) -> list[TimelineEvent]:
+    violation = strategy.get("first_violation") or {}
+    return [
+        TimelineEvent(int(e.get("time_ns", 0)), str(e.get("process", "?")), str(e.get("text", "")))
+        for e in violation.get("timeline") or []
+    ]
+
+
+def where(violation: Mapping[str, Any]) -> str:
+    """`trial 3, payment 17`; a load run has payments, not numbered trials: `payment 17`."""
+    trial = violation.get("trial")
+    payment = f"payment {violation.get('payment')}"
+    return payment if trial is None else f"trial {trial}, {payment}"
+
+
+# ---------------------------------------------------------------------------- as text
+
+
+def number(value: object, digits: int = 3) -> str:
+    if value is None or isinstance(value, bool):
+        return "-" if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if math.isfinite(value) else "-"
+    return str(value)
+
+
+def compact(value: object, limit: int = 300) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def machine_line(summary: Summary) -> str:
+    m = summary.get("machine") or {}
+    d = summary.get("database") or {}
+    machine = f"{m.get('hostname', '?')}, {m.get('cpus', '?')} CPUs, Python {m.get('python', '?')}"
+    if m.get("platform"):
+        machine += f", {m['platform']}"
+    database = f"PostgreSQL {d.get('server_version', '?')} via {d.get('route', '?')}"
+    if d.get("fast"):
+        database += " (fsync/synchronous_commit off: durability, not locking, changed)"
+    if d.get("describe"):
+        database += f" - {d['describe']}"
+    return f"machine: {machine}; database: {database}"
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def write_atomically(path: Path, text: str) -> None:
+    # A CI job or a browser may read the file while a run rewrites it; never show half.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    to_json = getattr(value, "to_json", None)
+    if callable(to_json):
+        return to_json()
+    raise TypeError(f"summary.json cannot hold {type(value).__name__}: {value!r}")
+
+
+def write_json(summary: dict[str, Any], path: Path) -> None:
+    # allow_nan=False: NaN is not JSON, and a consumer choking on it later is worse.
+    text = json.dumps(summary, indent=2, allow_nan=False, default=_json_default)
+    write_atomically(path, text + "\n")

@@ -1,0 +1,202 @@
+"""reports.html: report.html is self-contained, escaped, and draws plots and schedules."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from report_summaries import TIMELINE, empty_summary, realistic_summary
+
+from payrace.harness.reports.html import write_html
+from payrace.harness.reports.timeline import TimelineEvent, render_html
+from payrace.harness.reports.writers import write_all
+
+EXTERNAL = [
+    re.compile(r"<script", re.I),
+    re.compile(r"<link\b", re.I),
+    re.compile(r"url\(\s*['\"]?\s*(https?:)?//", re.I),
+    re.compile(r"(src|href)\s*=\s*['\"]?\s*(https?:)?//", re.I),
+    re.compile(r"@import", re.I),
+]
+
+
+def html_of(summary: dict[str, Any], tmp_path: Path) -> str:
+    path = tmp_path / "report.html"
+    write_html(summary, path)
+    return path.read_text(encoding="utf-8")
+
+
+def test_html_is_self_contained(tmp_path: Path) -> None:
+    text = html_of(realistic_summary(), tmp_path)
+    for pattern in EXTERNAL:
+        assert not pattern.search(text), pattern.pattern
+    # the only URL allowed is the SVG namespace, which no browser fetches
+    urls = set(re.findall(r"https?://[^\s\"'<>]+", text))
+    assert urls == {"http://www.w3.org/2000/svg"}
+
+
+def test_html_has_a_plot_per_kind_and_path_set_and_the_timeline(tmp_path: Path) -> None:
+    text = html_of(realistic_summary(), tmp_path)
+    # per strategy: lock histogram + lock CDF + hold CDF + request CDF
+    assert text.count("<svg") == 2 * 4
+    assert text.count('class="cdf"') == 2 * 3 * 2  # two paths on each CDF
+    assert "lock wait: histogram" in text and "lock hold: CDF" in text
+    assert "(ms, log scale)" in text or "(ms)" in text
+    assert 'class="timeline"' in text
+    for row in ("<th>T0</th>", "<th>T7</th>"):
+        assert row in text
+    assert "update invoice = paid &lt;dup&gt;" in text  # escaped, not markup
+    assert "violated, as declared" in text
+    assert "arrival spread" in text and "gate" in text
+    assert "PostgreSQL 16.2 via embedded" in text
+    assert "First violating schedule: trial 3, payment 17" in text
+
+
+def test_html_names_no_trial_for_a_load_runs_violation(tmp_path: Path) -> None:
+    """A Locust run has payments, not numbered trials."""
+    summary = realistic_summary()
+    summary["strategies"]["naive"]["first_violation"]["trial"] = None
+    text = html_of(summary, tmp_path)
+    assert "First violating schedule: payment 17 (" in text and "trial None" not in text
+
+
+def test_html_escapes_everything_from_the_summary(tmp_path: Path) -> None:
+    summary = realistic_summary()
+    evil = '<img src=x onerror="alert(1)">'
+    summary["command"] = evil
+    summary["strategies"]["naive"]["checks"]["single_capture_write"]["note"] = evil
+    summary["strategies"][evil] = copy.deepcopy(summary["strategies"]["for_update"])
+    text = html_of(summary, tmp_path)
+    assert "<img" not in text
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in text
+
+
+WAITED = [
+    TimelineEvent(0, "client", "begin"),
+    TimelineEvent(1, "client", "read payment (pending)"),
+    TimelineEvent(2, "webhook-1", "lock payment <waiting>"),
+    TimelineEvent(3, "client", "commit → 200 captured"),
+    TimelineEvent(4, "webhook-1", "<completed> read payment (captured)"),
+]
+
+
+def explored(**extra: Any) -> dict[str, Any]:
+    """An explore-mode summary of for_update: every schedule valid, one drawn that waited."""
+    summary = realistic_summary()
+    for_update = summary["strategies"]["for_update"]
+    for_update["explore"] = {
+        "mode": "exhaustive",
+        "waiting": 8,
+        # As payrace.harness.explore.findings.ExploreResult.html_fragment() builds it.
+        "timeline_html": "<h3>a schedule where webhook-1 waited for client: "
+        "<code>for_update.rc.cw.a5b2ab4</code></h3>" + render_html(WAITED),
+        "runs": [{"id": "for_update.rc.cw.a5b2ab4", "outcome": "client 200 captured"}],
+    }
+    for_update.update(extra)
+    summary["strategies"] = {"for_update": for_update}
+    return summary
+
+
+def test_html_shows_the_schedule_where_a_request_waited_for_the_lock(tmp_path: Path) -> None:
+    text = html_of(explored(), tmp_path)
+    heading = "<h3>a schedule where webhook-1 waited for client: <code>for_update.rc.cw."
+    assert text.count(heading) == 1
+    drawn = text[text.index(heading) :]
+    assert drawn.index("lock payment &lt;waiting&gt;") < drawn.index("commit → 200 captured")
+    assert "&lt;completed&gt; read payment (captured)" in drawn
+    assert drawn.index("</table>") < drawn.index("<h3>Plots</h3>")  # in its strategy's section
+
+
+def test_html_draws_a_violating_schedule_once_and_trusts_only_the_timeline_key(
+    tmp_path: Path,
+) -> None:
+    violation = {"trial": 3, "payment": 17, "checks": ["x"], "timeline": TIMELINE}
+    summary = explored(first_violation=violation)
+    evil = '<img src=x onerror="alert(1)">'
+    summary["strategies"]["for_update"]["explore"]["runs"][0]["outcome"] = evil
+    summary["strategies"]["for_update"]["explore"]["mode"] = evil
+    text = html_of(summary, tmp_path)
+    assert "waited for client" not in text  # the explorer drew the violation: shown once
+    assert text.count('<table class="timeline">') == 1
+    assert "<img" not in text
+
+
+def test_a_run_with_zero_trials_still_renders(tmp_path: Path) -> None:
+    summary = empty_summary()
+    written = write_all(summary, tmp_path)
+    text = written["html"].read_text()
+    assert "no latency samples recorded" in text and "no checker ran" in text
+    bare: dict[str, Any] = {"strategies": {}}
+    write_all(bare, tmp_path / "bare")
+
+
+# ---------------------------------------------------------------------------- Chromium
+
+
+def chromium() -> str:
+    for candidate in (
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
+        if candidate and Path(candidate).exists():
+            return candidate
+    pytest.skip("chromium not installed: apt-get install chromium (.ci/run does)")
+
+
+def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
+    # Popen + kill, not run(timeout=): chromium forks helpers that keep the pipes open,
+    # and run() would wait for them after its own kill.
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail(f"chromium did not finish within 60 s: {' '.join(command)}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    binary = chromium()
+    report = write_all(realistic_summary(), tmp_path / "run")["html"]
+    dom = run_chromium(binary, tmp_path / "profile-dom", "--dump-dom", report.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count("<svg") == 8
+    assert "<polyline" in dom.stdout and 'class="timeline"' in dom.stdout
+
+    png = tmp_path / "r.png"
+    shot = run_chromium(
+        binary,
+        tmp_path / "profile-shot",
+        f"--screenshot={png}",
+        "--window-size=1200,2000",
+        "--hide-scrollbars",
+        report.as_uri(),
+    )
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert png.exists() and png.stat().st_size > 20_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

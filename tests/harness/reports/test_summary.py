@@ -1,0 +1,35 @@
+"""reports.summary: the verdict every report shares, and summary.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from report_summaries import realistic_summary
+
+from payrace.harness.reports.summary import outcome, write_json
+
+
+@pytest.mark.parametrize(
+    ("expected", "valid", "passed"),
+    [
+        ("violated", False, True),
+        ("violated", True, False),
+        ("valid", False, False),
+        ("valid", True, True),
+        (None, False, False),
+        ("valid", "unknown", None),
+        ("violated", "unknown", None),
+    ],
+)
+def test_outcome_judges_against_the_declaration(
+    expected: str | None, valid: object, passed: bool | None
+) -> None:
+    assert outcome({"expected": expected, "valid": valid}).passed is passed
+
+
+def test_json_refuses_nan_rather_than_writing_invalid_json(tmp_path: Path) -> None:
+    summary = realistic_summary()
+    summary["duration_s"] = float("nan")
+    with pytest.raises(ValueError):
+        write_json(summary, tmp_path / "summary.json")
