@@ -73,7 +73,8 @@ def test_usage_errors_exit_2_with_a_message(pg: Database, tmp_path: Path) -> Non
 def test_an_unreachable_database_is_an_infrastructure_error(tmp_path: Path) -> None:
     env = {**os.environ, "PAYRACE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
     done = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "run", "--trials", "1", "--out", str(tmp_path)],
+        [sys.executable, "-m", "payrace.harness.cli", "run", "--trials", "1",
+         "--out", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 2
