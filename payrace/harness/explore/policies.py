@@ -8,10 +8,11 @@
     next_prefix()   the next branch of the depth-first search over decisions
     PctBound        n, k, d -> p = 1/(n*k^(d-1)) and the runs a confidence needs
 
-A policy sees the runnable requests and the candidates left after pruning equivalent
-schedules (explore.steps); Prefix chooses among the candidates, Steps and Pct among every
-runnable request. explore.engine picks the policy for each mode: exhaustive, PCT, explicit
-schedules, replay.
+A policy sees the runnable requests and the candidates the Scheduler left after pruning
+equivalent schedules (by explore.steps.dependent); Prefix chooses among the candidates (an
+exact replay among every runnable request), Steps and Pct among every runnable request.
+explore.engine picks the policy for each mode: exhaustive, PCT, explicit schedules, replay;
+explore.findings reports a PctBound.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ worst it rolls back, which no reader can see); END (commit and answer) and WRITE
 never commute (WRITE-WRITE conservatively, whatever the rows). At SERIALIZABLE a read and a
 write of a concurrent transaction form the same rw-conflict in either order, but the order
 decides which transaction SSI rolls back, so they do not commute either.
-Of each class of equivalent schedules the explorer runs the lexicographically least, using
+Of each class of equivalent schedules the explorer (Scheduler._prune in explore.scheduler)
+runs the lexicographically least, using
 the two-process characterisation of that normal form: after a step of request j, request
 i < j is released next only if its step depends on j's step (or j cannot move). Pruning is
 skipped whenever it could leave no choice, so it only ever drops schedules that have an
