@@ -4,7 +4,7 @@
                       breached, 2 usage or infrastructure error
     payrace race      what `make race`: naive and for_update, forced and aligned; exits non-zero
                       only when a strategy's verdict differs from what it is declared to be
-    payrace explore   every schedule of the pause points (payrace.harness.explore.engine)
+    payrace explore   every schedule of the pause points (payrace.harness.explore.plan)
     payrace load      the Locust suite against a started service (payrace.harness.load.launch)
     payrace gateway   a fake Razorpay on loopback, for a target started by hand
 
@@ -268,7 +268,7 @@ def explore_command(
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
 ) -> None:
     """Every schedule of the pause points of concurrent requests, judged by the oracle."""
-    from payrace.harness.explore.engine import explore_main
+    from payrace.harness.explore.plan import explore_main
 
     code = explore_main(
         strategy=strategy,

@@ -1,91 +1,64 @@
-"""The deterministic interleaving explorer: every schedule of the capture path's pause points.
+"""The explorer's engine: schedules of one list of requests, run on the in-process service.
 
-    Explorer        an in-process service + oracle for one strategy / isolation / requests
-    ├── run()           one schedule under a policy of harness.explore.scheduler, on a fresh payment
+    APPLICATION_NAME  what the explorer's own PostgreSQL connection calls itself
+    Explorer        an in-process reference service + oracle for one strategy / isolation /
+                    requests; every schedule gets a fresh order and payment
+    ├── run()           one schedule under a policy (explore.policies), driven by a
+    │                   Scheduler (explore.scheduler) -> a ScheduleRun (explore.findings)
     ├── exhaustive()    every schedule (depth-first, re-executing from a fresh payment)
     ├── pilot(), pct()  PCT: k from each request running alone, then seeded runs
     ├── run_steps()     an explicit schedule ("client:payment_read", "webhook-1:end", ...)
     ├── replay()        exactly the schedule an id names
-    └── judge()         oracle + checkers (model.oracle, model.checker), per schedule too
-    Plan, make_plan() a scenario file, a replay id, or the command line's words
-    execute()       a Plan -> ExploreResult (payrace.harness.explore.findings)
-    explore_main()  `payrace explore`: provision PostgreSQL and the fake gateway, run, report
-    write_reports() summary.json, junit.xml, report.html, explore.txt, timeline.html
-    pause_overhead()  what a pause point costs without a controller (python -m ...engine)
+    └── judge()         oracle + the one judge (model.oracle, model.judge): all schedules, then
+                        each one, filling ScheduleRun.valid / violated / unknown
 
-Who does what: harness.explore.scheduler decides which request moves next and reads lock waits from
-PostgreSQL (the step model, the reduction, PCT); this module owns the service, the payments
-and the oracle around it; harness.explore.findings adds the schedules up, compares them with what
-the scenario expected, and draws them.
+Who does what: explore.scheduler decides which request moves next and reads lock waits from
+PostgreSQL, by the step model of explore.steps; this module owns the service, the payments
+and the oracle around it; explore.plan turns a command or a scenario file into calls of
+these methods; explore.findings adds the schedules up, compares them with what the scenario
+expected, and draws them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import shlex
-import sys
-import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from pathlib import Path
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
 import asyncpg
-from rich.console import Console
-from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-from rich.text import Text
 from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext
 
-from payrace.harness.explore.findings import (
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_VIOLATED,
-    ExploreResult,
-    ScheduleRun,
-)
+from payrace.harness.explore.findings import ScheduleRun
+from payrace.harness.explore.policies import Pct, PctBound, Policy, Prefix, Steps, next_prefix
 from payrace.harness.explore.scenario import (
-    ExplicitSchedule,
     RequestSpec,
-    Scenario,
     ScenarioError,
     ScheduleRef,
     StepSpec,
-    load_scenario,
     normalise_isolation,
-    parse_requests,
-    parse_schedule_id,
 )
 from payrace.harness.explore.scheduler import (
-    Pct,
-    PctBound,
-    Policy,
-    Prefix,
     ScheduledRequest,
     ScheduleError,
     Scheduler,
-    Steps,
     blocking_pids,
-    next_prefix,
 )
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
-from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
+from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys
+from payrace.harness.infra.provider import Database
 from payrace.harness.model import checker, oracle
 from payrace.harness.model.client import AsgiClient, PaymentContext, Reply, prepare
 from payrace.harness.model.history import History, Operation, classify
+from payrace.harness.model.judge import judge
 from payrace.service import probes
 from payrace.service.app import Runtime, create_app
 from payrace.service.capture import STRATEGIES
 from payrace.service.settings import Settings
 
 APPLICATION_NAME = "payrace-explore"  # oracle.observe() does not wait for harness connections
-
-
-# -- the explorer -----------------------------------------------------------------------------
 
 
 class Explorer:
@@ -392,7 +365,7 @@ class Explorer:
         )
         self.observation = obs
         ops = self.history.ops()
-        verdict = checker.check(ops, obs)
+        verdict = judge(ops, obs).verdict
         by_trial: dict[int, list[Operation]] = {}
         for op in ops:
             by_trial.setdefault(op.trial, []).append(op)
@@ -413,366 +386,11 @@ class Explorer:
                 deadlocks_settled=True,
                 deadlock_note="",
             )
-            v = checker.check(by_trial.get(run.number, []), sub)
+            v = judge(by_trial.get(run.number, []), sub).verdict
             run.valid = v.valid
             run.violated = tuple(n for n, r in v.results.items() if r.valid is False)
             run.unknown = tuple(n for n, r in v.results.items() if r.valid == "unknown")
         return verdict
 
 
-# -- what a command asks for ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One exploration: a scenario file, a replay id, or the command line's words."""
-
-    scenario: Scenario
-    replay: ScheduleRef | None = None
-
-
-def make_plan(
-    *,
-    strategy: str,
-    requests: Sequence[str],
-    isolation: str,
-    pct_runs: int | None,
-    depth: int,
-    seed: int,
-    replay: str | None,
-    scenario: Path | None,
-) -> Plan:
-    if replay and scenario:
-        raise ScenarioError("give either --replay ID or --scenario FILE, not both")
-    if scenario is not None:
-        return Plan(load_scenario(scenario, strategies=list(STRATEGIES)))
-    if replay:
-        ref = parse_schedule_id(replay)
-        strategy, isolation, requests = ref.strategy, ref.isolation, list(ref.requests)
-    if strategy not in STRATEGIES:
-        raise ScenarioError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    if depth < 1 or depth > 10:
-        raise ScenarioError("--depth must be between 1 and 10")
-    if pct_runs is not None and not 1 <= pct_runs <= 1_000_000:
-        raise ScenarioError("--pct must be between 1 and 1000000 runs")
-    specs = parse_requests(requests)
-    mode = (
-        "schedules"
-        if replay
-        else ("pct" if pct_runs is not None or len(specs) > 2 else "exhaustive")
-    )
-    sc = Scenario(
-        name=f"{strategy} at {normalise_isolation(isolation)}",
-        strategy=strategy,
-        isolation=normalise_isolation(isolation),
-        requests=tuple(s.kind.token for s in specs),
-        mode=mode,  # type: ignore[arg-type]
-        pct_runs=pct_runs or 0,
-        depth=depth,
-        seed=seed,
-        specs=specs,
-    )
-    return Plan(sc, parse_schedule_id(replay) if replay else None)
-
-
-async def execute(
-    plan: Plan,
-    db: Database,
-    fake: FakeRazorpay,
-    gateway_url: str,
-    *,
-    on_start: Callable[[str, int | None], None] = lambda text, total: None,
-    on_run: Callable[[ScheduleRun], None] = lambda r: None,
-    poll_s: float = 0.002,
-) -> ExploreResult:
-    sc = plan.scenario
-    explorer = Explorer(
-        db,
-        fake,
-        gateway_url,
-        strategy=sc.strategy,
-        isolation=sc.isolation,
-        requests=sc.specs,
-        bound_s=sc.bound_s,
-        poll_s=poll_s,
-        reduce=sc.reduce,
-    )
-    complete = True
-    bound = None
-    notes: list[str] = []
-    async with explorer:
-        started = time.perf_counter()  # the exploration itself: service start excluded
-        if plan.replay is not None:
-            on_start("replay", 1)
-            on_run(await explorer.replay(plan.replay, name="replay"))
-        elif sc.mode == "schedules":
-            on_start("explicit schedules", len(sc.schedules))
-            for schedule in sc.schedules:
-                on_run(await _explicit(explorer, schedule))
-        elif sc.mode == "exhaustive":
-            on_start("every schedule", None)
-            complete = await explorer.exhaustive(limit=sc.max_schedules, on_run=on_run)
-            if not complete:
-                notes.append(f"stopped after {len(explorer.runs)} schedules (max_schedules)")
-        else:
-            on_start("PCT pilot runs", None)
-            k = await explorer.pilot(on_run)
-            probe = PctBound(len(sc.specs), k, sc.depth)
-            runs = sc.pct_runs or min(probe.runs_for(sc.confidence), 2000)
-            if not sc.pct_runs:
-                notes.append(
-                    f"--pct not given: running {runs} runs "
-                    f"({probe.runs_for(sc.confidence)} needed for {sc.confidence:.0%} confidence)"
-                )
-            on_start("PCT runs", runs)
-            bound = await explorer.pct(runs, sc.depth, sc.seed, k=k, on_run=on_run)
-            biggest = max((len(r.choices) for r in explorer.runs), default=0)
-            if biggest > k:
-                notes.append(
-                    f"a run took {biggest} steps, more than k={k}: the bound is approximate"
-                )
-        duration = time.perf_counter() - started
-    verdict = await asyncio.to_thread(explorer.judge)
-    return ExploreResult(
-        title=f"scenario {sc.name}" + (f": {sc.description}" if sc.description else ""),
-        strategy=sc.strategy,
-        isolation=sc.isolation,
-        specs=sc.specs,
-        mode="replay" if plan.replay else sc.mode,
-        runs=explorer.runs,
-        verdict=verdict,
-        duration_s=duration,
-        complete=complete,
-        bound=bound,
-        confidence=sc.confidence,
-        scenario=sc if sc.path is not None else None,
-        notes=notes,
-    )
-
-
-async def _explicit(explorer: Explorer, schedule: ExplicitSchedule) -> ScheduleRun:
-    if schedule.id is not None:
-        return await explorer.replay(
-            parse_schedule_id(schedule.id), name=schedule.name, expect=schedule.expect
-        )
-    return await explorer.run_steps(schedule.steps, name=schedule.name, expect=schedule.expect)
-
-
-def explore_main(
-    strategy: str,
-    requests: list[str],
-    isolation: str,
-    pct_runs: int | None,
-    depth: int,
-    seed: int,
-    replay: str | None,
-    scenario: Path | None,
-    dsn: str | None,
-    out_dir: Path,
-    console: Console,
-    durable: bool = False,
-) -> int:
-    """`payrace explore`: 0 clean (or as the scenario expects), 1 violation, 2 usage or
-    infrastructure error (the message says what to do)."""
-    try:
-        plan = make_plan(
-            strategy=strategy,
-            requests=requests,
-            isolation=isolation,
-            pct_runs=pct_runs,
-            depth=depth,
-            seed=seed,
-            replay=replay,
-            scenario=scenario,
-        )
-    except ScenarioError as exc:
-        console.print(Text(f"payrace explore: {exc}", style="bold red"))
-        return EXIT_ERROR
-    command = shlex.join(["payrace", *sys.argv[1:]]) if sys.argv[1:] else "payrace explore"
-    started_at = datetime.now(UTC)
-    sc = plan.scenario
-    run_id = f"{started_at:%Y%m%d-%H%M%S}-{sc.strategy}-explore"
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[found]}"),
-        console=console,
-        transient=True,
-    )
-    task = progress.add_task("starting", total=None, found="")
-    found = Counter[str]()
-
-    def on_start(text: str, total: int | None) -> None:
-        progress.update(task, description=text, total=total, completed=0)
-
-    def on_run(run: ScheduleRun) -> None:
-        found["waiting"] += bool(run.waits)
-        progress.update(task, advance=1, found=f"{found['waiting']} waited")
-
-    try:
-        with provide_postgres(
-            dsn, durable=durable, announce=lambda line: console.print(Text(line))
-        ) as db:
-            fake = FakeRazorpay(GatewayKeys(), seed=seed)
-            with GatewayServer(fake) as server, progress:
-                result = asyncio.run(
-                    execute(plan, db, fake, server.url, on_start=on_start, on_run=on_run)
-                )
-            database = {
-                "route": db.route,
-                "server_version": db.server_version,
-                "fast": db.fast,
-                "describe": db.describe(),
-            }
-    except KeyboardInterrupt:
-        console.print(
-            Text(
-                "payrace explore: interrupted; everything it started was stopped", style="bold red"
-            )
-        )
-        return EXIT_ERROR
-    except ProviderError as exc:
-        console.print(Text(f"payrace explore: {exc}", style="bold red"))
-        return EXIT_ERROR
-    except ScenarioError as exc:
-        console.print(Text(f"payrace explore: {exc}", style="bold red"))
-        return EXIT_ERROR
-    except (OSError, TimeoutError, RuntimeError, oracle.OracleError, asyncpg.PostgresError) as exc:
-        console.print(
-            Text(
-                f"payrace explore: infrastructure error: {type(exc).__name__}: {exc}; check that "
-                "PostgreSQL is reachable (--dsn) and that nothing else holds the tables' locks",
-                style="bold red",
-            )
-        )
-        return EXIT_ERROR
-    out = out_dir / run_id
-    write_reports(result, out, command=command, run_id=run_id, database=database,
-                  started_at=started_at.isoformat(timespec="seconds"))  # fmt: skip
-    result.render(console, out)
-    return result.exit_code()
-
-
-def write_reports(
-    result: ExploreResult,
-    out: Path,
-    *,
-    command: str,
-    run_id: str,
-    database: dict[str, Any],
-    started_at: str,
-    history: History | None = None,
-) -> dict[str, Path]:
-    """summary.json / junit.xml / report.html (reports.writers), explore.txt, timeline.html."""
-    from payrace.harness.reports.writers import write_all
-
-    out.mkdir(parents=True, exist_ok=True)
-    summary = result.summary(
-        command=command, run_id=run_id, database=database, started_at=started_at
-    )
-    written = write_all(summary, out)
-    (out / "explore.txt").write_text(result.golden(), encoding="utf-8")
-    (out / "timeline.html").write_text(result.html_fragment() + "\n", encoding="utf-8")
-    written |= {"explore": out / "explore.txt", "timeline": out / "timeline.html"}
-    if history is not None:
-        history.to_jsonl(out / "history.jsonl")
-    return written
-
-
-# -- the pause point's price -----------------------------------------------------------------
-
-
-def pause_overhead(iterations: int = 200_000) -> dict[str, float]:
-    """ns per `await pause(point)` without a controller, against not calling it at all and
-    against awaiting an empty coroutine (what any call point in async code costs)."""
-
-    async def empty() -> None:
-        return None
-
-    async def timed(kind: str) -> float:
-        started = time.perf_counter_ns()
-        if kind == "pause":
-            for _ in range(iterations):
-                await probes.pause("payment_read", "pending")
-        elif kind == "empty":
-            for _ in range(iterations):
-                await empty()
-        else:
-            for _ in range(iterations):
-                pass
-        return (time.perf_counter_ns() - started) / iterations
-
-    async def best() -> dict[str, float]:
-        # Best of five: what the call costs, not what else the machine was doing meanwhile.
-        return {
-            kind: min([await timed(kind) for _ in range(5)]) for kind in ("pause", "empty", "loop")
-        }
-
-    ns = asyncio.run(best())
-    return {
-        "pause_ns": ns["pause"],
-        "empty_coroutine_ns": ns["empty"],
-        "loop_ns": ns["loop"],
-        "overhead_ns": ns["pause"] - ns["loop"],
-    }
-
-
-def _bench(argv: Sequence[str]) -> int:
-    """python -m payrace.harness.explore.engine [pause-overhead | bench [--dsn DSN]]
-
-    bench: every schedule of a client callback + payment.captured webhook pair at READ
-    COMMITTED, for naive and for_update, collapsed and not."""
-    if not argv or argv[0] == "pause-overhead":
-        figures = pause_overhead()
-        print(
-            f"await pause() without a controller: {figures['pause_ns']:.0f} ns/call; "
-            f"await of an empty coroutine: {figures['empty_coroutine_ns']:.0f} ns; loop without "
-            f"either: {figures['loop_ns']:.0f} ns/iteration; pause() costs "
-            f"{figures['overhead_ns']:.0f} ns/call more than not calling it"
-        )
-        return 0
-    if argv[0] == "bench":
-        dsn = argv[2] if len(argv) > 2 and argv[1] == "--dsn" else None
-        with provide_postgres(dsn) as db:
-            fake = FakeRazorpay(GatewayKeys())
-            with GatewayServer(fake) as server:
-                for strategy in ("naive", "for_update"):
-                    for reduce in (True, False):
-                        plan = make_plan(strategy=strategy, requests=["client", "webhook"],
-                                         isolation="READ COMMITTED", pct_runs=None, depth=2,
-                                         seed=1, replay=None, scenario=None)  # fmt: skip
-                        plan = Plan(replace(plan.scenario, reduce=reduce))
-                        started = time.perf_counter()
-                        result = asyncio.run(execute(plan, db, fake, server.url))
-                        total = time.perf_counter() - started
-                        print(
-                            f"{strategy:<10} {'collapsed' if reduce else 'every interleaving'}: "
-                            f"{len(result.runs)} schedules in {result.duration_s:.2f} s = "
-                            f"{result.schedules_per_s:.1f} schedules/s ({total:.2f} s with "
-                            f"service start and judging); {len(result.violating())} violating, "
-                            f"{len(result.waiting())} with a lock wait"
-                        )
-        return 0
-    print(_bench.__doc__)
-    return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(_bench(sys.argv[1:]))
-
-
-__all__ = [
-    "EXIT_ERROR",
-    "EXIT_OK",
-    "EXIT_VIOLATED",
-    "ExploreResult",
-    "Explorer",
-    "Plan",
-    "ScheduleRun",
-    "execute",
-    "explore_main",
-    "make_plan",
-    "pause_overhead",
-    "write_reports",
-]
+__all__ = ["APPLICATION_NAME", "Explorer"]

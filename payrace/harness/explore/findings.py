@@ -32,8 +32,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from payrace.harness.explore.policies import PctBound
 from payrace.harness.explore.scenario import RequestSpec, Scenario, ScheduleRef
-from payrace.harness.explore.scheduler import PctBound, Wait, answer_text
+from payrace.harness.explore.scheduler import Wait, answer_text
 from payrace.harness.infra.machine import machine
 from payrace.harness.model import checker
 from payrace.harness.model.client import Reply
@@ -170,7 +171,7 @@ class ExploreResult:
         out = [f"schedule {r.id}: {g}" for r in self.runs for g in r.guard]
         if out:
             out.append(
-                "the explorer's step table (payrace.harness.explore.scheduler.predict) "
+                "the explorer's step table (payrace.harness.explore.steps.predict) "
                 "no longer matches the capture path; update it before trusting collapsed schedules"
             )
         out += [f"schedule {r.name or r.id}: {r.error}" for r in self.runs if r.error]

@@ -21,9 +21,9 @@
 Schedule ids look like `naive.rc.cw.a3b2a4b4`: strategy, isolation (rc, rr, sr), one letter
 per request (KINDS' codes), then the choices — which request was released at each step,
 a = first request, b = second, ... — run-length encoded (`a3` = a, a, a). A step is a
-*visible* step of harness.explore.scheduler (local steps are folded into the step before them), so
-an id stays valid as long as the capture path keeps its pause points and that module's
-step table (predict()).
+*visible* step of explore.scheduler (local steps are folded into the step before them), so
+an id stays valid as long as the capture path keeps its pause points and the step table of
+explore.steps (predict()).
 """
 
 from __future__ import annotations

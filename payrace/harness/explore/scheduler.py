@@ -1,56 +1,27 @@
-"""Who decides what runs next: the step model, the Scheduler and the schedule policies.
+"""The scheduler: parks every request at its pause points and releases one step at a time.
 
-    StepClass       LOCAL < READ < WRITE < END: what the code between two pause points may do
-    predict()       the class of a request's next step, read off service/capture.py; every
-                    executed step is checked against it (Scheduler.guard)
-    dependent()     may two steps of different requests not be swapped?
-    statement_class(), describe_statement()
-                    what an executed SQL statement did, and how a timeline names it
-    ScheduleError   an explicit schedule or id this service cannot follow
-    Wait            a lock wait PostgreSQL reported
+    ScheduleError     an explicit schedule or id this service cannot follow
+    Wait              a lock wait PostgreSQL reported
     ScheduledRequest  one request within a schedule: its gate, pause point, step in flight
-    answer_text()   "200 captured (idempotent)": a reply as the timeline shows it
-    blocking_pids() pg_blocking_pids() for the requests' backends, one query
-    Scheduler       the PauseController: parks every request at its pause points, releases one
-                    at a time and settles: each request paused, answered, or waiting for a
-                    lock that pg_blocking_pids() says another request holds; mutual waits are
-                    reported as deadlocks, a step that does neither within the bound is
-                    cancelled and reported as stuck
-    Policy          which runnable request goes next:
-    ├── Prefix          follow a choice sequence, then the lowest candidate (exhaustive
-    │                   search, next_prefix() gives the next branch; exact: replay an id)
-    ├── Steps           an explicit schedule ("client:payment_read", "webhook-1:end", ...)
-    └── Pct             PCT: random priorities, d-1 change points, seeded
-    PctBound        n, k, d -> p = 1/(n*k^(d-1)) and the runs a confidence needs
+    answer_text()     "200 captured (idempotent)": a reply as the timeline shows it
+    blocking_pids()   pg_blocking_pids() for the requests' backends, one query
+    Scheduler         the PauseController for one schedule:
+    ├── reached()         a request arrived at a pause point: park it until released
+    ├── on_statement(), on_commit(), on_error()
+    │                     what the service's engine did for a request (SQLAlchemy events)
+    ├── step()            release one request and settle: each request paused, answered, or
+    │                     waiting for a lock that pg_blocking_pids() says another request
+    │                     holds; mutual waits are reported as deadlocks, a step that does
+    │                     neither within the bound is cancelled and reported as stuck
+    ├── run_local()       fold LOCAL steps into the step before them
+    ├── drive()           ask a policy (explore.policies) which runnable request goes next,
+    │                     until every request answered; equivalent schedules are pruned
+    └── close()           let every request finish without pauses
 
-explore.engine runs these against the in-process service; explore.findings judges and
-draws what they produced.
-
-Steps. A step releases one request from one pause point to its next (or to its answer).
-Steps whose code cannot affect or be affected by another request — LOCAL in the table of
-predict() — are run at once, folded into the step before them (VeriSoft's "invisible"
-operations); only the others are schedule choices. This is sound because a LOCAL step
-commutes with every step of every other request, so every schedule is equivalent to one in
-which LOCAL steps run as early as possible.
-
-Equivalent schedules (exhaustive mode, `reduce`). Two adjacent steps of different requests
-commute when `dependent()` says no: plain reads (READ) commute with each other, and at READ
-COMMITTED and REPEATABLE READ with writes that are not committed yet (MVCC: a plain SELECT
-neither sees an uncommitted row nor waits for its lock, and a WRITE step never commits: at
-worst it rolls back, which no reader can see); END (commit and answer) and WRITE-WRITE pairs
-never commute (WRITE-WRITE conservatively, whatever the rows). At SERIALIZABLE a read and a
-write of a concurrent transaction form the same rw-conflict in either order, but the order
-decides which transaction SSI rolls back, so they do not commute either.
-Of each class of equivalent schedules the explorer runs the lexicographically least, using
-the two-process characterisation of that normal form: after a step of request j, request
-i < j is released next only if its step depends on j's step (or j cannot move). Pruning is
-skipped whenever it could leave no choice, so it only ever drops schedules that have an
-equivalent one that is explored. Blocked variants are never collapsed into unblocked ones:
-a step that waits for a lock is WRITE, and END (which releases locks) depends on it.
-
-The table is checked while running: a LOCAL or READ step that wrote, locked, committed or
-waited, or a WRITE step that committed, makes the run fail with exit code 2 and a message
-naming the step (the reduction would no longer be sound for this capture path).
+The step model it applies — step classes, the table it checks every executed step against,
+which steps commute — is explore.steps. explore.engine runs a Scheduler per schedule against
+the in-process service and judges the outcome; explore.findings adds the schedules up and
+draws them.
 
 Waiting is read from PostgreSQL, never from the clock: after a release the scheduler polls
 (poll_s) until every request is paused, answered, or waiting on a backend of another
@@ -69,106 +40,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import math
-import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from payrace.harness.explore.scenario import RequestSpec, StepSpec
+from payrace.harness.explore.scenario import RequestSpec
+from payrace.harness.explore.steps import (
+    StepClass,
+    dependent,
+    describe_statement,
+    predict,
+    statement_class,
+)
 from payrace.harness.model.client import Prepared, Reply
 from payrace.harness.model.history import Operation
 from payrace.harness.reports.timeline import TimelineEvent, phrase
 from payrace.service import probes
 from payrace.service.probes import ProbeContext
 
+if TYPE_CHECKING:
+    # Policies read ScheduledRequest: importing them at run time would be a cycle.
+    from payrace.harness.explore.policies import Policy
+
 _BLOCKERS = "SELECT pid, pg_blocking_pids(pid) AS blockers FROM unnest($1::int[]) AS pid"
-
-
-class StepClass(enum.IntEnum):
-    LOCAL = 0  # commutes with everything: no statement, or reads of columns nobody changes
-    READ = 1  # plain SELECTs only (includes taking the REPEATABLE READ snapshot)
-    WRITE = 2  # takes row locks or writes, may wait, may fail and roll back
-    END = 3  # commit (publishes writes, releases locks) and the answer
-
-
-def predict(
-    spec: RequestSpec, point: str | None, detail: str | None, *, isolation: str, lock_rows: bool
-) -> StepClass:
-    """The class of the code service/capture.py runs after `point` (None: not started yet).
-
-    Read off the capture path; the Scheduler checks every executed step against it."""
-    if point is None:
-        # The webhook route looks the payment up by gateway order id (immutable columns, a
-        # transaction of its own); then BEGIN, the backend pid read from the driver (no
-        # statement). READ at REPEATABLE READ / SERIALIZABLE is conservative since the
-        # probes stopped running SELECT pg_backend_pid() here (it took the snapshot); LOCAL
-        # would be sound, but would renumber every rr/sr schedule id and golden file.
-        return StepClass.LOCAL if isolation == "READ COMMITTED" else StepClass.READ
-    if point == "txn_begun":
-        # The payment read: FOR UPDATE (or an advisory lock first) locks, a plain SELECT not.
-        return StepClass.WRITE if lock_rows else StepClass.READ
-    if point == "payment_read":
-        if detail == "missing" or spec.kind.is_webhook:
-            # Webhooks insert their event id here (dedupe; its foreign key takes FOR KEY
-            # SHARE on the payment row); a missing payment rolls back and answers 404.
-            return StepClass.WRITE
-        # session.get(Order): a plain read of id / amount / currency, which never change.
-        return StepClass.READ if isolation == "SERIALIZABLE" else StepClass.LOCAL
-    if point == "status_checked":
-        if detail == "repeat":
-            return StepClass.READ  # _states(): reads invoice and order status
-        if spec.captures_at_gateway and not spec.marks_failed:
-            return StepClass.LOCAL  # straight to pause("gateway_called")
-        return StepClass.WRITE
-    if point == "payment_written":
-        return StepClass.READ if spec.marks_failed else StepClass.WRITE
-    if point in ("gateway_called", "invoice_written"):
-        return StepClass.WRITE
-    if point == "order_written":
-        return StepClass.LOCAL  # returns from _write_capture to pause("before_commit")
-    return StepClass.END  # before_commit, or a point this table does not know: the worst
-
-
-def dependent(a: StepClass, b: StepClass, isolation: str) -> bool:
-    if StepClass.LOCAL in (a, b) or (a is StepClass.READ and b is StepClass.READ):
-        return False
-    if isolation == "SERIALIZABLE" or StepClass.END in (a, b):
-        return True
-    return a is StepClass.WRITE and b is StepClass.WRITE
-
-
-_FOR_LOCK = re.compile(r"\bFOR\s+(UPDATE|SHARE|NO\s+KEY\s+UPDATE|KEY\s+SHARE)\b", re.IGNORECASE)
-_ADVISORY = re.compile(r"\bpg_advisory(_xact)?_lock(_shared)?\s*\(", re.IGNORECASE)
-
-
-def statement_class(statement: str) -> StepClass:
-    text = statement.lstrip().upper()
-    if text.startswith(("SELECT", "WITH")) and not (
-        _FOR_LOCK.search(statement) or _ADVISORY.search(statement)
-    ):
-        return StepClass.READ
-    return StepClass.WRITE
-
-
-_TABLE_WORD = {"payments": "payment", "invoices": "invoice", "orders": "order"}
-
-
-def describe_statement(statement: str) -> str:
-    """ "UPDATE payments SET ..." -> "update payment": what a waiting request waits to do."""
-    text = " ".join(statement.split())
-    if m := re.match(r"(?i)UPDATE\s+(\w+)", text):
-        return f"update {_TABLE_WORD.get(m[1], m[1])}"
-    if m := re.match(r"(?i)INSERT\s+INTO\s+(\w+)", text):
-        return "record event id" if m[1] == "webhook_events" else f"insert {m[1]}"
-    if _ADVISORY.search(text):
-        return "advisory lock"
-    if m := re.search(r"(?i)\bFROM\s+(\w+)", text):
-        verb = "lock" if _FOR_LOCK.search(text) else "read"
-        return f"{verb} {_TABLE_WORD.get(m[1], m[1])}"
-    return text[:40]
 
 
 class ScheduleError(RuntimeError):
@@ -238,12 +132,6 @@ async def blocking_pids(conn: Any, pids: list[int]) -> dict[int, list[int]]:
         return {}
     rows = await conn.fetch(_BLOCKERS, pids)
     return {int(row["pid"]): [int(p) for p in row["blockers"]] for row in rows}
-
-
-class Policy(Protocol):
-    def choose(
-        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[ScheduledRequest]
-    ) -> int: ...
 
 
 class Scheduler:
@@ -548,7 +436,7 @@ class Scheduler:
         self._flush()
 
     async def run_local(self) -> None:
-        """Fold LOCAL steps into the step before them (see the module docstring)."""
+        """Fold LOCAL steps into the step before them (why that is sound: explore.steps)."""
         progressed = True
         while progressed and not self._free:
             progressed = False
@@ -607,171 +495,11 @@ class Scheduler:
         return keep
 
 
-# -- policies -------------------------------------------------------------------------------
-
-
-class Prefix:
-    """Follow `choices`, then always the lowest candidate (the depth-first order)."""
-
-    def __init__(self, choices: Sequence[int], *, exact: bool = False) -> None:
-        self.choices = list(choices)
-        self.exact = exact
-        self.position = 0
-        self.notes: list[str] = []
-        self.diverged_at: int | None = None
-
-    def choose(
-        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[ScheduledRequest]
-    ) -> int:
-        pool = runnable if self.exact else candidates
-        if self.position < len(self.choices):
-            want = self.choices[self.position]
-            self.position += 1
-            if want in pool:
-                return want
-            if self.exact:
-                r = reqs[want]
-                state = {"blocked": f"waits for {', '.join(r.blocked_by)}", "done": "has answered"}
-                raise ScheduleError(
-                    f"step {self.position}: the id releases {r.label}, but it "
-                    f"{state.get(r.state, r.state)}; this service no longer runs that schedule"
-                )
-            self.notes.append(f"step {self.position}: {want} not among {list(pool)}")
-            self.diverged_at = self.diverged_at or self.position
-        elif self.exact and self.position == len(self.choices):
-            self.position += 1
-            self.notes.append("the id ended before every request answered")
-            self.diverged_at = self.diverged_at or self.position
-        return min(pool)
-
-
-def next_prefix(decisions: Sequence[tuple[tuple[int, ...], int]]) -> list[int] | None:
-    """The next branch of the depth-first search, or None when every branch was taken."""
-    for i in range(len(decisions) - 1, -1, -1):
-        candidates, chosen = decisions[i]
-        later = [c for c in candidates if c > chosen]
-        if later:
-            return [c for _, c in decisions[:i]] + [later[0]]
-    return None
-
-
-class Steps:
-    """An explicit schedule: `label` = one step, `label:point` = until paused at point."""
-
-    def __init__(self, steps: Sequence[StepSpec]) -> None:
-        self.queue = list(steps)
-        self.moved = 0  # steps released for queue[0]
-        self.mark = 0  # len(trail) when queue[0] began: LOCAL steps may run past its point
-
-    def choose(
-        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[ScheduledRequest]
-    ) -> int:
-        by_label = {r.label: r for r in reqs}
-        while self.queue:
-            spec = self.queue[0]
-            r = by_label[spec.label]
-            if not self.moved:
-                self.mark = len(r.trail)
-            if self.moved and self._met(spec, r, self.mark):
-                self.queue.pop(0)
-                self.moved = 0
-                continue
-            if r.state == "done":
-                if spec.until not in (None, "end"):
-                    raise ScheduleError(
-                        f"{spec}: {r.label} answered without pausing at {spec.until} "
-                        f"(it went {r.step_from or 'from the start'} -> answer)"
-                    )
-                self.queue.pop(0)
-                self.moved = 0
-                continue
-            if r.state == "blocked":
-                if not self.moved:
-                    raise ScheduleError(
-                        f"{spec}: {r.label} is waiting for a lock held by "
-                        f"{', '.join(r.blocked_by)}; release that request first"
-                    )
-                self.queue.pop(0)  # waiting on the way: go on, as the isolation tester does
-                self.moved = 0
-                continue
-            self.moved += 1
-            return r.index
-        return min(runnable)
-
-    @staticmethod
-    def _met(spec: StepSpec, r: ScheduledRequest, mark: int) -> bool:
-        if spec.until is None:
-            return True
-        if spec.until == "end":
-            return r.state == "done"
-        return spec.until in r.trail[mark:]
-
-
-class Pct:
-    """Probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010): distinct random
-    priorities d..d+n-1, d-1 change points drawn from 1..k; at the i-th change point the
-    request about to run drops to priority d-i; always run the highest-priority runnable."""
-
-    def __init__(self, n: int, k: int, d: int, rng: random.Random) -> None:
-        self.priority = dict(enumerate(rng.sample(range(d, d + n), n)))
-        points = rng.sample(range(1, k + 1), min(d - 1, k))
-        self.changes = {step: d - i for i, step in enumerate(sorted(points), start=1)}
-        self.steps = 0
-
-    def choose(
-        self, runnable: Sequence[int], candidates: Sequence[int], reqs: Sequence[ScheduledRequest]
-    ) -> int:
-        self.steps += 1
-        best = max(runnable, key=lambda i: self.priority[i])
-        if self.steps in self.changes:
-            self.priority[best] = self.changes[self.steps]
-            best = max(runnable, key=lambda i: self.priority[i])
-        return best
-
-
-@dataclass(frozen=True)
-class PctBound:
-    n: int  # requests
-    k: int  # steps of one run (estimated from each request running alone)
-    d: int  # bug depth
-
-    @property
-    def p(self) -> float:
-        return 1.0 / (self.n * float(self.k) ** (self.d - 1))
-
-    def runs_for(self, confidence: float) -> int:
-        if self.p >= 1.0:
-            return 1
-        return math.ceil(math.log(1.0 - confidence) / math.log(1.0 - self.p))
-
-    def confidence(self, runs: int) -> float:
-        return 1.0 - (1.0 - self.p) ** runs
-
-    def describe(self, runs: int, confidence: float = 0.95) -> str:
-        return (
-            f"PCT: n={self.n} requests, k={self.k} steps, depth d={self.d}: a run finds a given "
-            f"depth-{self.d} bug with p >= 1/(n·k^(d-1)) = 1/{round(1 / self.p)} "
-            f"({self.p:.3%}); {confidence:.0%} confidence needs {self.runs_for(confidence)} "
-            f"runs; {runs} runs give {self.confidence(runs):.1%}"
-        )
-
-
 __all__ = [
-    "Pct",
-    "PctBound",
-    "Policy",
-    "Prefix",
     "ScheduleError",
     "ScheduledRequest",
     "Scheduler",
-    "StepClass",
-    "Steps",
     "Wait",
     "answer_text",
     "blocking_pids",
-    "dependent",
-    "describe_statement",
-    "next_prefix",
-    "predict",
-    "statement_class",
 ]

@@ -1,77 +1,21 @@
-"""harness.explore.engine: blocking detection against PostgreSQL, replay, golden scenarios, the CLI.
+"""explore.engine: the Explorer against PostgreSQL: blocking detection, slow and stuck steps.
 
-The step table, the policies and the Scheduler alone are tested in test_scheduler.py beside
-this file.
-
-Golden files: golden/<scenario>.txt beside this file is what scenarios/<scenario>.toml explores
-(ExploreResult.golden(): schedules, waits, verdicts, the timeline drawn). A change in the
-service's behaviour shows as a diff; after checking it is intended, rewrite them with
-`PAYRACE_UPDATE_GOLDEN=1 pytest tests/harness/explore/test_engine.py -k golden`.
+The step table is tested in test_steps.py, the policies in test_policies.py and the
+Scheduler alone in test_scheduler.py; plans, golden scenarios, replays and the command in
+test_plan.py, all beside this file. explore_db and gateway come from conftest.py beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import difflib
-import json
-import os
 import time
-from collections.abc import Iterator
-from dataclasses import replace
-from pathlib import Path
 
-import pytest
-from rich.console import Console
+from payrace.harness.explore.engine import Explorer
+from payrace.harness.explore.scenario import StepSpec, parse_requests
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.infra.provider import Database
 
-from payrace.harness.explore.engine import (
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_VIOLATED,
-    Explorer,
-    Plan,
-    execute,
-    explore_main,
-    make_plan,
-    pause_overhead,
-)
-from payrace.harness.explore.scenario import StepSpec, parse_requests, parse_schedule_id
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
-from payrace.harness.infra.provider import Database, provide_postgres
-
-HERE = Path(__file__).parent
-GOLDEN = HERE / "golden"
-SCENARIOS = sorted((HERE / "scenarios").glob("*.toml"))
-RC, RR, SR = "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"
-
-
-@pytest.fixture(scope="module")
-def explore_db(pg: Database) -> Iterator[Database]:
-    """A database of its own: the oracle's deadlock reading must not see other tests."""
-    with provide_postgres(pg.url, announce=lambda line: None) as db:
-        yield db
-
-
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[tuple[FakeRazorpay, str]]:
-    """A fake gateway of its own, so its latency knobs can be turned here."""
-    fake = FakeRazorpay(GatewayKeys())
-    with GatewayServer(fake) as server:
-        yield fake, server.url
-
-
-def _plan(
-    strategy: str, isolation: str = RC, requests: tuple[str, ...] = ("client", "webhook")
-) -> Plan:
-    return make_plan(
-        strategy=strategy,
-        requests=list(requests),
-        isolation=isolation,
-        pct_runs=None,
-        depth=2,
-        seed=1,
-        replay=None,
-        scenario=None,
-    )
+RC = "READ COMMITTED"
 
 
 def _explorer(
@@ -88,23 +32,6 @@ def _explorer(
         requests=parse_requests(list(requests)),  # type: ignore[call-overload]
         **kw,  # type: ignore[arg-type]
     )
-
-
-# -- the pause point's price (no database) -------------------------------------------------
-
-
-def test_a_pause_point_costs_little_without_a_controller() -> None:
-    """The micro-benchmark: `await pause()` with no controller against not calling it."""
-    figures = pause_overhead(50_000)
-    print(
-        f"\nawait pause() without a controller: {figures['pause_ns']:.0f} ns/call, await of an "
-        f"empty coroutine {figures['empty_coroutine_ns']:.0f} ns, empty loop "
-        f"{figures['loop_ns']:.0f} ns: {figures['overhead_ns']:.0f} ns more than not calling it"
-    )
-    # One ContextVar.get() and a comparison inside a coroutine call: ~0.1 us here. The bound
-    # is far above that so a loaded CI machine cannot trip it, while a regression that puts
-    # real work on the no-controller path (a query, a sleep, a log line) still does.
-    assert figures["overhead_ns"] < 20_000
 
 
 # -- against PostgreSQL ---------------------------------------------------------------------
@@ -187,162 +114,3 @@ async def test_a_step_stuck_outside_postgres_is_cancelled_and_the_rest_finish(
     assert run.replies["client"].status is None  # cancelled: no answer, "info" in the history
     assert run.replies["webhook-1"].status == 200  # released without pauses after the give-up
     assert time.monotonic() - started < 5
-
-
-@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
-async def test_golden_scenario(
-    path: Path, explore_db: Database, gateway: tuple[FakeRazorpay, str]
-) -> None:
-    fake, url = gateway
-    plan = make_plan(strategy="", requests=[], isolation="", pct_runs=None, depth=2, seed=1,
-                     replay=None, scenario=path)  # fmt: skip
-    result = await execute(plan, explore_db, fake, url)
-    text = result.golden()
-    golden = GOLDEN / f"{path.stem}.txt"
-    if os.environ.get("PAYRACE_UPDATE_GOLDEN"):
-        golden.write_text(text, encoding="utf-8")
-    assert golden.exists(), f"no {golden}; create it with PAYRACE_UPDATE_GOLDEN=1"
-    expected = golden.read_text(encoding="utf-8")
-    diff = "".join(
-        difflib.unified_diff(
-            expected.splitlines(True), text.splitlines(True), str(golden), "this run"
-        )
-    )
-    assert text == expected, f"behaviour changed:\n{diff}"
-    assert result.mismatches() == [] and result.problems() == []
-    assert result.exit_code() == EXIT_OK
-
-
-async def test_a_replay_reruns_exactly_the_schedule(
-    explore_db: Database, gateway: tuple[FakeRazorpay, str]
-) -> None:
-    fake, url = gateway
-    found = await execute(_plan("naive"), explore_db, fake, url)
-    shortest = found.shortest_violation()
-    assert shortest is not None
-    ref = parse_schedule_id(shortest.id)
-    replayed = await execute(Plan(_plan("naive").scenario, ref), explore_db, fake, url)
-    [again] = replayed.runs
-    assert again.id == shortest.id
-    assert [(e.process, e.text) for e in again.events] == [
-        (e.process, e.text) for e in shortest.events
-    ]
-    assert again.violated == shortest.violated != ()
-
-
-async def test_an_id_this_service_cannot_follow_is_an_error_not_a_verdict(
-    explore_db: Database, gateway: tuple[FakeRazorpay, str]
-) -> None:
-    fake, url = gateway
-    # The webhook waits for the client's lock after its first step; a second webhook step
-    # right away cannot be taken.
-    ref = parse_schedule_id("for_update.rc.cw.ab2a5")
-    result = await execute(Plan(_plan("for_update").scenario, ref), explore_db, fake, url)
-    [run] = result.runs
-    assert run.error is not None and "releases webhook-1, but it waits for client" in run.error
-    assert result.exit_code() == EXIT_ERROR
-
-
-async def test_collapsing_keeps_every_outcome(
-    explore_db: Database, gateway: tuple[FakeRazorpay, str]
-) -> None:
-    """The reduction drops only schedules equivalent to explored ones: the full search
-    (every interleaving of the non-local steps) reaches no outcome the reduced one misses."""
-    fake, url = gateway
-    plan = _plan("naive")
-    reduced = await execute(plan, explore_db, fake, url)
-    full = await execute(Plan(replace(plan.scenario, reduce=False)), explore_db, fake, url)
-    assert len(full.runs) > 2 * len(reduced.runs)
-    outcomes = {(o, v) for o, v, _ in reduced.outcomes()}
-    assert outcomes == {(o, v) for o, v, _ in full.outcomes()}
-    assert {r.id for r in reduced.runs} <= {r.id for r in full.runs}
-    assert reduced.complete and full.complete
-
-
-# -- the command ----------------------------------------------------------------------------
-
-
-def _main(pg: Database, out: Path, **kw: object) -> tuple[int, str]:
-    console = Console(record=True, width=110, force_terminal=False)
-    args: dict[str, object] = {
-        "strategy": "naive",
-        "requests": ["client", "webhook"],
-        "isolation": RC,
-        "pct_runs": None,
-        "depth": 2,
-        "seed": 1,
-        "replay": None,
-        "scenario": None,
-        "dsn": pg.url,
-        "out_dir": out,
-        "console": console,
-    }
-    args.update(kw)
-    code = explore_main(**args)  # type: ignore[arg-type]
-    return code, console.export_text()
-
-
-def test_explore_naive_finds_the_double_capture_and_prints_the_schedule(
-    pg: Database, tmp_path: Path
-) -> None:
-    code, text = _main(pg, tmp_path)
-    assert code == EXIT_VIOLATED
-    assert "shortest violating schedule: naive.rc.cw." in text
-    assert text.count("read payment (pending)") >= 2
-    assert "single_capture_write: 8 schedule(s)" in text
-    assert "replay it: payrace explore --replay naive.rc.cw." in text
-    [run_dir] = tmp_path.iterdir()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    result = summary["strategies"]["naive"]
-    assert summary["mode"] == "explore" and summary["exit_code"] == EXIT_VIOLATED
-    assert result["valid"] is False and result["violating_trials"] == 8
-    assert result["explore"]["schedules"] == 10 and result["explore"]["complete"] is True
-    assert "read payment (pending)" in (run_dir / "report.html").read_text()
-    assert '<table class="timeline">' in (run_dir / "timeline.html").read_text()
-    assert (run_dir / "junit.xml").exists() and (run_dir / "explore.txt").exists()
-
-    shortest = result["first_violation"]["schedule_id"]
-    code, replayed = _main(pg, tmp_path / "replay", replay=shortest, strategy="ignored")
-    assert code == EXIT_VIOLATED
-    assert f"shortest violating schedule: {shortest}" in replayed
-
-
-def test_explore_for_update_is_valid_and_shows_the_webhook_waiting(
-    pg: Database, tmp_path: Path
-) -> None:
-    code, text = _main(pg, tmp_path, strategy="for_update")
-    assert code == EXIT_OK
-    assert "with a lock wait: 8" in text and "violating: 0" in text
-    assert "a schedule where webhook-1 waited for client" in text
-    assert "lock payment <waiting>" in text and "<completed> read payment (captured)" in text
-    [run_dir] = tmp_path.iterdir()
-    report = (run_dir / "report.html").read_text()
-    assert "<h3>a schedule where webhook-1 waited for client: <code>for_update.rc.cw." in report
-    assert "lock payment &lt;waiting&gt;" in report
-
-
-def test_explore_with_a_scenario_exits_zero_when_it_goes_as_expected(
-    pg: Database, tmp_path: Path
-) -> None:
-    code, text = _main(pg, tmp_path, scenario=HERE / "scenarios" / "seed.toml")
-    assert code == EXIT_OK
-    assert "record event id <waiting>" in text and "verdict: as expected" in text
-
-
-@pytest.mark.parametrize(
-    ("kw", "message"),
-    [
-        ({"strategy": "optimistic"}, "unknown strategy 'optimistic'"),
-        ({"requests": ["client"]}, "at least two requests"),
-        ({"replay": "not-an-id"}, "not a schedule id"),
-        ({"replay": "naive.rc.cw.a5b4", "scenario": Path("x.toml")}, "either --replay"),
-        ({"scenario": Path("/nonexistent/x.toml")}, "cannot read scenario"),
-        ({"dsn": "mysql://nope"}, "is not a PostgreSQL URL"),
-    ],
-)
-def test_usage_errors_exit_two_and_say_what_to_do(
-    pg: Database, tmp_path: Path, kw: dict[str, object], message: str
-) -> None:
-    code, text = _main(pg, tmp_path, **kw)
-    assert code == EXIT_ERROR
-    assert message in " ".join(text.split())

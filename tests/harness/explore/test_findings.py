@@ -1,7 +1,7 @@
 """payrace.harness.explore.findings: what an exploration adds up to, judged and drawn (no database).
 
 The runs here are written by hand, as Explorer.run() and Explorer.judge() would leave them;
-the same code on real runs is covered by the golden scenarios in test_engine.py beside this file.
+the same code on real runs is covered by the golden scenarios in test_plan.py beside this file.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from payrace.harness.explore.findings import (
     ExploreResult,
     ScheduleRun,
 )
+from payrace.harness.explore.policies import PctBound
 from payrace.harness.explore.scenario import Scenario, ScheduleRef, parse_requests
-from payrace.harness.explore.scheduler import PctBound, Wait
+from payrace.harness.explore.scheduler import Wait
 from payrace.harness.model import checker
 from payrace.harness.model.client import Reply
 from payrace.harness.reports.timeline import TimelineEvent
@@ -126,7 +127,7 @@ def test_a_step_that_broke_the_step_table_makes_the_run_untrustworthy() -> None:
     run.guard = ["client: the step after txn_begun was assumed READ but did WRITE"]
     result = _result([run])
     assert result.exit_code() == EXIT_ERROR
-    assert "payrace.harness.explore.scheduler.predict" in result.problems()[-1]
+    assert "payrace.harness.explore.steps.predict" in result.problems()[-1]
     assert "! schedule naive.rc.cw.ab: client: the step after" in result.golden()
 
 
