@@ -45,7 +45,7 @@ from payrace.harness.gateway.signing import (
     webhook_event,
 )
 from payrace.harness.load.gate import EXIT_ERROR, SPREAD, LoadRun, LoadSettings, LoadTally
-from payrace.service.timing import parse_server_timing
+from payrace.service.instrument.timing import parse_server_timing
 
 log = logging.getLogger("payrace")
 # The gate's few httpx calls would otherwise log a line each into Locust's output.

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from payrace.harness.model.generator import Step
-from payrace.service.probes import POINTS
+from payrace.service.instrument.probes import POINTS
 
 ISOLATION_CODES: dict[str, str] = {
     "READ COMMITTED": "rc",

@@ -81,8 +81,8 @@ from payrace.harness.explore.scenario import RequestSpec, StepSpec
 from payrace.harness.model.client import Prepared, Reply
 from payrace.harness.model.history import Operation
 from payrace.harness.reports.timeline import TimelineEvent, phrase
-from payrace.service import probes
-from payrace.service.probes import ProbeContext
+from payrace.service.instrument import probes
+from payrace.service.instrument.probes import ProbeContext
 
 _BLOCKERS = "SELECT pid, pg_blocking_pids(pid) AS blockers FROM unnest($1::int[]) AS pid"
 

@@ -10,7 +10,8 @@
 Modes (how a race is forced; DESIGN.md "Ways the harness forces a race"):
     forced   a pause after the payment read holds each request until every other request of
              the trial has read too, has finished, or waits on a lock (pg_blocking_pids);
-             in-process through payrace.service.probes.Rendezvous, over HTTP via X-Payrace-Pause
+             in-process through payrace.service.instrument.probes.Rendezvous, over HTTP via
+             X-Payrace-Pause
     aligned  released together: an asyncio gate in-process, last-byte sync over HTTP; the
              arrival spread is measured from the target's own received-at stamps
     jitter   seeded random offsets per request
@@ -62,9 +63,9 @@ from payrace.harness.model.lockwatch import LockWatch
 from payrace.harness.model.nemesis import Nemesis, NemesisSpecError, parse_spec
 from payrace.harness.model.stats import LatencyHistogram, PathHistograms
 from payrace.harness.reports.timeline import TimelineEvent, from_audit, from_probes
-from payrace.service import probes
 from payrace.service.app import create_app
 from payrace.service.capture import STRATEGIES
+from payrace.service.instrument import probes
 from payrace.service.settings import Settings
 
 Mode = Literal["forced", "aligned", "jitter"]

@@ -30,7 +30,7 @@ from payrace.harness.explore.scheduler import (
     statement_class,
 )
 from payrace.harness.model.client import Prepared, Reply
-from payrace.service import probes
+from payrace.service.instrument import probes
 
 RC, RR, SR = "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"
 
