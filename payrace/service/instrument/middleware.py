@@ -1,10 +1,11 @@
 """The ASGI middleware that carries the instrumentation across HTTP.
 
-    InstrumentMiddleware   on every HTTP answer: X-Payrace-Received-At (server clock, ns) and,
-                           when the capture path ran, Server-Timing (lock, hold, db, gateway);
-                           with probes on (PAYRACE_PROBES) only: honours X-Payrace-Pause by
-                           holding the request in a Rendezvous shared by its group, and answers
-                           X-Payrace-Pause: honoured | timed-out
+    InstrumentMiddleware   on every answer of the app: X-Payrace-Received-At (server clock,
+                           ns) and, when the capture path ran, Server-Timing (lock, hold, db,
+                           gateway); with probes on (PAYRACE_PROBES) only: honours
+                           X-Payrace-Pause by holding the request in a Rendezvous shared by its
+                           group, answers X-Payrace-Pause: honoured | timed-out, and a 400
+                           invalid_pause for a malformed header
 
 Plain ASGI; it sets the request's Timings and pause controller (ContextVars) before the app
 runs, so the capture path fills and honours them. Installed by payrace.service.app.create_app().
