@@ -24,7 +24,7 @@ from dataclasses import replace
 from payrace.harness.explore.plan import Plan, execute, make_plan
 from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
 from payrace.harness.infra.provider import provide_postgres
-from payrace.service import probes
+from payrace.service.instrument import probes
 
 
 def pause_overhead(iterations: int = 200_000) -> dict[str, float]:

@@ -46,7 +46,7 @@ from payrace.harness.gateway.signing import (
 )
 from payrace.harness.load.gate import SPREAD, LoadRun, LoadSettings, LoadTally
 from payrace.harness.model.verdict import EXIT_ERROR
-from payrace.service.timing import parse_server_timing
+from payrace.service.instrument.timing import parse_server_timing
 
 log = logging.getLogger("payrace")
 # The gate's few httpx calls would otherwise log a line each into Locust's output.

@@ -6,39 +6,39 @@
     GET  /payments/{id}       a payment's state
     GET  /healthz             liveness plus a real query
 
-Routes stay thin: they check signatures and shapes, then call payrace.service.capture. `Runtime`
-owns the engine, the gateway client and the strategy; `create_app()` builds one, so a harness
-can run several services with different strategies in one process. `TimingMiddleware`
-(plain ASGI) adds `Server-Timing` and `X-Payrace-Received-At` and, only with PAYRACE_PROBES
-on, honours `X-Payrace-Pause`.
+Routes stay thin: they check signatures (payrace.service.signatures) and shapes, then call
+payrace.service.capture. `Runtime` owns the engine, the gateway client, the signature verifier
+and the strategy, each built once; `create_app()` builds one, so a harness can run several
+services with different strategies in one process. The instrumentation middleware
+(payrace.service.instrument.middleware) adds `Server-Timing` and `X-Payrace-Received-At` and,
+only with PAYRACE_PROBES on, honours `X-Payrace-Pause`.
 """
 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import razorpay
 from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from razorpay.errors import SignatureVerificationError
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from payrace.service import probes, timing
-from payrace.service.capture import STRATEGIES, CaptureCommand, Runner, capture, mark_failed
+from payrace.service.capture import STRATEGIES, Runner, capture, mark_failed
+from payrace.service.command import CaptureCommand
 from payrace.service.db import create_schema, make_engine, make_sessionmaker
 from payrace.service.errors import ApiError, GatewayFailed, NotFound, Rejected, install_handlers
 from payrace.service.gateway_client import GatewayClient, GatewayError
+from payrace.service.instrument.middleware import InstrumentMiddleware
+from payrace.service.instrument.probes import Rendezvous
 from payrace.service.models import Invoice, Order, Payment
 from payrace.service.settings import Settings, get_settings
+from payrace.service.signatures import SignatureVerifier
 
 CAPTURE_EVENTS = {"payment.authorized", "payment.captured", "order.paid"}
 ID_MAX = 64  # payments.gateway_payment_id, orders.gateway_order_id
@@ -54,9 +54,10 @@ class Runtime:
     engine: AsyncEngine
     maker: async_sessionmaker[AsyncSession]
     gateway: GatewayClient
+    signatures: SignatureVerifier
     runner: Runner
     # Forced-mode groups requested over HTTP (probes on only); dropped when all finished.
-    rendezvous: dict[str, probes.Rendezvous]
+    rendezvous: dict[str, Rendezvous]
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -75,7 +76,12 @@ class Runtime:
             isolation_level=settings.isolation_level,
             retries=settings.serialization_retries,
         )
-        return cls(settings, engine, maker, gateway, runner, {})
+        signatures = SignatureVerifier(
+            settings.razorpay_key_id,
+            settings.razorpay_key_secret,
+            settings.razorpay_webhook_secret,
+        )
+        return cls(settings, engine, maker, gateway, signatures, runner, {})
 
     async def startup(self) -> None:
         await create_schema(self.engine)
@@ -138,7 +144,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="payrace reference capture service", lifespan=lifespan)
     app.state.runtime = runtime
     install_handlers(app)
-    app.add_middleware(TimingMiddleware, runtime=runtime)
+    app.add_middleware(
+        InstrumentMiddleware,
+        probes_enabled=runtime.settings.payrace_probes,
+        is_blocked=runtime.is_blocked,
+        groups=runtime.rendezvous,
+    )
 
     @app.get("/healthz")
     async def healthz(session: SessionDep) -> dict[str, str]:
@@ -215,16 +226,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/payments/verify")
     async def verify(body: VerifyIn, rt: RuntimeDep) -> dict[str, Any]:
-        _check_signature(
-            lambda util: util.verify_payment_signature(
-                {
-                    "razorpay_order_id": body.razorpay_order_id,
-                    "razorpay_payment_id": body.razorpay_payment_id,
-                    "razorpay_signature": body.razorpay_signature,
-                }
-            ),
-            rt,
-            body.razorpay_signature,
+        rt.signatures.check_callback(
+            body.razorpay_order_id, body.razorpay_payment_id, body.razorpay_signature
         )
         cmd = CaptureCommand(
             source="client",
@@ -248,10 +251,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             body_text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise Rejected("webhook body is not UTF-8", code="invalid_body") from exc
-        secret = rt.settings.razorpay_webhook_secret
-        _check_signature(
-            lambda util: util.verify_webhook_signature(body_text, signature, secret), rt, signature
-        )
+        rt.signatures.check_webhook(body_text, signature)
         # An empty id would make every later empty-id event a "duplicate"; a long one fails
         # the insert with a 500.
         if event_id is not None and (not 1 <= len(event_id) <= EVENT_ID_MAX or "\x00" in event_id):
@@ -297,19 +297,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _check_signature(verify: Any, rt: Runtime, signature: str | None) -> None:
-    if not signature:
-        raise Rejected("signature is missing", code="invalid_signature")
-    util = razorpay.Client(
-        auth=(rt.settings.razorpay_key_id, rt.settings.razorpay_key_secret)
-    ).utility
-    try:
-        verify(util)
-    # The SDK raises TypeError, not SignatureVerificationError, for a non-ASCII signature.
-    except (SignatureVerificationError, TypeError, ValueError) as exc:
-        raise Rejected("signature does not match", code="invalid_signature") from exc
-
-
 def _parse_envelope(body_text: str) -> dict[str, Any]:
     """Pull the fields the service needs out of Razorpay's envelope, or say what is missing."""
     try:
@@ -350,83 +337,6 @@ def _parse_envelope(body_text: str) -> dict[str, Any]:
                 code="invalid_body",
             )
     return {"event": doc["event"], "payment": entity}
-
-
-class TimingMiddleware:
-    """Adds Server-Timing to capture-path responses and honours X-Payrace-Pause (probes only)."""
-
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
-        self.app = app
-        self.runtime = runtime
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        received_ns = time.time_ns()
-        t = timing.begin()
-        # Set when X-Payrace-Pause was honoured: the answer says so, and whether the pause
-        # gave up waiting, so a harness never labels an unforced run "forced".
-        paused: list[probes.ProbeContext] = []
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"x-payrace-received-at", str(received_ns).encode()))
-                if t.lock_ms is not None or t.gateway_ms:
-                    headers.append((b"server-timing", t.header().encode()))
-                for probe in paused:
-                    state = b"timed-out" if probe.timed_out else b"honoured"
-                    headers.append((b"x-payrace-pause", state))
-                message["headers"] = headers
-            await send(message)
-
-        pause_value = None
-        if self.runtime.settings.payrace_probes:
-            for name, value in scope.get("headers", []):
-                if name == b"x-payrace-pause":
-                    pause_value = value.decode("latin-1")
-        if pause_value is None:
-            await self.app(scope, receive, send_with_headers)
-            return
-        try:
-            request = probes.parse_pause_header(pause_value)
-        except probes.PauseHeaderError as exc:
-            response = JSONResponse(
-                {"error": {"code": "invalid_pause", "message": str(exc)}}, status_code=400
-            )
-            await response(scope, receive, send)
-            return
-        self._forget_stale_groups()
-        group = self.runtime.rendezvous.get(request.group)
-        if group is None:
-            group = probes.Rendezvous(
-                request.size,
-                self.runtime.is_blocked,
-                point=request.point,
-                timeout_s=request.timeout_ms / 1000,
-                hold_s=request.hold_ms / 1000,
-            )
-            self.runtime.rendezvous[request.group] = group
-        try:
-            with probes.controlled(group, label=request.group) as probe:
-                paused.append(probe)
-                await self.app(scope, receive, send_with_headers)
-        finally:
-            if group.done():
-                self.runtime.rendezvous.pop(request.group, None)
-
-    def _forget_stale_groups(self) -> None:
-        # A group whose members never all arrived (a client gave up) would otherwise stay
-        # forever, and a later request reusing its id would join it.
-        now = time.monotonic()
-        stale = [
-            name
-            for name, group in self.runtime.rendezvous.items()
-            if now - group.created > 2 * group.timeout_s + 1
-        ]
-        for name in stale:
-            del self.runtime.rendezvous[name]
 
 
 __all__ = ["ApiError", "Runtime", "create_app"]

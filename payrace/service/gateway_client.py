@@ -23,7 +23,7 @@ import requests
 from razorpay.errors import BadRequestError, ServerError
 from razorpay.errors import GatewayError as SdkGatewayError
 
-from payrace.service import timing
+from payrace.service.instrument import timing
 
 ALREADY_CAPTURED = "already been captured"
 

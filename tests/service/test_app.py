@@ -7,77 +7,25 @@ database is shared with the rest of the suite.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
-import time
 from typing import Any
 
-import httpx
 import pytest
 from conftest import Service, service_settings
+from service_calls import KEYS, assert_error, create_order, customer_pays, deliver, verify
 from sqlalchemy import text
 
 from payrace.harness.gateway.fake import (
     FakeRazorpay,
-    GatewayKeys,
     client_callback,
     signed_webhook,
     webhook_event,
 )
 from payrace.harness.infra.provider import Database
-from payrace.service.timing import parse_server_timing
-
-KEYS = GatewayKeys()
-
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-async def create_order(svc: Service, amount: int = 50000) -> dict[str, Any]:
-    response = await svc.client.post("/orders", json={"amount": amount, "currency": "INR"})
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-async def customer_pays(
-    svc: Service, fake: FakeRazorpay, amount: int = 50000
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An order here and at the gateway, and the customer's authorized payment."""
-    order = await create_order(svc, amount)
-    return order, fake.authorize_payment(order["gateway_order_id"])
-
-
-async def verify(
-    svc: Service,
-    order: dict[str, Any],
-    payment: dict[str, Any],
-    *,
-    headers: dict[str, str] | None = None,
-    **overrides: Any,
-) -> httpx.Response:
-    body: dict[str, Any] = client_callback(
-        order["gateway_order_id"], payment["id"], KEYS.key_secret
-    )
-    body["internal_payment_id"] = order["payment_id"]
-    body.update(overrides)
-    return await svc.client.post("/payments/verify", json=body, headers=headers)
-
-
-async def deliver(
-    svc: Service,
-    event: str,
-    payment: dict[str, Any],
-    *,
-    event_id: str | None = None,
-    **entity_overrides: Any,
-) -> httpx.Response:
-    envelope = webhook_event(event, payment)
-    envelope["payload"]["payment"]["entity"].update(entity_overrides)
-    body, headers = signed_webhook(envelope, KEYS.webhook_secret, event_id=event_id)
-    return await svc.client.post("/webhooks/razorpay", content=body, headers=headers)
 
 
 async def rows(svc: Service, payment_id: int) -> dict[str, Any]:
@@ -115,16 +63,6 @@ async def assert_nothing_written(
         "events": 0,
     }
     assert fake.capture_calls(payment["id"]) == 0
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    error: dict[str, Any] = response.json()["error"]
-    assert error["code"] == code
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    return error
 
 
 # -- POST /orders, GET /payments/{id}, /healthz -------------------------------------------------
@@ -795,103 +733,6 @@ async def test_a_second_payment_captured_for_an_already_paid_order_is_rejected(
 
     assert_error(response, 400, "payment_mismatch")
     assert (await rows(service, order["payment_id"]))["gateway_payment_id"] == payment["id"]
-
-
-# -- Server-Timing -------------------------------------------------------------------------------
-
-
-async def test_server_timing_on_capture_responses_names_lock_hold_db_gateway(
-    service: Service, fake_gateway: FakeRazorpay
-) -> None:
-    order, payment = await customer_pays(service, fake_gateway)
-
-    captured = await verify(service, order, payment)
-    repeat = await deliver(service, "payment.captured", payment)
-
-    for response in (captured, repeat):
-        timings = parse_server_timing(response.headers["server-timing"])
-        assert set(timings) == {"lock", "hold", "db", "gateway"}
-        assert all(value >= 0 for value in timings.values())
-    assert parse_server_timing(captured.headers["server-timing"])["gateway"] > 0
-    assert parse_server_timing(repeat.headers["server-timing"])["gateway"] == 0
-
-
-async def test_server_timing_gateway_time_covers_an_injected_capture_latency(
-    service: Service, knobs: FakeRazorpay
-) -> None:
-    order, payment = await customer_pays(service, knobs)
-    knobs.set_knobs(capture_latency_s=0.1)
-
-    started = time.perf_counter()
-    response = await verify(service, order, payment)
-    elapsed_ms = (time.perf_counter() - started) * 1000
-
-    timings = parse_server_timing(response.headers["server-timing"])
-    assert 100 <= timings["gateway"] <= elapsed_ms
-    # The lock is held across the gateway call; the database time excludes it.
-    assert timings["hold"] >= timings["gateway"]
-    assert timings["db"] < timings["hold"]
-
-
-# -- X-Payrace-Pause ------------------------------------------------------------------------------
-
-
-async def test_pause_header_is_ignored_when_probes_are_off(
-    service: Service, fake_gateway: FakeRazorpay
-) -> None:
-    order, payment = await customer_pays(service, fake_gateway)
-
-    malformed = await service.client.get("/healthz", headers={"X-Payrace-Pause": "nonsense"})
-    started = time.perf_counter()
-    # Honoured, a group of two with one member would hold this request for the full timeout.
-    lone = await verify(
-        service, order, payment, headers={"X-Payrace-Pause": "group=off; timeout_ms=3000"}
-    )
-    elapsed = time.perf_counter() - started
-
-    assert malformed.status_code == 200
-    assert lone.status_code == 200
-    assert elapsed < 1.0
-    assert service.runtime.rendezvous == {}
-
-
-async def test_malformed_pause_header_is_400_when_probes_are_on(
-    pg: Database, gateway_url: str
-) -> None:
-    async with Service(service_settings(pg, gateway_url, payrace_probes=True)) as svc:
-        response = await svc.client.get("/healthz", headers={"X-Payrace-Pause": "size=2"})
-
-    error = assert_error(response, 400, "invalid_pause")
-    assert "group" in error["message"]
-
-
-async def test_pause_header_holds_a_lone_request_until_its_timeout_when_probes_are_on(
-    pg: Database, gateway_url: str, fake_gateway: FakeRazorpay
-) -> None:
-    async with Service(service_settings(pg, gateway_url, payrace_probes=True)) as svc:
-        order, payment = await customer_pays(svc, fake_gateway)
-        started = time.perf_counter()
-        response = await verify(
-            svc, order, payment, headers={"X-Payrace-Pause": "group=lone; size=2; timeout_ms=250"}
-        )
-        elapsed = time.perf_counter() - started
-
-    assert response.status_code == 200
-    assert response.json()["status"] == "captured"
-    assert 0.25 <= elapsed < 2.0
-
-
-async def test_a_pause_group_that_never_filled_is_forgotten_after_its_timeout(
-    pg: Database, gateway_url: str, fake_gateway: FakeRazorpay
-) -> None:
-    header = {"X-Payrace-Pause": "group=abandoned; size=2; timeout_ms=100"}
-    async with Service(service_settings(pg, gateway_url, payrace_probes=True)) as svc:
-        order, payment = await customer_pays(svc, fake_gateway)
-        await verify(svc, order, payment, headers=header)
-        assert "abandoned" in svc.runtime.rendezvous  # one member of two: never done
-        await asyncio.sleep(1.3)  # past 2 x timeout + 1 s
-        await svc.client.get("/healthz", headers={"X-Payrace-Pause": "group=other; size=1"})
-        assert "abandoned" not in svc.runtime.rendezvous
 
 
 @pytest.mark.parametrize(

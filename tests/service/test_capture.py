@@ -32,19 +32,19 @@ from payrace.harness.gateway.fake import (
     webhook_event,
 )
 from payrace.harness.infra.provider import Database
-from payrace.service import probes
 from payrace.service.capture import (
     ADVISORY,
     FOR_UPDATE,
     NAIVE,
     STRATEGIES,
-    CaptureCommand,
     capture,
     mark_failed,
 )
+from payrace.service.command import CaptureCommand
 from payrace.service.errors import NotFound, Rejected
+from payrace.service.instrument import probes
+from payrace.service.instrument.timing import parse_server_timing
 from payrace.service.models import Base
-from payrace.service.timing import parse_server_timing
 
 KEYS = GatewayKeys()
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys
-from payrace.service import timing
 from payrace.service.gateway_client import CaptureOutcome, GatewayClient, GatewayError
+from payrace.service.instrument import timing
 
 KEYS = GatewayKeys()
 

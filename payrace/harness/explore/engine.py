@@ -53,9 +53,9 @@ from payrace.harness.model import checker, oracle
 from payrace.harness.model.client import AsgiClient, PaymentContext, Reply, prepare
 from payrace.harness.model.history import History, Operation, classify
 from payrace.harness.model.judge import judge
-from payrace.service import probes
 from payrace.service.app import Runtime, create_app
 from payrace.service.capture import STRATEGIES
+from payrace.service.instrument import probes
 from payrace.service.settings import Settings
 
 APPLICATION_NAME = "payrace-explore"  # oracle.observe() does not wait for harness connections

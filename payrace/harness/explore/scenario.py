@@ -38,7 +38,7 @@ from typing import Any, Literal
 from payrace import postgres
 from payrace.harness.model.generator import Step
 from payrace.postgres import ISOLATION_CODES
-from payrace.service.probes import POINTS
+from payrace.service.instrument.probes import POINTS
 
 Expectation = Literal["valid", "violated"]
 Mode = Literal["exhaustive", "pct", "schedules"]

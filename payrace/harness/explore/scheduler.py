@@ -55,8 +55,8 @@ from payrace.harness.explore.steps import (
 from payrace.harness.model.client import Prepared, Reply
 from payrace.harness.model.history import Operation
 from payrace.harness.reports.timeline import TimelineEvent, phrase
-from payrace.service import probes
-from payrace.service.probes import ProbeContext
+from payrace.service.instrument import probes
+from payrace.service.instrument.probes import ProbeContext
 
 if TYPE_CHECKING:
     # Policies read ScheduledRequest: importing them at run time would be a cycle.

@@ -34,7 +34,7 @@ from payrace.harness.gateway.fake import (
     webhook_event,
 )
 from payrace.harness.model.generator import Step
-from payrace.service.timing import parse_server_timing
+from payrace.service.instrument.timing import parse_server_timing
 
 REQUEST_TIMEOUT_S = 30.0
 

@@ -1,7 +1,8 @@
 """Timelines of concurrent requests, drawn the way the incident write-up drew its race.
 
     TimelineEvent     one thing one request did (or a mark: <waiting>, <completed>)
-    from_probes()     events from the pause points the requests passed (payrace.service.probes)
+    from_probes()     events from the pause points the requests passed
+                      (payrace.service.instrument.probes)
     from_audit()      events from the oracle's audit rows, one column per backend (over
                       HTTP there are no probes, but the database saw every write)
     render_text()     the two-column table: "Time  client  webhook / T0  read payment (pending)"
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from payrace.harness.model.oracle import AuditRow
-from payrace.service.probes import ProbeContext
+from payrace.service.instrument.probes import ProbeContext
 
 PHRASES = {
     "txn_begun": "begin",

@@ -36,7 +36,7 @@ from payrace.harness.model.stats import LatencyHistogram, PathHistograms
 from payrace.harness.reports.timeline import TimelineEvent, from_probes
 from payrace.harness.runner.config import RunConfig
 from payrace.harness.runner.target import Target
-from payrace.service import probes
+from payrace.service.instrument import probes
 
 
 class BlockedProbe:

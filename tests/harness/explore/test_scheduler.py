@@ -13,7 +13,7 @@ import time
 from payrace.harness.explore.scenario import parse_requests
 from payrace.harness.explore.scheduler import ScheduledRequest, Scheduler, answer_text
 from payrace.harness.model.client import Prepared, Reply
-from payrace.service import probes
+from payrace.service.instrument import probes
 
 RC = "READ COMMITTED"
 

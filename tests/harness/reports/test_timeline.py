@@ -11,7 +11,7 @@ from payrace.harness.reports.timeline import (
     render_html,
     render_text,
 )
-from payrace.service.probes import ProbeContext
+from payrace.service.instrument.probes import ProbeContext
 
 WIDTH = 34
 

@@ -37,6 +37,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 from gevent.pool import Group
+from payrace.service.timing import parse_server_timing
 
 from payrace.harness.gateway.signing import (
     client_callback,
@@ -46,7 +47,6 @@ from payrace.harness.gateway.signing import (
 )
 from payrace.harness.load.gate import SPREAD, LoadRun, LoadSettings, LoadTally
 from payrace.harness.model.verdict import EXIT_ERROR
-from payrace.service.timing import parse_server_timing
 
 log = logging.getLogger("payrace")
 # The gate's few httpx calls would otherwise log a line each into Locust's output.

@@ -1,4 +1,5 @@
-"""service/probes.py: pause points, the Rendezvous controller and the X-Payrace-Pause header."""
+"""service/instrument/probes.py: pause points, the Rendezvous controller, the X-Payrace-Pause
+header."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import time
 
 import pytest
 
-from payrace.service import probes
-from payrace.service.probes import (
+from payrace.service.instrument import probes
+from payrace.service.instrument.probes import (
     POINTS,
     PauseHeaderError,
     PauseRequest,

@@ -5,12 +5,16 @@
     ProbeContext      per-request facts a controller needs: label, backend pid, time paused
     controlled()      install a controller for the requests started inside it (contextvar)
     pause()           the hook the capture path awaits; a no-op without a controller
+    record_backend()  tell the controller which PostgreSQL backend serves the request
+    finish()          the request left the capture path (every outcome)
     Rendezvous        "hold at POINT until every other member has arrived, finished or is
                       blocked by PostgreSQL" — forced mode, in-process or via X-Payrace-Pause
     parse_pause_header()  X-Payrace-Pause: group=<id>; size=<n>[; point=...][; timeout_ms=...]
 
 Without a controller `pause()` costs one ContextVar.get() and a comparison, which is why the
-capture path can keep its pause points in production.
+capture path can keep its pause points in production. The capture path
+(payrace.service.capture) calls pause() / record_backend() / finish(); the middleware
+installs a Rendezvous from X-Payrace-Pause; the harness installs its own controllers.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 POINTS: tuple[str, ...] = (
     "txn_begun",
@@ -87,6 +94,18 @@ def set_backend_pid(pid: int) -> None:
     probe = _probe.get()
     if probe is not None:
         probe.backend_pid = pid
+
+
+async def record_backend(conn: AsyncConnection) -> None:
+    """With a controller installed, note the backend pid of the request's connection."""
+    if not active():
+        return
+    # Controllers tell "waiting for a lock" from pg_blocking_pids of this backend. The
+    # driver knows the pid already: asking the server would run a statement, and at
+    # REPEATABLE READ the first statement takes the snapshot earlier than production.
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None  # a checked-out connection always has one
+    set_backend_pid(int(driver.get_server_pid()))
 
 
 async def pause(point: str, detail: str | None = None) -> None:

@@ -1,4 +1,4 @@
-"""service/timing.py: per-request timings and the Server-Timing header they become."""
+"""service/instrument/timing.py: per-request timings and the Server-Timing header they become."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import contextvars
 
 import pytest
 
-from payrace.service import timing
-from payrace.service.timing import Timings, parse_server_timing
+from payrace.service.instrument import probes, timing
+from payrace.service.instrument.timing import Timings, parse_server_timing
 
 
 def test_header_lists_lock_hold_db_gateway_in_milliseconds() -> None:
@@ -73,3 +73,53 @@ async def test_current_without_begin_starts_fresh_timings_and_keeps_them() -> No
 
     assert one is same
     assert one == Timings()
+
+
+class Holder:
+    """A pause controller that holds every request at every point for `hold_s`."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+
+    async def reached(self, point: str, probe: probes.ProbeContext) -> None:
+        await asyncio.sleep(self.hold_s)
+
+    def finished(self, probe: probes.ProbeContext) -> None:
+        return None
+
+
+async def attempt(*, gateway_s: float, paused_s: float, commit: bool) -> Timings:
+    """One attempt: a 20 ms lock wait, then a pause and a gateway call while the lock is held."""
+    t = timing.begin()
+    with probes.controlled(Holder(paused_s), "attempt"):
+        clock = timing.AttemptClock()
+        with clock.waiting_for_lock():
+            await asyncio.sleep(0.02)
+        await probes.pause("status_checked")
+        t.gateway_ms += gateway_s * 1000
+        await asyncio.sleep(gateway_s)
+        if commit:
+            clock.committed()
+        else:
+            clock.lock_released()
+    return t
+
+
+async def test_attempt_clock_measures_the_lock_wait_and_the_hold_that_follows_it() -> None:
+    t = await asyncio.create_task(
+        attempt(gateway_s=0.05, paused_s=0.05, commit=False), context=contextvars.Context()
+    )
+
+    assert t.lock_ms is not None and 20 <= t.lock_ms < 150
+    assert t.hold_ms is not None and 100 <= t.hold_ms < 1000
+    assert t.db_ms is None  # a hold alone: nothing else is reported
+
+
+async def test_attempt_clock_database_time_leaves_out_gateway_calls_and_pauses() -> None:
+    t = await asyncio.create_task(
+        attempt(gateway_s=0.1, paused_s=0.1, commit=True), context=contextvars.Context()
+    )
+
+    assert t.hold_ms is not None and t.hold_ms >= 200
+    # Wall time ~220 ms, of which 100 ms gateway and 100 ms paused: ~20 ms remain.
+    assert t.db_ms is not None and 15 <= t.db_ms < 150

@@ -1,0 +1,125 @@
+"""What a capture is asked, how the ask is checked against the stored rows, what it answers.
+
+    CaptureCommand   what the client callback or a webhook asks for (built by the routes)
+    CaptureResult    the payment's state after the call, and whether it was a repeat
+    validate()       the command against the locked payment and its order: order, amount,
+                     currency and gateway payment id must match, else Rejected (400)
+    record_event()   insert the webhook's event id; False when it was already delivered
+    stored_result()  the answer for a call that wrote nothing (a repeat, a failure kept)
+
+Used by payrace.service.capture inside its transaction, after the payment lock is held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from payrace.service.errors import Rejected
+from payrace.service.models import Invoice, Order, Payment, WebhookEvent
+
+
+@dataclass(frozen=True)
+class CaptureCommand:
+    source: Literal["client", "webhook"]
+    payment_id: int
+    gateway_order_id: str
+    gateway_payment_id: str
+    capture_at_gateway: bool
+    amount: int | None = None
+    currency: str | None = None
+    event: str | None = None
+    event_id: str | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    payment_id: int
+    status: str
+    gateway_payment_id: str | None
+    idempotent: bool
+    duplicate_event: bool
+    invoice_status: str | None
+    order_status: str | None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "payment_id": self.payment_id,
+            "status": self.status,
+            "gateway_payment_id": self.gateway_payment_id,
+            "idempotent": self.idempotent,
+            "duplicate_event": self.duplicate_event,
+            "invoice_status": self.invoice_status,
+            "order_status": self.order_status,
+        }
+
+
+def validate(cmd: CaptureCommand, payment: Payment, order: Order) -> None:
+    if order.gateway_order_id != cmd.gateway_order_id:
+        raise Rejected(
+            f"razorpay_order_id {cmd.gateway_order_id} is not the order of payment {payment.id}",
+            code="order_mismatch",
+        )
+    if cmd.amount is not None and cmd.amount != order.amount:
+        raise Rejected(
+            f"amount {cmd.amount} does not match the order's amount {order.amount}",
+            code="amount_mismatch",
+        )
+    if cmd.currency is not None and cmd.currency != order.currency:
+        raise Rejected(
+            f"currency {cmd.currency} does not match the order's currency {order.currency}",
+            code="currency_mismatch",
+        )
+    # A failed attempt does not own the order: the customer may retry with a new payment id,
+    # and a late payment.failed of another attempt changes nothing (Razorpay documents both).
+    if (
+        payment.gateway_payment_id not in (None, cmd.gateway_payment_id)
+        and payment.status != "failed"
+        and cmd.event != "payment.failed"
+    ):
+        raise Rejected(
+            f"payment {payment.id} is already bound to {payment.gateway_payment_id}, "
+            f"not {cmd.gateway_payment_id}",
+            code="payment_mismatch",
+        )
+
+
+async def record_event(session: AsyncSession, cmd: CaptureCommand) -> bool:
+    """Insert the event id; False when it was already delivered (a duplicate)."""
+    if cmd.event_id is None:
+        return True
+    stmt = (
+        insert(WebhookEvent)
+        .values(event_id=cmd.event_id, event=cmd.event or "", payment_id=cmd.payment_id)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(WebhookEvent.event_id)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def stored_result(
+    session: AsyncSession, payment: Payment, *, idempotent: bool, duplicate_event: bool
+) -> CaptureResult:
+    invoice_status, order_status = (
+        await session.execute(
+            select(Invoice.status, Order.status)
+            .select_from(Payment)
+            .join(Order, Order.id == Payment.order_id)
+            .outerjoin(Invoice, Invoice.payment_id == Payment.id)
+            .where(Payment.id == payment.id)
+        )
+    ).one()
+    return CaptureResult(
+        payment_id=payment.id,
+        status=payment.status,
+        gateway_payment_id=payment.gateway_payment_id,
+        idempotent=idempotent,
+        duplicate_event=duplicate_event,
+        invoice_status=invoice_status,
+        order_status=order_status,
+    )

@@ -1,0 +1,73 @@
+"""The retry policy of the capture path: what a failed transaction attempt becomes.
+
+    retrying(attempt, conflicts=N)   runs `attempt` until it returns, and on a DBAPIError:
+        40001 serialization_failure,   retried N times after a short, growing pause, then
+        40P01 deadlock_detected        RetryLater: 409 with Retry-After (safe to retry)
+        a lost connection              retried CONNECTION_RETRIES times on a fresh connection
+          (errors.connection_lost)     (the pool discards the dead one), then
+                                       ServiceUnavailable: 503 with Retry-After
+        23505 unique_violation         Rejected payment_mismatch (400): the only unique key a
+                                       capture can hit is payments.gateway_payment_id
+        anything else                  raised as it is (a 500, logged)
+
+Every retry repeats the whole transaction, so an attempt must be safe to repeat: the capture
+routine (payrace.service.capture) remembers the gateway's answer across its attempts. Never a
+500 for a conflict and never a lost capture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError
+
+from payrace.service.errors import Rejected, RetryLater, connection_lost, unavailable
+
+RETRYABLE_SQLSTATES = {"40001": "serialization_failure", "40P01": "deadlock_detected"}
+# A transaction on a lost connection wrote nothing, so it is retried on a fresh one; more
+# than twice in one request means the database is going away.
+CONNECTION_RETRIES = 2
+
+T = TypeVar("T")
+
+
+def sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or getattr(
+        getattr(orig, "__cause__", None), "sqlstate", None
+    )
+    return state if isinstance(state, str) else None
+
+
+async def retrying(attempt: Callable[[], Awaitable[T]], *, conflicts: int) -> T:
+    """Run `attempt`; retry up to `conflicts` serialisation failures or deadlocks and up to
+    CONNECTION_RETRIES lost connections."""
+    conflicted = lost = 0
+    while True:
+        try:
+            return await attempt()
+        except DBAPIError as exc:
+            if connection_lost(exc):
+                if lost == CONNECTION_RETRIES:
+                    raise unavailable(conflicted + lost + 1) from exc
+                lost += 1
+                continue
+            state = sqlstate(exc)
+            if state == "23505":
+                raise Rejected(
+                    "this gateway payment id is already bound to another payment",
+                    code="payment_mismatch",
+                ) from exc
+            if state not in RETRYABLE_SQLSTATES:
+                raise
+            if conflicted == conflicts:
+                raise RetryLater(
+                    f"concurrent update of this payment ({RETRYABLE_SQLSTATES[state]}) "
+                    f"persisted after {conflicted + 1} attempts; retry the request",
+                    sqlstate=state,
+                ) from exc
+            conflicted += 1
+            # A short, growing pause lets the winning transaction commit first.
+            await asyncio.sleep(0.002 * conflicted)
