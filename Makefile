@@ -1,11 +1,12 @@
-# The three commands a newcomer needs: make race, make test, make lint.
+# The three commands a newcomer needs: make race, make test, make lint (make test-fast for the
+# edit loop).
 # Each bootstraps .venv on first use (Python 3.11+ required).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: race test lint load clean
+.PHONY: race test test-fast lint load clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "payrace needs Python 3.11+; set PYTHON=python3.11 (found " + sys.version.split()[0] + ")")'
@@ -19,6 +20,10 @@ race: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -rs
+
+# The edit loop: everything but the tests marked slow (processes, Locust, virtualenvs).
+test-fast: $(STAMP)
+	$(BIN)/pytest -rs -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
