@@ -1,1 +1,0 @@
-"""The harness: fires interleaved requests at a target, watches its database, judges, reports."""

@@ -1,1 +1,0 @@
-"""The explorer: every schedule of the pause points of two requests, PCT for more."""

@@ -1,1 +1,0 @@
-"""Infrastructure: the PostgreSQL provider, the processes payrace starts, the guardian."""

@@ -1,1 +1,0 @@
-"""Reports: summary JSON, JUnit XML, self-contained HTML with plots, the console table."""

@@ -1,1 +1,0 @@
-"""Forced, aligned and jitter runs: configuration and gates, the target, the trials."""

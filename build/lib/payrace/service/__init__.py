@@ -1,1 +1,0 @@
-"""The reference capture service: one target payrace races, readable in one sitting."""
