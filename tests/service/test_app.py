@@ -19,8 +19,8 @@ import pytest
 from conftest import Service, service_settings
 from sqlalchemy import text
 
-from payrace.harness.gateway.fake import (
-    FakeRazorpay,
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.signing import (
     GatewayKeys,
     client_callback,
     signed_webhook,

@@ -40,19 +40,19 @@ from typing import Any, Literal
 
 import asyncpg
 
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+from payrace.harness.gateway.controls import GatewayControl, LocalGateway, RemoteGateway
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, service_env
 from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.harness.model import checker, oracle
 from payrace.harness.model.client import (
     AsgiClient,
     Client,
-    GatewayControl,
     HttpClient,
-    LocalGateway,
     PaymentContext,
     Prepared,
-    RemoteGateway,
     Reply,
     prepare,
 )

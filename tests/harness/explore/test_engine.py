@@ -35,7 +35,9 @@ from payrace.harness.explore.engine import (
     pause_overhead,
 )
 from payrace.harness.explore.scenario import StepSpec, parse_requests, parse_schedule_id
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database, provide_postgres
 
 HERE = Path(__file__).parent
