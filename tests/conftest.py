@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database
 from payrace.service.app import Runtime, create_app
 from payrace.service.settings import Settings

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 from conftest import Service
 
-from payrace.harness.gateway.fake import (
-    FakeRazorpay,
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.signing import (
     GatewayKeys,
     client_callback,
     signed_webhook,

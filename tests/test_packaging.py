@@ -9,6 +9,7 @@ payrace plugin loaded and neither a web framework, an ORM nor the razorpay SDK i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -33,8 +34,14 @@ def _run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Complet
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)], ROOT)
+    # Built from a copy: setuptools leaves build/ beside the sources it builds.
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    shutil.copytree(
+        ROOT / "payrace", source / "payrace", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), "."], source)
     (built,) = out.glob("payrace-*.whl")
     return built
 

@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from payrace.harness.explore.plan import Plan, execute, make_plan
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import provide_postgres
 from payrace.service.instrument import probes
 

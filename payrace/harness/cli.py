@@ -331,7 +331,9 @@ def gateway_command(
     """Serve a fake Razorpay until Ctrl-C (for `payrace run --target URL --gateway-url`)."""
     import time
 
-    from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+    from payrace.harness.gateway.fake import FakeRazorpay
+    from payrace.harness.gateway.server import GatewayServer
+    from payrace.harness.gateway.signing import GatewayKeys
 
     keys = GatewayKeys()
     with GatewayServer(FakeRazorpay(keys), host=host, port=port) as server:

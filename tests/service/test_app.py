@@ -17,8 +17,8 @@ from conftest import Service, service_settings
 from service_calls import KEYS, assert_error, create_order, customer_pays, deliver, verify
 from sqlalchemy import text
 
-from payrace.harness.gateway.fake import (
-    FakeRazorpay,
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.signing import (
     client_callback,
     signed_webhook,
     webhook_event,

@@ -24,8 +24,8 @@ import pytest
 import sqlalchemy
 from conftest import Service, service_settings
 
-from payrace.harness.gateway.fake import (
-    FakeRazorpay,
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.signing import (
     GatewayKeys,
     client_callback,
     signed_webhook,

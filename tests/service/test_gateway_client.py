@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.service.gateway_client import CaptureOutcome, GatewayClient, GatewayError
 from payrace.service.instrument import timing
 

@@ -47,7 +47,8 @@ from payrace.harness.explore.scheduler import (
     Scheduler,
     blocking_pids,
 )
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database
 from payrace.harness.model import checker, oracle
 from payrace.harness.model.client import AsgiClient, PaymentContext, Reply, prepare

@@ -46,7 +46,9 @@ from payrace.harness.explore.scenario import (
     parse_requests,
     parse_schedule_id,
 )
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
 from payrace.harness.model import oracle
 from payrace.harness.model.history import History

@@ -1,1 +1,2 @@
-"""The fake Razorpay: the gateway, its HTTP server, the controls the harness drives, signing."""
+"""The fake Razorpay: its state (fake), its HTTP server (server), the controls the harness
+drives (controls), and what Razorpay signs (signing)."""

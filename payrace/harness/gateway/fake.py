@@ -1,55 +1,39 @@
-"""A fake Razorpay that the real `razorpay` SDK cannot tell from the real one (for what we use).
+"""The fake Razorpay's state: orders, payments, capture counters and fault knobs, behind one lock.
 
-    FakeRazorpay       orders, payments and capture counters behind one lock, plus its ASGI `app`:
-        POST /v1/orders                  GET /v1/orders/{id}
-        GET  /v1/payments/{id}           POST /v1/payments/{id}/capture
-        /_fake/counters  /_fake/payments  /_fake/knobs  /_fake/reset    (test control, no auth)
-    GatewayServer      context manager: a FakeRazorpay under uvicorn, free port, own thread
+    FakeRazorpay     create_order / authorize_payment / capture, the way Razorpay answers them;
+                     order() / payment() / capture_calls() / counters() to read; reset()
+                     knobs() / set_knobs(**changes)   latency and failure injection at run time;
+                     delay_s() the latency one call gets
+    Knobs            the fault knobs, their validation, and how a partial change applies; the
+                     one definition behind FakeRazorpay, the /_fake/knobs route
+                     (gateway.server) and the controls (gateway.controls)
+    RazorpayError    an error in Razorpay's JSON shape with its HTTP status;
+                     not_found(), json_object() build the ones the routes need
 
-The signing helpers live in payrace.harness.gateway.signing and are re-exported here (`__all__`).
+No web framework here: gateway.server serves this over HTTP, gateway.controls drives it, and
+both the harness and the tests read it directly.
 
-The capture counters are part of the oracle: they count every call that reached the capture
-route (accepted, rejected, or failed on purpose), so a double capture is visible here even when
-the target's own tables say otherwise. A call is counted when it is answered (after any injected
-latency), so read the counters once the target's requests have returned. Errors carry Razorpay's
-JSON shape and status codes because the SDK picks its exception class from `error.code`, not from
-the HTTP status.
+The capture counters are part of the oracle: they count every call that reached capture
+(accepted, rejected, or failed on purpose), so a double capture is visible here even when the
+target's own tables say otherwise. A call over HTTP is counted when it is answered (after any
+injected latency), so read the counters once the target's requests have returned. Errors carry
+Razorpay's JSON shape and status codes because the SDK picks its exception class from
+`error.code`, not from the HTTP status.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import copy
-import hmac
 import json
 import random
-import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, replace
-from types import TracebackType
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-import uvicorn
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-
-from payrace.harness.gateway.signing import (
-    EVENTS,
-    GatewayKeys,
-    client_callback,
-    new_event_id,
-    razorpay_id,
-    signed_webhook,
-    webhook_event,
-)
-from payrace.harness.infra.processes import wait_until_answers
+from payrace.harness.gateway.signing import GatewayKeys, razorpay_id
 
 _NULL_PAYMENT_FIELDS = (
     *("invoice_id", "refund_status", "description", "card_id", "bank", "wallet", "fee", "tax"),
@@ -58,7 +42,7 @@ _NULL_PAYMENT_FIELDS = (
 _SERVER_ERROR = "The server encountered an error. The incident has been reported to admins."
 
 
-class _RazorpayError(Exception):
+class RazorpayError(Exception):
     def __init__(
         self,
         status: int,
@@ -76,41 +60,42 @@ class _RazorpayError(Exception):
         self.body = {"error": error}
 
 
-def _not_found(field: str = "id") -> _RazorpayError:
+def not_found(field: str = "id") -> RazorpayError:
     where = ("business", "payment_initiation", "input_validation_failed")
-    return _RazorpayError(400, "The id provided does not exist", field=field, where=where)
+    return RazorpayError(400, "The id provided does not exist", field=field, where=where)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object (empty means {}), or Razorpay's 400."""
+    try:
+        body: object = json.loads(raw or b"{}")
+    except ValueError:
+        raise RazorpayError(400, "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise RazorpayError(400, "The request body must be a JSON object.")
+    return body
 
 
 def _require_int(body: dict[str, Any], field: str) -> int:
     if field not in body:
-        raise _RazorpayError(400, f"The {field} field is required.", field=field)
+        raise RazorpayError(400, f"The {field} field is required.", field=field)
     value = body[field]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _RazorpayError(400, f"The {field} must be an integer.", field=field)
+        raise RazorpayError(400, f"The {field} must be an integer.", field=field)
     return value
 
 
 def _require_currency(body: dict[str, Any]) -> str:
     currency = body.get("currency")
     if currency is None:
-        raise _RazorpayError(400, "The currency field is required.", field="currency")
+        raise RazorpayError(400, "The currency field is required.", field="currency")
     if not (isinstance(currency, str) and len(currency) == 3 and currency.isupper()):
-        raise _RazorpayError(400, "The selected currency is invalid.", field="currency")
+        raise RazorpayError(400, "The selected currency is invalid.", field="currency")
     return currency
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    try:
-        body: object = json.loads(await request.body() or b"{}")
-    except ValueError:
-        raise _RazorpayError(400, "The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise _RazorpayError(400, "The request body must be a JSON object.")
-    return body
-
-
 @dataclass(frozen=True)
-class _Knobs:
+class Knobs:
     latency_s: float = 0.0  # added to every /v1 call
     capture_latency_s: float = 0.0  # added to captures only
     fail_rate: float = 0.0  # fraction of captures answered 502/503, seeded
@@ -121,28 +106,38 @@ class _Knobs:
         if not 0.0 <= self.fail_rate <= 1.0:
             raise ValueError(f"fail_rate must be within [0, 1], got {self.fail_rate!r}")
 
+    def changed(self, changes: Mapping[str, object]) -> Knobs:
+        """These knobs with `changes` applied: None leaves a knob as it is; an unknown name or
+        a value that is not a number raises ValueError (the route answers it with a 400)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            known = ", ".join(f.name for f in fields(self))
+            raise ValueError(f"unknown knob(s) {', '.join(unknown)}; the knobs are {known}")
+        set_to = {name: _number(name, v) for name, v in changes.items() if v is not None}
+        return replace(self, **set_to)
 
-_Handler = Callable[[Request], Awaitable[dict[str, Any]]]
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _number(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
 class FakeRazorpay:
-    """State + ASGI app. Thread-safe (the app runs in a server thread while the harness reads)."""
+    """Thread-safe: gateway.server answers from its own thread while the harness reads."""
 
     def __init__(
-        self,
-        keys: GatewayKeys = GatewayKeys(),
-        *,
-        latency_s: float = 0.0,
-        capture_latency_s: float = 0.0,
-        fail_rate: float = 0.0,
-        seed: int = 0,
+        self, keys: GatewayKeys = GatewayKeys(), *, knobs: Knobs = Knobs(), seed: int = 0
     ) -> None:
         self.keys = keys
-        self._initial_knobs = _Knobs(latency_s, capture_latency_s, fail_rate)
+        self._initial_knobs = knobs
         self._seed = seed
         self._lock = threading.Lock()
         self._reset_locked()
-        self.app = self._build_app()
 
     # -- state, read and written from any thread -------------------------------------------
 
@@ -161,24 +156,21 @@ class FakeRazorpay:
         with self._lock:
             self._reset_locked()
 
-    def set_knobs(
-        self,
-        *,
-        latency_s: float | None = None,
-        capture_latency_s: float | None = None,
-        fail_rate: float | None = None,
-    ) -> dict[str, float]:
-        """Change latency / failure injection at runtime; None leaves a knob as it is."""
-        changes = {"latency_s": latency_s, "capture_latency_s": capture_latency_s}
-        changes["fail_rate"] = fail_rate
+    def set_knobs(self, **changes: float | None) -> dict[str, float]:
+        """Change latency / failure injection at run time (see Knobs.changed); the knobs now."""
         with self._lock:
-            set_to = {name: float(v) for name, v in changes.items() if v is not None}
-            self._knobs = replace(self._knobs, **set_to)
-            return asdict(self._knobs)
+            self._knobs = self._knobs.changed(changes)
+            return self._knobs.as_dict()
 
     def knobs(self) -> dict[str, float]:
         with self._lock:
-            return asdict(self._knobs)
+            return self._knobs.as_dict()
+
+    def delay_s(self, *, capture: bool) -> float:
+        """The latency injected into one /v1 call; a capture also waits capture_latency_s."""
+        with self._lock:
+            knobs = self._knobs
+        return knobs.latency_s + (knobs.capture_latency_s if capture else 0.0)
 
     def order(self, order_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -205,11 +197,11 @@ class FakeRazorpay:
     def create_order(self, body: dict[str, Any]) -> dict[str, Any]:
         amount = _require_int(body, "amount")
         if amount < 100:
-            raise _RazorpayError(400, "The amount must be atleast INR 1.00", field="amount")
+            raise RazorpayError(400, "The amount must be atleast INR 1.00", field="amount")
         currency = _require_currency(body)
         receipt = body.get("receipt")
         if receipt is not None and (not isinstance(receipt, str) or len(receipt) > 40):
-            raise _RazorpayError(
+            raise RazorpayError(
                 400, "The receipt may not be greater than 40 characters.", field="receipt"
             )
         order: dict[str, Any] = {
@@ -277,9 +269,9 @@ class FakeRazorpay:
             try:
                 if draw < self._knobs.fail_rate:
                     self._injected[payment_id] += 1
-                    raise _RazorpayError(status, _SERVER_ERROR, code="SERVER_ERROR")
+                    raise RazorpayError(status, _SERVER_ERROR, code="SERVER_ERROR")
                 captured = self._capture_locked(payment_id, body)
-            except _RazorpayError:
+            except RazorpayError:
                 self._rejected[payment_id] += 1
                 raise
             self._accepted[payment_id] += 1
@@ -288,22 +280,22 @@ class FakeRazorpay:
     def _capture_locked(self, payment_id: str, body: dict[str, Any]) -> dict[str, Any]:
         payment = self._payments.get(payment_id)
         if payment is None:
-            raise _not_found()
+            raise not_found()
         amount = _require_int(body, "amount")
         currency = _require_currency(body)
         if payment["status"] == "captured":
-            raise _RazorpayError(400, "This payment has already been captured")
+            raise RazorpayError(400, "This payment has already been captured")
         if payment["status"] != "authorized":
-            raise _RazorpayError(
+            raise RazorpayError(
                 400,
                 "Only payments which have been authorized and not yet captured can be captured",
             )
         if amount != payment["amount"]:
-            raise _RazorpayError(
+            raise RazorpayError(
                 400, "Capture amount must be equal to the amount authorized", field="amount"
             )
         if currency != payment["currency"]:
-            raise _RazorpayError(
+            raise RazorpayError(
                 400, "Currency should be same as payment currency", field="currency"
             )
         fee = payment["amount"] * 2 // 100  # Razorpay's fee includes its 18% GST
@@ -311,230 +303,3 @@ class FakeRazorpay:
         order = self._orders[payment["order_id"]]
         order.update(status="paid", amount_paid=order["amount"], amount_due=0)
         return copy.deepcopy(payment)
-
-    # -- HTTP -------------------------------------------------------------------------------
-
-    def _authenticate(self, request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("basic "):
-            raise _RazorpayError(401, "Please provide your api key for authentication purposes.")
-        credentials = f"{self.keys.key_id}:{self.keys.key_secret}".encode()
-        expected = b"Basic " + base64.b64encode(credentials)
-        if not hmac.compare_digest(header.encode(), expected):
-            raise _RazorpayError(401, "Authentication failed")
-
-    def _v1(
-        self, handler: _Handler, *, capture: bool = False
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            self._authenticate(request)
-            with self._lock:
-                knobs = self._knobs
-            delay = knobs.latency_s + (knobs.capture_latency_s if capture else 0.0)
-            if delay:
-                # The server loop serves every other request meanwhile; that is what lets a
-                # slow gateway stretch the window in which two captures overlap.
-                await asyncio.sleep(delay)
-            return JSONResponse(await handler(request))
-
-        return endpoint
-
-    async def _http_create_order(self, request: Request) -> dict[str, Any]:
-        return self.create_order(await _json_object(request))
-
-    async def _http_order(self, request: Request) -> dict[str, Any]:
-        order = self.order(request.path_params["order_id"])
-        if order is None:
-            raise _not_found()
-        return order
-
-    async def _http_payment(self, request: Request) -> dict[str, Any]:
-        payment = self.payment(request.path_params["payment_id"])
-        if payment is None:
-            raise _not_found()
-        return payment
-
-    async def _http_capture(self, request: Request) -> dict[str, Any]:
-        return self.capture(request.path_params["payment_id"], await _json_object(request))
-
-    async def _fake_counters(self, request: Request) -> Response:
-        return JSONResponse(self.counters())
-
-    async def _fake_payments(self, request: Request) -> Response:
-        body = await _json_object(request)
-        try:
-            payment = self.authorize_payment(
-                str(body.get("order_id")), method=str(body.get("method", "upi"))
-            )
-        except KeyError:
-            raise _not_found("order_id") from None
-        except ValueError as exc:
-            raise _RazorpayError(400, str(exc), field="order_id") from None
-        return JSONResponse(payment)
-
-    async def _fake_knobs(self, request: Request) -> Response:
-        if request.method == "GET":
-            return JSONResponse(self.knobs())
-        body = await _json_object(request)
-        try:
-            knobs = self.set_knobs(
-                latency_s=body.get("latency_s"),
-                capture_latency_s=body.get("capture_latency_s"),
-                fail_rate=body.get("fail_rate"),
-            )
-        except (TypeError, ValueError) as exc:
-            raise _RazorpayError(400, str(exc)) from None
-        return JSONResponse(knobs)
-
-    async def _fake_reset(self, request: Request) -> Response:
-        self.reset()
-        return JSONResponse(self.counters())
-
-    def _build_app(self) -> Starlette:
-        async def razorpay_error(request: Request, exc: Exception) -> Response:
-            assert isinstance(exc, _RazorpayError)
-            return JSONResponse(exc.body, status_code=exc.status)
-
-        async def http_error(request: Request, exc: Exception) -> Response:
-            # The SDK calls response.json() on every error; a plain-text 404 would surface as
-            # a JSONDecodeError instead of BadRequestError.
-            assert isinstance(exc, HTTPException)
-            if exc.status_code == 404:  # Razorpay answers an unknown URL with a 400
-                error = _RazorpayError(400, "The requested URL was not found on the server.")
-            else:
-                error = _RazorpayError(exc.status_code, exc.detail)
-            return JSONResponse(error.body, status_code=error.status)
-
-        return Starlette(
-            routes=[
-                Route("/v1/orders", self._v1(self._http_create_order), methods=["POST"]),
-                Route("/v1/orders/{order_id}", self._v1(self._http_order), methods=["GET"]),
-                Route("/v1/payments/{payment_id}", self._v1(self._http_payment), methods=["GET"]),
-                Route(
-                    "/v1/payments/{payment_id}/capture",
-                    self._v1(self._http_capture, capture=True),
-                    methods=["POST"],
-                ),
-                Route("/_fake/counters", self._fake_counters, methods=["GET"]),
-                Route("/_fake/payments", self._fake_payments, methods=["POST"]),
-                Route("/_fake/knobs", self._fake_knobs, methods=["GET", "POST"]),
-                Route("/_fake/reset", self._fake_reset, methods=["POST"]),
-            ],
-            exception_handlers={_RazorpayError: razorpay_error, HTTPException: http_error},
-        )
-
-
-class GatewayServer:
-    """Runs `fake.app` under uvicorn in a thread on `host`, on a free port unless one is given."""
-
-    def __init__(
-        self,
-        fake: FakeRazorpay,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        start_timeout_s: float = 10.0,
-    ) -> None:
-        self.fake = fake
-        self.host = host
-        self.port = port
-        self.url = ""
-        self.start_timeout_s = start_timeout_s
-        self.thread: threading.Thread | None = None
-        self._server: uvicorn.Server | None = None
-        self._crash: BaseException | None = None
-
-    def __enter__(self) -> GatewayServer:
-        # Binding here, not in uvicorn, makes port 0 resolve before the thread starts, so the
-        # URL is known and a busy port fails loudly in the caller's thread.
-        # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets whose proto says
-        # TCP, and without it Nagle + delayed ACK add ~40 ms to every response.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-        except OSError:
-            sock.close()
-            raise
-        self.port = sock.getsockname()[1]
-        self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(
-            self.fake.app,
-            lifespan="off",
-            ws="none",  # nothing here speaks websockets; importing them only brings warnings
-            http="h11",
-            log_config=None,  # leave the process's logging as the caller configured it
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=2,
-        )
-        self._server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self._run, args=(sock,), name=f"payrace-gateway-{self.port}", daemon=True
-        )
-        try:
-            self.thread.start()
-            self._wait_until_answering()
-        except BaseException:
-            self._stop()
-            raise
-        return self
-
-    def _run(self, sock: socket.socket) -> None:
-        assert self._server is not None
-        try:
-            self._server.run(sockets=[sock])
-        except BaseException as exc:  # kept for the start-up error message
-            self._crash = exc
-        finally:
-            sock.close()
-
-    def _wait_until_answering(self) -> None:
-        thread = self.thread
-        assert thread is not None
-        wait_until_answers(
-            self.url,
-            "/_fake/counters",
-            timeout_s=self.start_timeout_s,
-            stopped=lambda: (
-                None
-                if thread.is_alive()
-                else f"fake gateway at {self.url} stopped before answering: {self._crash!r}"
-            ),
-            what="fake gateway",
-            hint="is the host loaded or the address firewalled? Try a larger start_timeout_s.",
-            poll_s=0.02,
-            request_timeout_s=1.0,
-        )
-
-    def _stop(self) -> None:
-        if self._server is None or self.thread is None:
-            return
-        self._server.should_exit = True
-        self.thread.join(timeout=5)
-        if self.thread.is_alive():
-            # Requests stuck in injected latency outlived the graceful shutdown.
-            self._server.force_exit = True
-            self.thread.join(timeout=5)
-        if self.thread.is_alive():
-            raise RuntimeError(f"fake gateway thread {self.thread.name} did not stop")
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop()
-
-
-__all__ = [
-    "EVENTS",
-    "FakeRazorpay",
-    "GatewayKeys",
-    "GatewayServer",
-    "client_callback",
-    "new_event_id",
-    "signed_webhook",
-    "webhook_event",
-]

@@ -1,1 +1,2 @@
-"""Infrastructure: the PostgreSQL provider, the processes payrace starts, the guardian."""
+"""Infrastructure: the PostgreSQL provider, the processes payrace starts and their CPU, the
+readiness poller, the guardian."""

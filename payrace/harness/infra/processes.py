@@ -1,22 +1,23 @@
-"""Processes payrace starts, each a context manager that stops what it started, and their CPU.
+"""Processes payrace starts, each a context manager that stops what it started.
 
     free_port()            a loopback port nobody listens on right now
     stop_process()         signal the whole group (SIGTERM, or the given signals in turn), wait,
                            then SIGKILL what is left, also after a second Ctrl-C, and wait
                            until the group has no living member
-    group_members(), wait_for_group()   the living members of a process group
-    wait_until_answers()   GET a URL until it answers 200; fails at once when the server stopped,
-                           and on timeout says what it saw last
+    group_members(), wait_for_group()   the living members of a process group (psutil)
+    ServiceKeys            the Razorpay keys the service is configured with (gateway.signing's
+                           GatewayKeys is one)
     service_env()          the reference service's environment for one database and gateway
     ServiceProcess         the reference service under uvicorn; ready when /healthz answers
+                           (infra.readiness)
     LocustProcess          locust, its output teed to a log and to a callback; stopped with SIGINT
                            (it writes its reports and runs the gate), SIGTERM, then SIGKILL
-    CpuSampler             CPU seconds of named groups of processes, sampled from /proc
-        ProcStat, read_procs(), in_group(), postmaster_pid()   what the groups are made of
 
 Every child gets its own session (process group): a terminal's Ctrl-C reaches only payrace,
 which then stops the child in __exit__, and one killpg reaches whatever the child forked
-(uvicorn and Locust workers), so nothing is left running either way.
+(uvicorn and Locust workers), so nothing is left running either way. Each group is also
+registered with the guardian (infra.watchdog) for when payrace dies without unwinding. What
+the groups cost in CPU is infra.cpu's business.
 """
 
 from __future__ import annotations
@@ -30,18 +31,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Protocol
 
-import httpx
-import psycopg
+import psutil
 
 from payrace.harness.infra import watchdog
 from payrace.harness.infra.provider import Database
+from payrace.harness.infra.readiness import wait_until_answers
 
-if TYPE_CHECKING:
-    from payrace.harness.gateway.fake import GatewayKeys
+_DONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -84,7 +83,14 @@ def stop_process(
 
 def group_members(pgid: int) -> list[int]:
     """Pids of the living members of process group `pgid` (zombies are done running)."""
-    return [p.pid for p in read_procs().values() if p.pgrp == pgid and p.state not in "ZX"]
+    members = []
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid and psutil.Process(pid).status() not in _DONE:
+                members.append(pid)
+        except (OSError, psutil.Error):
+            continue  # exited between listing and looking
+    return members
 
 
 def wait_for_group(pgid: int, timeout_s: float) -> bool:
@@ -97,40 +103,14 @@ def wait_for_group(pgid: int, timeout_s: float) -> bool:
     return True
 
 
-def wait_until_answers(
-    url: str,
-    path: str,
-    *,
-    timeout_s: float,
-    stopped: Callable[[], str | None],
-    what: str,
-    hint: str,
-    poll_s: float = 0.1,
-    request_timeout_s: float = 2.0,
-) -> None:
-    """GET `url + path` until it answers 200.
-
-    `stopped()` says why the server is gone (None while it runs): that is raised as a
-    RuntimeError at once instead of waiting out the timeout. Past `timeout_s`, a TimeoutError
-    names what was last seen and ends with `hint` (what to check)."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer yet"
-    with httpx.Client(timeout=request_timeout_s) as client:
-        while time.monotonic() < deadline:
-            reason = stopped()
-            if reason is not None:
-                raise RuntimeError(reason)
-            try:
-                response = client.get(f"{url}{path}")
-                if response.status_code == 200:
-                    return
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
-            except httpx.HTTPError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            time.sleep(poll_s)
-    raise TimeoutError(
-        f"{what} at {url} did not answer {path} within {timeout_s}s (last seen: {last}); {hint}"
-    )
+class ServiceKeys(Protocol):
+    # Read-only properties, so that a frozen dataclass such as GatewayKeys fits.
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def key_secret(self) -> str: ...
+    @property
+    def webhook_secret(self) -> str: ...
 
 
 def service_env(
@@ -138,16 +118,13 @@ def service_env(
     gateway_url: str,
     strategy: str,
     *,
-    keys: GatewayKeys | None = None,
+    keys: ServiceKeys,
     probes: bool = False,
     isolation_level: str = "READ COMMITTED",
     pool_size: int = 20,
 ) -> dict[str, str]:
-    if keys is None:
-        # Imported here, not at the top, so payrace.harness.gateway.fake can use wait_until_answers.
-        from payrace.harness.gateway.fake import GatewayKeys
-
-        keys = GatewayKeys()
+    """The service must hold the keys of the gateway it talks to: the caller that started
+    that gateway passes them."""
     return {
         "DATABASE_URL": db.asyncpg_url(),
         "CAPTURE_STRATEGY": strategy,
@@ -162,7 +139,7 @@ def service_env(
 
 
 class ServiceProcess:
-    """`uvicorn service.app:create_app --factory` on loopback; ready when /healthz answers."""
+    """`uvicorn payrace.service.app:create_app --factory` on loopback; ready at /healthz."""
 
     def __init__(
         self,
@@ -305,145 +282,3 @@ class LocustProcess:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             self.stop()
-
-
-# -- CPU shares ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProcStat:
-    pid: int
-    ppid: int
-    pgrp: int
-    ticks: int  # utime + stime
-    state: str  # R, S, D, Z (zombie), X (dead), ... as in /proc/<pid>/stat
-
-
-# Whether a process belongs to a group, given every process (to look at its parent).
-Member = Callable[[ProcStat, Mapping[int, ProcStat]], bool]
-
-
-def read_procs() -> dict[int, ProcStat]:
-    procs = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
-                stat = fh.read()
-        except OSError:
-            continue  # exited between listing and reading
-        # The command name may hold spaces and parentheses; the fields follow the last ')'.
-        rest = stat.rsplit(")", 1)[1].split()
-        pid = int(entry.name)
-        ticks = int(rest[11]) + int(rest[12])
-        procs[pid] = ProcStat(pid, int(rest[1]), int(rest[2]), ticks, rest[0])
-    return procs
-
-
-def _machine_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    with open("/proc/stat", encoding="ascii") as fh:
-        values = [int(v) for v in fh.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    total = sum(values[:8])  # guest time is already inside user
-    return total - idle, total
-
-
-class CpuSampler:
-    """Samples /proc once a second; groups are named predicates over processes.
-
-    A process's ticks count from the first sample it is seen in, or from its birth if it
-    appears later (a backend forked for a new connection spends all its CPU in the run)."""
-
-    def __init__(self, groups: Mapping[str, Member]) -> None:
-        self.groups = dict(groups)
-        self.enabled = Path("/proc/stat").exists()
-        self._seen: dict[tuple[int, str], int] = {}
-        self._cpu: dict[str, int] = dict.fromkeys(self.groups, 0)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._machine0 = self._machine1 = (0, 0)
-        self._first = True
-        self._t0 = self._t1 = 0.0
-
-    def _sample(self) -> None:
-        procs = read_procs()
-        for proc in procs.values():
-            for name, member in self.groups.items():
-                if not member(proc, procs):
-                    continue
-                key = (proc.pid, name)
-                start = self._seen.setdefault(key, proc.ticks if self._first else 0)
-                self._cpu[name] += proc.ticks - start
-                self._seen[key] = proc.ticks
-        self._first = False
-        self._machine1, self._t1 = _machine_ticks(), time.monotonic()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(1.0):
-            self._sample()
-
-    def __enter__(self) -> CpuSampler:
-        if self.enabled:
-            self._machine0, self._t0 = _machine_ticks(), time.monotonic()
-            self._sample()
-            self._thread = threading.Thread(target=self._loop, name="payrace-cpu", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join(timeout=5)
-            self._sample()
-            self._thread = None
-
-    def result(self) -> dict[str, Any] | None:
-        if not self.enabled or self._t1 <= self._t0:
-            return None
-        hz = os.sysconf("SC_CLK_TCK")
-        busy = self._machine1[0] - self._machine0[0]
-        total = self._machine1[1] - self._machine0[1]
-        out: dict[str, Any] = {
-            "window_s": round(self._t1 - self._t0, 2),
-            "cpus": os.cpu_count(),
-            "machine_busy_percent": round(100.0 * busy / total, 1) if total else None,
-            "groups": {},
-        }
-        for name, ticks in [*self._cpu.items(), ("other", busy - sum(self._cpu.values()))]:
-            # "other": everything else that kept the CPUs busy (the kernel, other programs);
-            # a large share means the figures above were measured on a shared machine.
-            out["groups"][name] = {
-                "cpu_s": round(ticks / hz, 2),
-                "percent_of_machine": round(100.0 * ticks / total, 1) if total else None,
-                "percent_of_busy": round(100.0 * ticks / busy, 1) if busy else None,
-            }
-        return out
-
-
-def in_group(pgrp: int) -> Member:
-    return lambda proc, _: proc.pgrp == pgrp
-
-
-def postmaster_pid(url: str) -> int | None:
-    """The local postmaster behind `url`, found through one of its backends; None if remote."""
-    try:
-        with psycopg.connect(url, autocommit=True, application_name="payrace-load") as conn:
-            row = conn.execute("SELECT pg_backend_pid()").fetchone()
-            # Looked at while connected: the backend exits with the connection. In a container
-            # the pid is the container's own, so only a local postgres with a postgres parent
-            # counts.
-            backend = read_procs().get(int(row[0])) if row is not None else None
-            if backend is None or {_comm(backend.pid), _comm(backend.ppid)} != {"postgres"}:
-                return None
-            return backend.ppid
-    except psycopg.Error:
-        return None
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text(encoding="ascii", errors="replace").strip()
-    except OSError:
-        return ""

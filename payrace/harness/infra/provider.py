@@ -39,6 +39,7 @@ import psycopg
 from psycopg import sql
 
 from payrace.harness.infra import watchdog
+from payrace.harness.infra.readiness import NotReady, wait_until_ready
 from payrace.postgres import EXPECTED, DsnError, dialect_url, libpq_url
 
 Route = Literal["dsn", "docker", "embedded"]
@@ -182,7 +183,7 @@ def _start_one(
 def _from_dsn(dsn: str, say: Callable[[str], None]) -> Iterator[Database]:
     admin_url = _normalise(dsn)
     hint = f"check the server is up and that `psql '{_redact(admin_url)}'` connects"
-    _wait_until_answers(admin_url, within=5.0, hint=hint)
+    _wait_until_queries_answer(admin_url, within=5.0, hint=hint)
     name = f"payrace_{datetime.now(UTC):%Y%m%d%H%M%S}_{secrets.token_hex(3)}"
     try:
         _run_outside_a_transaction(
@@ -195,7 +196,7 @@ def _from_dsn(dsn: str, say: Callable[[str], None]) -> Iterator[Database]:
         ) from exc
     try:
         url = _with_database(admin_url, name)
-        version, fast = _wait_until_answers(url, within=5.0, hint=hint)
+        version, fast = _wait_until_queries_answer(url, within=5.0, hint=hint)
         yield Database(url, "dsn", version, fast)
     finally:
         drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
@@ -224,7 +225,7 @@ def _from_docker(durable: bool) -> Iterator[Database]:
             raise ProviderError(f"docker: could not start {DOCKER_IMAGE}: {exc}") from exc
         url = container.get_connection_url()
         hint = "`docker logs` of the postgres container; is the daemon short of memory?"
-        version, fast = _wait_until_answers(url, within=60.0, hint=hint)
+        version, fast = _wait_until_queries_answer(url, within=60.0, hint=hint)
         yield Database(url, "docker", version, fast)
 
 
@@ -268,7 +269,7 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
             else _normalise(server.get_uri())  # Windows: TCP on 127.0.0.1
         )
         hint = f"read the server log at {pgdata / 'log'}"
-        version, fast = _wait_until_answers(url, within=30.0, hint=hint)
+        version, fast = _wait_until_queries_answer(url, within=30.0, hint=hint)
         # pg_ctl detached the postmaster: if payrace is killed outright, the guardian stops it.
         watchdog.guard_cluster(workdir)
         yield Database(url, "embedded", version, fast)
@@ -291,10 +292,10 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
         watchdog.release_cluster(workdir)
 
 
-def _wait_until_answers(url: str, *, within: float, hint: str) -> tuple[str, bool]:
+def _wait_until_queries_answer(url: str, *, within: float, hint: str) -> tuple[str, bool]:
     """Poll until a real query answers; return (server version, fsync+synchronous_commit off)."""
-    deadline = time.monotonic() + within
-    while True:
+
+    def answers() -> tuple[str, bool]:
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
                 conn.execute("SELECT version()").fetchone()
@@ -305,13 +306,15 @@ def _wait_until_answers(url: str, *, within: float, hint: str) -> tuple[str, boo
                 number = conn.info.server_version
                 return f"{number // 10000}.{number % 10000}", bool(row and row[0])
         except psycopg.OperationalError as exc:
-            last_seen = " ".join(str(exc).split())
-        if time.monotonic() > deadline:
-            raise ProviderError(
-                f"PostgreSQL at {_where(url)} did not answer SELECT version() within "
-                f"{within:.0f} s; last seen: {last_seen}\nTry: {hint}"
-            )
-        time.sleep(0.1)
+            raise NotReady(" ".join(str(exc).split())) from None
+
+    def timed_out(last_seen: str) -> ProviderError:
+        return ProviderError(
+            f"PostgreSQL at {_where(url)} did not answer SELECT version() within "
+            f"{within:.0f} s; last seen: {last_seen}\nTry: {hint}"
+        )
+
+    return wait_until_ready(answers, timeout_s=within, timed_out=timed_out)
 
 
 def _run_outside_a_transaction(url: str, statement: sql.Composed) -> None:

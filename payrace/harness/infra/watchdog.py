@@ -3,7 +3,7 @@
     guard_group(pgid)        "if I die, stop this process group" (uvicorn, Locust)
     guard_cluster(workdir)   "if I die, stop the postmaster of workdir/pgdata and delete workdir"
     release_group() / release_cluster()   stopped properly: forget it
-    main()                   the guardian process itself (`python -m harness.infra.watchdog`)
+    main()                   the guardian itself (`python -m payrace.harness.infra.watchdog`)
 
 Context managers stop what they started on errors, Ctrl-C and SIGTERM; nothing in-process can
 run after SIGKILL or the OOM killer. The guardian is a small process of its own session,

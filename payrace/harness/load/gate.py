@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from payrace.harness.gateway.fake import GatewayKeys
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.machine import machine
 from payrace.harness.model import checker, oracle
 from payrace.harness.model.history import Operation

@@ -13,8 +13,8 @@ The judging happens inside Locust, at its `quitting` event on the master: payrac
 writes summary.json there, and load_main reads it back once Locust has exited, reads the
 deadlock counter again once the service has stopped (only then does a zero delta settle),
 adds the database route and the CPU shares of Locust, the service, PostgreSQL and payrace
-(payrace.harness.infra.processes.CpuSampler), and renders the reports. Every process is started as a
-context manager (infra.provider, gateway.fake, infra.processes), so none outlives the
+(payrace.harness.infra.cpu.CpuSampler), and renders the reports. Every process is started as
+a context manager (infra.provider, gateway.server, infra.processes), so none outlives the
 run, also on Ctrl-C, SIGTERM or a failure.
 """
 
@@ -40,17 +40,11 @@ from rich.console import Console
 from rich.table import Table
 
 from payrace.harness.errors import UsageError
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
-from payrace.harness.infra.processes import (
-    CpuSampler,
-    LocustProcess,
-    Member,
-    ServiceProcess,
-    free_port,
-    in_group,
-    postmaster_pid,
-    service_env,
-)
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.signing import GatewayKeys
+from payrace.harness.infra.cpu import CpuSampler, Member, in_group, postmaster_pid
+from payrace.harness.infra.processes import LocustProcess, ServiceProcess, free_port, service_env
 from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
 from payrace.harness.load.gate import LoadSettings, settle_deadlocks
 from payrace.harness.model import oracle
@@ -265,7 +259,10 @@ def _run(plan: LoadPlan, console: Console) -> int:
         # Unwound after the service (registered before it), while PostgreSQL still runs.
         stack.callback(deadlocks.read, db.url)
         gateway = stack.enter_context(GatewayServer(FakeRazorpay(GatewayKeys())))
-        env = {**service_env(db, gateway.url, plan.strategy), **plan.service_pool()}
+        env = {
+            **service_env(db, gateway.url, plan.strategy, keys=gateway.fake.keys),
+            **plan.service_pool(),
+        }
         service = stack.enter_context(
             ServiceProcess(env, workers=plan.workers, log_path=plan.run_dir / "service.log")
         )

@@ -8,8 +8,6 @@
     └── HttpClient       any service over real HTTP; send_together() uses last-byte
                          synchronisation: every request is written up to the last byte of its
                          head on its own connection, then all the rest goes out at once
-    GatewayControl   authorize a payment, read capture counters, turn the fault knobs;
-                     in-process (LocalGateway) or over HTTP (RemoteGateway)
 
 Bodies are signed exactly as sent (the webhook signature covers the raw bytes), so a
 prepared request is never re-encoded on the way out.
@@ -25,8 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from payrace.harness.gateway.fake import (
-    FakeRazorpay,
+from payrace.harness.gateway.signing import (
     GatewayKeys,
     client_callback,
     new_event_id,
@@ -242,87 +239,3 @@ class HttpClient(_HttpxBase):
         except ValueError:
             doc = {"raw": body[:500].decode("latin-1")}
         return Reply(status, doc if isinstance(doc, dict) else {"value": doc}, headers)
-
-
-class GatewayControl(Protocol):
-    """What the harness asks of the fake gateway, in this process or another."""
-
-    def authorize(self, gateway_order_id: str) -> dict[str, Any]: ...
-
-    def counters(self) -> dict[str, dict[str, int]]: ...
-
-    def knobs(self) -> dict[str, float]: ...
-
-    def set_knobs(
-        self,
-        *,
-        latency_s: float | None = None,
-        capture_latency_s: float | None = None,
-        fail_rate: float | None = None,
-    ) -> dict[str, float]: ...
-
-
-class LocalGateway:
-    def __init__(self, fake: FakeRazorpay) -> None:
-        self.fake = fake
-
-    def authorize(self, gateway_order_id: str) -> dict[str, Any]:
-        return self.fake.authorize_payment(gateway_order_id)
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        return self.fake.counters()
-
-    def knobs(self) -> dict[str, float]:
-        return self.fake.knobs()
-
-    def set_knobs(
-        self,
-        *,
-        latency_s: float | None = None,
-        capture_latency_s: float | None = None,
-        fail_rate: float | None = None,
-    ) -> dict[str, float]:
-        return self.fake.set_knobs(
-            latency_s=latency_s, capture_latency_s=capture_latency_s, fail_rate=fail_rate
-        )
-
-
-class RemoteGateway:
-    """A fake gateway in another process (`payrace gateway`), driven by its /_fake endpoints."""
-
-    def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=10.0)
-
-    def _json(self, response: httpx.Response) -> Any:
-        response.raise_for_status()
-        return response.json()
-
-    def authorize(self, gateway_order_id: str) -> dict[str, Any]:
-        doc: dict[str, Any] = self._json(
-            self.http.post("/_fake/payments", json={"order_id": gateway_order_id})
-        )
-        return doc
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        doc: dict[str, dict[str, int]] = self._json(self.http.get("/_fake/counters"))
-        return doc
-
-    def knobs(self) -> dict[str, float]:
-        doc: dict[str, float] = self._json(self.http.get("/_fake/knobs"))
-        return doc
-
-    def set_knobs(
-        self,
-        *,
-        latency_s: float | None = None,
-        capture_latency_s: float | None = None,
-        fail_rate: float | None = None,
-    ) -> dict[str, float]:
-        wanted = {"latency_s": latency_s, "capture_latency_s": capture_latency_s}
-        wanted["fail_rate"] = fail_rate
-        sent = {k: v for k, v in wanted.items() if v is not None}
-        doc: dict[str, float] = self._json(self.http.post("/_fake/knobs", json=sent))
-        return doc
-
-    def close(self) -> None:
-        self.http.close()

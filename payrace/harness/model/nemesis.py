@@ -4,8 +4,8 @@
     Fault           one parsed `name:parameter`
     parse_spec()    "gateway-errors:0.2,gateway-latency:50,kill-backends:0.5" -> [Fault];
                     a bad spec raises NemesisSpecError naming the valid forms
-    (the gateway's knobs are turned through harness.model.client.GatewayControl: LocalGateway
-    for an in-process fake, RemoteGateway for one in another process)
+    (the gateway's knobs are turned through harness.gateway.controls.GatewayControl:
+    LocalGateway for an in-process fake, RemoteGateway for one in another process)
     Nemesis         async context manager: faults on at enter; at exit the killer stops and the
                     knobs are restored; report() says what was injected
     BackendKiller   every SECONDS, pg_terminate_backend() of one seeded-random client backend of
@@ -33,7 +33,7 @@ from typing import Any
 
 import asyncpg
 
-from payrace.harness.model.client import GatewayControl
+from payrace.harness.gateway.controls import GatewayControl
 
 # Harness connections name themselves `payrace-…` (oracle.py); killing one would break the
 # observer, not the system under test.

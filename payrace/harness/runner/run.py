@@ -26,11 +26,13 @@ from typing import Any
 import asyncpg
 
 from payrace.harness.errors import UsageError
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+from payrace.harness.gateway.controls import GatewayControl, LocalGateway, RemoteGateway
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.machine import machine
 from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.harness.model import oracle
-from payrace.harness.model.client import GatewayControl, LocalGateway, RemoteGateway
 from payrace.harness.model.judge import judge as check
 from payrace.harness.model.verdict import DECLARED, overall
 from payrace.harness.runner.config import RunConfig, oracle_config

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from payrace.harness.gateway.fake import GatewayKeys
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, service_env
 from payrace.harness.infra.provider import Database
 from payrace.harness.model.client import AsgiClient, Client, HttpClient

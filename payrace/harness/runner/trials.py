@@ -25,9 +25,10 @@ from typing import Any
 import asyncpg
 
 from payrace.harness.errors import UsageError
-from payrace.harness.gateway.fake import GatewayKeys
+from payrace.harness.gateway.controls import GatewayControl
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.model import oracle
-from payrace.harness.model.client import GatewayControl, PaymentContext, Prepared, Reply, prepare
+from payrace.harness.model.client import PaymentContext, Prepared, Reply, prepare
 from payrace.harness.model.generator import Generator, TrialPlan
 from payrace.harness.model.history import History, Operation, classify
 from payrace.harness.model.lockwatch import LockWatch

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database, provide_postgres
 
 

@@ -1,9 +1,8 @@
-"""harness/processes.py: every process payrace starts is stopped, group and all; readiness
-polling; CPU shares from /proc.
+"""harness/infra/processes.py: every process payrace starts is stopped, group and all.
 
 "Gone" means os.killpg(pgid, 0) finds no process in the group. Where a test leaves orphans to
 this machine's init, whose reaping may lag, "nothing left running" means no member of the
-group that is not a zombie (read from /proc).
+group that is not a zombie (group_members).
 """
 
 from __future__ import annotations
@@ -22,24 +21,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import (
-    CpuSampler,
     LocustProcess,
     ServiceProcess,
     free_port,
     group_members,
-    in_group,
-    postmaster_pid,
-    read_procs,
     service_env,
     stop_process,
     wait_for_group,
-    wait_until_answers,
 )
 from payrace.harness.infra.provider import Database
 
-PROC = Path("/proc")
-needs_proc = pytest.mark.skipif(not (PROC / "self" / "stat").exists(), reason="needs Linux /proc")
+KEYS = GatewayKeys()
 
 
 def group_gone(pgid: int) -> bool:
@@ -69,7 +63,7 @@ def test_free_port_returns_a_port_that_can_be_bound() -> None:
 def test_service_answers_healthz_and_its_group_is_gone_after_exit(
     pg: Database, gateway_url: str
 ) -> None:
-    with ServiceProcess(service_env(pg, gateway_url, "naive")) as svc:
+    with ServiceProcess(service_env(pg, gateway_url, "naive", keys=KEYS)) as svc:
         assert svc.proc is not None
         pid = svc.proc.pid
         assert os.getpgid(pid) == pid  # its own process group, away from our Ctrl-C
@@ -84,7 +78,7 @@ def test_service_group_is_gone_when_the_body_raises(pg: Database, gateway_url: s
     pid = None
     with (
         pytest.raises(RuntimeError, match="body failed"),
-        ServiceProcess(service_env(pg, gateway_url, "for_update")) as svc,
+        ServiceProcess(service_env(pg, gateway_url, "for_update", keys=KEYS)) as svc,
     ):
         assert svc.proc is not None
         pid = svc.proc.pid
@@ -98,7 +92,7 @@ def test_service_group_is_gone_when_the_body_raises(pg: Database, gateway_url: s
 def test_bad_database_url_fails_start_naming_exit_code_and_log(
     pg: Database, gateway_url: str, tmp_path: Path
 ) -> None:
-    env = service_env(pg, gateway_url, "for_update")
+    env = service_env(pg, gateway_url, "for_update", keys=KEYS)
     env["DATABASE_URL"] = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/nowhere"
     log = tmp_path / "service.log"
     svc = ServiceProcess(env, log_path=log, start_timeout_s=20)
@@ -116,7 +110,7 @@ def test_start_timeout_names_what_was_last_seen_and_stops_the_process(
     pg: Database, gateway_url: str
 ) -> None:
     # The service starts, but readiness is polled at a port nobody listens on.
-    svc = ServiceProcess(service_env(pg, gateway_url, "for_update"), start_timeout_s=1.0)
+    svc = ServiceProcess(service_env(pg, gateway_url, "for_update", keys=KEYS), start_timeout_s=1.0)
     svc.url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(TimeoutError, match=r"did not answer /healthz within 1.0s \(last seen: "):
         svc.__enter__()
@@ -124,9 +118,8 @@ def test_start_timeout_names_what_was_last_seen_and_stops_the_process(
     assert group_gone(svc.proc.pid)
 
 
-@needs_proc
 def test_service_with_workers_leaves_no_worker_running(pg: Database, gateway_url: str) -> None:
-    with ServiceProcess(service_env(pg, gateway_url, "for_update"), workers=2) as svc:
+    with ServiceProcess(service_env(pg, gateway_url, "for_update", keys=KEYS), workers=2) as svc:
         assert svc.proc is not None
         pid = svc.proc.pid
         assert len(group_members(pid)) >= 3  # the supervisor and two workers
@@ -157,7 +150,6 @@ def test_stop_process_kills_a_group_that_ignores_sigterm() -> None:
     proc.stdout.close()
 
 
-@needs_proc
 def test_stop_process_stops_children_left_behind_by_an_exited_leader() -> None:
     proc = spawn(
         "import subprocess, sys\n"
@@ -178,7 +170,6 @@ def test_stop_process_stops_children_left_behind_by_an_exited_leader() -> None:
             os.kill(child, signal.SIGKILL)
 
 
-@needs_proc
 def test_wait_for_group_waits_for_the_last_member_and_gives_up_at_the_bound() -> None:
     proc = spawn("import time; print('ready', flush=True); time.sleep(60)")
     assert proc.stdout is not None
@@ -206,7 +197,6 @@ def test_stop_process_on_a_process_that_is_already_gone_is_quiet() -> None:
     assert proc.returncode == 0
 
 
-@needs_proc
 def test_stop_process_moves_on_to_the_next_signal_when_one_is_ignored() -> None:
     proc = spawn(
         "import signal, time\n"
@@ -219,48 +209,6 @@ def test_stop_process_moves_on_to_the_next_signal_when_one_is_ignored() -> None:
     stop_process(proc, signals=((signal.SIGINT, 0.3), (signal.SIGTERM, 5.0)))
     assert proc.returncode == -signal.SIGTERM
     proc.stdout.close()
-
-
-# -- readiness ----------------------------------------------------------------------------
-
-
-def test_wait_until_answers_returns_once_the_path_answers_200(gateway_url: str) -> None:
-    wait_until_answers(
-        gateway_url, "/_fake/counters", timeout_s=5, stopped=lambda: None, what="gw", hint="-"
-    )
-
-
-def test_wait_until_answers_says_why_the_server_is_gone_without_waiting() -> None:
-    started = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"^it exited with code 3$"):
-        wait_until_answers(
-            f"http://127.0.0.1:{free_port()}",
-            "/healthz",
-            timeout_s=30,
-            stopped=lambda: "it exited with code 3",
-            what="thing",
-            hint="-",
-        )
-    assert time.monotonic() - started < 5
-
-
-def test_wait_until_answers_times_out_naming_the_last_answer_and_the_hint(
-    gateway_url: str,
-) -> None:
-    with pytest.raises(TimeoutError) as info:
-        wait_until_answers(
-            gateway_url,
-            "/no-such-path",
-            timeout_s=0.3,
-            stopped=lambda: None,
-            what="fake gateway",
-            hint="try a larger timeout",
-        )
-    message = str(info.value)
-    assert message.startswith(f"fake gateway at {gateway_url} did not answer /no-such-path ")
-    # The fake answers unknown paths as Razorpay does: 400 with an error body, shown in part.
-    assert "within 0.3s (last seen: HTTP 400: {" in message and "not found" in message
-    assert message.endswith("; try a larger timeout")
 
 
 # -- Locust -------------------------------------------------------------------------------
@@ -278,7 +226,6 @@ _STUBBORN = textwrap.dedent(
 )
 
 
-@needs_proc
 def test_stopping_locust_kills_its_whole_group_even_when_it_ignores_signals(
     tmp_path: Path,
 ) -> None:
@@ -310,40 +257,3 @@ def test_locust_stops_at_sigint_when_it_exits_on_it(tmp_path: Path) -> None:
         assert settles(lambda: "ready" in lines, within_s=10)
     assert locust.proc is not None and locust.proc.returncode == 0
     assert lines == ["ready", "reports written"]
-
-
-# -- CPU shares ---------------------------------------------------------------------------
-
-
-@needs_proc
-def test_cpu_sampler_counts_a_busy_group() -> None:
-    busy = subprocess.Popen(
-        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"],
-        start_new_session=True,
-    )
-    try:
-        with CpuSampler({"busy": in_group(busy.pid)}) as sampler:
-            busy.wait(timeout=10)
-            time.sleep(1.1)  # one more sample after it exited changes nothing
-        result = sampler.result()
-    finally:
-        busy.kill()
-        busy.wait()
-    assert result is not None
-    assert 0.2 < result["groups"]["busy"]["cpu_s"] <= 2.0
-    assert 0 < result["groups"]["busy"]["percent_of_machine"] <= 100
-
-
-@needs_proc
-def test_postmaster_pid_is_the_parent_of_a_local_backend(pg: Database) -> None:
-    postmaster = postmaster_pid(pg.url)
-    if pg.route == "embedded":
-        assert postmaster is not None
-    if postmaster is not None:  # docker or a DSN: a postmaster here only if it runs locally
-        procs = read_procs()
-        assert postmaster in procs
-        assert (PROC / str(postmaster) / "comm").read_text().strip() == "postgres"
-
-
-def test_postmaster_pid_is_none_when_nothing_answers() -> None:
-    assert postmaster_pid(f"postgresql://nobody@127.0.0.1:{free_port()}/nowhere") is None

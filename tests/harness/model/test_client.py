@@ -1,4 +1,4 @@
-"""harness/client.py: signed requests, the in-process and HTTP clients, gateway control.
+"""harness/model/client.py: signed requests, the in-process and HTTP clients.
 
 The HTTP tests run against a real uvicorn ServiceProcess on the session's PostgreSQL and the
 fake gateway; every assertion is about the test's own orders and payments.
@@ -11,22 +11,21 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import razorpay
 from conftest import Service
 from razorpay.errors import SignatureVerificationError
 
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys
+from payrace.harness.gateway.controls import LocalGateway
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, free_port, service_env
 from payrace.harness.infra.provider import Database
 from payrace.harness.model.client import (
     AsgiClient,
     HttpClient,
-    LocalGateway,
     PaymentContext,
     Prepared,
-    RemoteGateway,
     Reply,
     prepare,
 )
@@ -197,7 +196,7 @@ def service_url(
     pg: Database, gateway_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     log = tmp_path_factory.mktemp("client") / "service.log"
-    with ServiceProcess(service_env(pg, gateway_url, "for_update"), log_path=log) as svc:
+    with ServiceProcess(service_env(pg, gateway_url, "for_update", keys=KEYS), log_path=log) as svc:
         yield svc.url
 
 
@@ -312,40 +311,3 @@ async def test_http_client_on_a_closed_port_replies_with_no_status_and_an_error(
 def test_http_client_rejects_a_url_it_cannot_reach(url: str) -> None:
     with pytest.raises(ValueError, match="target URL must look like http://"):
         HttpClient(url)
-
-
-# -- gateway control --------------------------------------------------------------------------
-
-
-def test_remote_gateway_authorizes_and_reads_counters(
-    gateway_url: str, fake_gateway: FakeRazorpay
-) -> None:
-    order = fake_gateway.create_order({"amount": AMOUNT, "currency": "INR"})
-    gateway = RemoteGateway(gateway_url + "/")
-    try:
-        payment = gateway.authorize(order["id"])
-        assert payment["order_id"] == order["id"] and payment["status"] == "authorized"
-        assert payment["amount"] == AMOUNT
-        assert payment["id"] not in gateway.counters()["captures"]
-        fake_gateway.capture(payment["id"], {"amount": AMOUNT, "currency": "INR"})
-        counters = gateway.counters()
-        assert set(counters) == {"captures", "accepted", "rejected", "injected"}
-        assert counters["captures"][payment["id"]] == 1
-        assert counters["accepted"][payment["id"]] == 1
-        with pytest.raises(httpx.HTTPStatusError):
-            gateway.authorize("order_doesnotexist0")
-    finally:
-        gateway.close()
-
-
-def test_local_gateway_authorizes_and_reads_counters(fake_gateway: FakeRazorpay) -> None:
-    order = fake_gateway.create_order({"amount": AMOUNT, "currency": "INR"})
-    gateway = LocalGateway(fake_gateway)
-    payment = gateway.authorize(order["id"])
-    assert payment["order_id"] == order["id"] and payment["status"] == "authorized"
-    assert payment["id"] not in gateway.counters()["captures"]
-    fake_gateway.capture(payment["id"], {"amount": AMOUNT, "currency": "INR"})
-    assert gateway.counters()["captures"][payment["id"]] == 1
-    assert gateway.counters()["accepted"][payment["id"]] == 1
-    with pytest.raises(KeyError):
-        gateway.authorize("order_doesnotexist0")

@@ -12,9 +12,11 @@ import psycopg
 import pytest
 
 from payrace.harness.errors import UsageError
-from payrace.harness.gateway.fake import FakeRazorpay, GatewayKeys, GatewayServer
+from payrace.harness.gateway.controls import LocalGateway, RemoteGateway
+from payrace.harness.gateway.fake import FakeRazorpay, Knobs
+from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database
-from payrace.harness.model.client import LocalGateway, RemoteGateway
 from payrace.harness.model.nemesis import Fault, Nemesis, NemesisSpecError, parse_spec
 from payrace.harness.runner.config import RunConfig
 from payrace.harness.runner.run import run
@@ -78,7 +80,7 @@ def test_run_config_turns_a_bad_spec_into_a_usage_error() -> None:
 
 
 async def test_gateway_faults_are_on_inside_the_block_and_restored_after() -> None:
-    fake = FakeRazorpay(GatewayKeys(), capture_latency_s=0.001)
+    fake = FakeRazorpay(GatewayKeys(), knobs=Knobs(capture_latency_s=0.001))
     before = fake.knobs()
     nemesis = Nemesis(parse_spec("gateway-errors:1,gateway-latency:20"), gateway=LocalGateway(fake))
     async with nemesis:

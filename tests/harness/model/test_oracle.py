@@ -21,8 +21,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import create_engine
 
-from payrace.harness.gateway.fake import (
-    FakeRazorpay,
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.signing import (
     GatewayKeys,
     client_callback,
     signed_webhook,

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from payrace.harness.errors import UsageError
+from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, service_env
 from payrace.harness.infra.provider import Database
 from payrace.harness.runner.config import Gate, RunConfig
@@ -125,7 +126,7 @@ async def test_a_running_target_is_raced_and_judged_through_its_own_database(
     pg: Database, gateway_url: str, tmp_path: Path
 ) -> None:
     """--target URL: a service started by hand, with probes on, against payrace's oracle."""
-    env = service_env(pg, gateway_url, "naive", probes=True)
+    env = service_env(pg, gateway_url, "naive", keys=GatewayKeys(), probes=True)
     with ServiceProcess(env) as proc:
         config = RunConfig(
             strategies=["target"], trials=5, mode="forced", target=proc.url,
@@ -140,7 +141,7 @@ async def test_a_running_target_is_raced_and_judged_through_its_own_database(
 async def test_forced_mode_refuses_a_target_that_ignores_the_pause_header(
     pg: Database, gateway_url: str, tmp_path: Path
 ) -> None:
-    env = service_env(pg, gateway_url, "naive", probes=False)
+    env = service_env(pg, gateway_url, "naive", keys=GatewayKeys(), probes=False)
     with ServiceProcess(env) as proc:
         config = RunConfig(
             strategies=["target"], trials=2, mode="forced", target=proc.url,

@@ -1,0 +1,79 @@
+"""What the harness asks of the fake gateway, wherever it runs.
+
+    GatewayControl   authorize a payment at Checkout, read the capture counters, turn the
+                     fault knobs (gateway.fake.Knobs names them and checks their values)
+    ├── LocalGateway     a FakeRazorpay in this process
+    └── RemoteGateway    a fake gateway in another process (`payrace gateway`), over its
+                         /_fake routes (gateway.server)
+
+Used by the runner (authorize, counters) and the nemesis (knobs). Light on purpose: no web
+framework, only the fake's state module and httpx.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import httpx
+
+from payrace.harness.gateway.fake import FakeRazorpay
+
+
+class GatewayControl(Protocol):
+    def authorize(self, gateway_order_id: str) -> dict[str, Any]: ...
+
+    def counters(self) -> dict[str, dict[str, int]]: ...
+
+    def knobs(self) -> dict[str, float]: ...
+
+    def set_knobs(self, **changes: float | None) -> dict[str, float]:
+        """Change the named knobs (None leaves one as it is); the knobs now."""
+        ...
+
+
+class LocalGateway:
+    def __init__(self, fake: FakeRazorpay) -> None:
+        self.fake = fake
+
+    def authorize(self, gateway_order_id: str) -> dict[str, Any]:
+        return self.fake.authorize_payment(gateway_order_id)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return self.fake.counters()
+
+    def knobs(self) -> dict[str, float]:
+        return self.fake.knobs()
+
+    def set_knobs(self, **changes: float | None) -> dict[str, float]:
+        return self.fake.set_knobs(**changes)
+
+
+class RemoteGateway:
+    def __init__(self, url: str) -> None:
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=10.0)
+
+    def _json(self, response: httpx.Response) -> Any:
+        response.raise_for_status()
+        return response.json()
+
+    def authorize(self, gateway_order_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self._json(
+            self.http.post("/_fake/payments", json={"order_id": gateway_order_id})
+        )
+        return doc
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        doc: dict[str, dict[str, int]] = self._json(self.http.get("/_fake/counters"))
+        return doc
+
+    def knobs(self) -> dict[str, float]:
+        doc: dict[str, float] = self._json(self.http.get("/_fake/knobs"))
+        return doc
+
+    def set_knobs(self, **changes: float | None) -> dict[str, float]:
+        # JSON null reaches Knobs.changed as None: "leave it", as in this process.
+        doc: dict[str, float] = self._json(self.http.post("/_fake/knobs", json=changes))
+        return doc
+
+    def close(self) -> None:
+        self.http.close()

@@ -1,0 +1,66 @@
+"""harness/gateway/controls.py: the same questions asked of a fake in this process and of
+one over HTTP get the same answers."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from payrace.harness.gateway.controls import LocalGateway, RemoteGateway
+from payrace.harness.gateway.fake import FakeRazorpay
+
+AMOUNT = 50000
+
+
+def test_remote_gateway_authorizes_and_reads_counters(
+    gateway_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    order = fake_gateway.create_order({"amount": AMOUNT, "currency": "INR"})
+    gateway = RemoteGateway(gateway_url + "/")
+    try:
+        payment = gateway.authorize(order["id"])
+        assert payment["order_id"] == order["id"] and payment["status"] == "authorized"
+        assert payment["amount"] == AMOUNT
+        assert payment["id"] not in gateway.counters()["captures"]
+        fake_gateway.capture(payment["id"], {"amount": AMOUNT, "currency": "INR"})
+        counters = gateway.counters()
+        assert set(counters) == {"captures", "accepted", "rejected", "injected"}
+        assert counters["captures"][payment["id"]] == 1
+        assert counters["accepted"][payment["id"]] == 1
+        with pytest.raises(httpx.HTTPStatusError):
+            gateway.authorize("order_doesnotexist0")
+    finally:
+        gateway.close()
+
+
+def test_local_gateway_authorizes_and_reads_counters(fake_gateway: FakeRazorpay) -> None:
+    order = fake_gateway.create_order({"amount": AMOUNT, "currency": "INR"})
+    gateway = LocalGateway(fake_gateway)
+    payment = gateway.authorize(order["id"])
+    assert payment["order_id"] == order["id"] and payment["status"] == "authorized"
+    assert payment["id"] not in gateway.counters()["captures"]
+    fake_gateway.capture(payment["id"], {"amount": AMOUNT, "currency": "INR"})
+    assert gateway.counters()["captures"][payment["id"]] == 1
+    assert gateway.counters()["accepted"][payment["id"]] == 1
+    with pytest.raises(KeyError):
+        gateway.authorize("order_doesnotexist0")
+
+
+def test_local_and_remote_controls_turn_the_same_knobs_the_same_way(
+    gateway_url: str, knobs: FakeRazorpay
+) -> None:
+    remote = RemoteGateway(gateway_url)
+    try:
+        for control in (LocalGateway(knobs), remote):
+            before = control.knobs()
+            turned = control.set_knobs(fail_rate=0.25, capture_latency_s=None)
+            assert turned == {**before, "fail_rate": 0.25} == knobs.knobs() == control.knobs()
+            control.set_knobs(**before)
+            assert knobs.knobs() == before
+        with pytest.raises(ValueError, match="fail_rate must be within"):
+            LocalGateway(knobs).set_knobs(fail_rate=2.0)
+        with pytest.raises(httpx.HTTPStatusError):
+            remote.set_knobs(fail_rate=2.0)
+        assert knobs.knobs()["fail_rate"] == 0.0
+    finally:
+        remote.close()

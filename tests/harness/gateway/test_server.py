@@ -1,0 +1,121 @@
+"""harness/gateway/server.py: the fake's routes (auth, latency, Razorpay-shaped errors, the
+/_fake controls) and the threaded server's start and stop."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+import razorpay
+from razorpay.errors import BadRequestError
+
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.signing import GatewayKeys
+
+KEYS = GatewayKeys()
+PAY_ID = re.compile(r"^pay_[A-Za-z0-9]{14}$")
+AuthorizedOrder = Callable[[], tuple[dict[str, Any], str]]
+
+
+def test_wrong_basic_auth_gets_401_in_razorpays_error_shape(server: GatewayServer) -> None:
+    response = httpx.get(f"{server.url}/v1/orders/order_x", auth=(KEYS.key_id, "wrong"))
+
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["code"] == "BAD_REQUEST_ERROR"
+    assert error["description"] == "Authentication failed"
+    assert set(error) == {"code", "description", "source", "step", "reason", "metadata", "field"}
+    assert httpx.get(f"{server.url}/v1/orders/order_x").status_code == 401
+
+    sdk = razorpay.Client(auth=(KEYS.key_id, "wrong"), base_url=server.url)
+    with pytest.raises(BadRequestError, match="Authentication failed"):
+        sdk.order.create({"amount": 100, "currency": "INR"})
+
+
+def test_invalid_order_requests_are_bad_requests_naming_the_field(server: GatewayServer) -> None:
+    auth = (KEYS.key_id, KEYS.key_secret)
+    for body, field in (
+        ({"currency": "INR"}, "amount"),
+        ({"amount": "500", "currency": "INR"}, "amount"),
+        ({"amount": 500}, "currency"),
+    ):
+        response = httpx.post(f"{server.url}/v1/orders", json=body, auth=auth)
+        assert response.status_code == 400
+        assert response.json()["error"]["field"] == field
+    response = httpx.get(f"{server.url}/v1/refunds", auth=auth)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "BAD_REQUEST_ERROR"
+
+
+def test_capture_latency_slows_capture_only_and_latency_slows_every_call(
+    client: Any, fake: FakeRazorpay, authorized_order: AuthorizedOrder
+) -> None:
+    order, payment_id = authorized_order()
+    fake.set_knobs(capture_latency_s=0.3)
+
+    started = time.monotonic()
+    client.order.fetch(order["id"])
+    assert time.monotonic() - started < 0.3
+    started = time.monotonic()
+    client.payment.capture(payment_id, 50000, {"currency": "INR"})
+    assert time.monotonic() - started >= 0.3
+
+    fake.set_knobs(capture_latency_s=0.0, latency_s=0.3)
+    started = time.monotonic()
+    client.order.fetch(order["id"])
+    assert time.monotonic() - started >= 0.3
+
+
+def test_control_endpoints_over_http_match_the_objects_counters(
+    server: GatewayServer, client: Any, fake: FakeRazorpay
+) -> None:
+    order = client.order.create({"amount": 20000, "currency": "INR"})
+    payment = httpx.post(f"{server.url}/_fake/payments", json={"order_id": order["id"]}).json()
+    assert PAY_ID.match(payment["id"])
+    assert payment["status"] == "authorized"
+    client.payment.capture(payment["id"], 20000, {"currency": "INR"})
+    with pytest.raises(BadRequestError):
+        client.payment.capture(payment["id"], 20000, {"currency": "INR"})
+
+    counters = httpx.get(f"{server.url}/_fake/counters").json()
+    assert counters == fake.counters()
+    assert counters["captures"][payment["id"]] == fake.capture_calls(payment["id"]) == 2
+
+    knobs = httpx.post(f"{server.url}/_fake/knobs", json={"fail_rate": 0.25}).json()
+    assert knobs == fake.knobs() == {"latency_s": 0.0, "capture_latency_s": 0.0, "fail_rate": 0.25}
+    assert httpx.post(f"{server.url}/_fake/knobs", json={"fail_rate": 2}).status_code == 400
+    unknown = httpx.post(f"{server.url}/_fake/knobs", json={"failrate": 0.5})
+    assert unknown.status_code == 400 and "unknown knob" in unknown.json()["error"]["description"]
+    httpx.post(f"{server.url}/_fake/reset")
+    assert fake.counters()["captures"] == {}
+    assert fake.order(order["id"]) is None
+    assert fake.knobs()["fail_rate"] == 0.0
+
+
+def test_server_thread_is_gone_after_exit_also_after_a_failure() -> None:
+    server = GatewayServer(FakeRazorpay(KEYS))
+    with pytest.raises(RuntimeError, match="boom"), server:
+        assert server.thread is not None
+        assert server.thread.is_alive()
+        assert httpx.get(f"{server.url}/_fake/counters").status_code == 200
+        raise RuntimeError("boom")
+
+    assert server.thread is not None
+    assert not server.thread.is_alive()
+    assert server.thread not in threading.enumerate()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/_fake/counters")
+
+
+def test_a_busy_port_fails_to_start_without_leaving_a_thread() -> None:
+    with GatewayServer(FakeRazorpay(KEYS)) as first:
+        second = GatewayServer(FakeRazorpay(KEYS), port=first.port)
+        with pytest.raises(OSError), second:
+            pass
+        assert second.thread is None
