@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Builds a wheel and virtualenvs: `make test-fast` skips these.
+pytestmark = pytest.mark.slow
 HEAVY = ("fastapi", "sqlalchemy", "razorpay", "starlette", "asyncpg", "locust", "psycopg")
 
 
@@ -98,7 +100,6 @@ sys.exit(code)
 """
 
 
-@pytest.mark.slow
 def test_a_team_project_with_its_own_service_package_still_passes(team_project: Path) -> None:
     python = str(team_project / ".venv" / "bin" / "python")
     done = _run([python, "-c", _TEAM_RUN, *HEAVY], team_project)
@@ -107,7 +108,6 @@ def test_a_team_project_with_its_own_service_package_still_passes(team_project: 
     assert "HEAVY []" in done.stdout  # ... and imported none of the stack it races with
 
 
-@pytest.mark.slow
 def test_the_installed_cli_answers(team_project: Path) -> None:
     done = _run([str(team_project / ".venv" / "bin" / "payrace"), "--help"], team_project)
     assert "exactly once" in done.stdout

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from payrace.harness.infra.provider import Database
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -31,6 +33,7 @@ def test_the_readme_opens_with_the_two_commands() -> None:
     assert first_block.split() == ["make", "race", "make", "test"]
 
 
+@pytest.mark.slow
 def test_readme_first_look_commands_give_their_exit_codes(pg: Database, tmp_path: Path) -> None:
     commands = readme_commands()
     assert len(commands) >= 2

@@ -70,6 +70,7 @@ def test_usage_errors_exit_2_with_a_message(pg: Database, tmp_path: Path) -> Non
         assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_an_unreachable_database_is_an_infrastructure_error(tmp_path: Path) -> None:
     env = {**os.environ, "PAYRACE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
     done = subprocess.run(
@@ -84,6 +85,7 @@ def test_an_unreachable_database_is_an_infrastructure_error(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow
 def test_an_interrupted_run_stops_everything_it_started(
     signum: signal.Signals, tmp_path: Path
 ) -> None:

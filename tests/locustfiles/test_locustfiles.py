@@ -27,6 +27,9 @@ from rich.console import Console
 from payrace.harness.infra.provider import Database
 from payrace.harness.load.launch import load_main
 
+# Starts the whole stack and Locust: `make test-fast` skips these.
+pytestmark = pytest.mark.slow
+
 
 @dataclass(frozen=True)
 class Run:

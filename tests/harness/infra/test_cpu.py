@@ -7,12 +7,14 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from payrace.harness.infra.cpu import CpuSampler, in_group, postmaster_pid
 from payrace.harness.infra.processes import free_port
 from payrace.harness.infra.provider import Database
 
 
+@pytest.mark.slow
 def test_cpu_sampler_counts_a_busy_group() -> None:
     busy = subprocess.Popen(
         [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"],

@@ -60,6 +60,7 @@ def test_free_port_returns_a_port_that_can_be_bound() -> None:
         sock.listen()
 
 
+@pytest.mark.slow
 def test_service_answers_healthz_and_its_group_is_gone_after_exit(
     pg: Database, gateway_url: str
 ) -> None:
@@ -74,6 +75,7 @@ def test_service_answers_healthz_and_its_group_is_gone_after_exit(
     assert group_gone(pid)
 
 
+@pytest.mark.slow
 def test_service_group_is_gone_when_the_body_raises(pg: Database, gateway_url: str) -> None:
     pid = None
     with (
@@ -89,6 +91,7 @@ def test_service_group_is_gone_when_the_body_raises(pg: Database, gateway_url: s
         httpx.get(f"{svc.url}/healthz", timeout=2)
 
 
+@pytest.mark.slow
 def test_bad_database_url_fails_start_naming_exit_code_and_log(
     pg: Database, gateway_url: str, tmp_path: Path
 ) -> None:
@@ -106,6 +109,7 @@ def test_bad_database_url_fails_start_naming_exit_code_and_log(
     assert group_gone(svc.proc.pid)
 
 
+@pytest.mark.slow
 def test_start_timeout_names_what_was_last_seen_and_stops_the_process(
     pg: Database, gateway_url: str
 ) -> None:
@@ -118,6 +122,7 @@ def test_start_timeout_names_what_was_last_seen_and_stops_the_process(
     assert group_gone(svc.proc.pid)
 
 
+@pytest.mark.slow
 def test_service_with_workers_leaves_no_worker_running(pg: Database, gateway_url: str) -> None:
     with ServiceProcess(service_env(pg, gateway_url, "for_update", keys=KEYS), workers=2) as svc:
         assert svc.proc is not None

@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 from marked_run import cleared, cmdline, gone, marked_run
 
 from payrace.harness.infra.watchdog import serve
+
+# Starts guardian processes and sends them signals: `make test-fast` skips these.
+pytestmark = pytest.mark.slow
 
 
 def sleeper() -> subprocess.Popen[bytes]:

@@ -191,6 +191,7 @@ def _spawn_load(tmp_path: Path, marker: str, **changes: object) -> subprocess.Po
         log.close()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_middle_of_a_run_stops_everything(tmp_path: Path) -> None:
     """The embedded PostgreSQL route, so the postmaster is payrace's to stop too."""
     marker = uuid.uuid4().hex
@@ -220,6 +221,7 @@ def test_ctrl_c_in_the_middle_of_a_run_stops_everything(tmp_path: Path) -> None:
     assert _describe(_marked(marker)) == []
 
 
+@pytest.mark.slow
 def test_a_failing_locust_run_exits_2_and_leaves_nothing_behind(
     tmp_path: Path, pg: Database
 ) -> None:

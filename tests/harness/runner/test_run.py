@@ -95,6 +95,7 @@ async def test_duplicate_and_redelivered_webhooks_stay_exactly_once(
     assert result["valid"] is True, result["checks"]
 
 
+@pytest.mark.slow
 async def test_http_target_forced_over_the_pause_header(pg: Database, tmp_path: Path) -> None:
     summary = await race(
         pg, tmp_path, strategies=["naive", "for_update"], trials=6, mode="forced", target="http"
@@ -104,6 +105,7 @@ async def test_http_target_forced_over_the_pause_header(pg: Database, tmp_path: 
     assert summary["strategies"]["for_update"]["pause_timeouts"] == 0
 
 
+@pytest.mark.slow
 async def test_aligned_http_measures_the_arrival_spread(pg: Database, tmp_path: Path) -> None:
     summary = await race(
         pg, tmp_path, strategies=["for_update"], trials=6, mode="aligned", target="http"
@@ -122,6 +124,7 @@ async def test_a_breached_gate_fails_the_run(pg: Database, tmp_path: Path) -> No
     assert (summary["verdict"], summary["exit_code"]) == ("gate_breached", 1)
 
 
+@pytest.mark.slow
 async def test_a_running_target_is_raced_and_judged_through_its_own_database(
     pg: Database, gateway_url: str, tmp_path: Path
 ) -> None:
@@ -138,6 +141,7 @@ async def test_a_running_target_is_raced_and_judged_through_its_own_database(
     assert result["pause_timeouts"] == 0
 
 
+@pytest.mark.slow
 async def test_forced_mode_refuses_a_target_that_ignores_the_pause_header(
     pg: Database, gateway_url: str, tmp_path: Path
 ) -> None:
