@@ -50,7 +50,7 @@ from payrace.harness.explore.scheduler import (
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database
-from payrace.harness.model import checker, oracle
+from payrace.harness.model import checker, oracle, watched
 from payrace.harness.model.client import AsgiClient, PaymentContext, Reply, prepare
 from payrace.harness.model.history import History, Operation, classify
 from payrace.harness.model.judge import judge
@@ -358,7 +358,7 @@ class Explorer:
         assert self._baseline is not None
         obs = oracle.observe(
             self.db.url,
-            oracle.OracleConfig.reference(),
+            watched.OracleConfig.reference(),
             since=self._baseline,
             payment_ids=[r.payment_id for r in self.runs],
             gateway_counters=self.fake.counters(),

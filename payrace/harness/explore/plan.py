@@ -50,7 +50,7 @@ from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
-from payrace.harness.model import oracle
+from payrace.harness.model import watched
 from payrace.harness.model.history import History
 from payrace.harness.reports.writers import write_all
 from payrace.service.capture import STRATEGIES
@@ -271,7 +271,7 @@ def explore_main(
     except ScenarioError as exc:
         console.print(Text(f"payrace explore: {exc}", style="bold red"))
         return EXIT_ERROR
-    except (OSError, TimeoutError, RuntimeError, oracle.OracleError, asyncpg.PostgresError) as exc:
+    except (OSError, TimeoutError, RuntimeError, watched.OracleError, asyncpg.PostgresError) as exc:
         console.print(
             Text(
                 f"payrace explore: infrastructure error: {type(exc).__name__}: {exc}; check that "

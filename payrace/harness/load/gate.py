@@ -43,7 +43,7 @@ import psycopg
 
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.machine import machine
-from payrace.harness.model import checker, oracle
+from payrace.harness.model import checker, oracle, watched
 from payrace.harness.model.history import Operation
 from payrace.harness.model.judge import judge
 from payrace.harness.model.stats import PathHistograms
@@ -325,7 +325,7 @@ class LoadRun:
         if url is not None and self.baseline is not None:
             try:
                 result.update(self._judge(url, self.baseline, window_s, problems))
-            except (psycopg.Error, oracle.OracleError, httpx.HTTPError, OSError) as exc:
+            except (psycopg.Error, watched.OracleError, httpx.HTTPError, OSError) as exc:
                 problems.append(f"the oracle could not judge the run: {type(exc).__name__}: {exc}")
         elif url is not None:
             problems.append("no oracle baseline was taken, so the run cannot be judged")
@@ -434,7 +434,7 @@ def settle_deadlocks(summary: dict[str, Any], delta: int, settled: bool, note: s
             gateway_captures={},
             gateway_accepted={},
             deadlocks=delta,
-            config=oracle.OracleConfig.reference(),
+            config=watched.OracleConfig.reference(),
             deadlocks_settled=settled,
             deadlock_note=note,
         )

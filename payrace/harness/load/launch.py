@@ -47,7 +47,7 @@ from payrace.harness.infra.cpu import CpuSampler, Member, in_group, postmaster_p
 from payrace.harness.infra.processes import LocustProcess, ServiceProcess, free_port, service_env
 from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
 from payrace.harness.load.gate import LoadSettings, settle_deadlocks
-from payrace.harness.model import oracle
+from payrace.harness.model import oracle, watched
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_VIOLATED
 from payrace.harness.reports.console import render_console
 from payrace.harness.reports.writers import write_all
@@ -237,7 +237,7 @@ def load_main(console: Console, **args: Unpack[LoadArgs]) -> int:
         if summary is not None and summary.get("exit_code") == EXIT_VIOLATED:
             return EXIT_VIOLATED
         return EXIT_INTERRUPTED
-    except (ProviderError, oracle.OracleError) as exc:
+    except (ProviderError, watched.OracleError) as exc:
         console.print(f"[bold red]payrace load:[/] {exc}")
         return EXIT_ERROR
     except (OSError, TimeoutError, RuntimeError, psycopg.Error) as exc:
@@ -333,7 +333,7 @@ class _DeadlockReading:
         try:
             since = oracle.Baseline.from_json(baselines[0])
             self.reading = oracle.deadlocks_since(url, since, settle_timeout_s=5.0)
-        except (psycopg.Error, oracle.OracleError, KeyError, ValueError) as exc:
+        except (psycopg.Error, watched.OracleError, KeyError, ValueError) as exc:
             self.problem = f"the deadlock counter could not be read again: {exc}"
 
 

@@ -1,7 +1,6 @@
 """The oracle: what the harness sees with its own eyes, independent of the target's self-report.
 
-    WatchedTable   one audited table: name, id / status columns, its "done" status, payment link
-    OracleConfig   payments, invoices, orders; reference() (the reference service), from_toml()
+    (what it watches, WatchedTable / OracleConfig, and OracleError: model.watched)
     install()      schema payrace_audit: table log, function record(), one trigger per table
     uninstall()    drops the triggers and the schema
     baseline()     before a run: last audit id and the deadlock counter  -> Baseline
@@ -10,7 +9,6 @@
     ├── payments    PaymentState: final status of each payment, its invoice and its order
     ├── gateway_*   the fake gateway's capture calls per gateway payment id
     └── deadlocks   pg_stat_database.deadlocks delta, and whether that reading has settled
-    OracleError    the oracle cannot do its job here; the message says what to change
 
 The target's answers say what it *thinks* happened. The audit triggers record what reached
 the database: an AFTER ... FOR EACH ROW trigger runs inside the writing transaction, so a
@@ -57,17 +55,16 @@ and are not waited for.
 from __future__ import annotations
 
 import time
-import tomllib
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from payrace.harness.model.watched import OracleConfig, OracleError
 from payrace.postgres import libpq_url
 
 SCHEMA = "payrace_audit"
@@ -81,165 +78,6 @@ _SETTLE_S_PG15 = 11.0
 # PostgreSQL <= 14: the deadlock message is sent at once; the stats file is <= 0.5 s old.
 _SETTLE_S_PG14 = 1.0
 _LOCK_TIMEOUT = "10s"
-
-
-class OracleError(RuntimeError):
-    """The oracle cannot be installed or read here; the message says what to change."""
-
-
-# -- configuration ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WatchedTable:
-    """One table the oracle audits.
-
-    `table` may be schema-qualified ("billing.payments"). `payment_column` links a row to its
-    payment id: required for invoices; None for the payments table itself (its id is the
-    payment id) and usually for orders (mapped through payments.<payment_order_column> at
-    observe time).
-    """
-
-    table: str
-    done_value: str
-    payment_column: str | None = None
-    id_column: str = "id"
-    status_column: str = "status"
-    # Columns a target may update on a done row without writing it again (e.g. updated_at).
-    ignore_columns: tuple[str, ...] = ()
-
-    def identifier(self) -> sql.Identifier:
-        return sql.Identifier(*self.table.split(".", 1))
-
-
-_LOGICAL = ("payments", "invoices", "orders")
-
-
-@dataclass(frozen=True)
-class OracleConfig:
-    payments: WatchedTable
-    invoices: WatchedTable
-    orders: WatchedTable
-    payment_order_column: str = "order_id"  # payments.<col> -> orders.id
-    gateway_payment_column: str = "gateway_payment_id"  # payments.<col>: Razorpay's pay_…
-
-    def __post_init__(self) -> None:
-        if self.invoices.payment_column is None:
-            raise OracleError(
-                "invoices.payment_column is required: the column of the invoices table that "
-                "holds the payment id (the reference service's is 'payment_id')"
-            )
-
-    def watched(self) -> tuple[tuple[str, WatchedTable], ...]:
-        return (("payments", self.payments), ("invoices", self.invoices), ("orders", self.orders))
-
-    @classmethod
-    def reference(cls) -> OracleConfig:
-        """The reference service's schema (service/models.py)."""
-        return cls(
-            payments=WatchedTable("payments", "captured"),
-            invoices=WatchedTable("invoices", "paid", payment_column="payment_id"),
-            orders=WatchedTable("orders", "paid"),
-        )
-
-    @classmethod
-    def from_toml(cls, path: Path) -> OracleConfig:
-        """Read a team's schema description.
-
-        The file holds `[payments]`, `[invoices]` and `[orders]` tables (each with `table`,
-        `done_value` and optionally `id_column`, `status_column`, `payment_column`,
-        `ignore_columns`) and
-        optionally top-level `payment_order_column` / `gateway_payment_column`; in a
-        pyproject.toml the same lives under `[tool.payrace.oracle]`. Unknown keys are errors,
-        so a typo cannot silently fall back to a default.
-        """
-        try:
-            doc: Mapping[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise OracleError(f"cannot read oracle config {path}: {exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise OracleError(f"{path} is not valid TOML: {exc}") from exc
-        where = str(path)
-        if "tool" in doc or "project" in doc:  # a pyproject.toml
-            tool = doc.get("tool")
-            payrace = tool.get("payrace") if isinstance(tool, dict) else None
-            if not isinstance(payrace, dict) or "oracle" not in payrace:
-                raise OracleError(f"{where}: no [tool.payrace.oracle] table")
-            doc = _table(payrace, "oracle", f"{where}: tool.payrace")
-            where = f"{where}: tool.payrace.oracle"
-        return cls._from_mapping(doc, where)
-
-    @classmethod
-    def _from_mapping(cls, doc: Mapping[str, Any], where: str) -> OracleConfig:
-        links = ("payment_order_column", "gateway_payment_column")
-        _no_unknown_keys(doc, (*_LOGICAL, *links), where)
-        payments, invoices, orders = (
-            _watched(_table(doc, name, where), f"{where}: [{name}]") for name in _LOGICAL
-        )
-        return cls(
-            payments,
-            invoices,
-            orders,
-            **{k: _string(doc, k, where) for k in links if k in doc},
-        )
-
-    def to_toml(self) -> str:
-        """The TOML that from_toml() reads back into an equal config."""
-        lines = [
-            f"payment_order_column = {_toml_str(self.payment_order_column)}",
-            f"gateway_payment_column = {_toml_str(self.gateway_payment_column)}",
-        ]
-        for name, wt in self.watched():
-            lines += ["", f"[{name}]"]
-            for f in fields(WatchedTable):
-                value = getattr(wt, f.name)
-                if isinstance(value, tuple):
-                    lines.append(f"{f.name} = [{', '.join(_toml_str(v) for v in value)}]")
-                elif value is not None:
-                    lines.append(f"{f.name} = {_toml_str(value)}")
-        return "\n".join(lines) + "\n"
-
-
-def _toml_str(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
-def _table(doc: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
-    if key not in doc:
-        raise OracleError(f"{where}: missing table [{key}]")
-    value = doc[key]
-    if not isinstance(value, dict):
-        raise OracleError(f"{where}: '{key}' must be a table, got {type(value).__name__}")
-    return value
-
-
-def _string(doc: Mapping[str, Any], key: str, where: str) -> str:
-    value = doc[key]
-    if not isinstance(value, str) or not value:
-        raise OracleError(f"{where}: '{key}' must be a non-empty string, got {value!r}")
-    return value
-
-
-def _no_unknown_keys(doc: Mapping[str, Any], known: Collection[str], where: str) -> None:
-    unknown = sorted(set(doc) - set(known))
-    if unknown:
-        raise OracleError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-
-
-def _watched(doc: Mapping[str, Any], where: str) -> WatchedTable:
-    known = [f.name for f in fields(WatchedTable)]
-    _no_unknown_keys(doc, known, where)
-    for required in ("table", "done_value"):
-        if required not in doc:
-            raise OracleError(f"{where}: missing key '{required}'")
-    ignore = doc.get("ignore_columns", [])
-    if not isinstance(ignore, list) or not all(isinstance(c, str) and c for c in ignore):
-        raise OracleError(
-            f"{where}: 'ignore_columns' must be a list of column names, got {ignore!r}"
-        )
-    strings = {k: _string(doc, k, where) for k in known if k in doc and k != "ignore_columns"}
-    return WatchedTable(**strings, ignore_columns=tuple(ignore))
 
 
 # -- what observe() hands the checkers -----------------------------------------------------

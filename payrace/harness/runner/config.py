@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from payrace.harness.errors import UsageError
-from payrace.harness.model import oracle
+from payrace.harness.model import watched
 from payrace.harness.model.nemesis import NemesisSpecError, parse_spec
 from payrace.postgres import normalise_isolation
 from payrace.service.capture import STRATEGIES
@@ -159,10 +159,10 @@ class RunConfig:
                 raise UsageError(str(exc)) from exc
 
 
-def oracle_config(config: RunConfig) -> oracle.OracleConfig:
+def oracle_config(config: RunConfig) -> watched.OracleConfig:
     if config.oracle_config is None:
-        return oracle.OracleConfig.reference()
+        return watched.OracleConfig.reference()
     try:
-        return oracle.OracleConfig.from_toml(config.oracle_config)
-    except oracle.OracleError as exc:
+        return watched.OracleConfig.from_toml(config.oracle_config)
+    except watched.OracleError as exc:
         raise UsageError(str(exc)) from exc

@@ -32,7 +32,7 @@ from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.machine import machine
 from payrace.harness.infra.provider import Database, provide_postgres
-from payrace.harness.model import oracle
+from payrace.harness.model import oracle, watched
 from payrace.harness.model.judge import judge as check
 from payrace.harness.model.verdict import DECLARED, overall
 from payrace.harness.runner.config import RunConfig, oracle_config
@@ -145,7 +145,7 @@ async def run(
             await _create_schema(target_db)
         try:
             await asyncio.to_thread(oracle.install, oracle_url, oracle_config(config))
-        except oracle.OracleError as exc:
+        except watched.OracleError as exc:
             raise UsageError(f"cannot install the oracle's audit triggers: {exc}") from exc
         for strategy in config.strategies:
             async with start_target(config, strategy, target_db, gateway_url) as target:

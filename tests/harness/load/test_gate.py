@@ -19,7 +19,8 @@ from payrace.harness.load.gate import (
     settle_deadlocks,
 )
 from payrace.harness.model import checker
-from payrace.harness.model.oracle import AuditRow, Observation, OracleConfig, PaymentState
+from payrace.harness.model.oracle import AuditRow, Observation, PaymentState
+from payrace.harness.model.watched import OracleConfig
 
 # -- settings -----------------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ from payrace.harness.model.checker import (
     single_order_paid,
 )
 from payrace.harness.model.history import Operation
-from payrace.harness.model.oracle import AuditRow, Observation, OracleConfig, PaymentState
+from payrace.harness.model.oracle import AuditRow, Observation, PaymentState
+from payrace.harness.model.watched import OracleConfig
 
 T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 REFERENCE = OracleConfig.reference()

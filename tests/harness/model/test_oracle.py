@@ -20,6 +20,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import create_engine
+from team_schema import TEAM_SCHEMA, TEAM_TOML
 
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.signing import (
@@ -32,7 +33,7 @@ from payrace.harness.infra.provider import Database
 from payrace.harness.model import oracle
 from payrace.harness.model.checker import check
 from payrace.harness.model.history import History, classify
-from payrace.harness.model.oracle import OracleConfig, OracleError, WatchedTable
+from payrace.harness.model.watched import OracleConfig, OracleError, WatchedTable
 from payrace.service.models import Base
 
 KEYS = GatewayKeys()
@@ -74,42 +75,6 @@ def scratch(pg: Database) -> Iterator[str]:
     finally:
         with psycopg.connect(pg.url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-TEAM_SCHEMA = """
-CREATE SCHEMA billing;
-CREATE TABLE billing.purchase (purchase_no bigint PRIMARY KEY, state text NOT NULL);
-CREATE TABLE billing.charge (
-    charge_no bigint PRIMARY KEY, purchase_no bigint REFERENCES billing.purchase,
-    rzp_id text UNIQUE, state text NOT NULL, touched_at timestamptz);
-CREATE TABLE billing.bill (bill_no bigint PRIMARY KEY, charge_no bigint REFERENCES billing.charge,
-    "Bill State" text NOT NULL);
-"""
-
-TEAM_TOML = """
-payment_order_column = "purchase_no"
-gateway_payment_column = "rzp_id"
-
-[payments]
-table = "billing.charge"
-id_column = "charge_no"
-status_column = "state"
-done_value = "settled"
-ignore_columns = ["touched_at"]
-
-[invoices]
-table = "billing.bill"
-id_column = "bill_no"
-status_column = "Bill State"
-done_value = "cleared"
-payment_column = "charge_no"
-
-[orders]
-table = "billing.purchase"
-id_column = "purchase_no"
-status_column = "state"
-done_value = "complete"
-"""
 
 
 @pytest.fixture
@@ -445,66 +410,6 @@ def test_a_zero_deadlock_delta_is_not_trusted_while_a_backend_may_hold_counts(
             settled = oracle.observe(url, config, since=since, payment_ids=[], settle_timeout_s=5)
     assert (settled.deadlocks, settled.deadlocks_settled) == (0, True)
     assert check([], settled).results["no_deadlock"].valid is True
-
-
-# -- config -------------------------------------------------------------------------------
-
-
-def test_from_toml_round_trips(tmp_path: Path) -> None:
-    team = tmp_path / "team.toml"
-    team.write_text(TEAM_TOML)
-    for config in (REFERENCE, OracleConfig.from_toml(team)):
-        path = tmp_path / "oracle.toml"
-        path.write_text(config.to_toml())
-        assert OracleConfig.from_toml(path) == config
-    assert OracleConfig.from_toml(team).invoices.status_column == "Bill State"
-
-
-def test_from_toml_reads_tool_payrace_oracle_of_a_pyproject(tmp_path: Path) -> None:
-    path = tmp_path / "pyproject.toml"
-    body = REFERENCE.to_toml().replace("[payments]", "[tool.payrace.oracle.payments]")
-    body = body.replace("[invoices]", "[tool.payrace.oracle.invoices]")
-    body = body.replace("[orders]", "[tool.payrace.oracle.orders]")
-    links, tables = body.split("\n\n", 1)
-    path.write_text(f'[project]\nname = "shop"\n\n[tool.payrace.oracle]\n{links}\n\n{tables}')
-    assert OracleConfig.from_toml(path) == REFERENCE
-    path.write_text('[project]\nname = "shop"\n')
-    with pytest.raises(OracleError, match=r"pyproject\.toml: no \[tool\.payrace\.oracle\] table"):
-        OracleConfig.from_toml(path)
-
-
-@pytest.mark.parametrize(
-    ("old", "new", "message"),
-    [
-        ('done_value = "settled"\n', "", r"\[payments\]: missing key 'done_value'"),
-        ('status_column = "state"\ndone', 'status_colum = "state"\ndone', r"\['status_colum'\]"),
-        ("[orders]", "[order]", r"unknown key\(s\) \['order'\]"),
-        ('done_value = "cleared"', "done_value = 3", r"'done_value' must be a non-empty string"),
-        ('payment_column = "charge_no"\n', "", r"invoices\.payment_column is required"),
-        ('["touched_at"]', '"touched_at"', r"\[payments\]: 'ignore_columns' must be a list"),
-        ("[payments]", "[payments", r"not valid TOML"),
-    ],
-)
-def test_from_toml_says_which_key_is_wrong(
-    tmp_path: Path, old: str, new: str, message: str
-) -> None:
-    assert old in TEAM_TOML
-    path = tmp_path / "oracle.toml"
-    path.write_text(TEAM_TOML.replace(old, new, 1))
-    with pytest.raises(OracleError, match=message):
-        OracleConfig.from_toml(path)
-
-
-def test_from_toml_names_a_missing_table(tmp_path: Path) -> None:
-    path = tmp_path / "oracle.toml"
-    path.write_text(TEAM_TOML.split("[orders]")[0])
-    with pytest.raises(OracleError, match=r"oracle\.toml: missing table \[orders\]"):
-        OracleConfig.from_toml(path)
-
-
-def test_from_toml_names_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(OracleError, match=r"cannot read oracle config .*nope\.toml"):
-        OracleConfig.from_toml(tmp_path / "nope.toml")
 
 
 # -- the real reference service ------------------------------------------------------------
