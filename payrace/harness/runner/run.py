@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import GatewayControl, LocalGateway, RemoteGateway
@@ -38,6 +39,7 @@ from payrace.harness.model.verdict import DECLARED, overall
 from payrace.harness.runner.config import RunConfig, oracle_config
 from payrace.harness.runner.target import start_target
 from payrace.harness.runner.trials import StrategyRun, fire_trials
+from payrace.service.db import create_schema
 
 
 async def judge(
@@ -188,10 +190,6 @@ async def run(
 
 
 async def _create_schema(db: Database) -> None:
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    from payrace.service.db import create_schema
-
     engine = create_async_engine(db.asyncpg_url())
     try:
         await create_schema(engine)
