@@ -1,4 +1,4 @@
-"""service/capture.py: the race itself, at the service level, on real PostgreSQL.
+"""payrace/service/capture.py: the race itself, at the service level, on real PostgreSQL.
 
 The two callbacks of one payment (the browser's verify and Razorpay's webhook) are sent as
 concurrent requests, each in its own task under `probes.controlled()`, with a Rendezvous as the

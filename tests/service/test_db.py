@@ -1,4 +1,4 @@
-"""service/db.py: engine, sessions and schema, on a database of this module's own.
+"""payrace/service/db.py: engine, sessions and schema, on a database of this module's own.
 
 The module creates a fresh database on the session's server, so "the tables do not exist
 yet" is real here, and drops it afterwards.

@@ -1,4 +1,4 @@
-"""service/models.py: the tables' guarantees, checked by PostgreSQL itself.
+"""payrace/service/models.py: the tables' guarantees, checked by PostgreSQL itself.
 
 Every write here runs inside one transaction that is rolled back, each rejected statement in
 its own savepoint, so the shared database keeps nothing from this module.

@@ -1,4 +1,4 @@
-"""service/signatures.py: Razorpay's callback and webhook signatures, checked by the SDK."""
+"""payrace/service/signatures.py: Razorpay's callback and webhook signatures, checked by the SDK."""
 
 from __future__ import annotations
 

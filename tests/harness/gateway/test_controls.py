@@ -1,4 +1,4 @@
-"""harness/gateway/controls.py: the same questions asked of a fake in this process and of
+"""payrace/harness/gateway/controls.py: the same questions asked of a fake in this process and of
 one over HTTP get the same answers."""
 
 from __future__ import annotations

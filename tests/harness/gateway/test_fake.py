@@ -1,4 +1,4 @@
-"""harness/gateway/fake.py: orders, payments and capture counters as Razorpay keeps them,
+"""payrace/harness/gateway/fake.py: orders, payments and capture counters as Razorpay keeps them,
 driven the way the service drives them: the real SDK over real HTTP; the fault knobs."""
 
 from __future__ import annotations

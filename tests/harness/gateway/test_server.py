@@ -1,4 +1,4 @@
-"""harness/gateway/server.py: the fake's routes (auth, latency, Razorpay-shaped errors, the
+"""payrace/harness/gateway/server.py: the fake's routes (auth, latency, Razorpay-shaped errors, the
 /_fake controls) and the threaded server's start and stop."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""harness/infra/processes.py: every process payrace starts is stopped, group and all.
+"""payrace/harness/infra/processes.py: every process payrace starts is stopped, group and all.
 
 "Gone" means os.killpg(pgid, 0) finds no process in the group. Where a test leaves orphans to
 this machine's init, whose reaping may lag, "nothing left running" means no member of the

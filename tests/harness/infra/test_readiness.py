@@ -1,4 +1,4 @@
-"""harness/infra/readiness.py: waiting until what payrace started answers."""
+"""payrace/harness/infra/readiness.py: waiting until what payrace started answers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""harness/loadgate.py: the settings handed to Locust, the tallies workers send and the master
+"""load.gate: the settings handed to Locust, the tallies workers send and the master
 merges, and the little history the gate's checkers read."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""harness/load.py: arguments, the plan, usage errors, and that no process outlives
+"""payrace/harness/load/launch.py: arguments, the plan, usage errors, and that no process outlives
 `payrace load` (Ctrl-C in the middle of a run, and a run whose Locust fails)."""
 
 from __future__ import annotations

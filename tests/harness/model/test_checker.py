@@ -1,4 +1,4 @@
-"""harness/checker.py: every checker on hand-made histories and observations.
+"""payrace/harness/model/checker.py: every checker on hand-made histories and observations.
 
 Checkers are pure functions of (ops, observation), so each case here is a small history and
 the oracle's view of it, written out; test_oracle.py feeds them what a real database saw.

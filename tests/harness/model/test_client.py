@@ -1,4 +1,4 @@
-"""harness/model/client.py: signed requests, the in-process and HTTP clients.
+"""payrace/harness/model/client.py: signed requests, the in-process and HTTP clients.
 
 The HTTP tests run against a real uvicorn ServiceProcess on the session's PostgreSQL and the
 fake gateway; every assertion is about the test's own orders and payments.

@@ -1,4 +1,4 @@
-"""harness/generator.py: plans are a pure function of (seed, trial) and have the promised shape."""
+"""model/generator.py: plans are a pure function of (seed, trial) and have the promised shape."""
 
 from __future__ import annotations
 

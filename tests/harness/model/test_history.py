@@ -1,4 +1,4 @@
-"""harness/history.py: indexes, monotonic times, classification, JSONL, thread safety."""
+"""harness/model/history.py: indexes, monotonic times, classification, JSONL, thread safety."""
 
 from __future__ import annotations
 

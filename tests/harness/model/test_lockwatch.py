@@ -1,4 +1,4 @@
-"""harness/lockwatch.py: real row-lock waits on the session's PostgreSQL, seen from outside.
+"""harness/model/lockwatch.py: real row-lock waits on the session's PostgreSQL, seen from outside.
 
 Each test makes its own table and its own transactions with asyncpg; a holder keeps
 `SELECT ... FOR UPDATE` on a row while waiters queue behind it for HOLD_S.

@@ -1,4 +1,4 @@
-"""harness/nemesis.py: faults injected for real — a PostgreSQL backend terminated, the fake
+"""harness/model/nemesis.py: faults injected for real — a PostgreSQL backend terminated, the fake
 gateway failing — and the fixed flow still capturing exactly once under them."""
 
 from __future__ import annotations

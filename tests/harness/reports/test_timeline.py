@@ -1,4 +1,4 @@
-"""harness/timeline.py: the seed's two-column table, in text and (escaped) HTML."""
+"""payrace/harness/reports/timeline.py: the seed's two-column table, in text and (escaped) HTML."""
 
 from __future__ import annotations
 
