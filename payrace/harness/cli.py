@@ -161,6 +161,17 @@ def run_command(
             "backend kills)"
         ),
     ] = None,
+    expect: Annotated[
+        str | None,
+        typer.Option(help="with --target URL: what your service should be, valid | violated"),
+    ] = None,
+    settle_s: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds the oracle may wait at the end for the deadlock count to settle "
+            "(default 2; 15 for --target URL, whose pool stays open)"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Fire interleaved client callbacks and webhooks; judge with the harness's own oracle."""
@@ -186,6 +197,8 @@ def run_command(
             oracle_config=oracle_config,
             first_event=event,
             nemesis=nemesis,
+            expect=expect,
+            settle_s=settle_s,
             command=shlex.join(["payrace", *sys.argv[1:]]),
         )
         config.validate()

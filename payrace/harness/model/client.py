@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from payrace.harness.errors import UsageError
 from payrace.harness.gateway.signing import (
     GatewayKeys,
     client_callback,
@@ -131,11 +132,25 @@ class _HttpxBase:
 
     async def create_order(self, amount: int, currency: str) -> dict[str, Any]:
         response = await self.http.post("/orders", json={"amount": amount, "currency": currency})
+        if 400 <= response.status_code < 500:
+            # The order is setup, not the race under test: a refusal means the target does not
+            # speak the contract, which no trial can fix.
+            raise UsageError(
+                f"the target answered POST {response.url.path} with HTTP {response.status_code} "
+                f"({response.text[:200]}): it must accept {{amount, currency}} and answer 201 "
+                "with payment_id and gateway_order_id (README, 'The reference service's API')"
+            )
         if response.status_code != 201:
             raise RuntimeError(
                 f"target refused POST /orders: HTTP {response.status_code} {response.text[:300]}"
             )
         doc: dict[str, Any] = response.json()
+        missing = [k for k in ("payment_id", "gateway_order_id") if k not in doc]
+        if missing:
+            raise UsageError(
+                f"the target's POST {response.url.path} answered 201 without "
+                f"{', '.join(missing)}: payrace needs both to race the payment"
+            )
         return doc
 
     async def send(self, req: Prepared, extra_headers: dict[str, str] | None = None) -> Reply:
@@ -184,6 +199,9 @@ class HttpClient(_HttpxBase):
             raise ValueError(f"target URL must look like http://127.0.0.1:8000, got {base_url!r}")
         self.host = parts.hostname
         self.port = parts.port or 80
+        # A service mounted under a path (http://host/api) gets its routes under it, in the
+        # raw aligned sends too (httpx joins base_url and path itself).
+        self.prefix = parts.path.rstrip("/")
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
         super().__init__(
             httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits)
@@ -214,7 +232,7 @@ class HttpClient(_HttpxBase):
                 writer.close()
 
     def _raw(self, req: Prepared) -> bytes:
-        lines = [f"{req.method} {req.path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        lines = [f"{req.method} {self.prefix}{req.path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
         lines += [f"{k}: {v}" for k, v in req.headers.items()]
         lines += [f"Content-Length: {len(req.body)}", "Connection: close", "", ""]
         return "\r\n".join(lines).encode("latin-1") + req.body

@@ -387,9 +387,10 @@ def _settled_deadlocks(
         return (
             delta,
             False,
-            f"{unsettled} client backend(s) active or idle for less than {settle_s:g} s may "
-            "hold deadlock counts not yet flushed to pg_stat_database; close the target's "
-            f"pool before observing, or pass settle_timeout_s>={settle_s:g}",
+            f"{unsettled} client backend(s) stayed active or idle for less than {settle_s:g} s "
+            f"within the {settle_timeout_s:g} s waited, and may hold deadlock counts not yet "
+            "flushed to pg_stat_database: wait longer (`payrace run --settle-s`, "
+            "settle_timeout_s) or let the target's pool close idle connections",
         )
     return delta, True, ""
 

@@ -23,6 +23,10 @@ from payrace.harness.model.nemesis import NemesisSpecError, parse_spec
 from payrace.postgres import normalise_isolation
 from payrace.service.capture import STRATEGIES
 
+# PostgreSQL 15+ flushes an idle backend's deadlock count within 10 s (PGSTAT_IDLE_INTERVAL);
+# a pooled target's idle connections have flushed once they sat idle 11 s (model.oracle).
+EXTERNAL_SETTLE_S = 15.0
+
 Mode = Literal["forced", "aligned", "jitter"]
 MODES: tuple[Mode, ...] = ("forced", "aligned", "jitter")
 
@@ -110,6 +114,23 @@ class RunConfig:
     nemesis: str | None = None  # faults during the trials: "gateway-errors:0.2,kill-backends:1"
     command: str = "payrace run"
     run_id: str = ""
+    # What the target is expected to be ("valid" / "violated"); the reference strategies are
+    # declared (model.verdict.DECLARED), a team's own service says it here.
+    expect: str | None = None
+    # How long the oracle may wait at the end for the deadlock counter to settle. None: 2 s
+    # when payrace stopped the target (its backends flush on exit); for a running target,
+    # whose pool stays open, long enough for idle backends to flush (oracle module docstring).
+    settle_s: float | None = None
+
+    @property
+    def external(self) -> bool:
+        """A running service payrace did not start (a URL)."""
+        return self.target not in ("inproc", "http")
+
+    def settle_timeout_s(self) -> float:
+        if self.settle_s is not None:
+            return self.settle_s
+        return EXTERNAL_SETTLE_S if self.external else 2.0
 
     def validate(self) -> None:
         if self.trials < 1 or self.trials > 1_000_000:
@@ -118,8 +139,7 @@ class RunConfig:
             raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.concurrency < 1 or self.concurrency > 64:
             raise UsageError("--concurrency must be between 1 and 64")
-        external = self.target not in ("inproc", "http")
-        if external:
+        if self.external:
             if not self.target.startswith("http://"):
                 raise UsageError(
                     f"--target must be inproc, http or a URL like http://127.0.0.1:8000, "
@@ -130,6 +150,12 @@ class RunConfig:
                     "--target URL needs --target-dsn (the target's own database, where the "
                     "oracle installs its audit triggers) and --gateway-url (the fake gateway "
                     "it talks to, e.g. one started with `payrace gateway`)"
+                )
+            # Options that act on what payrace starts mean nothing for a running target.
+            if self.isolation.replace("_", " ").strip().upper() != "READ COMMITTED":
+                raise UsageError(
+                    "--isolation sets the reference service payrace starts; a running target "
+                    "keeps its own isolation level: leave --isolation out"
                 )
         else:
             unknown = [s for s in self.strategies if s not in STRATEGIES]
@@ -152,6 +178,10 @@ class RunConfig:
             oracle_config(self)  # a bad file is a usage error before anything starts
         if self.hold_ms and self.mode != "forced":
             raise UsageError("--hold-ms is injected at the forced-mode pause; use --mode forced")
+        if self.expect not in (None, "valid", "violated"):
+            raise UsageError(f"--expect must be valid or violated, got {self.expect!r}")
+        if self.settle_s is not None and not 0 <= self.settle_s <= 600:
+            raise UsageError("--settle-s must be between 0 and 600 seconds")
         if self.nemesis is not None:
             try:
                 parse_spec(self.nemesis)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from payrace.harness.errors import UsageError
@@ -60,6 +61,7 @@ async def judge(
         # Also the ids the database never recorded: a capture the gateway accepted in a
         # transaction that then rolled back is exactly what no_lost_capture is for.
         gateway_payment_ids=[o.gateway_payment_id for o in run.outcomes.values()],
+        settle_timeout_s=config.settle_timeout_s(),
     )
     judged = check(run.history.ops(), obs)
     valid = judged.valid
@@ -75,7 +77,7 @@ async def judge(
     duration = run.duration_s
     faults = {"nemesis": run.nemesis} if run.nemesis is not None else {}
     return {
-        "expected": DECLARED.get(run.strategy),
+        "expected": config.expect or (None if config.external else DECLARED.get(run.strategy)),
         "valid": valid,
         "trials": config.trials,
         "violating_trials": len(violating),
@@ -109,11 +111,13 @@ async def run(
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     async with AsyncExitStack() as stack:
-        external = config.target not in ("inproc", "http")
+        external = config.external
         target_db: Database | None = None
         db_info: dict[str, Any]
         if external:
             assert config.target_dsn is not None and config.gateway_url is not None
+            await _answers(config.target, "--target", "start your service first")
+            await _answers(config.gateway_url, "--gateway-url", "start one with `payrace gateway`")
             oracle_url = config.target_dsn
             db_info = {"route": "target", "describe": "the target's own database (--target-dsn)"}
             remote = RemoteGateway(config.gateway_url)
@@ -187,6 +191,18 @@ async def run(
         "verdict": verdict,
         "exit_code": code,
     }
+
+
+async def _answers(url: str, flag: str, hint: str) -> None:
+    """A running target or gateway that is down is a setup mistake: said before any trial,
+    not found out as a run of failed trials. Any HTTP answer, even a 404, means it is up."""
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            await http.get(url)
+    except httpx.HTTPError as exc:
+        raise UsageError(
+            f"nothing answers at {flag} {url} ({type(exc).__name__}: {exc}); {hint}"
+        ) from None
 
 
 async def _create_schema(db: Database) -> None:

@@ -169,13 +169,25 @@ async def run_trial(
 ) -> None:
     plan = generator.plan(trial)
     order = await _create_order(target, config.amount)
-    payment = await asyncio.to_thread(gateway.authorize, order["gateway_order_id"])
+    try:
+        payment = await asyncio.to_thread(gateway.authorize, order["gateway_order_id"])
+    except Exception as exc:
+        # The customer pays at the gateway payrace controls; an order it never saw was created
+        # at another gateway, and no trial of this run can be raced.
+        raise UsageError(
+            f"the fake gateway cannot authorize a payment for the target's order "
+            f"{order['gateway_order_id']!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
+            "the target must "
+            "create its orders at the gateway payrace drives (its Razorpay base URL set to "
+            "the --gateway-url, e.g. one started with `payrace gateway`)"
+        ) from None
     ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
     keys = GatewayKeys()
     reqs = [prepare(step, i, ctx, keys) for i, step in enumerate(plan.steps)]
     replies, invokes, captured, timeouts = await _fire(
         config, target, plan, reqs, ctx, run, is_blocked
     )
+    _refused_signatures(plan, replies)
     if config.mode == "forced" and not target.in_process:
         timeouts += _pauses_over_http(replies)
     received: list[int] = []
@@ -295,9 +307,35 @@ async def fire_trials(
     return run
 
 
+# Which secret a refused signature points at, by the request that carried it.
+_SECRETS = {
+    "verify": "the key secret (the client callback is signed with RAZORPAY_KEY_SECRET)",
+    "webhook": "the webhook secret (webhooks are signed with RAZORPAY_WEBHOOK_SECRET)",
+}
+
+
+def _refused_signatures(plan: TrialPlan, replies: list[Reply]) -> None:
+    """payrace signs every callback and webhook correctly, so a target that refuses one for its
+    signature holds other test keys than the fake gateway's: a setup mistake, not a bug."""
+    for step, reply in zip(plan.steps, replies, strict=True):
+        refused = reply.status in (400, 401, 403) and "signature" in str(reply.body).lower()
+        if refused:
+            keys = GatewayKeys()
+            raise UsageError(
+                f"the target refused payrace's signature on a {step.kind} (HTTP {reply.status}: "
+                f"{str(reply.body)[:200]}): it checks {_SECRETS[step.kind]} against other keys "
+                f"than the fake gateway's; give it key id {keys.key_id} and the secrets "
+                "`payrace gateway` prints"
+            )
+
+
 def _pauses_over_http(replies: list[Reply]) -> int:
     """Check the target honoured X-Payrace-Pause; count the pauses that gave up waiting."""
-    states = [r.headers.get("x-payrace-pause") for r in replies if r.status is not None]
+    # A 5xx may come from the server in front of the app (a crash), which adds no header: the
+    # handshake is judged on the answers the app itself gave.
+    states = [
+        r.headers.get("x-payrace-pause") for r in replies if r.status is not None and r.status < 500
+    ]
     if any(state is None for state in states):
         raise UsageError(
             "the target ignored X-Payrace-Pause, so nothing was forced: start it with "

@@ -16,6 +16,7 @@ import razorpay
 from conftest import Service
 from razorpay.errors import SignatureVerificationError
 
+from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import LocalGateway
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.signing import GatewayKeys
@@ -179,10 +180,11 @@ async def test_asgi_send_together_answers_every_request(
     assert sorted(r.body["idempotent"] for r in replies) == [False, True]
 
 
-async def test_create_order_refused_by_the_target_raises(service: Service) -> None:
+async def test_create_order_refused_by_the_target_is_a_usage_error(service: Service) -> None:
+    """A 4xx on the order is the target not speaking the contract: no trial can fix that."""
     client = AsgiClient(service.app)
     try:
-        with pytest.raises(RuntimeError, match="refused POST /orders: HTTP 422"):
+        with pytest.raises(UsageError, match=r"answered POST /orders with HTTP 422 .*201 with"):
             await client.create_order(0, "INR")
     finally:
         await client.aclose()
@@ -311,3 +313,29 @@ async def test_http_client_on_a_closed_port_replies_with_no_status_and_an_error(
 def test_http_client_rejects_a_url_it_cannot_reach(url: str) -> None:
     with pytest.raises(ValueError, match="target URL must look like http://"):
         HttpClient(url)
+
+
+async def test_aligned_sends_keep_the_path_prefix_of_the_target_url() -> None:
+    """A service mounted under /api gets /api/payments/verify, in the raw last-byte sends too."""
+    seen: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append((await reader.readline()).decode().strip())
+        body = b"{}"
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = HttpClient(f"http://127.0.0.1:{port}/api/")
+    req = Prepared("POST", "/payments/verify", b"{}", {}, "verify")
+    try:
+        replies = await client.send_together([req, req])
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    assert [r.status for r in replies] == [200, 200]
+    assert seen == ["POST /api/payments/verify HTTP/1.1"] * 2

@@ -33,8 +33,26 @@ def test_gate_parsing() -> None:
         ({"target": "http://127.0.0.1:1"}, "--target-dsn"),
         ({"hold_ms": 10.0, "mode": "aligned"}, "--hold-ms"),
         ({"isolation": "bogus"}, "--isolation"),
+        ({"expect": "fine"}, "--expect must be valid or violated"),
+        ({"settle_s": -1.0}, "--settle-s"),
+        (
+            {
+                "target": "http://127.0.0.1:1",
+                "target_dsn": "postgresql://x@h/db",
+                "gateway_url": "http://127.0.0.1:2",
+                "isolation": "SERIALIZABLE",
+            },
+            "a running target keeps its own isolation level",
+        ),
     ],
 )
 def test_bad_configs_say_what_to_fix(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         RunConfig(**fields).validate()
+
+
+def test_the_settle_wait_is_long_for_a_running_target_and_short_otherwise() -> None:
+    assert RunConfig().settle_timeout_s() == 2.0
+    running = RunConfig(target="http://127.0.0.1:8000")
+    assert running.external and running.settle_timeout_s() >= 11.0
+    assert RunConfig(target="http://127.0.0.1:8000", settle_s=0.5).settle_timeout_s() == 0.5

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from payrace.harness.errors import UsageError
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
-from payrace.harness.infra.processes import ServiceProcess, service_env
+from payrace.harness.infra.processes import ServiceProcess, free_port, service_env
 from payrace.harness.infra.provider import Database
 from payrace.harness.runner.config import Gate, RunConfig
 from payrace.harness.runner.run import run, write_history
@@ -152,4 +155,74 @@ async def test_forced_mode_refuses_a_target_that_ignores_the_pause_header(
             target_dsn=pg.url, gateway_url=gateway_url, out_dir=tmp_path, concurrency=1,
         )  # fmt: skip
         with pytest.raises(UsageError, match="ignored X-Payrace-Pause"):
+            await run(config, announce=lambda line: None)
+
+
+# -- a running target: a correct one passes, setup mistakes are usage errors -----------------
+
+
+def _target(pg: Database, gateway_url: str, url: str, **fields: Any) -> RunConfig:
+    return RunConfig(
+        strategies=["target"], target=url, target_dsn=pg.url, gateway_url=gateway_url, **fields
+    )
+
+
+@pytest.mark.slow
+async def test_a_correct_pooled_target_passes_without_its_pool_being_closed(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    """The service keeps its pool open after the trials; the oracle waits out the statistics
+    flush of its idle backends once, and the run ends valid, exit 0, no "unknown"."""
+    env = service_env(pg, gateway_url, "for_update", keys=GatewayKeys(), probes=True)
+    with ServiceProcess(env) as proc:
+        config = _target(pg, gateway_url, proc.url, trials=10, expect="valid", out_dir=tmp_path)
+        summary = await run(config, announce=lambda line: None)
+        assert proc.proc is not None and proc.proc.poll() is None  # its pool was never closed
+    result = summary["strategies"]["target"]
+    assert result["checks"]["no_deadlock"]["valid"] is True
+    assert result["valid"] is True and result["expected"] == "valid"
+    assert (summary["verdict"], summary["exit_code"]) == ("valid", 0)
+
+
+@pytest.mark.slow
+async def test_a_target_that_is_down_is_a_usage_error(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    config = _target(pg, gateway_url, f"http://127.0.0.1:{free_port()}", out_dir=tmp_path)
+    with pytest.raises(UsageError, match=r"nothing answers at --target .*start your service"):
+        await run(config, announce=lambda line: None)
+
+
+@pytest.mark.slow
+async def test_a_target_with_another_webhook_secret_is_a_usage_error_not_a_bug(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    keys = replace(GatewayKeys(), webhook_secret="the-teams-own-secret")
+    with ServiceProcess(service_env(pg, gateway_url, "for_update", keys=keys)) as proc:
+        config = _target(pg, gateway_url, proc.url, trials=2, mode="aligned", out_dir=tmp_path)
+        with pytest.raises(UsageError, match=r"refused payrace's signature on a webhook .*"):
+            await run(config, announce=lambda line: None)
+
+
+@pytest.mark.slow
+async def test_a_target_talking_to_another_gateway_is_a_usage_error(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    other = FakeRazorpay(GatewayKeys())
+    with GatewayServer(other) as elsewhere:
+        env = service_env(pg, elsewhere.url, "for_update", keys=GatewayKeys())
+        with ServiceProcess(env) as proc:
+            config = _target(pg, gateway_url, proc.url, trials=2, mode="aligned", out_dir=tmp_path)
+            with pytest.raises(UsageError, match=r"cannot authorize .*--gateway-url"):
+                await run(config, announce=lambda line: None)
+
+
+@pytest.mark.slow
+async def test_a_target_without_the_order_route_is_a_usage_error(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    env = service_env(pg, gateway_url, "for_update", keys=GatewayKeys())
+    with ServiceProcess(env) as proc:
+        config = _target(pg, gateway_url, f"{proc.url}/nope", trials=2, out_dir=tmp_path)
+        with pytest.raises(UsageError, match=r"answered POST /nope/orders with HTTP 404"):
             await run(config, announce=lambda line: None)
