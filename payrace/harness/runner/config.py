@@ -139,6 +139,10 @@ class RunConfig:
             raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.concurrency < 1 or self.concurrency > 64:
             raise UsageError("--concurrency must be between 1 and 64")
+        try:
+            self.isolation = normalise_isolation(self.isolation)
+        except ValueError as exc:
+            raise UsageError(f"--isolation: {exc}") from None
         if self.external:
             if not self.target.startswith("http://"):
                 raise UsageError(
@@ -152,7 +156,7 @@ class RunConfig:
                     "it talks to, e.g. one started with `payrace gateway`)"
                 )
             # Options that act on what payrace starts mean nothing for a running target.
-            if self.isolation.replace("_", " ").strip().upper() != "READ COMMITTED":
+            if self.isolation != "READ COMMITTED":
                 raise UsageError(
                     "--isolation sets the reference service payrace starts; a running target "
                     "keeps its own isolation level: leave --isolation out"
@@ -168,10 +172,6 @@ class RunConfig:
                 f"--event must be payment.captured, payment.authorized or order.paid, "
                 f"got {self.first_event!r}"
             )
-        try:
-            self.isolation = normalise_isolation(self.isolation)
-        except ValueError as exc:
-            raise UsageError(f"--isolation: {exc}") from None
         if self.hold_ms < 0 or self.jitter_ms < 0:
             raise UsageError("--hold-ms and --jitter-ms must be >= 0")
         if self.oracle_config is not None:

@@ -111,10 +111,9 @@ async def run(
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     async with AsyncExitStack() as stack:
-        external = config.external
         target_db: Database | None = None
         db_info: dict[str, Any]
-        if external:
+        if config.external:
             assert config.target_dsn is not None and config.gateway_url is not None
             await _answers(config.target, "--target", "start your service first")
             await _answers(config.gateway_url, "--gateway-url", "start one with `payrace gateway`")
