@@ -112,12 +112,20 @@ def run_command(
     strategy: Annotated[
         list[str],
         typer.Option(
-            "--strategy", "-s", help="naive, for_update, advisory (repeat or comma-separate)"
+            "--strategy",
+            "-s",
+            help="naive, for_update, advisory (repeat or comma-separate); default for_update",
         ),
-    ] = ["for_update"],  # noqa: B006
+    ] = [],  # noqa: B006
     trials: Annotated[int, typer.Option(help="trials (payments) per strategy")] = 100,
     mode: Annotated[str, typer.Option(help="forced | aligned | jitter")] = "forced",
-    target: Annotated[str, typer.Option(help="inproc | http | http://host:port")] = "inproc",
+    target: Annotated[
+        str, typer.Option(help="inproc | http | http(s)://host:port[/prefix]")
+    ] = "inproc",
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="your service's target profile (TOML, docs/profile.md)"),
+    ] = None,
     dsn: Annotated[
         str | None,
         typer.Option(
@@ -182,6 +190,7 @@ def run_command(
             trials=trials,
             mode=mode,  # type: ignore[arg-type]  # validated by RunConfig.validate
             target=target,
+            profile=profile,
             dsn=dsn,
             seed=seed,
             webhooks=webhooks,
@@ -340,19 +349,32 @@ def load_command(
 def gateway_command(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 9411,
+    profile: Annotated[
+        Path | None, typer.Option(help="accept your service's test keys, from its profile")
+    ] = None,
 ) -> None:
     """Serve a fake Razorpay until Ctrl-C (for `payrace run --target URL --gateway-url`)."""
     import time
 
     from payrace.harness.gateway.fake import FakeRazorpay
     from payrace.harness.gateway.server import GatewayServer
-    from payrace.harness.gateway.signing import GatewayKeys
+    from payrace.harness.model.profile import Profile
 
-    keys = GatewayKeys()
+    try:
+        chosen = Profile.load(profile) if profile is not None else Profile.reference()
+    except UsageError as exc:
+        raise _fail(str(exc)) from None
+    keys = chosen.keys
     with GatewayServer(FakeRazorpay(keys), host=host, port=port) as server:
+        if profile is None:
+            said = f"key secret {keys.key_secret}, webhook secret {keys.webhook_secret}"
+        else:  # a team's secrets are never printed: say where they came from
+            said = ", ".join(
+                f"{name.replace('_', ' ')} from {chosen.describe_key(name)}"
+                for name in ("key_secret", "webhook_secret")
+            )
         console.print(
-            f"fake Razorpay at {server.url} (key id {keys.key_id}, key secret "
-            f"{keys.key_secret}, webhook secret {keys.webhook_secret}); Ctrl-C stops it"
+            f"fake Razorpay at {server.url} (key id {keys.key_id}, {said}); Ctrl-C stops it"
         )
         try:
             while True:

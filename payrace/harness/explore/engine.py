@@ -54,6 +54,7 @@ from payrace.harness.model import checker, oracle, watched
 from payrace.harness.model.client import AsgiClient, PaymentContext, Reply, prepare
 from payrace.harness.model.history import History, Operation, classify
 from payrace.harness.model.judge import judge
+from payrace.harness.model.profile import Profile
 from payrace.service.app import Runtime, create_app
 from payrace.service.capture import STRATEGIES
 from payrace.service.instrument import probes
@@ -96,6 +97,7 @@ class Explorer:
         self.reduce = reduce
         self.amount = amount
         self.keys = keys
+        self.profile = replace(Profile.reference(), keys=keys)
         self.history = History(strategy=strategy)
         self.runs: list[ScheduleRun] = []
         # Whether the payment read takes a lock: FOR UPDATE, or the advisory lock before it.
@@ -215,7 +217,7 @@ class Explorer:
         assert self._client is not None
         client = self._client
         reqs = [
-            ScheduledRequest(i, spec, prepare(spec.step, i, ctx, self.keys))
+            ScheduledRequest(i, spec, prepare(spec.step, i, ctx, self.profile))
             for i, spec in enumerate(self.specs)
         ]
 

@@ -20,6 +20,8 @@ from payrace.harness.gateway.fake import FakeRazorpay
 
 
 class GatewayControl(Protocol):
+    def create_order(self, amount: int, currency: str) -> dict[str, Any]: ...
+
     def authorize(self, gateway_order_id: str) -> dict[str, Any]: ...
 
     def counters(self) -> dict[str, dict[str, int]]: ...
@@ -34,6 +36,9 @@ class GatewayControl(Protocol):
 class LocalGateway:
     def __init__(self, fake: FakeRazorpay) -> None:
         self.fake = fake
+
+    def create_order(self, amount: int, currency: str) -> dict[str, Any]:
+        return self.fake.create_order({"amount": amount, "currency": currency})
 
     def authorize(self, gateway_order_id: str) -> dict[str, Any]:
         return self.fake.authorize_payment(gateway_order_id)
@@ -55,6 +60,12 @@ class RemoteGateway:
     def _json(self, response: httpx.Response) -> Any:
         response.raise_for_status()
         return response.json()
+
+    def create_order(self, amount: int, currency: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self._json(
+            self.http.post("/_fake/orders", json={"amount": amount, "currency": currency})
+        )
+        return doc
 
     def authorize(self, gateway_order_id: str) -> dict[str, Any]:
         doc: dict[str, Any] = self._json(

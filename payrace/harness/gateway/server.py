@@ -91,6 +91,11 @@ def razorpay_app(fake: FakeRazorpay) -> Starlette:
             raise RazorpayError(400, str(exc), field="order_id") from None
         return JSONResponse(authorized)
 
+    async def fake_order(request: Request) -> Response:
+        # A profile with `by = "payrace"` has payrace create the order; the control route
+        # spares the harness the target's key secret.
+        return JSONResponse(fake.create_order(json_object(await request.body())))
+
     async def knobs(request: Request) -> Response:
         if request.method == "GET":
             return JSONResponse(fake.knobs())
@@ -125,6 +130,7 @@ def razorpay_app(fake: FakeRazorpay) -> Starlette:
             Route("/v1/payments/{payment_id}/capture", v1(capture, capture=True), methods=["POST"]),
             Route("/_fake/counters", counters, methods=["GET"]),
             Route("/_fake/payments", authorize, methods=["POST"]),
+            Route("/_fake/orders", fake_order, methods=["POST"]),
             Route("/_fake/knobs", knobs, methods=["GET", "POST"]),
             Route("/_fake/reset", reset, methods=["POST"]),
         ],

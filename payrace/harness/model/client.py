@@ -2,7 +2,8 @@
 
     Prepared         a request ready to send (method, path, body bytes, headers)
     Reply            status (None = no answer), JSON body, headers, the target's own timings
-    prepare()        a generator Step -> the signed client callback or webhook it stands for
+    prepare()        a generator Step -> the signed client callback or webhook it stands for,
+                     shaped by the target's profile (model.profile: routes, bodies, keys, hook)
     Client           create_order / send / send_together
     ├── AsgiClient       the reference service in the harness's own event loop (httpx ASGI)
     └── HttpClient       any service over real HTTP; send_together() uses last-byte
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -25,13 +27,13 @@ import httpx
 
 from payrace.harness.errors import UsageError
 from payrace.harness.gateway.signing import (
-    GatewayKeys,
     client_callback,
     new_event_id,
     signed_webhook,
     webhook_event,
 )
 from payrace.harness.model.generator import Step
+from payrace.harness.model.profile import Hook, Profile
 from payrace.service.instrument.timing import parse_server_timing
 
 REQUEST_TIMEOUT_S = 30.0
@@ -71,20 +73,38 @@ class PaymentContext:
     gateway_order_id: str
     gateway_payment: dict[str, Any]
     event_ids: dict[int, str] = field(default_factory=dict)
+    amount: int = 50_000
+    currency: str = "INR"
+
+    def values(self) -> dict[str, Any]:
+        """What a profile's templates may refer to (docs/profile.md, "Placeholders")."""
+        return {
+            "amount": self.amount,
+            "currency": self.currency,
+            "gateway_order_id": self.gateway_order_id,
+            "payment_id": self.payment_id,
+        }
 
 
-def prepare(step: Step, index: int, ctx: PaymentContext, keys: GatewayKeys) -> Prepared:
+REFERENCE = Profile.reference()
+
+
+def prepare(
+    step: Step,
+    index: int,
+    ctx: PaymentContext,
+    profile: Profile = REFERENCE,
+    hook: Hook | None = None,
+) -> Prepared:
+    keys = profile.keys
     pay_id = ctx.gateway_payment["id"]
     if step.kind == "verify":
-        body = client_callback(ctx.gateway_order_id, pay_id, keys.key_secret)
-        payload = {**body, "internal_payment_id": ctx.payment_id}
+        fields = client_callback(ctx.gateway_order_id, pay_id, keys.key_secret)
+        out = profile.callback.outgoing({**ctx.values(), **fields})
+        if hook is not None:
+            hook("callback", out)
         return Prepared(
-            "POST",
-            "/payments/verify",
-            json.dumps(payload).encode(),
-            {"content-type": "application/json"},
-            "verify",
-            {"gateway_payment_id": pay_id},
+            out.method, out.path, out.body, out.headers, "verify", {"gateway_payment_id": pay_id}
         )
     assert step.event is not None
     if step.same_event_as is not None and step.same_event_as in ctx.event_ids:
@@ -93,12 +113,23 @@ def prepare(step: Step, index: int, ctx: PaymentContext, keys: GatewayKeys) -> P
         event_id = new_event_id()
     ctx.event_ids[index] = event_id
     envelope = webhook_event(step.event, ctx.gateway_payment, account_id=keys.account_id)
-    raw, headers = signed_webhook(envelope, keys.webhook_secret, event_id=event_id)
+    raw, signed = signed_webhook(envelope, keys.webhook_secret, event_id=event_id)
+    # Razorpay's envelope, byte for byte as signed; the profile places it (route, headers).
+    out = profile.webhook.outgoing(ctx.values())
+    out.body = raw
+    out.headers.update({k.lower(): v for k, v in signed.items()})
+    if hook is not None:
+        hook("webhook", out)
+        if out.body != raw:
+            raise UsageError(
+                f"{profile.source}: the hook {profile.hook} changed a webhook's body, which "
+                "Razorpay signs as sent; change headers or the path only"
+            )
     return Prepared(
-        "POST",
-        "/webhooks/razorpay",
-        raw,
-        {k.lower(): v for k, v in headers.items()},
+        out.method,
+        out.path,
+        out.body,
+        out.headers,
         "webhook",
         {"event": step.event, "event_id": event_id, "gateway_payment_id": pay_id},
     )
@@ -117,7 +148,14 @@ def _reply(response: httpx.Response) -> Reply:
 
 
 class Client(Protocol):
-    async def create_order(self, amount: int, currency: str) -> dict[str, Any]: ...
+    async def create_order(
+        self,
+        amount: int,
+        currency: str,
+        profile: Profile = REFERENCE,
+        gateway_order_id: str | None = None,
+        hook: Hook | None = None,
+    ) -> dict[str, Any]: ...
 
     async def send(self, req: Prepared, extra_headers: dict[str, str] | None = None) -> Reply: ...
 
@@ -130,28 +168,48 @@ class _HttpxBase:
     def __init__(self, http: httpx.AsyncClient) -> None:
         self.http = http
 
-    async def create_order(self, amount: int, currency: str) -> dict[str, Any]:
-        response = await self.http.post("/orders", json={"amount": amount, "currency": currency})
+    async def create_order(
+        self,
+        amount: int,
+        currency: str,
+        profile: Profile = REFERENCE,
+        gateway_order_id: str | None = None,
+        hook: Hook | None = None,
+    ) -> dict[str, Any]:
+        """The target's payment id and Razorpay's order id for a new order: `payment_id`,
+        `gateway_order_id` (given when payrace created the order at the gateway itself)."""
+        spec = profile.create_order
+        values: dict[str, Any] = {"amount": amount, "currency": currency}
+        if gateway_order_id is not None:
+            values["gateway_order_id"] = gateway_order_id
+        out = spec.outgoing(values)
+        if hook is not None:
+            hook("create_order", out)
+        response = await self.http.request(
+            out.method, out.path, content=out.body, headers=out.headers
+        )
+        route = f"{out.method} {response.url.path}"
         if 400 <= response.status_code < 500:
             # The order is setup, not the race under test: a refusal means the target does not
-            # speak the contract, which no trial can fix.
+            # speak the profile's contract, which no trial can fix.
             raise UsageError(
-                f"the target answered POST {response.url.path} with HTTP {response.status_code} "
-                f"({response.text[:200]}): it must accept {{amount, currency}} and answer 201 "
-                "with payment_id and gateway_order_id (README, 'The reference service's API')"
+                f"the target answered {route} with HTTP {response.status_code} "
+                f"({response.text[:200]}): check [create_order] in {profile.source} "
+                "(path, method, encoding, body; docs/profile.md)"
             )
-        if response.status_code != 201:
+        if response.status_code not in spec.status:
             raise RuntimeError(
-                f"target refused POST /orders: HTTP {response.status_code} {response.text[:300]}"
+                f"target refused {route}: HTTP {response.status_code} {response.text[:300]}"
             )
-        doc: dict[str, Any] = response.json()
-        missing = [k for k in ("payment_id", "gateway_order_id") if k not in doc]
-        if missing:
+        try:
+            doc = response.json()
+        except ValueError:
             raise UsageError(
-                f"the target's POST {response.url.path} answered 201 without "
-                f"{', '.join(missing)}: payrace needs both to race the payment"
-            )
-        return doc
+                f"the target answered {route} with HTTP {response.status_code} but no JSON "
+                f"({response.text[:200]}): payrace reads the payment id from a JSON reply"
+            ) from None
+        payment_id, order_id = spec.ids(doc, response.status_code)
+        return {"payment_id": payment_id, "gateway_order_id": order_id or gateway_order_id}
 
     async def send(self, req: Prepared, extra_headers: dict[str, str] | None = None) -> Reply:
         headers = {**req.headers, **(extra_headers or {})}
@@ -193,18 +251,29 @@ class AsgiClient(_HttpxBase):
 
 
 class HttpClient(_HttpxBase):
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, *, verify_tls: bool = True) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"target URL must look like http://127.0.0.1:8000, got {base_url!r}")
         self.host = parts.hostname
-        self.port = parts.port or 80
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.tls = ssl.create_default_context()
+            if not verify_tls:  # a test deployment's self-signed certificate, by the profile
+                self.tls.check_hostname = False
+                self.tls.verify_mode = ssl.CERT_NONE
         # A service mounted under a path (http://host/api) gets its routes under it, in the
         # raw aligned sends too (httpx joins base_url and path itself).
         self.prefix = parts.path.rstrip("/")
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
         super().__init__(
-            httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits)
+            httpx.AsyncClient(
+                base_url=base_url,
+                timeout=REQUEST_TIMEOUT_S,
+                limits=limits,
+                verify=self.tls if self.tls is not None else True,
+            )
         )
 
     async def send_together(self, reqs: list[Prepared]) -> list[Reply]:
@@ -217,7 +286,7 @@ class HttpClient(_HttpxBase):
         cuts = [raw.index(b"\r\n\r\n") + 3 for raw in raws]
         try:
             for raw, cut in zip(raws, cuts, strict=True):
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+                reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls)
                 conns.append((reader, writer))
                 writer.write(raw[:cut])
                 await writer.drain()

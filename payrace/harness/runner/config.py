@@ -5,7 +5,10 @@ Gate           `[strategy:]metric<=number`, e.g. `lock_p99_ms<=100`, judged on a
                strategy's summary
 RunConfig      strategies, trials, mode, target, seed, gates, nemesis, ...; validate()
                raises UsageError (exit 2) before anything is provisioned
-oracle_config  the oracle's view of the target's schema: the reference one, or a TOML file
+oracle_config  the oracle's view of the target's schema (the target profile's [oracle])
+
+A run races one target profile (model.profile): the reference service's own, or a team's
+(`--profile`), whose base URL makes it a running target.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from payrace.harness.errors import UsageError
 from payrace.harness.model import watched
 from payrace.harness.model.nemesis import NemesisSpecError, parse_spec
+from payrace.harness.model.profile import Profile
 from payrace.postgres import normalise_isolation
 from payrace.service.capture import STRATEGIES
 
@@ -91,10 +95,13 @@ class Gate:
 
 @dataclass
 class RunConfig:
-    strategies: list[str] = field(default_factory=lambda: ["for_update"])
+    # Empty: the default, for_update for the reference service; a running target runs its own
+    # flow, named after its profile.
+    strategies: list[str] = field(default_factory=list)
     trials: int = 100
     mode: Mode = "forced"
-    target: str = "inproc"  # inproc | http | http://host:port (a running service)
+    target: str = "inproc"  # inproc | http | http(s)://host:port[/prefix] (a running service)
+    profile: Path | None = None  # the target profile (docs/profile.md); default: the reference
     dsn: str | None = None
     seed: int = 1
     webhooks: int = 1
@@ -121,11 +128,34 @@ class RunConfig:
     # when payrace stopped the target (its backends flush on exit); for a running target,
     # whose pool stays open, long enough for idle backends to flush (oracle module docstring).
     settle_s: float | None = None
+    _profile: Profile | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def external(self) -> bool:
         """A running service payrace did not start (a URL)."""
         return self.target not in ("inproc", "http")
+
+    def target_profile(self) -> Profile:
+        """The profile this run races through: --profile or the reference one, with --target
+        and --oracle-config applied. Read once; a mistake in it is a UsageError."""
+        if self._profile is None:
+            base = Profile.load(self.profile) if self.profile else Profile.reference()
+            if self.profile is None and self.external:
+                base = replace(base, name="target")  # the reference contract, not its service
+            oracle = None
+            if self.oracle_config is not None:
+                if self.profile is not None:
+                    raise UsageError(
+                        f"--oracle-config and --profile both describe the oracle; move the "
+                        f"oracle's tables into [oracle] of {self.profile} and drop --oracle-config"
+                    )
+                try:
+                    oracle = watched.OracleConfig.from_toml(self.oracle_config)
+                except watched.OracleError as exc:
+                    raise UsageError(str(exc)) from exc
+            url = self.target if self.external else None
+            self._profile = base.with_overrides(base_url=url, oracle=oracle)
+        return self._profile
 
     def settle_timeout_s(self) -> float:
         if self.settle_s is not None:
@@ -143,12 +173,31 @@ class RunConfig:
             self.isolation = normalise_isolation(self.isolation)
         except ValueError as exc:
             raise UsageError(f"--isolation: {exc}") from None
-        if self.external:
-            if not self.target.startswith("http://"):
+        if self.external and not self.target.startswith(("http://", "https://")):
+            raise UsageError(
+                f"--target must be inproc, http or a URL like http://127.0.0.1:8000, "
+                f"got {self.target!r}"
+            )
+        profile = self.target_profile()
+        if self.profile is not None and not self.external:
+            if profile.base_url is None:
                 raise UsageError(
-                    f"--target must be inproc, http or a URL like http://127.0.0.1:8000, "
-                    f"got {self.target!r}"
+                    f"{self.profile} has no [target].base_url: add it, or give --target URL"
                 )
+            if self.target != "inproc":
+                raise UsageError(
+                    f"--target {self.target} starts the reference service; a profile races a "
+                    "running service: give --target URL or the profile's [target].base_url"
+                )
+            self.target = profile.base_url
+        if self.external:
+            if self.strategies not in ([], [profile.name]):
+                raise UsageError(
+                    "--strategy picks a flow of the reference service; a running target runs "
+                    "its own: leave --strategy out (the run is named after the profile, "
+                    f"{profile.name!r})"
+                )
+            self.strategies = [profile.name]
             if not self.target_dsn or not self.gateway_url:
                 raise UsageError(
                     "--target URL needs --target-dsn (the target's own database, where the "
@@ -162,6 +211,7 @@ class RunConfig:
                     "keeps its own isolation level: leave --isolation out"
                 )
         else:
+            self.strategies = self.strategies or ["for_update"]
             unknown = [s for s in self.strategies if s not in STRATEGIES]
             if unknown:
                 raise UsageError(
@@ -174,8 +224,6 @@ class RunConfig:
             )
         if self.hold_ms < 0 or self.jitter_ms < 0:
             raise UsageError("--hold-ms and --jitter-ms must be >= 0")
-        if self.oracle_config is not None:
-            oracle_config(self)  # a bad file is a usage error before anything starts
         if self.hold_ms and self.mode != "forced":
             raise UsageError("--hold-ms is injected at the forced-mode pause; use --mode forced")
         if self.expect not in (None, "valid", "violated"):
@@ -190,9 +238,4 @@ class RunConfig:
 
 
 def oracle_config(config: RunConfig) -> watched.OracleConfig:
-    if config.oracle_config is None:
-        return watched.OracleConfig.reference()
-    try:
-        return watched.OracleConfig.from_toml(config.oracle_config)
-    except watched.OracleError as exc:
-        raise UsageError(str(exc)) from exc
+    return config.target_profile().oracle

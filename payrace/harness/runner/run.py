@@ -31,7 +31,6 @@ from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import GatewayControl, LocalGateway, RemoteGateway
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
-from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.machine import machine
 from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.harness.model import oracle, watched
@@ -77,7 +76,7 @@ async def judge(
     duration = run.duration_s
     faults = {"nemesis": run.nemesis} if run.nemesis is not None else {}
     return {
-        "expected": config.expect or (None if config.external else DECLARED.get(run.strategy)),
+        "expected": _expected(config, run.strategy),
         "valid": valid,
         "trials": config.trials,
         "violating_trials": len(violating),
@@ -94,6 +93,16 @@ async def judge(
         **faults,
         "_history": run.history,
     }
+
+
+def _expected(config: RunConfig, strategy: str) -> str | None:
+    """Declared, never guessed: --expect, else the profile's [target].expect (a running
+    target is expected valid unless it says otherwise), else the reference strategy's."""
+    if config.expect:
+        return config.expect
+    if config.external:
+        return config.target_profile().expect or "valid"
+    return DECLARED.get(strategy)
 
 
 async def run(
@@ -135,7 +144,7 @@ async def run(
                 "fast": db.fast,
                 "describe": db.describe(),
             }
-            fake = FakeRazorpay(GatewayKeys(), seed=config.seed)
+            fake = FakeRazorpay(config.target_profile().keys, seed=config.seed)
             server = stack.enter_context(GatewayServer(fake))
             gateway, gateway_url = LocalGateway(fake), server.url
         pool = await asyncpg.create_pool(

@@ -10,22 +10,27 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, service_env
 from payrace.harness.infra.provider import Database
 from payrace.harness.model.client import AsgiClient, Client, HttpClient
+from payrace.harness.model.profile import Hook, Profile
 from payrace.harness.runner.config import RunConfig
 from payrace.service.app import create_app
 from payrace.service.settings import Settings
 
 
 class Target:
-    """A started target: a client to it, and how forced mode reaches its pause points."""
+    """A started target: a client to it, the profile its requests are shaped by, and whether
+    it runs in this process (forced mode then reaches its pause points directly)."""
 
-    def __init__(self, name: str, client: Client, *, in_process: bool) -> None:
+    def __init__(
+        self, name: str, client: Client, *, in_process: bool, profile: Profile | None = None
+    ) -> None:
         self.name = name
         self.client = client
         self.in_process = in_process
+        self.profile = profile or Profile.reference()
+        self.hook: Hook | None = self.profile.before_send()
 
 
 @asynccontextmanager
@@ -33,7 +38,8 @@ async def start_target(
     config: RunConfig, strategy: str, db: Database | None, gateway_url: str
 ) -> AsyncIterator[Target]:
     """Start what `config.target` names; `db` is None for a running target (its own DB)."""
-    keys = GatewayKeys()
+    profile = config.target_profile()
+    keys = profile.keys
     if config.target == "inproc":
         assert db is not None
         settings = Settings(
@@ -51,7 +57,7 @@ async def start_target(
         await runtime.startup()
         client = AsgiClient(app)
         try:
-            yield Target(strategy, client, in_process=True)
+            yield Target(strategy, client, in_process=True, profile=profile)
         finally:
             await client.aclose()
             await runtime.shutdown()
@@ -72,12 +78,13 @@ async def start_target(
         with ServiceProcess(env, log_path=log) as proc:
             http = HttpClient(proc.url)
             try:
-                yield Target(strategy, http, in_process=False)
+                yield Target(strategy, http, in_process=False, profile=profile)
             finally:
                 await http.aclose()
         return
-    http = HttpClient(config.target)
+    assert profile.base_url is not None  # RunConfig.validate: a running target has a URL
+    http = HttpClient(profile.base_url, verify_tls=profile.verify_tls)
     try:
-        yield Target(strategy, http, in_process=False)
+        yield Target(strategy, http, in_process=False, profile=profile)
     finally:
         await http.aclose()

@@ -26,13 +26,13 @@ import asyncpg
 
 from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import GatewayControl
-from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.model import oracle
 from payrace.harness.model.client import PaymentContext, Prepared, Reply, prepare
 from payrace.harness.model.generator import Generator, TrialPlan
 from payrace.harness.model.history import History, Operation, classify
 from payrace.harness.model.lockwatch import LockWatch
 from payrace.harness.model.nemesis import Nemesis
+from payrace.harness.model.profile import Profile
 from payrace.harness.model.stats import LatencyHistogram, PathHistograms
 from payrace.harness.reports.timeline import TimelineEvent, from_probes
 from payrace.harness.runner.config import RunConfig
@@ -168,7 +168,7 @@ async def run_trial(
     is_blocked: BlockedProbe,
 ) -> None:
     plan = generator.plan(trial)
-    order = await _create_order(target, config.amount)
+    order = await _create_order(target, gateway, config.amount)
     try:
         payment = await asyncio.to_thread(gateway.authorize, order["gateway_order_id"])
     except Exception as exc:
@@ -181,13 +181,15 @@ async def run_trial(
             "create its orders at the gateway payrace drives (its Razorpay base URL set to "
             "the --gateway-url, e.g. one started with `payrace gateway`)"
         ) from None
-    ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
-    keys = GatewayKeys()
-    reqs = [prepare(step, i, ctx, keys) for i, step in enumerate(plan.steps)]
+    ctx = PaymentContext(
+        order["payment_id"], order["gateway_order_id"], payment, amount=config.amount
+    )
+    reqs = [prepare(step, i, ctx, target.profile, target.hook) for i, step in enumerate(plan.steps)]
     replies, invokes, captured, timeouts = await _fire(
         config, target, plan, reqs, ctx, run, is_blocked
     )
-    _refused_signatures(plan, replies)
+    _refused_signatures(plan, replies, target.profile)
+    _missing_routes(plan, reqs, replies, target.profile)
     if config.mode == "forced" and not target.in_process:
         timeouts += _pauses_over_http(replies)
     received: list[int] = []
@@ -252,12 +254,21 @@ async def _redeliver(
             run.redelivered += 1
 
 
-async def _create_order(target: Target, amount: int, attempts: int = 5) -> dict[str, Any]:
-    """POST /orders, again after a 503 database_unavailable (a killed backend under the
-    nemesis): the answer says to retry, and the order is setup, not the race under test."""
+async def _create_order(
+    target: Target, gateway: GatewayControl, amount: int, attempts: int = 5
+) -> dict[str, Any]:
+    """The profile's create-order request, again after a 503 database_unavailable (a killed
+    backend under the nemesis): the answer says to retry, and the order is setup, not the race
+    under test. With `by = "payrace"` the order is created at the fake gateway first."""
+    gateway_order_id = None
+    if target.profile.create_order.by == "payrace":
+        order = await asyncio.to_thread(gateway.create_order, amount, "INR")
+        gateway_order_id = str(order["id"])
     for attempt in range(1, attempts + 1):
         try:
-            return await target.client.create_order(amount, "INR")
+            return await target.client.create_order(
+                amount, "INR", target.profile, gateway_order_id, target.hook
+            )
         except RuntimeError as exc:
             if attempt == attempts or "database_unavailable" not in str(exc):
                 raise
@@ -314,18 +325,33 @@ _SECRETS = {
 }
 
 
-def _refused_signatures(plan: TrialPlan, replies: list[Reply]) -> None:
+def _refused_signatures(plan: TrialPlan, replies: list[Reply], profile: Profile) -> None:
     """payrace signs every callback and webhook correctly, so a target that refuses one for its
     signature holds other test keys than the fake gateway's: a setup mistake, not a bug."""
     for step, reply in zip(plan.steps, replies, strict=True):
         refused = reply.status in (400, 401, 403) and "signature" in str(reply.body).lower()
         if refused:
-            keys = GatewayKeys()
+            secret = "key_secret" if step.kind == "verify" else "webhook_secret"
             raise UsageError(
                 f"the target refused payrace's signature on a {step.kind} (HTTP {reply.status}: "
-                f"{str(reply.body)[:200]}): it checks {_SECRETS[step.kind]} against other keys "
-                f"than the fake gateway's; give it key id {keys.key_id} and the secrets "
-                "`payrace gateway` prints"
+                f"{str(reply.body)[:200]}): it checks {_SECRETS[step.kind]} against another "
+                f"value than payrace signs with ({secret} from {profile.describe_key(secret)}); "
+                f"give the target and [keys] of the profile the same test keys (docs/profile.md)"
+            )
+
+
+def _missing_routes(
+    plan: TrialPlan, reqs: list[Prepared], replies: list[Reply], profile: Profile
+) -> None:
+    """The trial's payment exists (the target created it), so a 404 or 405 on its callback or
+    webhook means the profile names a route the target does not serve: a setup mistake."""
+    for step, req, reply in zip(plan.steps, reqs, replies, strict=True):
+        if reply.status in (404, 405):
+            action = "callback" if step.kind == "verify" else "webhook"
+            raise UsageError(
+                f"the target answered {req.method} {req.path} with HTTP {reply.status} "
+                f"({str(reply.body)[:200]}): check [{action}].path and .method in "
+                f"{profile.source} (docs/profile.md)"
             )
 
 

@@ -64,3 +64,17 @@ def test_local_and_remote_controls_turn_the_same_knobs_the_same_way(
         assert knobs.knobs()["fail_rate"] == 0.0
     finally:
         remote.close()
+
+
+def test_both_controls_create_an_order_the_gateway_then_knows(
+    gateway_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    """A profile with `by = "payrace"` has payrace create the order at the fake gateway."""
+    remote = RemoteGateway(gateway_url)
+    try:
+        created = [c.create_order(12_300, "INR") for c in (LocalGateway(fake_gateway), remote)]
+    finally:
+        remote.close()
+    for order in created:
+        assert order["id"].startswith("order_") and order["amount"] == 12_300
+        assert fake_gateway.order(order["id"]) is not None

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import ssl
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,8 +35,10 @@ from payrace.harness.model.client import (
     prepare,
 )
 from payrace.harness.model.generator import Step
+from payrace.harness.model.profile import Profile
 
 KEYS = GatewayKeys()
+PROFILE = Profile.reference()
 AMOUNT = 50000
 VERIFY = Step("client", "verify")
 CAPTURED = Step("webhook-1", "webhook", "payment.captured")
@@ -64,7 +70,7 @@ def test_verify_body_carries_a_signature_the_razorpay_sdk_accepts(
     fake_gateway: FakeRazorpay,
 ) -> None:
     ctx = context(fake_gateway, payment_id=17)
-    req = prepare(VERIFY, 0, ctx, KEYS)
+    req = prepare(VERIFY, 0, ctx, PROFILE)
     assert (req.method, req.path, req.f) == ("POST", "/payments/verify", "verify")
     assert req.headers == {"content-type": "application/json"}
     body = json.loads(req.body)
@@ -79,7 +85,7 @@ def test_verify_body_carries_a_signature_the_razorpay_sdk_accepts(
 
 def test_webhook_signature_verifies_over_the_exact_raw_bytes(fake_gateway: FakeRazorpay) -> None:
     ctx = context(fake_gateway)
-    req = prepare(CAPTURED, 1, ctx, KEYS)
+    req = prepare(CAPTURED, 1, ctx, PROFILE)
     assert (req.method, req.path, req.f) == ("POST", "/webhooks/razorpay", "webhook")
     signature = req.headers["x-razorpay-signature"]
     assert razorpay_utility().verify_webhook_signature(
@@ -107,11 +113,11 @@ def test_a_duplicate_step_reuses_the_event_id_and_a_redelivery_does_not(
     fake_gateway: FakeRazorpay,
 ) -> None:
     ctx = context(fake_gateway)
-    first = prepare(CAPTURED, 1, ctx, KEYS)
+    first = prepare(CAPTURED, 1, ctx, PROFILE)
     duplicate = prepare(
-        Step("webhook-2", "webhook", "payment.captured", same_event_as=1), 2, ctx, KEYS
+        Step("webhook-2", "webhook", "payment.captured", same_event_as=1), 2, ctx, PROFILE
     )
-    redelivery = prepare(Step("webhook-3", "webhook", "payment.captured"), 3, ctx, KEYS)
+    redelivery = prepare(Step("webhook-3", "webhook", "payment.captured"), 3, ctx, PROFILE)
     event_id = first.headers["x-razorpay-event-id"]
     assert duplicate.headers["x-razorpay-event-id"] == event_id
     assert duplicate.value["event_id"] == event_id
@@ -121,7 +127,7 @@ def test_a_duplicate_step_reuses_the_event_id_and_a_redelivery_does_not(
 
 def test_order_paid_webhook_carries_the_order(fake_gateway: FakeRazorpay) -> None:
     ctx = context(fake_gateway)
-    req = prepare(Step("webhook-2", "webhook", "order.paid"), 2, ctx, KEYS)
+    req = prepare(Step("webhook-2", "webhook", "order.paid"), 2, ctx, PROFILE)
     envelope = json.loads(req.body)
     assert envelope["payload"]["order"]["entity"]["id"] == ctx.gateway_order_id
     assert envelope["payload"]["order"]["entity"]["status"] == "paid"
@@ -147,10 +153,10 @@ async def test_asgi_client_creates_an_order_and_captures_through_the_service(
     client = AsgiClient(service.app)
     try:
         order = await client.create_order(AMOUNT, "INR")
-        assert order["amount"] == AMOUNT and order["gateway_order_id"].startswith("order_")
+        assert order["gateway_order_id"].startswith("order_")
         payment = LocalGateway(fake_gateway).authorize(order["gateway_order_id"])
         ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
-        reply = await client.send(prepare(VERIFY, 0, ctx, KEYS))
+        reply = await client.send(prepare(VERIFY, 0, ctx, PROFILE))
     finally:
         await client.aclose()
     assert reply.status == 200, reply
@@ -171,7 +177,7 @@ async def test_asgi_send_together_answers_every_request(
         payment = fake_gateway.authorize_payment(order["gateway_order_id"])
         ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
         replies = await client.send_together(
-            [prepare(VERIFY, 0, ctx, KEYS), prepare(CAPTURED, 1, ctx, KEYS)]
+            [prepare(VERIFY, 0, ctx, PROFILE), prepare(CAPTURED, 1, ctx, PROFILE)]
         )
     finally:
         await client.aclose()
@@ -184,7 +190,9 @@ async def test_create_order_refused_by_the_target_is_a_usage_error(service: Serv
     """A 4xx on the order is the target not speaking the contract: no trial can fix that."""
     client = AsgiClient(service.app)
     try:
-        with pytest.raises(UsageError, match=r"answered POST /orders with HTTP 422 .*201 with"):
+        with pytest.raises(
+            UsageError, match=r"answered POST /orders with HTTP 422 .*check \[create_order\]"
+        ):
             await client.create_order(0, "INR")
     finally:
         await client.aclose()
@@ -208,7 +216,7 @@ async def verifies(client: HttpClient, fake: FakeRazorpay, n: int) -> list[Prepa
         order = await client.create_order(AMOUNT, "INR")
         payment = fake.authorize_payment(order["gateway_order_id"])
         ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
-        reqs.append(prepare(VERIFY, 0, ctx, KEYS))
+        reqs.append(prepare(VERIFY, 0, ctx, PROFILE))
     return reqs
 
 
@@ -237,7 +245,7 @@ async def test_http_send_together_answers_a_verify_and_its_webhook(
         payment = fake_gateway.authorize_payment(order["gateway_order_id"])
         ctx = PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
         replies = await client.send_together(
-            [prepare(VERIFY, 0, ctx, KEYS), prepare(CAPTURED, 1, ctx, KEYS)]
+            [prepare(VERIFY, 0, ctx, PROFILE), prepare(CAPTURED, 1, ctx, PROFILE)]
         )
     finally:
         await client.aclose()
@@ -307,12 +315,71 @@ async def test_http_client_on_a_closed_port_replies_with_no_status_and_an_error(
     assert all(r.error for r in together)
 
 
-@pytest.mark.parametrize(
-    "url", ["https://127.0.0.1:8000", "127.0.0.1:8000", "http://", "ftp://host/", ""]
-)
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "http://", "ftp://host/", ""])
 def test_http_client_rejects_a_url_it_cannot_reach(url: str) -> None:
     with pytest.raises(ValueError, match="target URL must look like http://"):
         HttpClient(url)
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> ssl.SSLContext:
+    """A server-side TLS context with a throwaway self-signed certificate for 127.0.0.1."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+         "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def test_https_target_answers_plain_and_aligned_sends(self_signed: ssl.SSLContext) -> None:
+    """https targets: httpx for single sends, and the last-byte aligned sends over TLS too;
+    a self-signed test certificate is refused unless the profile says verify_tls = false."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        body = await reader.readexactly(length)
+        doc = json.dumps({"path": head.split(b" ")[1].decode(), "echo": body.decode()}).encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            + f"content-length: {len(doc)}\r\n\r\n".encode()
+            + doc
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=self_signed)
+    port = server.sockets[0].getsockname()[1]
+    req = Prepared("POST", "/verify", b'{"a":1}', {"content-type": "application/json"}, "verify")
+    async with server:
+        insecure = HttpClient(f"https://127.0.0.1:{port}/shop", verify_tls=False)
+        strict = HttpClient(f"https://127.0.0.1:{port}/shop")
+        try:
+            one = await insecure.send(req)
+            together = await insecure.send_together([req, req])
+            refused = await strict.send(req)
+            refused_together = await strict.send_together([req])
+        finally:
+            await insecure.aclose()
+            await strict.aclose()
+    assert one.status == 200 and one.body == {"path": "/shop/verify", "echo": '{"a":1}'}
+    assert [r.status for r in together] == [200, 200]
+    assert all(r.body["path"] == "/shop/verify" for r in together)
+    assert refused.status is None and "CERTIFICATE_VERIFY_FAILED" in str(refused.error)
+    assert refused_together[0].status is None
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused_together[0].error)
 
 
 async def test_aligned_sends_keep_the_path_prefix_of_the_target_url() -> None:
@@ -339,3 +406,38 @@ async def test_aligned_sends_keep_the_path_prefix_of_the_target_url() -> None:
         await server.wait_closed()
     assert [r.status for r in replies] == [200, 200]
     assert seen == ["POST /api/payments/verify HTTP/1.1"] * 2
+
+
+async def test_an_order_payrace_created_at_the_gateway_is_handed_to_the_target(
+    tmp_path: Path,
+) -> None:
+    """`by = "payrace"`: the target is told Razorpay's order id and answers only its own id."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    seen: list[Any] = []
+
+    async def checkout(request: Request) -> JSONResponse:
+        seen.append(await request.json())
+        return JSONResponse({"data": {"charge": 77}}, status_code=201)
+
+    app = Starlette(routes=[Route("/checkouts/{order}", checkout, methods=["POST"])])
+    text = (Path(__file__).parents[3] / "payrace/harness/profiles/reference.toml").read_text()
+    text = text.replace(
+        'path = "/orders"\nbody = { amount = "{amount}", currency = "{currency}" }',
+        'by = "payrace"\npath = "/checkouts/{gateway_order_id}"\n'
+        'body = { rzp = "{gateway_order_id}", paise = "{amount}" }',
+    ).replace('payment_id = "payment_id"', 'payment_id = "data.charge"')
+    (tmp_path / "p.toml").write_text(text)
+    profile = Profile.load(tmp_path / "p.toml")
+    fake = FakeRazorpay(KEYS)
+    order = LocalGateway(fake).create_order(AMOUNT, "INR")
+    client = AsgiClient(app)
+    try:
+        got = await client.create_order(AMOUNT, "INR", profile, order["id"])
+    finally:
+        await client.aclose()
+    assert got == {"payment_id": 77, "gateway_order_id": order["id"]}
+    assert seen == [{"rzp": order["id"], "paise": AMOUNT}]

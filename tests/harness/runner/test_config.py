@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from payrace.harness.errors import UsageError
+from payrace.harness.model import profile as profile_module
 from payrace.harness.runner.config import Gate, RunConfig
 
 
@@ -56,3 +58,51 @@ def test_the_settle_wait_is_long_for_a_running_target_and_short_otherwise() -> N
     running = RunConfig(target="http://127.0.0.1:8000")
     assert running.external and running.settle_timeout_s() >= 11.0
     assert RunConfig(target="http://127.0.0.1:8000", settle_s=0.5).settle_timeout_s() == 0.5
+
+
+def _team_profile(tmp_path: Path, target: str = "") -> Path:
+    text = (Path(profile_module.__file__).parent.parent / "profiles/reference.toml").read_text()
+    path = tmp_path / "shop.toml"
+    path.write_text(text.replace('name = "reference"', target), encoding="utf-8")
+    return path
+
+
+RUNNING = {"target_dsn": "postgresql://127.0.0.1/shop", "gateway_url": "http://127.0.0.1:9411"}
+
+
+def test_a_profile_with_a_base_url_races_that_running_service(tmp_path: Path) -> None:
+    profile = _team_profile(tmp_path, 'base_url = "https://127.0.0.1:8443/shop"')
+    config = RunConfig(profile=profile, **RUNNING)
+    config.validate()
+    assert config.external and config.target == "https://127.0.0.1:8443/shop"
+    assert config.strategies == ["shop"]  # named after the profile file
+    explicit = RunConfig(profile=profile, target="http://127.0.0.1:9000", **RUNNING)
+    explicit.validate()
+    assert explicit.target_profile().base_url == "http://127.0.0.1:9000"  # --target wins
+
+
+def test_the_reference_service_defaults_to_for_update() -> None:
+    config = RunConfig()
+    config.validate()
+    assert config.strategies == ["for_update"] and not config.external
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"strategies": ["for_update"]}, "--strategy picks a flow of the reference service"),
+        ({"oracle_config": Path("oracle.toml")}, "--oracle-config and --profile both"),
+        ({"target": "http"}, "--target http starts the reference service"),
+    ],
+)
+def test_a_profile_refuses_what_cannot_apply_to_a_running_service(
+    tmp_path: Path, fields: dict[str, Any], message: str
+) -> None:
+    profile = _team_profile(tmp_path, 'base_url = "http://127.0.0.1:8000"')
+    with pytest.raises(UsageError, match=message):
+        RunConfig(profile=profile, **RUNNING, **fields).validate()
+
+
+def test_a_profile_without_a_url_needs_one(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"has no \[target\].base_url: add it, or give --target"):
+        RunConfig(profile=_team_profile(tmp_path), **RUNNING).validate()

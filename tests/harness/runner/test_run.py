@@ -15,6 +15,7 @@ from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, free_port, service_env
 from payrace.harness.infra.provider import Database
+from payrace.harness.model import profile as profile_module
 from payrace.harness.runner.config import Gate, RunConfig
 from payrace.harness.runner.run import run, write_history
 
@@ -226,3 +227,54 @@ async def test_a_target_without_the_order_route_is_a_usage_error(
         config = _target(pg, gateway_url, f"{proc.url}/nope", trials=2, out_dir=tmp_path)
         with pytest.raises(UsageError, match=r"answered POST /nope/orders with HTTP 404"):
             await run(config, announce=lambda line: None)
+
+
+def _profile(tmp_path: Path, **changes: str) -> Path:
+    """The reference service's own profile, with some lines changed, as a team would write it."""
+    text = (Path(profile_module.__file__).parent.parent / "profiles/reference.toml").read_text()
+    for old, new in changes.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "team.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+async def test_a_profile_naming_a_route_the_target_does_not_serve_is_a_usage_error(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    profile = _profile(tmp_path, **{'path = "/payments/verify"': 'path = "/payment/verify"'})
+    env = service_env(pg, gateway_url, "for_update", keys=GatewayKeys())
+    with ServiceProcess(env) as proc:
+        config = _target(pg, gateway_url, proc.url, trials=2, mode="aligned", out_dir=tmp_path)
+        config.profile, config.strategies = profile, []
+        with pytest.raises(
+            UsageError, match=r"POST /payment/verify with HTTP 404 .*check \[callback\].path"
+        ):
+            await run(config, announce=lambda line: None)
+
+
+@pytest.mark.slow
+async def test_a_profile_run_is_named_after_it_and_expects_what_it_declares(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    """The profile's base URL makes it a running target; its [target] names the run and its
+    expected verdict; the oracle's tables come from its [oracle]."""
+    env = service_env(pg, gateway_url, "naive", keys=GatewayKeys(), probes=True)
+    with ServiceProcess(env) as proc:
+        profile = _profile(
+            tmp_path,
+            **{
+                'name = "reference"': f'name = "shop"\nbase_url = "{proc.url}"\nexpect = "violated"'
+            },
+        )
+        config = RunConfig(
+            profile=profile, trials=3, target_dsn=pg.url, gateway_url=gateway_url,
+            out_dir=tmp_path, settle_s=0,
+        )  # fmt: skip
+        summary = await run(config, announce=lambda line: None)
+    result = summary["strategies"]["shop"]
+    assert result["expected"] == "violated" and result["valid"] is False
+    assert (summary["verdict"], summary["exit_code"]) == ("violated", 1)
+    assert summary["target"] == proc.url
