@@ -26,6 +26,11 @@ drops the unchanged status from the SET list and only re-stamps `paid_at` — st
 idempotent repeat) names those columns in `WatchedTable.ignore_columns`, and an UPDATE that
 changed nothing else is then not counted as a write of the done status.
 
+Orders, and invoices that hang off orders (`[invoices] order_column`), are logged with their
+order id and mapped to their payment through payments.<payment_order_column> when observed.
+An invoice link that names the wrong table (a payment_column that is a foreign key to the
+orders table, or the reverse) is refused at install.
+
 The trigger function is SECURITY DEFINER with a fixed search_path, so the target's database
 role needs no grants on payrace_audit; ids must be integers (checked at install, so a
 trigger can never fail the target's write at run time). The triggers add one INSERT to
@@ -174,18 +179,20 @@ def _connect(url: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
 _FUNCTION = """
 CREATE OR REPLACE FUNCTION payrace_audit.record() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
--- TG_ARGV: 0 logical table, 1 id column, 2 status column, 3 payment column ('' = none)
+-- TG_ARGV: 0 logical table, 1 id column, 2 status column, 3 payment column ('' = none),
+-- 4 order column ('' or absent = none: triggers of an older install pass four arguments)
 DECLARE
     cur jsonb := CASE WHEN TG_OP = 'DELETE' THEN to_jsonb(OLD) ELSE to_jsonb(NEW) END;
     prev jsonb := CASE WHEN TG_OP = 'INSERT' THEN NULL ELSE to_jsonb(OLD) END;
 BEGIN
     INSERT INTO payrace_audit.log
-        (tbl, relname, row_id, payment_id, op, old_status, new_status, changed)
+        (tbl, relname, row_id, payment_id, order_id, op, old_status, new_status, changed)
     VALUES (
         TG_ARGV[0],
         TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
         (cur ->> TG_ARGV[1])::bigint,
         CASE WHEN TG_ARGV[3] = '' THEN NULL ELSE (cur ->> TG_ARGV[3])::bigint END,
+        CASE WHEN coalesce(TG_ARGV[4], '') = '' THEN NULL ELSE (cur ->> TG_ARGV[4])::bigint END,
         TG_OP,
         prev ->> TG_ARGV[2],
         CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE cur ->> TG_ARGV[2] END,
@@ -206,6 +213,7 @@ CREATE TABLE IF NOT EXISTS payrace_audit.log (
     relname     text NOT NULL,
     row_id      bigint NOT NULL,
     payment_id  bigint,
+    order_id    bigint,
     op          text NOT NULL,
     old_status  text,
     new_status  text,
@@ -231,13 +239,24 @@ def install(url: str, config: OracleConfig = OracleConfig.reference()) -> None:
         _validate_schema(conn, config)
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
         conn.execute(_LOG_TABLE)
+        # A log an older install created lacks the order link.
+        conn.execute("ALTER TABLE payrace_audit.log ADD COLUMN IF NOT EXISTS order_id bigint")
         conn.execute(
             "CREATE INDEX IF NOT EXISTS log_payment_idx ON payrace_audit.log (tbl, payment_id)"
         )
         conn.execute(_FUNCTION)
         for logical, wt in config.watched():
             payment_column = wt.id_column if logical == "payments" else wt.payment_column
-            args = (logical, wt.id_column, wt.status_column, payment_column or "")
+            # Orders, and invoices that hang off orders, reach their payment through
+            # payments.<payment_order_column> when observed: the log keeps their order id.
+            order_column = wt.id_column if logical == "orders" else wt.order_column
+            args = (
+                logical,
+                wt.id_column,
+                wt.status_column,
+                payment_column or "",
+                order_column or "",
+            )
             conn.execute(
                 sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
                     sql.Identifier(TRIGGER), wt.identifier()
@@ -305,6 +324,8 @@ def _validate_schema(conn: psycopg.Connection[tuple[Any, ...]], config: OracleCo
         wanted |= {f"ignore_columns[{i}]": c for i, c in enumerate(wt.ignore_columns)}
         if wt.payment_column is not None:
             wanted["payment_column"] = wt.payment_column
+        if wt.order_column is not None:
+            wanted["order_column"] = wt.order_column
         if logical == "payments":
             wanted["payment_order_column"] = config.payment_order_column
             wanted["gateway_payment_column"] = config.gateway_payment_column
@@ -315,11 +336,47 @@ def _validate_schema(conn: psycopg.Connection[tuple[Any, ...]], config: OracleCo
                     f"{prefix} = {column!r}: table {wt.table} has no such column "
                     f"(it has {sorted(columns)})"
                 )
-            if key in ("id_column", "payment_column") and columns[column] not in _INTEGER_TYPES:
+            integer = ("id_column", "payment_column", "order_column")
+            if key in integer and columns[column] not in _INTEGER_TYPES:
                 raise OracleError(
                     f"{prefix} = {column!r}: the oracle needs an integer id column, "
                     f"{wt.table}.{column} is {columns[column]}"
                 )
+        if logical == "invoices":
+            _check_invoice_link(conn, config, oid)
+
+
+def _check_invoice_link(
+    conn: psycopg.Connection[tuple[Any, ...]], config: OracleConfig, invoices_oid: int
+) -> None:
+    """An invoice link that names the wrong table: a payment_column that is a foreign key to
+    the orders table (or an order_column to payments) would map every invoice to the wrong
+    payment, silently. Only a declared foreign key tells; a bare column cannot be judged."""
+    inv = config.invoices
+    column = inv.payment_column or inv.order_column
+    key = "payment_column" if inv.payment_column is not None else "order_column"
+    referenced = {
+        int(row[0])
+        for row in conn.execute(
+            "SELECT c.confrelid FROM pg_constraint c "
+            "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1] "
+            "WHERE c.contype = 'f' AND c.conrelid = %s AND cardinality(c.conkey) = 1 "
+            "AND a.attname = %s",
+            (invoices_oid, column),
+        ).fetchall()
+    }
+    wrong, right, other = (
+        (config.orders, "order_column", "orders")
+        if key == "payment_column"
+        else (config.payments, "payment_column", "payments")
+    )
+    if _regclass(conn, wrong.table) in referenced:
+        holds = "an order id" if other == "orders" else "a payment id"
+        raise OracleError(
+            f"invoices.{key} = {column!r}: {inv.table}.{column} is a foreign key to the "
+            f"{other} table {wrong.table}, so it holds {holds}; describe it as "
+            f"invoices.{right} = {column!r} (and leave invoices.{key} unset)"
+        )
 
 
 # -- baseline / observe -------------------------------------------------------------------
@@ -455,15 +512,18 @@ def _audit_rows(
     scope: frozenset[int] | None,
 ) -> tuple[AuditRow, ...]:
     pay = config.payments
-    # Order rows carry no payment id; map them through payments.<order column> now. With a
-    # scope, prefer the scoped payment of an order that has several.
+    # Order rows, and invoices that hang off orders, carry an order id instead of a payment
+    # id; map them through payments.<order column> now (an order row logged by an older
+    # install has only its row id). With a scope, prefer the scoped payment of an order that
+    # has several.
     query = sql.SQL(
         """
         SELECT l.id, l.tbl, l.row_id,
-               CASE WHEN l.tbl = 'orders' AND l.payment_id IS NULL THEN (
+               CASE WHEN l.payment_id IS NULL THEN (
                    SELECT min(p.{pid}) FROM {payments} p
-                   WHERE p.{poid} = l.row_id AND (%(scope)s::bigint[] IS NULL
-                                                  OR p.{pid} = ANY(%(scope)s::bigint[]))
+                   WHERE p.{poid} = coalesce(
+                             l.order_id, CASE WHEN l.tbl = 'orders' THEN l.row_id END)
+                     AND (%(scope)s::bigint[] IS NULL OR p.{pid} = ANY(%(scope)s::bigint[]))
                ) ELSE l.payment_id END,
                l.op, l.old_status, l.new_status, l.txid, l.backend_pid, l.at,
                coalesce(l.changed, '{{}}')
@@ -506,13 +566,22 @@ def _payment_states(
     if not ids:
         return {}
     pay, inv, order = config.payments, config.invoices, config.orders
-    assert inv.payment_column is not None  # OracleConfig.__post_init__
+    # OracleConfig.__post_init__: exactly one of the invoice's links is set.
+    if inv.payment_column is not None:
+        invoice_link = sql.SQL("i.{} = p.{}").format(
+            sql.Identifier(inv.payment_column), sql.Identifier(pay.id_column)
+        )
+    else:
+        assert inv.order_column is not None
+        invoice_link = sql.SQL("i.{} = p.{}").format(
+            sql.Identifier(inv.order_column), sql.Identifier(config.payment_order_column)
+        )
     query = sql.SQL(
         """
         SELECT DISTINCT ON (p.{pid}) p.{pid}, p.{pstatus}, p.{gwid}, i.{istatus}, o.{ostatus}
         FROM {payments} p
         LEFT JOIN {orders} o ON o.{oid} = p.{poid}
-        LEFT JOIN {invoices} i ON i.{ipay} = p.{pid}
+        LEFT JOIN {invoices} i ON {invoice_link}
         WHERE p.{pid} = ANY(%s::bigint[])
         ORDER BY p.{pid}, i.{iid} DESC
         """
@@ -527,7 +596,7 @@ def _payment_states(
         oid=sql.Identifier(order.id_column),
         poid=sql.Identifier(config.payment_order_column),
         invoices=inv.identifier(),
-        ipay=sql.Identifier(inv.payment_column),
+        invoice_link=invoice_link,
         iid=sql.Identifier(inv.id_column),
     )
     return {
