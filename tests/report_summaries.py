@@ -3,6 +3,8 @@
 realistic_summary()   a forced run of naive (caught, with its schedule) and for_update
                       (valid, behind a lock gate)
 empty_summary()       a run with zero trials and nothing checked
+deadlocked_summary()  a team's service with a deadlocked trial (its statements) and deadlocks
+                      the server counted that no trial could be tied to
 strategy(), check()   one strategy's and one checker's entry, for tests that edit a summary
 measured()            latencies shaped like a real run
 TIMELINE              the first violating schedule of realistic_summary's naive
@@ -150,3 +152,96 @@ def empty_summary() -> dict[str, Any]:
         "verdict": "unexpected",
         "exit_code": 1,
     }
+
+
+DEADLOCK_STATEMENTS = (
+    "UPDATE invoices SET status = 'paid' WHERE order_id = 41",
+    "UPDATE payments SET status = 'captured' WHERE id = 17",
+)
+
+
+def deadlocked_summary() -> dict[str, Any]:
+    members = [
+        {
+            "pid": 4242,
+            "xid": 812,
+            "query": DEADLOCK_STATEMENTS[0],
+            "status": "aborted",
+            "waits_for": "transaction 813 (ShareLock)",
+            "blocked_by": [4243],
+        },
+        {
+            "pid": 4243,
+            "xid": 813,
+            "query": DEADLOCK_STATEMENTS[1],
+            "status": "committed",
+            "waits_for": "transaction 812 (ShareLock)",
+            "blocked_by": [4242],
+        },
+    ]
+    found = {
+        "payment": 17,
+        "trial": 3,
+        "deadlocks": 1,
+        "statements": list(DEADLOCK_STATEMENTS),
+        "cycles": [{"seen_at": "2026-11-26T10:15:01.5+00:00", "members": members}],
+        "replies": [
+            {
+                "index": 12,
+                "f": "verify",
+                "process": "client",
+                "status": 409,
+                "said": "deadlock detected <40P01>",
+            }
+        ],
+    }
+    why = "2 counted by pg_stat_database were never seen as a wait-for cycle"
+    target = strategy(
+        "valid",
+        False,
+        measured(3, 1.0, 50),
+        violating_trials=1,
+        checks={
+            "single_capture_write": check("single_capture_write", True, 0, 50),
+            "no_deadlock": check(
+                "no_deadlock", False, 3, 50, first=found, last={"unattributed": 2, "why": why}
+            ),
+        },
+        first_violation={
+            "trial": 3,
+            "payment": 17,
+            "checks": ["no_deadlock"],
+            "timeline": [
+                {
+                    "time_ns": 1,
+                    "process": "backend 4242",
+                    "text": "waits for transaction 813 (ShareLock): deadlock, rolled back",
+                },
+                {
+                    "time_ns": 2,
+                    "process": "backend 4243",
+                    "text": "UPDATE payments pending -> captured (tx 813)",
+                },
+            ],
+            "deadlocks": found,
+        },
+        deadlocks={
+            "counted": 3,
+            "settled": True,
+            "cycles_seen": 1,
+            "attributed": 1,
+            "unattributed": 2,
+            "why_unattributed": why,
+            "payments": [17],
+        },
+    )
+    summary = realistic_summary()
+    summary.update(
+        run_id="deadlocked",
+        target="http://127.0.0.1:8000",
+        strategies={"target": target},
+        gates=[{"expr": "violations<=0", "strategy": "target", "value": 3.0, "passed": False}],
+        verdict="violated",
+        exit_code=1,
+    )
+    return summary

@@ -66,12 +66,16 @@ class RaceResult:
         failed = {n: c["count"] for n, c in result["checks"].items() if c["valid"] is not True}
         lines = [f"valid={result['valid']}, violating trials {result['violating_trials']}/"
                  f"{result['trials']}, failed checks {failed}"]  # fmt: skip
+        from payrace.harness.reports.summary import deadlock_line, deadlock_lines
+        from payrace.harness.reports.timeline import TimelineEvent, render_text
+
+        if deadlocks := deadlock_line(result):
+            lines.append(deadlocks)
         first = result.get("first_violation")
         if first:
-            from payrace.harness.reports.timeline import TimelineEvent, render_text
-
             events = [TimelineEvent(**e) for e in first["timeline"]]
             lines += [f"first violating trial {first['trial']}:", render_text(events)]
+            lines += deadlock_lines(first)
         return "\n".join(lines)
 
     def assert_exactly_once(self) -> None:

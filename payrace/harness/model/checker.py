@@ -13,7 +13,8 @@
     ├── no_lost_capture        confirmed to the client or by the gateway => ends captured
     ├── no_5xx                 no crash: a 500, or a 5xx without a deliberate error code;
     │                          a request with no answer at all is unknown
-    ├── no_deadlock            pg_stat_database.deadlocks did not move (if the reading settled)
+    ├── no_deadlock            no deadlock: per payment through the lock sampler's cycles and
+    │                          40P01 replies (model.deadlocks), the rest by pg_stat_database
     └── error_classes          completions by (f, status, error code); flags unexpected classes
 
 Every checker has the signature `(ops, obs) -> CheckResult`, reads nothing else and changes
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from payrace.harness.model import deadlocks
 from payrace.harness.model.history import Operation
 from payrace.harness.model.oracle import AuditRow, Observation
 
@@ -465,19 +467,50 @@ def no_5xx(ops: Sequence[Operation], obs: Observation) -> CheckResult:
 
 
 def no_deadlock(ops: Sequence[Operation], obs: Observation) -> CheckResult:
-    """pg_stat_database.deadlocks did not move during the run.
+    """No deadlock, tied to the payments it hit where the harness can (model.deadlocks).
 
-    A positive delta is always a violation. A zero delta is only trusted when the oracle
-    says the reading settled (pending stats flushed); otherwise it is unknown."""
-    facts = {"deadlocks": obs.deadlocks, "settled": obs.deadlocks_settled}
-    if obs.deadlocks > 0:
-        note = "deadlocks counted in this database during the run (pg_stat_database)"
-        return CheckResult("no_deadlock", False, obs.deadlocks, 1, facts, facts, facts, note)
+    A payment is violated by a wait-for cycle whose surviving transaction wrote its rows, or
+    by a reply naming 40P01; its example carries the statements PostgreSQL's backends ran.
+    pg_stat_database.deadlocks is the run's cross-check: what it counted beyond those
+    attributed is a violation of no payment, the example saying why it could not be tied.
+    A zero count is only trusted once the oracle says the reading settled; else unknown."""
+    acc = deadlocks.account(ops, obs)
+    facts = acc.to_json()
+    by_payment = _ops_by_payment(ops)
+    cases: list[dict[str, Any]] = [
+        {**d.to_json(), "ops": by_payment.get(p, []), "_at": _first_index(by_payment.get(p))}
+        for p, d in acc.payments.items()
+    ]
+    if acc.unattributed:
+        cases.append(
+            {"unattributed": acc.unattributed, "why": acc.why_unattributed(), "_at": 1 << 62}
+        )
+    checked = max(1, len(obs.payments))
+    note = (
+        f"{acc.counted} counted by pg_stat_database"
+        + ("" if acc.settled else " (not settled)")
+        + f", {acc.cycles_seen} wait-for cycle(s) seen, {acc.attributed} attributed to "
+        f"{len(acc.payments)} payment(s), {acc.unattributed} not attributed"
+    )
+    if cases:
+        result = _verdict(
+            "no_deadlock",
+            checked,
+            cases,
+            order=lambda c: (c["_at"], c.get("payment", 0)),
+            severity=lambda c: c.get("deadlocks", c.get("unattributed", 0)),
+            note=note,
+        )
+        return _without_sort_keys(replace(result, count=acc.attributed + acc.unattributed))
     if not obs.deadlocks_settled:
         return CheckResult(
-            "no_deadlock", "unknown", 0, 1, facts, facts, facts, obs.deadlock_note or "unsettled"
+            "no_deadlock", "unknown", 0, checked, facts, facts, facts, obs.deadlock_note or note
         )
-    return CheckResult("no_deadlock", True, 0, 1, note="pg_stat_database.deadlocks unchanged")
+    return CheckResult("no_deadlock", True, 0, checked, note=note)
+
+
+def _first_index(refs: Sequence[dict[str, Any]] | None) -> int:
+    return int(refs[0]["index"]) if refs else 1 << 61
 
 
 def error_classes(ops: Sequence[Operation], obs: Observation) -> CheckResult:

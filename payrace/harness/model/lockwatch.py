@@ -2,12 +2,20 @@
 
     LockWatch   a background task that polls pg_stat_activity every few milliseconds on its
                 own connection and keeps: how many samples, the most backends seen waiting for
-                a lock at once, how many were seen blocked by another backend, and a wait
-                duration estimate per waiting episode (first seen .. last seen + one interval)
+                a lock at once, how many were seen blocked by another backend, a wait
+                duration estimate per waiting episode (first seen .. last seen + one interval),
+                and the wait-for cycles among the database's backends (`result.cycles`)
 
 It cross-checks the per-request lock times the target reports in Server-Timing: a target
 that under-reports its waits shows up as a gap between the two. The estimate's resolution is
 the poll interval, which the summary states.
+
+Cycles: PostgreSQL leaves a deadlock in place for deadlock_timeout (1 s by default) before
+it aborts a victim, so a poll every few milliseconds sees the cycle in pg_blocking_pids. A
+cycle found in one poll is read again at once with its members' backend_xid, statement and
+the lock each waits for (pg_locks); it is recorded only if that second reading shows the
+same cycle, so a graph read mid-change is not mistaken for one. model.deadlocks ties the
+recorded cycles to payments.
 """
 
 from __future__ import annotations
@@ -21,13 +29,32 @@ from typing import Any
 
 import asyncpg
 
+from payrace.harness.model.deadlocks import (
+    CycleMember,
+    LockCycle,
+    clip,
+    describe_lock,
+    find_cycles,
+    full_xid,
+)
 from payrace.harness.model.stats import LatencyHistogram
 
 QUERY = """
-SELECT pid, cardinality(pg_blocking_pids(pid)) AS blockers
+SELECT pid, pg_blocking_pids(pid) AS blockers
 FROM pg_stat_activity
 WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()
 """
+# A cycle's members read again: who blocks them now, their xid, statement and awaited lock.
+CYCLE_QUERY = """
+SELECT a.pid, pg_blocking_pids(a.pid) AS blockers, a.backend_xid::text AS xid, a.query,
+       l.locktype, l.mode, l.relation::regclass::text AS relation, l.page, l.tuple,
+       l.transactionid::text AS transactionid, l.classid, l.objid,
+       txid_snapshot_xmax(txid_current_snapshot()) AS next_xid, clock_timestamp() AS now
+FROM pg_stat_activity a
+LEFT JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted
+WHERE a.pid = ANY($1::int[])
+"""
+MAX_CYCLES = 1000  # recorded per watch; a run with more has said enough (cycles_dropped)
 
 
 @dataclass
@@ -38,6 +65,8 @@ class LockWatchResult:
     waiting_seen: int = 0  # samples with at least one backend waiting for a lock
     episodes: int = 0
     waits: LatencyHistogram = field(default_factory=LatencyHistogram)
+    cycles: list[LockCycle] = field(default_factory=list)
+    cycles_dropped: int = 0  # confirmed beyond MAX_CYCLES
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +76,7 @@ class LockWatchResult:
             "waiting_seen": self.waiting_seen,
             "episodes": self.episodes,
             "wait_ms": self.waits.summary(),
+            "cycles": len(self.cycles) + self.cycles_dropped,
         }
 
 
@@ -58,6 +88,10 @@ class LockWatch:
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None
         self._open: dict[int, tuple[float, float]] = {}
+        # Cycles (by pids) present in the last poll and already read: a deadlock stays for
+        # deadlock_timeout, and is recorded once.
+        self._present: set[frozenset[int]] = set()
+        self._recorded: set[frozenset[tuple[int, int | None]]] = set()
 
     async def __aenter__(self) -> LockWatch:
         self._conn = await asyncpg.connect(
@@ -72,7 +106,8 @@ class LockWatch:
             now = time.perf_counter()
             r = self.result
             r.samples += 1
-            waiting = {int(row["pid"]) for row in rows if row["blockers"] > 0}
+            edges = {int(row["pid"]): [int(b) for b in row["blockers"]] for row in rows}
+            waiting = {pid for pid, blockers in edges.items() if blockers}
             if waiting:
                 r.waiting_seen += 1
                 r.waiting_max = max(r.waiting_max, len(waiting))
@@ -82,7 +117,46 @@ class LockWatch:
             for pid in list(self._open):
                 if pid not in waiting:
                     self._close(pid)
+            cycles = find_cycles(edges) if len(waiting) > 1 else []
+            # A cycle not confirmed now is tried again at the next poll.
+            self._present = {
+                pids for pids in cycles if pids in self._present or await self._confirm(pids)
+            }
             await asyncio.sleep(self.interval_s)
+
+    async def _confirm(self, pids: frozenset[int]) -> bool:
+        """Read a cycle again; record it if it is still there, with what each member does."""
+        try:
+            rows = await self._conn.fetch(CYCLE_QUERY, sorted(pids))
+        except asyncpg.PostgresError:  # a view we may not read here: the waits still count
+            return False
+        by_pid = {int(row["pid"]): row for row in rows}  # one ungranted lock per waiter
+        edges = {pid: [int(b) for b in row["blockers"]] for pid, row in by_pid.items()}
+        if pids not in find_cycles(edges):
+            return False
+        members = []
+        for pid in sorted(pids):
+            row = by_pid[pid]
+            xid = int(row["xid"]) if row["xid"] is not None else None
+            members.append(
+                CycleMember(
+                    pid=pid,
+                    xid=xid,
+                    query=clip(row["query"]),
+                    waits_for=describe_lock(dict(row)),
+                    blocked_by=tuple(sorted(b for b in edges[pid] if b in pids)),
+                    full_xid=full_xid(xid, int(row["next_xid"])) if xid is not None else None,
+                )
+            )
+        cycle = LockCycle(seen_at=rows[0]["now"], members=tuple(members))
+        if cycle.key() in self._recorded:
+            return True  # the same deadlock, missed by one poll
+        if len(self.result.cycles) >= MAX_CYCLES:
+            self.result.cycles_dropped += 1
+            return True
+        self._recorded.add(cycle.key())
+        self.result.cycles.append(cycle)
+        return True
 
     def _close(self, pid: int) -> None:
         first, last = self._open.pop(pid)

@@ -8,7 +8,9 @@
     ├── audit       AuditRow per INSERT / UPDATE / DELETE since the baseline
     ├── payments    PaymentState: final status of each payment, its invoice and its order
     ├── gateway_*   the fake gateway's capture calls per gateway payment id
-    └── deadlocks   pg_stat_database.deadlocks delta, and whether that reading has settled
+    ├── deadlocks   pg_stat_database.deadlocks delta, and whether that reading has settled
+    └── cycles      the wait-for cycles the lock sampler saw, each member's fate read
+                    (model.deadlocks ties them to payments through the audit rows)
 
 The target's answers say what it *thinks* happened. The audit triggers record what reached
 the database: an AFTER ... FOR EACH ROW trigger runs inside the writing transaction, so a
@@ -26,35 +28,24 @@ drops the unchanged status from the SET list and only re-stamps `paid_at` — st
 idempotent repeat) names those columns in `WatchedTable.ignore_columns`, and an UPDATE that
 changed nothing else is then not counted as a write of the done status.
 
+Orders, and invoices that hang off orders (`[invoices] order_column`), are logged with their
+order id and mapped to their payment through payments.<payment_order_column> when observed.
+An invoice link that names the wrong table (a payment_column that is a foreign key to the
+orders table, or the reverse) is refused at install.
+
 The trigger function is SECURITY DEFINER with a fixed search_path, so the target's database
 role needs no grants on payrace_audit; ids must be integers (checked at install, so a
 trigger can never fail the target's write at run time). The triggers add one INSERT to
 every write of the target's transactions, so lock hold times measured with the oracle
 installed include it (microseconds, the same for every strategy).
 
-Deadlocks, and how stale the counter can be. `pg_stat_database.deadlocks` is counted by
-the backend that detects the deadlock (the victim), in backend-local pending stats:
-- PostgreSQL 15+: pending stats reach shared memory when the backend is idle outside a
-  transaction, at most once per second (PGSTAT_MIN_INTERVAL); a rate-limited or contended
-  flush is retried after 10 s idle (PGSTAT_IDLE_INTERVAL), a busy backend flushes at the
-  latest after 60 s, and a backend flushes everything when it exits.
-  `pg_stat_force_next_flush()` only affects the calling backend, so it cannot help here.
-- PostgreSQL 14 and older: the victim sends a message to the stats collector at once; a
-  reader sees it within ~0.5 s (PGSTAT_STAT_INTERVAL). The collector's UDP is lossy.
-So a zero delta read right after a run may be a deadlock not yet flushed. observe() calls
-the reading *settled* only when every other client backend of the database has gone away or
-has been idle outside a transaction long enough that its pending counters must have been
-flushed (11 s on 15+, 1 s before). Otherwise `deadlocks_settled` is False and the checker
-says "unknown" for a zero delta — never a false "valid". A positive delta is always
-reported. To get a settled reading, close the target's pool first (its backends flush on
-exit, so the reading settles as soon as they are gone) or pass `settle_timeout_s=12`.
-Harness connections that never write name themselves `application_name = 'payrace-…'`
-and are not waited for.
+Deadlocks: the pg_stat_database counter, when a zero reading of it can be trusted (it
+*settles*), and the wait-for cycles that tie a deadlock to its payments are model.deadlocks'
+(observe() reads them all; `deadlocks_settled` False makes a zero delta "unknown").
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,19 +55,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from payrace.harness.model import deadlocks
+from payrace.harness.model.deadlocks import LockCycle
 from payrace.harness.model.watched import OracleConfig, OracleError
 from payrace.postgres import libpq_url
 
 SCHEMA = "payrace_audit"
 TRIGGER = "payrace_audit"
 APPLICATION_NAME = "payrace-oracle"
-# Harness connections that never write; observe() does not wait for them to settle.
-HARNESS_APPLICATION_PREFIX = "payrace-"
-
-# PostgreSQL 15+: an idle backend retries a deferred flush after PGSTAT_IDLE_INTERVAL (10 s).
-_SETTLE_S_PG15 = 11.0
-# PostgreSQL <= 14: the deadlock message is sent at once; the stats file is <= 0.5 s old.
-_SETTLE_S_PG14 = 1.0
 _LOCK_TIMEOUT = "10s"
 
 
@@ -154,6 +140,10 @@ class Observation:
     # False when a zero delta may be a deadlock not yet flushed (see the module docstring).
     deadlocks_settled: bool = True
     deadlock_note: str = ""
+    # What the lock sampler saw (model.lockwatch), members' fates read; cycles_watched says
+    # whether a sampler ran at all (no cycles from no sampler proves nothing).
+    cycles: tuple[LockCycle, ...] = ()
+    cycles_watched: bool = False
 
 
 # -- connection ---------------------------------------------------------------------------
@@ -174,18 +164,20 @@ def _connect(url: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
 _FUNCTION = """
 CREATE OR REPLACE FUNCTION payrace_audit.record() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
--- TG_ARGV: 0 logical table, 1 id column, 2 status column, 3 payment column ('' = none)
+-- TG_ARGV: 0 logical table, 1 id column, 2 status column, 3 payment column ('' = none),
+-- 4 order column ('' or absent = none: triggers of an older install pass four arguments)
 DECLARE
     cur jsonb := CASE WHEN TG_OP = 'DELETE' THEN to_jsonb(OLD) ELSE to_jsonb(NEW) END;
     prev jsonb := CASE WHEN TG_OP = 'INSERT' THEN NULL ELSE to_jsonb(OLD) END;
 BEGIN
     INSERT INTO payrace_audit.log
-        (tbl, relname, row_id, payment_id, op, old_status, new_status, changed)
+        (tbl, relname, row_id, payment_id, order_id, op, old_status, new_status, changed)
     VALUES (
         TG_ARGV[0],
         TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
         (cur ->> TG_ARGV[1])::bigint,
         CASE WHEN TG_ARGV[3] = '' THEN NULL ELSE (cur ->> TG_ARGV[3])::bigint END,
+        CASE WHEN coalesce(TG_ARGV[4], '') = '' THEN NULL ELSE (cur ->> TG_ARGV[4])::bigint END,
         TG_OP,
         prev ->> TG_ARGV[2],
         CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE cur ->> TG_ARGV[2] END,
@@ -206,6 +198,7 @@ CREATE TABLE IF NOT EXISTS payrace_audit.log (
     relname     text NOT NULL,
     row_id      bigint NOT NULL,
     payment_id  bigint,
+    order_id    bigint,
     op          text NOT NULL,
     old_status  text,
     new_status  text,
@@ -231,13 +224,24 @@ def install(url: str, config: OracleConfig = OracleConfig.reference()) -> None:
         _validate_schema(conn, config)
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
         conn.execute(_LOG_TABLE)
+        # A log an older install created lacks the order link.
+        conn.execute("ALTER TABLE payrace_audit.log ADD COLUMN IF NOT EXISTS order_id bigint")
         conn.execute(
             "CREATE INDEX IF NOT EXISTS log_payment_idx ON payrace_audit.log (tbl, payment_id)"
         )
         conn.execute(_FUNCTION)
         for logical, wt in config.watched():
             payment_column = wt.id_column if logical == "payments" else wt.payment_column
-            args = (logical, wt.id_column, wt.status_column, payment_column or "")
+            # Orders, and invoices that hang off orders, reach their payment through
+            # payments.<payment_order_column> when observed: the log keeps their order id.
+            order_column = wt.id_column if logical == "orders" else wt.order_column
+            args = (
+                logical,
+                wt.id_column,
+                wt.status_column,
+                payment_column or "",
+                order_column or "",
+            )
             conn.execute(
                 sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
                     sql.Identifier(TRIGGER), wt.identifier()
@@ -305,6 +309,8 @@ def _validate_schema(conn: psycopg.Connection[tuple[Any, ...]], config: OracleCo
         wanted |= {f"ignore_columns[{i}]": c for i, c in enumerate(wt.ignore_columns)}
         if wt.payment_column is not None:
             wanted["payment_column"] = wt.payment_column
+        if wt.order_column is not None:
+            wanted["order_column"] = wt.order_column
         if logical == "payments":
             wanted["payment_order_column"] = config.payment_order_column
             wanted["gateway_payment_column"] = config.gateway_payment_column
@@ -315,11 +321,47 @@ def _validate_schema(conn: psycopg.Connection[tuple[Any, ...]], config: OracleCo
                     f"{prefix} = {column!r}: table {wt.table} has no such column "
                     f"(it has {sorted(columns)})"
                 )
-            if key in ("id_column", "payment_column") and columns[column] not in _INTEGER_TYPES:
+            integer = ("id_column", "payment_column", "order_column")
+            if key in integer and columns[column] not in _INTEGER_TYPES:
                 raise OracleError(
                     f"{prefix} = {column!r}: the oracle needs an integer id column, "
                     f"{wt.table}.{column} is {columns[column]}"
                 )
+        if logical == "invoices":
+            _check_invoice_link(conn, config, oid)
+
+
+def _check_invoice_link(
+    conn: psycopg.Connection[tuple[Any, ...]], config: OracleConfig, invoices_oid: int
+) -> None:
+    """An invoice link that names the wrong table: a payment_column that is a foreign key to
+    the orders table (or an order_column to payments) would map every invoice to the wrong
+    payment, silently. Only a declared foreign key tells; a bare column cannot be judged."""
+    inv = config.invoices
+    column = inv.payment_column or inv.order_column
+    key = "payment_column" if inv.payment_column is not None else "order_column"
+    referenced = {
+        int(row[0])
+        for row in conn.execute(
+            "SELECT c.confrelid FROM pg_constraint c "
+            "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1] "
+            "WHERE c.contype = 'f' AND c.conrelid = %s AND cardinality(c.conkey) = 1 "
+            "AND a.attname = %s",
+            (invoices_oid, column),
+        ).fetchall()
+    }
+    wrong, right, other = (
+        (config.orders, "order_column", "orders")
+        if key == "payment_column"
+        else (config.payments, "payment_column", "payments")
+    )
+    if _regclass(conn, wrong.table) in referenced:
+        holds = "an order id" if other == "orders" else "a payment id"
+        raise OracleError(
+            f"invoices.{key} = {column!r}: {inv.table}.{column} is a foreign key to the "
+            f"{other} table {wrong.table}, so it holds {holds}; describe it as "
+            f"invoices.{right} = {column!r} (and leave invoices.{key} unset)"
+        )
 
 
 # -- baseline / observe -------------------------------------------------------------------
@@ -328,8 +370,8 @@ def _validate_schema(conn: psycopg.Connection[tuple[Any, ...]], config: OracleCo
 def baseline(url: str) -> Baseline:
     """Where the run starts: the last audit id handed out and the deadlock counter."""
     with _connect(url) as conn:
-        deadlocks, stats_reset = _deadlock_counter(conn)
-        return Baseline(deadlocks=deadlocks, audit_id=_last_audit_id(conn), stats_reset=stats_reset)
+        count, stats_reset = deadlocks.read_counter(conn)
+        return Baseline(deadlocks=count, audit_id=_last_audit_id(conn), stats_reset=stats_reset)
 
 
 def _last_audit_id(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
@@ -342,59 +384,6 @@ def _last_audit_id(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     return int(row[0]) if row[1] else 0
 
 
-def _deadlock_counter(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[int, datetime | None]:
-    conn.execute("SELECT pg_stat_clear_snapshot()")
-    row = conn.execute(
-        "SELECT deadlocks, stats_reset FROM pg_stat_database WHERE datname = current_database()"
-    ).fetchone()
-    if row is None:  # pragma: no cover - the database we are connected to is always there
-        raise OracleError("pg_stat_database has no row for the current database")
-    return int(row[0] or 0), row[1]
-
-
-def _unsettled_backends(conn: psycopg.Connection[tuple[Any, ...]], settle_s: float) -> int:
-    """Client backends of this database that may still hold unflushed deadlock counts."""
-    row = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-        "AND backend_type = 'client backend' "
-        "AND coalesce(application_name, '') NOT LIKE %s "
-        # state is NULL for other roles' sessions without pg_read_all_stats: not settled.
-        "AND (state IS DISTINCT FROM 'idle' "
-        "     OR state_change > clock_timestamp() - make_interval(secs => %s))",
-        (HARNESS_APPLICATION_PREFIX + "%", settle_s),
-    ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def _settled_deadlocks(
-    conn: psycopg.Connection[tuple[Any, ...]], since: Baseline, settle_timeout_s: float
-) -> tuple[int, bool, str]:
-    settle_s = _SETTLE_S_PG15 if conn.info.server_version >= 150000 else _SETTLE_S_PG14
-    deadline = time.monotonic() + settle_timeout_s
-    while True:
-        unsettled = _unsettled_backends(conn, settle_s)
-        # Read after the activity check: a backend that just exited has had time to flush.
-        count, stats_reset = _deadlock_counter(conn)
-        if unsettled == 0 or time.monotonic() >= deadline:
-            break
-        time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
-    delta = count - since.deadlocks
-    if stats_reset != since.stats_reset or delta < 0:
-        return 0, False, "pg_stat_database was reset during the run; the deadlock delta is void"
-    if unsettled:
-        return (
-            delta,
-            False,
-            f"{unsettled} client backend(s) stayed active or idle for less than {settle_s:g} s "
-            f"within the {settle_timeout_s:g} s waited, and may hold deadlock counts not yet "
-            "flushed to pg_stat_database: wait longer (`payrace run --settle-s`, "
-            "settle_timeout_s) or let the target's pool close idle connections",
-        )
-    return delta, True, ""
-
-
 def deadlocks_since(
     url: str, since: Baseline, *, settle_timeout_s: float = 2.0
 ) -> tuple[int, bool, str]:
@@ -404,7 +393,7 @@ def deadlocks_since(
     the target has closed its pool (payrace load, after stopping the service): its backends
     flush their counts on exit, so the reading settles within `settle_timeout_s`."""
     with _connect(url) as conn:
-        return _settled_deadlocks(conn, since, settle_timeout_s)
+        return deadlocks.settled_delta(conn, since.deadlocks, since.stats_reset, settle_timeout_s)
 
 
 def observe(
@@ -416,6 +405,7 @@ def observe(
     gateway_counters: Mapping[str, Mapping[str, int]] | None = None,
     gateway_payment_ids: Collection[str] = (),
     settle_timeout_s: float = 2.0,
+    lock_cycles: Sequence[LockCycle] | None = None,
 ) -> Observation:
     """What happened since `since`, for `payment_ids` (None: every payment the audit names).
 
@@ -426,6 +416,8 @@ def observe(
     `settle_timeout_s` is how long to wait for the deadlock reading to settle; it returns as
     soon as it has. The default covers a target that has just closed its pool (its backends
     take a moment to exit); a target still connected needs 12 s, or 0 to not wait.
+    `lock_cycles` are the wait-for cycles a LockWatch recorded during the run (None: no
+    sampler ran); each member's transaction status is read here.
     """
     scope = None if payment_ids is None else frozenset(int(p) for p in payment_ids)
     with _connect(url) as conn:
@@ -434,17 +426,22 @@ def observe(
         audit = _audit_rows(conn, config, since.audit_id, scope)
         ids = scope if scope is not None else {r.payment_id for r in audit if r.payment_id}
         states = _payment_states(conn, config, sorted(ids))
-        deadlocks, settled, note = _settled_deadlocks(conn, since, settle_timeout_s)
+        delta, settled, note = deadlocks.settled_delta(
+            conn, since.deadlocks, since.stats_reset, settle_timeout_s
+        )
+        cycles = deadlocks.verify(conn, lock_cycles or ())
     captures, accepted = _gateway(gateway_counters, scope, states, gateway_payment_ids)
     return Observation(
         audit=audit,
         payments=states,
         gateway_captures=captures,
         gateway_accepted=accepted,
-        deadlocks=deadlocks,
+        deadlocks=delta,
         config=config,
         deadlocks_settled=settled,
         deadlock_note=note,
+        cycles=cycles,
+        cycles_watched=lock_cycles is not None,
     )
 
 
@@ -455,15 +452,18 @@ def _audit_rows(
     scope: frozenset[int] | None,
 ) -> tuple[AuditRow, ...]:
     pay = config.payments
-    # Order rows carry no payment id; map them through payments.<order column> now. With a
-    # scope, prefer the scoped payment of an order that has several.
+    # Order rows, and invoices that hang off orders, carry an order id instead of a payment
+    # id; map them through payments.<order column> now (an order row logged by an older
+    # install has only its row id). With a scope, prefer the scoped payment of an order that
+    # has several.
     query = sql.SQL(
         """
         SELECT l.id, l.tbl, l.row_id,
-               CASE WHEN l.tbl = 'orders' AND l.payment_id IS NULL THEN (
+               CASE WHEN l.payment_id IS NULL THEN (
                    SELECT min(p.{pid}) FROM {payments} p
-                   WHERE p.{poid} = l.row_id AND (%(scope)s::bigint[] IS NULL
-                                                  OR p.{pid} = ANY(%(scope)s::bigint[]))
+                   WHERE p.{poid} = coalesce(
+                             l.order_id, CASE WHEN l.tbl = 'orders' THEN l.row_id END)
+                     AND (%(scope)s::bigint[] IS NULL OR p.{pid} = ANY(%(scope)s::bigint[]))
                ) ELSE l.payment_id END,
                l.op, l.old_status, l.new_status, l.txid, l.backend_pid, l.at,
                coalesce(l.changed, '{{}}')
@@ -506,13 +506,22 @@ def _payment_states(
     if not ids:
         return {}
     pay, inv, order = config.payments, config.invoices, config.orders
-    assert inv.payment_column is not None  # OracleConfig.__post_init__
+    # OracleConfig.__post_init__: exactly one of the invoice's links is set.
+    if inv.payment_column is not None:
+        invoice_link = sql.SQL("i.{} = p.{}").format(
+            sql.Identifier(inv.payment_column), sql.Identifier(pay.id_column)
+        )
+    else:
+        assert inv.order_column is not None
+        invoice_link = sql.SQL("i.{} = p.{}").format(
+            sql.Identifier(inv.order_column), sql.Identifier(config.payment_order_column)
+        )
     query = sql.SQL(
         """
         SELECT DISTINCT ON (p.{pid}) p.{pid}, p.{pstatus}, p.{gwid}, i.{istatus}, o.{ostatus}
         FROM {payments} p
         LEFT JOIN {orders} o ON o.{oid} = p.{poid}
-        LEFT JOIN {invoices} i ON i.{ipay} = p.{pid}
+        LEFT JOIN {invoices} i ON {invoice_link}
         WHERE p.{pid} = ANY(%s::bigint[])
         ORDER BY p.{pid}, i.{iid} DESC
         """
@@ -527,7 +536,7 @@ def _payment_states(
         oid=sql.Identifier(order.id_column),
         poid=sql.Identifier(config.payment_order_column),
         invoices=inv.identifier(),
-        ipay=sql.Identifier(inv.payment_column),
+        invoice_link=invoice_link,
         iid=sql.Identifier(inv.id_column),
     )
     return {

@@ -1,7 +1,8 @@
 """What the oracle watches in a target's schema: the tables, their columns, their done status.
 
     OracleError    the oracle cannot do its job here; the message says what to change
-    WatchedTable   one audited table: name, id / status columns, its "done" status, payment link
+    WatchedTable   one audited table: name, id / status columns, its "done" status, and how
+                   its rows link to a payment (payment_column, or order_column for invoices)
     OracleConfig   payments, invoices, orders and how they link; reference() (the reference
                    service), from_toml() / to_toml() (a team's own schema, `--oracle-config`)
 
@@ -29,14 +30,17 @@ class WatchedTable:
     """One table the oracle audits.
 
     `table` may be schema-qualified ("billing.payments"). `payment_column` links a row to its
-    payment id: required for invoices; None for the payments table itself (its id is the
-    payment id) and usually for orders (mapped through payments.<payment_order_column> at
-    observe time).
+    payment id: None for the payments table itself (its id is the payment id) and usually for
+    orders (mapped through payments.<payment_order_column> at observe time). Invoices name
+    exactly one link: `payment_column` (a column holding the payment id) or `order_column`
+    (a column holding the order id, when invoices hang off orders; mapped to the payment
+    through payments.<payment_order_column>, as orders are).
     """
 
     table: str
     done_value: str
     payment_column: str | None = None
+    order_column: str | None = None
     id_column: str = "id"
     status_column: str = "status"
     # Columns a target may update on a done row without writing it again (e.g. updated_at).
@@ -58,11 +62,21 @@ class OracleConfig:
     gateway_payment_column: str = "gateway_payment_id"  # payments.<col>: Razorpay's pay_…
 
     def __post_init__(self) -> None:
-        if self.invoices.payment_column is None:
+        links = (self.invoices.payment_column, self.invoices.order_column)
+        if (links[0] is None) == (links[1] is None):
+            got = "both" if links[0] is not None else "neither"
             raise OracleError(
-                "invoices.payment_column is required: the column of the invoices table that "
-                "holds the payment id (the reference service's is 'payment_id')"
+                "invoices: set exactly one of invoices.payment_column (the column of the "
+                "invoices table holding the payment id; the reference service's is "
+                "'payment_id') or invoices.order_column (the column holding the order id, "
+                f"when invoices hang off orders); got {got}"
             )
+        for logical in ("payments", "orders"):
+            if getattr(self, logical).order_column is not None:
+                raise OracleError(
+                    f"{logical}.order_column: only [invoices] takes order_column "
+                    "(payments link to orders through payment_order_column)"
+                )
 
     def watched(self) -> tuple[tuple[str, WatchedTable], ...]:
         return (("payments", self.payments), ("invoices", self.invoices), ("orders", self.orders))
@@ -82,8 +96,8 @@ class OracleConfig:
 
         The file holds `[payments]`, `[invoices]` and `[orders]` tables (each with `table`,
         `done_value` and optionally `id_column`, `status_column`, `payment_column`,
-        `ignore_columns`) and
-        optionally top-level `payment_order_column` / `gateway_payment_column`; in a
+        `ignore_columns`; `[invoices]` has exactly one of `payment_column` and `order_column`)
+        and optionally top-level `payment_order_column` / `gateway_payment_column`; in a
         pyproject.toml the same lives under `[tool.payrace.oracle]`. Unknown keys are errors,
         so a typo cannot silently fall back to a default.
         """
@@ -110,12 +124,11 @@ class OracleConfig:
         payments, invoices, orders = (
             _watched(_table(doc, name, where), f"{where}: [{name}]") for name in _LOGICAL
         )
-        return cls(
-            payments,
-            invoices,
-            orders,
-            **{k: _string(doc, k, where) for k in links if k in doc},
-        )
+        columns = {k: _string(doc, k, where) for k in links if k in doc}
+        try:
+            return cls(payments, invoices, orders, **columns)
+        except OracleError as exc:
+            raise OracleError(f"{where}: {exc}") from None
 
     def to_toml(self) -> str:
         """The TOML that from_toml() reads back into an equal config."""

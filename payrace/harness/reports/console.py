@@ -1,8 +1,9 @@
 """The run on the terminal, with rich: the only reports module that imports it.
 
-    render_console()  the strategies table and the machine line, a checks table, the first
-                      violating schedule of each strategy in a panel, gates, the verdict and
-                      exit code, the files written
+    render_console()  the strategies table and the machine line, a checks table, each
+                      strategy's deadlocks in a line, the first violating schedule of each
+                      strategy in a panel (with a deadlock's statements), gates, the verdict
+                      and exit code, the files written
 
 Text from the summary goes into rich.Text, never into markup, so a schedule's "<dup>" or a
 note's brackets print as they are. Used by `payrace run` (harness.cli) and `payrace load`
@@ -25,6 +26,8 @@ from payrace.harness.reports.summary import (
     check_passed,
     checks_of,
     compact,
+    deadlock_line,
+    deadlock_lines,
     gate_word,
     latency_of,
     machine_line,
@@ -92,17 +95,24 @@ def render_console(
             )
     if checks.row_count:
         console.print(checks)
+    for name, strategy in strategies.items():
+        if deadlocks := deadlock_line(strategy):
+            console.print(Text(f"{name}: {deadlocks}", style="bold red"))
 
     for name, strategy in strategies.items():
         events = violation_events(strategy)
-        if not events:
-            continue
         violation = strategy.get("first_violation") or {}
+        statements = deadlock_lines(violation)
+        if not events and not statements:
+            continue
         title = (
             f"first violation: {name}, {where(violation)} "
             f"({', '.join(map(str, violation.get('checks') or []))})"
         )
-        console.print(Panel(Text(render_text(events)), title=Text(title), expand=False))
+        body = "\n\n".join(
+            part for part in (render_text(events) if events else "", "\n".join(statements)) if part
+        )
+        console.print(Panel(Text(body), title=Text(title), expand=False))
 
     for gate in summary.get("gates") or []:
         word = gate_word(gate)

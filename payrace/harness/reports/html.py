@@ -36,6 +36,8 @@ from payrace.harness.reports.summary import (
     check_passed,
     checks_of,
     compact,
+    deadlock_line,
+    deadlock_lines,
     gate_word,
     latency_of,
     machine_line,
@@ -65,6 +67,7 @@ code{font-size:12px;word-break:break-all}
 .pass{color:#176b2c;font-weight:600} .fail{color:#b3261e;font-weight:600}
 .unknown{color:#8a5a00;font-weight:600}
 .plots{display:flex;flex-wrap:wrap;gap:12px}
+pre.statements{font-size:12px;white-space:pre-wrap;background:#f7f7f7;padding:6px}
 """
     + svgplot.CSS  # the rules for the classes its markup uses
     + "table.timeline td,table.timeline th{font-family:ui-monospace,Menlo,Consolas,monospace}\n"
@@ -201,6 +204,9 @@ def _violation_html(strategy: Mapping[str, Any]) -> str:
         f"({', '.join(map(str, violation.get('checks') or []))})"
     )
     body = render_html(events) if events else '<p class="meta">no timeline recorded</p>'
+    statements = deadlock_lines(violation)
+    if statements:
+        body += f'<pre class="statements">{_esc(chr(10).join(statements))}</pre>'
     return f"<h3>{_esc(title)}</h3>{body}"
 
 
@@ -236,6 +242,8 @@ def _strategy_html(name: str, strategy: Mapping[str, Any]) -> str:
             f'<p class="meta">arrival spread (server receive times within a trial, ms): '
             f"{_esc(line)}</p>"
         )
+    if line := deadlock_line(strategy):
+        parts.append(f'<p class="fail">{_esc(line)}</p>')
     parts += [
         "<h3>Verdict</h3>",
         _checks_html(strategy),

@@ -17,8 +17,8 @@ checker caught anything: a run that could not provoke the known race proves noth
 fix. A declared-safe strategy with no checker results gets one "verdict" case (an <error>
 unless its verdict is valid), so a run that checked nothing is never green. Gates are
 "gate:<expr>" cases in their strategy's suite (or "payrace.gates"); a gate with no measured
-value is an <error>. The first violating schedule goes to the suite's <system-out> and to the
-cases of the checkers that saw it.
+value is an <error>. The first violating schedule (with a deadlock's statements) goes to the
+suite's <system-out> and to the cases of the checkers that saw it.
 
 Used by reports.writers (write_all).
 """
@@ -33,6 +33,7 @@ from typing import Any
 from payrace.harness.reports.summary import (
     checks_of,
     compact,
+    deadlock_lines,
     number,
     outcome,
     strategies_of,
@@ -130,8 +131,9 @@ def write_junit(summary: dict[str, Any], path: Path) -> None:
         suites[name] = suite
         unsafe = strategy.get("expected") == "violated"
         events = violation_events(strategy)
-        timeline = render_text(events) if events else ""
         violation = strategy.get("first_violation") or {}
+        drawn = [render_text(events) if events else "", "\n".join(deadlock_lines(violation))]
+        timeline = "\n\n".join(part for part in drawn if part)
         shown_in = set(violation.get("checks") or [])
         checks = checks_of(strategy)
         if unsafe:

@@ -7,6 +7,9 @@
     valid_word(), gate_word()   a checker's validity, a gate's result, as a word
     strategies_of(), checks_of(), latency_of(), violation_events(), where()
                       the parts of a summary a writer picks out, with the summary's defaults
+    deadlock_lines()  the first violation's deadlocks: each backend, the lock it waited for,
+                      its fate and its statement, and the replies that named 40P01
+    deadlock_line()   a strategy's deadlocks in one line: counted, tied to trials, not, why
     number(), compact(), machine_line()   values and the run's machine as text
     write_atomically()   a file a reader never sees half-written (every writer uses it)
     write_json()      summary.json, strict JSON (no NaN)
@@ -97,6 +100,49 @@ def violation_events(strategy: Mapping[str, Any]) -> list[TimelineEvent]:
         TimelineEvent(int(e.get("time_ns", 0)), str(e.get("process", "?")), str(e.get("text", "")))
         for e in violation.get("timeline") or []
     ]
+
+
+_FATE = {"aborted": "rolled back by PostgreSQL", "committed": "went on and committed"}
+
+
+def deadlock_lines(violation: Mapping[str, Any]) -> list[str]:
+    """The statements of the first violation's deadlocks, as PostgreSQL's backends ran them."""
+    found = violation.get("deadlocks") or {}
+    lines: list[str] = []
+    for cycle in found.get("cycles") or []:
+        lines.append(f"deadlock seen at {cycle.get('seen_at', '?')}:")
+        for m in cycle.get("members") or []:
+            blockers = ", ".join(str(b) for b in m.get("blocked_by") or []) or "?"
+            fate = _FATE.get(str(m.get("status")), "fate unknown")
+            lines.append(
+                f"  backend {m.get('pid')} (xid {m.get('xid')}, {fate}) waits for "
+                f"{m.get('waits_for')} held by backend {blockers}:"
+            )
+            lines.append(f"    {m.get('query') or '(statement not seen)'}")
+    for reply in found.get("replies") or []:
+        lines.append(
+            f"reply #{reply.get('index')} to {reply.get('f')} ({reply.get('process')}), "
+            f"HTTP {reply.get('status')}: {reply.get('said')}"
+        )
+    return lines
+
+
+def deadlock_line(strategy: Mapping[str, Any]) -> str:
+    """ "" when the run saw no deadlock; else how many, how many tied to trials, and why the
+    others could not be."""
+    d = strategy.get("deadlocks") or {}
+    counted, attributed = d.get("counted") or 0, d.get("attributed") or 0
+    unattributed = d.get("unattributed") or 0
+    if not (counted or attributed or unattributed):
+        return ""
+    line = (
+        f"deadlocks: {counted} counted by PostgreSQL"
+        + ("" if d.get("settled", True) else " (reading not settled)")
+        + f", {attributed} tied to {len(d.get('payments') or [])} trial(s)"
+    )
+    if unattributed:
+        line += f", {unattributed} could not be tied to a trial: {d.get('why_unattributed')}"
+    return line
 
 
 def where(violation: Mapping[str, Any]) -> str:

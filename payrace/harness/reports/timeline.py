@@ -5,6 +5,7 @@
                       (payrace.service.instrument.probes)
     from_audit()      events from the oracle's audit rows, one column per backend (over
                       HTTP there are no probes, but the database saw every write)
+    from_cycles()     a deadlock's members waiting for each other, in the same backend columns
     render_text()     the two-column table: "Time  client  webhook / T0  read payment (pending)"
     render_html()     the same as an HTML table (escaped), for report.html
 
@@ -18,6 +19,7 @@ import html
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from payrace.harness.model.deadlocks import LockCycle
 from payrace.harness.model.oracle import AuditRow
 from payrace.service.instrument.probes import ProbeContext
 
@@ -69,6 +71,22 @@ def from_audit(rows: Iterable[AuditRow], payment_id: int) -> list[TimelineEvent]
         for row in rows
         # INSERTs are the order being created before the race; the race is in the UPDATEs.
         if row.payment_id == payment_id and row.op != "INSERT"
+    ]
+    return sorted(events, key=lambda e: e.time_ns)
+
+
+def from_cycles(cycles: Iterable[LockCycle]) -> list[TimelineEvent]:
+    """Each member of each cycle at the moment the sampler confirmed it, and its fate: the
+    victim PostgreSQL aborted, the survivors that went on."""
+    fate = {"aborted": ": deadlock, rolled back", "committed": ": deadlock, went on"}
+    events = [
+        TimelineEvent(
+            int(cycle.seen_at.timestamp() * 1e9),
+            f"backend {m.pid}",
+            f"waits for {m.waits_for}{fate.get(m.status or '', ': deadlock')}",
+        )
+        for cycle in cycles
+        for m in cycle.members
     ]
     return sorted(events, key=lambda e: e.time_ns)
 

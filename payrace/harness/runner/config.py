@@ -75,7 +75,9 @@ class Gate:
 
     def measure(self, result: dict[str, Any]) -> float:
         if self.metric == "violations":
-            return float(result["violating_trials"])
+            # Deadlocks the server counted but no trial could be tied to are violations too.
+            unattributed = (result.get("deadlocks") or {}).get("unattributed") or 0
+            return float(result["violating_trials"]) + float(unattributed)
         if self.metric == "trials_per_second":
             return float(result["trials_per_second"])
         m = _LATENCY_METRIC.match(self.metric)

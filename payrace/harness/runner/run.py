@@ -3,7 +3,9 @@
     run()            provision PostgreSQL (infra.provider) and the fake gateway, install the
                      oracle, then per strategy: start_target (runner.target), fire_trials
                      (runner.trials), judge (model.judge); gates; the summary (contracts.md)
-    judge()          one strategy's trials -> its part of summary.json
+    judge()          one strategy's trials -> its part of summary.json (a trial with a
+                     deadlock is a violating trial; the lock sampler's cycles and the
+                     deadlock counter reach the oracle here)
     write_history()  history.jsonl: every strategy's operations
 
 Strategies run one after another on one database, so the deadlock counter's delta and the
@@ -61,6 +63,7 @@ async def judge(
         # transaction that then rolled back is exactly what no_lost_capture is for.
         gateway_payment_ids=[o.gateway_payment_id for o in run.outcomes.values()],
         settle_timeout_s=config.settle_timeout_s(),
+        lock_cycles=run.lock_cycles,
     )
     judged = check(run.history.ops(), obs)
     valid = judged.valid
@@ -90,6 +93,9 @@ async def judge(
         "server_side": run.server_side,
         "arrival_spread_ms": run.arrival.summary() if config.mode == "aligned" else None,
         "first_violation": first,
+        # Deadlocks tied to trials are in violating_trials; `unattributed` ones are not, and
+        # the `violations` gate adds them (runner.config.Gate).
+        "deadlocks": judged.deadlock_summary(),
         **faults,
         "_history": run.history,
     }

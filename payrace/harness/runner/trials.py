@@ -28,6 +28,7 @@ from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import GatewayControl
 from payrace.harness.model import oracle
 from payrace.harness.model.client import PaymentContext, Prepared, Reply, prepare
+from payrace.harness.model.deadlocks import LockCycle
 from payrace.harness.model.generator import Generator, TrialPlan
 from payrace.harness.model.history import History, Operation, classify
 from payrace.harness.model.lockwatch import LockWatch
@@ -89,6 +90,8 @@ class StrategyRun:
         self.trial_errors: list[str] = []
         self.nemesis: dict[str, Any] | None = None
         self.redelivered = 0  # webhooks sent again after a 5xx (under the nemesis only)
+        # Wait-for cycles the lock sampler saw (model.deadlocks ties them to trials).
+        self.lock_cycles: list[LockCycle] = []
 
 
 async def _fire(
@@ -313,6 +316,7 @@ async def fire_trials(
         await asyncio.gather(*(guarded(t) for t in range(config.trials)))
     run.duration_s = time.perf_counter() - started
     run.server_side = watch.result.to_json()
+    run.lock_cycles = watch.result.cycles
     if config.nemesis:
         run.nemesis = {**nemesis.report(), "webhooks_redelivered": run.redelivered}
     return run

@@ -28,6 +28,7 @@ from payrace.harness.model.checker import (
     single_invoice_paid,
     single_order_paid,
 )
+from payrace.harness.model.deadlocks import CycleMember, LockCycle
 from payrace.harness.model.history import Operation
 from payrace.harness.model.oracle import AuditRow, Observation, PaymentState
 from payrace.harness.model.watched import OracleConfig
@@ -459,6 +460,81 @@ def test_no_deadlock_is_valid_only_for_a_settled_zero() -> None:
     unsettled = no_deadlock([], observation(deadlocks=0, settled=False))
     assert unsettled.valid == "unknown"
     assert unsettled.note == "2 client backend(s) active"
+
+
+def knot(*members: tuple[int, int, str | None]) -> LockCycle:
+    """A wait-for cycle as the LockWatch records it: (pid, xid, fate) per member."""
+    return LockCycle(
+        T0,
+        tuple(
+            CycleMember(
+                pid, xid, f"UPDATE t SET n = {pid}", "transaction 1 (ShareLock)", (), xid, status
+            )
+            for pid, xid, status in members
+        ),
+    )
+
+
+def watched(obs: Observation, *cycles: LockCycle) -> Observation:
+    return replace(obs, cycles=cycles, cycles_watched=True)
+
+
+def test_no_deadlock_names_the_payment_its_survivor_committed_with_the_statements() -> None:
+    ops = Ops()
+    ops.verify(7)
+    ops.verify(8)
+    # 501 wrote payment 7's rows and committed; 502 was the victim, its rows rolled back.
+    cycle = knot((11, 501, "committed"), (12, 502, "aborted"))
+    obs = watched(observation(single_capture(7), [state(7), state(8)], deadlocks=1), cycle)
+    result = no_deadlock(ops.ops, obs)
+    assert (result.valid, result.count, result.payments) == (False, 1, {7})
+    assert result.first is not None
+    assert result.first["statements"] == ["UPDATE t SET n = 11", "UPDATE t SET n = 12"]
+    assert (result.first["payment"], result.first["trial"], result.first["deadlocks"]) == (7, 1, 1)
+    assert [m["status"] for m in result.first["cycles"][0]["members"]] == ["committed", "aborted"]
+    assert result.first["ops"][0]["f"] == "verify"
+    assert "1 attributed to 1 payment(s), 0 not attributed" in result.note
+    assert check(ops.ops, obs).violating_payments == {7}
+
+
+def test_no_deadlock_drops_a_cycle_whose_members_all_committed() -> None:
+    """A cycle PostgreSQL resolved by reordering a lock queue, aborting nobody."""
+    cycle = knot((11, 501, "committed"), (12, 502, "committed"))
+    result = no_deadlock([], watched(observation(single_capture(7), [state(7)]), cycle))
+    assert (result.valid, result.count) == (True, 0)
+
+
+def test_a_reply_naming_40p01_ties_its_trial_even_without_a_sampler() -> None:
+    ops = Ops()
+    inv = ops.invoke("webhook", "webhook-1", 9, {"event": "payment.captured"})
+    said = "concurrent update of this payment (deadlock_detected) persisted after 3 attempts"
+    ops.done(
+        inv, "fail", 409, {"error": {"code": "retry_later", "message": said, "sqlstate": "40P01"}}
+    )
+    ops.verify(10, status=409)  # a 409 about something else
+    result = no_deadlock(ops.ops, observation(deadlocks=1))
+    assert (result.valid, result.count, result.payments) == (False, 1, {9})
+    assert result.first is not None and result.first["replies"][0]["said"] == said
+    assert result.first["statements"] == []
+
+
+def test_deadlocks_counted_beyond_the_attributed_are_violations_of_no_payment() -> None:
+    cycle = knot((11, 501, "committed"), (12, 502, "aborted"))
+    lost = knot((13, 900, "committed"), (14, 901, "aborted"))  # its survivor wrote nothing
+    obs = watched(observation(single_capture(7), [state(7)], deadlocks=4), cycle, lost)
+    result = no_deadlock([], obs)
+    # 1 tied to payment 7; of the other 3, 1 was seen as a cycle and 2 never were.
+    assert (result.valid, result.count, result.payments) == (False, 4, {7})
+    assert result.last is not None and result.last["unattributed"] == 3
+    assert (
+        "1 wait-for cycle(s) seen whose surviving transaction wrote no row" in (result.last["why"])
+    )
+    assert (
+        "2 counted by pg_stat_database were never seen as a wait-for cycle" in (result.last["why"])
+    )
+    # An unattributed cycle is a deadlock even while the counter has not settled.
+    unsettled = watched(observation(deadlocks=0, settled=False), lost)
+    assert no_deadlock([], unsettled).valid is False
 
 
 # -- error_classes -------------------------------------------------------------------------

@@ -109,10 +109,12 @@ async def test_to_json_reports_the_interval_and_the_wait_summary(pg: Database, t
         "waiting_seen",
         "episodes",
         "wait_ms",
+        "cycles",
     }
     assert doc["interval_ms"] == pytest.approx(10.0)
     assert doc["samples"] == watch.result.samples > 0
     assert doc["wait_ms"]["count"] == doc["episodes"] >= 1
+    assert doc["cycles"] == 0  # one holder and its waiter: a wait, not a cycle
 
 
 async def test_leaving_the_watch_stops_polling_and_closes_its_connection(pg: Database) -> None:
@@ -127,3 +129,36 @@ async def test_leaving_the_watch_stops_polling_and_closes_its_connection(pg: Dat
     await asyncio.sleep(0.05)
     assert watch.result.samples == samples
     assert watch._conn.is_closed()
+
+
+async def test_a_deadlock_is_recorded_once_with_each_members_statement_and_lock(
+    pg: Database, table: str
+) -> None:
+    """Rows 1 and 2 locked in opposite orders: the cycle stands for deadlock_timeout (~1 s,
+    some 200 polls) and is recorded once."""
+    a, b = await asyncpg.connect(pg.url), await asyncpg.connect(pg.url)
+    first = f"UPDATE {table} SET n = n + 1 WHERE id = 1"
+    second = f"UPDATE {table} SET n = n + 1 WHERE id = 2"
+    try:
+        async with LockWatch(pg.url, interval_s=0.005) as watch:
+            await a.execute("BEGIN")
+            await b.execute("BEGIN")
+            await a.execute(first)
+            await b.execute(second)
+            outcomes = await asyncio.gather(
+                a.execute(second), b.execute(first), return_exceptions=True
+            )
+            assert sum(isinstance(o, asyncpg.DeadlockDetectedError) for o in outcomes) == 1
+            await a.execute("ROLLBACK")
+            await b.execute("ROLLBACK")
+    finally:
+        await a.close()
+        await b.close()
+    assert watch.result.to_json()["cycles"] == 1
+    (cycle,) = watch.result.cycles
+    assert {m.query for m in cycle.members} == {first, second}
+    pids = {m.pid for m in cycle.members}
+    for m in cycle.members:
+        assert m.blocked_by == tuple(pids - {m.pid})
+        assert m.waits_for.startswith("transaction ") and "(ShareLock)" in m.waits_for
+        assert m.xid is not None and m.full_xid is not None and m.full_xid % (1 << 32) == m.xid

@@ -12,6 +12,7 @@ import json
 import secrets
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import create_engine
-from team_schema import TEAM_SCHEMA, TEAM_TOML
+from team_schema import SHOP_SCHEMA, SHOP_TOML, TEAM_SCHEMA, TEAM_TOML
 
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.signing import (
@@ -90,6 +91,24 @@ def team(scratch: str, tmp_path: Path) -> tuple[str, OracleConfig]:
         )
     path = tmp_path / "oracle.toml"
     path.write_text(TEAM_TOML)
+    config = OracleConfig.from_toml(path)
+    oracle.install(scratch, config)
+    return scratch, config
+
+
+@pytest.fixture
+def shop(scratch: str, tmp_path: Path) -> tuple[str, OracleConfig]:
+    """A schema whose invoices hang off orders ([invoices] order_column)."""
+    with psycopg.connect(scratch, autocommit=True) as conn:
+        conn.execute(SHOP_SCHEMA)
+        conn.execute(
+            "INSERT INTO shop.cart VALUES (1, 'open'), (2, 'open');"
+            "INSERT INTO shop.charge VALUES (10, 1, 'pay_a', 'pending'),"
+            " (20, 2, 'pay_b', 'pending');"
+            "INSERT INTO shop.receipt VALUES (100, 1, 'due', NULL), (200, 2, 'due', NULL)"
+        )
+    path = tmp_path / "oracle.toml"
+    path.write_text(SHOP_TOML)
     config = OracleConfig.from_toml(path)
     oracle.install(scratch, config)
     return scratch, config
@@ -329,6 +348,127 @@ def test_a_team_schema_from_toml_is_audited_and_ignore_columns_apply(
     verdict = check([], obs)
     for name in ("single_capture_write", "single_invoice_paid", "single_order_paid"):
         assert verdict.results[name].valid is True, verdict.results[name]
+
+
+# -- invoices that hang off orders ---------------------------------------------------------
+
+
+def _shop_capture(url: str, charge: int, *, invoice_only: bool = False) -> None:
+    """One transaction capturing `charge`: the charge, its cart's receipt, its cart."""
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        if not invoice_only:
+            conn.execute(
+                "UPDATE shop.charge SET phase = 'captured' WHERE charge_no = %s", (charge,)
+            )
+        conn.execute(
+            "UPDATE shop.receipt SET phase = 'paid', paid_at = clock_timestamp() "
+            "WHERE cart_no = (SELECT cart_no FROM shop.charge WHERE charge_no = %s)",
+            (charge,),
+        )
+        if not invoice_only:
+            conn.execute(
+                "UPDATE shop.cart SET phase = 'paid' "
+                "WHERE cart_no = (SELECT cart_no FROM shop.charge WHERE charge_no = %s)",
+                (charge,),
+            )
+
+
+def test_invoices_linked_through_orders_map_to_their_payment_and_one_capture_is_valid(
+    shop: tuple[str, OracleConfig],
+) -> None:
+    url, config = shop
+    since = oracle.baseline(url)
+    _shop_capture(url, 10)
+    _shop_capture(url, 20)
+
+    obs = oracle.observe(url, config, since=since, payment_ids=[10])
+    assert [(r.table, r.row_id, r.payment_id) for r in obs.audit] == [
+        ("payments", 10, 10),
+        ("invoices", 100, 10),  # receipt 100 belongs to cart 1, whose charge is 10
+        ("orders", 1, 10),
+    ]
+    state = obs.payments[10]
+    assert (state.status, state.invoice_status, state.order_status) == ("captured", "paid", "paid")
+    verdict = check([], obs)
+    assert verdict.results["single_invoice_paid"].valid is True
+    assert verdict.results["single_invoice_paid"].checked == 1
+    assert verdict.valid is True
+
+
+def test_a_double_invoice_update_through_orders_is_violated(
+    shop: tuple[str, OracleConfig],
+) -> None:
+    url, config = shop
+    since = oracle.baseline(url)
+    _shop_capture(url, 10)
+    _shop_capture(url, 10, invoice_only=True)  # a racing second writer marks it paid again
+
+    obs = oracle.observe(url, config, since=since, payment_ids=[10, 20])
+    verdict = check([], obs)
+    result = verdict.results["single_invoice_paid"]
+    assert (result.valid, result.count) == (False, 1), result
+    assert result.worst is not None
+    assert (result.worst["payment"], result.worst["row_id"], result.worst["writes"]) == (10, 100, 2)
+    assert verdict.violating_payments == {10}
+    assert verdict.results["single_capture_write"].valid is True
+
+
+@pytest.mark.parametrize(
+    ("invoices", "message"),
+    [
+        (
+            WatchedTable(
+                "shop.receipt",
+                "paid",
+                payment_column="cart_no",
+                id_column="receipt_no",
+                status_column="phase",
+            ),
+            r"invoices\.payment_column = 'cart_no': shop\.receipt\.cart_no is a foreign key to "
+            r"the orders table shop\.cart.*invoices\.order_column = 'cart_no'",
+        ),
+        (
+            WatchedTable(
+                "shop.receipt",
+                "paid",
+                order_column="phase",
+                id_column="receipt_no",
+                status_column="phase",
+            ),
+            r"invoices\.order_column = 'phase': the oracle needs an integer id column",
+        ),
+        (
+            WatchedTable(
+                "shop.receipt",
+                "paid",
+                order_column="cart",
+                id_column="receipt_no",
+                status_column="phase",
+            ),
+            r"invoices\.order_column = 'cart': table shop\.receipt has no such column",
+        ),
+    ],
+)
+def test_install_refuses_an_invoice_link_that_cannot_be_right(
+    shop: tuple[str, OracleConfig], invoices: WatchedTable, message: str
+) -> None:
+    url, config = shop
+    with pytest.raises(OracleError, match=message):
+        oracle.install(url, replace(config, invoices=invoices))
+
+
+def test_install_refuses_an_order_column_that_references_payments(
+    team: tuple[str, OracleConfig],
+) -> None:
+    """billing.bill.charge_no is a foreign key to the payments table: a payment id."""
+    url, config = team
+    invoices = replace(config.invoices, payment_column=None, order_column="charge_no")
+    with pytest.raises(
+        OracleError,
+        match=r"foreign key to the payments table billing\.charge.*"
+        r"invoices\.payment_column = 'charge_no'",
+    ):
+        oracle.install(url, replace(config, invoices=invoices))
 
 
 # -- deadlocks ----------------------------------------------------------------------------

@@ -5,21 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from team_schema import TEAM_TOML
+from team_schema import SHOP_TOML, TEAM_TOML
 
-from payrace.harness.model.watched import OracleConfig, OracleError
+from payrace.harness.model.watched import OracleConfig, OracleError, WatchedTable
 
 REFERENCE = OracleConfig.reference()
 
 
 def test_from_toml_round_trips(tmp_path: Path) -> None:
-    team = tmp_path / "team.toml"
+    team, shop = tmp_path / "team.toml", tmp_path / "shop.toml"
     team.write_text(TEAM_TOML)
-    for config in (REFERENCE, OracleConfig.from_toml(team)):
+    shop.write_text(SHOP_TOML)
+    for config in (REFERENCE, OracleConfig.from_toml(team), OracleConfig.from_toml(shop)):
         path = tmp_path / "oracle.toml"
         path.write_text(config.to_toml())
         assert OracleConfig.from_toml(path) == config
     assert OracleConfig.from_toml(team).invoices.status_column == "Bill State"
+    invoices = OracleConfig.from_toml(shop).invoices
+    assert (invoices.payment_column, invoices.order_column) == (None, "cart_no")
+    assert 'order_column = "cart_no"' in OracleConfig.from_toml(shop).to_toml()
 
 
 def test_from_toml_reads_tool_payrace_oracle_of_a_pyproject(tmp_path: Path) -> None:
@@ -42,7 +46,22 @@ def test_from_toml_reads_tool_payrace_oracle_of_a_pyproject(tmp_path: Path) -> N
         ('status_column = "state"\ndone', 'status_colum = "state"\ndone', r"\['status_colum'\]"),
         ("[orders]", "[order]", r"unknown key\(s\) \['order'\]"),
         ('done_value = "cleared"', "done_value = 3", r"'done_value' must be a non-empty string"),
-        ('payment_column = "charge_no"\n', "", r"invoices\.payment_column is required"),
+        (
+            'payment_column = "charge_no"\n',
+            "",
+            r"oracle\.toml: invoices: set exactly one of invoices\.payment_column .* or "
+            r"invoices\.order_column .*; got neither",
+        ),
+        (
+            'payment_column = "charge_no"\n',
+            'payment_column = "charge_no"\norder_column = "charge_no"\n',
+            r"invoices\.payment_column .* invoices\.order_column .*; got both",
+        ),
+        (
+            'id_column = "purchase_no"\n',
+            'id_column = "purchase_no"\norder_column = "purchase_no"\n',
+            r"orders\.order_column: only \[invoices\] takes order_column",
+        ),
         ('["touched_at"]', '"touched_at"', r"\[payments\]: 'ignore_columns' must be a list"),
         ("[payments]", "[payments", r"not valid TOML"),
     ],
@@ -67,3 +86,11 @@ def test_from_toml_names_a_missing_table(tmp_path: Path) -> None:
 def test_from_toml_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(OracleError, match=r"cannot read oracle config .*nope\.toml"):
         OracleConfig.from_toml(tmp_path / "nope.toml")
+
+
+def test_exactly_one_invoice_link_is_checked_when_built_in_code() -> None:
+    invoice = WatchedTable("invoices", "paid", payment_column="payment_id", order_column="o")
+    with pytest.raises(OracleError, match=r"payment_column.*order_column.*got both"):
+        OracleConfig(REFERENCE.payments, invoice, REFERENCE.orders)
+    linked = WatchedTable("invoices", "paid", order_column="order_id")
+    assert OracleConfig(REFERENCE.payments, linked, REFERENCE.orders).invoices == linked

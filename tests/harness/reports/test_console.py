@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from report_summaries import empty_summary, realistic_summary
+from report_summaries import (
+    DEADLOCK_STATEMENTS,
+    deadlocked_summary,
+    empty_summary,
+    realistic_summary,
+)
 from rich.console import Console
 
 from payrace.harness.reports.console import render_console
@@ -37,3 +42,19 @@ def test_console_shows_verdicts_checks_timeline_gates_and_paths(tmp_path: Path) 
     assert "gate lock_p99_ms<=100 on for_update: measured 9.1 passed" in text
     assert str(written["html"]) in text
     assert "verdict: valid (exit code 0)" in text
+
+
+def test_console_shows_a_deadlocked_trial_with_its_statements_and_the_untied_rest() -> None:
+    console = Console(record=True, width=200)
+    render_console(deadlocked_summary(), console)
+    text = console.export_text()
+    assert "first violation: target, trial 3, payment 17 (no_deadlock)" in text
+    for statement in DEADLOCK_STATEMENTS:
+        assert statement in text
+    assert "rolled back by PostgreSQL" in text and "went on and committed" in text
+    assert "deadlock detected <40P01>" in text  # the reply, markup not interpreted
+    assert (
+        "target: deadlocks: 3 counted by PostgreSQL, 1 tied to 1 trial(s), 2 could not be" in text
+    )
+    assert "never seen as a wait-for cycle" in text
+    assert "gate violations<=0 on target: measured 3 breached" in text

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from report_summaries import TIMELINE, empty_summary, realistic_summary
+from report_summaries import (
+    DEADLOCK_STATEMENTS,
+    TIMELINE,
+    deadlocked_summary,
+    empty_summary,
+    realistic_summary,
+)
 
 from payrace.harness.reports.html import write_html
 from payrace.harness.reports.timeline import TimelineEvent, render_html
@@ -200,3 +206,16 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert shot.returncode == 0, shot.stderr[-2000:]
     assert png.exists() and png.stat().st_size > 20_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_html_shows_a_deadlocked_trial_with_its_statements(tmp_path: Path) -> None:
+    text = html_of(deadlocked_summary(), tmp_path)
+    assert "First violating schedule: trial 3, payment 17 (no_deadlock)" in text
+    statements = re.search(r'<pre class="statements">(.*?)</pre>', text, re.S)
+    assert statements is not None
+    for statement in DEADLOCK_STATEMENTS:
+        assert statement.replace("'", "&#x27;") in statements.group(1)
+    assert "deadlock detected &lt;40P01&gt;" in statements.group(1)  # escaped
+    assert (
+        '<p class="fail">deadlocks: 3 counted by PostgreSQL, 1 tied to 1 trial(s), 2 could' in text
+    )

@@ -5,7 +5,13 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from report_summaries import check, empty_summary, realistic_summary
+from report_summaries import (
+    DEADLOCK_STATEMENTS,
+    check,
+    deadlocked_summary,
+    empty_summary,
+    realistic_summary,
+)
 
 from payrace.harness.reports.junit import write_junit
 
@@ -82,3 +88,20 @@ def test_junit_of_a_run_that_checked_nothing_is_not_green(tmp_path: Path) -> Non
     write_junit(empty_summary(), path)
     root = ET.parse(path).getroot()
     assert root.get("tests") == "1" and root.get("errors") == "1"
+
+
+def test_junit_fails_a_deadlock_with_its_statements_and_the_violations_gate(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "junit.xml"
+    write_junit(deadlocked_summary(), path)
+    root = ET.parse(path).getroot()
+    found = cases(root)
+    failure = found["payrace.target/no_deadlock"].find("failure")
+    assert failure is not None and "3 of 50 checked violated" in failure.get("message", "")
+    assert found["payrace.target/gate:violations<=0"].find("failure") is not None
+    out = found["payrace.target/no_deadlock"].find("system-out")
+    assert out is not None
+    for statement in DEADLOCK_STATEMENTS:
+        assert statement in (out.text or "")
+    assert found["payrace.target/single_capture_write"].find("system-out") is None

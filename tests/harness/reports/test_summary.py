@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from report_summaries import realistic_summary
+from report_summaries import DEADLOCK_STATEMENTS, deadlocked_summary, realistic_summary
 
-from payrace.harness.reports.summary import outcome, write_json
+from payrace.harness.reports.summary import deadlock_line, deadlock_lines, outcome, write_json
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,28 @@ def test_json_refuses_nan_rather_than_writing_invalid_json(tmp_path: Path) -> No
     summary["duration_s"] = float("nan")
     with pytest.raises(ValueError):
         write_json(summary, tmp_path / "summary.json")
+
+
+def test_deadlock_lines_give_each_backend_its_lock_fate_and_statement() -> None:
+    target = deadlocked_summary()["strategies"]["target"]
+    lines = deadlock_lines(target["first_violation"])
+    assert lines[0] == "deadlock seen at 2026-11-26T10:15:01.5+00:00:"
+    assert lines[1] == (
+        "  backend 4242 (xid 812, rolled back by PostgreSQL) waits for transaction 813 "
+        "(ShareLock) held by backend 4243:"
+    )
+    assert lines[2] == f"    {DEADLOCK_STATEMENTS[0]}"
+    assert lines[4] == f"    {DEADLOCK_STATEMENTS[1]}"
+    assert lines[5] == "reply #12 to verify (client), HTTP 409: deadlock detected <40P01>"
+    assert deadlock_lines({"trial": 1, "payment": 2}) == []
+
+
+def test_deadlock_line_says_what_could_not_be_tied_and_nothing_without_deadlocks() -> None:
+    target = deadlocked_summary()["strategies"]["target"]
+    assert deadlock_line(target) == (
+        "deadlocks: 3 counted by PostgreSQL, 1 tied to 1 trial(s), 2 could not be tied to a "
+        "trial: 2 counted by pg_stat_database were never seen as a wait-for cycle"
+    )
+    quiet = {"counted": 0, "attributed": 0, "unattributed": 0, "settled": True}
+    assert deadlock_line({"deadlocks": quiet}) == ""
+    assert deadlock_line({}) == ""  # a summary from before the block existed

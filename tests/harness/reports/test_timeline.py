@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
+from payrace.harness.model.deadlocks import CycleMember, LockCycle
 from payrace.harness.reports.timeline import (
     TimelineEvent,
+    from_cycles,
     from_probes,
     phrase,
     render_html,
@@ -110,3 +113,22 @@ def test_from_probes_merges_processes_in_time_order() -> None:
 def test_empty_timeline_renders_a_bare_header() -> None:
     assert render_text([]).strip() == "Time"
     assert "<tbody></tbody>" in render_html([])
+
+
+def test_from_cycles_puts_each_member_in_its_backend_column_with_its_fate() -> None:
+    at = datetime(2026, 11, 26, 10, 15, 1, tzinfo=UTC)
+    cycle = LockCycle(
+        at,
+        (
+            CycleMember(7, 812, "UPDATE a", "transaction 813 (ShareLock)", (8,), 812, "aborted"),
+            CycleMember(
+                8, 813, "UPDATE b", "row (0,1) of payments (ExclusiveLock)", (7,), 813, "committed"
+            ),
+        ),
+    )
+    events = from_cycles([cycle])
+    assert [(e.process, e.text) for e in events] == [
+        ("backend 7", "waits for transaction 813 (ShareLock): deadlock, rolled back"),
+        ("backend 8", "waits for row (0,1) of payments (ExclusiveLock): deadlock, went on"),
+    ]
+    assert {e.time_ns for e in events} == {int(at.timestamp() * 1e9)}  # the audit rows' clock

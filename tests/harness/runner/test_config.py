@@ -25,6 +25,21 @@ def test_gate_parsing() -> None:
         Gate.parse("lock_p99_ms is small")
 
 
+def test_the_violations_gate_counts_deadlocks_no_trial_could_be_tied_to() -> None:
+    gate = Gate.parse("violations<=0")
+    clean = {"violating_trials": 0, "deadlocks": {"attributed": 0, "unattributed": 0}}
+    assert gate.judge("target", clean) == {
+        "expr": "violations<=0", "strategy": "target", "value": 0.0, "passed": True,
+    }  # fmt: skip
+    # 27 deadlocked trials are in violating_trials already; 2 deadlocks were tied to none.
+    deadlocked = {"violating_trials": 27, "deadlocks": {"attributed": 29, "unattributed": 2}}
+    assert gate.judge("target", deadlocked)["value"] == 29.0
+    untied = {"violating_trials": 0, "deadlocks": {"attributed": 0, "unattributed": 29}}
+    assert gate.judge("target", untied)["passed"] is False
+    # A summary from before deadlocks were accounted (no block): trials alone.
+    assert gate.measure({"violating_trials": 3}) == 3.0
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
+import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
+from psycopg import sql
+from sqlalchemy import create_engine
 
 from payrace.harness.errors import UsageError
+from payrace.harness.gateway.controls import LocalGateway
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, free_port, service_env
 from payrace.harness.infra.provider import Database
+from payrace.harness.model import oracle
 from payrace.harness.model import profile as profile_module
+from payrace.harness.model.lockwatch import LockWatch
+from payrace.harness.model.verdict import overall
 from payrace.harness.runner.config import Gate, RunConfig
-from payrace.harness.runner.run import run, write_history
+from payrace.harness.runner.run import judge, run, write_history
+from payrace.harness.runner.trials import StrategyRun, TrialOutcome
+from payrace.postgres import dialect_url
+from payrace.service.models import Base
 
 
 async def race(pg: Database, tmp_path: Path, **fields: Any) -> dict[str, Any]:
@@ -55,14 +70,21 @@ async def test_for_update_is_clean_in_forced_and_aligned_modes(
         assert summary["exit_code"] == 0
         # Every payment was captured: the clean verdict is not a run where nothing happened.
         assert result["checks"]["single_capture_write"]["checked"] >= 20
+        assert result["deadlocks"]["attributed"] == result["deadlocks"]["unattributed"] == 0
+        assert Gate.parse("violations<=0").judge("for_update", result)["passed"] is True
 
 
 async def test_forced_lock_wait_matches_the_injected_hold(pg: Database, tmp_path: Path) -> None:
     hold_ms = 300.0
     summary = await race(
-        pg, tmp_path, strategies=["for_update"], trials=4, mode="forced", hold_ms=hold_ms,
+        pg,
+        tmp_path,
+        strategies=["for_update"],
+        trials=4,
+        mode="forced",
+        hold_ms=hold_ms,
         concurrency=1,
-    )  # fmt: skip
+    )
     history = tmp_path / summary["run_id"] / "history.jsonl"
     locks: dict[int, list[float]] = {}
     for line in history.read_text().splitlines():
@@ -136,9 +158,14 @@ async def test_a_running_target_is_raced_and_judged_through_its_own_database(
     env = service_env(pg, gateway_url, "naive", keys=GatewayKeys(), probes=True)
     with ServiceProcess(env) as proc:
         config = RunConfig(
-            strategies=["target"], trials=5, mode="forced", target=proc.url,
-            target_dsn=pg.url, gateway_url=gateway_url, out_dir=tmp_path,
-        )  # fmt: skip
+            strategies=["target"],
+            trials=5,
+            mode="forced",
+            target=proc.url,
+            target_dsn=pg.url,
+            gateway_url=gateway_url,
+            out_dir=tmp_path,
+        )
         summary = await run(config, announce=lambda line: None)
     result = summary["strategies"]["target"]
     assert result["violating_trials"] == 5
@@ -152,9 +179,15 @@ async def test_forced_mode_refuses_a_target_that_ignores_the_pause_header(
     env = service_env(pg, gateway_url, "naive", keys=GatewayKeys(), probes=False)
     with ServiceProcess(env) as proc:
         config = RunConfig(
-            strategies=["target"], trials=2, mode="forced", target=proc.url,
-            target_dsn=pg.url, gateway_url=gateway_url, out_dir=tmp_path, concurrency=1,
-        )  # fmt: skip
+            strategies=["target"],
+            trials=2,
+            mode="forced",
+            target=proc.url,
+            target_dsn=pg.url,
+            gateway_url=gateway_url,
+            out_dir=tmp_path,
+            concurrency=1,
+        )
         with pytest.raises(UsageError, match="ignored X-Payrace-Pause"):
             await run(config, announce=lambda line: None)
 
@@ -278,3 +311,132 @@ async def test_a_profile_run_is_named_after_it_and_expects_what_it_declares(
     assert result["expected"] == "violated" and result["valid"] is False
     assert (summary["verdict"], summary["exit_code"]) == ("violated", 1)
     assert summary["target"] == proc.url
+
+
+# -- a trial with a deadlock ------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_database(pg: Database) -> Iterator[str]:
+    """A database of its own (the deadlock counter is per database), the reference tables and
+    the oracle in it; as a URL, which the lock sampler's asyncpg needs."""
+    name = f"payrace_run_{secrets.token_hex(4)}"
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = urlunsplit(urlsplit(pg.url)._replace(path=f"/{name}"))
+    try:
+        engine = create_engine(dialect_url(url, "psycopg"))
+        try:
+            Base.metadata.create_all(engine)
+        finally:
+            engine.dispose()
+        oracle.install(url)
+        yield url
+    finally:
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _payment(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        order = conn.execute(
+            "INSERT INTO orders (gateway_order_id, amount, currency, status) "
+            "VALUES ('order_deadlock0001', 50000, 'INR', 'created') RETURNING id"
+        ).fetchone()
+        assert order is not None
+        payment = conn.execute(
+            "INSERT INTO payments (order_id, amount, currency, status) "
+            "VALUES (%s, 50000, 'INR', 'pending') RETURNING id",
+            order,
+        ).fetchone()
+        assert payment is not None
+        conn.execute(
+            "INSERT INTO invoices (order_id, payment_id, amount, amount_paid, status) "
+            "VALUES (%s, %s, 50000, 0, 'issued')",
+            (order[0], payment[0]),
+        )
+        return int(payment[0])
+
+
+def _captures_in_opposite_orders(url: str, payment: int) -> list[str]:
+    """Two captures of one payment, one writing payment then invoice, the other invoice then
+    payment: PostgreSQL aborts one; the other also marks the order paid and commits, so the
+    deadlock is the only thing wrong with the trial."""
+    pay = ("UPDATE payments SET status = 'captured', captured_at = now() WHERE id = %s", (payment,))
+    inv = (
+        "UPDATE invoices SET status = 'paid', amount_paid = amount, paid_at = now() "
+        "WHERE payment_id = %s",
+        (payment,),
+    )
+    order = (
+        "UPDATE orders SET status = 'paid', paid_at = now() "
+        "WHERE id = (SELECT order_id FROM payments WHERE id = %s)",
+        (payment,),
+    )
+    a, b = psycopg.connect(url), psycopg.connect(url)
+    outcomes: list[str] = []
+
+    def then(conn: psycopg.Connection[Any], write: tuple[str, tuple[int]]) -> None:
+        try:
+            conn.execute(*write)
+            conn.execute(*order)
+            conn.commit()
+            outcomes.append("committed")
+        except psycopg.errors.DeadlockDetected:
+            conn.rollback()
+            outcomes.append("deadlock")
+
+    try:
+        a.execute(*pay)
+        b.execute(*inv)
+        t = threading.Thread(target=then, args=(a, inv))
+        t.start()
+        then(b, pay)
+        t.join()
+    finally:
+        a.close()
+        b.close()
+    return outcomes
+
+
+async def test_a_trial_with_a_deadlock_is_a_violating_trial_and_the_gate_counts_it(
+    own_database: str, tmp_path: Path
+) -> None:
+    url = own_database
+    payment = _payment(url)
+    fired = StrategyRun("for_update")
+    fired.since = oracle.baseline(url)
+    async with LockWatch(url) as watch:
+        for _ in range(500):  # the sampler is polling before the knot is tied
+            if watch.result.samples:
+                break
+            await asyncio.sleep(0.01)
+        outcomes = await asyncio.to_thread(_captures_in_opposite_orders, url, payment)
+    assert sorted(outcomes) == ["committed", "deadlock"]
+    fired.lock_cycles = watch.result.cycles
+    fired.outcomes[4] = TrialOutcome(4, payment, "pay_deadlock00001", None, [], 0)
+    fired.duration_s = 1.0
+    config = RunConfig(strategies=["for_update"], trials=5, out_dir=tmp_path, settle_s=10)
+
+    result = await judge(config, fired, LocalGateway(FakeRazorpay(GatewayKeys())), url)
+    assert result["valid"] is False
+    assert result["violating_trials"] == 1
+    bad = [n for n, c in result["checks"].items() if c["valid"] is not True]
+    assert bad == ["no_deadlock"], result["checks"]
+    first = result["first_violation"]
+    assert (first["trial"], first["payment"], first["checks"]) == (4, payment, ["no_deadlock"])
+    statements = first["deadlocks"]["statements"]
+    assert len(statements) == 2
+    assert {s.split()[1] for s in statements} == {"payments", "invoices"}
+    assert result["deadlocks"] == {
+        "counted": 1,
+        "settled": True,
+        "cycles_seen": 1,
+        "attributed": 1,
+        "unattributed": 0,
+        "why_unattributed": "",
+        "payments": [payment],
+    }
+    gate = Gate.parse("violations<=0").judge("for_update", result)
+    assert (gate["value"], gate["passed"]) == (1.0, False)
+    assert overall({"for_update": result}, [gate]) == ("violated", 1)
