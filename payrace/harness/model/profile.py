@@ -220,7 +220,9 @@ class Profile:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"{path} is not valid TOML: {exc}") from None
-        return _parse(doc, str(path), path.stem)
+        # A file named for the tool (payrace.toml) says nothing: the project's folder does.
+        stem = path.resolve().parent.name if path.stem in ("payrace", "pyproject") else path.stem
+        return _parse(doc, str(path), stem)
 
     def with_overrides(
         self, *, base_url: str | None = None, oracle: OracleConfig | None = None

@@ -213,3 +213,10 @@ def test_overrides_replace_the_url_and_the_oracle(tmp_path: Path) -> None:
     assert profile.base_url == "https://127.0.0.1:8443/shop"
     with pytest.raises(UsageError, match="--target must be a URL"):
         profile.with_overrides(base_url="ftp://x")
+
+
+def test_a_file_named_for_the_tool_takes_its_folders_name(tmp_path: Path) -> None:
+    (tmp_path / "shop").mkdir()
+    assert Profile.load(write(tmp_path / "shop", MINIMAL, "payrace.toml")).name == "shop"
+    named = '[target]\nname = "checkout"\n' + MINIMAL
+    assert Profile.load(write(tmp_path / "shop", named, "payrace.toml")).name == "checkout"
