@@ -35,14 +35,21 @@ SHOP_KEYS = GatewayKeys(
 )
 
 
+def shop_env_keys(keys: GatewayKeys = SHOP_KEYS) -> dict[str, str]:
+    """The variables holding the shop's keys; its payrace profile reads the same ones."""
+    return {
+        "SHOP_RAZORPAY_KEY_ID": keys.key_id,
+        "SHOP_RAZORPAY_KEY_SECRET": keys.key_secret,
+        "SHOP_RAZORPAY_WEBHOOK_SECRET": keys.webhook_secret,
+    }
+
+
 def shop_env(
     db: Database, gateway_url: str, variant: str, keys: GatewayKeys = SHOP_KEYS
 ) -> dict[str, str]:
     return {
         "SHOP_DATABASE_URL": db.url,
-        "SHOP_RAZORPAY_KEY_ID": keys.key_id,
-        "SHOP_RAZORPAY_KEY_SECRET": keys.key_secret,
-        "SHOP_RAZORPAY_WEBHOOK_SECRET": keys.webhook_secret,
+        **shop_env_keys(keys),
         "SHOP_RAZORPAY_BASE_URL": gateway_url,
         "SHOP_VARIANT": variant,
     }

@@ -25,7 +25,7 @@ import httpx
 import psycopg
 import pytest
 from psycopg import sql
-from shop_process import PREFIX, ROOT, SHOP_KEYS, ShopProcess, shop_env
+from shop_process import PREFIX, ROOT, SHOP_KEYS, ShopProcess, shop_env, shop_env_keys
 
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
@@ -497,3 +497,61 @@ def test_raced_the_buggy_variant_settles_a_bill_twice(buggy: Shop) -> None:
 @pytest.mark.usefixtures("slow_capture")
 def test_raced_the_fixed_variant_settles_every_bill_once(fixed: Shop) -> None:
     assert _settled_twice(fixed) == (0, 0)
+
+
+# -- raced by payrace, through the shop's own profile (examples/flask_shop/payrace.toml) ----
+
+
+@pytest.fixture
+def shop_keys_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The profile names the shop's keys by environment variable, as a team's CI would."""
+    for name, value in shop_env_keys().items():
+        monkeypatch.setenv(name, value)
+
+
+async def _payrace(
+    shops: dict[str, ShopProcess],
+    gateway: tuple[FakeRazorpay, str],
+    pg: Database,
+    tmp_path: Path,
+    variant: str,
+    **fields: Any,
+) -> dict[str, Any]:
+    from payrace.harness.runner.config import RunConfig
+    from payrace.harness.runner.run import run
+
+    config = RunConfig(
+        profile=ROOT / "examples/flask_shop/payrace.toml",
+        target=shops[variant].url,  # the shop runs on a free port, not the profile's 8000
+        target_dsn=pg.url,
+        gateway_url=gateway[1],
+        out_dir=tmp_path,
+        **fields,
+    )
+    return await run(config, announce=lambda line: None)
+
+
+@pytest.mark.usefixtures("shop_keys_in_env")
+async def test_payrace_catches_the_buggy_shop_through_its_profile(
+    shops: dict[str, ShopProcess], gateway: tuple[FakeRazorpay, str], pg: Database, tmp_path: Path
+) -> None:
+    summary = await _payrace(
+        shops, gateway, pg, tmp_path, "buggy", mode="aligned", trials=20, expect="violated",
+        settle_s=0,  # a violation needs no settled deadlock count
+    )  # fmt: skip
+    result = summary["strategies"]["flask_shop"]
+    assert result["valid"] is False and result["violating_trials"] >= 1
+    assert result["checks"]["single_invoice_paid"]["valid"] is False  # bills, via purchases
+    assert (summary["verdict"], summary["exit_code"]) == ("violated", 1)
+
+
+@pytest.mark.usefixtures("shop_keys_in_env")
+async def test_payrace_passes_the_fixed_shop_with_its_pool_open(
+    shops: dict[str, ShopProcess], gateway: tuple[FakeRazorpay, str], pg: Database, tmp_path: Path
+) -> None:
+    """No "unknown": the oracle decides no_deadlock though the shop's pool stays open."""
+    summary = await _payrace(shops, gateway, pg, tmp_path, "fixed", mode="aligned", trials=30)
+    result = summary["strategies"]["flask_shop"]
+    assert result["expected"] == "valid" and result["valid"] is True
+    assert all(check["valid"] is True for check in result["checks"].values())
+    assert (summary["verdict"], summary["exit_code"]) == ("valid", 0)
