@@ -201,7 +201,7 @@ class LoadPlan:
             if strategy not in DECLARED:
                 raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(DECLARED)}")
             name = strategy
-        workers = workers or 1
+        workers = 1 if workers is None else workers
         if expect not in (None, "valid", "violated"):
             raise UsageError(f"--expect must be valid or violated, got {expect!r}")
         if settle_s is not None and not 0 <= settle_s <= 600:
