@@ -27,6 +27,7 @@ import httpx
 import psycopg
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -56,7 +57,8 @@ if not console.is_terminal:
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]payrace:[/] {message}")
+    # escape: messages name profile keys such as [target].base_url, which rich takes for markup
+    err.print(f"[bold red]payrace:[/] {escape(message)}")
     return typer.Exit(EXIT_ERROR)
 
 

@@ -49,6 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import psycopg
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from payrace.harness.errors import UsageError
@@ -352,7 +353,7 @@ def load_main(console: Console, **args: Unpack[LoadArgs]) -> int:
     try:
         plan = LoadPlan.build(**args)
     except UsageError as exc:
-        console.print(f"[bold red]payrace load:[/] {exc}")
+        console.print(f"[bold red]payrace load:[/] {escape(str(exc))}")
         return EXIT_ERROR
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -369,11 +370,11 @@ def load_main(console: Console, **args: Unpack[LoadArgs]) -> int:
             return EXIT_VIOLATED
         return EXIT_INTERRUPTED
     except (UsageError, ProviderError, watched.OracleError) as exc:
-        console.print(f"[bold red]payrace load:[/] {exc}")
+        console.print(f"[bold red]payrace load:[/] {escape(str(exc))}")
         return EXIT_ERROR
     except (OSError, TimeoutError, RuntimeError, psycopg.Error) as exc:
         problem = f"infrastructure error: {type(exc).__name__}: {exc}"
-        console.print(f"[bold red]payrace load:[/] {problem}")
+        console.print(f"[bold red]payrace load:[/] {escape(problem)}")
         return EXIT_ERROR
 
 
@@ -590,11 +591,13 @@ def _finish_reports(
     mistakes = summary.get("setup_errors") or []
     for problem in summary.get("problems") or []:
         if problem not in mistakes:
-            console.print(f"[yellow]note:[/] {problem}", highlight=False)
+            console.print(f"[yellow]note:[/] {escape(str(problem))}", highlight=False)
     console.print(f"reports: {plan.run_dir}", highlight=False)
     # Last, where the eye lands: what to fix before the run can say anything about the target.
     for mistake in mistakes:
-        console.print(f"[bold red]payrace load: setup mistake:[/] {mistake}", highlight=False)
+        console.print(
+            f"[bold red]payrace load: setup mistake:[/] {escape(str(mistake))}", highlight=False
+        )
     return int(summary.get("exit_code", EXIT_ERROR))
 
 
