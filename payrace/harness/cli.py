@@ -5,7 +5,8 @@
     payrace race      what `make race`: naive and for_update, forced and aligned; exits non-zero
                       only when a strategy's verdict differs from what it is declared to be
     payrace explore   every schedule of the pause points (payrace.harness.explore.plan)
-    payrace load      the Locust suite against a started service (payrace.harness.load.launch)
+    payrace load      the Locust suite against the reference service it starts, or a running
+                      service described by a target profile (payrace.harness.load.launch)
     payrace gateway   a fake Razorpay on loopback, for a target started by hand
 
 Reports go to reports/<run>/: history.jsonl, summary.json, junit.xml, report.html.
@@ -26,6 +27,7 @@ import httpx
 import psycopg
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -55,7 +57,8 @@ if not console.is_terminal:
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]payrace:[/] {message}")
+    # escape: messages name profile keys such as [target].base_url, which rich takes for markup
+    err.print(f"[bold red]payrace:[/] {escape(message)}")
     return typer.Exit(EXIT_ERROR)
 
 
@@ -312,22 +315,55 @@ def explore_command(
 @app.command("load", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def load_command(
     ctx: typer.Context,
-    strategy: Annotated[str, typer.Option()] = "for_update",
+    strategy: Annotated[
+        str | None, typer.Option(help="the reference service's flow (default for_update)")
+    ] = None,
     users: Annotated[int, typer.Option("-u", "--users")] = 20,
     spawn_rate: Annotated[float, typer.Option("-r", "--spawn-rate")] = 10.0,
     run_time: Annotated[str, typer.Option("-t", "--run-time")] = "30s",
     processes: Annotated[int, typer.Option(help="Locust --processes")] = 1,
-    workers: Annotated[int, typer.Option(help="uvicorn workers of the service")] = 1,
+    workers: Annotated[
+        int | None, typer.Option(help="uvicorn workers of the reference service (default 1)")
+    ] = None,
     dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
     locustfile: Annotated[
         str, typer.Option(help="race_pairs | webhook_storm | mixed, a path, or a comma list")
     ] = "race_pairs",
     out: Annotated[Path, typer.Option()] = Path("reports"),
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="race your running service: its target profile (docs/profile.md)"),
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="with --profile: overrides its [target].base_url")
+    ] = None,
+    target_dsn: Annotated[
+        str | None, typer.Option(help="with --profile: the target's database")
+    ] = None,
+    gateway_url: Annotated[
+        str | None, typer.Option(help="with --profile: its fake gateway")
+    ] = None,
+    expect: Annotated[
+        str | None, typer.Option(help="what the target should be, valid | violated")
+    ] = None,
+    settle_s: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds the oracle may wait at the end for the deadlock count to settle "
+            "(default 2; 15 with --profile, whose pool stays open)"
+        ),
+    ] = None,
 ) -> None:
-    """Start PostgreSQL, the fake gateway and the service; run Locust headless; judge."""
+    """Run Locust headless against the reference service it starts (PostgreSQL, the fake
+    gateway, the service), or against your running service (--profile); judge."""
     from payrace.harness.load.launch import load_main
 
+    source = ctx.get_parameter_source("dsn")
+    if profile is not None and getattr(source, "name", None) == "ENVIRONMENT":
+        # PAYRACE_DATABASE_URL names a server to provision on; a running target's database is
+        # --target-dsn, so the variable is no reason to refuse the run.
+        dsn = None
     code = load_main(
         strategy=strategy,
         users=users,
@@ -341,6 +377,12 @@ def load_command(
         console=console,
         extra_args=list(ctx.args),
         durable=durable,
+        profile=profile,
+        target=target,
+        target_dsn=target_dsn,
+        gateway_url=gateway_url,
+        expect=expect,
+        settle_s=settle_s,
     )
     raise typer.Exit(code)
 

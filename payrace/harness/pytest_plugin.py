@@ -3,19 +3,31 @@
     --payrace-dsn / PAYRACE_DATABASE_URL   use that server instead of the default provider
     payrace_postgres   session fixture: a provisioned PostgreSQL (harness.infra.provider.Database)
     race               fixture: race(strategy=..., trials=..., mode=..., **RunConfig fields)
-                       runs trials on a fresh database of that server and returns a RaceResult
+                       runs trials of the reference service on a fresh database of that
+                       server, or race(profile=..., target_dsn=..., gateway_url=...) of a
+                       running service (docs/profile.md); returns a RaceResult
     RaceResult         .valid, .violating_trials, .summary; .assert_exactly_once() fails the
                        test with the first violating schedule drawn as a timeline
 
-Example (tests/harness/test_pytest_plugin.py runs it):
+race()'s keywords are `payrace run`'s flags (profile, target, target_dsn, gateway_url, expect,
+trials, mode, ...), so a command that works on a terminal moves into a test unchanged. A
+mistake in them (a profile key, an option a running target cannot honour, a route it does not
+serve) fails the test with payrace's message, not a traceback.
+
+Examples (tests/harness/test_pytest_plugin.py runs them):
 
     def test_capture_is_exactly_once(race):
         race(strategy="for_update", trials=50, mode="forced").assert_exactly_once()
+
+    def test_our_shop_captures_exactly_once(race):
+        race(profile="shop.toml", target_dsn=os.environ["SHOP_DSN"],
+             gateway_url="http://127.0.0.1:9411", trials=50).assert_exactly_once()
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,24 +104,49 @@ def payrace_postgres(request: pytest.FixtureRequest) -> Iterator[Database]:
 
 
 @pytest.fixture
-def race(payrace_postgres: Database, request: pytest.FixtureRequest) -> Callable[..., RaceResult]:
+def race(request: pytest.FixtureRequest) -> Callable[..., RaceResult]:
+    from payrace.harness.errors import UsageError
     from payrace.harness.runner.config import Gate, RunConfig
     from payrace.harness.runner.run import run, write_history
 
     reports = request.config.getoption("--payrace-reports")
 
-    def runner(strategy: str = "for_update", **fields: Any) -> RaceResult:
+    def runner(
+        strategy: str | None = None,
+        *,
+        profile: str | os.PathLike[str] | None = None,
+        target: str = "inproc",
+        target_dsn: str | None = None,
+        gateway_url: str | None = None,
+        expect: str | None = None,
+        **fields: Any,
+    ) -> RaceResult:
         gates = [Gate.parse(g) if isinstance(g, str) else g for g in fields.pop("gates", [])]
+        running = profile is not None or target not in ("inproc", "http")
+        # A running target has its own database: PostgreSQL is provisioned only for the
+        # reference service payrace starts, and only the first time a test needs it.
+        dsn = None if running else request.getfixturevalue("payrace_postgres").url
         config = RunConfig(
-            strategies=[strategy],
-            dsn=payrace_postgres.url,
+            strategies=[strategy] if strategy else [],
+            profile=Path(profile) if profile is not None else None,
+            target=target,
+            target_dsn=target_dsn,
+            gateway_url=gateway_url,
+            expect=expect,
+            dsn=dsn,
             gates=gates,
             command=f"pytest {request.node.nodeid}",
             **fields,
         )
         if reports:
             config.out_dir = Path(reports)
-        summary = asyncio.run(run(config, announce=lambda line: None))
+        mistake: str | None = None
+        try:
+            summary = asyncio.run(run(config, announce=lambda line: None))
+        except UsageError as exc:
+            mistake = f"payrace: {exc}"
+        if mistake is not None:  # outside the handler: the message alone, no chained traceback
+            pytest.fail(mistake, pytrace=False)
         if reports:
             from payrace.harness.reports.writers import write_all
 

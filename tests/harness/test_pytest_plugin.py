@@ -1,12 +1,21 @@
-"""The pytest plugin as a team would use it: the `race` fixture in a plain test."""
+"""payrace/harness/pytest_plugin.py as a team would use it: the `race` fixture in a plain test,
+and race(profile=...) of running services in a team's own pytest run."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from report_summaries import DEADLOCK_STATEMENTS, deadlocked_summary
 
+from payrace.harness.gateway.signing import GatewayKeys
+from payrace.harness.infra.processes import ServiceProcess, service_env
+from payrace.harness.infra.provider import Database
+from payrace.harness.model import profile as profile_module
 from payrace.harness.pytest_plugin import RaceResult
 
 
@@ -35,3 +44,85 @@ def test_a_deadlocked_trial_fails_with_its_statements() -> None:
     assert "first violating trial 3:" in said
     assert all(statement in said for statement in DEADLOCK_STATEMENTS)
     assert "2 could not be tied to a trial" in said
+
+
+# -- race(profile=...): a running service, in a team's own suite ----------------------------
+
+# A team's test file: its running services are described by profiles, its keywords are
+# `payrace run`'s flags. Run by pytest in a process of its own, as a team's CI would.
+_TEAM_TESTS = """
+import os
+
+def race_shop(race, profile):
+    return race(
+        profile=profile,
+        target_dsn=os.environ["SHOP_DSN"],
+        gateway_url=os.environ["SHOP_GATEWAY_URL"],
+        trials=4,
+    )
+
+def test_the_naive_shop_captures_exactly_once(race):
+    result = race_shop(race, os.environ["NAIVE_PROFILE"])
+    assert result.violating_trials == 4
+    result.assert_exactly_once()
+
+def test_the_fixed_shop_captures_exactly_once(race):
+    race_shop(race, os.environ["FIXED_PROFILE"]).assert_exactly_once()
+
+def test_a_profile_naming_a_missing_route(race):
+    race_shop(race, os.environ["TYPO_PROFILE"])
+"""
+
+
+def _shop_profile(path: Path, base_url: str, **changes: str) -> Path:
+    """The reference service's own profile plus its base URL, as a team would write it."""
+    text = (Path(profile_module.__file__).parent.parent / "profiles/reference.toml").read_text()
+    changes = {'name = "reference"': f'name = "shop"\nbase_url = "{base_url}"', **changes}
+    for old, new in changes.items():
+        assert old in text
+        text = text.replace(old, new)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_race_with_a_profile_catches_a_naive_running_service_and_passes_a_fixed_one(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    keys = GatewayKeys()
+    # Forced mode through the reference profile's pause handshake: the services answer it.
+    naive_env = service_env(pg, gateway_url, "naive", keys=keys, probes=True)
+    fixed_env = service_env(pg, gateway_url, "for_update", keys=keys, probes=True)
+    with ServiceProcess(naive_env) as naive, ServiceProcess(fixed_env) as fixed:
+        typo = {'path = "/payments/verify"': 'path = "/payment/verify"'}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYRACE", "PYTEST"))}
+        env |= {
+            "SHOP_DSN": pg.url,
+            "SHOP_GATEWAY_URL": gateway_url,
+            "NAIVE_PROFILE": str(_shop_profile(tmp_path / "naive.toml", naive.url)),
+            "FIXED_PROFILE": str(_shop_profile(tmp_path / "fixed.toml", fixed.url)),
+            "TYPO_PROFILE": str(_shop_profile(tmp_path / "typo.toml", fixed.url, **typo)),
+        }
+        (tmp_path / "test_shop.py").write_text(_TEAM_TESTS, encoding="utf-8")
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_shop.py"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "2 failed, 1 passed" in out, out
+    # The naive shop's failure shows its first violating trial, two transactions capturing.
+    assert "FAILED test_shop.py::test_the_naive_shop_captures_exactly_once" in out
+    assert "capture was not exactly once" in out and "violating trials 4/4" in out
+    assert "UPDATE payments captured -> captured" in out
+    # A setup mistake is payrace's message naming the key to fix, not a traceback.
+    assert "payrace: the target answered POST /payment/verify with HTTP 404" in out, out
+    assert "check [callback].path" in out
+    assert "Traceback" not in out and "During handling" not in out
+    # Nothing was provisioned: a running target's database is its own.
+    assert "PostgreSQL" not in out.replace("PostgreSQL server", ""), out

@@ -5,6 +5,9 @@ Two runs, shared by the tests below:
   holds, and the lock wait and lock hold rows are in Locust's CSV and HTML;
 - naive, race_pairs, `--processes 2`: exits 1 with the double captures it found, and the
   master's totals are the sum of both workers' reports.
+And `payrace load --profile`: the reference service started by hand as a running target and
+raced through a profile (its own, plus base_url): naive exits 1, for_update exits 0, a route
+typo in the profile exits 2 naming the key to fix.
 
 Locust itself never runs inside pytest (importing it would let gevent patch this process).
 """
@@ -24,8 +27,11 @@ import psutil
 import pytest
 from rich.console import Console
 
+from payrace.harness.gateway.signing import GatewayKeys
+from payrace.harness.infra.processes import ServiceProcess, service_env
 from payrace.harness.infra.provider import Database
 from payrace.harness.load.launch import load_main
+from payrace.harness.model import profile as profile_module
 
 # Starts the whole stack and Locust: `make test-fast` skips these.
 pytestmark = pytest.mark.slow
@@ -53,29 +59,29 @@ MARKER = ("PAYRACE_TEST_LOCUSTFILES_MARKER", uuid.uuid4().hex)
 
 
 def _load(out: Path, pg: Database, **kwargs: Any) -> Run:
+    """`payrace load` of the reference service it starts, on the session's PostgreSQL."""
+    return _load_main(out, dsn=pg.url, workers=1, **kwargs)
+
+
+def _load_main(out: Path, **kwargs: Any) -> Run:
     console = Console(file=io.StringIO(), width=240)
     os.environ[MARKER[0]] = MARKER[1]
     try:
-        code = _load_main(out, pg, console, **kwargs)
+        code = load_main(
+            spawn_rate=20.0,
+            run_time="5s",
+            out_dir=out,
+            console=console,
+            extra_args=[],
+            **kwargs,
+        )
     finally:
         del os.environ[MARKER[0]]
-    (run_dir,) = out.iterdir()
-    summary = json.loads((run_dir / "summary.json").read_text())
     output = console.file.getvalue()  # type: ignore[attr-defined]
+    (run_dir,) = out.iterdir()
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
     return Run(code, run_dir, summary, output)
-
-
-def _load_main(out: Path, pg: Database, console: Console, **kwargs: Any) -> int:
-    return load_main(
-        spawn_rate=20.0,
-        run_time="5s",
-        workers=1,
-        dsn=pg.url,
-        out_dir=out,
-        console=console,
-        extra_args=[],
-        **kwargs,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +229,109 @@ def test_no_locust_or_service_process_outlives_the_runs(
         except psutil.Error:
             continue
     assert left == []
+
+
+# -- payrace load --profile: a running service -------------------------------------------
+
+
+def _profile(tmp_path: Path, base_url: str, **changes: str) -> Path:
+    """The reference service's own profile plus its base URL, some lines changed, as a team
+    would write it for its service."""
+    text = (Path(profile_module.__file__).parent.parent / "profiles/reference.toml").read_text()
+    changes = {'name = "reference"': f'name = "shop"\nbase_url = "{base_url}"', **changes}
+    for old, new in changes.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "shop.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _profile_load(
+    tmp_path: Path,
+    pg: Database,
+    gateway_url: str,
+    strategy: str,
+    *,
+    changes: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> Run:
+    """The reference service started by hand (its pool stays open all along), then
+    `payrace load --profile` against it, as a team would race its own running service."""
+    env = {**service_env(pg, gateway_url, strategy, keys=GatewayKeys()), MARKER[0]: MARKER[1]}
+    with ServiceProcess(env, log_path=tmp_path / "service.log") as service:
+        run = _load_main(
+            tmp_path / "reports",
+            profile=_profile(tmp_path, service.url, **(changes or {})),
+            target_dsn=pg.url,
+            gateway_url=gateway_url,
+            strategy=None,
+            workers=None,
+            dsn=None,
+            processes=1,
+            locustfile="race_pairs",
+            **kwargs,
+        )
+        assert service.proc is not None and service.proc.poll() is None  # never stopped
+    return run
+
+
+@pytest.fixture(scope="module")
+def naive_profile_run(
+    pg: Database, gateway_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Run:
+    # A violation decides whatever the deadlock reading says: no wait for it to settle.
+    return _profile_load(
+        tmp_path_factory.mktemp("naive_profile"), pg, gateway_url, "naive", users=4, settle_s=0
+    )
+
+
+def test_a_running_naive_service_raced_through_its_profile_exits_1(naive_profile_run: Run) -> None:
+    run = naive_profile_run
+    assert run.code == 1, run.output
+    assert (run.summary["verdict"], run.summary["exit_code"]) == ("violated", 1)
+    result = run.summary["strategies"]["shop"]  # named after the profile
+    assert result["expected"] == "valid"  # a running target is expected valid unless told
+    double = result["checks"]["single_capture_write"]
+    assert double["valid"] is False and double["count"] > 0, double
+    assert run.summary["database"]["route"] == "target"
+    assert "--profile" in run.summary["command"] and run.summary["setup_errors"] == []
+    # Locust's rows are the profile's route templates, and nothing failed as a setup mistake.
+    names = {r["Name"] for r in run.stats_rows()}
+    assert {"/orders", "/payments/verify"} <= names
+    groups = set(run.summary["cpu"]["groups"])
+    assert "locust" in groups and not groups & {"service", "postgres"}  # not payrace's
+
+
+def test_a_running_correct_service_raced_through_its_profile_exits_0(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    """Its pool is never closed: the gate waits out the statistics flush of its idle
+    backends once (the default --settle-s for a running target), and no_deadlock decides."""
+    run = _profile_load(tmp_path, pg, gateway_url, "for_update", users=4, expect="valid")
+    assert run.code == 0, run.output
+    assert (run.summary["verdict"], run.summary["exit_code"]) == ("valid", 0)
+    result = run.summary["strategies"]["shop"]
+    assert result["valid"] is True and result["trials"] > 5
+    assert result["checks"]["no_deadlock"]["valid"] is True
+    assert result["checks"]["single_capture_write"]["checked"] > 0
+
+
+def test_a_route_typo_in_the_profile_exits_2_naming_the_key(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    run = _profile_load(
+        tmp_path,
+        pg,
+        gateway_url,
+        "for_update",
+        users=2,
+        settle_s=0,
+        changes={'path = "/payments/verify"': 'path = "/payment/verify"'},
+    )
+    assert run.code == 2, run.output
+    assert run.summary["verdict"] == "setup_error"
+    (mistake,) = run.summary["setup_errors"]
+    assert "POST /payment/verify with HTTP 404" in mistake
+    assert "check [callback].path" in mistake and "shop.toml" in mistake
+    assert "setup mistake" in run.output and "[callback].path" in run.output

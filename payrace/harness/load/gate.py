@@ -1,9 +1,12 @@
 """The gate a Locust run ends with, and what feeds it: loaded into every Locust process.
 
     LoadSettings     what `payrace load` (or a user, by hand) hands Locust through PAYRACE_*
-                     environment variables
+                     environment variables; target_profile(): the profile the requests are
+                     shaped by and the oracle watches through (PAYRACE_PROFILE, else the
+                     reference service's)
     LoadTally        one Locust process's samples since its last report: HDR histograms,
-                     request counts, the payments it created and the captures it was told of
+                     request counts, the payments it created, the captures it was told of
+                     and the setup mistakes it saw (a route the target does not serve, ...)
     WorkerTotals     per worker on the master: requests, failures, payments, reports
     LoadRun          the master's merge of every tally; prepare() installs the oracle and takes
                      the baseline, finish() settles, observes, checks, writes the summary
@@ -15,6 +18,10 @@ a LoadTally per process, ship it to the master in Locust's own worker reports, m
 LoadRun there and call LoadRun.finish() at `quitting`. The same locustfiles run without
 `payrace load` (distributed Locust against an external PostgreSQL) when the variables are set
 by hand; see locustfiles/README.md. harness.load.launch starts the stack and Locust around this.
+
+A setup mistake (model.profile.Profile.setup_mistake, or the create-order reply that names no
+payment) ends the run early with exit 2 and the message naming the fix: it is not the
+target's bug, and no payment of such a run was raced.
 
 The gate judges what the database and the gateway saw, not what Locust saw: the oracle's
 audit rows (a second transaction writing captured is a double capture even when the final
@@ -41,11 +48,12 @@ from typing import Any
 import httpx
 import psycopg
 
-from payrace.harness.gateway.signing import GatewayKeys
+from payrace.harness.gateway.controls import RemoteGateway
 from payrace.harness.infra.machine import machine
 from payrace.harness.model import checker, deadlocks, oracle, watched
 from payrace.harness.model.history import Operation
 from payrace.harness.model.judge import judge
+from payrace.harness.model.profile import Profile
 from payrace.harness.model.stats import PathHistograms
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, verdict_of
 from payrace.harness.reports.writers import write_all
@@ -56,6 +64,17 @@ ENV_REPORT_DIR = "PAYRACE_REPORT_DIR"
 ENV_RUN_ID = "PAYRACE_RUN_ID"
 ENV_COMMAND = "PAYRACE_COMMAND"
 ENV_SEED = "PAYRACE_SEED"
+ENV_PROFILE = "PAYRACE_PROFILE"  # a running target's profile (TOML path); unset: the reference
+ENV_EXPECT = "PAYRACE_EXPECT"  # valid | violated, what the target is declared to be
+ENV_SETTLE_S = "PAYRACE_SETTLE_S"  # how long the oracle may wait for the deadlock count
+
+# A running target keeps its pool open, so its idle backends flush their deadlock counts only
+# after PGSTAT_IDLE_INTERVAL: the oracle waits that out once (as runner.config's
+# EXTERNAL_SETTLE_S for `payrace run --target URL`; a test keeps the two equal).
+RUNNING_TARGET_SETTLE_S = 15.0
+# payrace load stops the reference service before its final reading (settle_deadlocks).
+_STARTED_SETTLE_S = 2.0
+_SETUP_ERRORS_KEPT = 3
 
 # The invariants the gate decides on. no_5xx reads the target's 5xx answers, which every
 # Locust process ships to the master (a crash under load fails the run like a double
@@ -74,6 +93,11 @@ GATE_CHECKERS: tuple[checker.Checker, ...] = (
 # 5xx answers kept as examples, per kind (crash or handled fault), per report and on the
 # master; the counts are always complete.
 _EXAMPLES_KEPT = 25
+
+
+def keep_setup_error(kept: list[str], message: str) -> None:
+    if message not in kept and len(kept) < _SETUP_ERRORS_KEPT:
+        kept.append(message)
 
 
 def is_crash(status: int, code: str | None) -> bool:
@@ -106,13 +130,19 @@ class LoadSettings:
     run_id: str
     command: str
     seed: int | None
-    keys: GatewayKeys = field(default_factory=GatewayKeys)
+    profile: Path | None = None  # None: the reference service, which payrace load started
+    expect: str | None = None
+    settle_s: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> LoadSettings:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run_id = env.get(ENV_RUN_ID) or f"{stamp}-locust"
         seed = env.get(ENV_SEED)
+        try:
+            settle_s: float | None = float(env.get(ENV_SETTLE_S) or "")
+        except ValueError:  # unset, or not a number: the default for the target
+            settle_s = None
         return cls(
             gateway_url=(env.get(ENV_GATEWAY_URL) or "").rstrip("/") or None,
             database_url=env.get(ENV_DATABASE_URL) or None,
@@ -120,7 +150,24 @@ class LoadSettings:
             run_id=run_id,
             command=env.get(ENV_COMMAND) or shlex.join(["locust", *sys.argv[1:]]),
             seed=int(seed) if seed and seed.lstrip("-").isdigit() else None,
+            profile=Path(env[ENV_PROFILE]) if env.get(ENV_PROFILE) else None,
+            expect=env.get(ENV_EXPECT) or None,
+            settle_s=settle_s,
         )
+
+    def target_profile(self) -> Profile:
+        """The profile every Locust process shapes its requests by and the gate watches
+        through; read once per process. A mistake in it is a UsageError."""
+        cached: Profile | None = self.__dict__.get("_profile")
+        if cached is None:
+            cached = Profile.load(self.profile) if self.profile else Profile.reference()
+            object.__setattr__(self, "_profile", cached)  # frozen: a cache, not a setting
+        return cached
+
+    def settle_timeout_s(self) -> float:
+        if self.settle_s is not None:
+            return self.settle_s
+        return RUNNING_TARGET_SETTLE_S if self.profile else _STARTED_SETTLE_S
 
     def to_env(self) -> dict[str, str]:
         env = {
@@ -134,6 +181,13 @@ class LoadSettings:
             env[ENV_DATABASE_URL] = self.database_url
         if self.seed is not None:
             env[ENV_SEED] = str(self.seed)
+        if self.profile is not None:
+            # Absolute: Locust's workers may start in another directory.
+            env[ENV_PROFILE] = str(self.profile.resolve())
+        if self.expect:
+            env[ENV_EXPECT] = self.expect
+        if self.settle_s is not None:
+            env[ENV_SETTLE_S] = f"{self.settle_s:g}"
         return env
 
 
@@ -153,6 +207,7 @@ class LoadTally:
     server_errors: int = 0  # of which 5xx
     crashes: int = 0  # of which a 500, or a 5xx without a deliberate error code
     server_error_examples: list[list[Any]] = field(default_factory=list)  # [f, status, code, pid]
+    setup_errors: list[str] = field(default_factory=list)  # what to fix before any race counts
     _confirmed_ids: set[int] = field(default_factory=set)
 
     def request(self, failed: bool) -> None:
@@ -170,6 +225,10 @@ class LoadTally:
     def timing(self, kind: str, path: str, ms: float) -> None:
         if ms >= 0:
             self.hist.record(kind, path, ms)
+
+    def setup(self, message: str) -> None:
+        """A setup mistake was seen; the first few distinct ones are enough to fix it."""
+        keep_setup_error(self.setup_errors, message)
 
     def payment(self, payment_id: int, gateway_payment_id: str | None) -> None:
         self.payments.append([payment_id, gateway_payment_id])
@@ -192,11 +251,13 @@ class LoadTally:
             "server_errors": self.server_errors,
             "crashes": self.crashes,
             "server_error_examples": self.server_error_examples,
+            "setup_errors": self.setup_errors,
             "hdr": self.hist.encode(),
         }
         self.hist = PathHistograms()
         self.requests = self.failures = self.answered = self.server_errors = self.crashes = 0
         self.payments, self.confirmed, self.server_error_examples = [], [], []
+        self.setup_errors = []
         # _confirmed_ids stays: a later answer about the same payment is not news.
         return data
 
@@ -234,6 +295,7 @@ class LoadRun:
     server_errors: int = 0
     crashes: int = 0
     server_error_examples: list[list[Any]] = field(default_factory=list)
+    setup_errors: list[str] = field(default_factory=list)
     baseline: oracle.Baseline | None = None
     problems: list[str] = field(default_factory=list)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -258,6 +320,8 @@ class LoadRun:
         for f, status, code, payment_id in data.get("server_error_examples", []):
             pid = None if payment_id is None else int(payment_id)
             keep(self.server_error_examples, [str(f), int(status), code, pid])
+        for message in data.get("setup_errors", []):
+            keep_setup_error(self.setup_errors, str(message))
         self.hist.merge(PathHistograms.decode(data["hdr"]))
 
     def prepare(self) -> None:
@@ -267,7 +331,7 @@ class LoadRun:
             self.problems.append(f"{ENV_DATABASE_URL} is not set: the database is not checked")
             return
         if not oracle.installed(url):
-            oracle.install(url)
+            oracle.install(url, self.settings.target_profile().oracle)
         self.baseline = oracle.baseline(url)
 
     def ops(self) -> list[Operation]:
@@ -306,10 +370,13 @@ class LoadRun:
         return replace(result, count=count, checked=self.answered, note=note)
 
     def finish(self, *, host: str, locust: Mapping[str, Any], window_s: float) -> dict[str, Any]:
-        """Wait for the target to go quiet, observe, check, write the reports; the summary."""
-        strategy, problems = _target_strategy(host), list(self.problems)
+        """Wait for the target to go quiet, observe, check, write the reports; the summary.
+
+        A run that met a setup mistake is not judged: exit 2, the mistake first in problems."""
+        strategy, expected = self._named(host)
+        problems = [*self.setup_errors, *self.problems]
         result: dict[str, Any] = {
-            "expected": DECLARED.get(strategy),
+            "expected": expected,
             "valid": "unknown",
             "trials": len(self.payments),
             "violating_trials": 0,
@@ -322,7 +389,9 @@ class LoadRun:
             **self._latency(),
         }
         url = self.settings.database_url
-        if url is not None and self.baseline is not None:
+        if self.setup_errors:
+            pass  # nothing was raced that a verdict could be about
+        elif url is not None and self.baseline is not None:
             try:
                 result.update(self._judge(url, self.baseline, window_s, problems))
             except (psycopg.Error, watched.OracleError, httpx.HTTPError, OSError) as exc:
@@ -330,13 +399,21 @@ class LoadRun:
         elif url is not None:
             problems.append("no oracle baseline was taken, so the run cannot be judged")
         verdict, code = verdict_of(result["valid"], unknown_exit=EXIT_ERROR)
+        if self.setup_errors:
+            verdict = "setup_error"
+        database = f"{ENV_DATABASE_URL} (set for Locust)"
+        if self.settings.profile is not None:
+            database = f"the target's own database ({ENV_DATABASE_URL}, --target-dsn)"
         summary = {
             "run_id": self.settings.run_id,
             "command": self.settings.command,
             "started_at": self.started_at.isoformat(timespec="seconds"),
             "duration_s": round(time.perf_counter() - self.started, 3),
             "machine": machine(),
-            "database": {"route": "dsn", "describe": f"{ENV_DATABASE_URL} (set for Locust)"},
+            "database": {
+                "route": "target" if self.settings.profile else "dsn",
+                "describe": database,
+            },
             "target": host,
             "mode": "load",
             "trials": len(self.payments),
@@ -347,12 +424,23 @@ class LoadRun:
                 "worker_count": len(self.workers),
             },
             "problems": problems,
+            "setup_errors": list(self.setup_errors),
             "gates": [],
             "verdict": verdict,
             "exit_code": code,
         }
         self.write(summary)
         return summary
+
+    def _named(self, host: str) -> tuple[str, str | None]:
+        """The run's name and what the target is declared to be: a profile names its target
+        (and says valid unless told otherwise, as `payrace run` does); the reference service
+        says its strategy on /healthz, which is declared (model.verdict)."""
+        if self.settings.profile is not None:
+            profile = self.settings.target_profile()
+            return profile.name, self.settings.expect or profile.expect or "valid"
+        strategy = _target_strategy(host)
+        return strategy, self.settings.expect or DECLARED.get(strategy)
 
     def _latency(self) -> dict[str, Any]:
         latency, plots = self.hist.summary(), self.hist.plots()
@@ -367,22 +455,29 @@ class LoadRun:
             problems.append("the target's transactions did not go quiet within 10 s")
         counters = None
         if self.settings.gateway_url:
-            response = httpx.get(f"{self.settings.gateway_url}/_fake/counters", timeout=10.0)
-            response.raise_for_status()
-            counters = response.json()
+            gateway = RemoteGateway(self.settings.gateway_url)
+            try:
+                counters = gateway.counters()
+            finally:
+                gateway.close()
         else:
             problems.append(f"{ENV_GATEWAY_URL} is not set: gateway captures are not counted")
         obs = oracle.observe(
             url,
+            self.settings.target_profile().oracle,
             since=since,
             payment_ids=set(self.payments),
             gateway_counters=counters,
             gateway_payment_ids=[g for g in self.payments.values() if g],
+            settle_timeout_s=self.settings.settle_timeout_s(),
         )
         # A positive deadlock delta is always a violation; a zero one only counts once it has
-        # settled, which it rarely has while the service's pool is still open (payrace load
-        # reads it again after stopping the service: settle_deadlocks).
-        decisive = obs.deadlocks > 0 or obs.deadlocks_settled
+        # settled, which it rarely has while the reference service's pool is still open
+        # (payrace load reads it again after stopping it: settle_deadlocks). A running target
+        # is never stopped by payrace, so this reading is its last: no_deadlock always joins,
+        # and says "unknown", naming the wait that would settle it, when it did not settle.
+        running_target = self.settings.profile is not None
+        decisive = obs.deadlocks > 0 or obs.deadlocks_settled or running_target
         checkers = (*GATE_CHECKERS, checker.no_deadlock) if decisive else GATE_CHECKERS
         judged = judge(self.ops(), obs, checkers=checkers)
         verdict = judged.verdict

@@ -1,8 +1,12 @@
-"""`payrace load`: the stack payrace starts, Locust run headless against it, the reports.
+"""`payrace load`: Locust run headless against the reference service payrace starts, or a
+running service a target profile describes; the reports.
 
-    load_main()      PostgreSQL (provider) -> oracle -> fake gateway -> service (uvicorn) ->
-                     Locust headless in its own process group -> reports; exit 0 clean,
-                     1 invariant violated, 2 usage or infrastructure error, 130 interrupted
+    load_main()      the reference service: PostgreSQL (provider) -> oracle -> fake gateway ->
+                     service (uvicorn) -> Locust headless in its own process group -> reports;
+                     with --profile: the target, its gateway (--gateway-url) and its database
+                     (--target-dsn) checked -> oracle -> Locust -> reports. Exit 0 clean,
+                     1 invariant violated, 2 usage, setup or infrastructure error,
+                     130 interrupted
     LoadArgs         the options as the command line gives them
     LoadPlan         the options checked (UsageError says what to change) and turned into a
                      run directory, a Locust command line and the service's pool size
@@ -13,7 +17,13 @@ The judging happens inside Locust, at its `quitting` event on the master: payrac
 writes summary.json there, and load_main reads it back once Locust has exited, reads the
 deadlock counter again once the service has stopped (only then does a zero delta settle),
 adds the database route and the CPU shares of Locust, the service, PostgreSQL and payrace
-(payrace.harness.infra.cpu.CpuSampler), and renders the reports. Every process is started as
+(payrace.harness.infra.cpu.CpuSampler), and renders the reports.
+
+A profile run starts nothing but Locust: the target, its database and its fake gateway are
+the user's. The profile's path reaches every Locust process as PAYRACE_PROFILE (gate.
+LoadSettings), so the workers shape their requests by it and the gate watches through its
+[oracle]; the gate's deadlock reading is the last one (payrace cannot stop a running target
+to settle it), so it waits out the statistics flush once (--settle-s). Every process is started as
 a context manager (infra.provider, gateway.server, infra.processes), so none outlives the
 run, also on Ctrl-C, SIGTERM or a failure.
 """
@@ -34,20 +44,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, NotRequired, TypedDict, Unpack
+from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import psycopg
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from payrace.harness.errors import UsageError
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
-from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.cpu import CpuSampler, Member, in_group, postmaster_pid
 from payrace.harness.infra.processes import LocustProcess, ServiceProcess, free_port, service_env
 from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
 from payrace.harness.load.gate import LoadSettings, settle_deadlocks
 from payrace.harness.model import oracle, watched
+from payrace.harness.model.profile import Profile
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_VIOLATED
 from payrace.harness.reports.console import render_console
 from payrace.harness.reports.writers import write_all
@@ -105,17 +118,24 @@ def locust_processes(processes: int) -> list[str]:
 class LoadArgs(TypedDict):
     """load_main's options, as `payrace load` gives them; LoadPlan.build checks them."""
 
-    strategy: str
+    strategy: str | None  # the reference service's flow; None: for_update (refused with a profile)
     users: int
     spawn_rate: float
     run_time: str
     processes: int  # Locust's --processes
-    workers: int  # the service's uvicorn workers
+    workers: int | None  # the reference service's uvicorn workers; None: 1
     dsn: str | None  # None: the provider's first route that works
     locustfile: str
     out_dir: Path
     extra_args: Sequence[str]  # handed to Locust as they are
     durable: NotRequired[bool]  # keep fsync/synchronous_commit on a throwaway cluster
+    # A running service instead of the reference one (docs/profile.md):
+    profile: NotRequired[Path | None]  # its target profile
+    target: NotRequired[str | None]  # overrides the profile's [target].base_url
+    target_dsn: NotRequired[str | None]  # its own database, where the oracle watches
+    gateway_url: NotRequired[str | None]  # the fake gateway it talks to (`payrace gateway`)
+    expect: NotRequired[str | None]  # valid | violated; default: the profile's, else valid
+    settle_s: NotRequired[float | None]  # the oracle's wait for the deadlock count to settle
 
 
 @dataclass(frozen=True)
@@ -136,25 +156,57 @@ class LoadPlan:
     command: str
     extra_args: list[str]
     durable: bool = False
+    profile: Profile | None = None  # a running target; None: the reference service
+    profile_path: Path | None = None
+    target_dsn: str | None = None
+    gateway_url: str | None = None
+    expect: str | None = None
+    settle_s: float | None = None
 
     @classmethod
     def build(
         cls,
         *,
-        strategy: str,
+        strategy: str | None,
         users: int,
         spawn_rate: float,
         run_time: str,
         processes: int,
-        workers: int,
+        workers: int | None,
         dsn: str | None,
         locustfile: str,
         out_dir: Path,
         extra_args: Sequence[str],
         durable: bool = False,
+        profile: Path | None = None,
+        target: str | None = None,
+        target_dsn: str | None = None,
+        gateway_url: str | None = None,
+        expect: str | None = None,
+        settle_s: float | None = None,
     ) -> LoadPlan:
-        if strategy not in DECLARED:
-            raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(DECLARED)}")
+        running: Profile | None = None
+        if profile is not None:
+            running = _running_target(
+                profile, strategy, workers, dsn, durable, target, target_dsn, gateway_url
+            )
+            name = running.name
+        else:
+            if target or target_dsn or gateway_url:
+                raise UsageError(
+                    "--target, --target-dsn and --gateway-url describe a running service: give "
+                    "its --profile too (docs/profile.md); without one, payrace load starts the "
+                    "reference service itself"
+                )
+            strategy = strategy or "for_update"
+            if strategy not in DECLARED:
+                raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(DECLARED)}")
+            name = strategy
+        workers = 1 if workers is None else workers
+        if expect not in (None, "valid", "violated"):
+            raise UsageError(f"--expect must be valid or violated, got {expect!r}")
+        if settle_s is not None and not 0 <= settle_s <= 600:
+            raise UsageError("--settle-s must be between 0 and 600 seconds")
         if users < 1:
             raise UsageError(f"-u/--users {users}: need at least one user")
         if not spawn_rate > 0:
@@ -167,14 +219,23 @@ class LoadPlan:
         resolved = resolve_locustfile(locustfile)
         scenario = "+".join(Path(p).stem for p in resolved.split(","))
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        run_id = f"{stamp}-load-{strategy}-{scenario}"
+        run_id = f"{stamp}-load-{name}-{scenario}"
+        if running is None:
+            what = ["--strategy", name, "--workers", str(workers)]
+        else:
+            assert running.base_url is not None and target_dsn and gateway_url
+            # The DSN as given may carry a password: the command line goes into every report.
+            what = ["--profile", str(profile), "--target", running.base_url, "--target-dsn",
+                    _redacted(target_dsn), "--gateway-url", gateway_url]  # fmt: skip
+            what += ["--expect", expect] if expect else []
+        what += ["--settle-s", f"{settle_s:g}"] if settle_s is not None else []
         args = [
-            "payrace", "load", "--strategy", strategy, "-u", str(users), "-r", f"{spawn_rate:g}",
-            "-t", run_time, "--processes", str(processes), "--workers", str(workers),
+            "payrace", "load", *what, "-u", str(users), "-r", f"{spawn_rate:g}",
+            "-t", run_time, "--processes", str(processes),
             "--locustfile", locustfile, "--out", str(out_dir), *extra_args,
         ]  # fmt: skip
         return cls(
-            strategy=strategy,
+            strategy=name,
             users=users,
             spawn_rate=spawn_rate,
             run_time=run_time,
@@ -188,6 +249,12 @@ class LoadPlan:
             command=shlex.join(args),
             extra_args=list(extra_args),
             durable=durable,
+            profile=running,
+            profile_path=profile,
+            target_dsn=target_dsn,
+            gateway_url=gateway_url.rstrip("/") if gateway_url else None,
+            expect=expect,
+            settle_s=settle_s,
         )
 
     def locust_cmd(self, host: str, master_port: int | None = None) -> list[str]:
@@ -206,11 +273,76 @@ class LoadPlan:
             cmd += ["--master-bind-port", port, "--master-port", port]
         return [*cmd, *self.extra_args]
 
+    def settings(self, gateway_url: str, database_url: str) -> LoadSettings:
+        """What Locust's processes are told (gate.LoadSettings, through PAYRACE_* variables)."""
+        return LoadSettings(
+            gateway_url=gateway_url,
+            database_url=database_url,
+            report_dir=self.run_dir,
+            run_id=self.run_id,
+            command=self.command,
+            seed=None,
+            profile=self.profile_path,
+            expect=self.expect,
+            settle_s=self.settle_s,
+        )
+
     def service_pool(self) -> dict[str, str]:
         # 90 connections in all, so even a server left at max_connections = 100 has room for
         # the oracle and a psql; the embedded and docker clusters allow 300.
         per_worker = max(2, 45 // self.workers)
         return {"DB_POOL_SIZE": str(per_worker), "DB_MAX_OVERFLOW": str(per_worker)}
+
+
+def _running_target(
+    path: Path,
+    strategy: str | None,
+    workers: int | None,
+    dsn: str | None,
+    durable: bool,
+    target: str | None,
+    target_dsn: str | None,
+    gateway_url: str | None,
+) -> Profile:
+    """The profile read and checked, --target applied; options that act on the reference
+    service payrace starts are refused, as `payrace run` refuses them, since a running
+    target would silently ignore them."""
+    profile = Profile.load(path).with_overrides(base_url=target)
+    refused = {
+        "--strategy": (strategy, "picks a flow of the reference service; a running target "
+                       "runs its own: leave --strategy out (the run is named after the "
+                       f"profile, {profile.name!r})"),
+        "--workers": (workers, "sets the reference service's uvicorn workers; a running "
+                      "target runs as it was started: leave --workers out"),
+        "--dsn": (dsn, "picks the PostgreSQL server payrace provisions for the reference "
+                  "service; a running target has its own database: give it as --target-dsn"),
+        "--durable": (durable or None, "sets the throwaway cluster payrace provisions; a "
+                      "running target's database is its own: leave --durable out"),
+    }  # fmt: skip
+    for flag, (value, why) in refused.items():
+        if value is not None:
+            raise UsageError(f"{flag} {why}")
+    if profile.base_url is None:
+        raise UsageError(f"{path} has no [target].base_url: add it, or give --target URL")
+    if not target_dsn or not gateway_url:
+        raise UsageError(
+            "--profile needs --target-dsn (the target's own database, where the oracle "
+            "installs its audit triggers) and --gateway-url (the fake gateway it talks to, "
+            "e.g. one started with `payrace gateway --profile`)"
+        )
+    if urlsplit(gateway_url).scheme not in ("http", "https"):
+        raise UsageError(
+            f"--gateway-url must be a URL like http://127.0.0.1:9411, got {gateway_url!r}"
+        )
+    return profile
+
+
+def _redacted(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -221,7 +353,7 @@ def load_main(console: Console, **args: Unpack[LoadArgs]) -> int:
     try:
         plan = LoadPlan.build(**args)
     except UsageError as exc:
-        console.print(f"[bold red]payrace load:[/] {exc}")
+        console.print(f"[bold red]payrace load:[/] {escape(str(exc))}")
         return EXIT_ERROR
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -237,16 +369,19 @@ def load_main(console: Console, **args: Unpack[LoadArgs]) -> int:
         if summary is not None and summary.get("exit_code") == EXIT_VIOLATED:
             return EXIT_VIOLATED
         return EXIT_INTERRUPTED
-    except (ProviderError, watched.OracleError) as exc:
-        console.print(f"[bold red]payrace load:[/] {exc}")
+    except (UsageError, ProviderError, watched.OracleError) as exc:
+        console.print(f"[bold red]payrace load:[/] {escape(str(exc))}")
         return EXIT_ERROR
     except (OSError, TimeoutError, RuntimeError, psycopg.Error) as exc:
         problem = f"infrastructure error: {type(exc).__name__}: {exc}"
-        console.print(f"[bold red]payrace load:[/] {problem}")
+        console.print(f"[bold red]payrace load:[/] {escape(problem)}")
         return EXIT_ERROR
 
 
 def _run(plan: LoadPlan, console: Console) -> int:
+    if plan.profile is not None:
+        return _run_profile(plan, plan.profile, console)
+
     def say(line: str) -> None:
         console.print(line, highlight=False, markup=False)
 
@@ -258,7 +393,7 @@ def _run(plan: LoadPlan, console: Console) -> int:
         db = stack.enter_context(provide_postgres(plan.dsn, durable=plan.durable, announce=say))
         # Unwound after the service (registered before it), while PostgreSQL still runs.
         stack.callback(deadlocks.read, db.url)
-        gateway = stack.enter_context(GatewayServer(FakeRazorpay(GatewayKeys())))
+        gateway = stack.enter_context(GatewayServer(FakeRazorpay(Profile.reference().keys)))
         env = {
             **service_env(db, gateway.url, plan.strategy, keys=gateway.fake.keys),
             **plan.service_pool(),
@@ -272,20 +407,13 @@ def _run(plan: LoadPlan, console: Console) -> int:
             f"payrace load: service {service.url} ({plan.strategy}, {plan.workers} uvicorn "
             f"worker(s)), fake gateway {gateway.url}, reports in {plan.run_dir}"
         )
-        settings = LoadSettings(
-            gateway_url=gateway.url,
-            database_url=db.url,
-            report_dir=plan.run_dir,
-            run_id=plan.run_id,
-            command=plan.command,
-            seed=None,
-        )
+        settings = plan.settings(gateway.url, db.url)
         locust_env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
         locust = LocustProcess(
             plan.locust_cmd(service.url), locust_env, plan.run_dir / "locust.log", echo
         )
         stack.enter_context(locust)
-        with _cpu_sampler(locust, service, db) as sampler:
+        with _cpu_sampler(locust, service.proc.pid if service.proc else None, db) as sampler:
             code = locust.wait(plan.run_time_s + _LOCUST_GRACE_S)
         deadlocks.wanted = code is not None
         if code is None:
@@ -305,6 +433,64 @@ def _run(plan: LoadPlan, console: Console) -> int:
     if deadlocks.problem:
         summary.setdefault("problems", []).append(deadlocks.problem)
     return _finish_reports(summary, db, plan, console, sampler.result(), code)
+
+
+def _run_profile(plan: LoadPlan, profile: Profile, console: Console) -> int:
+    """A running target: check what the user started answers, install the oracle in its
+    database, run Locust against it; nothing else is started, so nothing else is stopped."""
+    assert profile.base_url is not None and plan.target_dsn and plan.gateway_url
+    _answers(profile.base_url, "--target", "start your service first", profile.verify_tls)
+    _answers(
+        f"{plan.gateway_url}/_fake/counters",
+        "--gateway-url",
+        "start one with `payrace gateway --profile`",
+    )
+    try:
+        oracle.install(plan.target_dsn, profile.oracle)
+    except psycopg.OperationalError as exc:
+        raise UsageError(f"cannot connect to --target-dsn: {str(exc).strip()}") from None
+    except (watched.OracleError, psycopg.Error) as exc:
+        raise UsageError(f"cannot install the oracle's audit triggers: {exc}") from None
+    console.print(
+        f"payrace load: target {profile.base_url} ({profile.name}, {profile.source}), fake "
+        f"gateway {plan.gateway_url}, reports in {plan.run_dir}",
+        highlight=False,
+        markup=False,
+    )
+    settings = plan.settings(plan.gateway_url, plan.target_dsn)
+    locust_env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    with LocustProcess(
+        plan.locust_cmd(profile.base_url.rstrip("/")),
+        locust_env,
+        plan.run_dir / "locust.log",
+        lambda line: console.out(line, highlight=False),
+    ) as locust:
+        with _cpu_sampler(locust, None, None) as sampler:
+            code = locust.wait(plan.run_time_s + _LOCUST_GRACE_S)
+        if code is None:
+            console.print(
+                f"[bold red]payrace load:[/] Locust still ran {_LOCUST_GRACE_S:.0f} s past "
+                f"-t {plan.run_time}; stopped it (see {plan.run_dir / 'locust.log'})"
+            )
+    summary = _read_summary(plan.run_dir)
+    if summary is None:
+        console.print(
+            f"[bold red]payrace load:[/] Locust exited with code {code} before its gate wrote "
+            f"summary.json; see {plan.run_dir / 'locust.log'}"
+        )
+        return EXIT_ERROR
+    return _finish_reports(summary, None, plan, console, sampler.result(), code)
+
+
+def _answers(url: str, flag: str, hint: str, verify_tls: bool = True) -> None:
+    """A running target or gateway that is down is a setup mistake: said before Locust
+    starts, not found out as a run of failed requests. Any HTTP answer means it is up."""
+    try:
+        httpx.get(url, timeout=5.0, verify=verify_tls)
+    except httpx.HTTPError as exc:
+        raise UsageError(
+            f"nothing answers at {flag} {url} ({type(exc).__name__}: {exc}); {hint}"
+        ) from None
 
 
 class _DeadlockReading:
@@ -337,16 +523,16 @@ class _DeadlockReading:
             self.problem = f"the deadlock counter could not be read again: {exc}"
 
 
-def _cpu_sampler(locust: LocustProcess, service: ServiceProcess, db: Database) -> CpuSampler:
+def _cpu_sampler(locust: LocustProcess, service: int | None, db: Database | None) -> CpuSampler:
     """Locust and the service are whole process groups (workers included); PostgreSQL is
-    the postmaster and its children; payrace itself runs the fake gateway's thread."""
-    assert service.proc is not None
+    the postmaster and its children; payrace itself runs the fake gateway's thread. A running
+    target's service, database and gateway are not payrace's: only Locust is sampled then."""
+    groups: dict[str, Member] = {"locust": in_group(locust.pid)}
+    if service is None or db is None:
+        return CpuSampler(groups)
     payrace = os.getpid()
-    groups: dict[str, Member] = {
-        "locust": in_group(locust.pid),
-        "service": in_group(service.proc.pid),
-        "payrace (fake gateway)": lambda proc, _: proc.pid == payrace,
-    }
+    groups["service"] = in_group(service)
+    groups["payrace (fake gateway)"] = lambda proc, _: proc.pid == payrace
     postmaster = postmaster_pid(db.url)
     if postmaster is not None:
         groups["postgres"] = lambda proc, _: postmaster in (proc.pid, proc.ppid)
@@ -402,9 +588,16 @@ def _finish_reports(
             paths[name] = plan.run_dir / name
     render_console(summary, console, paths)
     console.print(load_table(summary))
+    mistakes = summary.get("setup_errors") or []
     for problem in summary.get("problems") or []:
-        console.print(f"[yellow]note:[/] {problem}", highlight=False)
+        if problem not in mistakes:
+            console.print(f"[yellow]note:[/] {escape(str(problem))}", highlight=False)
     console.print(f"reports: {plan.run_dir}", highlight=False)
+    # Last, where the eye lands: what to fix before the run can say anything about the target.
+    for mistake in mistakes:
+        console.print(
+            f"[bold red]payrace load: setup mistake:[/] {escape(str(mistake))}", highlight=False
+        )
     return int(summary.get("exit_code", EXIT_ERROR))
 
 

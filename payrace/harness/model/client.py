@@ -25,13 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from payrace.harness.errors import UsageError
-from payrace.harness.gateway.signing import (
-    client_callback,
-    new_event_id,
-    signed_webhook,
-    webhook_event,
-)
+from payrace.harness.gateway.signing import new_event_id
 from payrace.harness.model.generator import Step
 from payrace.harness.model.profile import Hook, Profile
 from payrace.service.instrument.timing import parse_server_timing
@@ -96,13 +90,9 @@ def prepare(
     profile: Profile = REFERENCE,
     hook: Hook | None = None,
 ) -> Prepared:
-    keys = profile.keys
     pay_id = ctx.gateway_payment["id"]
     if step.kind == "verify":
-        fields = client_callback(ctx.gateway_order_id, pay_id, keys.key_secret)
-        out = profile.callback.outgoing({**ctx.values(), **fields})
-        if hook is not None:
-            hook("callback", out)
+        out = profile.signed_callback(ctx.values(), ctx.gateway_order_id, pay_id, hook)
         return Prepared(
             out.method, out.path, out.body, out.headers, "verify", {"gateway_payment_id": pay_id}
         )
@@ -112,19 +102,7 @@ def prepare(
     else:
         event_id = new_event_id()
     ctx.event_ids[index] = event_id
-    envelope = webhook_event(step.event, ctx.gateway_payment, account_id=keys.account_id)
-    raw, signed = signed_webhook(envelope, keys.webhook_secret, event_id=event_id)
-    # Razorpay's envelope, byte for byte as signed; the profile places it (route, headers).
-    out = profile.webhook.outgoing(ctx.values())
-    out.body = raw
-    out.headers.update({k.lower(): v for k, v in signed.items()})
-    if hook is not None:
-        hook("webhook", out)
-        if out.body != raw:
-            raise UsageError(
-                f"{profile.source}: the hook {profile.hook} changed a webhook's body, which "
-                "Razorpay signs as sent; change headers or the path only"
-            )
+    out = profile.signed_webhook(ctx.values(), step.event, ctx.gateway_payment, event_id, hook)
     return Prepared(
         out.method,
         out.path,
@@ -189,26 +167,7 @@ class _HttpxBase:
             out.method, out.path, content=out.body, headers=out.headers
         )
         route = f"{out.method} {response.url.path}"
-        if 400 <= response.status_code < 500:
-            # The order is setup, not the race under test: a refusal means the target does not
-            # speak the profile's contract, which no trial can fix.
-            raise UsageError(
-                f"the target answered {route} with HTTP {response.status_code} "
-                f"({response.text[:200]}): check [create_order] in {profile.source} "
-                "(path, method, encoding, body; docs/profile.md)"
-            )
-        if response.status_code not in spec.status:
-            raise RuntimeError(
-                f"target refused {route}: HTTP {response.status_code} {response.text[:300]}"
-            )
-        try:
-            doc = response.json()
-        except ValueError:
-            raise UsageError(
-                f"the target answered {route} with HTTP {response.status_code} but no JSON "
-                f"({response.text[:200]}): payrace reads the payment id from a JSON reply"
-            ) from None
-        payment_id, order_id = spec.ids(doc, response.status_code)
+        payment_id, order_id = profile.order_answer(route, response.status_code, response.text)
         return {"payment_id": payment_id, "gateway_order_id": order_id or gateway_order_id}
 
     async def send(self, req: Prepared, extra_headers: dict[str, str] | None = None) -> Reply:

@@ -7,6 +7,17 @@
     CreateOrder    Action + who creates the order at the gateway and where the ids come back
     Outgoing       a rendered request (what a hook may still change)
     render()       a template with {placeholders} -> its value (a lone placeholder keeps its type)
+    Profile.order_answer()   the ids in the target's create-order reply, or the setup mistake
+                   it shows
+    Profile.signed_callback() / signed_webhook()   the client callback and a webhook, signed
+                   with the profile's keys, shaped by its routes and its hook (the runner and
+                   the Locust workers send exactly these)
+    Profile.setup_mistake()   what an answer to a callback or webhook says about the setup (a
+                   route the target does not serve, a signature it refuses), with the fix
+    foreign_order()  the fix when the fake gateway does not know the target's order
+
+Light on purpose (tomllib, json, urllib; psycopg's sql through model.watched): the Locust
+workers import it, and they must not import the web stack.
 
 Every target is raced through a profile, the reference service too, so there is one path.
 Templates are TOML values rather than a string of JSON: a body's numbers stay numbers, and
@@ -28,7 +39,13 @@ from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit
 
 from payrace.harness.errors import UsageError
-from payrace.harness.gateway.signing import GatewayKeys
+from payrace.harness.gateway.signing import (
+    GatewayKeys,
+    client_callback,
+    new_event_id,
+    signed_webhook,
+    webhook_event,
+)
 from payrace.harness.model.watched import OracleConfig, OracleError
 
 Encoding = Literal["json", "form"]
@@ -51,6 +68,17 @@ _AVAILABLE: dict[str, frozenset[str]] = {
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(env:[A-Za-z_][A-Za-z0-9_]*|[a-z_]+)\}|[{}]")
 _METHODS = ("POST", "PUT", "PATCH")
 _SECRET_KEYS = ("key_secret", "webhook_secret")
+# Which secret a refused signature points at, by the action that carried it.
+_SIGNED_WITH = {
+    "callback": (
+        "key_secret",
+        "the key secret (the client callback is signed with RAZORPAY_KEY_SECRET)",
+    ),
+    "webhook": (
+        "webhook_secret",
+        "the webhook secret (webhooks are signed with RAZORPAY_WEBHOOK_SECRET)",
+    ),
+}
 
 
 @dataclass
@@ -255,6 +283,100 @@ class Profile:
         hook: Hook = fn
         return hook
 
+    # -- the requests a race sends, and what their answers say -----------------------------
+
+    def order_answer(self, route: str, status: int, text: str) -> tuple[int, str | None]:
+        """The ids in the target's answer to [create_order] (sent as `route`, "POST /orders").
+
+        A 4xx or a reply without the ids is a UsageError: the order is setup, not the race
+        under test, so a refusal means the target does not speak the profile's contract, which
+        no trial can fix. Any other status outside `status` is a RuntimeError (a 503 under
+        the nemesis is retried by the runner; Locust counts it as a failure)."""
+        if 400 <= status < 500:
+            raise UsageError(
+                f"the target answered {route} with HTTP {status} ({text[:200]}): check "
+                f"[create_order] in {self.source} (path, method, encoding, body; "
+                "docs/profile.md)"
+            )
+        if status not in self.create_order.status:
+            raise RuntimeError(f"target refused {route}: HTTP {status} {text[:300]}")
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise UsageError(
+                f"the target answered {route} with HTTP {status} but no JSON ({text[:200]}): "
+                "payrace reads the payment id from a JSON reply"
+            ) from None
+        return self.create_order.ids(doc, status)
+
+    def signed_callback(
+        self,
+        values: Mapping[str, Any],
+        gateway_order_id: str,
+        gateway_payment_id: str,
+        hook: Hook | None = None,
+    ) -> Outgoing:
+        """The browser's client callback: Razorpay Checkout's fields, signed with the key
+        secret, placed by [callback]; `values` are the other placeholders (PaymentContext)."""
+        fields = client_callback(gateway_order_id, gateway_payment_id, self.keys.key_secret)
+        out = self.callback.outgoing({**values, **fields})
+        if hook is not None:
+            hook("callback", out)
+        return out
+
+    def signed_webhook(
+        self,
+        values: Mapping[str, Any],
+        event: str,
+        gateway_payment: dict[str, Any],
+        event_id: str | None = None,
+        hook: Hook | None = None,
+    ) -> Outgoing:
+        """Razorpay's envelope for `event`, byte for byte as signed with the webhook secret;
+        [webhook] places it (route, headers). The same event id makes a redelivery."""
+        envelope = webhook_event(event, gateway_payment, account_id=self.keys.account_id)
+        raw, signed = signed_webhook(
+            envelope, self.keys.webhook_secret, event_id=event_id or new_event_id()
+        )
+        out = self.webhook.outgoing(values)
+        out.body = raw
+        out.headers.update({k.lower(): v for k, v in signed.items()})
+        if hook is not None:
+            hook("webhook", out)
+            if out.body != raw:
+                raise UsageError(
+                    f"{self.source}: the hook {self.hook} changed a webhook's body, which "
+                    "Razorpay signs as sent; change headers or the path only"
+                )
+        return out
+
+    def setup_mistake(
+        self, action: str, method: str, path: str, status: int | None, body: Any
+    ) -> str | None:
+        """What an answer to a callback or webhook of a payment the target created says about
+        the setup, with the fix; None when it is the target's own business to judge.
+
+        The payment exists, so a 404 or 405 means the profile names a route the target does
+        not serve; payrace signs correctly, so a refused signature means the target holds
+        other test keys than the profile. No trial can fix either."""
+        said = str(body)[:200]
+        if status in (404, 405):
+            return (
+                f"the target answered {method} {path} with HTTP {status} ({said}): check "
+                f"[{action}].path and .method in {self.source} (docs/profile.md)"
+            )
+        refused = status in (400, 401, 403) and "signature" in str(body).lower()
+        if refused and action in _SIGNED_WITH:
+            secret, what = _SIGNED_WITH[action]
+            kind = "verify" if action == "callback" else action
+            return (
+                f"the target refused payrace's signature on a {kind} (HTTP {status}: {said}): "
+                f"it checks {what} against another value than payrace signs with ({secret} "
+                f"from {self.describe_key(secret)}); give the target and [keys] of the profile "
+                "the same test keys (docs/profile.md)"
+            )
+        return None
+
 
 # -- reading and checking -------------------------------------------------------------------
 
@@ -444,3 +566,15 @@ def _opt_str(doc: Mapping[str, Any], key: str, where: str, table: str) -> str | 
     if not isinstance(value, str) or not value:
         raise UsageError(f"{where}: {table}.{key} must be a non-empty string, got {value!r}")
     return value
+
+
+def foreign_order(gateway_order_id: str, said: str) -> str:
+    """The fix when the fake gateway cannot authorize a payment for the target's order: the
+    customer pays at the gateway payrace drives, so an order it never saw was created at
+    another gateway, and no payment of the run can be raced."""
+    return (
+        f"the fake gateway cannot authorize a payment for the target's order "
+        f"{gateway_order_id!r} ({said}): the target must create its orders at the gateway "
+        "payrace drives (its Razorpay base URL set to the --gateway-url, e.g. one started "
+        "with `payrace gateway`)"
+    )

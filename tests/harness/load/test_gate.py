@@ -1,10 +1,13 @@
-"""load.gate: the settings handed to Locust, the tallies workers send and the master
-merges, and the little history the gate's checkers read."""
+"""payrace/harness/load/gate.py: the settings handed to Locust, the tallies workers send and
+the master merges, the little history the gate's checkers read, setup mistakes, and that it
+stays light enough for Locust's workers."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,14 +16,18 @@ import pytest
 
 from payrace.harness.load.gate import (
     GATE_CHECKERS,
+    RUNNING_TARGET_SETTLE_S,
     LoadRun,
     LoadSettings,
     LoadTally,
     settle_deadlocks,
 )
 from payrace.harness.model import checker
+from payrace.harness.model import profile as profile_module
 from payrace.harness.model.oracle import AuditRow, Observation, PaymentState
+from payrace.harness.model.profile import Profile
 from payrace.harness.model.watched import OracleConfig
+from payrace.harness.runner.config import EXTERNAL_SETTLE_S
 
 # -- settings -----------------------------------------------------------------------------
 
@@ -35,6 +42,47 @@ def test_settings_survive_the_trip_through_the_environment(tmp_path: Path) -> No
         seed=-7,
     )
     assert LoadSettings.from_env(settings.to_env()) == settings
+
+
+def _shop_profile(tmp_path: Path) -> Path:
+    text = (Path(profile_module.__file__).parent.parent / "profiles/reference.toml").read_text()
+    path = tmp_path / "shop.toml"
+    path.write_text(text.replace('name = "reference"', 'name = "shop"'), encoding="utf-8")
+    return path
+
+
+def test_a_profile_run_reaches_every_locust_process_with_its_expectation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _shop_profile(tmp_path)
+    settings = LoadSettings(
+        gateway_url="http://127.0.0.1:9411",
+        database_url="postgresql://shop@127.0.0.1:5432/shop",
+        report_dir=tmp_path,
+        run_id="20240101-000000-load-shop-race_pairs",
+        command="payrace load --profile shop.toml",
+        seed=None,
+        profile=Path("shop.toml"),
+        expect="violated",
+        settle_s=0.5,
+    )
+    env = settings.to_env()
+    assert env["PAYRACE_PROFILE"] == str(tmp_path / "shop.toml")  # workers may start elsewhere
+    back = LoadSettings.from_env(env)
+    assert (back.profile, back.expect, back.settle_s) == (tmp_path / "shop.toml", "violated", 0.5)
+    assert back.target_profile().name == "shop" and back.settle_timeout_s() == 0.5
+
+
+def test_the_reference_service_is_the_target_without_a_profile() -> None:
+    settings = LoadSettings.from_env({"PAYRACE_SETTLE_S": "soon"})  # not a number: the default
+    assert settings.target_profile() == Profile.reference()
+    assert settings.settle_s is None and settings.settle_timeout_s() == 2.0
+
+
+def test_a_running_target_waits_out_the_flush_as_payrace_run_does(tmp_path: Path) -> None:
+    settings = LoadSettings.from_env({"PAYRACE_PROFILE": str(_shop_profile(tmp_path))})
+    assert settings.settle_timeout_s() == RUNNING_TARGET_SETTLE_S == EXTERNAL_SETTLE_S
 
 
 def test_settings_set_by_hand_need_only_the_gateway() -> None:
@@ -223,3 +271,74 @@ def test_a_run_the_gate_never_judged_is_not_made_valid_by_the_deadlock_reading()
     settle_deadlocks(summary, 0, True, "")
     assert (summary["verdict"], summary["exit_code"]) == ("unknown", 2)
     assert "no_deadlock" not in summary["strategies"]["for_update"]["checks"]
+
+
+# -- setup mistakes: exit 2, not a verdict about the target --------------------------------
+
+
+def test_setup_mistakes_travel_to_the_master_once_each_and_a_few_at_most() -> None:
+    run = LoadRun(LoadSettings.from_env({}))
+    for worker, messages in (("w1", ["route 404", "route 404"]), ("w2", ["route 404", "a", "b"])):
+        tally = LoadTally()
+        for message in messages:
+            tally.setup(message)
+        run.absorb(worker, tally.drain())
+        assert tally.drain()["setup_errors"] == []  # handed over, not sent again
+    assert run.setup_errors == ["route 404", "a", "b"]
+    run.absorb("w3", {**_tally(1, [], []), "setup_errors": ["c"]})
+    assert len(run.setup_errors) == 3  # enough to fix it; the rest is the same story
+
+
+def test_a_run_with_a_setup_mistake_exits_2_naming_it(tmp_path: Path) -> None:
+    settings = LoadSettings.from_env(
+        {"PAYRACE_PROFILE": str(_shop_profile(tmp_path)), "PAYRACE_REPORT_DIR": str(tmp_path)}
+    )
+    run = LoadRun(settings)
+    run.absorb("local", _tally(2, [(1, "pay_a")], []))
+    run.setup_errors.append("the target answered POST /payment/verify with HTTP 404")
+    summary = run.finish(host="http://127.0.0.1:1", locust={}, window_s=1.0)
+    assert (summary["verdict"], summary["exit_code"]) == ("setup_error", 2)
+    assert summary["problems"][0] == summary["setup_errors"][0]
+    result = summary["strategies"]["shop"]  # named after the profile, no request to the target
+    assert result["valid"] == "unknown" and result["checks"] == {}
+    assert result["expected"] == "valid"  # a running target is expected valid unless told
+    assert json.loads((tmp_path / "summary.json").read_text())["verdict"] == "setup_error"
+
+
+def test_a_run_without_setup_mistakes_is_no_setup_error(tmp_path: Path) -> None:
+    settings = LoadSettings.from_env(
+        {
+            "PAYRACE_PROFILE": str(_shop_profile(tmp_path)),
+            "PAYRACE_REPORT_DIR": str(tmp_path),
+            "PAYRACE_EXPECT": "violated",
+        }
+    )
+    summary = LoadRun(settings).finish(host="http://127.0.0.1:1", locust={}, window_s=1.0)
+    assert summary["setup_errors"] == [] and summary["verdict"] != "setup_error"
+    assert summary["strategies"]["shop"]["expected"] == "violated"
+
+
+# -- light enough for Locust's workers ------------------------------------------------------
+
+# What a Locust worker must never import: the web stack and the service's ORM and driver.
+HEAVY = ("fastapi", "starlette", "uvicorn", "sqlalchemy", "asyncpg", "razorpay", "pydantic")
+
+
+def imported_by(module: str) -> set[str]:
+    """Top-level packages importing `module` loads in a fresh interpreter (-X importtime)."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    rows = [line.split("|")[-1] for line in done.stderr.splitlines() if "|" in line]
+    return {row.strip().split(".")[0] for row in rows[1:]}
+
+
+@pytest.mark.parametrize("module", ["payrace.harness.load.gate", "payrace.harness.model.profile"])
+def test_the_gate_and_the_profile_import_no_web_stack(module: str) -> None:
+    loaded = imported_by(module)
+    assert "payrace" in loaded  # the measurement saw the import at all
+    assert loaded & set(HEAVY) == set()

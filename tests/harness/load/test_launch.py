@@ -19,6 +19,7 @@ import pytest
 from rich.console import Console
 
 from payrace.harness.errors import UsageError
+from payrace.harness.infra.processes import free_port
 from payrace.harness.infra.provider import Database
 from payrace.harness.load.launch import (
     LOCUSTFILES,
@@ -137,6 +138,128 @@ def test_usage_errors_exit_2_before_anything_starts(
     assert code == 2
     assert message in out.getvalue()
     assert list(tmp_path.iterdir()) == []  # no run directory, no database, no process
+
+
+# -- a running target described by a profile ---------------------------------------------
+
+
+def _shop(tmp_path: Path, base_url: str | None = "http://127.0.0.1:1", **changes: str) -> Path:
+    """The reference service's profile as a team would write it for its running service."""
+    text = (ROOT / "payrace/harness/profiles/reference.toml").read_text()
+    target = 'name = "shop"' + (f'\nbase_url = "{base_url}"' if base_url else "")
+    for old, new in {'name = "reference"': target, **changes}.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "shop.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# The smallest profile run; the reference service's own options are left unset.
+PROFILE_RUN: dict[str, object] = {
+    **SMALL,
+    "strategy": None,
+    "workers": None,
+    "target_dsn": "postgresql://shop@127.0.0.1:1/shop",
+    "gateway_url": "http://127.0.0.1:1",
+}
+
+
+def _load_profile(tmp_path: Path, **changes: object) -> tuple[int, str]:
+    args = {**PROFILE_RUN, "out_dir": tmp_path / "out", "extra_args": [], **changes}
+    if "profile" not in changes:
+        args["profile"] = _shop(tmp_path)
+    out = io.StringIO()
+    code = load_main(console=Console(file=out, width=300), **cast(LoadArgs, args))
+    return code, out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"strategy": "naive"}, "--strategy picks a flow of the reference service"),
+        ({"workers": 2}, "--workers sets the reference service's uvicorn workers"),
+        ({"dsn": "postgresql://127.0.0.1/x"}, "--dsn picks the PostgreSQL server payrace"),
+        ({"durable": True}, "--durable sets the throwaway cluster"),
+        ({"target_dsn": None}, "--profile needs --target-dsn"),
+        ({"gateway_url": None}, "--profile needs --target-dsn"),
+        ({"gateway_url": "127.0.0.1:9411"}, "--gateway-url must be a URL"),
+        ({"target": "ftp://shop"}, "--target must be a URL"),
+        ({"expect": "fine"}, "--expect must be valid or violated"),
+        ({"settle_s": -1.0}, "--settle-s"),
+    ],
+)
+def test_a_profile_run_refuses_what_a_running_target_cannot_honour(
+    tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    code, said = _load_profile(tmp_path, **changes)
+    assert code == 2
+    assert message in said
+    assert not (tmp_path / "out").exists()  # refused before anything was created
+
+
+def test_a_profile_without_a_base_url_asks_for_one_or_target(tmp_path: Path) -> None:
+    code, said = _load_profile(tmp_path, profile=_shop(tmp_path, base_url=None))
+    assert code == 2 and "has no [target].base_url: add it, or give --target URL" in said
+
+
+def test_running_target_options_without_a_profile_ask_for_it(tmp_path: Path) -> None:
+    args = cast(LoadArgs, {**SMALL, "out_dir": tmp_path, "extra_args": [], "target_dsn": "x"})
+    out = io.StringIO()
+    assert load_main(console=Console(file=out, width=300), **args) == 2
+    assert "give its --profile too" in out.getvalue()
+
+
+def test_the_plan_of_a_profile_run_is_named_after_it_and_hides_the_password(
+    tmp_path: Path,
+) -> None:
+    plan = LoadPlan.build(
+        **cast(
+            LoadArgs,
+            {
+                **PROFILE_RUN,
+                "profile": _shop(tmp_path),
+                "target": "http://127.0.0.1:8001/shop",
+                "target_dsn": "postgresql://shop:s3cret@127.0.0.1:5432/shop",
+                "out_dir": tmp_path,
+                "extra_args": [],
+            },
+        )
+    )
+    assert plan.run_id.endswith("-load-shop-race_pairs") and plan.strategy == "shop"
+    assert plan.profile is not None and plan.profile.base_url == "http://127.0.0.1:8001/shop"
+    assert "s3cret" not in plan.command and "shop:***@127.0.0.1" in plan.command
+    assert plan.settings("http://gw", "postgresql://db").to_env()["PAYRACE_PROFILE"] == str(
+        (tmp_path / "shop.toml").resolve()
+    )
+
+
+def test_a_target_that_is_down_exits_2_before_locust_starts(tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    code, said = _load_profile(tmp_path, target=down)
+    assert code == 2
+    assert f"nothing answers at --target {down}" in said and "start your service first" in said
+    assert list((tmp_path / "out").glob("*/locust.log")) == []
+
+
+def test_a_gateway_that_is_down_exits_2_before_locust_starts(
+    tmp_path: Path, gateway_url: str
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    code, said = _load_profile(tmp_path, target=gateway_url, gateway_url=down)
+    assert code == 2 and "nothing answers at --gateway-url" in said and "payrace gateway" in said
+
+
+def test_an_oracle_table_the_target_lacks_exits_2_naming_the_key(
+    tmp_path: Path, gateway_url: str, pg: Database
+) -> None:
+    # Any HTTP answer means the target is up: the fake gateway stands in for it here.
+    profile = _shop(tmp_path, **{'table = "payments"': 'table = "charges"'})
+    code, said = _load_profile(
+        tmp_path, profile=profile, target=gateway_url, gateway_url=gateway_url, target_dsn=pg.url
+    )
+    assert code == 2 and "cannot install the oracle's audit triggers" in said
+    assert "payments.table = 'charges': no such table" in said
 
 
 # -- no process outlives payrace load -----------------------------------------------------

@@ -4,6 +4,7 @@ and rendering the requests it describes."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,8 @@ from urllib.parse import parse_qs
 import pytest
 
 from payrace.harness.errors import UsageError
-from payrace.harness.gateway.signing import GatewayKeys
-from payrace.harness.model.profile import Outgoing, Profile, render
+from payrace.harness.gateway.signing import GatewayKeys, hmac_hex
+from payrace.harness.model.profile import Outgoing, Profile, foreign_order, render
 from payrace.harness.model.watched import OracleConfig
 
 MINIMAL = """
@@ -220,3 +221,109 @@ def test_a_file_named_for_the_tool_takes_its_folders_name(tmp_path: Path) -> Non
     assert Profile.load(write(tmp_path / "shop", MINIMAL, "payrace.toml")).name == "shop"
     named = '[target]\nname = "checkout"\n' + MINIMAL
     assert Profile.load(write(tmp_path / "shop", named, "payrace.toml")).name == "checkout"
+
+
+# -- the requests a race sends, and what their answers say ----------------------------------
+
+PAYMENT = {
+    "id": "pay_00000000000001",
+    "entity": "payment",
+    "amount": 500,
+    "currency": "INR",
+    "status": "authorized",
+    "order_id": "order_0000000000001",
+    "captured": False,
+}
+VALUES = {"amount": 500, "currency": "INR", "gateway_order_id": "order_0000000000001"}
+
+
+def test_the_callback_is_signed_with_the_profiles_key_secret(tmp_path: Path) -> None:
+    profile = load(tmp_path, '[keys]\nkey_secret = "shop_secret"\n' + MINIMAL)
+    out = profile.signed_callback({**VALUES, "payment_id": 9}, PAYMENT["order_id"], PAYMENT["id"])
+    body = json.loads(out.body)
+    expected = hmac_hex(f"{PAYMENT['order_id']}|{PAYMENT['id']}".encode(), "shop_secret")
+    assert body == {"id": 9, "sig": expected} and out.path == "/verify"
+
+
+def test_a_webhook_is_razorpays_envelope_signed_as_sent(tmp_path: Path) -> None:
+    profile = load(tmp_path, '[keys]\nwebhook_secret = "shop_hook"\n' + MINIMAL)
+    out = profile.signed_webhook({**VALUES, "payment_id": 9}, "order.paid", PAYMENT, "evt_1")
+    assert out.path == "/hooks" and out.headers["x-razorpay-event-id"] == "evt_1"
+    assert out.headers["x-razorpay-signature"] == hmac_hex(out.body, "shop_hook")
+    envelope = json.loads(out.body)
+    assert (
+        envelope["event"] == "order.paid"
+        and envelope["payload"]["order"]["entity"]["amount"] == 500
+    )
+    again = profile.signed_webhook(VALUES | {"payment_id": 9}, "order.paid", PAYMENT, "evt_1")
+    assert again.headers["x-razorpay-event-id"] == "evt_1"  # a redelivery: the same event id
+
+
+def test_a_hook_that_reshapes_a_signed_webhook_is_a_usage_error(tmp_path: Path) -> None:
+    profile = load(tmp_path, MINIMAL)
+
+    def reshape(action: str, request: Outgoing) -> None:
+        request.body += b" "
+
+    with pytest.raises(UsageError, match="changed a webhook's body"):
+        profile.signed_webhook(
+            VALUES | {"payment_id": 1}, "payment.captured", PAYMENT, None, reshape
+        )
+
+
+@pytest.mark.parametrize(
+    ("action", "status", "body", "says"),
+    [
+        (
+            "callback",
+            404,
+            {"error": {"code": "not_found"}},
+            r"POST /v with HTTP 404 .*\[callback\]\.path and \.method in .*shop\.toml",
+        ),
+        ("webhook", 405, "Method Not Allowed", r"HTTP 405 .*check \[webhook\]\.path"),
+        (
+            "callback",
+            400,
+            {"error": {"code": "bad_signature"}},
+            r"signature on a verify .*key_secret from payrace's default test keys",
+        ),
+        ("webhook", 401, "invalid signature", r"the webhook secret .*webhook_secret from"),
+    ],
+)
+def test_an_answer_that_shows_a_setup_mistake_names_the_fix(
+    tmp_path: Path, action: str, status: int, body: object, says: str
+) -> None:
+    mistake = load(tmp_path, MINIMAL).setup_mistake(action, "POST", "/v", status, body)
+    assert mistake is not None and re.search(says, mistake), mistake
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, {"status": "captured"}),
+        (409, {"error": {"code": "conflict"}}),
+        (503, "busy"),
+        (400, {"error": "amount"}),
+    ],
+)
+def test_the_targets_own_answers_are_no_setup_mistake(
+    tmp_path: Path, status: int, body: object
+) -> None:
+    assert load(tmp_path, MINIMAL).setup_mistake("callback", "POST", "/v", status, body) is None
+
+
+def test_the_create_order_reply_gives_the_ids_or_names_the_fix(tmp_path: Path) -> None:
+    profile = load(tmp_path, MINIMAL)
+    reply = json.dumps({"payment_id": 3, "gateway_order_id": "order_x"})
+    assert profile.order_answer("POST /orders", 201, reply) == (3, "order_x")
+    with pytest.raises(UsageError, match=r"POST /orders with HTTP 404 .*check \[create_order\]"):
+        profile.order_answer("POST /orders", 404, "Not Found")
+    with pytest.raises(UsageError, match="but no JSON"):
+        profile.order_answer("POST /orders", 201, "<html>")
+    with pytest.raises(RuntimeError, match="HTTP 503"):  # the target's trouble, not the setup
+        profile.order_answer("POST /orders", 503, '{"error": {"code": "database_unavailable"}}')
+
+
+def test_an_order_the_gateway_never_saw_points_at_the_gateway_url() -> None:
+    said = foreign_order("order_x", "HTTP 400: no such order")
+    assert "'order_x' (HTTP 400: no such order)" in said and "--gateway-url" in said
