@@ -33,6 +33,7 @@ from typing import Any
 import asyncpg
 
 from payrace import pausing
+from payrace.harness.errors import UsageError
 from payrace.harness.explore.findings import ScheduleRun
 from payrace.harness.explore.policies import Pct, PctBound, Policy, Prefix, Steps, next_prefix
 from payrace.harness.explore.scenario import RequestSpec, ScheduleRef, StepSpec
@@ -46,6 +47,7 @@ from payrace.harness.model import checker, oracle
 from payrace.harness.model.client import AsgiClient, PaymentContext, Reply, prepare
 from payrace.harness.model.history import History, Operation, classify
 from payrace.harness.model.judge import judge
+from payrace.harness.model.watched import OracleError
 
 APPLICATION_NAME = "payrace-explore"  # oracle.observe() does not wait for harness connections
 
@@ -110,7 +112,15 @@ class Explorer:
             app = await self.target.start(self.db_url, self.gateway_url, self)
             self._client = AsgiClient(app)
             # The oracle needs the tables, which the target's startup created.
-            await asyncio.to_thread(oracle.install, self.db_url, self.profile.oracle)
+            try:
+                await asyncio.to_thread(oracle.install, self.db_url, self.profile.oracle)
+            except OracleError as exc:
+                raise UsageError(
+                    f"cannot install the oracle's audit triggers ({self.profile.source}): "
+                    f"{exc}; the target must create its tables at startup in the database "
+                    "payrace gives it (an app: PAYRACE_TARGET_DSN), or --target-dsn must name "
+                    "the database where they are"
+                ) from None
             self._baseline = await asyncio.to_thread(oracle.baseline, self.db_url)
             self._conn = await asyncpg.connect(
                 self.db_url, server_settings={"application_name": APPLICATION_NAME}
@@ -168,12 +178,38 @@ class Explorer:
         if not self._stock:
             assert self._client is not None
             orders = await asyncio.gather(*(self._order() for _ in range(16)))
+            await self._check_setup(orders)
             for order in orders:
                 payment = self.fake.authorize_payment(order["gateway_order_id"])
                 self._stock.append(
                     PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
                 )
         return self._stock.pop(0)
+
+    async def _check_setup(self, orders: list[dict[str, Any]]) -> None:
+        """An app that writes to another database or talks to another gateway than payrace's
+        is a setup mistake, said before any schedule (else every verdict would be unknown)."""
+        where = f"the target ({self.profile.source})"
+        for order in orders:
+            if self.fake.order(order["gateway_order_id"]) is None:
+                raise UsageError(
+                    f"the fake gateway never saw order {order['gateway_order_id']!r} that "
+                    f"{where} answered: it creates orders at another gateway; point it at "
+                    "PAYRACE_GATEWAY_URL"
+                )
+        payments = self.profile.oracle.payments
+        table = ".".join(_quoted(part) for part in payments.table.split(".", 1))
+        ids = [int(order["payment_id"]) for order in orders]
+        found = await self._conn.fetchval(
+            f"SELECT count(*) FROM {table} WHERE {_quoted(payments.id_column)} = ANY($1::bigint[])",
+            ids,
+        )
+        if found != len(ids):
+            raise UsageError(
+                f"{where} answered payment ids {ids[:3]}… that {payments.table} in payrace's "
+                "database does not hold: it writes to another database; make it use "
+                "PAYRACE_TARGET_DSN (or give --target-dsn the database it uses)"
+            )
 
     async def _order(self) -> dict[str, Any]:
         """The profile's create-order request; with `by = "payrace"` the order is created at
@@ -382,6 +418,10 @@ class Explorer:
             run.violated = tuple(n for n, r in v.results.items() if r.valid is False)
             run.unknown = tuple(n for n, r in v.results.items() if r.valid == "unknown")
         return verdict
+
+
+def _quoted(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
 
 
 __all__ = ["APPLICATION_NAME", "Explorer"]

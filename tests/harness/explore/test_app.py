@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from rich.console import Console
 
@@ -20,7 +21,10 @@ from payrace.harness.errors import UsageError
 from payrace.harness.explore.app import ENVIRONMENT, AppTarget, Lifespan, exported, load_app
 from payrace.harness.explore.findings import EXIT_ERROR
 from payrace.harness.explore.plan import explore_main
-from payrace.harness.infra.provider import Database
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.signing import GatewayKeys
+from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.harness.model.profile import Profile
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -69,6 +73,13 @@ def broken_factory():
 
 def failing_factory():
     return Failing()
+
+def elsewhere_factory():
+    # A misconfigured app: its database or gateway is not the one payrace gave it.
+    for name in ("PAYRACE_GATEWAY_URL", "PAYRACE_TARGET_DSN"):
+        os.environ[name] = os.environ.get("TEST_OTHER_" + name, os.environ[name])
+    from examples.starlette_shop.buggy import create_app
+    return create_app()
 
 def env_factory():
     app = Asgi()
@@ -253,3 +264,49 @@ def test_an_app_without_pause_points_cannot_pass(
     assert code == EXIT_ERROR
     assert "pause points reached: none" in text
     assert "no request reached a pause point" in text and "await payrace.pause" in text
+
+
+@pytest.mark.parametrize("other", ["PAYRACE_GATEWAY_URL", "PAYRACE_TARGET_DSN"])
+def test_an_app_using_another_database_or_gateway_is_a_setup_mistake(
+    pg: Database, tmp_path: Path, apps: str, monkeypatch: pytest.MonkeyPatch, other: str
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    with (
+        provide_postgres(pg.url, announce=lambda line: None) as elsewhere,
+        GatewayServer(FakeRazorpay(GatewayKeys())) as another,
+    ):
+        value = another.url if other == "PAYRACE_GATEWAY_URL" else elsewhere.url
+        monkeypatch.setenv(f"TEST_OTHER_{other}", value)
+        code, text = _main(pg, tmp_path, app=f"{apps}:elsewhere_factory")
+    assert code == EXIT_ERROR, text
+    if other == "PAYRACE_GATEWAY_URL":
+        assert "the fake gateway never saw order" in text and f"point it at {other}" in text
+    else:  # its tables are not where payrace looks: said when the oracle is installed
+        assert "cannot install the oracle's audit triggers" in text and other in text
+    assert "infrastructure error" not in text
+
+
+async def test_an_app_writing_to_another_database_with_the_same_tables_is_found_out(
+    pg: Database, tmp_path: Path, apps: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tables exist where payrace looks (--target-dsn), but the app writes elsewhere: the
+    first orders are missing there, said before any schedule."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from examples.starlette_shop.app import SCHEMA
+
+    with (
+        provide_postgres(pg.url, announce=lambda line: None) as ours,
+        provide_postgres(pg.url, announce=lambda line: None) as elsewhere,
+    ):
+        conn = await asyncpg.connect(ours.url)
+        try:
+            await conn.execute(SCHEMA)
+        finally:
+            await conn.close()
+        monkeypatch.setenv("TEST_OTHER_PAYRACE_TARGET_DSN", elsewhere.url)
+        code, text = await asyncio.to_thread(
+            _main, pg, tmp_path, app=f"{apps}:elsewhere_factory", target_dsn=ours.url, dsn=None
+        )
+    assert code == EXIT_ERROR, text
+    assert "that store.charges in payrace's database does not hold" in text
+    assert "make it use PAYRACE_TARGET_DSN" in text
