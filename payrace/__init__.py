@@ -3,13 +3,19 @@
 Everything payrace installs lives under this one namespace, so it can never shadow a
 team's own `service`, `harness` or `tests` packages:
 
+    payrace.pause        `await pause("after_read")`: a pause point in a team's own async
+                         service, for `payrace explore --app` (payrace.pausing); a no-op
+                         unless the explorer drives the request
     payrace.service      the reference capture service (the system under test)
     payrace.harness      fires the races, watches the database, judges, reports (CLI `payrace`)
     payrace.locustfiles  the same races at volume, for Locust (files, run with `locust -f`)
 
-Importing this package imports nothing else: the pytest plugin and the CLI pay for the
-web framework, the ORM and the SDK only when they use them.
+Importing this package imports the standard library's contextvars and nothing else: the
+pytest plugin, the CLI and a service that only pauses pay for the web framework, the ORM
+and the SDK only when they use them.
 """
 
+from payrace.pausing import pause
+
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = ["__version__", "pause"]

@@ -1,7 +1,7 @@
 """Benchmarks of the explorer, for docs/benchmarks.md.
 
-    pause_overhead()  ns per `await pause(point)` without a controller, against not calling
-                      it and against awaiting an empty coroutine
+    pause_overhead()  ns per `await payrace.pause(point)` without a controller, against not
+                      calling it and against awaiting an empty coroutine
     _bench()          the command line:
     ├── python tools/bench_explore.py pause-overhead   pause_overhead(), printed
     └── python tools/bench_explore.py bench [--dsn DSN]
@@ -21,12 +21,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
+from payrace import pause
 from payrace.harness.explore.plan import Plan, execute, make_plan
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import provide_postgres
-from payrace.service.instrument import probes
 
 
 def pause_overhead(iterations: int = 200_000) -> dict[str, float]:
@@ -40,7 +40,7 @@ def pause_overhead(iterations: int = 200_000) -> dict[str, float]:
         started = time.perf_counter_ns()
         if kind == "pause":
             for _ in range(iterations):
-                await probes.pause("payment_read", "pending")
+                await pause("payment_read", "pending")
         elif kind == "empty":
             for _ in range(iterations):
                 await empty()

@@ -4,7 +4,8 @@
                       breached, 2 usage or infrastructure error
     payrace race      what `make race`: naive and for_update, forced and aligned; exits non-zero
                       only when a strategy's verdict differs from what it is declared to be
-    payrace explore   every schedule of the pause points (payrace.harness.explore.plan)
+    payrace explore   every schedule of the pause points (payrace.harness.explore.plan): of
+                      the reference service, or of a team's ASGI app (--app module:factory)
     payrace load      the Locust suite against the reference service it starts, or a running
                       service described by a target profile (payrace.harness.load.launch)
     payrace gateway   a fake Razorpay on loopback, for a target started by hand
@@ -278,16 +279,39 @@ def race_command(
 
 @app.command("explore")
 def explore_command(
-    strategy: Annotated[str, typer.Option()] = "for_update",
+    strategy: Annotated[
+        str | None, typer.Option(help="the reference service's flow (default for_update)")
+    ] = None,
     requests: Annotated[
         str, typer.Option(help="comma list, e.g. client,webhook,webhook")
     ] = "client,webhook",
-    isolation: Annotated[str, typer.Option()] = "READ COMMITTED",
+    isolation: Annotated[
+        str | None, typer.Option(help="the reference service's level (default READ COMMITTED)")
+    ] = None,
     pct: Annotated[int | None, typer.Option(help="PCT runs (3+ requests)")] = None,
     depth: Annotated[int, typer.Option(help="PCT bug depth d")] = 2,
     seed: Annotated[int, typer.Option()] = 1,
     replay: Annotated[str | None, typer.Option(help="rerun exactly this schedule id")] = None,
     scenario: Annotated[Path | None, typer.Option(help="TOML scenario file")] = None,
+    app_spec: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            help="module:factory building your ASGI app, driven in-process at its "
+            "`await payrace.pause(...)` points (with --profile)",
+        ),
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="with --app: your service's target profile (TOML, docs/profile.md)"),
+    ] = None,
+    target_dsn: Annotated[
+        str | None,
+        typer.Option(
+            help="with --app: the database your app already uses (default: a fresh one, "
+            "handed to the app as PAYRACE_TARGET_DSN)"
+        ),
+    ] = None,
     dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
     out: Annotated[Path, typer.Option()] = Path("reports"),
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
@@ -308,6 +332,9 @@ def explore_command(
         out_dir=out,
         console=console,
         durable=durable,
+        app=app_spec,
+        profile=profile,
+        target_dsn=target_dsn,
     )
     raise typer.Exit(code)
 

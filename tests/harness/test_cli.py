@@ -99,3 +99,15 @@ def test_an_interrupted_run_stops_everything_it_started(
         assert "Traceback" not in stderr
         assert all(gone(p.pid) for p in run.started), [cmdline(p) for p in run.started]
         assert run.clusters and cleared(run.clusters, within_s=0)
+
+
+def test_explore_with_an_app_that_cannot_be_imported_exits_2(pg: Database, tmp_path: Path) -> None:
+    profile = Path(__file__).resolve().parents[2] / "examples" / "starlette_shop" / "payrace.toml"
+    done = payrace(
+        "explore", "--app", "payrace_no_such_shop:create_app", "--profile", str(profile),
+        "--out", str(tmp_path), pg=pg,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    text = " ".join(done.stdout.split())
+    assert "no module named 'payrace_no_such_shop'" in text
+    assert "Traceback" not in done.stdout + done.stderr

@@ -1,8 +1,9 @@
-"""The explorer's engine: schedules of one list of requests, run on the in-process service.
+"""The explorer's engine: schedules of one list of requests, run on an in-process target.
 
     APPLICATION_NAME  what the explorer's own PostgreSQL connection calls itself
-    Explorer        an in-process reference service + oracle for one strategy / isolation /
-                    requests; every schedule gets a fresh order and payment
+    Explorer        an in-process target + oracle for one list of requests: the reference
+                    service at one strategy / isolation (explore.targets), or a team's ASGI
+                    app (explore.app); every schedule gets a fresh order and payment
     ├── run()           one schedule under a policy (explore.policies), driven by a
     │                   Scheduler (explore.scheduler) -> a ScheduleRun (explore.findings)
     ├── exhaustive()    every schedule (depth-first, re-executing from a fresh payment)
@@ -13,10 +14,11 @@
                         each one, filling ScheduleRun.valid / violated / unknown
 
 Who does what: explore.scheduler decides which request moves next and reads lock waits from
-PostgreSQL, by the step model of explore.steps; this module owns the service, the payments
-and the oracle around it; explore.plan turns a command or a scenario file into calls of
-these methods; explore.findings adds the schedules up, compares them with what the scenario
-expected, and draws them.
+PostgreSQL (explore.waits), by the step model of explore.steps; explore.targets and
+explore.app start and stop what is driven; this module owns the payments, the requests
+(shaped by the target's profile) and the oracle around them; explore.plan turns a command
+or a scenario file into calls of these methods; explore.findings adds the schedules up,
+compares them with what the scenario expected, and draws them.
 """
 
 from __future__ import annotations
@@ -29,117 +31,102 @@ from types import TracebackType
 from typing import Any
 
 import asyncpg
-from sqlalchemy import event
-from sqlalchemy.engine import ExceptionContext
 
+from payrace import pausing
+from payrace.harness.errors import UsageError
 from payrace.harness.explore.findings import ScheduleRun
 from payrace.harness.explore.policies import Pct, PctBound, Policy, Prefix, Steps, next_prefix
-from payrace.harness.explore.scenario import (
-    RequestSpec,
-    ScenarioError,
-    ScheduleRef,
-    StepSpec,
-    normalise_isolation,
-)
-from payrace.harness.explore.scheduler import (
-    ScheduledRequest,
-    ScheduleError,
-    Scheduler,
-    blocking_pids,
-)
+from payrace.harness.explore.scenario import RequestSpec, ScheduleRef, StepSpec
+from payrace.harness.explore.scheduler import ScheduledRequest, ScheduleError, Scheduler
+from payrace.harness.explore.targets import ExploreTarget, ReferenceTarget
+from payrace.harness.explore.waits import AppWaits, blocking_pids
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database
-from payrace.harness.model import checker, oracle, watched
+from payrace.harness.model import checker, oracle
 from payrace.harness.model.client import AsgiClient, PaymentContext, Reply, prepare
 from payrace.harness.model.history import History, Operation, classify
 from payrace.harness.model.judge import judge
-from payrace.harness.model.profile import Profile
-from payrace.service.app import Runtime, create_app
-from payrace.service.capture import STRATEGIES
-from payrace.service.instrument import probes
-from payrace.service.settings import Settings
+from payrace.harness.model.watched import OracleError
 
 APPLICATION_NAME = "payrace-explore"  # oracle.observe() does not wait for harness connections
 
 
 class Explorer:
-    """One in-process reference service (strategy, isolation) and the oracle, for many
-    schedules of one list of requests; every schedule gets a new order and payment."""
+    """One in-process target (the reference service at a strategy and isolation level, or a
+    team's app: explore.targets, explore.app) and the oracle, for many schedules of one list
+    of requests; every schedule gets a new order and payment."""
 
     def __init__(
         self,
-        db: Database,
+        db: Database | str,
         fake: FakeRazorpay,
         gateway_url: str,
         *,
-        strategy: str,
-        isolation: str,
         requests: Sequence[RequestSpec],
+        strategy: str = "for_update",
+        isolation: str = "READ COMMITTED",
+        target: ExploreTarget | None = None,
         bound_s: float = 5.0,
         poll_s: float = 0.002,
         reduce: bool = True,
         amount: int = 50_000,
         keys: GatewayKeys = GatewayKeys(),
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ScenarioError(
-                f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}"
-            )
-        self.db = db
+        self.target = target or ReferenceTarget(strategy, isolation, keys)
+        self.db_url = db if isinstance(db, str) else db.url
         self.fake = fake
         self.gateway_url = gateway_url
-        self.strategy = strategy
-        self.isolation = normalise_isolation(isolation)
+        self.strategy = self.target.name
+        self.isolation = self.target.isolation
         self.specs = tuple(requests)
         self.bound_s = bound_s
         self.poll_s = poll_s
         self.reduce = reduce
         self.amount = amount
-        self.keys = keys
-        self.profile = replace(Profile.reference(), keys=keys)
-        self.history = History(strategy=strategy)
+        self.profile = self.target.profile
+        self.hook = self.profile.before_send()
+        self.history = History(strategy=self.strategy)
         self.runs: list[ScheduleRun] = []
-        # Whether the payment read takes a lock: FOR UPDATE, or the advisory lock before it.
-        # A strategy this table does not know is assumed to lock (the guard tells if not).
-        chosen = STRATEGIES[strategy]
-        self.lock_rows = bool(
-            getattr(chosen, "lock_rows", True) or getattr(chosen, "advisory", False)
-        )
         self._active: Scheduler | None = None
         self._stock: list[PaymentContext] = []
-        self._runtime: Runtime | None = None
+        self._started = False
         self._client: AsgiClient | None = None
         self._conn: Any = None
+        self._waits: AppWaits | None = None
         self._baseline: oracle.Baseline | None = None
         self.observation: oracle.Observation | None = None
 
+    @property
+    def points(self) -> tuple[str, ...]:
+        """The pause points the requests reached, in the order first reached."""
+        seen: dict[str, None] = {}
+        for run in self.runs:
+            for point in run.points:
+                seen.setdefault(point)
+        return tuple(seen)
+
     async def __aenter__(self) -> Explorer:
-        settings = Settings(
-            database_url=self.db.asyncpg_url(),
-            capture_strategy=self.strategy,
-            isolation_level=self.isolation,
-            razorpay_key_id=self.keys.key_id,
-            razorpay_key_secret=self.keys.key_secret,
-            razorpay_webhook_secret=self.keys.webhook_secret,
-            razorpay_base_url=self.gateway_url,
-            db_pool_size=10,
-        )
-        app = create_app(settings)
-        self._runtime = app.state.runtime
         try:
-            await self._runtime.startup()
+            self._started = True
+            app = await self.target.start(self.db_url, self.gateway_url, self)
             self._client = AsgiClient(app)
-            # The oracle needs the tables, which startup() just created.
-            await asyncio.to_thread(oracle.install, self.db.url)
-            self._baseline = await asyncio.to_thread(oracle.baseline, self.db.url)
+            # The oracle needs the tables, which the target's startup created.
+            try:
+                await asyncio.to_thread(oracle.install, self.db_url, self.profile.oracle)
+            except OracleError as exc:
+                raise UsageError(
+                    f"cannot install the oracle's audit triggers ({self.profile.source}): "
+                    f"{exc}; the target must create its tables at startup in the database "
+                    "payrace gives it (an app: PAYRACE_TARGET_DSN), or --target-dsn must name "
+                    "the database where they are"
+                ) from None
+            self._baseline = await asyncio.to_thread(oracle.baseline, self.db_url)
             self._conn = await asyncpg.connect(
-                self.db.url, server_settings={"application_name": APPLICATION_NAME}
+                self.db_url, server_settings={"application_name": APPLICATION_NAME}
             )
-            engine = self._runtime.engine.sync_engine
-            event.listen(engine, "before_cursor_execute", self._on_statement)
-            event.listen(engine, "commit", self._on_commit)
-            event.listen(engine, "handle_error", self._on_error)
+            if not self.target.exact_pids:
+                self._waits = AppWaits(self._conn)
         except BaseException:
             await self._close()
             raise
@@ -159,11 +146,9 @@ class Explorer:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-        if self._runtime is not None:
-            # Closing the pool ends the service's backends, which flushes their deadlock
-            # counters: the oracle's reading settles at once (see payrace.harness.model.oracle).
-            await self._runtime.shutdown()
-            self._runtime = None
+        if self._started:
+            self._started = False
+            await self.target.stop()
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
@@ -171,24 +156,20 @@ class Explorer:
     # -- engine events, routed to the schedule that runs now -------------------------------
 
     def _label(self) -> str | None:
-        probe = probes.current_probe()
+        probe = pausing.current_probe()
         return probe.label if probe is not None and self._active is not None else None
 
-    def _on_statement(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def on_statement(self, statement: str) -> None:
         if (label := self._label()) is not None and self._active is not None:
             self._active.on_statement(label, statement)
 
-    def _on_commit(self, conn: Any) -> None:
+    def on_commit(self) -> None:
         if (label := self._label()) is not None and self._active is not None:
             self._active.on_commit(label)
 
-    def _on_error(self, context: ExceptionContext) -> None:
-        if (label := self._label()) is None or self._active is None:
-            return
-        exc: BaseException | None = context.original_exception
-        cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
-        message = str(getattr(cause, "message", None) or cause or "error").splitlines()[0]
-        self._active.on_error(label, message)
+    def on_error(self, message: str) -> None:
+        if (label := self._label()) is not None and self._active is not None:
+            self._active.on_error(label, message)
 
     # -- running schedules -------------------------------------------------------------------
 
@@ -196,9 +177,8 @@ class Explorer:
         """A new order and an authorized gateway payment (created a batch at a time)."""
         if not self._stock:
             assert self._client is not None
-            orders = await asyncio.gather(
-                *(self._client.create_order(self.amount, "INR") for _ in range(16))
-            )
+            orders = await asyncio.gather(*(self._order() for _ in range(16)))
+            await self._check_setup(orders)
             for order in orders:
                 payment = self.fake.authorize_payment(order["gateway_order_id"])
                 self._stock.append(
@@ -206,7 +186,47 @@ class Explorer:
                 )
         return self._stock.pop(0)
 
+    async def _check_setup(self, orders: list[dict[str, Any]]) -> None:
+        """An app that writes to another database or talks to another gateway than payrace's
+        is a setup mistake, said before any schedule (else every verdict would be unknown)."""
+        where = f"the target ({self.profile.source})"
+        for order in orders:
+            if self.fake.order(order["gateway_order_id"]) is None:
+                raise UsageError(
+                    f"the fake gateway never saw order {order['gateway_order_id']!r} that "
+                    f"{where} answered: it creates orders at another gateway; point it at "
+                    "PAYRACE_GATEWAY_URL"
+                )
+        payments = self.profile.oracle.payments
+        table = ".".join(_quoted(part) for part in payments.table.split(".", 1))
+        ids = [int(order["payment_id"]) for order in orders]
+        found = await self._conn.fetchval(
+            f"SELECT count(*) FROM {table} WHERE {_quoted(payments.id_column)} = ANY($1::bigint[])",
+            ids,
+        )
+        if found != len(ids):
+            raise UsageError(
+                f"{where} answered payment ids {ids[:3]}… that {payments.table} in payrace's "
+                "database does not hold: it writes to another database; make it use "
+                "PAYRACE_TARGET_DSN (or give --target-dsn the database it uses)"
+            )
+
+    async def _order(self) -> dict[str, Any]:
+        """The profile's create-order request; with `by = "payrace"` the order is created at
+        the fake gateway first (as payrace.harness.runner.trials does)."""
+        assert self._client is not None
+        gateway_order_id = None
+        if self.profile.create_order.by == "payrace":
+            gateway_order_id = str(
+                self.fake.create_order({"amount": self.amount, "currency": "INR"})["id"]
+            )
+        return await self._client.create_order(
+            self.amount, "INR", self.profile, gateway_order_id, self.hook
+        )
+
     async def _blockers(self, pids: list[int]) -> dict[int, list[int]]:
+        if self._waits is not None:
+            return await self._waits(pids)
         return await blocking_pids(self._conn, pids)
 
     async def run(
@@ -217,7 +237,7 @@ class Explorer:
         assert self._client is not None
         client = self._client
         reqs = [
-            ScheduledRequest(i, spec, prepare(spec.step, i, ctx, self.profile))
+            ScheduledRequest(i, spec, prepare(spec.step, i, ctx, self.profile, self.hook))
             for i, spec in enumerate(self.specs)
         ]
 
@@ -232,10 +252,13 @@ class Explorer:
             send=send,
             blockers=self._blockers,
             isolation=self.isolation,
-            lock_rows=self.lock_rows,
+            lock_rows=self.target.lock_rows,
             reduce=self.reduce,
             bound_s=self.bound_s,
             poll_s=self.poll_s,
+            model=self.target.model,
+            exact_pids=self.target.exact_pids,
+            statement_of=self._waits.statement if self._waits is not None else None,
         )
         self._active = sched
         error = None
@@ -279,6 +302,7 @@ class Explorer:
             pruned=sched.pruned,
             expect=expect,
             races=sched.races,
+            points=tuple(dict.fromkeys(p for r in reqs for p in r.trail)),
         )
         if isinstance(policy, Prefix) and policy.diverged_at is not None and not error:
             if sched.races and sched.races[0][0] < policy.diverged_at:
@@ -359,8 +383,8 @@ class Explorer:
         is one number for the whole database."""
         assert self._baseline is not None
         obs = oracle.observe(
-            self.db.url,
-            watched.OracleConfig.reference(),
+            self.db_url,
+            self.profile.oracle,
             since=self._baseline,
             payment_ids=[r.payment_id for r in self.runs],
             gateway_counters=self.fake.counters(),
@@ -394,6 +418,10 @@ class Explorer:
             run.violated = tuple(n for n, r in v.results.items() if r.valid is False)
             run.unknown = tuple(n for n, r in v.results.items() if r.valid == "unknown")
         return verdict
+
+
+def _quoted(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
 
 
 __all__ = ["APPLICATION_NAME", "Explorer"]

@@ -63,6 +63,7 @@ class ScheduleRun:
     # PostgreSQL's choice, so what follows may differ between runs (see Scheduler.step).
     races: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
     note: str | None = None
+    points: tuple[str, ...] = ()  # the pause points its requests reached, first seen first
     # Filled by Explorer.judge():
     valid: checker.Validity = "unknown"
     violated: tuple[str, ...] = ()
@@ -98,6 +99,12 @@ class ExploreResult:
     confidence: float = 0.95
     scenario: Scenario | None = None
     notes: list[str] = field(default_factory=list)
+    # A team's app (`--app module:factory`): the pause points its requests reached, the
+    # command that replays one of its ids, and what its profile declares it to be.
+    app: str | None = None
+    points: tuple[str, ...] = ()
+    replay_command: str = "payrace explore"
+    declared: str | None = None
 
     @property
     def schedules_per_s(self) -> float:
@@ -175,6 +182,12 @@ class ExploreResult:
                 "no longer matches the capture path; update it before trusting collapsed schedules"
             )
         out += [f"schedule {r.name or r.id}: {r.error}" for r in self.runs if r.error]
+        if self.app is not None and not self.points and self.runs:
+            out.append(
+                f"no request reached a pause point, so every schedule ran the requests one after "
+                f'the other: place `await payrace.pause("name")` in {self.app}\'s request code '
+                "where the order matters (after the read, before the writes)"
+            )
         return out
 
     def exit_code(self) -> int:
@@ -190,10 +203,12 @@ class ExploreResult:
 
     def header(self) -> list[str]:
         requests = ", ".join(f"{s.label} ({s.describe()})" for s in self.specs)
-        lines = [
-            f"{self.title}",
-            f"strategy {self.strategy} · {self.isolation} · requests {requests}",
-        ]
+        where = (
+            f"app {self.strategy} · its own isolation level"
+            if self.app is not None
+            else f"strategy {self.strategy} · {self.isolation}"
+        )
+        lines = [f"{self.title}", f"{where} · requests {requests}"]
         if self.mode == "exhaustive":
             pruned = sum(r.pruned for r in self.runs)
             lines.append(
@@ -205,6 +220,8 @@ class ExploreResult:
             lines.append(self.bound.describe(len(self.runs) - self.bound.n, self.confidence))
         else:
             lines.append(f"mode {self.mode}: {len(self.runs)} schedules")
+        if self.app is not None:
+            lines.append(f"pause points reached: {', '.join(self.points) or 'none'}")
         return lines
 
     def counts(self, runs: Sequence[ScheduleRun] | None = None) -> list[str]:
@@ -299,7 +316,7 @@ class ExploreResult:
             console.print(
                 Panel(Text(render_text(run.events)), title=Text(f"{what}: {run.id}"), expand=False)
             )
-            console.print(Text(f"replay it: payrace explore --replay {run.id}"))
+            console.print(Text(f"replay it: {self.replay_command} --replay {run.id}"))
         console.print(
             Text(
                 f"{len(self.runs)} schedules in {self.duration_s:.2f} s "
@@ -336,7 +353,7 @@ class ExploreResult:
         expected = (
             self.scenario.expect
             if self.scenario and self.scenario.expect
-            else DECLARED.get(self.strategy)
+            else self.declared or DECLARED.get(self.strategy)
         )
         code = self.exit_code()
         strategy = {
@@ -352,6 +369,7 @@ class ExploreResult:
             "first_violation": first,
             "explore": {
                 "mode": self.mode,
+                "points": list(self.points),
                 "isolation_level": self.isolation,
                 "requests": [s.kind.token for s in self.specs],
                 "complete": self.complete,
@@ -382,7 +400,7 @@ class ExploreResult:
             "duration_s": round(self.duration_s, 3),
             "machine": machine(),
             "database": database,
-            "target": "inproc",
+            "target": f"app {self.app}" if self.app is not None else "inproc",
             "mode": "explore",
             "trials": len(self.runs),
             "isolation_level": self.isolation,

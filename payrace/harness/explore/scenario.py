@@ -11,6 +11,7 @@
     parse_requests() tokens -> RequestSpec per request, labelled client, webhook-1, ...
     ScheduleRef      strategy, isolation, requests and the choice sequence: everything a
                      replay needs; .id is the short id, parse_schedule_id() reads it back
+    APP_ISOLATION, app_name()   how an app's schedule ids say isolation and target
     StepSpec         one entry of an explicit schedule: "client", "webhook-1:payment_read",
                      "client:end"
     ExplicitSchedule a named list of StepSpecs and, optionally, its expected verdict
@@ -23,7 +24,9 @@ per request (KINDS' codes), then the choices — which request was released at e
 a = first request, b = second, ... — run-length encoded (`a3` = a, a, a). A step is a
 *visible* step of explore.scheduler (local steps are folded into the step before them), so
 an id stays valid as long as the capture path keeps its pause points and the step table of
-explore.steps (predict()).
+explore.steps (predict()). An app's schedules (`payrace explore --app`) are named after its
+profile, with `app` for the isolation level the app keeps to itself: `shop.app.cw.a2b3`
+(app_name(), APP_ISOLATION); each of its steps runs from one pause point to the next.
 """
 
 from __future__ import annotations
@@ -160,8 +163,17 @@ def normalise_isolation(value: str) -> str:
 # -- schedule ids -------------------------------------------------------------------------
 
 _ID = re.compile(
-    r"^(?P<strategy>[a-z_]+)\.(?P<iso>rc|rr|sr)\.(?P<reqs>[a-z]{2,8})\.(?P<ch>[a-z0-9]+)$"
+    r"^(?P<strategy>[a-z][a-z0-9_]*)\.(?P<iso>rc|rr|sr|app)\.(?P<reqs>[a-z]{2,8})\."
+    r"(?P<ch>[a-z0-9]+)$"
 )
+# The isolation word of an app's schedules: the app keeps its own level, payrace sets none.
+APP_ISOLATION = "app"
+
+
+def app_name(name: str) -> str:
+    """A profile's name as the first word of a schedule id: "Shop-v2" -> "shop_v2"."""
+    word = re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_")
+    return word if word[:1].isalpha() else f"app_{word}"
 
 
 @dataclass(frozen=True)
@@ -174,7 +186,7 @@ class ScheduleRef:
     @property
     def id(self) -> str:
         codes = "".join(KINDS[t].code for t in self.requests)
-        iso = ISOLATION_CODES[self.isolation]
+        iso = ISOLATION_CODES.get(self.isolation, APP_ISOLATION)
         return f"{self.strategy}.{iso}.{codes}.{encode_choices(self.choices)}"
 
 
@@ -217,7 +229,7 @@ def parse_schedule_id(text: str) -> ScheduleRef:
         if code not in _BY_CODE:
             raise ScenarioError(f"schedule id {text!r}: unknown request code {code!r}")
         requests.append(_BY_CODE[code].token)
-    isolation = {v: k for k, v in ISOLATION_CODES.items()}[m["iso"]]
+    isolation = {v: k for k, v in ISOLATION_CODES.items()}.get(m["iso"], APP_ISOLATION)
     choices = decode_choices(m["ch"])
     if any(c >= len(requests) for c in choices):
         raise ScenarioError(

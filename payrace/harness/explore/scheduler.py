@@ -4,22 +4,24 @@
     Wait              a lock wait PostgreSQL reported
     ScheduledRequest  one request within a schedule: its gate, pause point, step in flight
     answer_text()     "200 captured (idempotent)": a reply as the timeline shows it
-    blocking_pids()   pg_blocking_pids() for the requests' backends, one query
+    blocking_pids()   pg_blocking_pids() for the requests' backends (explore.waits)
     Scheduler         the PauseController for one schedule:
     ├── reached()         a request arrived at a pause point: park it until released
     ├── on_statement(), on_commit(), on_error()
     │                     what the service's engine did for a request (SQLAlchemy events)
     ├── step()            release one request and settle: each request paused, answered, or
     │                     waiting for a lock that pg_blocking_pids() says another request
-    │                     holds; mutual waits are reported as deadlocks, a step that does
-    │                     neither within the bound is cancelled and reported as stuck
+    │                     holds (explore.waits names who waits for whom); mutual waits
+    │                     are reported as deadlocks, a step that does neither within the
+    │                     bound is cancelled and reported as stuck
     ├── run_local()       fold LOCAL steps into the step before them
     ├── drive()           ask a policy (explore.policies) which runnable request goes next,
     │                     until every request answered; equivalent schedules are pruned
     └── close()           let every request finish without pauses
 
 The step model it applies — step classes, the table it checks every executed step against,
-which steps commute — is explore.steps. explore.engine runs a Scheduler per schedule against
+which steps commute — is explore.steps: the reference service's table, or opaque() for an
+app whose code payrace has not read. explore.engine runs a Scheduler per schedule against
 the in-process service and judges the outcome; explore.findings adds the schedules up and
 draws them.
 
@@ -47,22 +49,21 @@ from typing import TYPE_CHECKING, Any
 from payrace.harness.explore.scenario import RequestSpec
 from payrace.harness.explore.steps import (
     StepClass,
+    StepModel,
     dependent,
     describe_statement,
     predict,
     statement_class,
 )
+from payrace.harness.explore.waits import blocking_pids, name_waits
 from payrace.harness.model.client import Prepared, Reply
 from payrace.harness.model.history import Operation
 from payrace.harness.reports.timeline import TimelineEvent, phrase
-from payrace.service.instrument import probes
-from payrace.service.instrument.probes import ProbeContext
+from payrace.pausing import ProbeContext, controlled
 
 if TYPE_CHECKING:
     # Policies read ScheduledRequest: importing them at run time would be a cycle.
     from payrace.harness.explore.policies import Policy
-
-_BLOCKERS = "SELECT pid, pg_blocking_pids(pid) AS blockers FROM unnest($1::int[]) AS pid"
 
 
 class ScheduleError(RuntimeError):
@@ -126,14 +127,6 @@ def answer_text(reply: Reply | None) -> str:
     return f"{reply.status} {code or 'error'}"
 
 
-async def blocking_pids(conn: Any, pids: list[int]) -> dict[int, list[int]]:
-    """pid -> the pids PostgreSQL says it waits for (asyncpg connection, one round trip)."""
-    if not pids:
-        return {}
-    rows = await conn.fetch(_BLOCKERS, pids)
-    return {int(row["pid"]): [int(p) for p in row["blockers"]] for row in rows}
-
-
 class Scheduler:
     """The explorer's PauseController for one schedule (one payment, fresh state)."""
 
@@ -148,6 +141,9 @@ class Scheduler:
         reduce: bool,
         bound_s: float,
         poll_s: float,
+        model: StepModel | None = None,
+        exact_pids: bool = True,
+        statement_of: Callable[[int], str | None] | None = None,
     ) -> None:
         self.reqs = reqs
         self._by_label = {r.label: r for r in reqs}
@@ -158,6 +154,13 @@ class Scheduler:
         self.reduce = reduce
         self.bound_s = bound_s
         self.poll_s = poll_s
+        # The step table (explore.steps): the reference service's by default; an app's code
+        # is not read, so its model is opaque() (nothing folded, nothing pruned).
+        self._model = model
+        # False for an app: its requests need not name their backends (explore.waits).
+        self.exact_pids = exact_pids
+        self._statement_of = statement_of
+        self._learned: dict[str, int] = {}  # label -> backend pid found by elimination
         self._changed = asyncio.Event()
         self._free = False  # after a give-up: let everything run to its end
         self._seq = 0
@@ -258,9 +261,16 @@ class Scheduler:
         return all(r.state == "done" for r in self.reqs)
 
     def predicted(self, r: ScheduledRequest) -> StepClass:
+        if self._model is not None:
+            return self._model(r.spec, r.point, r.detail)
         return predict(
             r.spec, r.point, r.detail, isolation=self.isolation, lock_rows=self.lock_rows
         )
+
+    def _pid(self, r: ScheduledRequest) -> int | None:
+        if r.probe is not None and r.probe.backend_pid is not None:
+            return r.probe.backend_pid
+        return self._learned.get(r.label)
 
     async def step(self, index: int) -> None:
         r = self.reqs[index]
@@ -306,7 +316,7 @@ class Scheduler:
 
     async def _request(self, r: ScheduledRequest) -> None:
         try:
-            with probes.controlled(self, r.label) as probe:
+            with controlled(self, r.label) as probe:
                 r.probe = probe
                 r.reply = await self._send(r)
         except asyncio.CancelledError:
@@ -333,39 +343,35 @@ class Scheduler:
                         await self._changed.wait()
                 if self._changed.is_set():
                     continue
-            pids = {
-                r.label: r.probe.backend_pid
-                for r in active
-                if r.probe is not None and r.probe.backend_pid is not None
-            }
-            ours = {
-                r.probe.backend_pid: r.label
-                for r in self.reqs
-                if r.state != "done" and r.probe is not None and r.probe.backend_pid is not None
-            }
-            answer: dict[int, list[int]] = await self._blockers(sorted(set(pids.values())))
+            pid_of = {r.label: self._pid(r) for r in self.reqs if r.state != "done"}
+            asked = sorted({p for r in active if (p := pid_of[r.label]) is not None})
+            answer: dict[int, list[int]] = await self._blockers(asked)
             if self._changed.is_set():
                 continue  # someone moved while we asked: the answer may be stale
+            found = name_waits(
+                [(r.label, pid_of[r.label]) for r in active],
+                [(r.label, pid_of[r.label]) for r in self.reqs if r.state not in ("new", "done")],
+                answer,
+                eliminate=not self.exact_pids,
+            )
+            self._learned.update(found.learned)
             all_blocked = True
             for r in active:
-                pid = pids.get(r.label)
-                named = tuple(b for b in answer.get(pid or -1, []) if b in ours)
-                by = tuple(
-                    sorted(
-                        {
-                            ours[b]
-                            for b in answer.get(pid or -1, [])
-                            if ours.get(b, r.label) != r.label
-                        },
-                        key=lambda label: self._by_label[label].index,
-                    )
-                )
-                if not by:
+                waiting = found.waits.get(r.label)
+                if waiting is None:
                     all_blocked = False
                     if r.state == "blocked":
                         r.state = "running"  # the holder committed: it runs again
                     continue
-                r.state, r.blocked_by, r.blocker_pids = "blocked", by, named
+                r.state, r.blocked_by, r.blocker_pids = "blocked", waiting.by, waiting.pids
+                # No engine events from an app: what it waits in, as PostgreSQL shows it.
+                statement = (
+                    self._statement_of(waiting.pid)
+                    if self._statement_of is not None and waiting.pid is not None
+                    else None
+                )
+                if statement is not None and not r.statements:
+                    r.statements.append(statement)
             if all_blocked:
                 cycle = self._cycle(active)
                 if cycle is None:

@@ -3,6 +3,8 @@
     StepClass       LOCAL < READ < WRITE < END: what the code between two pause points may do
     predict()       the class of a request's next step, read off service/capture.py; every
                     executed step is checked against it (explore.scheduler, Scheduler._arrive)
+    StepModel       what the Scheduler asks: (request, point, detail) -> the next step's class
+    opaque()        the model of an app payrace has not read (`payrace explore --app`): END
     dependent()     may two steps of different requests not be swapped?
     statement_class()     what an executed SQL statement did: READ or WRITE
     describe_statement()  how a timeline names it ("lock payment", "record event id")
@@ -33,6 +35,11 @@ skipped whenever it could leave no choice, so it only ever drops schedules that 
 equivalent one that is explored. Blocked variants are never collapsed into unblocked ones:
 a step that waits for a lock is WRITE, and END (which releases locks) depends on it.
 
+An app's code is not read, so every one of its steps is END (opaque()): nothing is folded,
+no two steps commute, and the explorer runs every interleaving of the app's pause points —
+more schedules than needed, never fewer. Its pause points are whatever names its requests
+reach: the model asks no name.
+
 The table is checked while running: a LOCAL or READ step that wrote, locked, committed or
 waited, or a WRITE step that committed, makes the run fail with exit code 2 and a message
 naming the step (the reduction would no longer be sound for this capture path).
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 
 from payrace.harness.explore.scenario import RequestSpec
 
@@ -91,6 +99,14 @@ def predict(
     return StepClass.END  # before_commit, or a point this table does not know: the worst
 
 
+StepModel = Callable[[RequestSpec, str | None, str | None], StepClass]
+
+
+def opaque(spec: RequestSpec, point: str | None, detail: str | None) -> StepClass:
+    """Any step of code payrace has not read may write, wait and commit: END."""
+    return StepClass.END
+
+
 def dependent(a: StepClass, b: StepClass, isolation: str) -> bool:
     if StepClass.LOCAL in (a, b) or (a is StepClass.READ and b is StepClass.READ):
         return False
@@ -116,18 +132,27 @@ _TABLE_WORD = {"payments": "payment", "invoices": "invoice", "orders": "order"}
 
 
 def describe_statement(statement: str) -> str:
-    """ "UPDATE payments SET ..." -> "update payment": what a waiting request waits to do."""
+    """ "UPDATE payments SET ..." -> "update payment": what a waiting request waits to do
+    (a schema-qualified table keeps its schema: "lock store.charges")."""
     text = " ".join(statement.split())
-    if m := re.match(r"(?i)UPDATE\s+(\w+)", text):
+    if m := re.match(r"(?i)UPDATE\s+([\w.]+)", text):
         return f"update {_TABLE_WORD.get(m[1], m[1])}"
-    if m := re.match(r"(?i)INSERT\s+INTO\s+(\w+)", text):
+    if m := re.match(r"(?i)INSERT\s+INTO\s+([\w.]+)", text):
         return "record event id" if m[1] == "webhook_events" else f"insert {m[1]}"
     if _ADVISORY.search(text):
         return "advisory lock"
-    if m := re.search(r"(?i)\bFROM\s+(\w+)", text):
+    if m := re.search(r"(?i)\bFROM\s+([\w.]+)", text):
         verb = "lock" if _FOR_LOCK.search(text) else "read"
         return f"{verb} {_TABLE_WORD.get(m[1], m[1])}"
     return text[:40]
 
 
-__all__ = ["StepClass", "dependent", "describe_statement", "predict", "statement_class"]
+__all__ = [
+    "StepClass",
+    "StepModel",
+    "dependent",
+    "describe_statement",
+    "opaque",
+    "predict",
+    "statement_class",
+]

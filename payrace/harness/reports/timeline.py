@@ -48,8 +48,9 @@ class TimelineEvent:
 def phrase(point: str, detail: str | None) -> str:
     if point == "status_checked" and detail == "repeat":
         return "already captured: idempotent return"
-    template = PHRASES.get(point, point)
-    return template.format(detail=detail or "?")
+    if point not in PHRASES:  # a team's own point (payrace.pause): its name, as written
+        return f"{point} ({detail})" if detail else point
+    return PHRASES[point].format(detail=detail or "?")
 
 
 def from_probes(probes: Mapping[str, ProbeContext]) -> list[TimelineEvent]:

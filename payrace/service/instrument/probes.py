@@ -1,18 +1,21 @@
 """Pause points: named places in the capture path where a controller may hold a request.
 
     POINTS            the names, in the order one capture passes them
+    (from payrace.pausing, the public mechanism, re-exported here:)
     PauseController   what a harness installs (forced rendezvous, the explorer's scheduler)
     ProbeContext      per-request facts a controller needs: label, backend pid, time paused
     controlled()      install a controller for the requests started inside it (contextvar)
     pause()           the hook the capture path awaits; a no-op without a controller
-    record_backend()  tell the controller which PostgreSQL backend serves the request
     finish()          the request left the capture path (every outcome)
+    set_backend_pid(), active(), current_probe()
+    record_backend()  tell the controller which PostgreSQL backend serves the request
     Rendezvous        "hold at POINT until every other member has arrived, finished or is
                       blocked by PostgreSQL" — forced mode, in-process or via X-Payrace-Pause
     parse_pause_header()  X-Payrace-Pause: group=<id>; size=<n>[; point=...][; timeout_ms=...]
 
-Without a controller `pause()` costs one ContextVar.get() and a comparison, which is why the
-capture path can keep its pause points in production. The capture path
+Without a controller `pause()` costs one ContextVar.get() and a comparison and allocates
+nothing (payrace.pausing), which is why the capture path can keep its pause points in
+production. The capture path
 (payrace.service.capture) calls pause() / record_backend() / finish(); the middleware
 installs a Rendezvous from X-Payrace-Pause; the harness installs its own controllers.
 """
@@ -21,11 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+# The mechanism is payrace's public one (`from payrace import pause`): the reference
+# service's points are calls of the same function a team places in its own code.
+from payrace.pausing import (
+    PauseController,
+    ProbeContext,
+    active,
+    controlled,
+    current_probe,
+    finish,
+    pause,
+    set_backend_pid,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -42,60 +56,6 @@ POINTS: tuple[str, ...] = (
 )
 
 
-@dataclass
-class ProbeContext:
-    label: str
-    backend_pid: int | None = None
-    paused_s: float = 0.0
-    # (point, time.monotonic_ns(), detail) in the order reached: the raw material of timelines.
-    points: list[tuple[str, int, str | None]] = field(default_factory=list)
-    finished: bool = False
-    # Set by a controller that had to give up waiting (reported, never silent).
-    timed_out: bool = False
-
-
-class PauseController(Protocol):
-    async def reached(self, point: str, probe: ProbeContext) -> None: ...
-
-    def finished(self, probe: ProbeContext) -> None: ...
-
-
-_controller: ContextVar[PauseController | None] = ContextVar("payrace_controller", default=None)
-_probe: ContextVar[ProbeContext | None] = ContextVar("payrace_probe", default=None)
-
-
-def active() -> bool:
-    return _controller.get() is not None
-
-
-def current_probe() -> ProbeContext | None:
-    return _probe.get()
-
-
-@contextmanager
-def controlled(controller: PauseController, label: str) -> Iterator[ProbeContext]:
-    """Requests started inside this block report their pause points to `controller`."""
-    probe = ProbeContext(label=label)
-    t1 = _controller.set(controller)
-    t2 = _probe.set(probe)
-    try:
-        yield probe
-    finally:
-        # A request rejected before the capture path never reaches finish(); tell the
-        # controller here so a rendezvous does not wait for it until its timeout.
-        if not probe.finished:
-            probe.finished = True
-            controller.finished(probe)
-        _controller.reset(t1)
-        _probe.reset(t2)
-
-
-def set_backend_pid(pid: int) -> None:
-    probe = _probe.get()
-    if probe is not None:
-        probe.backend_pid = pid
-
-
 async def record_backend(conn: AsyncConnection) -> None:
     """With a controller installed, note the backend pid of the request's connection."""
     if not active():
@@ -106,28 +66,6 @@ async def record_backend(conn: AsyncConnection) -> None:
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None  # a checked-out connection always has one
     set_backend_pid(int(driver.get_server_pid()))
-
-
-async def pause(point: str, detail: str | None = None) -> None:
-    controller = _controller.get()
-    if controller is None:
-        return
-    probe = _probe.get()
-    assert probe is not None  # controlled() always sets both
-    probe.points.append((point, time.monotonic_ns(), detail))
-    started = time.perf_counter()
-    try:
-        await controller.reached(point, probe)
-    finally:
-        probe.paused_s += time.perf_counter() - started
-
-
-def finish() -> None:
-    controller = _controller.get()
-    probe = _probe.get()
-    if controller is not None and probe is not None and not probe.finished:
-        probe.finished = True
-        controller.finished(probe)
 
 
 BlockedProbe = Callable[[int], Awaitable[bool]]
@@ -252,3 +190,22 @@ def parse_pause_header(value: str) -> PauseRequest:
     return PauseRequest(
         group=fields["group"], size=size, point=point, timeout_ms=timeout_ms, hold_ms=hold_ms
     )
+
+
+__all__ = [
+    "POINTS",
+    "BlockedProbe",
+    "PauseController",
+    "PauseHeaderError",
+    "PauseRequest",
+    "ProbeContext",
+    "Rendezvous",
+    "active",
+    "controlled",
+    "current_probe",
+    "finish",
+    "parse_pause_header",
+    "pause",
+    "record_backend",
+    "set_backend_pid",
+]

@@ -135,3 +135,23 @@ def test_pct_header_states_the_bound() -> None:
     result = _result([_run(i, (0, 1)) for i in range(1, 6)])
     result.mode, result.bound = "pct", PctBound(n=2, k=4, d=2)
     assert "1/8" in result.header()[2] and "3 runs give" in result.header()[2]
+
+
+def test_an_apps_exploration_names_its_points_and_how_to_replay() -> None:
+    result = _result([_run(1, (0, 1), valid=False)])
+    result.app, result.points = "shop.main:create_app", ("charge_read", "charge_written")
+    result.replay_command = "payrace explore --app shop.main:create_app --profile shop.toml"
+    assert "app naive · its own isolation level · requests client" in result.header()[1]
+    assert result.header()[-1] == "pause points reached: charge_read, charge_written"
+    assert result.problems() == [] and result.exit_code() == EXIT_VIOLATED
+    summary = result.summary(command="c", run_id="r", database={}, started_at="t")
+    assert summary["target"] == "app shop.main:create_app"
+    assert summary["strategies"]["naive"]["explore"]["points"] == ["charge_read", "charge_written"]
+
+
+def test_an_app_whose_requests_never_paused_cannot_be_trusted() -> None:
+    result = _result([_run(1, (0, 1)), _run(2, (1, 0))])
+    result.app = "shop.main:create_app"
+    [problem] = result.problems()
+    assert "no request reached a pause point" in problem and "shop.main:create_app" in problem
+    assert result.exit_code() == EXIT_ERROR

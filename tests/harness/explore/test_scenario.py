@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 from payrace.harness.explore.scenario import (
+    APP_ISOLATION,
     KINDS,
     ScenarioError,
     ScheduleRef,
     StepSpec,
+    app_name,
     decode_choices,
     encode_choices,
     load_scenario,
@@ -90,6 +92,14 @@ def test_schedule_ids_are_short_and_round_trip() -> None:
         "for_update", "SERIALIZABLE", ("client", "webhook", "duplicate"), (2, 0)
     )
     assert parse_schedule_id(serializable.id) == serializable
+
+
+def test_an_apps_ids_carry_its_name_and_no_isolation_level() -> None:
+    """`payrace explore --app`: the app keeps its own isolation level, payrace sets none."""
+    ref = ScheduleRef(app_name("Starlette-Shop v2"), APP_ISOLATION, ("client", "webhook"), (0, 1))
+    assert ref.id == "starlette_shop_v2.app.cw.ab"
+    assert parse_schedule_id(ref.id) == ref
+    assert app_name("2shop") == "app_2shop"
 
 
 @pytest.mark.parametrize(

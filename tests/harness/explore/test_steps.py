@@ -11,6 +11,7 @@ from payrace.harness.explore.steps import (
     StepClass,
     dependent,
     describe_statement,
+    opaque,
     predict,
     statement_class,
 )
@@ -66,3 +67,17 @@ def test_statements_are_classified_by_what_they_lock() -> None:
     )
     assert describe_statement("UPDATE invoices SET status=$1") == "update invoice"
     assert describe_statement("INSERT INTO webhook_events (a) VALUES (1)") == "record event id"
+    # An app's schema-qualified tables keep their schema.
+    assert describe_statement("SELECT c.state FROM store.charges c FOR UPDATE OF c") == (
+        "lock store.charges"
+    )
+    assert describe_statement("UPDATE store.invoices SET state = 'paid'") == "update store.invoices"
+
+
+def test_an_apps_steps_are_opaque_so_every_interleaving_is_run() -> None:
+    """Code payrace has not read may write, wait and commit anywhere: END at every point,
+    so nothing is folded and no two steps are taken to commute."""
+    [spec] = parse_requests(["client", "webhook"])[:1]
+    for point in (None, "charge_read", "before_commit", "anything"):
+        assert opaque(spec, point, "pending") is StepClass.END
+    assert dependent(opaque(spec, None, None), opaque(spec, "x", None), "app")

@@ -93,6 +93,9 @@ def test_phrase_turns_pause_points_into_the_seeds_words() -> None:
     assert phrase("status_checked", "repeat") == "already captured: idempotent return"
     assert phrase("payment_written", None) == "update payment = captured"
     assert phrase("no_such_point", None) == "no_such_point"
+    # A team's own point (payrace.pause): its name as written, its detail beside it.
+    assert phrase("charge_read", "pending") == "charge_read (pending)"
+    assert phrase("odd{name}", "{x}") == "odd{name} ({x})"
 
 
 def test_from_probes_merges_processes_in_time_order() -> None:
