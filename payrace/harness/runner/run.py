@@ -3,7 +3,8 @@
     run()            provision PostgreSQL (infra.provider) and the fake gateway, install the
                      oracle, then per strategy: start_target (runner.target), fire_trials
                      (runner.trials), judge (model.judge); gates; the summary (contracts.md)
-    judge()          one strategy's trials -> its part of summary.json
+    judge()          one strategy's trials -> its part of summary.json, with how many
+                     trials forced mode forced ("forced": by, trials, forced, timeouts)
     write_history()  history.jsonl: every strategy's operations
 
 Strategies run one after another on one database, so the deadlock counter's delta and the
@@ -84,6 +85,7 @@ async def judge(
         "trials_per_second": round(config.trials / duration, 2) if duration else 0.0,
         "duration_s": round(duration, 3),
         "pause_timeouts": run.pause_timeouts,
+        "forced": _forced(config, run),
         "trial_errors": {"count": len(run.trial_errors), "first": run.trial_errors[:3]},
         "checks": judged.checks(),
         "latency_ms": run.latency.summary(),
@@ -93,6 +95,19 @@ async def judge(
         "first_violation": first,
         **faults,
         "_history": run.history,
+    }
+
+
+def _forced(config: RunConfig, run: StrategyRun) -> dict[str, Any] | None:
+    """How many trials forced mode actually forced: a trial whose barrier or pause gave up
+    waiting (or that never held two requests at once) raced, but was not forced."""
+    if config.mode != "forced":
+        return None
+    return {
+        "by": config.force,
+        "trials": config.trials,
+        "forced": sum(o.forced for o in run.outcomes.values()),
+        "timeouts": run.pause_timeouts,
     }
 
 
@@ -185,6 +200,7 @@ async def run(
         "webhooks_per_trial": config.webhooks,
         "isolation_level": config.isolation,
         "hold_ms": config.hold_ms,
+        "force": config.force,
         "strategies": results,
         "gates": gates,
         "verdict": verdict,

@@ -64,3 +64,25 @@ def test_local_and_remote_controls_turn_the_same_knobs_the_same_way(
         assert knobs.knobs()["fail_rate"] == 0.0
     finally:
         remote.close()
+
+
+def test_local_and_remote_controls_arm_release_and_disarm_holds_the_same_way(
+    gateway_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    remote = RemoteGateway(gateway_url)
+    try:
+        for control in (LocalGateway(fake_gateway), remote):
+            control.arm_holds("pay_held0000000000", 5.0)
+            assert control.holds() == {"pay_held0000000000": 0} == fake_gateway.holds()
+            hold = fake_gateway.hold_capture("pay_held0000000000")
+            assert hold is not None and control.holds() == {"pay_held0000000000": 1}
+            assert control.release_holds("pay_held0000000000") == 1 and hold.released
+            assert fake_gateway.hold_capture("pay_held0000000000") is not None  # still armed
+            assert control.disarm_holds("pay_held0000000000") == 1
+            assert control.holds() == {} == fake_gateway.holds()
+        with pytest.raises(ValueError, match="timeout_s must be within"):
+            LocalGateway(fake_gateway).arm_holds("pay_held0000000000", 0.0)
+        with pytest.raises(httpx.HTTPStatusError):
+            remote.arm_holds("pay_held0000000000", 0.0)
+    finally:
+        remote.close()

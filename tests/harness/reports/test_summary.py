@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from report_summaries import realistic_summary
 
-from payrace.harness.reports.summary import outcome, write_json
+from payrace.harness.reports.summary import forced_text, outcome, write_json
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,11 @@ def test_json_refuses_nan_rather_than_writing_invalid_json(tmp_path: Path) -> No
     summary["duration_s"] = float("nan")
     with pytest.raises(ValueError):
         write_json(summary, tmp_path / "summary.json")
+
+
+def test_forced_text_says_how_many_trials_were_forced_and_by_what() -> None:
+    forced = {"by": "locks", "trials": 200, "forced": 200, "timeouts": 0}
+    assert forced_text({"forced": forced}) == "200/200 by locks"
+    forced = {"by": "pause", "trials": 200, "forced": 199, "timeouts": 1}
+    assert forced_text({"forced": forced}) == "199/200 by pause, 1 timeout"
+    assert forced_text({"forced": None}) == forced_text({}) == "-"  # aligned, jitter

@@ -35,6 +35,9 @@ def test_gate_parsing() -> None:
         ({"isolation": "bogus"}, "--isolation"),
         ({"expect": "fine"}, "--expect must be valid or violated"),
         ({"settle_s": -1.0}, "--settle-s"),
+        ({"force": "spin"}, "--force must be locks or pause"),
+        ({"force": "locks", "mode": "aligned"}, "--mode aligned forces nothing"),
+        ({"force": "locks", "hold_ms": 50.0}, "--hold-ms .* which --force locks does not use"),
         (
             {
                 "target": "http://127.0.0.1:1",
@@ -56,3 +59,28 @@ def test_the_settle_wait_is_long_for_a_running_target_and_short_otherwise() -> N
     running = RunConfig(target="http://127.0.0.1:8000")
     assert running.external and running.settle_timeout_s() >= 11.0
     assert RunConfig(target="http://127.0.0.1:8000", settle_s=0.5).settle_timeout_s() == 0.5
+
+
+RUNNING = {
+    "target": "http://127.0.0.1:8000",
+    "target_dsn": "postgresql://x@h/db",
+    "gateway_url": "http://127.0.0.1:9000",
+}
+
+
+def test_forced_mode_is_forced_by_locks_for_a_running_target_and_by_pause_otherwise() -> None:
+    forced = {"inproc": "pause", "http": "pause", RUNNING["target"]: "locks"}
+    for target, force in forced.items():
+        config = RunConfig(**{**RUNNING, "target": target})
+        config.validate()
+        assert config.force == force, target
+    chosen = RunConfig(force="locks")
+    chosen.validate()
+    assert chosen.force == "locks"
+    aligned = RunConfig(**RUNNING, mode="aligned")
+    aligned.validate()
+    assert aligned.force is None  # nothing is forced
+    # --hold-ms means the pause handshake's hold: with it against a running target, say pause.
+    with pytest.raises(UsageError, match="--hold-ms"):
+        RunConfig(**RUNNING, hold_ms=10.0).validate()
+    RunConfig(**RUNNING, hold_ms=10.0, force="pause").validate()
