@@ -6,12 +6,13 @@ calls held at the fake gateway. The target implements nothing (`--force locks`).
     Barrier         one trial: takes its rows, arms the gateway, run(sends) fires the requests
                     and releases the stages in capture order, each once the trial is quiescent
                     (or its timeout passed: the trial is then not forced)
-    RowLocator      the barrier's SELECT ... FOR UPDATE statements, built from the oracle's
-                    schema description (model.watched): payment, its invoices, its order
+    RowLocator      where a payment's rows are, from the oracle's schema description
+                    (model.watched); take(): the barrier's script, one round trip
     Sampler         one pg_stat_activity + pg_blocking_pids query, plus the gateway's held
                     calls, shared by every trial that waits for a fresh look (Snapshot)
     attributed()    which waiting backends are blocked, through any chain, by a trial's
                     barrier or by a request it already saw blocked (pure)
+    behind_parked() which waiting backends queue behind a parked request no barrier saw (pure)
     STAGES          payment, invoice, order: the order in which a barrier lets go
 
 How a trial is forced. Before any request is sent, the barrier's transaction locks the order
@@ -36,10 +37,16 @@ know which backend serves which request, so it compares how many it sees held wi
 are in flight. Rows of different trials are disjoint, so a chain that leads to this trial's
 barrier is this trial's request.
 
+A request queued behind another that took a lock the barrier never saw (an advisory lock
+taken before any barrier row) and is now held at the gateway leads to no barrier. Its chain
+ends at a backend parked idle in its transaction (PARKED_MS) that no barrier saw; which trial
+that is cannot be told, so such waits count only while there are parked backends enough for
+every trial that holds a gateway call and misses requests, one each, and waiters enough for
+all of them (otherwise the trials wait, and may time out: not forced).
+
 Forced: no stage had to be let go by its timeout, and at least two requests (all, for a
-one-request trial) were seen held at once. A request blocked behind another that took a lock
-the barrier never saw (an advisory lock taken before any barrier row) and is held at the
-gateway cannot be attributed: that trial waits out its timeout and is counted not forced.
+one-request trial) were seen held at once. The target's own lock timings include the time the
+barrier held its rows: measure latency with aligned mode.
 """
 
 from __future__ import annotations
@@ -72,9 +79,15 @@ MAX_GATEWAY_RELEASES = 16
 
 T = TypeVar("T")
 
-SNAPSHOT = """
+# A backend idle inside its transaction this long is parked: its client waits on something
+# else (a capture held at the gateway), not merely between two statements.
+PARKED_MS = 20
+
+SNAPSHOT = f"""
 SELECT pid, xact_start,
-       CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) END AS blockers
+       CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) END AS blockers,
+       state = 'idle in transaction'
+         AND clock_timestamp() - state_change > interval '{PARKED_MS} milliseconds' AS parked
 FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid()
 """
@@ -106,46 +119,68 @@ async def _column_type(conn: asyncpg.Connection, table: str, column: str) -> str
 
 @dataclass(frozen=True)
 class RowLocator:
-    """The barrier's statements; each takes the payment id as text in $1."""
+    """Where one payment's rows are, as the oracle's schema description says; the types of
+    the columns the payment id is compared with, so it is cast to them and their indexes
+    serve the lookups."""
 
-    payment: str
-    invoices: str
-    order: str
+    schema: OracleConfig
+    payment_type: str
+    invoice_link_type: str | None  # None: invoices hang off the order
 
     @classmethod
     async def build(cls, conn: asyncpg.Connection, schema: OracleConfig) -> RowLocator:
-        pays, invoices, orders = schema.payments, schema.invoices, schema.orders
-        pay_type = await _column_type(conn, pays.table, pays.id_column)
-        by_payment = sql.SQL("{} = $1::text::{}").format(
-            sql.Identifier(pays.id_column), sql.SQL(pay_type)
+        pays = schema.payments
+        link = _invoice_link(schema.invoices)
+        return cls(
+            schema,
+            await _column_type(conn, pays.table, pays.id_column),
+            None if link.startswith("order:") else
+            await _column_type(conn, schema.invoices.table, link),
+        )  # fmt: skip
+
+    def take(self, payment_id: str, lock_timeout_ms: int) -> str:
+        """One script, one round trip: BEGIN, the order row, SAVEPOINT, the invoice rows,
+        SAVEPOINT, the payment row, each FOR UPDATE. Its status is the payment's row count."""
+        pays, invoices, orders = self.schema.payments, self.schema.invoices, self.schema.orders
+        key = sql.Literal(payment_id)
+        by_payment = sql.SQL("{} = {}::text::{}").format(
+            sql.Identifier(pays.id_column), key, sql.SQL(self.payment_type)
         )
         order_id = sql.SQL("(SELECT {} FROM {} WHERE {})").format(
-            sql.Identifier(schema.payment_order_column), _ident(pays.table), by_payment
+            sql.Identifier(self.schema.payment_order_column), _ident(pays.table), by_payment
         )
-        invoice_link = _invoice_link(invoices)
-        if invoice_link.startswith("order:"):
+        link = _invoice_link(invoices)
+        if self.invoice_link_type is None:
             invoice_where = sql.SQL("{} = {}").format(
-                sql.Identifier(invoice_link.removeprefix("order:")), order_id
+                sql.Identifier(link.removeprefix("order:")), order_id
             )
         else:
-            link_type = await _column_type(conn, invoices.table, invoice_link)
-            invoice_where = sql.SQL("{} = $1::text::{}").format(
-                sql.Identifier(invoice_link), sql.SQL(link_type)
+            invoice_where = sql.SQL("{} = {}::text::{}").format(
+                sql.Identifier(link), key, sql.SQL(self.invoice_link_type)
             )
 
-        def lock(table: WatchedTable, where: sql.Composable) -> str:
-            return (
-                sql.SQL("SELECT 1 FROM {} WHERE {} FOR UPDATE")
-                .format(_ident(table.table), where)
-                .as_string(None)
+        def lock(table: WatchedTable, where: sql.Composable) -> sql.Composable:
+            return sql.SQL("SELECT 1 FROM {} WHERE {} FOR UPDATE").format(
+                _ident(table.table), where
             )
 
-        return cls(
-            payment=lock(pays, by_payment),
-            invoices=lock(invoices, invoice_where),
-            order=lock(
-                orders, sql.SQL("{} = {}").format(sql.Identifier(orders.id_column), order_id)
-            ),
+        order_where = sql.SQL("{} = {}").format(sql.Identifier(orders.id_column), order_id)
+        return (
+            sql.SQL("; ")
+            .join(
+                [
+                    sql.SQL("BEGIN"),
+                    # The barrier never waits on a request (its rows are fresh), but if
+                    # something else holds them, the trial fails instead of hanging.
+                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(lock_timeout_ms)),
+                    lock(orders, order_where),
+                    sql.SQL("SAVEPOINT payrace_invoice"),
+                    lock(invoices, invoice_where),
+                    sql.SQL("SAVEPOINT payrace_payment"),
+                    lock(pays, by_payment),
+                ]
+            )
+            .as_string(None)
         )
 
 
@@ -168,6 +203,7 @@ Transaction = tuple[int, datetime]  # (backend pid, xact_start): one transaction
 class Backend:
     xact_start: datetime | None
     blockers: tuple[int, ...]  # empty unless it waits for a lock
+    parked: bool = False  # idle in its transaction for PARKED_MS and more
 
 
 @dataclass(frozen=True)
@@ -181,33 +217,62 @@ def attributed(snapshot: Snapshot, barrier_pid: int, seen: set[Transaction]) -> 
     transaction in `seen` (one this trial saw blocked before, which may now be held at the
     gateway): what the harness holds of one trial, in the database."""
     backends = snapshot.backends
-    verdicts: dict[int, bool] = {}
 
-    def held_by_trial(pid: int, path: frozenset[int]) -> bool:
-        if pid in verdicts:
-            return verdicts[pid]
-        backend = backends.get(pid)
-        found = False
-        for blocker in backend.blockers if backend is not None else ():
+    def held_by_trial(pid: int) -> bool:
+        # A walk, not a recursion with memo: a wait graph may hold a cycle (a deadlock about
+        # to be broken), and a verdict cut short by one must not be remembered.
+        todo, visited = list(backends[pid].blockers), {pid}
+        while todo:
+            blocker = todo.pop()
+            if blocker in visited:
+                continue
+            visited.add(blocker)
+            if blocker == barrier_pid:
+                return True
             other = backends.get(blocker)
-            if blocker == barrier_pid or (
-                other is not None
-                and other.xact_start is not None
-                and (blocker, other.xact_start) in seen
-            ):
-                found = True
-                break
-            if blocker not in path and held_by_trial(blocker, path | {blocker}):
-                found = True
-                break
-        verdicts[pid] = found
-        return found
+            if other is None:
+                continue
+            if other.xact_start is not None and (blocker, other.xact_start) in seen:
+                return True
+            todo.extend(other.blockers)
+        return False
 
     return {
         (pid, b.xact_start)
         for pid, b in backends.items()
-        if b.blockers and b.xact_start is not None and held_by_trial(pid, frozenset({pid}))
+        if b.blockers and b.xact_start is not None and held_by_trial(pid)
     }
+
+
+def behind_parked(
+    snapshot: Snapshot, barriers: Sequence[tuple[int, set[Transaction]]]
+) -> dict[int, set[Transaction]]:
+    """Parked backend -> the waiting transactions queued behind it, for what no barrier in
+    `barriers` (pid, seen) accounts for: requests queued behind one whose lock the barrier
+    never saw (an advisory lock), while that one waits on its client (held at the gateway,
+    when a trial holds a call); the parked backend is no barrier's either."""
+    accounted: set[Transaction] = set()
+    for pid, seen in barriers:
+        accounted |= attributed(snapshot, pid, seen) | seen
+    backends = snapshot.backends
+    groups: dict[int, set[Transaction]] = {}
+    for pid, backend in backends.items():
+        if not backend.blockers or backend.xact_start is None:
+            continue
+        if (pid, backend.xact_start) in accounted:
+            continue
+        todo, visited = list(backend.blockers), {pid}
+        while todo:
+            blocker = todo.pop()
+            other = backends.get(blocker)
+            if blocker in visited or other is None:
+                continue
+            visited.add(blocker)
+            if other.parked and not other.blockers and (blocker, other.xact_start) not in accounted:
+                groups.setdefault(blocker, set()).add((pid, backend.xact_start))
+                break
+            todo.extend(other.blockers)
+    return groups
 
 
 class Sampler:
@@ -222,16 +287,27 @@ class Sampler:
         self._last = Snapshot({}, {})
         self.samples = 0
 
+    async def _held(self) -> dict[str, int]:
+        return await asyncio.to_thread(self.gateway.holds) if self.gateway else {}
+
+    async def held(self, gateway_payment_id: str) -> int:
+        """Capture calls held for this payment right now, from the gateway alone."""
+        return (await self._held()).get(gateway_payment_id, 0)
+
     async def fresh(self) -> Snapshot:
         wanted = self._started + 1
         async with self._lock:
             if self._started >= wanted:  # another trial's look started after this call
                 return self._last
             self._started += 1
-            rows = await self.conn.fetch(SNAPSHOT)
-            held = await asyncio.to_thread(self.gateway.holds) if self.gateway else {}
+            rows, held = await asyncio.gather(self.conn.fetch(SNAPSHOT), self._held())
             self._last = Snapshot(
-                {int(r["pid"]): Backend(r["xact_start"], tuple(r["blockers"] or ())) for r in rows},
+                {
+                    int(r["pid"]): Backend(
+                        r["xact_start"], tuple(r["blockers"] or ()), bool(r["parked"])
+                    )
+                    for r in rows
+                },
                 held,
             )
             self.samples += 1
@@ -256,8 +332,12 @@ class Barrier:
     timeouts: int = 0  # stages (or gateway releases) let go by the timeout, not by quiescence
     most_held: int = 0  # the most requests seen held at once, at a release
     releases: list[str] = field(default_factory=list)  # what was let go, in order
-    rows: dict[str, int] = field(default_factory=dict)  # rows locked per stage
     _stages: list[str] = field(default_factory=list)
+    # Every trial's barrier in flight, this one included (LockForcing keeps the list).
+    peers: list[Barrier] = field(default_factory=list)
+    # In-flight requests not seen waiting while this trial holds a gateway call (as of its
+    # last look): what parked backends may explain.
+    unexplained: int = 0
     _seen: set[Transaction] = field(default_factory=set)
     _armed: bool = False
     _open: bool = False
@@ -273,17 +353,13 @@ class Barrier:
 
     async def take(self) -> None:
         """Lock order, SAVEPOINT, invoices, SAVEPOINT, payment: released in reverse."""
-        await self.conn.execute("BEGIN")
+        script = self.locator.take(self.payment_id, int(self.timeout_s * 1000))
         self._open = True
-        # The barrier never waits on a request (its rows are fresh), but if something else
-        # holds them, the trial fails instead of hanging.
-        await self.conn.execute(f"SET LOCAL lock_timeout = {int(self.timeout_s * 1000)}")
-        self.rows["order"] = len(await self.conn.fetch(self.locator.order, self.payment_id))
-        await self.conn.execute("SAVEPOINT payrace_invoice")
-        self.rows["invoice"] = len(await self.conn.fetch(self.locator.invoices, self.payment_id))
-        await self.conn.execute("SAVEPOINT payrace_payment")
-        self.rows["payment"] = len(await self.conn.fetch(self.locator.payment, self.payment_id))
-        if self.rows["payment"] != 1:
+        try:
+            status = await self.conn.execute(script)
+        except asyncpg.DataError as exc:  # the id does not cast to the column's type
+            status = f"SELECT 0 ({exc})"
+        if status.split()[:2] != ["SELECT", "1"]:
             raise UsageError(
                 f"forced by locks: the target's payments table holds no row for the "
                 f"payment_id {self.payment_id!r} its POST /orders answered; --oracle-config "
@@ -313,19 +389,31 @@ class Barrier:
     async def _release_as_settled(self, tasks: list[asyncio.Task[T]]) -> None:
         waiting_since = time.monotonic()
         gateway_releases = 0
-        while any(not t.done() for t in tasks):
-            if not self._stages and not self._armed:
-                await asyncio.wait(tasks)
-                return
+        while pending := [t for t in tasks if not t.done()]:
+            if not self._stages:
+                if not self._armed:
+                    await asyncio.wait(pending)
+                    return
+                # Every row is let go: only a gateway call may still come to be held, so ask
+                # the gateway alone (the database is looked at again once one is).
+                if not await self.sampler.held(self.gateway_payment_id):
+                    waiting_since = time.monotonic()
+                    await asyncio.wait(pending, timeout=self.poll_s)
+                    continue
             snapshot = await self.sampler.fresh()
             in_flight = sum(not t.done() for t in tasks)
             blocked = attributed(snapshot, self.pid, self._seen)
             self._seen |= blocked
             held = snapshot.held.get(self.gateway_payment_id, 0)
-            settled = len(blocked) + held >= in_flight
+            waiting = len(blocked) + held
+            self.unexplained = in_flight - waiting if held else 0
+            if self.unexplained > 0 and self._covered_by_parked(snapshot):
+                waiting = in_flight
+            settled = waiting >= in_flight
             timed_out = time.monotonic() - waiting_since > self.timeout_s
             if not settled and not timed_out:
-                await asyncio.sleep(self.poll_s)
+                # Woken early by a request that finishes: it may be the one waited for.
+                await asyncio.wait(pending, timeout=self.poll_s)
                 continue
             if held and gateway_releases < MAX_GATEWAY_RELEASES:
                 gateway_releases += 1
@@ -336,19 +424,30 @@ class Barrier:
                 await self._let_go(self._stages.pop(0))
             else:
                 # Nothing is held by the harness any more: the requests run on their own, or
-                # wait on one another (a deadlock, which PostgreSQL breaks). Only a gateway
-                # call may still arrive to be held.
+                # wait on one another (a deadlock, which PostgreSQL breaks).
                 waiting_since = time.monotonic()
-                await asyncio.sleep(self.poll_s)
+                await asyncio.wait(pending, timeout=self.poll_s)
                 continue
             if settled:
-                self.most_held = max(self.most_held, min(len(blocked) + held, in_flight))
+                self.most_held = max(self.most_held, min(waiting, in_flight))
             else:
                 self.timeouts += 1
             waiting_since = time.monotonic()
 
+    def _covered_by_parked(self, snapshot: Snapshot) -> bool:
+        """Requests of trials holding a gateway call, unseen by any barrier, may be queued
+        behind the held requests' own locks (parked backends). Which trial a parked backend
+        is cannot be told, so this trial counts them only when there are parked backends
+        enough for every such trial, one each, and waiters enough for all."""
+        short = [b for b in self.peers if b.unexplained > 0]
+        groups = behind_parked(snapshot, [(b.pid, b._seen) for b in self.peers])
+        return len(groups) >= len(short) and sum(map(len, groups.values())) >= sum(
+            b.unexplained for b in short
+        )
+
     async def _let_go(self, what: str) -> None:
         self.releases.append(what)
+        self.unexplained = 0
         if what == "gateway":
             assert self.gateway is not None
             await asyncio.to_thread(self.gateway.release_holds, self.gateway_payment_id)
@@ -407,6 +506,7 @@ class LockForcing:
         self._conn: asyncpg.Connection | None = None
         self._sampler: Sampler | None = None
         self._locator: RowLocator | None = None
+        self._barriers: list[Barrier] = []
 
     async def __aenter__(self) -> LockForcing:
         try:
@@ -456,9 +556,12 @@ class LockForcing:
                 gateway_payment_id,
                 self.timeout_s,
                 self.poll_s,
+                peers=self._barriers,
             )
+            self._barriers.append(barrier)
             try:
                 await barrier.take()
                 yield barrier
             finally:
+                self._barriers.remove(barrier)
                 await barrier.end()
