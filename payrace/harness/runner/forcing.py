@@ -64,7 +64,7 @@ import asyncpg
 from psycopg import sql
 
 from payrace.harness.errors import UsageError
-from payrace.harness.gateway.controls import GatewayControl
+from payrace.harness.gateway.controls import GatewayControl, LocalGateway
 from payrace.harness.model.watched import OracleConfig, WatchedTable
 
 STAGES: tuple[str, ...] = ("payment", "invoice", "order")
@@ -94,6 +94,17 @@ WHERE datname = current_database() AND pid <> pg_backend_pid()
 
 
 # -- where the trial's rows are --------------------------------------------------------------
+
+
+R = TypeVar("R")
+
+
+async def _on_gateway(gateway: GatewayControl, call: Callable[..., R], *args: Any) -> R:
+    """A fake in this process answers at once, under its own lock; a remote one is an HTTP
+    call, made off the event loop."""
+    if isinstance(gateway, LocalGateway):
+        return call(*args)
+    return await asyncio.to_thread(call, *args)
 
 
 def _ident(table: str) -> sql.Identifier:
@@ -288,7 +299,7 @@ class Sampler:
         self.samples = 0
 
     async def _held(self) -> dict[str, int]:
-        return await asyncio.to_thread(self.gateway.holds) if self.gateway else {}
+        return await _on_gateway(self.gateway, self.gateway.holds) if self.gateway else {}
 
     async def held(self, gateway_payment_id: str) -> int:
         """Capture calls held for this payment right now, from the gateway alone."""
@@ -368,7 +379,7 @@ class Barrier:
         self._stages = list(STAGES)
         if self.gateway is not None:
             hold_s = self.timeout_s * GATEWAY_HOLD_TIMEOUTS
-            await asyncio.to_thread(self.gateway.arm_holds, self.gateway_payment_id, hold_s)
+            await _on_gateway(self.gateway, self.gateway.arm_holds, self.gateway_payment_id, hold_s)
             self._armed = True
 
     async def run(self, sends: Sequence[Callable[[], Coroutine[Any, Any, T]]]) -> list[T]:
@@ -450,7 +461,7 @@ class Barrier:
         self.unexplained = 0
         if what == "gateway":
             assert self.gateway is not None
-            await asyncio.to_thread(self.gateway.release_holds, self.gateway_payment_id)
+            await _on_gateway(self.gateway, self.gateway.release_holds, self.gateway_payment_id)
         elif what == "payment":
             await self.conn.execute("ROLLBACK TO SAVEPOINT payrace_payment")
         elif what == "invoice":
@@ -462,7 +473,7 @@ class Barrier:
     async def _disarm(self) -> None:
         if self._armed and self.gateway is not None:
             self._armed = False
-            await asyncio.to_thread(self.gateway.disarm_holds, self.gateway_payment_id)
+            await _on_gateway(self.gateway, self.gateway.disarm_holds, self.gateway_payment_id)
 
     async def end(self) -> None:
         """Let go of everything still held (idempotent)."""
