@@ -328,7 +328,7 @@ class Sampler:
 # -- one trial --------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # one per trial, told apart by identity (LockForcing's list of peers)
 class Barrier:
     """One trial's locks and gateway hold; see the module docstring for when it lets go."""
 
