@@ -85,6 +85,7 @@ def realistic_summary() -> dict[str, Any]:
         False,
         measured(1, 0.0, 50),  # naive takes no lock: waits are ~0
         violating_trials=50,
+        forced={"by": "locks", "trials": 50, "forced": 48, "timeouts": 2},
         checks={
             "single_capture_write": check(
                 "single_capture_write", False, 50, 50, first=duplicate, worst=duplicate

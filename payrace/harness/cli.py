@@ -144,8 +144,17 @@ def run_command(
     concurrency: Annotated[int, typer.Option(help="trials in flight at once")] = 4,
     jitter_ms: Annotated[float, typer.Option(help="max random offset in jitter mode")] = 5.0,
     hold_ms: Annotated[
-        float, typer.Option(help="forced mode: hold locks this long before commit")
+        float,
+        typer.Option(help="forced mode, --force pause: hold locks this long before commit"),
     ] = 0.0,
+    force: Annotated[
+        str | None,
+        typer.Option(
+            help="forced mode: locks (payrace holds the trial's rows and gateway captures; "
+            "nothing needed from the target; default for --target URL) | pause (the target's "
+            "pause handshake; default for the reference service)"
+        ),
+    ] = None,
     isolation: Annotated[
         str, typer.Option(help="READ COMMITTED | REPEATABLE READ | SERIALIZABLE")
     ] = "READ COMMITTED",
@@ -201,6 +210,7 @@ def run_command(
             concurrency=concurrency,
             jitter_ms=jitter_ms,
             hold_ms=hold_ms,
+            force=force,  # type: ignore[arg-type]  # validated by RunConfig.validate
             isolation=isolation,
             gates=gates,
             out_dir=out,

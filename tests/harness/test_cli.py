@@ -49,6 +49,15 @@ def test_run_exits_0_when_the_fix_holds(pg: Database, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_run_forced_by_locks_says_how_many_trials_it_forced(pg: Database, tmp_path: Path) -> None:
+    done = payrace(
+        "run", "--strategy", "naive", "--trials", "4", "--force", "locks", "--quiet",
+        "--out", str(tmp_path), pg=pg,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "4/4 by locks" in done.stdout
+
+
 def test_a_breached_gate_exits_1(pg: Database, tmp_path: Path) -> None:
     done = payrace(
         "run", "--trials", "3", "--quiet", "--out", str(tmp_path), "--gate", "lock_max_ms<0",
@@ -63,6 +72,8 @@ def test_usage_errors_exit_2_with_a_message(pg: Database, tmp_path: Path) -> Non
         (["--mode", "sideways"], "--mode must be one of"),
         (["--gate", "p99 small"], "is not of the form"),
         (["--strategy", "optimistic"], "unknown strategy"),
+        (["--force", "spin"], "--force must be locks or pause"),
+        (["--force", "locks", "--hold-ms", "10"], "--force locks does not use"),
     ):
         done = payrace("run", "--out", str(tmp_path), *args, pg=pg)
         assert done.returncode == 2, args

@@ -1,18 +1,20 @@
 """What the harness asks of the fake gateway, wherever it runs.
 
     GatewayControl   authorize a payment at Checkout, read the capture counters, turn the
-                     fault knobs (gateway.fake.Knobs names them and checks their values)
+                     fault knobs (gateway.fake.Knobs names them and checks their values), hold
+                     and release capture calls (the barrier of runner.forcing)
     ├── LocalGateway     a FakeRazorpay in this process
     └── RemoteGateway    a fake gateway in another process (`payrace gateway`), over its
                          /_fake routes (gateway.server)
 
-Used by the runner (authorize, counters) and the nemesis (knobs). Light on purpose: no web
+Used by the runner (authorize, counters, holds) and the nemesis (knobs). Light on purpose: no web
 framework, only the fake's state module and httpx.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import httpx
 
@@ -30,6 +32,22 @@ class GatewayControl(Protocol):
 
     def set_knobs(self, **changes: float | None) -> dict[str, float]:
         """Change the named knobs (None leaves one as it is); the knobs now."""
+        ...
+
+    def arm_holds(self, payment_id: str, timeout_s: float) -> None:
+        """Hold capture calls for this gateway payment id until released (or timeout_s)."""
+        ...
+
+    def release_holds(self, payment_id: str) -> int:
+        """Let the calls held for it go on, still armed; how many were held."""
+        ...
+
+    def disarm_holds(self, payment_id: str) -> int:
+        """Stop holding its calls and release those held; how many were held."""
+        ...
+
+    def holds(self) -> dict[str, int]:
+        """Armed gateway payment ids -> capture calls held right now."""
         ...
 
 
@@ -51,6 +69,18 @@ class LocalGateway:
 
     def set_knobs(self, **changes: float | None) -> dict[str, float]:
         return self.fake.set_knobs(**changes)
+
+    def arm_holds(self, payment_id: str, timeout_s: float) -> None:
+        self.fake.arm_holds(payment_id, timeout_s)
+
+    def release_holds(self, payment_id: str) -> int:
+        return self.fake.release_holds(payment_id)
+
+    def disarm_holds(self, payment_id: str) -> int:
+        return self.fake.disarm_holds(payment_id)
+
+    def holds(self) -> dict[str, int]:
+        return self.fake.holds()
 
 
 class RemoteGateway:
@@ -84,6 +114,22 @@ class RemoteGateway:
     def set_knobs(self, **changes: float | None) -> dict[str, float]:
         # JSON null reaches Knobs.changed as None: "leave it", as in this process.
         doc: dict[str, float] = self._json(self.http.post("/_fake/knobs", json=changes))
+        return doc
+
+    def arm_holds(self, payment_id: str, timeout_s: float) -> None:
+        body = {"payment_id": payment_id, "timeout_s": timeout_s}
+        self._json(self.http.post("/_fake/holds", json=body))
+
+    def release_holds(self, payment_id: str) -> int:
+        return int(
+            self._json(self.http.post(f"/_fake/holds/{quote(payment_id)}/release"))["released"]
+        )
+
+    def disarm_holds(self, payment_id: str) -> int:
+        return int(self._json(self.http.delete(f"/_fake/holds/{quote(payment_id)}"))["released"])
+
+    def holds(self) -> dict[str, int]:
+        doc: dict[str, int] = self._json(self.http.get("/_fake/holds"))
         return doc
 
     def close(self) -> None:

@@ -4,6 +4,9 @@
                      order() / payment() / capture_calls() / counters() to read; reset()
                      knobs() / set_knobs(**changes)   latency and failure injection at run time;
                      delay_s() the latency one call gets
+                     arm_holds / hold_capture / release_holds / disarm_holds / holds()
+                     the capture barrier: calls for an armed payment wait until released
+    CaptureHold      one capture call held at the barrier; wakes its waiter on release
     Knobs            the fault knobs, their validation, and how a partial change applies; the
                      one definition behind FakeRazorpay, the /_fake/knobs route
                      (gateway.server) and the controls (gateway.controls)
@@ -19,6 +22,13 @@ target's own tables say otherwise. A call over HTTP is counted when it is answer
 injected latency), so read the counters once the target's requests have returned. Errors carry
 Razorpay's JSON shape and status codes because the SDK picks its exception class from
 `error.code`, not from the HTTP status.
+
+The capture barrier is how the harness forces a target that captures at the gateway before it
+writes (runner.forcing): armed for one payment, every capture call for it waits before it is
+counted or answered, until the harness releases the calls held (it does once every request of
+the trial is held or blocked) or the hold's own timeout passes (a harness that went away must
+not leave a gateway stuck). Released calls are answered as ever: the first captures, a second
+gets Razorpay's 400 "This payment has already been captured".
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -127,6 +137,44 @@ def _number(name: str, value: Any) -> float:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
+class CaptureHold:
+    """One capture call held at the barrier until released, or until `timeout_s` passes.
+
+    Thread-safe: released from the harness's thread, waited on in the server's event loop."""
+
+    def __init__(self, payment_id: str, timeout_s: float) -> None:
+        self.payment_id = payment_id
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._released = False
+        self._wakeups: list[Callable[[], None]] = []
+
+    @property
+    def released(self) -> bool:
+        with self._lock:
+            return self._released
+
+    def on_release(self, wake: Callable[[], None]) -> None:
+        """Call `wake` once released (at once if it already is), from the releasing thread."""
+        with self._lock:
+            if not self._released:
+                self._wakeups.append(wake)
+                return
+        wake()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            wakeups, self._wakeups = self._wakeups, []
+        for wake in wakeups:
+            wake()
+
+
+MAX_HOLD_S = 600.0
+
+
 class FakeRazorpay:
     """Thread-safe: gateway.server answers from its own thread while the harness reads."""
 
@@ -150,11 +198,75 @@ class FakeRazorpay:
         self._injected: Counter[str] = Counter()
         self._rng = random.Random(self._seed)
         self._knobs = self._initial_knobs
+        self._armed: dict[str, float] = {}  # payment id -> how long one of its calls may wait
+        self._held: dict[str, list[CaptureHold]] = {}
+        self.hold_timeouts = 0  # held calls that waited out their timeout unreleased
 
     def reset(self) -> None:
-        """Forget every order, payment and count; knobs and the failure rng restart as built."""
+        """Forget every order, payment and count; knobs and the failure rng restart as built;
+        every held capture call is released."""
         with self._lock:
+            held = [h for hs in self._held.values() for h in hs]
             self._reset_locked()
+        for hold in held:
+            hold.release()
+
+    # -- the capture barrier ----------------------------------------------------------------
+
+    def arm_holds(self, payment_id: str, timeout_s: float) -> None:
+        """From now on hold every capture call for `payment_id` until released or `timeout_s`."""
+        if not 0 < timeout_s <= MAX_HOLD_S:
+            raise ValueError(f"timeout_s must be within (0, {MAX_HOLD_S:g}], got {timeout_s!r}")
+        with self._lock:
+            self._armed[payment_id] = timeout_s
+            self._held.setdefault(payment_id, [])
+
+    def hold_capture(self, payment_id: str) -> CaptureHold | None:
+        """A capture call for `payment_id` arrived: its hold when armed, else None (go on)."""
+        with self._lock:
+            timeout_s = self._armed.get(payment_id)
+            if timeout_s is None:
+                return None
+            hold = CaptureHold(payment_id, timeout_s)
+            self._held[payment_id].append(hold)
+            return hold
+
+    def leave_hold(self, hold: CaptureHold, *, timed_out: bool = False) -> None:
+        """The held call goes on (released, timed out or abandoned): it is held no more."""
+        with self._lock:
+            held = self._held.get(hold.payment_id, [])
+            if hold in held:
+                held.remove(hold)
+                self.hold_timeouts += timed_out
+        hold.release()
+
+    def release_holds(self, payment_id: str) -> int:
+        """Let the calls held for `payment_id` go on (it stays armed); how many were held."""
+        with self._lock:
+            held, self._held[payment_id] = self._held.get(payment_id, []), []
+            if payment_id not in self._armed:
+                del self._held[payment_id]
+        for hold in held:
+            hold.release()
+        return len(held)
+
+    def disarm_holds(self, payment_id: str) -> int:
+        """Stop holding calls for `payment_id` and release those held; how many were held."""
+        with self._lock:
+            self._armed.pop(payment_id, None)
+        return self.release_holds(payment_id)
+
+    def disarm_all_holds(self) -> None:
+        with self._lock:
+            armed = list(self._held)
+            self._armed.clear()
+        for payment_id in armed:
+            self.release_holds(payment_id)
+
+    def holds(self) -> dict[str, int]:
+        """Armed payment ids -> capture calls held for each right now."""
+        with self._lock:
+            return {payment_id: len(self._held.get(payment_id, [])) for payment_id in self._armed}
 
     def set_knobs(self, **changes: float | None) -> dict[str, float]:
         """Change latency / failure injection at run time (see Knobs.changed); the knobs now."""

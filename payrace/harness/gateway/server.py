@@ -4,10 +4,14 @@
         POST /v1/orders                  GET /v1/orders/{id}
         GET  /v1/payments/{id}           POST /v1/payments/{id}/capture
         /_fake/counters  /_fake/payments  /_fake/knobs  /_fake/reset    (test control, no auth)
+        /_fake/holds  GET (armed ids -> calls held), POST {payment_id, timeout_s} (arm);
+        /_fake/holds/{id}/release  POST;  /_fake/holds/{id}  DELETE (disarm)   (capture barrier)
     GatewayServer        context manager: razorpay_app(fake) under uvicorn, free port, own thread
 
 The /v1 routes check basic auth with the fake's keys and wait out the injected latency
-before they answer; every error leaves in Razorpay's JSON shape (gateway.fake.RazorpayError).
+before they answer; a capture for a payment whose holds are armed then waits at the barrier
+(gateway.fake.CaptureHold) without blocking the server's loop; every error leaves in
+Razorpay's JSON shape (gateway.fake.RazorpayError).
 Used by the runner, the explorer, `payrace load` and `payrace gateway`; in another process,
 gateway.controls.RemoteGateway drives the /_fake routes.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import socket
 import threading
@@ -30,7 +35,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from payrace.harness.gateway.fake import FakeRazorpay, RazorpayError, json_object, not_found
+from payrace.harness.gateway.fake import (
+    CaptureHold,
+    FakeRazorpay,
+    RazorpayError,
+    json_object,
+    not_found,
+)
 from payrace.harness.infra.readiness import wait_until_answers
 
 _Handler = Callable[[Request], Awaitable[dict[str, Any]]]
@@ -74,7 +85,12 @@ def razorpay_app(fake: FakeRazorpay) -> Starlette:
         return found
 
     async def capture(request: Request) -> dict[str, Any]:
-        return fake.capture(request.path_params["payment_id"], json_object(await request.body()))
+        payment_id = request.path_params["payment_id"]
+        body = json_object(await request.body())
+        hold = fake.hold_capture(payment_id)
+        if hold is not None:
+            await _held(fake, hold)
+        return fake.capture(payment_id, body)
 
     async def counters(request: Request) -> Response:
         return JSONResponse(fake.counters())
@@ -103,6 +119,27 @@ def razorpay_app(fake: FakeRazorpay) -> Starlette:
             return JSONResponse(fake.set_knobs(**json_object(await request.body())))
         except ValueError as exc:
             raise RazorpayError(400, str(exc)) from None
+
+    async def holds(request: Request) -> Response:
+        if request.method == "GET":
+            return JSONResponse(fake.holds())
+        body = json_object(await request.body())
+        payment_id, timeout_s = body.get("payment_id"), body.get("timeout_s")
+        if not isinstance(payment_id, str) or not payment_id:
+            raise RazorpayError(400, "payment_id must be a payment id", field="payment_id")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+            raise RazorpayError(400, "timeout_s must be a number of seconds", field="timeout_s")
+        try:
+            fake.arm_holds(payment_id, float(timeout_s))
+        except ValueError as exc:
+            raise RazorpayError(400, f"timeout_s: {exc}", field="timeout_s") from None
+        return JSONResponse(fake.holds())
+
+    async def release_holds(request: Request) -> Response:
+        return JSONResponse({"released": fake.release_holds(request.path_params["payment_id"])})
+
+    async def disarm_holds(request: Request) -> Response:
+        return JSONResponse({"released": fake.disarm_holds(request.path_params["payment_id"])})
 
     async def reset(request: Request) -> Response:
         fake.reset()
@@ -133,9 +170,32 @@ def razorpay_app(fake: FakeRazorpay) -> Starlette:
             Route("/_fake/orders", fake_order, methods=["POST"]),
             Route("/_fake/knobs", knobs, methods=["GET", "POST"]),
             Route("/_fake/reset", reset, methods=["POST"]),
+            Route("/_fake/holds", holds, methods=["GET", "POST"]),
+            Route("/_fake/holds/{payment_id}/release", release_holds, methods=["POST"]),
+            Route("/_fake/holds/{payment_id}", disarm_holds, methods=["DELETE"]),
         ],
         exception_handlers={RazorpayError: razorpay_error, HTTPException: http_error},
     )
+
+
+async def _held(fake: FakeRazorpay, hold: CaptureHold) -> None:
+    """Wait at the capture barrier on the server's loop, so every other call is served."""
+    loop = asyncio.get_running_loop()
+    released = asyncio.Event()
+
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # the server's loop is already closed
+            loop.call_soon_threadsafe(released.set)
+
+    hold.on_release(wake)
+    timed_out = False
+    try:
+        await asyncio.wait_for(released.wait(), hold.timeout_s)
+    except TimeoutError:
+        timed_out = True
+    finally:
+        # Also when the call is abandoned (server shutdown): it must not count as held.
+        fake.leave_hold(hold, timed_out=timed_out)
 
 
 class GatewayServer:
@@ -224,6 +284,7 @@ class GatewayServer:
     def _stop(self) -> None:
         if self._server is None or self.thread is None:
             return
+        self.fake.disarm_all_holds()  # a held capture would keep the server from stopping
         self._server.should_exit = True
         self.thread.join(timeout=5)
         if self.thread.is_alive():

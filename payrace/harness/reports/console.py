@@ -28,6 +28,7 @@ from payrace.harness.reports.summary import (
     compact,
     deadlock_line,
     deadlock_lines,
+    forced_text,
     gate_word,
     latency_of,
     machine_line,
@@ -52,6 +53,7 @@ def render_console(
         table.add_column(column)
     for column in ("trials", "violating", "trials/s"):
         table.add_column(column, justify="right")
+    table.add_column("forced", justify="right")
     table.add_column("lock client\np50/p99/max ms", justify="right")
     table.add_column("lock webhook\np50/p99/max ms", justify="right")
     table.add_column("hold p99 ms", justify="right")
@@ -68,6 +70,7 @@ def render_console(
             number(strategy.get("trials")),
             number(strategy.get("violating_trials")),
             number(strategy.get("trials_per_second"), 1),
+            forced_text(strategy),
             lock[0],
             lock[1],
             number(latency_of(strategy, "hold", "all").get("p99")),

@@ -38,6 +38,7 @@ from payrace.harness.reports.summary import (
     compact,
     deadlock_line,
     deadlock_lines,
+    forced_text,
     gate_word,
     latency_of,
     machine_line,
@@ -231,6 +232,11 @@ def _strategy_html(name: str, strategy: Mapping[str, Any]) -> str:
         f"{_esc(number(strategy.get('trials_per_second'), 1))} trials/s, "
         f"{_esc(number(strategy.get('duration_s'), 2))} s</p>",
     ]
+    if strategy.get("forced"):
+        parts.append(
+            f'<p class="meta">forced: {_esc(forced_text(strategy))} (a trial whose barrier or '
+            "pause gave up waiting raced unforced)</p>"
+        )
     server = strategy.get("server_side")
     if server:
         line = ", ".join(f"{k} {number(v)}" for k, v in server.items())
@@ -273,6 +279,7 @@ def _overview_rows(summary: Summary) -> list[list[str]]:
                 _n(strategy.get("trials")),
                 _n(strategy.get("violating_trials")),
                 _n(strategy.get("trials_per_second"), 1),
+                "\x00num" + _esc(forced_text(strategy)),
                 "\x00num" + _esc(lock[0]),
                 "\x00num" + _esc(lock[1]),
                 _n(latency_of(strategy, "hold", "all").get("p99")),
@@ -306,7 +313,7 @@ def run_line(summary: Summary) -> str:
 def build_html(summary: Summary) -> str:
     verdict = str(summary.get("verdict", "unknown"))
     passed = {"valid": True}.get(verdict, False if verdict != "unknown" else None)
-    head = ["strategy", "expected", "verdict", "trials", "violating", "trials/s"]
+    head = ["strategy", "expected", "verdict", "trials", "violating", "trials/s", "forced"]
     head += ["lock client p50/p99/max ms", "lock webhook p50/p99/max ms", "hold p99 ms"]
     strategies = strategies_of(summary)
     body = [

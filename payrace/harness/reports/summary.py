@@ -11,6 +11,7 @@
                       its fate and its statement, and the replies that named 40P01
     deadlock_line()   a strategy's deadlocks in one line: counted, tied to trials, not, why
     number(), compact(), machine_line()   values and the run's machine as text
+    forced_text()     how many trials forced mode forced, and by what ("-" in other modes)
     write_atomically()   a file a reader never sees half-written (every writer uses it)
     write_json()      summary.json, strict JSON (no NaN)
 
@@ -168,6 +169,16 @@ def number(value: object, digits: int = 3) -> str:
 def compact(value: object, limit: int = 300) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def forced_text(strategy: Mapping[str, Any]) -> str:
+    """`198/200 by locks, 2 timeouts`: trials forced of those run, by which forcing."""
+    forced = strategy.get("forced")
+    if not isinstance(forced, Mapping):
+        return "-"
+    text = f"{number(forced.get('forced'))}/{number(forced.get('trials'))} by {forced.get('by')}"
+    timeouts = forced.get("timeouts") or 0
+    return text + (f", {number(timeouts)} timeout{'s' * (timeouts != 1)}" if timeouts else "")
 
 
 def machine_line(summary: Summary) -> str:

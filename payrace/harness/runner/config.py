@@ -1,6 +1,8 @@
 """What a run is asked to do, checked before anything starts.
 
 Mode, MODES    forced | aligned | jitter (how a race is forced; see runner.trials)
+Force, FORCES  locks | pause: what holds the requests in forced mode (runner.forcing: the
+               harness's own row locks and gateway holds; pause: the target's pause points)
 Gate           `[strategy:]metric<=number`, e.g. `lock_p99_ms<=100`, judged on a
                strategy's summary
 RunConfig      strategies, trials, mode, target, seed, gates, nemesis, ...; validate()
@@ -33,6 +35,8 @@ EXTERNAL_SETTLE_S = 15.0
 
 Mode = Literal["forced", "aligned", "jitter"]
 MODES: tuple[Mode, ...] = ("forced", "aligned", "jitter")
+Force = Literal["locks", "pause"]
+FORCES: tuple[Force, ...] = ("locks", "pause")
 
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
@@ -131,6 +135,11 @@ class RunConfig:
     # whose pool stays open, long enough for idle backends to flush (oracle module docstring).
     settle_s: float | None = None
     _profile: Profile | None = field(default=None, init=False, repr=False, compare=False)
+    # Forced mode: "locks" (the harness's row locks in the target's database and its gateway
+    # holds: nothing asked of the target) or "pause" (the target's pause points: the reference
+    # service's probes in-process, X-Payrace-Pause over HTTP). None: pause for the reference
+    # service payrace starts, locks for a running target; validate() settles it.
+    force: Force | None = None
 
     @property
     def external(self) -> bool:
@@ -143,7 +152,8 @@ class RunConfig:
         if self._profile is None:
             base = Profile.load(self.profile) if self.profile else Profile.reference()
             if self.profile is None and self.external:
-                base = replace(base, name="target")  # the reference contract, not its service
+                # The reference contract, not its service: nothing to assume it cooperates.
+                base = replace(base, name="target", force="locks")
             oracle = None
             if self.oracle_config is not None:
                 if self.profile is not None:
@@ -228,6 +238,7 @@ class RunConfig:
             raise UsageError("--hold-ms and --jitter-ms must be >= 0")
         if self.hold_ms and self.mode != "forced":
             raise UsageError("--hold-ms is injected at the forced-mode pause; use --mode forced")
+        self._settle_force()
         if self.expect not in (None, "valid", "violated"):
             raise UsageError(f"--expect must be valid or violated, got {self.expect!r}")
         if self.settle_s is not None and not 0 <= self.settle_s <= 600:
@@ -237,6 +248,25 @@ class RunConfig:
                 parse_spec(self.nemesis)
             except NemesisSpecError as exc:
                 raise UsageError(str(exc)) from exc
+
+    def _settle_force(self) -> None:
+        if self.mode != "forced":
+            if self.force is not None:
+                raise UsageError(
+                    f"--force chooses how forced mode holds the requests; --mode {self.mode} "
+                    "forces nothing: leave --force out or use --mode forced"
+                )
+            return
+        if self.force is None:  # a running target's profile says; it needs nothing by default
+            self.force = self.target_profile().force if self.external else "pause"
+        if self.force not in FORCES:
+            raise UsageError(f"--force must be locks or pause, got {self.force!r}")
+        if self.force == "locks" and self.hold_ms:
+            raise UsageError(
+                "--hold-ms keeps a request's locks at the target's before-commit pause point, "
+                "which --force locks does not use (the harness holds rows of its own): leave "
+                "--hold-ms out, or use --force pause against a target with the pause handshake"
+            )
 
 
 def oracle_config(config: RunConfig) -> watched.OracleConfig:

@@ -5,7 +5,8 @@
                      (runner.trials), judge (model.judge); gates; the summary (contracts.md)
     judge()          one strategy's trials -> its part of summary.json (a trial with a
                      deadlock is a violating trial; the lock sampler's cycles and the
-                     deadlock counter reach the oracle here)
+                     deadlock counter reach the oracle here), with how many trials forced
+                     mode forced ("forced": by, trials, forced, timeouts)
     write_history()  history.jsonl: every strategy's operations
 
 Strategies run one after another on one database, so the deadlock counter's delta and the
@@ -86,6 +87,7 @@ async def judge(
         "trials_per_second": round(config.trials / duration, 2) if duration else 0.0,
         "duration_s": round(duration, 3),
         "pause_timeouts": run.pause_timeouts,
+        "forced": _forced(config, run),
         "trial_errors": {"count": len(run.trial_errors), "first": run.trial_errors[:3]},
         "checks": judged.checks(),
         "latency_ms": run.latency.summary(),
@@ -109,6 +111,19 @@ def _expected(config: RunConfig, strategy: str) -> str | None:
     if config.external:
         return config.target_profile().expect or "valid"
     return DECLARED.get(strategy)
+
+
+def _forced(config: RunConfig, run: StrategyRun) -> dict[str, Any] | None:
+    """How many trials forced mode actually forced: a trial whose barrier or pause gave up
+    waiting (or that never held two requests at once) raced, but was not forced."""
+    if config.mode != "forced":
+        return None
+    return {
+        "by": config.force,
+        "trials": config.trials,
+        "forced": sum(o.forced for o in run.outcomes.values()),
+        "timeouts": run.pause_timeouts,
+    }
 
 
 async def run(
@@ -200,6 +215,7 @@ async def run(
         "webhooks_per_trial": config.webhooks,
         "isolation_level": config.isolation,
         "hold_ms": config.hold_ms,
+        "force": config.force,
         "strategies": results,
         "gates": gates,
         "verdict": verdict,

@@ -69,7 +69,9 @@ async def start_target(
             gateway_url,
             strategy,
             keys=keys,
-            probes=config.mode == "forced",
+            # The pause handshake only when forced by it: under --force locks the service is
+            # raced as a team's would be, with nothing of payrace's inside.
+            probes=config.mode == "forced" and config.force == "pause",
             isolation_level=config.isolation,
             pool_size=max(10, config.concurrency * 4),
         )

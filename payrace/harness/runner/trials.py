@@ -4,10 +4,12 @@ StrategyRun      everything one strategy's trials produce (history, latencies, o
 fire_trials()    all trials against a started target, lock waits sampled, nemesis on
 run_trial()      one trial: create the order, authorize at the gateway, fire, record
 _fire()          how the requests are released, by mode:
-  forced           a pause after the payment read holds each request until every other
-                   request of the trial has read too, has finished, or waits on a lock
-                   (pg_blocking_pids); in-process through service probes' Rendezvous,
-                   over HTTP via X-Payrace-Pause
+  forced           --force locks: the harness's own row locks and gateway holds, let go in
+                   capture order once every request waits on them (runner.forcing; nothing
+                   asked of the target); --force pause: a pause after the payment read holds
+                   each request until every other request of the trial has read too, has
+                   finished, or waits on a lock (pg_blocking_pids); in-process through
+                   service probes' Rendezvous, over HTTP via X-Payrace-Pause
   aligned          released together: an asyncio gate in-process, last-byte sync over
                    HTTP; the arrival spread is measured from the target's own stamps
   jitter           seeded random offsets per request
@@ -19,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -36,7 +40,8 @@ from payrace.harness.model.nemesis import Nemesis
 from payrace.harness.model.profile import Profile
 from payrace.harness.model.stats import LatencyHistogram, PathHistograms
 from payrace.harness.reports.timeline import TimelineEvent, from_probes
-from payrace.harness.runner.config import RunConfig
+from payrace.harness.runner.config import RunConfig, oracle_config
+from payrace.harness.runner.forcing import LockForcing
 from payrace.harness.runner.target import Target
 from payrace.service.instrument import probes
 
@@ -70,6 +75,7 @@ class TrialOutcome:
     arrival_spread_ms: float | None
     timeline: list[TimelineEvent]
     pause_timeouts: int
+    forced: bool  # forced mode held every request as meant, no wait given up on
 
 
 class StrategyRun:
@@ -102,16 +108,19 @@ async def _fire(
     ctx: PaymentContext,
     run: StrategyRun,
     is_blocked: BlockedProbe,
-) -> tuple[list[Reply], list[Operation], dict[str, probes.ProbeContext], int]:
+    forcing: LockForcing | None,
+) -> tuple[list[Reply], list[Operation], dict[str, probes.ProbeContext], int, bool]:
     steps = plan.steps
     captured: dict[str, probes.ProbeContext] = {}
+    if forcing is not None:
+        return await _fire_locked(target, plan, reqs, ctx, run, forcing)
     if config.mode == "aligned":
         invokes = [
             run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, req.value)
             for step, req in zip(steps, reqs, strict=True)
         ]
         if not target.in_process:
-            return await target.client.send_together(reqs), invokes, captured, 0
+            return await target.client.send_together(reqs), invokes, captured, 0, False
         # In-process, the requests also pass a recorder, so a violating trial's timeline
         # names who did what (over HTTP the oracle's audit rows stand in for it).
         gate = asyncio.Event()
@@ -127,7 +136,7 @@ async def _fire(
         tasks = [asyncio.create_task(released(i)) for i in range(len(reqs))]
         await asyncio.sleep(0)  # every task is parked on the gate before it opens
         gate.set()
-        return list(await asyncio.gather(*tasks)), invokes, captured, 0
+        return list(await asyncio.gather(*tasks)), invokes, captured, 0, False
 
     rendezvous = probes.Rendezvous(
         len(reqs),
@@ -158,7 +167,39 @@ async def _fire(
         return reply
 
     replies = list(await asyncio.gather(*(one(i) for i in range(len(reqs)))))
-    return replies, [invoked[i] for i in range(len(reqs))], captured, rendezvous.timeouts
+    forced = config.mode == "forced" and rendezvous.timeouts == 0
+    return replies, [invoked[i] for i in range(len(reqs))], captured, rendezvous.timeouts, forced
+
+
+async def _fire_locked(
+    target: Target,
+    plan: TrialPlan,
+    reqs: list[Prepared],
+    ctx: PaymentContext,
+    run: StrategyRun,
+    forcing: LockForcing,
+) -> tuple[list[Reply], list[Operation], dict[str, probes.ProbeContext], int, bool]:
+    """Forced by the harness's own locks and gateway holds (runner.forcing)."""
+    captured: dict[str, probes.ProbeContext] = {}
+    recorder = Recorder()
+
+    async def send(i: int) -> Reply:
+        if not target.in_process:
+            return await target.client.send(reqs[i])
+        # In-process the requests pass a recorder, so a violating trial's timeline names who
+        # did what; nothing holds them there.
+        with probes.controlled(recorder, plan.steps[i].process) as probe:
+            reply = await target.client.send(reqs[i])
+        captured[plan.steps[i].process] = probe
+        return reply
+
+    async with forcing.trial(ctx.payment_id, ctx.gateway_payment["id"]) as barrier:
+        invokes = [
+            run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, req.value)
+            for step, req in zip(plan.steps, reqs, strict=True)
+        ]
+        replies = await barrier.run([partial(send, i) for i in range(len(reqs))])
+    return replies, invokes, captured, barrier.timeouts, barrier.forced
 
 
 async def run_trial(
@@ -169,6 +210,7 @@ async def run_trial(
     trial: int,
     run: StrategyRun,
     is_blocked: BlockedProbe,
+    forcing: LockForcing | None = None,
 ) -> None:
     plan = generator.plan(trial)
     order = await _create_order(target, gateway, config.amount)
@@ -188,13 +230,14 @@ async def run_trial(
         order["payment_id"], order["gateway_order_id"], payment, amount=config.amount
     )
     reqs = [prepare(step, i, ctx, target.profile, target.hook) for i, step in enumerate(plan.steps)]
-    replies, invokes, captured, timeouts = await _fire(
-        config, target, plan, reqs, ctx, run, is_blocked
+    replies, invokes, captured, timeouts, forced = await _fire(
+        config, target, plan, reqs, ctx, run, is_blocked, forcing
     )
     _refused_signatures(plan, replies, target.profile)
     _missing_routes(plan, reqs, replies, target.profile)
-    if config.mode == "forced" and not target.in_process:
+    if config.mode == "forced" and config.force == "pause" and not target.in_process:
         timeouts += _pauses_over_http(replies)
+        forced = forced and timeouts == 0
     received: list[int] = []
     for step, inv, reply in zip(plan.steps, invokes, replies, strict=True):
         server = _complete(run, inv, reply)
@@ -211,7 +254,7 @@ async def run_trial(
         run.arrival.record_ms(spread)
     run.pause_timeouts += timeouts
     run.outcomes[trial] = TrialOutcome(
-        trial, ctx.payment_id, payment["id"], spread, from_probes(captured), timeouts
+        trial, ctx.payment_id, payment["id"], spread, from_probes(captured), timeouts, forced
     )
 
 
@@ -300,10 +343,20 @@ async def fire_trials(
     is_blocked = BlockedProbe(pool)
     semaphore = asyncio.Semaphore(config.concurrency)
 
+    forcing = None
+    if config.mode == "forced" and config.force == "locks":
+        forcing = LockForcing(
+            oracle_url,
+            oracle_config(config),
+            gateway,
+            timeout_s=config.pause_timeout_s,
+            concurrency=config.concurrency,
+        )
+
     async def guarded(trial: int) -> None:
         async with semaphore:
             try:
-                await run_trial(config, target, gateway, generator, trial, run, is_blocked)
+                await run_trial(config, target, gateway, generator, trial, run, is_blocked, forcing)
             except UsageError:
                 raise
             except Exception as exc:  # one broken trial must not hide the others' verdicts
@@ -312,7 +365,9 @@ async def fire_trials(
 
     nemesis = Nemesis.from_spec(config.nemesis, gateway=gateway, dsn=oracle_url, seed=config.seed)
     started = time.perf_counter()
-    async with LockWatch(oracle_url) as watch, nemesis:
+    async with LockWatch(oracle_url) as watch, nemesis, AsyncExitStack() as stack:
+        if forcing is not None:
+            await stack.enter_async_context(forcing)
         await asyncio.gather(*(guarded(t) for t in range(config.trials)))
     run.duration_s = time.perf_counter() - started
     run.server_side = watch.result.to_json()
@@ -368,7 +423,8 @@ def _pauses_over_http(replies: list[Reply]) -> int:
     ]
     if any(state is None for state in states):
         raise UsageError(
-            "the target ignored X-Payrace-Pause, so nothing was forced: start it with "
-            "PAYRACE_PROBES=1 (test deployments only), or use --mode aligned"
+            "the target ignored X-Payrace-Pause, so nothing was forced: use --force locks "
+            "(payrace then holds the trial's rows in the target's database and its capture "
+            "calls at the fake gateway; nothing is needed from the target), or --mode aligned"
         )
     return sum(state == "timed-out" for state in states)

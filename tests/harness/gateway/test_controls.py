@@ -78,3 +78,25 @@ def test_both_controls_create_an_order_the_gateway_then_knows(
     for order in created:
         assert order["id"].startswith("order_") and order["amount"] == 12_300
         assert fake_gateway.order(order["id"]) is not None
+
+
+def test_local_and_remote_controls_arm_release_and_disarm_holds_the_same_way(
+    gateway_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    remote = RemoteGateway(gateway_url)
+    try:
+        for control in (LocalGateway(fake_gateway), remote):
+            control.arm_holds("pay_held0000000000", 5.0)
+            assert control.holds() == {"pay_held0000000000": 0} == fake_gateway.holds()
+            hold = fake_gateway.hold_capture("pay_held0000000000")
+            assert hold is not None and control.holds() == {"pay_held0000000000": 1}
+            assert control.release_holds("pay_held0000000000") == 1 and hold.released
+            assert fake_gateway.hold_capture("pay_held0000000000") is not None  # still armed
+            assert control.disarm_holds("pay_held0000000000") == 1
+            assert control.holds() == {} == fake_gateway.holds()
+        with pytest.raises(ValueError, match="timeout_s must be within"):
+            LocalGateway(fake_gateway).arm_holds("pay_held0000000000", 0.0)
+        with pytest.raises(httpx.HTTPStatusError):
+            remote.arm_holds("pay_held0000000000", 0.0)
+    finally:
+        remote.close()

@@ -163,3 +163,44 @@ def test_reset_restores_the_knobs_the_fake_was_built_with() -> None:
     assert fake.delay_s(capture=True) == 0.05 and fake.delay_s(capture=False) == 0.0
     fake.reset()
     assert fake.knobs() == {"latency_s": 0.0, "capture_latency_s": 0.05, "fail_rate": 0.0}
+
+
+# -- the capture barrier ------------------------------------------------------------------------
+
+
+def test_an_armed_payment_holds_its_capture_calls_until_released(fake: FakeRazorpay) -> None:
+    assert fake.hold_capture("pay_notarmed0000000") is None  # unarmed: the call goes on
+    fake.arm_holds("pay_armed000000000", timeout_s=5.0)
+    first, second = (fake.hold_capture("pay_armed000000000") for _ in range(2))
+    assert first is not None and second is not None and first.timeout_s == 5.0
+    assert fake.holds() == {"pay_armed000000000": 2}
+    woken: list[str] = []
+    first.on_release(lambda: woken.append("first"))
+
+    assert fake.release_holds("pay_armed000000000") == 2
+    assert woken == ["first"] and first.released and second.released
+    second.on_release(lambda: woken.append("late"))  # already released: called at once
+    assert woken == ["first", "late"]
+    # Still armed: the next call is held again, until the payment is disarmed.
+    third = fake.hold_capture("pay_armed000000000")
+    assert third is not None and fake.holds() == {"pay_armed000000000": 1}
+    assert fake.disarm_holds("pay_armed000000000") == 1 and third.released
+    assert fake.holds() == {} and fake.hold_capture("pay_armed000000000") is None
+    assert fake.hold_timeouts == 0
+
+
+def test_a_hold_that_times_out_is_counted_and_reset_releases_every_hold(
+    fake: FakeRazorpay,
+) -> None:
+    fake.arm_holds("pay_a0000000000000", timeout_s=1.0)
+    hold = fake.hold_capture("pay_a0000000000000")
+    assert hold is not None
+    fake.leave_hold(hold, timed_out=True)
+    assert fake.hold_timeouts == 1 and fake.holds() == {"pay_a0000000000000": 0}
+    other = fake.hold_capture("pay_a0000000000000")
+    assert other is not None
+    fake.reset()
+    assert other.released and fake.holds() == {} and fake.hold_timeouts == 0
+    for bad in (0.0, -1.0, 601.0):
+        with pytest.raises(ValueError, match="timeout_s must be within"):
+            fake.arm_holds("pay_a0000000000000", timeout_s=bad)

@@ -119,3 +119,93 @@ def test_a_busy_port_fails_to_start_without_leaving_a_thread() -> None:
         with pytest.raises(OSError), second:
             pass
         assert second.thread is None
+
+
+def _wait_for_holds(fake: FakeRazorpay, payment_id: str, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while fake.holds().get(payment_id) != count:
+        assert time.monotonic() < deadline, fake.holds()
+        time.sleep(0.005)
+
+
+def test_held_captures_are_answered_only_once_released_and_then_as_razorpay_would(
+    server: GatewayServer, fake: FakeRazorpay, authorized_order: AuthorizedOrder
+) -> None:
+    _, payment_id = authorized_order()
+    fake.arm_holds(payment_id, timeout_s=30.0)
+    outcomes: list[str] = []
+
+    def capture() -> None:
+        own = razorpay.Client(auth=(KEYS.key_id, KEYS.key_secret), base_url=server.url)
+        try:
+            own.payment.capture(payment_id, 50000, {"currency": "INR"})
+            outcomes.append("ok")
+        except BadRequestError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=capture) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    _wait_for_holds(fake, payment_id, 2)
+    # Held: not answered, not counted, and the server still answers everything else.
+    assert outcomes == [] and fake.capture_calls(payment_id) == 0
+    assert httpx.get(f"{server.url}/_fake/holds").json() == {payment_id: 2}
+
+    released = httpx.post(f"{server.url}/_fake/holds/{payment_id}/release").json()
+    assert released == {"released": 2}
+    for thread in threads:
+        thread.join(timeout=10)
+    assert sorted(outcomes) == ["This payment has already been captured", "ok"]
+    assert fake.counters()["captures"] == {payment_id: 2}
+    assert fake.counters()["accepted"] == {payment_id: 1}
+    assert httpx.delete(f"{server.url}/_fake/holds/{payment_id}").json() == {"released": 0}
+    assert fake.holds() == {} and fake.hold_timeouts == 0
+
+
+def test_a_held_capture_goes_on_by_itself_after_its_timeout(
+    client: Any, fake: FakeRazorpay, authorized_order: AuthorizedOrder
+) -> None:
+    _, payment_id = authorized_order()
+    fake.arm_holds(payment_id, timeout_s=0.3)
+    started = time.monotonic()
+    assert client.payment.capture(payment_id, 50000, {"currency": "INR"})["captured"] is True
+    assert time.monotonic() - started >= 0.3
+    assert fake.hold_timeouts == 1 and fake.holds() == {payment_id: 0}
+
+
+def test_arming_over_http_checks_its_fields(server: GatewayServer, fake: FakeRazorpay) -> None:
+    for body in ({"timeout_s": 1}, {"payment_id": "pay_x", "timeout_s": "1"},
+                 {"payment_id": "pay_x", "timeout_s": 0}, {"payment_id": "pay_x"}):  # fmt: skip
+        response = httpx.post(f"{server.url}/_fake/holds", json=body)
+        assert response.status_code == 400, body
+        assert response.json()["error"]["code"] == "BAD_REQUEST_ERROR"
+    assert fake.holds() == {}
+
+
+def test_stopping_the_server_lets_a_held_capture_go() -> None:
+    fake = FakeRazorpay(KEYS)
+    order = fake.create_order({"amount": 50000, "currency": "INR"})
+    payment_id = fake.authorize_payment(order["id"])["id"]
+    fake.arm_holds(payment_id, timeout_s=60.0)
+    errors: list[BaseException] = []
+    with GatewayServer(fake) as running:
+
+        def capture() -> None:
+            try:
+                httpx.post(
+                    f"{running.url}/v1/payments/{payment_id}/capture",
+                    json={"amount": 50000, "currency": "INR"},
+                    auth=(KEYS.key_id, KEYS.key_secret),
+                    timeout=30,
+                )
+            except httpx.HTTPError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=capture)
+        thread.start()
+        _wait_for_holds(fake, payment_id, 1)
+        started = time.monotonic()
+    assert time.monotonic() - started < 5  # not the hold's 60 s
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert fake.holds() == {}

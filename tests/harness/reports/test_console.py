@@ -42,6 +42,7 @@ def test_console_shows_verdicts_checks_timeline_gates_and_paths(tmp_path: Path) 
     assert "gate lock_p99_ms<=100 on for_update: measured 9.1 passed" in text
     assert str(written["html"]) in text
     assert "verdict: valid (exit code 0)" in text
+    assert "48/50 by locks, 2" in text  # how many trials forced mode forced
 
 
 def test_console_shows_a_deadlocked_trial_with_its_statements_and_the_untied_rest() -> None:

@@ -63,6 +63,7 @@ def test_html_has_a_plot_per_kind_and_path_set_and_the_timeline(tmp_path: Path) 
     assert "arrival spread" in text and "gate" in text
     assert "PostgreSQL 16.2 via embedded" in text
     assert "First violating schedule: trial 3, payment 17" in text
+    assert "forced: 48/50 by locks, 2 timeouts" in text
 
 
 def test_html_names_no_trial_for_a_load_runs_violation(tmp_path: Path) -> None:

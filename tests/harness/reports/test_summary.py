@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 from report_summaries import DEADLOCK_STATEMENTS, deadlocked_summary, realistic_summary
 
-from payrace.harness.reports.summary import deadlock_line, deadlock_lines, outcome, write_json
+from payrace.harness.reports.summary import (
+    deadlock_line,
+    deadlock_lines,
+    forced_text,
+    outcome,
+    write_json,
+)
 
 
 @pytest.mark.parametrize(
@@ -58,3 +64,11 @@ def test_deadlock_line_says_what_could_not_be_tied_and_nothing_without_deadlocks
     quiet = {"counted": 0, "attributed": 0, "unattributed": 0, "settled": True}
     assert deadlock_line({"deadlocks": quiet}) == ""
     assert deadlock_line({}) == ""  # a summary from before the block existed
+
+
+def test_forced_text_says_how_many_trials_were_forced_and_by_what() -> None:
+    forced = {"by": "locks", "trials": 200, "forced": 200, "timeouts": 0}
+    assert forced_text({"forced": forced}) == "200/200 by locks"
+    forced = {"by": "pause", "trials": 200, "forced": 199, "timeouts": 1}
+    assert forced_text({"forced": forced}) == "199/200 by pause, 1 timeout"
+    assert forced_text({"forced": None}) == forced_text({}) == "-"  # aligned, jitter

@@ -52,6 +52,9 @@ def test_the_violations_gate_counts_deadlocks_no_trial_could_be_tied_to() -> Non
         ({"isolation": "bogus"}, "--isolation"),
         ({"expect": "fine"}, "--expect must be valid or violated"),
         ({"settle_s": -1.0}, "--settle-s"),
+        ({"force": "spin"}, "--force must be locks or pause"),
+        ({"force": "locks", "mode": "aligned"}, "--mode aligned forces nothing"),
+        ({"force": "locks", "hold_ms": 50.0}, "--hold-ms .* which --force locks does not use"),
         (
             {
                 "target": "http://127.0.0.1:1",
@@ -78,7 +81,9 @@ def test_the_settle_wait_is_long_for_a_running_target_and_short_otherwise() -> N
 def _team_profile(tmp_path: Path, target: str = "") -> Path:
     text = (Path(profile_module.__file__).parent.parent / "profiles/reference.toml").read_text()
     path = tmp_path / "shop.toml"
-    path.write_text(text.replace('name = "reference"', target), encoding="utf-8")
+    # A team's profile: its own [target] lines, not the reference service's pause handshake.
+    text = text.replace('force = "pause"\n', "").replace('name = "reference"', target)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -121,3 +126,39 @@ def test_a_profile_refuses_what_cannot_apply_to_a_running_service(
 def test_a_profile_without_a_url_needs_one(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"has no \[target\].base_url: add it, or give --target"):
         RunConfig(profile=_team_profile(tmp_path), **RUNNING).validate()
+
+
+RUNNING_URL = {
+    "target": "http://127.0.0.1:8000",
+    "target_dsn": "postgresql://x@h/db",
+    "gateway_url": "http://127.0.0.1:9000",
+}
+
+
+def test_forced_mode_is_forced_by_locks_for_a_running_target_and_by_pause_otherwise() -> None:
+    forced = {"inproc": "pause", "http": "pause", RUNNING_URL["target"]: "locks"}
+    for target, force in forced.items():
+        config = RunConfig(**{**RUNNING_URL, "target": target})
+        config.validate()
+        assert config.force == force, target
+    chosen = RunConfig(force="locks")
+    chosen.validate()
+    assert chosen.force == "locks"
+    aligned = RunConfig(**RUNNING_URL, mode="aligned")
+    aligned.validate()
+    assert aligned.force is None  # nothing is forced
+    # --hold-ms means the pause handshake's hold: with it against a running target, say pause.
+    with pytest.raises(UsageError, match="--hold-ms"):
+        RunConfig(**RUNNING_URL, hold_ms=10.0).validate()
+    RunConfig(**RUNNING_URL, hold_ms=10.0, force="pause").validate()
+
+
+def test_a_profile_that_implements_the_pause_handshake_says_so(tmp_path: Path) -> None:
+    cooperating = _team_profile(tmp_path, 'base_url = "http://127.0.0.1:8000"\nforce = "pause"')
+    config = RunConfig(profile=cooperating, **RUNNING)
+    config.validate()
+    assert config.force == "pause"
+    plain = RunConfig(profile=_team_profile(tmp_path, 'base_url = "http://127.0.0.1:8000"'))
+    plain.target_dsn, plain.gateway_url = RUNNING["target_dsn"], RUNNING["gateway_url"]
+    plain.validate()
+    assert plain.force == "locks"

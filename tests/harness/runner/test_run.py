@@ -129,6 +129,7 @@ async def test_http_target_forced_over_the_pause_header(pg: Database, tmp_path: 
     assert summary["strategies"]["naive"]["violating_trials"] == 6
     assert summary["strategies"]["for_update"]["valid"] is True
     assert summary["strategies"]["for_update"]["pause_timeouts"] == 0
+    assert summary["strategies"]["for_update"]["forced"]["forced"] == 6
 
 
 @pytest.mark.slow
@@ -154,22 +155,20 @@ async def test_a_breached_gate_fails_the_run(pg: Database, tmp_path: Path) -> No
 async def test_a_running_target_is_raced_and_judged_through_its_own_database(
     pg: Database, gateway_url: str, tmp_path: Path
 ) -> None:
-    """--target URL: a service started by hand, with probes on, against payrace's oracle."""
+    """--target URL: a service started by hand, with probes on, forced over the pause handshake
+    (--force pause; a running target is forced by locks unless told), against payrace's
+    oracle."""
     env = service_env(pg, gateway_url, "naive", keys=GatewayKeys(), probes=True)
     with ServiceProcess(env) as proc:
         config = RunConfig(
-            strategies=["target"],
-            trials=5,
-            mode="forced",
-            target=proc.url,
-            target_dsn=pg.url,
-            gateway_url=gateway_url,
-            out_dir=tmp_path,
-        )
+            strategies=["target"], trials=5, mode="forced", target=proc.url,
+            target_dsn=pg.url, gateway_url=gateway_url, out_dir=tmp_path, force="pause",
+        )  # fmt: skip
         summary = await run(config, announce=lambda line: None)
     result = summary["strategies"]["target"]
     assert result["violating_trials"] == 5
     assert result["pause_timeouts"] == 0
+    assert result["forced"] == {"by": "pause", "trials": 5, "forced": 5, "timeouts": 0}
 
 
 @pytest.mark.slow
@@ -179,16 +178,12 @@ async def test_forced_mode_refuses_a_target_that_ignores_the_pause_header(
     env = service_env(pg, gateway_url, "naive", keys=GatewayKeys(), probes=False)
     with ServiceProcess(env) as proc:
         config = RunConfig(
-            strategies=["target"],
-            trials=2,
-            mode="forced",
-            target=proc.url,
-            target_dsn=pg.url,
-            gateway_url=gateway_url,
-            out_dir=tmp_path,
-            concurrency=1,
-        )
-        with pytest.raises(UsageError, match="ignored X-Payrace-Pause"):
+            strategies=["target"], trials=2, mode="forced", target=proc.url,
+            target_dsn=pg.url, gateway_url=gateway_url, out_dir=tmp_path, concurrency=1,
+            force="pause",
+        )  # fmt: skip
+        # The way out named is the forcing that needs nothing from the target.
+        with pytest.raises(UsageError, match=r"ignored X-Payrace-Pause.*use --force locks"):
             await run(config, announce=lambda line: None)
 
 
