@@ -409,7 +409,7 @@ async def test_a_trial_with_a_deadlock_is_a_violating_trial_and_the_gate_counts_
         outcomes = await asyncio.to_thread(_captures_in_opposite_orders, url, payment)
     assert sorted(outcomes) == ["committed", "deadlock"]
     fired.lock_cycles = watch.result.cycles
-    fired.outcomes[4] = TrialOutcome(4, payment, "pay_deadlock00001", None, [], 0)
+    fired.outcomes[4] = TrialOutcome(4, payment, "pay_deadlock00001", None, [], 0, True)
     fired.duration_s = 1.0
     config = RunConfig(strategies=["for_update"], trials=5, out_dir=tmp_path, settle_s=10)
 
