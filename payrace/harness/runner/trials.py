@@ -37,7 +37,7 @@ from payrace.harness.model.generator import Generator, TrialPlan
 from payrace.harness.model.history import History, Operation, classify
 from payrace.harness.model.lockwatch import LockWatch
 from payrace.harness.model.nemesis import Nemesis
-from payrace.harness.model.profile import Profile
+from payrace.harness.model.profile import Profile, foreign_order
 from payrace.harness.model.stats import LatencyHistogram, PathHistograms
 from payrace.harness.reports.timeline import TimelineEvent, from_probes
 from payrace.harness.runner.config import RunConfig, oracle_config
@@ -217,15 +217,8 @@ async def run_trial(
     try:
         payment = await asyncio.to_thread(gateway.authorize, order["gateway_order_id"])
     except Exception as exc:
-        # The customer pays at the gateway payrace controls; an order it never saw was created
-        # at another gateway, and no trial of this run can be raced.
-        raise UsageError(
-            f"the fake gateway cannot authorize a payment for the target's order "
-            f"{order['gateway_order_id']!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
-            "the target must "
-            "create its orders at the gateway payrace drives (its Razorpay base URL set to "
-            "the --gateway-url, e.g. one started with `payrace gateway`)"
-        ) from None
+        said = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        raise UsageError(foreign_order(order["gateway_order_id"], said)) from None
     ctx = PaymentContext(
         order["payment_id"], order["gateway_order_id"], payment, amount=config.amount
     )
@@ -233,8 +226,7 @@ async def run_trial(
     replies, invokes, captured, timeouts, forced = await _fire(
         config, target, plan, reqs, ctx, run, is_blocked, forcing
     )
-    _refused_signatures(plan, replies, target.profile)
-    _missing_routes(plan, reqs, replies, target.profile)
+    _setup_mistakes(plan, reqs, replies, target.profile)
     if config.mode == "forced" and config.force == "pause" and not target.in_process:
         timeouts += _pauses_over_http(replies)
         forced = forced and timeouts == 0
@@ -377,41 +369,16 @@ async def fire_trials(
     return run
 
 
-# Which secret a refused signature points at, by the request that carried it.
-_SECRETS = {
-    "verify": "the key secret (the client callback is signed with RAZORPAY_KEY_SECRET)",
-    "webhook": "the webhook secret (webhooks are signed with RAZORPAY_WEBHOOK_SECRET)",
-}
-
-
-def _refused_signatures(plan: TrialPlan, replies: list[Reply], profile: Profile) -> None:
-    """payrace signs every callback and webhook correctly, so a target that refuses one for its
-    signature holds other test keys than the fake gateway's: a setup mistake, not a bug."""
-    for step, reply in zip(plan.steps, replies, strict=True):
-        refused = reply.status in (400, 401, 403) and "signature" in str(reply.body).lower()
-        if refused:
-            secret = "key_secret" if step.kind == "verify" else "webhook_secret"
-            raise UsageError(
-                f"the target refused payrace's signature on a {step.kind} (HTTP {reply.status}: "
-                f"{str(reply.body)[:200]}): it checks {_SECRETS[step.kind]} against another "
-                f"value than payrace signs with ({secret} from {profile.describe_key(secret)}); "
-                f"give the target and [keys] of the profile the same test keys (docs/profile.md)"
-            )
-
-
-def _missing_routes(
+def _setup_mistakes(
     plan: TrialPlan, reqs: list[Prepared], replies: list[Reply], profile: Profile
 ) -> None:
-    """The trial's payment exists (the target created it), so a 404 or 405 on its callback or
-    webhook means the profile names a route the target does not serve: a setup mistake."""
+    """An answer that says the setup is wrong (a route the target does not serve, a refused
+    signature: Profile.setup_mistake) ends the run as a usage error, not as a bug."""
     for step, req, reply in zip(plan.steps, reqs, replies, strict=True):
-        if reply.status in (404, 405):
-            action = "callback" if step.kind == "verify" else "webhook"
-            raise UsageError(
-                f"the target answered {req.method} {req.path} with HTTP {reply.status} "
-                f"({str(reply.body)[:200]}): check [{action}].path and .method in "
-                f"{profile.source} (docs/profile.md)"
-            )
+        action = "callback" if step.kind == "verify" else "webhook"
+        mistake = profile.setup_mistake(action, req.method, req.path, reply.status, reply.body)
+        if mistake is not None:
+            raise UsageError(mistake)
 
 
 def _pauses_over_http(replies: list[Reply]) -> int:
