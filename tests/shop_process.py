@@ -14,16 +14,13 @@ It is run from the checkout (cwd), since `examples` is not part of the installed
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from payrace.harness.gateway.signing import GatewayKeys
-from payrace.harness.infra import watchdog
-from payrace.harness.infra.processes import free_port, stop_process
+from payrace.harness.infra.processes import await_answer, free_port, spawn_group, stop_process
 from payrace.harness.infra.provider import Database
-from payrace.harness.infra.readiness import wait_until_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "/shop/api/v1"
@@ -79,40 +76,17 @@ class ShopProcess:
     def __enter__(self) -> ShopProcess:
         cmd = [sys.executable, "-m", "examples.flask_shop", "--host", self.host]
         cmd += ["--port", str(self.port)]
-        log = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
-        try:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # one killpg stops it, Ctrl-C reaches only pytest
-            )
-        finally:
-            if not isinstance(log, int):
-                log.close()
-        watchdog.guard_group(self.proc.pid)
-        try:
-            wait_until_answers(
-                self.root_url,
-                f"{PREFIX}/health",
-                timeout_s=self.start_timeout_s,
-                stopped=self._exited,
-                what="flask shop",
-                hint="check SHOP_DATABASE_URL and the shop's log",
-            )
-        except BaseException:
-            stop_process(self.proc)
-            raise
+        self.proc = spawn_group(cmd, self.env, log_path=self.log_path, cwd=ROOT)
+        await_answer(
+            self.proc,
+            self.root_url,
+            f"{PREFIX}/health",
+            what="flask shop",
+            hint="check SHOP_DATABASE_URL and the shop's log",
+            log_path=self.log_path,
+            timeout_s=self.start_timeout_s,
+        )
         return self
-
-    def _exited(self) -> str | None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            return None
-        log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path else ""
-        return f"flask shop exited with code {self.proc.returncode} before answering:\n{log}"
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:

@@ -8,6 +8,8 @@
     ServiceKeys            the Razorpay keys the service is configured with (gateway.signing's
                            GatewayKeys is one)
     service_env()          the reference service's environment for one database and gateway
+    spawn_group()          an HTTP server process in its own session, under the guardian
+    await_answer()         ready when its health route answers; stopped if it exits first
     ServiceProcess         the reference service under uvicorn; ready when /healthz answers
                            (infra.readiness)
     LocustProcess          locust, its output teed to a log and to a callback; stopped with SIGINT
@@ -138,6 +140,60 @@ def service_env(
     }
 
 
+def spawn_group(
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    log_path: Path | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a server process in its own session (one killpg stops it and what it forks;
+    Ctrl-C reaches only payrace), under the guardian, its output to `log_path`."""
+    log = log_path.open("ab") if log_path else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(
+            list(cmd),
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        if not isinstance(log, int):
+            log.close()
+    watchdog.guard_group(proc.pid)
+    return proc
+
+
+def await_answer(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    health_path: str,
+    *,
+    what: str,
+    hint: str,
+    log_path: Path | None = None,
+    timeout_s: float = 30.0,
+) -> None:
+    """Return once `url + health_path` answers; a process that exits first or never answers
+    is stopped, with everything it forked, and the error names its exit code and log."""
+
+    def exited() -> str | None:
+        if proc.poll() is None:
+            return None
+        where = f"; see {log_path}" if log_path else ""
+        return f"{what} exited with code {proc.returncode} before answering{where}"
+
+    try:
+        wait_until_answers(
+            url, health_path, timeout_s=timeout_s, stopped=exited, what=what, hint=hint
+        )
+    except BaseException:
+        stop_process(proc)
+        raise
+
+
 class ServiceProcess:
     """`uvicorn payrace.service.app:create_app --factory` on loopback; ready at /healthz."""
 
@@ -166,39 +222,17 @@ class ServiceProcess:
             "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
             "--no-access-log", "--log-level", "warning",
         ]  # fmt: skip
-        log = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
-        try:
-            self.proc = subprocess.Popen(
-                cmd,
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT if self.log_path else subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            if self.log_path and not isinstance(log, int):
-                log.close()
-        watchdog.guard_group(self.proc.pid)
-        try:
-            wait_until_answers(
-                self.url,
-                "/healthz",
-                timeout_s=self.start_timeout_s,
-                stopped=self._exited,
-                what="service",
-                hint="check DATABASE_URL and the service log",
-            )
-        except BaseException:
-            stop_process(self.proc)
-            raise
+        self.proc = spawn_group(cmd, self.env, log_path=self.log_path)
+        await_answer(
+            self.proc,
+            self.url,
+            "/healthz",
+            what="service",
+            hint="check DATABASE_URL and the service log",
+            log_path=self.log_path,
+            timeout_s=self.start_timeout_s,
+        )
         return self
-
-    def _exited(self) -> str | None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            return None
-        where = f"; see {self.log_path}" if self.log_path else ""
-        return f"service exited with code {self.proc.returncode} before answering{where}"
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
