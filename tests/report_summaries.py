@@ -1,7 +1,8 @@
 """Summaries shaped like real runs, for the tests of payrace.harness.reports.
 
 realistic_summary()   a forced run of naive (caught, with its schedule) and for_update
-                      (valid, behind a lock gate)
+                      (valid, behind a lock gate), as `payrace run` judges it: exit 1
+race_summary()        the same as `payrace race` judges it: every strategy as declared
 empty_summary()       a run with zero trials and nothing checked
 deadlocked_summary()  a team's service with a deadlocked trial (its statements) and deadlocks
                       the server counted that no trial could be tied to
@@ -79,7 +80,39 @@ def strategy(expected: str, valid: object, paths: PathHistograms, **extra: Any) 
 
 
 def realistic_summary() -> dict[str, Any]:
-    duplicate = {"payment": 17, "trial": 3, "writes": 2, "processes": ["client", "webhook-1"]}
+    duplicate = {
+        "payment": 17,
+        "table": "payments",
+        "row_id": 17,
+        "writes": 2,
+        "rewrites": 1,
+        "txids": [811, 812],
+        "backend_pids": [4242, 4243],
+        "final_status": "captured",
+        "audit": [
+            {"audit_id": 33, "op": "UPDATE", "old": "pending", "new": "captured", "txid": 811},
+            {"audit_id": 34, "op": "UPDATE", "old": "captured", "new": "captured", "txid": 812},
+        ],
+        "ops": [
+            {
+                "index": 12,
+                "f": "verify",
+                "process": "client",
+                "type": "ok",
+                "status": 200,
+                "trial": 3,
+            },
+            {
+                "index": 13,
+                "f": "webhook",
+                "process": "webhook-1",
+                "type": "ok",
+                "status": 200,
+                "trial": 3,
+            },
+        ],
+        "problem": "written twice",
+    }
     naive = strategy(
         "violated",
         False,
@@ -127,9 +160,21 @@ def realistic_summary() -> dict[str, Any]:
         "gates": [
             {"expr": "lock_p99_ms<=100", "strategy": "for_update", "value": 9.1, "passed": True}
         ],
-        "verdict": "valid",
-        "exit_code": 0,
+        # as `payrace run` says it: naive's violation is red, declared unsafe or not
+        "verdict": "violated",
+        "exit_code": 1,
+        "judged": "invariants",
+        "verdict_reasons": ["naive: violated"],
     }
+
+
+def race_summary() -> dict[str, Any]:
+    """realistic_summary() as `payrace race` judges it: every strategy as declared, exit 0."""
+    summary = realistic_summary()
+    for result in summary["strategies"].values():
+        result["as_declared"] = True
+    summary.update(verdict="as_declared", exit_code=0, judged="declared", verdict_reasons=[])
+    return summary
 
 
 def empty_summary() -> dict[str, Any]:

@@ -19,6 +19,8 @@ import asyncio
 import shlex
 import signal
 import sys
+from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -38,16 +40,20 @@ from payrace.harness.model.verdict import (
     DECLARED,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
-    EXIT_VIOLATED,
+    RunOutcome,
+    against_declared,
+    found_word,
 )
-from payrace.harness.reports.console import render_console
-from payrace.harness.reports.writers import write_all
+from payrace.harness.reports.console import render_console, render_reports_line
+from payrace.harness.reports.writers import claim_run_dir, write_all
 from payrace.harness.runner.config import Gate, Mode, RunConfig
 from payrace.harness.runner.run import run, write_history
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # Help texts say "[/prefix]" and "[target].base_url": plain text, not rich markup.
+    rich_markup_mode=None,
     help="Prove on a real PostgreSQL that a payment is captured exactly once.",
 )
 console = Console(stderr=False)
@@ -55,6 +61,27 @@ err = Console(stderr=True)
 if not console.is_terminal:
     # CI logs and pipes have no width; rich would squeeze the tables to 80 columns.
     console.width = max(console.width, 150)
+
+
+QUIET_HELP = "no progress display; the results and the reports line still print"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"payrace {version('payrace')}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Prove on a real PostgreSQL that a payment is captured exactly once."""
 
 
 def _fail(message: str) -> typer.Exit:
@@ -67,8 +94,8 @@ def _split(values: list[str]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
-def execute(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Run with a progress bar; write the reports; return the summary."""
+def _collect(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Run with a progress bar; return the summary, histories attached."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -82,22 +109,34 @@ def execute(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
         s: progress.add_task(f"{s} · {config.mode}", total=config.trials) for s in config.strategies
     }
     with progress:
-        summary = asyncio.run(
+        return asyncio.run(
             run(
                 config,
-                announce=lambda line: console.print(line, highlight=False),
+                announce=lambda line: None if quiet else console.print(line, highlight=False),
                 on_trial=lambda s: progress.advance(tasks[s]),
             )
         )
-    out = config.out_dir / summary["run_id"]
-    write_history(summary, out / "history.jsonl")
-    write_all(summary, out)
+
+
+def _write(summary: dict[str, Any], out_dir: Path) -> Path:
+    """The reports in a run directory of their own (never another run's); its path."""
+    run_dir = claim_run_dir(out_dir, summary["run_id"])
+    summary["run_id"] = run_dir.name
+    write_history(summary, run_dir / "history.jsonl")
+    write_all(summary, run_dir)
+    return run_dir
+
+
+def execute(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Run with a progress bar; write the reports; return the summary."""
+    summary = _collect(config, quiet=quiet)
+    _write(summary, config.out_dir)
     return summary
 
 
 def _guarded(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
     try:
-        return execute(config, quiet=quiet)
+        return _collect(config, quiet=quiet)
     except UsageError as exc:
         raise _fail(str(exc)) from None
     except ProviderError as exc:
@@ -177,9 +216,8 @@ def run_command(
     nemesis: Annotated[
         str | None,
         typer.Option(
-            help="faults during the trials, e.g. 'gateway-errors:0.2,gateway-latency:50,"
-            "kill-backends:0.5' (capture failure rate, capture latency ms, seconds between "
-            "backend kills)"
+            help="faults during the trials: capture failure rate, capture latency ms, "
+            "seconds between backend kills (example below)"
         ),
     ] = None,
     expect: Annotated[
@@ -193,9 +231,16 @@ def run_command(
             "(default 2; 15 for --target URL, whose pool stays open)"
         ),
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    quiet: Annotated[bool, typer.Option(help=QUIET_HELP)] = False,
 ) -> None:
-    """Fire interleaved client callbacks and webhooks; judge with the harness's own oracle."""
+    """Fire interleaved client callbacks and webhooks; judge with the harness's own oracle.
+
+    \b
+    Faults while the trials run, for example:
+      --nemesis gateway-errors:0.2,gateway-latency:50,kill-backends:0.5
+    fails 20% of gateway captures, adds 50 ms to each, and kills one backend
+    of the target's database inside a transaction every 0.5 s.
+    """
     try:
         gates = [Gate.parse(g) for g in gate]
         config = RunConfig(
@@ -228,7 +273,9 @@ def run_command(
     except UsageError as exc:
         raise _fail(str(exc)) from None
     summary = _guarded(config, quiet)
+    run_dir = _write(summary, config.out_dir)
     render_console(summary, console)
+    render_reports_line(console, run_dir)
     raise typer.Exit(summary["exit_code"])
 
 
@@ -239,10 +286,13 @@ def race_command(
     out: Annotated[Path, typer.Option()] = Path("reports"),
     seed: Annotated[int, typer.Option()] = 1,
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
+    quiet: Annotated[bool, typer.Option(help=QUIET_HELP)] = False,
 ) -> None:
     """Every strategy in forced and aligned modes, against its declared verdict."""
-    rows: list[tuple[str, str, dict[str, Any], str]] = []
     modes: tuple[Mode, ...] = ("forced", "aligned")
+    command = shlex.join(["payrace", *sys.argv[1:]])
+    run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-race"
+    summaries: list[tuple[str, dict[str, Any]]] = []
     for mode in modes:
         config = RunConfig(
             strategies=list(DECLARED),
@@ -252,39 +302,57 @@ def race_command(
             seed=seed,
             out_dir=out,
             durable=durable,
-            command=shlex.join(["payrace", *sys.argv[1:]]),
+            command=command,
+            run_id=f"{run_id}-{mode}",
         )
-        summary = _guarded(config)
-        for name, result in summary["strategies"].items():
-            rows.append((name, mode, result, summary["run_id"]))
+        summaries.append((mode, _guarded(config, quiet)))
+    summary = _race_summary(run_id, summaries)
+    run_dir = _write(summary, out)
     table = Table(title="payrace race: verdicts against what each strategy is declared to be")
     for col in ("strategy", "mode", "declared", "found", "trials", "double captures",
                 "double invoice updates", "lock p99 ms", "as declared"):  # fmt: skip
         numeric = col in ("trials", "double captures", "double invoice updates", "lock p99 ms")
         table.add_column(col, justify="right" if numeric else "left")
-    mismatches = 0
-    for name, row_mode, result, _ in rows:
-        valid = result["valid"]
-        found = "valid" if valid is True else "violated" if valid is False else "unknown"
-        ok = found == result["expected"]
-        mismatches += not ok
+    for result in summary["strategies"].values():
         checks = result["checks"]
         table.add_row(
-            name,
-            row_mode,
+            result["strategy"],
+            result["mode"],
             result["expected"],
-            found,
+            found_word(result["valid"]),
             str(result["trials"]),
             str(checks.get("single_capture_write", {}).get("count", "?")),
             str(checks.get("single_invoice_paid", {}).get("count", "?")),
             f"{result['latency_ms'].get('lock', {}).get('all', {}).get('p99', 0):.2f}",
-            "[green]yes[/]" if ok else "[bold red]NO[/]",
+            "[green]yes[/]" if result["as_declared"] else "[bold red]NO[/]",
         )
     console.print(table)
-    console.print(f"reports: {', '.join(sorted({str(out / r[3]) for r in rows}))}")
-    if mismatches:
-        err.print(f"[bold red]{mismatches} verdict(s) differ from the declared ones[/]")
-        raise typer.Exit(EXIT_VIOLATED)
+    outcome = RunOutcome.of(summary)
+    for reason in outcome.reasons:
+        err.print(f"[bold red]{escape(reason)}[/]")
+    console.print(f"verdict: {outcome.line()}", highlight=False)
+    render_reports_line(console, run_dir)
+    raise typer.Exit(outcome.exit_code)
+
+
+def _race_summary(run_id: str, summaries: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One summary for the whole race, a strategy per (strategy, mode) named
+    `<strategy>.<mode>`, judged against the declarations: what every report of the race
+    says, and what `payrace race` exits with."""
+    first = summaries[0][1]
+    strategies: dict[str, dict[str, Any]] = {}
+    for mode, summary in summaries:
+        for name, result in summary["strategies"].items():
+            strategies[f"{name}.{mode}"] = {"strategy": name, "mode": mode, **result}
+    merged = {
+        **first,
+        "run_id": run_id,
+        "duration_s": round(sum(s["duration_s"] for _, s in summaries), 3),
+        "mode": "+".join(mode for mode, _ in summaries),
+        "strategies": strategies,
+        "gates": [],
+    }
+    return against_declared(strategies).stamp(merged)
 
 
 @app.command("explore")
@@ -325,6 +393,7 @@ def explore_command(
     dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
     out: Annotated[Path, typer.Option()] = Path("reports"),
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
+    quiet: Annotated[bool, typer.Option(help=QUIET_HELP)] = False,
 ) -> None:
     """Every schedule of the pause points of concurrent requests, judged by the oracle."""
     from payrace.harness.explore.plan import explore_main
@@ -345,6 +414,7 @@ def explore_command(
         app=app_spec,
         profile=profile,
         target_dsn=target_dsn,
+        quiet=quiet,
     )
     raise typer.Exit(code)
 
@@ -391,9 +461,11 @@ def load_command(
             "(default 2; 15 with --profile, whose pool stays open)"
         ),
     ] = None,
+    quiet: Annotated[
+        bool, typer.Option(help="Locust's own output to locust.log only; the results still print")
+    ] = False,
 ) -> None:
-    """Run Locust headless against the reference service it starts (PostgreSQL, the fake
-    gateway, the service), or against your running service (--profile); judge."""
+    """Run Locust headless against the reference service it starts (PostgreSQL, the fake gateway, the service), or against your running service (--profile); judge."""  # noqa: E501
     from payrace.harness.load.launch import load_main
 
     source = ctx.get_parameter_source("dsn")
@@ -402,6 +474,7 @@ def load_command(
         # --target-dsn, so the variable is no reason to refuse the run.
         dsn = None
     code = load_main(
+        quiet=quiet,
         strategy=strategy,
         users=users,
         spawn_rate=spawn_rate,
@@ -431,6 +504,9 @@ def gateway_command(
     profile: Annotated[
         Path | None, typer.Option(help="accept your service's test keys, from its profile")
     ] = None,
+    quiet: Annotated[
+        bool, typer.Option(help="only the line with the gateway's address and keys")
+    ] = False,
 ) -> None:
     """Serve a fake Razorpay until Ctrl-C (for `payrace run --target URL --gateway-url`)."""
     import time
@@ -459,7 +535,8 @@ def gateway_command(
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            console.print("stopping the fake gateway")
+            if not quiet:
+                console.print("stopping the fake gateway")
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:

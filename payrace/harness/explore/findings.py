@@ -7,8 +7,10 @@
     ├── violating(), waiting(), raced(), by_checker(), outcomes()
     ├── shortest_violation()  fewest timeline rows, then fewest switches
     ├── shown()         what to draw: the shortest violation, else a schedule that waited
-    ├── mismatches(), problems(), exit_code()
+    ├── mismatches(), problems(), expectations()
     │                   against the scenario's expectations; reasons not to trust the run
+    ├── outcome(), exit_code()   the run's verdict (model.verdict.RunOutcome): judged against
+    │                   the scenario's expectations when it has any, else the invariants
     ├── golden()        deterministic text (the golden files under tests/harness/explore/golden/)
     ├── html_fragment() the shown schedule as an HTML timeline (payrace.harness.reports.timeline)
     ├── render()        the console
@@ -38,7 +40,14 @@ from payrace.harness.explore.scheduler import Wait, answer_text
 from payrace.harness.infra.machine import machine
 from payrace.harness.model import checker
 from payrace.harness.model.client import Reply
-from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, EXIT_OK, EXIT_VIOLATED
+from payrace.harness.model.verdict import (
+    DECLARED,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_VIOLATED,
+    RunOutcome,
+    verdict_of,
+)
 from payrace.harness.reports.timeline import TimelineEvent, render_html, render_text
 
 
@@ -190,14 +199,30 @@ class ExploreResult:
             )
         return out
 
-    def exit_code(self) -> int:
-        if self.problems():
-            return EXIT_ERROR
-        if self.scenario is not None and (
+    def expectations(self) -> bool:
+        """Whether the scenario says what to expect: then it is judged against that."""
+        return self.scenario is not None and bool(
             self.scenario.expect or self.scenario.expect_checks or any(r.expect for r in self.runs)
-        ):
-            return EXIT_VIOLATED if self.mismatches() else EXIT_OK
-        return EXIT_OK if self.verdict.valid is True else EXIT_VIOLATED
+        )
+
+    def outcome(self) -> RunOutcome:
+        """The run's verdict, exit code and reasons, once, for the console and every report."""
+        problems = self.problems()
+        if self.expectations():
+            mismatches = self.mismatches()
+            if problems:
+                return RunOutcome("error", EXIT_ERROR, "declared", (*problems, *mismatches))
+            if mismatches:
+                return RunOutcome("not_as_declared", EXIT_VIOLATED, "declared", tuple(mismatches))
+            return RunOutcome("as_declared", EXIT_OK, "declared")
+        if problems:
+            return RunOutcome("error", EXIT_ERROR, "invariants", tuple(problems))
+        verdict, code = verdict_of(self.verdict.valid)
+        reasons = () if code == EXIT_OK else (f"{self.strategy}: {verdict}",)
+        return RunOutcome(verdict, code, "invariants", reasons)
+
+    def exit_code(self) -> int:
+        return self.outcome().exit_code
 
     # -- renderings ------------------------------------------------------------------------
 
@@ -329,10 +354,9 @@ class ExploreResult:
             console.print(Text(f"unexpected: {problem}", style="bold red"))
         for problem in self.problems():
             console.print(Text(problem, style="bold red"))
-        word = {EXIT_OK: "as expected" if self.scenario else "valid", EXIT_VIOLATED: "violated"}
-        code = self.exit_code()
-        console.print(Text(f"verdict: {word.get(code, 'error')} (exit code {code})",
-                           style="green" if code == EXIT_OK else "bold red"))  # fmt: skip
+        said = self.outcome()
+        style = "green" if said.passed else "bold red"
+        console.print(Text(f"verdict: {said.line()}", style=style))
         if out is not None:
             console.print(Text(f"reports: {out}"))
 
@@ -355,8 +379,10 @@ class ExploreResult:
             if self.scenario and self.scenario.expect
             else self.declared or DECLARED.get(self.strategy)
         )
-        code = self.exit_code()
+        run = self.outcome()
+        judged_as_declared = {"as_declared": not self.mismatches()} if self.expectations() else {}
         strategy = {
+            **judged_as_declared,
             "expected": expected,
             "valid": self.verdict.valid,
             "trials": len(self.runs),
@@ -393,24 +419,22 @@ class ExploreResult:
                 "runs": [_run_json(r) for r in self.runs],
             },
         }
-        return {
-            "run_id": run_id,
-            "command": command,
-            "started_at": started_at,
-            "duration_s": round(self.duration_s, 3),
-            "machine": machine(),
-            "database": database,
-            "target": f"app {self.app}" if self.app is not None else "inproc",
-            "mode": "explore",
-            "trials": len(self.runs),
-            "isolation_level": self.isolation,
-            "strategies": {self.strategy: strategy},
-            "gates": [],
-            "verdict": "valid"
-            if code == EXIT_OK
-            else ("violated" if code == EXIT_VIOLATED else "error"),
-            "exit_code": code,
-        }
+        return run.stamp(
+            {
+                "run_id": run_id,
+                "command": command,
+                "started_at": started_at,
+                "duration_s": round(self.duration_s, 3),
+                "machine": machine(),
+                "database": database,
+                "target": f"app {self.app}" if self.app is not None else "inproc",
+                "mode": "explore",
+                "trials": len(self.runs),
+                "isolation_level": self.isolation,
+                "strategies": {self.strategy: strategy},
+                "gates": [],
+            }
+        )
 
 
 def _word(valid: checker.Validity) -> str:

@@ -71,7 +71,7 @@ from payrace.harness.infra.provider import Database, ProviderError, provide_post
 from payrace.harness.model import watched
 from payrace.harness.model.history import History
 from payrace.harness.model.profile import Profile
-from payrace.harness.reports.writers import write_all
+from payrace.harness.reports.writers import claim_run_dir, write_all
 from payrace.postgres import DsnError, libpq_url
 from payrace.service.capture import STRATEGIES
 
@@ -319,6 +319,7 @@ def explore_main(
     app: str | None = None,
     profile: Path | None = None,
     target_dsn: str | None = None,
+    quiet: bool = False,
 ) -> int:
     """`payrace explore`: 0 clean (or as the scenario expects), 1 violation, 2 usage or
     infrastructure error (the message says what to do)."""
@@ -360,6 +361,7 @@ def explore_main(
         TextColumn("{task.fields[found]}"),
         console=console,
         transient=True,
+        disable=quiet,
     )
     task = progress.add_task("starting", total=None, found="")
     found = Counter[str]()
@@ -409,8 +411,8 @@ def explore_main(
             f"infrastructure error: {type(exc).__name__}: {exc}; check that PostgreSQL is "
             f"reachable ({where}) and that nothing else holds the tables' locks"
         )
-    out = out_dir / run_id
-    write_reports(result, out, command=command, run_id=run_id, database=database,
+    out = claim_run_dir(out_dir, run_id)  # never another run's directory
+    write_reports(result, out, command=command, run_id=out.name, database=database,
                   started_at=started_at.isoformat(timespec="seconds"))  # fmt: skip
     result.render(console, out)
     return result.exit_code()

@@ -39,7 +39,7 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -62,8 +62,8 @@ from payrace.harness.load.gate import LoadSettings, settle_deadlocks
 from payrace.harness.model import oracle, watched
 from payrace.harness.model.profile import Profile
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_VIOLATED
-from payrace.harness.reports.console import render_console
-from payrace.harness.reports.writers import write_all
+from payrace.harness.reports.console import render_console, render_reports_line
+from payrace.harness.reports.writers import claim_run_dir, write_all
 
 LOCUSTFILES = Path(__file__).resolve().parents[2] / "locustfiles"
 _RUN_TIME = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
@@ -348,17 +348,19 @@ def _redacted(dsn: str) -> str:
 # -- the run -----------------------------------------------------------------------------
 
 
-def load_main(console: Console, **args: Unpack[LoadArgs]) -> int:
-    """`payrace load`; see the module docstring. Returns the process exit code."""
+def load_main(console: Console, quiet: bool = False, **args: Unpack[LoadArgs]) -> int:
+    """`payrace load`; see the module docstring. Returns the process exit code. quiet: Locust's
+    own output goes to locust.log only."""
     try:
         plan = LoadPlan.build(**args)
     except UsageError as exc:
         console.print(f"[bold red]payrace load:[/] {escape(str(exc))}")
         return EXIT_ERROR
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_run_dir(plan.run_dir.parent, plan.run_id)  # never another run's directory
+    plan = replace(plan, run_dir=run_dir, run_id=run_dir.name)
     try:
         with _sigterm_as_interrupt():
-            return _run(plan, console)
+            return _run(plan, console, quiet)
     except KeyboardInterrupt:
         # Locust got SIGINT too and judged what had run so far; a violation found in a cut
         # short run is still a violation.
@@ -378,15 +380,16 @@ def load_main(console: Console, **args: Unpack[LoadArgs]) -> int:
         return EXIT_ERROR
 
 
-def _run(plan: LoadPlan, console: Console) -> int:
+def _run(plan: LoadPlan, console: Console, quiet: bool = False) -> int:
     if plan.profile is not None:
-        return _run_profile(plan, plan.profile, console)
+        return _run_profile(plan, plan.profile, console, quiet)
 
     def say(line: str) -> None:
         console.print(line, highlight=False, markup=False)
 
     def echo(line: str) -> None:
-        console.out(line, highlight=False)
+        if not quiet:
+            console.out(line, highlight=False)
 
     deadlocks = _DeadlockReading(plan.run_dir)
     with ExitStack() as stack:
@@ -435,7 +438,7 @@ def _run(plan: LoadPlan, console: Console) -> int:
     return _finish_reports(summary, db, plan, console, sampler.result(), code)
 
 
-def _run_profile(plan: LoadPlan, profile: Profile, console: Console) -> int:
+def _run_profile(plan: LoadPlan, profile: Profile, console: Console, quiet: bool = False) -> int:
     """A running target: check what the user started answers, install the oracle in its
     database, run Locust against it; nothing else is started, so nothing else is stopped."""
     assert profile.base_url is not None and plan.target_dsn and plan.gateway_url
@@ -463,7 +466,7 @@ def _run_profile(plan: LoadPlan, profile: Profile, console: Console) -> int:
         plan.locust_cmd(profile.base_url.rstrip("/")),
         locust_env,
         plan.run_dir / "locust.log",
-        lambda line: console.out(line, highlight=False),
+        (lambda line: None) if quiet else (lambda line: console.out(line, highlight=False)),
     ) as locust:
         with _cpu_sampler(locust, None, None) as sampler:
             code = locust.wait(plan.run_time_s + _LOCUST_GRACE_S)
@@ -592,12 +595,13 @@ def _finish_reports(
     for problem in summary.get("problems") or []:
         if problem not in mistakes:
             console.print(f"[yellow]note:[/] {escape(str(problem))}", highlight=False)
-    console.print(f"reports: {plan.run_dir}", highlight=False)
-    # Last, where the eye lands: what to fix before the run can say anything about the target.
+    # Last but the reports line, where the eye lands: what to fix before the run can say
+    # anything about the target.
     for mistake in mistakes:
         console.print(
             f"[bold red]payrace load: setup mistake:[/] {escape(str(mistake))}", highlight=False
         )
+    render_reports_line(console, plan.run_dir)
     return int(summary.get("exit_code", EXIT_ERROR))
 
 

@@ -2,8 +2,10 @@
 
     render_console()  the strategies table and the machine line, a checks table, each
                       strategy's deadlocks in a line, the first violating schedule of each
-                      strategy in a panel (with a deadlock's statements), gates, the verdict
-                      and exit code, the files written
+                      strategy in a panel (with a deadlock's statements), gates, the run's
+                      verdict and exit code (model.verdict.RunOutcome, read from the summary)
+                      with its reasons, the files written; examples in words (reports.words)
+    render_reports_line()   "reports: PATH", the last line of a command that wrote reports
 
 Text from the summary goes into rich.Text, never into markup, so a schedule's "<dup>" or a
 note's brackets print as they are. Used by `payrace run` (harness.cli) and `payrace load`
@@ -21,13 +23,14 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from payrace.harness.model.verdict import RunOutcome
 from payrace.harness.reports.summary import (
     PATH_ORDER,
     check_passed,
     checks_of,
-    compact,
     deadlock_line,
     deadlock_lines,
+    excused,
     forced_text,
     gate_word,
     latency_of,
@@ -40,6 +43,7 @@ from payrace.harness.reports.summary import (
     where,
 )
 from payrace.harness.reports.timeline import render_text
+from payrace.harness.reports.words import in_words
 
 _STYLE = {True: "green", False: "bold red", None: "yellow"}
 
@@ -82,12 +86,12 @@ def render_console(
     for column in ("strategy", "checker", "valid", "count", "checked", "first"):
         checks.add_column(column, justify="right" if column in ("count", "checked") else "left")
     for name, strategy in strategies.items():
-        unsafe = strategy.get("expected") == "violated"
+        as_declared = excused(strategy)
         for check_name, check in checks_of(strategy).items():
             valid = check.get("valid", "unknown")
-            word = valid_word(valid) + (" (caught)" if unsafe and valid is False else "")
-            passed = check_passed(valid, unsafe)
-            first = compact(check.get("first"), 80) if check.get("first") is not None else ""
+            word = valid_word(valid) + (" (as declared)" if as_declared and valid is False else "")
+            passed = check_passed(valid, as_declared)
+            first = in_words(check_name, check.get("first")) if valid is not True else ""
             checks.add_row(
                 Text(name),
                 Text(check_name),
@@ -126,10 +130,16 @@ def render_console(
         line.append(word, style=style)
         console.print(line)
 
-    verdict = str(summary.get("verdict", "unknown"))
+    run = RunOutcome.of(summary)
+    for reason in run.reasons:
+        console.print(Text(f"  {reason}", style="green" if run.passed else "bold red"))
     line = Text("verdict: ")
-    line.append(verdict, style="green" if verdict == "valid" else "bold red")
-    line.append(f" (exit code {summary.get('exit_code', '?')})")
+    line.append(run.line(), style="green" if run.passed else "bold red")
     console.print(line)
     for label, path in (paths or {}).items():
         console.print(Text(f"{label}: {path}"))
+
+
+def render_reports_line(console: Console, out_dir: Path) -> None:
+    """The last line of every command that writes reports, also with --quiet."""
+    console.print(Text(f"reports: {out_dir}"))

@@ -1,7 +1,8 @@
 """report.html: one self-contained page per run, inline CSS and inline SVG plots.
 
-    build_html()      the page as a string: run header, overview table, gates, a section per
-                      strategy
+    build_html()      the page as a string: run header (the run's verdict and exit code as
+                      model.verdict.RunOutcome reads them from the summary, with its
+                      reasons), overview table, gates, a section per strategy
     write_html()      the page, written atomically
     CSS               the page's rules, svgplot's included
     run_line()        target, mode, trials, seed, webhooks per trial, as one line
@@ -29,15 +30,16 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from payrace.harness.model.verdict import RunOutcome
 from payrace.harness.reports import svgplot
 from payrace.harness.reports.summary import (
     PATH_ORDER,
     Summary,
     check_passed,
     checks_of,
-    compact,
     deadlock_line,
     deadlock_lines,
+    excused,
     forced_text,
     gate_word,
     latency_of,
@@ -51,6 +53,7 @@ from payrace.harness.reports.summary import (
     write_atomically,
 )
 from payrace.harness.reports.timeline import render_html
+from payrace.harness.reports.words import in_words
 
 KIND_LABELS = {"lock": "lock wait", "hold": "lock hold", "request": "request time"}
 
@@ -98,6 +101,14 @@ def _table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
         out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def _pairs(values: Mapping[str, Any]) -> str:
+    """`samples 12, wait_ms (count 3, p99 15.7)`: nested figures as words, never a repr."""
+    return ", ".join(
+        f"{k} ({_pairs(v)})" if isinstance(v, Mapping) else f"{k} {number(v)}"
+        for k, v in values.items()
+    )
 
 
 def _n(value: object, digits: int = 3) -> str:
@@ -169,16 +180,16 @@ def _latency_html(strategy: Mapping[str, Any]) -> str:
 
 
 def _checks_html(strategy: Mapping[str, Any]) -> str:
-    unsafe = strategy.get("expected") == "violated"
+    as_declared = excused(strategy)
     rows = []
     for name, check in checks_of(strategy).items():
         valid = check.get("valid", "unknown")
-        passed = check_passed(valid, unsafe)
-        word = valid_word(valid) + (" (caught)" if unsafe and valid is False else "")
+        passed = check_passed(valid, as_declared)
+        word = valid_word(valid) + (" (as declared)" if as_declared and valid is False else "")
         examples = "".join(
-            f"<div><b>{key}</b> <code>{_esc(compact(check.get(key)))}</code></div>"
+            f"<div><b>{key}</b> {_esc(in_words(name, check.get(key)))}</div>"
             for key in ("first", "worst")
-            if check.get(key) is not None
+            if check.get(key) is not None and valid is not True
         )
         rows.append(
             [
@@ -239,7 +250,7 @@ def _strategy_html(name: str, strategy: Mapping[str, Any]) -> str:
         )
     server = strategy.get("server_side")
     if server:
-        line = ", ".join(f"{k} {number(v)}" for k, v in server.items())
+        line = _pairs(server)
         parts.append(f'<p class="meta">seen in pg_stat_activity / pg_locks: {_esc(line)}</p>')
     spread = strategy.get("arrival_spread_ms")
     if spread:
@@ -311,15 +322,15 @@ def run_line(summary: Summary) -> str:
 
 
 def build_html(summary: Summary) -> str:
-    verdict = str(summary.get("verdict", "unknown"))
-    passed = {"valid": True}.get(verdict, False if verdict != "unknown" else None)
+    run = RunOutcome.of(summary)
+    passed = True if run.passed else (None if run.verdict == "unknown" else False)
     head = ["strategy", "expected", "verdict", "trials", "violating", "trials/s", "forced"]
     head += ["lock client p50/p99/max ms", "lock webhook p50/p99/max ms", "hold p99 ms"]
     strategies = strategies_of(summary)
     body = [
         f"<h1>payrace {_esc(summary.get('run_id', ''))}: "
-        f'<span class="{_cls(passed)}">{_esc(verdict)}</span> '
-        f'<span class="meta">(exit code {_esc(summary.get("exit_code", "?"))})</span></h1>',
+        f'<span class="{_cls(passed)}">{_esc(run.line())}</span></h1>',
+        *(f'<p class="{_cls(passed)}">{_esc(reason)}</p>' for reason in run.reasons),
         f'<p class="meta"><code>{_esc(summary.get("command", ""))}</code></p>',
         f'<p class="meta">started {_esc(summary.get("started_at", "?"))}, '
         f"{_esc(number(summary.get('duration_s'), 2))} s; {_esc(run_line(summary))}</p>",
@@ -330,7 +341,7 @@ def build_html(summary: Summary) -> str:
         _gates_html(summary),
         *(_strategy_html(name, s) for name, s in strategies.items()),
     ]
-    title = f"payrace {summary.get('run_id', '')}: {verdict}"
+    title = f"payrace {summary.get('run_id', '')}: {run.line()}"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -1,9 +1,10 @@
 """What a run's summary says, read the same way by every report, and summary.json itself.
 
     Summary           the summary as the writers read it (shape: docs/contracts.md)
-    outcome()         (strategy summary) -> Outcome: the verdict against what was declared
-    check_passed()    the same for one checker row; the console, JUnit and HTML all use these
-                      two, so they never disagree
+    outcome()         (strategy summary) -> Outcome: its verdict as the run judged it
+    excused()         found as declared in a run judged against declarations (race)
+    check_passed()    the same for one checker row; the console, JUnit and HTML all use these,
+                      so they never disagree
     valid_word(), gate_word()   a checker's validity, a gate's result, as a word
     strategies_of(), checks_of(), latency_of(), violation_events(), where()
                       the parts of a summary a writer picks out, with the summary's defaults
@@ -12,7 +13,8 @@
     deadlock_line()   a strategy's deadlocks in one line: counted, tied to trials, not, why
     number(), compact(), machine_line()   values and the run's machine as text
     forced_text()     how many trials forced mode forced, and by what ("-" in other modes)
-    write_atomically()   a file a reader never sees half-written (every writer uses it)
+    write_atomically()   a file a reader never sees half-written (every writer uses it), with
+                      the permissions open() would give it (umask respected)
     write_json()      summary.json, strict JSON (no NaN)
 
 Used by reports.junit, reports.html and reports.console; reports.writers puts summary.json
@@ -47,24 +49,39 @@ class Outcome:
 
 
 def outcome(strategy: Mapping[str, Any]) -> Outcome:
+    """One strategy's verdict as the run judged it (model.verdict.RunOutcome.judged): a
+    strategy carrying `as_declared` (race, an explore scenario) passes when it is what it is
+    declared to be; otherwise (run, load, explore) only a valid one passes, so a violation
+    of a strategy declared unsafe is red like the exit code it sets."""
     valid = strategy.get("valid", "unknown")
-    unsafe = strategy.get("expected") == "violated"
+    expected = strategy.get("expected")
+    unsafe = expected == "violated"
+    if "as_declared" in strategy:
+        if strategy["as_declared"] is True:
+            return Outcome(f"{valid_word(valid)}, as declared", True)
+        return Outcome(f"{valid_word(valid).upper()}, declared {expected or 'nothing'}", False)
     if valid is False:
-        return Outcome("violated, as declared", True) if unsafe else Outcome("VIOLATED", False)
+        return Outcome("violated, as declared" if unsafe else "VIOLATED", False)
     if valid is True:
         if unsafe:
-            return Outcome("valid, but declared unsafe: race not provoked", False)
+            return Outcome("valid, but declared unsafe: race not provoked", True)
         return Outcome("valid", True)
     return Outcome("unknown", None)
 
 
-def check_passed(valid: object, unsafe: bool) -> bool | None:
-    """A checker row as CI reads it: for a declared-unsafe strategy a found violation is
-    a catch (passed), and an invariant it happened not to break is fine too."""
-    if valid is True:
+def excused(strategy: Mapping[str, Any]) -> bool:
+    """Judged against its declaration and found as declared: its checker rows are not red
+    (naive's double captures in `payrace race` are the catch it is there for)."""
+    return strategy.get("as_declared") is True
+
+
+def check_passed(valid: object, excused: bool = False) -> bool | None:
+    """A checker row as CI reads it; the console, JUnit and HTML all use this and
+    outcome(), so they never disagree."""
+    if valid is True or (valid is False and excused):
         return True
     if valid is False:
-        return unsafe
+        return False
     return None
 
 
@@ -198,11 +215,20 @@ def machine_line(summary: Summary) -> str:
 # ---------------------------------------------------------------------------- files
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it and set it back
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, text: str) -> None:
     # A CI job or a browser may read the file while a run rewrites it; never show half.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; a report is as readable as history.jsonl beside it
+        # (0644 under the usual umask), e.g. for a CI artefact uploader running as another user.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -3,6 +3,7 @@
     WRITERS       key -> (file name, writer): reports.summary.write_json,
                   reports.junit.write_junit, reports.html.write_html
     write_all()   every WRITERS file into a run directory; returns key -> path
+    claim_run_dir()   a run directory no other run has: reports/<run id>[-N]
 
 Used by `payrace run` (harness.cli), `payrace explore` (harness.explore.engine), the Locust
 gate (harness.load.gate), `payrace load` (harness.load.launch) and the pytest plugin. It
@@ -11,6 +12,7 @@ imports no rich (the console is reports.console), so the Locust processes stay l
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,3 +36,18 @@ def write_all(summary: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         writer(summary, out_dir / filename)
         written[key] = out_dir / filename
     return written
+
+
+def claim_run_dir(out_dir: Path, run_id: str) -> Path:
+    """Create and return out_dir/<run_id>, or <run_id>-2, -3, ... when that exists: two runs
+    started in the same second never share (or overwrite) a directory. mkdir is the check,
+    so two processes racing for one name cannot both get it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = out_dir / (run_id if n == 1 else f"{run_id}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")  # pragma: no cover - itertools.count never ends

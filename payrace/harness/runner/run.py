@@ -38,7 +38,7 @@ from payrace.harness.infra.machine import machine
 from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.harness.model import oracle, watched
 from payrace.harness.model.judge import judge as check
-from payrace.harness.model.verdict import DECLARED, overall
+from payrace.harness.model.verdict import DECLARED, invariants_outcome
 from payrace.harness.runner.config import RunConfig, oracle_config
 from payrace.harness.runner.target import start_target
 from payrace.harness.runner.trials import StrategyRun, fire_trials
@@ -200,27 +200,26 @@ async def run(
         for name, result in results.items()
         if g.strategy in (None, name)
     ]
-    verdict, code = overall(results, gates)
-    return {
-        "run_id": config.run_id,
-        "command": config.command,
-        "started_at": started_at.isoformat(timespec="seconds"),
-        "duration_s": round(time.perf_counter() - started, 3),
-        "machine": machine(),
-        "database": db_info,
-        "target": config.target,
-        "mode": config.mode,
-        "trials": config.trials,
-        "seed": config.seed,
-        "webhooks_per_trial": config.webhooks,
-        "isolation_level": config.isolation,
-        "hold_ms": config.hold_ms,
-        "force": config.force,
-        "strategies": results,
-        "gates": gates,
-        "verdict": verdict,
-        "exit_code": code,
-    }
+    return invariants_outcome(results, gates).stamp(
+        {
+            "run_id": config.run_id,
+            "command": config.command,
+            "started_at": started_at.isoformat(timespec="seconds"),
+            "duration_s": round(time.perf_counter() - started, 3),
+            "machine": machine(),
+            "database": db_info,
+            "target": config.target,
+            "mode": config.mode,
+            "trials": config.trials,
+            "seed": config.seed,
+            "webhooks_per_trial": config.webhooks,
+            "isolation_level": config.isolation,
+            "hold_ms": config.hold_ms,
+            "force": config.force,
+            "strategies": results,
+            "gates": gates,
+        }
+    )
 
 
 async def _answers(url: str, flag: str, hint: str) -> None:

@@ -182,7 +182,7 @@ def test_explore_with_a_scenario_exits_zero_when_it_goes_as_expected(
 ) -> None:
     code, text = _main(pg, tmp_path, scenario=HERE / "scenarios" / "seed.toml")
     assert code == EXIT_OK
-    assert "record event id <waiting>" in text and "verdict: as expected" in text
+    assert "record event id <waiting>" in text and "verdict: as declared (exit code 0)" in text
 
 
 @pytest.mark.parametrize(

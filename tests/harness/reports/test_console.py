@@ -9,6 +9,7 @@ from report_summaries import (
     DEADLOCK_STATEMENTS,
     deadlocked_summary,
     empty_summary,
+    race_summary,
     realistic_summary,
 )
 from rich.console import Console
@@ -34,15 +35,26 @@ def test_console_shows_verdicts_checks_timeline_gates_and_paths(tmp_path: Path) 
     text = console.export_text()
     assert "violated, as declared" in text
     assert "valid" in text
-    assert "violated (caught)" in text
     assert "single_capture_write" in text
+    # the first example in words, not JSON
+    assert "payment 17 (trial 3): 2 transactions set its payments row to captured" in text
+    assert '{"' not in text
     assert "first violation: naive, trial 3" in text
     assert "read payment (pending)" in text and "T7" in text
     assert "update invoice = paid <dup>" in text  # rich markup not interpreted
     assert "gate lock_p99_ms<=100 on for_update: measured 9.1 passed" in text
     assert str(written["html"]) in text
-    assert "verdict: valid (exit code 0)" in text
+    assert "verdict: violated (exit code 1)" in text  # as `payrace run` exits
+    assert "naive: violated" in text  # why
     assert "48/50 by locks, 2" in text  # how many trials forced mode forced
+
+
+def test_console_of_a_race_says_as_declared() -> None:
+    console = Console(record=True, width=200)
+    render_console(race_summary(), console)
+    text = console.export_text()
+    assert "violated (as declared)" in text
+    assert "verdict: as declared (exit code 0)" in text
 
 
 def test_console_shows_a_deadlocked_trial_with_its_statements_and_the_untied_rest() -> None:

@@ -17,6 +17,7 @@ from report_summaries import (
     TIMELINE,
     deadlocked_summary,
     empty_summary,
+    race_summary,
     realistic_summary,
 )
 
@@ -220,3 +221,25 @@ def test_html_shows_a_deadlocked_trial_with_its_statements(tmp_path: Path) -> No
     assert (
         '<p class="fail">deadlocks: 3 counted by PostgreSQL, 1 tied to 1 trial(s), 2 could' in text
     )
+
+
+def test_html_header_says_the_runs_verdict_and_exit_code(tmp_path: Path) -> None:
+    run = html_of(realistic_summary(), tmp_path)
+    assert '<h1>payrace 20261126-101500-forced: <span class="fail">violated (exit code 1)' in run
+    assert "naive: violated" in run  # why
+    race = html_of(race_summary(), tmp_path)
+    assert '<span class="pass">as declared (exit code 0)</span></h1>' in race
+
+
+def test_html_examples_are_words_not_json_or_a_python_repr(tmp_path: Path) -> None:
+    summary = realistic_summary()
+    summary["strategies"]["naive"]["server_side"] = {
+        "samples": 12,
+        "wait_ms": {"count": 3, "p99": 15.711},
+    }
+    text = html_of(summary, tmp_path)
+    assert "<b>first</b> payment 17 (trial 3): 2 transactions set its payments row to captured" in (
+        text
+    )
+    assert "{&quot;" not in text and "{&#x27;" not in text  # no JSON, no dict repr
+    assert "samples 12, wait_ms (count 3, p99 15.711)" in text

@@ -1,4 +1,5 @@
-"""reports.junit: junit.xml mirrors the CLI verdict, and a run that checked nothing is not green."""
+"""reports.junit: junit.xml is red exactly when the exit code is not 0, says why in words,
+and a run that checked nothing is not green."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from report_summaries import (
     check,
     deadlocked_summary,
     empty_summary,
+    race_summary,
     realistic_summary,
 )
 
@@ -20,44 +22,66 @@ def cases(root: ET.Element) -> dict[str, ET.Element]:
     return {f"{c.get('classname')}/{c.get('name')}": c for c in root.iter("testcase")}
 
 
-def test_junit_mirrors_the_cli_verdict(tmp_path: Path) -> None:
+def red(root: ET.Element) -> int:
+    return int(root.get("failures", "0")) + int(root.get("errors", "0"))
+
+
+def test_junit_of_a_run_fails_naive_like_its_exit_code_in_words(tmp_path: Path) -> None:
     path = tmp_path / "junit.xml"
-    write_junit(realistic_summary(), path)
+    write_junit(realistic_summary(), path)  # `payrace run`: naive violated, exit 1
     root = ET.parse(path).getroot()
     suites = {s.get("name"): s for s in root.iter("testsuite")}
     assert set(suites) == {"payrace.naive", "payrace.for_update"}
     found = cases(root)
-    # declared unsafe and caught: passing "caught:" cases, no failures
-    assert "payrace.naive/caught:violation" in found
-    assert "payrace.naive/caught:single_capture_write" in found
-    assert "payrace.naive/caught:single_invoice_paid" in found
-    assert "payrace.naive/no_5xx" in found
-    assert "payrace.for_update/gate:lock_p99_ms<=100" in found
-    assert root.get("failures") == "0" and root.get("errors") == "0"
-    for suite in suites.values():
-        assert int(suite.get("tests", "0")) == len(suite.findall("testcase"))
-        assert suite.get("failures") == "0"
-    assert root.get("tests") == str(len(found)) == "8"
-    # the schedule that did it travels with the run and with the catching case
+    failure = found["payrace.naive/single_capture_write"].find("failure")
+    assert failure is not None
+    message = failure.get("message", "")
+    assert message == (
+        "single_capture_write: 50 of 50 payments captured by more than one transaction; "
+        "first: payment 17 (trial 3): 2 transactions set its payments row to captured "
+        "(txids 811, 812), by verify from client (request #12, answered 200) and webhook from "
+        "webhook-1 (request #13, answered 200)"
+    )
+    assert "{" not in (failure.text or "") and "'" not in message  # no JSON, no repr
+    assert found["payrace.naive/single_invoice_paid"].find("failure") is not None
+    assert (root.get("failures"), root.get("errors")) == ("2", "0")
+    assert suites["payrace.naive"].get("failures") == "2"
+    assert suites["payrace.for_update"].get("failures") == "0"
+    # real times: the strategy's measured duration, shared by its checkers
+    assert {c.get("time") for c in suites["payrace.naive"].iter("testcase")} == {"1.200"}
+    assert suites["payrace.naive"].get("time") == "1.200" and root.get("time") == "3.400"
+    # the schedule that did it travels with the run and with the failing case
     suite_out = suites["payrace.naive"].find("system-out")
     assert suite_out is not None and "T7" in (suite_out.text or "")
-    case_out = found["payrace.naive/caught:single_capture_write"].find("system-out")
+    case_out = found["payrace.naive/single_capture_write"].find("system-out")
     assert case_out is not None and "update invoice = paid <dup>" in (case_out.text or "")
 
 
-def test_junit_fails_a_violated_safe_strategy_and_a_missed_race(tmp_path: Path) -> None:
-    summary = realistic_summary()
+def test_junit_of_a_race_passes_naive_caught_as_declared(tmp_path: Path) -> None:
+    path = tmp_path / "junit.xml"
+    write_junit(race_summary(), path)  # `payrace race`: every strategy as declared, exit 0
+    root = ET.parse(path).getroot()
+    found = cases(root)
+    assert red(root) == 0
+    assert root.get("tests") == str(len(found)) == "7"
+    caught = found["payrace.naive/single_capture_write"]
+    out = caught.find("system-out")
+    assert out is not None and (out.text or "").startswith("violated, as declared: ")
+
+
+def test_junit_of_a_race_fails_a_violated_fix_and_a_missed_race(tmp_path: Path) -> None:
+    summary = race_summary()
     naive, fixed = summary["strategies"]["naive"], summary["strategies"]["for_update"]
     # the "fix" double-captured, and the bug went unprovoked
-    fixed["valid"] = False
+    fixed.update(valid=False, as_declared=False)
     fixed["checks"]["single_capture_write"] = check(
-        "single_capture_write", False, 2, 50, first={"payment": 9}
+        "single_capture_write", False, 2, 50, first={"payment": 9, "table": "payments", "writes": 0}
     )
     fixed["checks"]["no_deadlock"] = check("no_deadlock", "unknown", 0, 0, note="no counter")
-    naive["valid"] = True
+    naive.update(valid=True, as_declared=False, first_violation=None)
     for name in ("single_capture_write", "single_invoice_paid"):
         naive["checks"][name] = check(name, True, 0, 50)
-    naive["first_violation"] = None
+    summary.update(verdict="not_as_declared", exit_code=1)
     summary["gates"] = [
         {"expr": "lock_p99_ms<=1", "strategy": "for_update", "value": 9.1, "passed": False},
         {"expr": "hold_p99_ms<=5", "strategy": "missing", "value": None, "passed": False},
@@ -69,10 +93,13 @@ def test_junit_fails_a_violated_safe_strategy_and_a_missed_race(tmp_path: Path) 
 
     failure = found["payrace.for_update/single_capture_write"].find("failure")
     assert failure is not None
-    assert "2 of 50" in failure.get("message", "") and '"payment": 9' in failure.get("message", "")
+    assert failure.get("message", "").startswith(
+        "single_capture_write: 2 of 50 payments captured by more than one transaction; "
+        "first: payment 9 ended captured but no transaction set its payments row to captured"
+    )
     assert found["payrace.for_update/no_deadlock"].find("error") is not None
-    assert found["payrace.naive/caught:violation"].find("failure") is not None
-    assert not any(name.startswith("payrace.naive/caught:single") for name in found)
+    missed = found["payrace.naive/verdict"].find("failure")
+    assert missed is not None and "VALID, declared violated" in missed.get("message", "")
     assert found["payrace.for_update/gate:lock_p99_ms<=1"].find("failure") is not None
     assert found["payrace.gates/gate:hold_p99_ms<=5"].find("error") is not None
 
@@ -81,6 +108,32 @@ def test_junit_fails_a_violated_safe_strategy_and_a_missed_race(tmp_path: Path) 
     assert (failures, errors) == (3, 2)
     assert root.get("failures") == "3" and root.get("errors") == "2"
     assert sum(int(s.get("failures", "0")) for s in root.iter("testsuite")) == 3
+
+
+def test_junit_says_why_a_run_is_red_when_no_checker_does(tmp_path: Path) -> None:
+    """An explorer whose step table no longer matches (exit 2), every checker valid."""
+    summary = race_summary()
+    summary.update(
+        verdict="error",
+        exit_code=2,
+        judged="invariants",
+        verdict_reasons=["schedule 0.1: the step table no longer matches"],
+    )
+    for result in summary["strategies"].values():
+        result.pop("as_declared")
+        result["valid"] = True
+        for c in result["checks"].values():
+            c.update(valid=True, count=0)
+    path = tmp_path / "junit.xml"
+    write_junit(summary, path)
+    root = ET.parse(path).getroot()
+    error = cases(root)["payrace/verdict"].find("error")
+    assert error is not None
+    assert error.get("message") == (
+        "error: the run cannot be trusted (exit code 2): schedule 0.1: the step table no "
+        "longer matches"
+    )
+    assert (root.get("failures"), root.get("errors")) == ("0", "1")
 
 
 def test_junit_of_a_run_that_checked_nothing_is_not_green(tmp_path: Path) -> None:
@@ -98,7 +151,11 @@ def test_junit_fails_a_deadlock_with_its_statements_and_the_violations_gate(
     root = ET.parse(path).getroot()
     found = cases(root)
     failure = found["payrace.target/no_deadlock"].find("failure")
-    assert failure is not None and "3 of 50 checked violated" in failure.get("message", "")
+    assert failure is not None
+    assert failure.get("message", "").startswith(
+        "no_deadlock: 3 of 50 payments deadlocked; first: payment 17 (trial 3): 1 deadlock(s); "
+        "statements: UPDATE invoices"
+    )
     assert found["payrace.target/gate:violations<=0"].find("failure") is not None
     out = found["payrace.target/no_deadlock"].find("system-out")
     assert out is not None

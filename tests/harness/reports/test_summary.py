@@ -19,8 +19,8 @@ from payrace.harness.reports.summary import (
 @pytest.mark.parametrize(
     ("expected", "valid", "passed"),
     [
-        ("violated", False, True),
-        ("violated", True, False),
+        ("violated", False, False),  # `payrace run` exits 1 on naive: red, as the exit code
+        ("violated", True, True),
         ("valid", False, False),
         ("valid", True, True),
         (None, False, False),
@@ -28,10 +28,28 @@ from payrace.harness.reports.summary import (
         ("violated", "unknown", None),
     ],
 )
-def test_outcome_judges_against_the_declaration(
+def test_outcome_of_a_run_judged_on_its_invariants(
     expected: str | None, valid: object, passed: bool | None
 ) -> None:
     assert outcome({"expected": expected, "valid": valid}).passed is passed
+
+
+@pytest.mark.parametrize(
+    ("expected", "valid", "as_declared", "passed"),
+    [
+        ("violated", False, True, True),  # `payrace race`: naive caught is the pass
+        ("violated", True, False, False),
+        ("valid", False, False, False),
+        ("valid", True, True, True),
+        ("valid", "unknown", False, False),
+    ],
+)
+def test_outcome_of_a_race_judged_against_the_declaration(
+    expected: str, valid: object, as_declared: bool, passed: bool
+) -> None:
+    result = outcome({"expected": expected, "valid": valid, "as_declared": as_declared})
+    assert result.passed is passed
+    assert ("as declared" in result.label) is as_declared
 
 
 def test_json_refuses_nan_rather_than_writing_invalid_json(tmp_path: Path) -> None:
