@@ -148,9 +148,10 @@ def race(request: pytest.FixtureRequest) -> Callable[..., RaceResult]:
         if mistake is not None:  # outside the handler: the message alone, no chained traceback
             pytest.fail(mistake, pytrace=False)
         if reports:
-            from payrace.harness.reports.writers import write_all
+            from payrace.harness.reports.writers import claim_run_dir, write_all
 
-            out = config.out_dir / summary["run_id"]
+            out = claim_run_dir(config.out_dir, summary["run_id"])  # never another test's
+            summary["run_id"] = out.name
             write_history(summary, out / "history.jsonl")
             write_all(summary, out)
         else:

@@ -122,3 +122,41 @@ def test_explore_with_an_app_that_cannot_be_imported_exits_2(pg: Database, tmp_p
     text = " ".join(done.stdout.split())
     assert "no module named 'payrace_no_such_shop'" in text
     assert "Traceback" not in done.stdout + done.stderr
+
+
+COMMANDS = ("run", "race", "explore", "load", "gateway")
+
+
+def test_version_prints_the_installed_version(pg: Database) -> None:
+    from importlib.metadata import version
+
+    done = payrace("--version", pg=pg)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"payrace {version('payrace')}"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_fits_80_columns_and_every_command_takes_quiet(command: str) -> None:
+    env = {**os.environ, "COLUMNS": "80"}
+    done = subprocess.run(
+        [sys.executable, "-m", "payrace.harness.cli", command, "--help"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    long = [line for line in done.stdout.splitlines() if len(line) > 80]
+    assert long == []
+    assert "--quiet" in done.stdout
+    if command == "run":  # the nemesis example, whole, as a user copies it
+        assert "--nemesis gateway-errors:0.2,gateway-latency:50,kill-backends:0.5" in done.stdout
+
+
+def test_a_run_prints_where_its_reports_are_last_even_when_quiet(
+    pg: Database, tmp_path: Path
+) -> None:
+    done = payrace(
+        "run", "--strategy", "for_update", "--trials", "2", "--quiet", "--out", str(tmp_path),
+        pg=pg,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run_dir,) = tmp_path.iterdir()
+    assert done.stdout.rstrip().splitlines()[-1] == f"reports: {run_dir}"
