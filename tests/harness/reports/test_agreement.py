@@ -26,6 +26,7 @@ import pytest
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, service_env
 from payrace.harness.infra.provider import Database
+from payrace.harness.model import profile as profile_module
 from payrace.harness.model.verdict import RunOutcome
 
 SCENARIOS = Path(__file__).resolve().parents[3] / "scenarios"
@@ -189,3 +190,26 @@ def test_load(pg: Database, tmp_path: Path, strategy: str, verdict: str, exit_co
         timeout=300,
     )  # fmt: skip
     assert_agree(signals, verdict, exit_code)
+
+
+@pytest.mark.slow
+def test_load_unknown_when_the_oracle_cannot_decide(
+    pg: Database, gateway_url: str, pooled_target: str, tmp_path: Path
+) -> None:
+    """A running target raced through its profile: its pool stays open and --settle-s 0 gives
+    the deadlock count no time to settle. Unknown under load means the gate could not observe
+    what it must: exit 2, as `payrace load` documents."""
+    reference = Path(profile_module.__file__).parent.parent / "profiles" / "reference.toml"
+    text = reference.read_text().replace(
+        'name = "reference"', f'name = "shop"\nbase_url = "{pooled_target}"'
+    )
+    profile = tmp_path / "shop.toml"
+    profile.write_text(text, encoding="utf-8")
+    out = tmp_path / "reports"
+    out.mkdir()
+    signals = payrace(
+        pg, out, "load", "--profile", str(profile), "--target-dsn", pg.url,
+        "--gateway-url", gateway_url, "--settle-s", "0", "-u", "2", "-r", "2", "-t", "2s",
+    )  # fmt: skip
+    assert_agree(signals, "unknown", 2)
+    assert signals.summary["strategies"]["shop"]["checks"]["no_deadlock"]["valid"] == "unknown"
