@@ -34,6 +34,7 @@ from rich.table import Table
 
 from payrace.harness.errors import UsageError
 from payrace.harness.infra.provider import ProviderError
+from payrace.harness.model import gates as gates_model
 from payrace.harness.model.verdict import (
     DECLARED,
     EXIT_ERROR,
@@ -55,6 +56,14 @@ err = Console(stderr=True)
 if not console.is_terminal:
     # CI logs and pipes have no width; rich would squeeze the tables to 80 columns.
     console.width = max(console.width, 150)
+
+
+GATE_HELP = (
+    "[strategy:]metric<=threshold (repeatable): a number ('lock_p99_ms<=100'), a multiple of "
+    "another metric ('lock_p99_ms<=3*hold_p99_ms') or of --baseline ('lock_p99_ms<=1.5*baseline')"
+)
+BASELINE_HELP = "an earlier run's summary.json (or --write-baseline file) for '*baseline' gates"
+WRITE_BASELINE_HELP = "write this run's figures here as the next --baseline (when valid)"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -158,7 +167,9 @@ def run_command(
     isolation: Annotated[
         str, typer.Option(help="READ COMMITTED | REPEATABLE READ | SERIALIZABLE")
     ] = "READ COMMITTED",
-    gate: Annotated[list[str], typer.Option(help="e.g. 'lock_p99_ms<=100' (repeatable)")] = [],  # noqa: B006
+    gate: Annotated[list[str], typer.Option(help=GATE_HELP)] = [],  # noqa: B006
+    baseline: Annotated[Path | None, typer.Option(help=BASELINE_HELP)] = None,
+    write_baseline: Annotated[Path | None, typer.Option(help=WRITE_BASELINE_HELP)] = None,
     out: Annotated[Path, typer.Option(help="reports directory")] = Path("reports"),
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
     target_dsn: Annotated[
@@ -213,6 +224,8 @@ def run_command(
             force=force,  # type: ignore[arg-type]  # validated by RunConfig.validate
             isolation=isolation,
             gates=gates,
+            baseline=baseline,
+            write_baseline=write_baseline,
             out_dir=out,
             durable=durable,
             target_dsn=target_dsn,
@@ -229,6 +242,8 @@ def run_command(
         raise _fail(str(exc)) from None
     summary = _guarded(config, quiet)
     render_console(summary, console)
+    if write_baseline is not None:
+        console.print(gates_model.write_baseline(summary, write_baseline), highlight=False)
     raise typer.Exit(summary["exit_code"])
 
 

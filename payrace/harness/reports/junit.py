@@ -34,6 +34,8 @@ from payrace.harness.reports.summary import (
     checks_of,
     compact,
     deadlock_lines,
+    gate_figures,
+    gate_word,
     number,
     outcome,
     strategies_of,
@@ -95,11 +97,11 @@ def _verdict_case(
 def _gate_case(suite: ET.Element, classname: str, gate: Mapping[str, Any]) -> None:
     expr = str(gate.get("expr", "?"))
     case = _testcase(suite, classname, f"gate:{expr}")
-    value = gate.get("value")
-    if value is None:
-        _mark(case, "error", f"gate {expr}: not measured")
-    elif gate.get("passed") is not True:
-        _mark(case, "failure", f"gate {expr}: breached, measured {number(value)}")
+    word = gate_word(gate)
+    if word == "not measured":
+        _mark(case, "error", f"gate {expr}: not measured; {gate_figures(gate)}")
+    elif word != "passed":
+        _mark(case, "failure", f"gate {expr}: breached, {gate_figures(gate)}")
 
 
 def _append_out(element: ET.Element, text: str) -> None:
