@@ -406,6 +406,9 @@ def load_command(
             "(default 2; 15 with --profile, whose pool stays open)"
         ),
     ] = None,
+    gate: Annotated[list[str], typer.Option(help=GATE_HELP)] = [],  # noqa: B006
+    baseline: Annotated[Path | None, typer.Option(help=BASELINE_HELP)] = None,
+    write_baseline: Annotated[Path | None, typer.Option(help=WRITE_BASELINE_HELP)] = None,
 ) -> None:
     """Run Locust headless against the reference service it starts (PostgreSQL, the fake
     gateway, the service), or against your running service (--profile); judge."""
@@ -435,6 +438,9 @@ def load_command(
         gateway_url=gateway_url,
         expect=expect,
         settle_s=settle_s,
+        gates=gate,
+        baseline=baseline,
+        write_baseline=write_baseline,
     )
     raise typer.Exit(code)
 

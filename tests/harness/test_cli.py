@@ -112,6 +112,16 @@ def test_gates_that_could_vanish_or_never_decide_exit_2_before_the_run(
     assert not (tmp_path / "reports").exists()  # nothing started, nothing written
 
 
+def test_load_takes_gate_flags_itself_instead_of_handing_them_to_locust(
+    pg: Database, tmp_path: Path
+) -> None:
+    done = payrace("load", "--out", str(tmp_path), "--gate", "for_updte:lock_p99_ms<=5", pg=pg)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "did you mean 'for_update:lock_p99_ms<=5'" in done.stdout + done.stderr
+    assert "unrecognized arguments" not in done.stdout + done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_usage_errors_exit_2_with_a_message(pg: Database, tmp_path: Path) -> None:
     for args, hint in (
         (["--mode", "sideways"], "--mode must be one of"),
