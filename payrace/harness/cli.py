@@ -58,9 +58,10 @@ if not console.is_terminal:
     console.width = max(console.width, 150)
 
 
+# Typer renders help as rich markup: a literal "[" is written "\\[".
 GATE_HELP = (
-    "[strategy:]metric<=threshold (repeatable): a number ('lock_p99_ms<=100'), a multiple of "
-    "another metric ('lock_p99_ms<=3*hold_p99_ms') or of --baseline ('lock_p99_ms<=1.5*baseline')"
+    "\\[strategy:]metric OP threshold, repeatable; the threshold a number "
+    "(lock_p99_ms<=100), K*metric (<=3*hold_p99_ms) or K*baseline (<=1.5*baseline)"
 )
 BASELINE_HELP = "an earlier run's summary.json (or --write-baseline file) for '*baseline' gates"
 WRITE_BASELINE_HELP = "write this run's figures here as the next --baseline (when valid)"
@@ -133,7 +134,7 @@ def run_command(
     trials: Annotated[int, typer.Option(help="trials (payments) per strategy")] = 100,
     mode: Annotated[str, typer.Option(help="forced | aligned | jitter")] = "forced",
     target: Annotated[
-        str, typer.Option(help="inproc | http | http(s)://host:port[/prefix]")
+        str, typer.Option(help="inproc | http | http(s)://host:port\\[/prefix]")
     ] = "inproc",
     profile: Annotated[
         Path | None,

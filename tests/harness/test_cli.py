@@ -122,6 +122,18 @@ def test_load_takes_gate_flags_itself_instead_of_handing_them_to_locust(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["run", "load"])
+def test_help_shows_the_gate_syntax(command: str) -> None:
+    """Typer reads help as rich markup: an unescaped [strategy:] vanished, a [/prefix] crashed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "payrace.harness.cli", command, "--help"],
+        env={**os.environ, "COLUMNS": "80"}, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "[strategy:]metric OP" in done.stdout and "--write-baseline" in done.stdout
+
+
 def test_usage_errors_exit_2_with_a_message(pg: Database, tmp_path: Path) -> None:
     for args, hint in (
         (["--mode", "sideways"], "--mode must be one of"),
