@@ -36,6 +36,7 @@ from rich.table import Table
 
 from payrace.harness.errors import UsageError
 from payrace.harness.infra.provider import ProviderError
+from payrace.harness.model import gates as gates_model
 from payrace.harness.model.verdict import (
     DECLARED,
     EXIT_ERROR,
@@ -82,6 +83,15 @@ def main_options(
     ] = False,
 ) -> None:
     """Prove on a real PostgreSQL that a payment is captured exactly once."""
+
+
+# Typer renders help as rich markup: a literal "[" is written "\\[".
+GATE_HELP = (
+    "\\[strategy:]metric OP threshold, repeatable; the threshold a number "
+    "(lock_p99_ms<=100), K*metric (<=3*hold_p99_ms) or K*baseline (<=1.5*baseline)"
+)
+BASELINE_HELP = "an earlier run's summary.json (or --write-baseline file) for '*baseline' gates"
+WRITE_BASELINE_HELP = "write this run's figures here as the next --baseline (when valid)"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -163,7 +173,7 @@ def run_command(
     trials: Annotated[int, typer.Option(help="trials (payments) per strategy")] = 100,
     mode: Annotated[str, typer.Option(help="forced | aligned | jitter")] = "forced",
     target: Annotated[
-        str, typer.Option(help="inproc | http | http(s)://host:port[/prefix]")
+        str, typer.Option(help="inproc | http | http(s)://host:port\\[/prefix]")
     ] = "inproc",
     profile: Annotated[
         Path | None,
@@ -197,7 +207,9 @@ def run_command(
     isolation: Annotated[
         str, typer.Option(help="READ COMMITTED | REPEATABLE READ | SERIALIZABLE")
     ] = "READ COMMITTED",
-    gate: Annotated[list[str], typer.Option(help="e.g. 'lock_p99_ms<=100' (repeatable)")] = [],  # noqa: B006
+    gate: Annotated[list[str], typer.Option(help=GATE_HELP)] = [],  # noqa: B006
+    baseline: Annotated[Path | None, typer.Option(help=BASELINE_HELP)] = None,
+    write_baseline: Annotated[Path | None, typer.Option(help=WRITE_BASELINE_HELP)] = None,
     out: Annotated[Path, typer.Option(help="reports directory")] = Path("reports"),
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
     target_dsn: Annotated[
@@ -258,6 +270,8 @@ def run_command(
             force=force,  # type: ignore[arg-type]  # validated by RunConfig.validate
             isolation=isolation,
             gates=gates,
+            baseline=baseline,
+            write_baseline=write_baseline,
             out_dir=out,
             durable=durable,
             target_dsn=target_dsn,
@@ -275,6 +289,8 @@ def run_command(
     summary = _guarded(config, quiet)
     run_dir = _write(summary, config.out_dir)
     render_console(summary, console)
+    if write_baseline is not None:
+        console.print(gates_model.write_baseline(summary, write_baseline), highlight=False)
     render_reports_line(console, run_dir)
     raise typer.Exit(summary["exit_code"])
 
@@ -464,6 +480,9 @@ def load_command(
     quiet: Annotated[
         bool, typer.Option(help="Locust's own output to locust.log only; the results still print")
     ] = False,
+    gate: Annotated[list[str], typer.Option(help=GATE_HELP)] = [],  # noqa: B006
+    baseline: Annotated[Path | None, typer.Option(help=BASELINE_HELP)] = None,
+    write_baseline: Annotated[Path | None, typer.Option(help=WRITE_BASELINE_HELP)] = None,
 ) -> None:
     """Run Locust headless against the reference service it starts (PostgreSQL, the fake gateway, the service), or against your running service (--profile); judge."""  # noqa: E501
     from payrace.harness.load.launch import load_main
@@ -493,6 +512,9 @@ def load_command(
         gateway_url=gateway_url,
         expect=expect,
         settle_s=settle_s,
+        gates=gate,
+        baseline=baseline,
+        write_baseline=write_baseline,
     )
     raise typer.Exit(code)
 

@@ -85,7 +85,18 @@ def _load_main(out: Path, **kwargs: Any) -> Run:
 
 
 @pytest.fixture(scope="module")
-def for_update_run(pg: Database, tmp_path_factory: pytest.TempPathFactory) -> Run:
+def load_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("baseline") / "load-baseline.json"
+
+
+# A request's lock wait is part of that request's time: this gate holds on any machine.
+HELD_GATE = "lock_max_ms<=request_max_ms"
+
+
+@pytest.fixture(scope="module")
+def for_update_run(
+    pg: Database, tmp_path_factory: pytest.TempPathFactory, load_baseline: Path
+) -> Run:
     return _load(
         tmp_path_factory.mktemp("for_update"),
         pg,
@@ -93,6 +104,8 @@ def for_update_run(pg: Database, tmp_path_factory: pytest.TempPathFactory) -> Ru
         users=9,
         processes=1,
         locustfile="race_pairs,webhook_storm,mixed",
+        gates=[HELD_GATE, "violations<=0"],
+        write_baseline=load_baseline,
     )
 
 
@@ -126,6 +139,31 @@ def test_for_update_under_load_exits_0_with_every_invariant_holding(for_update_r
     assert result["deadlocks"]["settled"] is True, result["deadlocks"]
     assert result["deadlocks"]["read"] == "after the service stopped"
     assert result["checks"]["no_deadlock"]["valid"] is True
+
+
+def test_load_gates_are_judged_on_the_runs_figures(for_update_run: Run) -> None:
+    gates = {g["expr"]: g for g in for_update_run.summary["gates"]}
+    held = gates[HELD_GATE]
+    assert held["passed"] is True and 0 < held["value"] <= held["threshold"]
+    assert held["threshold_from"].endswith("(request_max_ms)")
+    assert gates["violations<=0"]["passed"] is True
+    assert f"gate {HELD_GATE} on for_update: measured" in for_update_run.output
+
+
+def test_a_load_run_breaching_its_baseline_gate_exits_1(
+    pg: Database, tmp_path: Path, for_update_run: Run, load_baseline: Path
+) -> None:
+    assert "baseline written to" in for_update_run.output
+    run = _load(
+        tmp_path, pg, strategy="for_update", users=4, processes=1, locustfile="race_pairs",
+        gates=["request_p99_ms<=0.001*baseline"], baseline=load_baseline,
+    )  # fmt: skip
+    assert run.code == 1, run.output
+    assert (run.summary["verdict"], run.summary["exit_code"]) == ("gate_breached", 1)
+    (gate,) = run.summary["gates"]
+    assert gate["passed"] is False and gate["value"] > gate["threshold"] > 0
+    assert str(load_baseline) in gate["threshold_from"]
+    assert all(r["valid"] is True for r in run.summary["strategies"].values())
 
 
 def test_lock_and_hold_are_rows_of_their_own_in_locusts_csv(for_update_run: Run) -> None:

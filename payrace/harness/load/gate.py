@@ -9,7 +9,9 @@
                      and the setup mistakes it saw (a route the target does not serve, ...)
     WorkerTotals     per worker on the master: requests, failures, payments, reports
     LoadRun          the master's merge of every tally; prepare() installs the oracle and takes
-                     the baseline, finish() settles, observes, checks, writes the summary
+                     the baseline, finish() settles, observes, checks, judges the gates
+                     (PAYRACE_GATES, model.gates, on the run's measured figures), writes the
+                     summary
     settle_deadlocks()   no_deadlock on a reading taken after the service stopped (payrace load)
     wait_quiet()     until the target's transactions are done, before the oracle looks
 
@@ -39,7 +41,7 @@ import shlex
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,14 +50,16 @@ from typing import Any
 import httpx
 import psycopg
 
+from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import RemoteGateway
 from payrace.harness.infra.machine import machine
 from payrace.harness.model import checker, deadlocks, oracle, watched
+from payrace.harness.model.gates import Baseline, Gate, judge_gates
 from payrace.harness.model.history import Operation
 from payrace.harness.model.judge import judge
 from payrace.harness.model.profile import Profile
 from payrace.harness.model.stats import PathHistograms
-from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, verdict_of
+from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, overall
 from payrace.harness.reports.writers import write_all
 
 ENV_DATABASE_URL = "PAYRACE_DATABASE_URL"  # libpq URL of the target's database (the gate)
@@ -67,6 +71,8 @@ ENV_SEED = "PAYRACE_SEED"
 ENV_PROFILE = "PAYRACE_PROFILE"  # a running target's profile (TOML path); unset: the reference
 ENV_EXPECT = "PAYRACE_EXPECT"  # valid | violated, what the target is declared to be
 ENV_SETTLE_S = "PAYRACE_SETTLE_S"  # how long the oracle may wait for the deadlock count
+ENV_GATES = "PAYRACE_GATES"  # `payrace load --gate` expressions, one per line
+ENV_BASELINE = "PAYRACE_BASELINE"  # the summary '*baseline' gates compare with (--baseline)
 
 # A running target keeps its pool open, so its idle backends flush their deadlock counts only
 # after PGSTAT_IDLE_INTERVAL: the oracle waits that out once (as runner.config's
@@ -133,6 +139,8 @@ class LoadSettings:
     profile: Path | None = None  # None: the reference service, which payrace load started
     expect: str | None = None
     settle_s: float | None = None
+    gates: tuple[str, ...] = ()  # gate expressions (model.gates), judged at the end
+    baseline: Path | None = None  # what '*baseline' gates compare with
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> LoadSettings:
@@ -153,7 +161,16 @@ class LoadSettings:
             profile=Path(env[ENV_PROFILE]) if env.get(ENV_PROFILE) else None,
             expect=env.get(ENV_EXPECT) or None,
             settle_s=settle_s,
+            gates=tuple(g.strip() for g in (env.get(ENV_GATES) or "").splitlines() if g.strip()),
+            baseline=Path(env[ENV_BASELINE]) if env.get(ENV_BASELINE) else None,
         )
+
+    def judged_gates(self) -> tuple[list[Gate], Baseline | None]:
+        """The gates and their baseline; a mistake in them is a UsageError (payrace load
+        checks them before Locust starts; set by hand, they are checked here)."""
+        gates = [Gate.parse(expr) for expr in self.gates]
+        baseline = Baseline.load(self.baseline) if self.baseline is not None else None
+        return gates, baseline
 
     def target_profile(self) -> Profile:
         """The profile every Locust process shapes its requests by and the gate watches
@@ -188,6 +205,10 @@ class LoadSettings:
             env[ENV_EXPECT] = self.expect
         if self.settle_s is not None:
             env[ENV_SETTLE_S] = f"{self.settle_s:g}"
+        if self.gates:
+            env[ENV_GATES] = "\n".join(self.gates)
+        if self.baseline is not None:
+            env[ENV_BASELINE] = str(self.baseline.resolve())
         return env
 
 
@@ -398,9 +419,17 @@ class LoadRun:
                 problems.append(f"the oracle could not judge the run: {type(exc).__name__}: {exc}")
         elif url is not None:
             problems.append("no oracle baseline was taken, so the run cannot be judged")
-        verdict, code = verdict_of(result["valid"], unknown_exit=EXIT_ERROR)
+        gates: list[dict[str, Any]] = []
+        try:
+            wanted, baseline = self.settings.judged_gates()
+        except UsageError as exc:
+            keep_setup_error(self.setup_errors, str(exc))
+            problems.insert(0, str(exc))
+        else:
+            gates = judge_gates(wanted, {strategy: result}, baseline)
+        verdict, code = overall({strategy: result}, gates, unknown_exit=EXIT_ERROR)
         if self.setup_errors:
-            verdict = "setup_error"
+            verdict, code = "setup_error", EXIT_ERROR
         database = f"{ENV_DATABASE_URL} (set for Locust)"
         if self.settings.profile is not None:
             database = f"the target's own database ({ENV_DATABASE_URL}, --target-dsn)"
@@ -425,7 +454,7 @@ class LoadRun:
             },
             "problems": problems,
             "setup_errors": list(self.setup_errors),
-            "gates": [],
+            "gates": gates,
             "verdict": verdict,
             "exit_code": code,
         }
@@ -515,9 +544,19 @@ class LoadRun:
         write_all(summary, out)
 
 
-def settle_deadlocks(summary: dict[str, Any], delta: int, settled: bool, note: str) -> None:
+def settle_deadlocks(
+    summary: dict[str, Any],
+    delta: int,
+    settled: bool,
+    note: str,
+    *,
+    gates: Sequence[Gate] = (),
+    baseline: Baseline | None = None,
+) -> None:
     """Judge no_deadlock on a reading taken after the target closed its pool, and update
     the verdict and exit code with it (payrace load does this once it stopped the service).
+    The gates are judged again (the `violations` gate counts the deadlocks no trial was tied
+    to); without them, the gates finish() judged stand.
 
     A reading that still did not settle changes nothing: the gate's own reading stands."""
     if not settled and delta <= 0:
@@ -554,9 +593,12 @@ def settle_deadlocks(summary: dict[str, Any], delta: int, settled: bool, note: s
         result.setdefault("checks", {})["no_deadlock"] = checker.no_deadlock([], obs).to_json()
         checks = result["checks"].values()
         result["valid"] = checker.compose_validity(c.get("valid", "unknown") for c in checks)
-    strategies = (summary.get("strategies") or {}).values()
-    overall = checker.compose_validity(r.get("valid", "unknown") for r in strategies)
-    summary["verdict"], summary["exit_code"] = verdict_of(overall, unknown_exit=EXIT_ERROR)
+    strategies = summary.get("strategies") or {}
+    if gates:
+        summary["gates"] = judge_gates(gates, strategies, baseline)
+    summary["verdict"], summary["exit_code"] = overall(
+        strategies, summary.get("gates") or [], unknown_exit=EXIT_ERROR
+    )
 
 
 def _target_strategy(host: str) -> str:

@@ -14,8 +14,10 @@ running service a target profile describes; the reports.
     load_table()     the figures a performance team asks for first, under the usual report
 
 The judging happens inside Locust, at its `quitting` event on the master: payrace.harness.load.gate
-writes summary.json there, and load_main reads it back once Locust has exited, reads the
-deadlock counter again once the service has stopped (only then does a zero delta settle),
+judges the invariants and the --gate expressions (checked here before anything starts, as
+`payrace run` checks them) and writes summary.json there, and load_main reads it back once
+Locust has exited, reads the deadlock counter again once the service has stopped (only then
+does a zero delta settle, and the gates are judged again),
 adds the database route and the CPU shares of Locust, the service, PostgreSQL and payrace
 (payrace.harness.infra.cpu.CpuSampler), and renders the reports.
 
@@ -60,6 +62,7 @@ from payrace.harness.infra.processes import LocustProcess, ServiceProcess, free_
 from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
 from payrace.harness.load.gate import LoadSettings, settle_deadlocks
 from payrace.harness.model import oracle, watched
+from payrace.harness.model.gates import Baseline, Gate, check_gates, write_baseline
 from payrace.harness.model.profile import Profile
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_VIOLATED
 from payrace.harness.reports.console import render_console, render_reports_line
@@ -136,6 +139,9 @@ class LoadArgs(TypedDict):
     gateway_url: NotRequired[str | None]  # the fake gateway it talks to (`payrace gateway`)
     expect: NotRequired[str | None]  # valid | violated; default: the profile's, else valid
     settle_s: NotRequired[float | None]  # the oracle's wait for the deadlock count to settle
+    gates: NotRequired[Sequence[str]]  # `--gate` expressions (model.gates)
+    baseline: NotRequired[Path | None]  # what '*baseline' gates compare with
+    write_baseline: NotRequired[Path | None]  # where a valid run leaves its figures
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,9 @@ class LoadPlan:
     gateway_url: str | None = None
     expect: str | None = None
     settle_s: float | None = None
+    gates: tuple[Gate, ...] = ()
+    baseline: Baseline | None = None
+    write_baseline: Path | None = None
 
     @classmethod
     def build(
@@ -184,6 +193,9 @@ class LoadPlan:
         gateway_url: str | None = None,
         expect: str | None = None,
         settle_s: float | None = None,
+        gates: Sequence[str] = (),
+        baseline: Path | None = None,
+        write_baseline: Path | None = None,
     ) -> LoadPlan:
         running: Profile | None = None
         if profile is not None:
@@ -213,6 +225,7 @@ class LoadPlan:
             raise UsageError(f"-r/--spawn-rate {spawn_rate}: must be > 0 users per second")
         if not 1 <= workers <= 32:
             raise UsageError(f"--workers {workers}: the service runs 1 to 32 uvicorn workers")
+        parsed, base = _checked_gates(gates, name, baseline, write_baseline, running is not None)
         seconds = parse_run_time(run_time)
         if seconds <= 0:
             raise UsageError(f"-t/--run-time {run_time!r}: must be longer than zero")
@@ -229,6 +242,9 @@ class LoadPlan:
                     _redacted(target_dsn), "--gateway-url", gateway_url]  # fmt: skip
             what += ["--expect", expect] if expect else []
         what += ["--settle-s", f"{settle_s:g}"] if settle_s is not None else []
+        what += [arg for g in parsed for arg in ("--gate", g.expr)]
+        what += ["--baseline", str(baseline)] if baseline is not None else []
+        what += ["--write-baseline", str(write_baseline)] if write_baseline is not None else []
         args = [
             "payrace", "load", *what, "-u", str(users), "-r", f"{spawn_rate:g}",
             "-t", run_time, "--processes", str(processes),
@@ -255,6 +271,9 @@ class LoadPlan:
             gateway_url=gateway_url.rstrip("/") if gateway_url else None,
             expect=expect,
             settle_s=settle_s,
+            gates=tuple(parsed),
+            baseline=base,
+            write_baseline=write_baseline,
         )
 
     def locust_cmd(self, host: str, master_port: int | None = None) -> list[str]:
@@ -285,6 +304,8 @@ class LoadPlan:
             profile=self.profile_path,
             expect=self.expect,
             settle_s=self.settle_s,
+            gates=tuple(g.expr for g in self.gates),
+            baseline=self.baseline.path if self.baseline is not None else None,
         )
 
     def service_pool(self) -> dict[str, str]:
@@ -335,6 +356,26 @@ def _running_target(
             f"--gateway-url must be a URL like http://127.0.0.1:9411, got {gateway_url!r}"
         )
     return profile
+
+
+def _checked_gates(
+    exprs: Sequence[str],
+    name: str,
+    baseline: Path | None,
+    write_baseline: Path | None,
+    running: bool,
+) -> tuple[list[Gate], Baseline | None]:
+    """--gate, --baseline and --write-baseline checked as `payrace run` checks them: a gate
+    naming a strategy this run does not race, or a baseline gate without its baseline, is
+    refused before anything starts. A running target's name is its profile's."""
+    gates = [Gate.parse(expr) for expr in exprs]
+    base = Baseline.load(baseline) if baseline is not None else None
+    check_gates(
+        gates, [name], known=list(DECLARED), baseline=base, mode="load", profile_named=running
+    )
+    if write_baseline is not None and write_baseline.is_dir():
+        raise UsageError(f"--write-baseline {write_baseline} is a directory; name a file")
+    return gates, base
 
 
 def _redacted(dsn: str) -> str:
@@ -432,7 +473,7 @@ def _run(plan: LoadPlan, console: Console, quiet: bool = False) -> int:
         )
         return EXIT_ERROR
     if deadlocks.reading is not None:
-        settle_deadlocks(summary, *deadlocks.reading)
+        settle_deadlocks(summary, *deadlocks.reading, gates=plan.gates, baseline=plan.baseline)
     if deadlocks.problem:
         summary.setdefault("problems", []).append(deadlocks.problem)
     return _finish_reports(summary, db, plan, console, sampler.result(), code)
@@ -595,6 +636,8 @@ def _finish_reports(
     for problem in summary.get("problems") or []:
         if problem not in mistakes:
             console.print(f"[yellow]note:[/] {escape(str(problem))}", highlight=False)
+    if plan.write_baseline is not None and locust_code is not None:  # not from a cut-short run
+        console.print(write_baseline(summary, plan.write_baseline), highlight=False, markup=False)
     # Last but the reports line, where the eye lands: what to fix before the run can say
     # anything about the target.
     for mistake in mistakes:

@@ -4,7 +4,8 @@
                   130 interrupted
     DECLARED      what each reference strategy is declared to be (naive must be caught)
     verdict_of()  one composed validity -> (word, exit code)
-    overall()     every strategy's validity and every gate -> (word, exit code)
+    overall()     every strategy's validity and every gate -> (word, exit code); a gate that
+                  could not be measured (model.gates) leaves the run unknown, never passed
     RunOutcome    the run's verdict word, exit code, how it was judged (invariants or
                   declared) and why; stamp() writes it into the summary, of() reads it back
     invariants_outcome() `payrace run`: overall() as a RunOutcome, with its reasons
@@ -41,14 +42,23 @@ def verdict_of(valid: Validity, *, unknown_exit: int = EXIT_VIOLATED) -> tuple[s
 
 
 def overall(
-    strategies: Mapping[str, Mapping[str, Any]], gates: Sequence[Mapping[str, Any]]
+    strategies: Mapping[str, Mapping[str, Any]],
+    gates: Sequence[Mapping[str, Any]],
+    *,
+    unknown_exit: int = EXIT_VIOLATED,
 ) -> tuple[str, int]:
     if any(r["valid"] is False for r in strategies.values()):
         return "violated", EXIT_VIOLATED
     if any(r["valid"] is not True for r in strategies.values()):
-        return "unknown", EXIT_VIOLATED
-    if any(not g["passed"] for g in gates):
+        return "unknown", unknown_exit
+    # A gate without a measured value or threshold decided nothing (model.gates).
+    decided = [
+        g for g in gates if g.get("value", 0) is not None and g.get("threshold", 0) is not None
+    ]
+    if any(not g["passed"] for g in decided):
         return "gate_breached", EXIT_VIOLATED
+    if len(decided) < len(gates):
+        return "unknown", unknown_exit
     return "valid", EXIT_OK
 
 
@@ -147,7 +157,12 @@ def invariants_outcome(
     ]
     reasons += [
         f"gate {g.get('expr', '?')}: "
-        + ("not measured" if g.get("value") is None else f"breached, measured {g['value']}")
+        + (
+            "not measured"
+            if g.get("value") is None or g.get("threshold", 0) is None
+            else f"breached, measured {g['value']}"
+            + (f" against {g['threshold']}" if g.get("threshold") is not None else "")
+        )
         for g in gates
         if not g["passed"]
     ]

@@ -32,6 +32,7 @@ from payrace.harness.reports.summary import (
     deadlock_lines,
     excused,
     forced_text,
+    gate_figures,
     gate_word,
     latency_of,
     machine_line,
@@ -126,7 +127,7 @@ def render_console(
         style = {"passed": "green", "breached": "bold red"}.get(word, "yellow")
         line = Text("gate ")
         line.append(str(gate.get("expr", "?")), style="bold")
-        line.append(f" on {gate.get('strategy') or '-'}: measured {number(gate.get('value'))} ")
+        line.append(f" on {gate.get('strategy') or '-'}: {gate_figures(gate)} ")
         line.append(word, style=style)
         console.print(line)
 

@@ -41,6 +41,7 @@ from payrace.harness.reports.summary import (
     deadlock_lines,
     excused,
     forced_text,
+    gate_threshold,
     gate_word,
     latency_of,
     machine_line,
@@ -308,12 +309,13 @@ def _gates_html(summary: Summary) -> str:
             f"<code>{_esc(g.get('expr'))}</code>",
             _esc(g.get("strategy") or "-"),
             _n(g.get("value")),
-            f'<span class="{_cls(g.get("passed") if g.get("value") is not None else None)}">'
+            _esc(gate_threshold(g) if "threshold" in g else "-"),
+            f'<span class="{_cls(g.get("passed") if gate_word(g) != "not measured" else None)}">'
             f"{_esc(gate_word(g))}</span>",
         ]
         for g in gates
     ]
-    return _table(["gate", "strategy", "measured", "result"], rows)
+    return _table(["gate", "strategy", "measured", "threshold", "result"], rows)
 
 
 def run_line(summary: Summary) -> str:

@@ -38,6 +38,8 @@ from payrace.harness.reports.summary import (
     checks_of,
     deadlock_lines,
     excused,
+    gate_figures,
+    gate_word,
     number,
     outcome,
     strategies_of,
@@ -117,11 +119,11 @@ def _verdict_case(
 def _gate_case(suite: ET.Element, classname: str, gate: Mapping[str, Any], seconds: float) -> None:
     expr = str(gate.get("expr", "?"))
     case = _testcase(suite, classname, f"gate:{expr}", seconds)
-    value = gate.get("value")
-    if value is None:
-        _mark(case, "error", f"gate {expr}: not measured")
-    elif gate.get("passed") is not True:
-        _mark(case, "failure", f"gate {expr}: breached, measured {number(value)}")
+    word = gate_word(gate)
+    if word == "not measured":
+        _mark(case, "error", f"gate {expr}: not measured; {gate_figures(gate)}")
+    elif word != "passed":
+        _mark(case, "failure", f"gate {expr}: breached, {gate_figures(gate)}")
 
 
 def _run_case(root: ET.Element, run: RunOutcome, seconds: float) -> None:

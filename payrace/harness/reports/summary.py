@@ -6,6 +6,8 @@
     check_passed()    the same for one checker row; the console, JUnit and HTML all use these,
                       so they never disagree
     valid_word(), gate_word()   a checker's validity, a gate's result, as a word
+    gate_figures(), gate_threshold()   a gate's measured value and the threshold it
+                      resolved to, and from what
     strategies_of(), checks_of(), latency_of(), violation_events(), where()
                       the parts of a summary a writer picks out, with the summary's defaults
     deadlock_lines()  the first violation's deadlocks: each backend, the lock it waited for,
@@ -92,9 +94,27 @@ def valid_word(valid: object) -> str:
 
 
 def gate_word(gate: Mapping[str, Any]) -> str:
-    if gate.get("value") is None:
+    # "threshold" is None when a relative gate's reference was not measured (model.gates).
+    if gate.get("value") is None or ("threshold" in gate and gate["threshold"] is None):
         return "not measured"
     return "passed" if gate.get("passed") is True else "breached"
+
+
+def gate_threshold(gate: Mapping[str, Any]) -> str:
+    """'15 = 3 * hold_p99_ms (5)': the threshold a gate resolved to, and from what."""
+    text = number(gate.get("threshold"))
+    basis = str(gate.get("threshold_from") or "")
+    return f"{text} = {basis}" if basis and basis != text else text
+
+
+def gate_figures(gate: Mapping[str, Any]) -> str:
+    """'measured 12.3, threshold 15 = 3 * hold_p99_ms (5)': what the gate compared."""
+    text = f"measured {number(gate.get('value'))}"
+    if "threshold" in gate:  # summaries from before relative gates have no threshold
+        text += f", threshold {gate_threshold(gate)}"
+    if gate.get("error"):
+        text += f" ({gate['error']})"
+    return text
 
 
 # ---------------------------------------------------------------------------- reading

@@ -3,8 +3,8 @@
 Mode, MODES    forced | aligned | jitter (how a race is forced; see runner.trials)
 Force, FORCES  locks | pause: what holds the requests in forced mode (runner.forcing: the
                harness's own row locks and gateway holds; pause: the target's pause points)
-Gate           `[strategy:]metric<=number`, e.g. `lock_p99_ms<=100`, judged on a
-               strategy's summary
+Gate           `[strategy:]metric<=threshold` (model.gates: a number, K*other_metric or
+               K*baseline), checked against the run's strategies and --baseline in validate()
 RunConfig      strategies, trials, mode, target, seed, gates, nemesis, ...; validate()
                raises UsageError (exit 2) before anything is provisioned
 oracle_config  the oracle's view of the target's schema (the target profile's [oracle])
@@ -15,15 +15,14 @@ A run races one target profile (model.profile): the reference service's own, or 
 
 from __future__ import annotations
 
-import operator
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from payrace.harness.errors import UsageError
 from payrace.harness.model import watched
+from payrace.harness.model.gates import Baseline, check_gates
+from payrace.harness.model.gates import Gate as Gate  # where the CLI and plugin import it
 from payrace.harness.model.nemesis import NemesisSpecError, parse_spec
 from payrace.harness.model.profile import Profile
 from payrace.postgres import normalise_isolation
@@ -37,66 +36,6 @@ Mode = Literal["forced", "aligned", "jitter"]
 MODES: tuple[Mode, ...] = ("forced", "aligned", "jitter")
 Force = Literal["locks", "pause"]
 FORCES: tuple[Force, ...] = ("locks", "pause")
-
-
-_OPS: dict[str, Callable[[float, float], bool]] = {
-    "<=": operator.le,
-    ">=": operator.ge,
-    "==": operator.eq,
-    "<": operator.lt,
-    ">": operator.gt,
-}
-_GATE = re.compile(r"^\s*(?:(?P<strategy>[a-z_]+)\s*:)?\s*(?P<metric>[a-z0-9_]+)\s*"
-                   r"(?P<op><=|>=|==|<|>)\s*(?P<value>-?\d+(?:\.\d+)?)\s*$")  # fmt: skip
-_LATENCY_METRIC = re.compile(
-    r"^(?P<kind>lock|hold|request)(?:_(?P<path>client|webhook))?_(?P<stat>p50|p95|p99|max|mean)_ms$"
-)
-
-
-@dataclass(frozen=True)
-class Gate:
-    expr: str
-    strategy: str | None
-    metric: str
-    op: str
-    value: float
-
-    @classmethod
-    def parse(cls, expr: str) -> Gate:
-        m = _GATE.match(expr)
-        if not m:
-            raise UsageError(
-                f"gate {expr!r} is not of the form [strategy:]metric<=number, "
-                "e.g. 'lock_p99_ms<=100' or 'for_update:hold_p99_ms<50'"
-            )
-        metric = m["metric"]
-        if metric not in ("violations", "trials_per_second") and not _LATENCY_METRIC.match(metric):
-            raise UsageError(
-                f"gate {expr!r}: unknown metric {metric!r}; use violations, trials_per_second "
-                "or {lock|hold|request}[_client|_webhook]_{p50|p95|p99|max|mean}_ms"
-            )
-        return cls(expr, m["strategy"], metric, m["op"], float(m["value"]))
-
-    def measure(self, result: dict[str, Any]) -> float:
-        if self.metric == "violations":
-            # Deadlocks the server counted but no trial could be tied to are violations too.
-            unattributed = (result.get("deadlocks") or {}).get("unattributed") or 0
-            return float(result["violating_trials"]) + float(unattributed)
-        if self.metric == "trials_per_second":
-            return float(result["trials_per_second"])
-        m = _LATENCY_METRIC.match(self.metric)
-        assert m is not None
-        stats = result["latency_ms"].get(m["kind"], {}).get(m["path"] or "all", {})
-        return float(stats.get(m["stat"], 0.0))
-
-    def judge(self, strategy: str, result: dict[str, Any]) -> dict[str, Any]:
-        value = self.measure(result)
-        return {
-            "expr": self.expr,
-            "strategy": strategy,
-            "value": round(value, 3),
-            "passed": _OPS[self.op](value, self.value),
-        }
 
 
 @dataclass
@@ -117,6 +56,8 @@ class RunConfig:
     hold_ms: float = 0.0
     isolation: str = "READ COMMITTED"
     gates: list[Gate] = field(default_factory=list)
+    baseline: Path | None = None  # an earlier run's summary.json, for '*baseline' gates
+    write_baseline: Path | None = None  # where to write this run's baseline when it is valid
     out_dir: Path = Path("reports")
     durable: bool = False
     amount: int = 50_000
@@ -135,6 +76,7 @@ class RunConfig:
     # whose pool stays open, long enough for idle backends to flush (oracle module docstring).
     settle_s: float | None = None
     _profile: Profile | None = field(default=None, init=False, repr=False, compare=False)
+    _baseline: Baseline | None = field(default=None, init=False, repr=False, compare=False)
     # Forced mode: "locks" (the harness's row locks in the target's database and its gateway
     # holds: nothing asked of the target) or "pause" (the target's pause points: the reference
     # service's probes in-process, X-Payrace-Pause over HTTP). None: pause for the reference
@@ -248,6 +190,29 @@ class RunConfig:
                 parse_spec(self.nemesis)
             except NemesisSpecError as exc:
                 raise UsageError(str(exc)) from exc
+        self._check_gates()
+
+    def _check_gates(self) -> None:
+        """Last, once the strategies are settled: a gate naming a strategy the run does not
+        race would otherwise vanish from the verdict, and a baseline gate never decide."""
+        self._baseline = Baseline.load(self.baseline) if self.baseline is not None else None
+        check_gates(
+            self.gates,
+            self.strategies,
+            known=list(STRATEGIES),
+            baseline=self._baseline,
+            mode=self.mode,
+            profile_named=self.external,
+        )
+        if self.write_baseline is not None and self.write_baseline.is_dir():
+            raise UsageError(
+                f"--write-baseline {self.write_baseline} is a directory; name a file, "
+                "e.g. payrace-baseline.json"
+            )
+
+    def loaded_baseline(self) -> Baseline | None:
+        """--baseline as validate() read it."""
+        return self._baseline
 
     def _settle_force(self) -> None:
         if self.mode != "forced":

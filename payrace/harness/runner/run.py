@@ -37,6 +37,7 @@ from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.infra.machine import machine
 from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.harness.model import oracle, watched
+from payrace.harness.model.gates import judge_gates
 from payrace.harness.model.judge import judge as check
 from payrace.harness.model.verdict import DECLARED, invariants_outcome
 from payrace.harness.runner.config import RunConfig, oracle_config
@@ -194,12 +195,7 @@ async def run(
                     lambda s=strategy: on_trial(s),  # type: ignore[misc]
                 )
             results[strategy] = await judge(config, fired, gateway, oracle_url)
-    gates = [
-        g.judge(name, result)
-        for g in config.gates
-        for name, result in results.items()
-        if g.strategy in (None, name)
-    ]
+    gates = judge_gates(config.gates, results, config.loaded_baseline())
     return invariants_outcome(results, gates).stamp(
         {
             "run_id": config.run_id,

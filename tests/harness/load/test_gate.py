@@ -24,6 +24,7 @@ from payrace.harness.load.gate import (
 )
 from payrace.harness.model import checker
 from payrace.harness.model import profile as profile_module
+from payrace.harness.model.gates import Gate
 from payrace.harness.model.oracle import AuditRow, Observation, PaymentState
 from payrace.harness.model.profile import Profile
 from payrace.harness.model.watched import OracleConfig
@@ -271,6 +272,74 @@ def test_a_run_the_gate_never_judged_is_not_made_valid_by_the_deadlock_reading()
     settle_deadlocks(summary, 0, True, "")
     assert (summary["verdict"], summary["exit_code"]) == ("unknown", 2)
     assert "no_deadlock" not in summary["strategies"]["for_update"]["checks"]
+
+
+# -- gates (`payrace load --gate`) ---------------------------------------------------------
+
+
+def _measured(summary: dict[str, Any], lock_p99: float, hold_p99: float) -> dict[str, Any]:
+    result = summary["strategies"]["for_update"]
+    result["violating_trials"] = 0
+    result["latency_ms"] = {
+        "lock": {"all": {"count": 40, "p99": lock_p99}},
+        "hold": {"all": {"count": 40, "p99": hold_p99}},
+    }
+    return summary
+
+
+@pytest.mark.parametrize(
+    ("lock_p99", "verdict", "code"), [(11.0, "valid", 0), (13.0, "gate_breached", 1)]
+)
+def test_gates_are_judged_again_with_the_settled_reading(
+    lock_p99: float, verdict: str, code: int
+) -> None:
+    summary = _measured(_judged_summary(deadlocks={"delta": 0, "settled": False}), lock_p99, 4.0)
+    settle_deadlocks(summary, 0, True, "", gates=[Gate.parse("lock_p99_ms<=3*hold_p99_ms")])
+    (gate,) = summary["gates"]
+    assert (gate["value"], gate["threshold"]) == (lock_p99, 12.0)
+    assert (summary["verdict"], summary["exit_code"]) == (verdict, code)
+
+
+def test_the_violations_gate_counts_the_deadlocks_read_after_the_service_stopped() -> None:
+    summary = _measured(_judged_summary(deadlocks={"delta": 0, "settled": False}), 1.0, 1.0)
+    settle_deadlocks(summary, 2, True, "", gates=[Gate.parse("violations<=0")])
+    assert summary["gates"][0]["value"] == 2.0 and summary["gates"][0]["passed"] is False
+
+
+def test_gates_judged_by_the_master_stand_when_the_reading_brings_none() -> None:
+    summary = _measured(_judged_summary(deadlocks={"delta": 0, "settled": False}), 13.0, 4.0)
+    judged = Gate.parse("lock_p99_ms<=3*hold_p99_ms").judge(
+        "for_update", summary["strategies"]["for_update"]
+    )
+    summary["gates"] = [judged]
+    settle_deadlocks(summary, 0, True, "")
+    assert summary["gates"] == [judged]
+    assert (summary["verdict"], summary["exit_code"]) == ("gate_breached", 1)
+
+
+def test_the_master_judges_the_gates_from_the_environment(tmp_path: Path) -> None:
+    env = {"PAYRACE_REPORT_DIR": str(tmp_path), "PAYRACE_GATES": "lock_p99_ms<=5\nviolations<=0"}
+    settings = LoadSettings.from_env(env)
+    assert settings.gates == ("lock_p99_ms<=5", "violations<=0")
+    # No database: nothing observed, no latency measured; the gates say so, never "passed".
+    summary = LoadRun(settings).finish(host="http://127.0.0.1:1", locust={}, window_s=1.0)
+    assert [(g["expr"], g["value"], g["passed"]) for g in summary["gates"]] == [
+        ("lock_p99_ms<=5", None, False),
+        ("violations<=0", 0.0, True),
+    ]
+    assert (summary["verdict"], summary["exit_code"]) == ("unknown", 2)
+
+
+def test_a_gate_mistake_set_by_hand_is_a_setup_error(tmp_path: Path) -> None:
+    env = {"PAYRACE_REPORT_DIR": str(tmp_path), "PAYRACE_GATES": "lock_p99<=5"}
+    summary = LoadRun(LoadSettings.from_env(env)).finish(host="http://127.0.0.1:1", locust={},
+                                                         window_s=1.0)  # fmt: skip
+    assert (summary["verdict"], summary["exit_code"]) == ("setup_error", 2)
+    assert "did you mean 'lock_p99_ms'" in summary["setup_errors"][0]
+    missing = {**env, "PAYRACE_GATES": "lock_p99_ms<=baseline", "PAYRACE_BASELINE": "/no/b.json"}
+    summary = LoadRun(LoadSettings.from_env(missing)).finish(host="http://127.0.0.1:1", locust={},
+                                                             window_s=1.0)  # fmt: skip
+    assert summary["verdict"] == "setup_error" and "no such file" in summary["setup_errors"][0]
 
 
 # -- setup mistakes: exit 2, not a verdict about the target --------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from rich.console import Console
 from payrace.harness.errors import UsageError
 from payrace.harness.infra.processes import free_port
 from payrace.harness.infra.provider import Database
+from payrace.harness.load.gate import LoadSettings
 from payrace.harness.load.launch import (
     LOCUSTFILES,
     LoadArgs,
@@ -127,6 +129,14 @@ def test_plan_builds_the_locust_command_with_reports_in_the_run_dir(tmp_path: Pa
         ({"workers": 0}, "--workers"),
         ({"locustfile": "missing_scenario"}, "not found"),
         ({"processes": -5}, "--processes"),
+        ({"gates": ["for_updte:lock_p99_ms<=5"]}, "did you mean 'for_update:lock_p99_ms<=5'"),
+        ({"gates": ["naive:lock_p99_ms<=5"]}, "add --strategy naive"),
+        ({"gates": ["lock_p99<=5"]}, "did you mean 'lock_p99_ms'"),
+        ({"gates": ["lock_p99_ms<=1.5*baseline"]}, "give --baseline FILE"),
+        (
+            {"gates": ["lock_p99_ms<=1.5*baseline"], "baseline": Path("/nonexistent/b.json")},
+            "no such file",
+        ),
     ],
 )
 def test_usage_errors_exit_2_before_anything_starts(
@@ -138,6 +148,26 @@ def test_usage_errors_exit_2_before_anything_starts(
     assert code == 2
     assert message in out.getvalue()
     assert list(tmp_path.iterdir()) == []  # no run directory, no database, no process
+
+
+def test_the_plan_hands_its_gates_and_baseline_to_locust(tmp_path: Path) -> None:
+    base = tmp_path / "baseline.json"
+    stats = {"count": 9, "p99": 4.0}
+    strategies = {"for_update": {"latency_ms": {"request": {"all": stats}}}}
+    base.write_text(json.dumps({"run_id": "b", "mode": "load", "strategies": strategies}))
+    gates = ["lock_p99_ms<=3*hold_p99_ms", "request_p99_ms<=2*baseline"]
+    args = {**SMALL, "out_dir": tmp_path, "extra_args": [], "gates": gates, "baseline": base}
+    plan = LoadPlan.build(**cast(LoadArgs, args))
+    assert [g.expr for g in plan.gates] == gates and plan.baseline is not None
+    settings = LoadSettings.from_env(plan.settings("http://127.0.0.1:1", "postgresql://x").to_env())
+    assert settings.gates == tuple(gates) and settings.baseline == base.resolve()
+    assert "--gate 'lock_p99_ms<=3*hold_p99_ms'" in plan.command  # the reports say what was asked
+    locust = plan.locust_cmd("http://127.0.0.1:1")
+    assert "--gate" not in locust and "--baseline" not in locust  # Locust never sees them
+    # A baseline taken by `payrace run` (forced mode) is no measure of a load run.
+    base.write_text(json.dumps({"run_id": "b", "mode": "forced", "strategies": strategies}))
+    with pytest.raises(UsageError, match="measured in forced mode and this run is load"):
+        LoadPlan.build(**cast(LoadArgs, args))
 
 
 # -- a running target described by a profile ---------------------------------------------
@@ -187,6 +217,8 @@ def _load_profile(tmp_path: Path, **changes: object) -> tuple[int, str]:
         ({"target": "ftp://shop"}, "--target must be a URL"),
         ({"expect": "fine"}, "--expect must be valid or violated"),
         ({"settle_s": -1.0}, "--settle-s"),
+        ({"gates": ["for_update:violations<=0"]}, "named after its profile, 'shop'"),
+        ({"gates": ["shpo:violations<=0"]}, "did you mean 'shop:violations<=0'"),
     ],
 )
 def test_a_profile_run_refuses_what_a_running_target_cannot_honour(

@@ -14,6 +14,7 @@ from report_summaries import (
 )
 from rich.console import Console
 
+from payrace.harness.model.gates import Gate
 from payrace.harness.reports.console import render_console
 from payrace.harness.reports.writers import write_all
 
@@ -71,3 +72,15 @@ def test_console_shows_a_deadlocked_trial_with_its_statements_and_the_untied_res
     )
     assert "never seen as a wait-for cycle" in text
     assert "gate violations<=0 on target: measured 3 breached" in text
+
+
+def test_console_shows_a_relative_gates_resolved_threshold() -> None:
+    summary = realistic_summary()
+    fixed = summary["strategies"]["for_update"]
+    summary["gates"] = [Gate.parse("lock_p99_ms<=0.5*hold_p99_ms").judge("for_update", fixed)]
+    console = Console(record=True, width=200)
+    render_console(summary, console)
+    assert (
+        "gate lock_p99_ms<=0.5*hold_p99_ms on for_update: measured 8.207, threshold 3.962 = "
+        "0.5 * 7.923 (hold_p99_ms) breached"
+    ) in console.export_text()

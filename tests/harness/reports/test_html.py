@@ -21,6 +21,7 @@ from report_summaries import (
     realistic_summary,
 )
 
+from payrace.harness.model.gates import Gate
 from payrace.harness.reports.html import write_html
 from payrace.harness.reports.timeline import TimelineEvent, render_html
 from payrace.harness.reports.writers import write_all
@@ -38,6 +39,15 @@ def html_of(summary: dict[str, Any], tmp_path: Path) -> str:
     path = tmp_path / "report.html"
     write_html(summary, path)
     return path.read_text(encoding="utf-8")
+
+
+def test_html_gives_a_gates_threshold_beside_its_measured_value(tmp_path: Path) -> None:
+    summary = realistic_summary()
+    fixed = summary["strategies"]["for_update"]
+    summary["gates"] = [Gate.parse("lock_p99_ms<=3*hold_p99_ms").judge("for_update", fixed)]
+    text = html_of(summary, tmp_path)
+    assert "<th>threshold</th>" in text
+    assert "23.769 = 3 * 7.923 (hold_p99_ms)" in text
 
 
 def test_html_is_self_contained(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from report_summaries import (
     realistic_summary,
 )
 
+from payrace.harness.model.gates import Gate
 from payrace.harness.reports.junit import write_junit
 
 
@@ -162,3 +163,26 @@ def test_junit_fails_a_deadlock_with_its_statements_and_the_violations_gate(
     for statement in DEADLOCK_STATEMENTS:
         assert statement in (out.text or "")
     assert found["payrace.target/single_capture_write"].find("system-out") is None
+
+
+def test_junit_gives_a_relative_gates_threshold_and_what_it_came_from(tmp_path: Path) -> None:
+    summary = realistic_summary()
+    fixed = summary["strategies"]["for_update"]
+    unmeasured = {**fixed, "latency_ms": {"lock": fixed["latency_ms"]["lock"]}}  # no hold times
+    summary["gates"] = [
+        Gate.parse("lock_p99_ms<=3*hold_p99_ms").judge("for_update", fixed),
+        Gate.parse("lock_p99_ms<=0.5*hold_p99_ms").judge("for_update", fixed),
+        Gate.parse("lock_p95_ms<=hold_p99_ms").judge("for_update", unmeasured),
+    ]
+    path = tmp_path / "junit.xml"
+    write_junit(summary, path)
+    found = cases(ET.parse(path).getroot())
+    assert list(found["payrace.for_update/gate:lock_p99_ms<=3*hold_p99_ms"]) == []
+    failure = found["payrace.for_update/gate:lock_p99_ms<=0.5*hold_p99_ms"].find("failure")
+    assert failure is not None
+    assert failure.get("message") == (
+        "gate lock_p99_ms<=0.5*hold_p99_ms: breached, measured 8.207, "
+        "threshold 3.962 = 0.5 * 7.923 (hold_p99_ms)"
+    )
+    error = found["payrace.for_update/gate:lock_p95_ms<=hold_p99_ms"].find("error")
+    assert error is not None and "hold_p99_ms was not measured" in error.get("message", "")

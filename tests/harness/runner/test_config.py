@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,34 +11,6 @@ import pytest
 from payrace.harness.errors import UsageError
 from payrace.harness.model import profile as profile_module
 from payrace.harness.runner.config import Gate, RunConfig
-
-
-def test_gate_parsing() -> None:
-    gate = Gate.parse("for_update: lock_webhook_p99_ms <= 100")
-    assert (gate.strategy, gate.metric, gate.op, gate.value) == (
-        "for_update", "lock_webhook_p99_ms", "<=", 100.0,
-    )  # fmt: skip
-    result = {"latency_ms": {"lock": {"webhook": {"p99": 120.0}}}, "violating_trials": 0}
-    assert gate.judge("for_update", result)["passed"] is False
-    with pytest.raises(UsageError, match="unknown metric"):
-        Gate.parse("lock_p42_ms<=1")
-    with pytest.raises(UsageError, match="form"):
-        Gate.parse("lock_p99_ms is small")
-
-
-def test_the_violations_gate_counts_deadlocks_no_trial_could_be_tied_to() -> None:
-    gate = Gate.parse("violations<=0")
-    clean = {"violating_trials": 0, "deadlocks": {"attributed": 0, "unattributed": 0}}
-    assert gate.judge("target", clean) == {
-        "expr": "violations<=0", "strategy": "target", "value": 0.0, "passed": True,
-    }  # fmt: skip
-    # 27 deadlocked trials are in violating_trials already; 2 deadlocks were tied to none.
-    deadlocked = {"violating_trials": 27, "deadlocks": {"attributed": 29, "unattributed": 2}}
-    assert gate.judge("target", deadlocked)["value"] == 29.0
-    untied = {"violating_trials": 0, "deadlocks": {"attributed": 0, "unattributed": 29}}
-    assert gate.judge("target", untied)["passed"] is False
-    # A summary from before deadlocks were accounted (no block): trials alone.
-    assert gate.measure({"violating_trials": 3}) == 3.0
 
 
 @pytest.mark.parametrize(
@@ -162,3 +135,35 @@ def test_a_profile_that_implements_the_pause_handshake_says_so(tmp_path: Path) -
     plain.target_dsn, plain.gateway_url = RUNNING["target_dsn"], RUNNING["gateway_url"]
     plain.validate()
     assert plain.force == "locks"
+
+
+def test_gates_are_checked_against_the_strategies_the_run_settles_on(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="did you mean 'for_update:lock_p99_ms<=5'"):
+        RunConfig(gates=[Gate.parse("for_updte:lock_p99_ms<=5")]).validate()
+    with pytest.raises(UsageError, match="add --strategy naive"):
+        RunConfig(gates=[Gate.parse("naive:lock_p99_ms<=5")]).validate()
+    RunConfig(gates=[Gate.parse("for_update:lock_p99_ms<=5")]).validate()  # the default strategy
+    profile = _team_profile(tmp_path, 'base_url = "http://127.0.0.1:8000"')
+    with pytest.raises(UsageError, match="named after its profile, 'shop'"):
+        RunConfig(
+            profile=profile, gates=[Gate.parse("for_update:violations<=0")], **RUNNING
+        ).validate()
+    RunConfig(profile=profile, gates=[Gate.parse("shop:violations<=0")], **RUNNING).validate()
+
+
+def test_a_baseline_is_read_before_the_run(tmp_path: Path) -> None:
+    gate = Gate.parse("lock_p99_ms<=1.5*baseline")
+    with pytest.raises(UsageError, match="give --baseline FILE"):
+        RunConfig(gates=[gate]).validate()
+    with pytest.raises(UsageError, match="no such file"):
+        RunConfig(gates=[gate], baseline=tmp_path / "nope.json").validate()
+    path = tmp_path / "baseline.json"
+    stats = {"count": 5, "p99": 8.0}
+    strategies = {"for_update": {"latency_ms": {"lock": {"all": stats}}}}
+    path.write_text(json.dumps({"run_id": "r1", "mode": "forced", "strategies": strategies}))
+    config = RunConfig(gates=[gate], baseline=path)
+    config.validate()
+    assert config.loaded_baseline() is not None
+    assert config.loaded_baseline().measure("for_update", "lock_p99_ms") == 8.0  # type: ignore[union-attr]
+    with pytest.raises(UsageError, match="is a directory"):
+        RunConfig(write_baseline=tmp_path).validate()
