@@ -1,17 +1,21 @@
 """payrace/harness/pytest_plugin.py as a team would use it: the `race` fixture in a plain test,
-and race(profile=...) of running services in a team's own pytest run."""
+`arace` in an async one, race(profile=...) of running services in a team's own pytest run,
+and a pytest-asyncio suite outside the repository racing with `arace` and capture_race."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from report_summaries import DEADLOCK_STATEMENTS, deadlocked_summary
 
+from payrace import testing
+from payrace.harness.cli import run_command
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, service_env
 from payrace.harness.infra.provider import Database
@@ -30,10 +34,77 @@ def test_the_plugin_fails_a_test_when_capture_is_doubled(race: Callable[..., Rac
         result.assert_exactly_once()
 
 
-def test_gates_pass_through(race: Callable[..., RaceResult]) -> None:
-    result = race(strategy="for_update", trials=3, gates=["lock_max_ms<0"])
-    assert result.summary["exit_code"] == 1
-    assert result.valid is True
+def test_the_one_assertion_fails_on_a_breached_gate_and_names_it_and_the_report(
+    race: Callable[..., RaceResult],
+) -> None:
+    result = race(strategy="for_update", trials=3, gate="lock_max_ms<0")
+    assert result.valid is True  # every invariant held ...
+    assert (result.verdict, result.summary["exit_code"]) == ("gate_breached", 1)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        result.assert_exactly_once()  # ... and still the test fails, as the CLI exits 1
+    said = str(failed.value)
+    assert "a gate was breached" in said
+    assert "gate lock_max_ms<0 breached: for_update measured" in said
+    assert result.report is not None and result.report.name == "report.html"
+    assert f"report: {result.report}" in said and result.report.is_file()
+
+
+def test_a_gate_that_holds_passes(race: Callable[..., RaceResult]) -> None:
+    result = race(strategy="for_update", trials=3, gates=["violations<=0", "lock_max_ms>=0"])
+    assert [g["passed"] for g in result.summary["gates"]] == [True, True]
+    result.assert_exactly_once()
+
+
+def test_race_keywords_are_the_flags_of_payrace_run() -> None:
+    flags = set(inspect.signature(run_command).parameters) - {"quiet"}  # no progress bar here
+    keywords = set(inspect.signature(testing.race).parameters)
+    assert flags <= keywords, f"race() lacks {sorted(flags - keywords)}"
+    assert keywords - flags == {"gates", "first_event"}  # gate's plural; the old --event name
+
+
+def test_event_is_the_flag_name_and_first_event_still_works_with_a_warning(
+    race: Callable[..., RaceResult],
+) -> None:
+    with pytest.raises(pytest.fail.Exception, match=r"--event must be payment\.captured"):
+        race(strategy="for_update", trials=1, event="payment.refunded")
+    with pytest.warns(DeprecationWarning, match=r"race\(event=...\)"):
+        result = race(strategy="for_update", trials=1, first_event="order.paid")
+    result.assert_exactly_once()
+
+
+def test_a_mistake_in_the_keywords_fails_with_payrace_s_message(
+    race: Callable[..., RaceResult],
+) -> None:
+    with pytest.raises(pytest.fail.Exception, match="payrace: unknown strategy nope"):
+        race(strategy="nope", trials=1)
+
+
+async def test_race_in_an_async_test_points_to_arace(race: Callable[..., RaceResult]) -> None:
+    with pytest.raises(pytest.fail.Exception, match=r"`result = await arace\(...\)`"):
+        race(strategy="for_update", trials=1)
+
+
+async def test_arace_is_awaited_in_an_async_test(
+    arace: Callable[..., Awaitable[RaceResult]],
+) -> None:
+    caught = await arace(strategy="naive", trials=3, mode="forced")
+    assert (caught.verdict, caught.violating_trials) == ("violated", 3)
+    with pytest.raises(pytest.fail.Exception, match="capture was not exactly once"):
+        caught.assert_exactly_once()
+    (await arace(strategy="for_update", trials=3)).assert_exactly_once()
+
+
+def test_loading_the_plugin_and_payrace_testing_imports_no_heavy_package() -> None:
+    # pytest loads the plugin in every session of every project payrace is installed into.
+    probe = (
+        "import sys, payrace.harness.pytest_plugin, payrace.testing\n"
+        "heavy = ('fastapi', 'sqlalchemy', 'asyncpg', 'locust', 'psycopg', 'razorpay', 'httpx')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_a_deadlocked_trial_fails_with_its_statements() -> None:
