@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -197,3 +198,52 @@ def test_race_with_a_profile_catches_a_naive_running_service_and_passes_a_fixed_
     assert "Traceback" not in out and "During handling" not in out
     # Nothing was provisioned: a running target's database is its own.
     assert "PostgreSQL" not in out.replace("PostgreSQL server", ""), out
+
+
+# -- a team's pytest-asyncio suite, outside the repository ----------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_pytest_block(name: str) -> str:
+    """The README's ```python block marked `<!-- readme-pytest: NAME -->`."""
+    text = README.read_text(encoding="utf-8")
+    marker = f"<!-- readme-pytest: {name} -->"
+    assert text.count(marker) == 1, f"README.md: expected one {marker}"
+    after = text.split(marker, 1)[1].lstrip("\n")
+    assert after.startswith("```python\n"), f"{marker} must precede a ```python block"
+    return after.removeprefix("```python\n").split("\n```", 1)[0] + "\n"
+
+
+@pytest.mark.slow
+def test_a_pytest_asyncio_suite_catches_naive_and_passes_for_update(tmp_path: Path) -> None:
+    # The README's two async examples as a team copies them, and each again with the unfixed
+    # flow; pytest-asyncio in its default (strict) mode, nothing configured for payrace.
+    for name in ("seed", "arace"):
+        fixed = readme_pytest_block(name)
+        assert 'strategy="for_update"' in fixed
+        naive = fixed.replace('strategy="for_update"', 'strategy="naive"')
+        naive = naive.replace("async def test_", "async def test_naive_")
+        (tmp_path / f"test_{name}.py").write_text(fixed + "\n\n" + naive, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYRACE", "PYTEST"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "asyncio"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "2 failed, 2 passed" in out, out
+    assert "FAILED test_seed.py::test_naive_callback_and_webhook_capture_the_payment_once" in out
+    assert "FAILED test_arace.py::test_naive_capture_is_exactly_once_over_many_trials" in out
+    assert "cannot be called from a running event loop" not in out
+    assert out.count("capture was not exactly once") == 2, out
+    assert "single_capture_write failed for 1 payment(s)" in out  # the seed's one payment
+    reports = re.findall(r"^report: (\S+report\.html)$", out, flags=re.MULTILINE)
+    assert len(reports) == 2 and all(Path(r).is_file() for r in reports), out
+    # Nothing but the embedded server payrace started itself, stopped at the session's end.
+    assert "Traceback" not in out, out
