@@ -66,9 +66,17 @@ async def test_a_duplicate_delivery_of_the_same_event_id_is_recognised() -> None
     r.assert_exactly_once()
 
 
+def _race_databases(pg: Database) -> set[str]:
+    with psycopg.connect(pg.url) as conn:
+        rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'payrace_%'")
+        return {str(row[0]) for row in rows}
+
+
 async def test_each_race_has_a_database_of_its_own(pg: Database) -> None:
+    before = _race_databases(pg)
     for _ in range(2):
         async with capture_race(strategy="for_update", event="order.paid") as r:
+            assert len(_race_databases(pg) - before) == 1
             await asyncio.gather(r.verify_payment(), r.handle_webhook_event())
         assert r.payment is not None and r.payment.payment_id == 1  # a fresh database
         r.assert_exactly_once()
@@ -76,9 +84,7 @@ async def test_each_race_has_a_database_of_its_own(pg: Database) -> None:
         async with capture_race(strategy="for_update") as r:
             raise ValueError("the test's own error")
     assert r.result is None  # no verdict on a block that failed
-    with psycopg.connect(pg.url) as conn:
-        row = conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'payrace_%'")
-        assert row.fetchone() == (0,)  # every race dropped its database
+    assert _race_databases(pg) == before  # every race dropped its database
 
 
 async def test_the_verdict_is_after_the_block() -> None:
