@@ -9,6 +9,9 @@ team's own `service`, `harness` or `tests` packages:
     payrace.service      the reference capture service (the system under test)
     payrace.harness      fires the races, watches the database, judges, reports (CLI `payrace`)
     payrace.locustfiles  the same races at volume, for Locust (files, run with `locust -f`)
+    payrace.testing      races in a team's own tests: capture_race() (the seed's test: the
+                         callback and the webhook gathered on a fresh database), race(); the
+                         pytest plugin's `race` and `arace` fixtures are built on it
 
 Importing this package imports the standard library's contextvars and nothing else: the
 pytest plugin, the CLI and a service that only pauses pay for the web framework, the ORM

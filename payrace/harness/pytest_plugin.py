@@ -1,23 +1,32 @@
 """pytest plugin (entry point `pytest11: payrace`): race tests inside a team's own suite.
 
-    --payrace-dsn / PAYRACE_DATABASE_URL   use that server instead of the default provider
-    payrace_postgres   session fixture: a provisioned PostgreSQL (harness.infra.provider.Database)
-    race               fixture: race(strategy=..., trials=..., mode=..., **RunConfig fields)
-                       runs trials of the reference service on a fresh database of that
-                       server, or race(profile=..., target_dsn=..., gateway_url=...) of a
-                       running service (docs/profile.md); returns a RaceResult
-    RaceResult         .valid, .violating_trials, .summary; .assert_exactly_once() fails the
-                       test with the first violating schedule drawn as a timeline
+    --payrace-dsn / PAYRACE_DATABASE_URL   the PostgreSQL server races create their databases
+                       on (default: Docker, then an embedded server, started once per session)
+    --payrace-reports DIR   where each race's reports go (default: pytest's basetemp/payrace)
+    race               fixture: race(strategy=..., trials=..., mode=..., gate=..., ...) with
+                       the keywords of `payrace run`'s flags (payrace.testing.race); returns a
+                       RaceResult; in a plain `def` test
+    arace              the same, awaitable, for `async def` tests (pytest-asyncio, anyio):
+                       `result = await arace(strategy="naive")`
+    payrace_postgres   session fixture: that server (harness.infra.provider.Database)
+    RaceResult         payrace.testing.RaceResult; .assert_exactly_once() is the one
+                       assertion: invariants and gates, failing with the report's path
+
+For the seed's own test — the callback and the webhook gathered by the test itself — use
+payrace.testing.capture_race (no fixture needed; it shares this session's server).
 
 race()'s keywords are `payrace run`'s flags (profile, target, target_dsn, gateway_url, expect,
-trials, mode, ...), so a command that works on a terminal moves into a test unchanged. A
-mistake in them (a profile key, an option a running target cannot honour, a route it does not
-serve) fails the test with payrace's message, not a traceback.
+trials, mode, event, gate, ...), so a command that works on a terminal moves into a test
+unchanged. A mistake in them (a profile key, an option a running target cannot honour, a
+route it does not serve) fails the test with payrace's message, not a traceback.
 
 Examples (tests/harness/test_pytest_plugin.py runs them):
 
     def test_capture_is_exactly_once(race):
         race(strategy="for_update", trials=50, mode="forced").assert_exactly_once()
+
+    async def test_capture_is_exactly_once_async(arace):
+        (await arace(strategy="for_update", trials=50)).assert_exactly_once()
 
     def test_our_shop_captures_exactly_once(race):
         race(profile="shop.toml", target_dsn=os.environ["SHOP_DSN"],
@@ -27,19 +36,24 @@ Examples (tests/harness/test_pytest_plugin.py runs them):
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import functools
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 # pytest loads this module in every session of every project payrace is installed into, so
-# it imports nothing but pytest at start: the provider, the runner (FastAPI, SQLAlchemy, the
-# razorpay SDK) and the reports load inside the fixtures, the first time a test uses one.
+# it imports nothing but pytest and payrace.testing (itself only the standard library) at
+# start: the provider, the runner (FastAPI, SQLAlchemy, the razorpay SDK) and the reports
+# load the first time a test races (tests/harness/test_pytest_plugin.py checks).
+from payrace import testing
+from payrace.testing import RaceResult
+
 if TYPE_CHECKING:
     from payrace.harness.infra.provider import Database
+
+__all__ = ["RaceResult"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -57,111 +71,48 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-@dataclass(frozen=True)
-class RaceResult:
-    summary: dict[str, Any]
+def pytest_configure(config: pytest.Config) -> None:
+    reports = config.getoption("--payrace-reports")
 
-    def strategy(self) -> dict[str, Any]:
-        result: dict[str, Any] = next(iter(self.summary["strategies"].values()))
-        return result
+    def basetemp() -> Path:
+        # Created only when a race writes its first report; pytest keeps the last few.
+        return Path(config._tmp_path_factory.getbasetemp()) / "payrace"  # type: ignore[attr-defined]
 
-    @property
-    def valid(self) -> bool | str:
-        return self.strategy()["valid"]  # type: ignore[no-any-return]
+    testing.configure(
+        dsn=config.getoption("--payrace-dsn"), reports=Path(reports) if reports else basetemp
+    )
 
-    @property
-    def violating_trials(self) -> int:
-        return int(self.strategy()["violating_trials"])
 
-    def explain(self) -> str:
-        result = self.strategy()
-        failed = {n: c["count"] for n, c in result["checks"].items() if c["valid"] is not True}
-        lines = [f"valid={result['valid']}, violating trials {result['violating_trials']}/"
-                 f"{result['trials']}, failed checks {failed}"]  # fmt: skip
-        from payrace.harness.reports.summary import deadlock_line, deadlock_lines
-        from payrace.harness.reports.timeline import TimelineEvent, render_text
-
-        if deadlocks := deadlock_line(result):
-            lines.append(deadlocks)
-        first = result.get("first_violation")
-        if first:
-            events = [TimelineEvent(**e) for e in first["timeline"]]
-            lines += [f"first violating trial {first['trial']}:", render_text(events)]
-            lines += deadlock_lines(first)
-        return "\n".join(lines)
-
-    def assert_exactly_once(self) -> None:
-        if self.valid is not True:
-            pytest.fail("capture was not exactly once:\n" + self.explain(), pytrace=False)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    testing.close_servers()  # the session's server, if a race started one
 
 
 @pytest.fixture(scope="session")
-def payrace_postgres(request: pytest.FixtureRequest) -> Iterator[Database]:
-    from payrace.harness.infra.provider import provide_postgres
-
-    with provide_postgres(request.config.getoption("--payrace-dsn")) as db:
-        yield db
+def payrace_postgres(request: pytest.FixtureRequest) -> Database:
+    return testing.server(request.config.getoption("--payrace-dsn"))
 
 
 @pytest.fixture
-def race(request: pytest.FixtureRequest) -> Callable[..., RaceResult]:
-    from payrace.harness.errors import UsageError
-    from payrace.harness.runner.config import Gate, RunConfig
-    from payrace.harness.runner.run import run, write_history
+def race() -> Callable[..., RaceResult]:
+    """`payrace run` in a plain test: race(strategy="naive", trials=20, gate=[...])."""
 
-    reports = request.config.getoption("--payrace-reports")
-
-    def runner(
-        strategy: str | None = None,
-        *,
-        profile: str | os.PathLike[str] | None = None,
-        target: str = "inproc",
-        target_dsn: str | None = None,
-        gateway_url: str | None = None,
-        expect: str | None = None,
-        **fields: Any,
-    ) -> RaceResult:
-        gates = [Gate.parse(g) if isinstance(g, str) else g for g in fields.pop("gates", [])]
-        running = profile is not None or target not in ("inproc", "http")
-        # A running target has its own database: PostgreSQL is provisioned only for the
-        # reference service payrace starts, and only the first time a test needs it.
-        dsn = None if running else request.getfixturevalue("payrace_postgres").url
-        config = RunConfig(
-            strategies=[strategy] if strategy else [],
-            profile=Path(profile) if profile is not None else None,
-            target=target,
-            target_dsn=target_dsn,
-            gateway_url=gateway_url,
-            expect=expect,
-            dsn=dsn,
-            gates=gates,
-            command=f"pytest {request.node.nodeid}",
-            **fields,
-        )
-        if reports:
-            config.out_dir = Path(reports)
-        mistake: str | None = None
+    @functools.wraps(testing.race)
+    def runner(*args: Any, **flags: Any) -> RaceResult:
         try:
-            summary = asyncio.run(run(config, announce=lambda line: None))
-        except UsageError as exc:
-            mistake = f"payrace: {exc}"
-        if mistake is not None:  # outside the handler: the message alone, no chained traceback
-            pytest.fail(mistake, pytrace=False)
-        if reports:
-            from payrace.harness.reports.writers import claim_run_dir, write_all
-
-            out = claim_run_dir(config.out_dir, summary["run_id"])  # never another test's
-            summary["run_id"] = out.name
-            write_history(summary, out / "history.jsonl")
-            write_all(summary, out)
-        else:
-            write_history_discard(summary)
-        return RaceResult(summary)
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(testing.race(*args, **flags))
+        pytest.fail(
+            "payrace: race() runs its own event loop, and this test already runs in one: in "
+            "an `async def` test use the `arace` fixture: `result = await arace(...)`",
+            pytrace=False,
+        )
 
     return runner
 
 
-def write_history_discard(summary: dict[str, Any]) -> None:
-    """Drop the in-memory histories when no report is wanted (summary stays JSON-able)."""
-    for result in summary["strategies"].values():
-        result.pop("_history", None)
+@pytest.fixture
+def arace() -> Callable[..., Awaitable[RaceResult]]:
+    """`payrace run` in an async test: `result = await arace(strategy="naive")`. A plain
+    fixture handing out a coroutine function: any async plugin's loop runs it."""
+    return testing.race

@@ -1,17 +1,22 @@
 """payrace/harness/pytest_plugin.py as a team would use it: the `race` fixture in a plain test,
-and race(profile=...) of running services in a team's own pytest run."""
+`arace` in an async one, race(profile=...) of running services in a team's own pytest run,
+and a pytest-asyncio suite outside the repository racing with `arace` and capture_race."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from report_summaries import DEADLOCK_STATEMENTS, deadlocked_summary
 
+from payrace import testing
+from payrace.harness.cli import run_command
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, service_env
 from payrace.harness.infra.provider import Database
@@ -30,10 +35,77 @@ def test_the_plugin_fails_a_test_when_capture_is_doubled(race: Callable[..., Rac
         result.assert_exactly_once()
 
 
-def test_gates_pass_through(race: Callable[..., RaceResult]) -> None:
-    result = race(strategy="for_update", trials=3, gates=["lock_max_ms<0"])
-    assert result.summary["exit_code"] == 1
-    assert result.valid is True
+def test_the_one_assertion_fails_on_a_breached_gate_and_names_it_and_the_report(
+    race: Callable[..., RaceResult],
+) -> None:
+    result = race(strategy="for_update", trials=3, gate="lock_max_ms<0")
+    assert result.valid is True  # every invariant held ...
+    assert (result.verdict, result.summary["exit_code"]) == ("gate_breached", 1)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        result.assert_exactly_once()  # ... and still the test fails, as the CLI exits 1
+    said = str(failed.value)
+    assert "a gate was breached" in said
+    assert "gate lock_max_ms<0 breached: for_update measured" in said
+    assert result.report is not None and result.report.name == "report.html"
+    assert f"report: {result.report}" in said and result.report.is_file()
+
+
+def test_a_gate_that_holds_passes(race: Callable[..., RaceResult]) -> None:
+    result = race(strategy="for_update", trials=3, gates=["violations<=0", "lock_max_ms>=0"])
+    assert [g["passed"] for g in result.summary["gates"]] == [True, True]
+    result.assert_exactly_once()
+
+
+def test_race_keywords_are_the_flags_of_payrace_run() -> None:
+    flags = set(inspect.signature(run_command).parameters) - {"quiet"}  # no progress bar here
+    keywords = set(inspect.signature(testing.race).parameters)
+    assert flags <= keywords, f"race() lacks {sorted(flags - keywords)}"
+    assert keywords - flags == {"gates", "first_event"}  # gate's plural; the old --event name
+
+
+def test_event_is_the_flag_name_and_first_event_still_works_with_a_warning(
+    race: Callable[..., RaceResult],
+) -> None:
+    with pytest.raises(pytest.fail.Exception, match=r"--event must be payment\.captured"):
+        race(strategy="for_update", trials=1, event="payment.refunded")
+    with pytest.warns(DeprecationWarning, match=r"race\(event=...\)"):
+        result = race(strategy="for_update", trials=1, first_event="order.paid")
+    result.assert_exactly_once()
+
+
+def test_a_mistake_in_the_keywords_fails_with_payrace_s_message(
+    race: Callable[..., RaceResult],
+) -> None:
+    with pytest.raises(pytest.fail.Exception, match="payrace: unknown strategy nope"):
+        race(strategy="nope", trials=1)
+
+
+async def test_race_in_an_async_test_points_to_arace(race: Callable[..., RaceResult]) -> None:
+    with pytest.raises(pytest.fail.Exception, match=r"`result = await arace\(...\)`"):
+        race(strategy="for_update", trials=1)
+
+
+async def test_arace_is_awaited_in_an_async_test(
+    arace: Callable[..., Awaitable[RaceResult]],
+) -> None:
+    caught = await arace(strategy="naive", trials=3, mode="forced")
+    assert (caught.verdict, caught.violating_trials) == ("violated", 3)
+    with pytest.raises(pytest.fail.Exception, match="capture was not exactly once"):
+        caught.assert_exactly_once()
+    (await arace(strategy="for_update", trials=3)).assert_exactly_once()
+
+
+def test_loading_the_plugin_and_payrace_testing_imports_no_heavy_package() -> None:
+    # pytest loads the plugin in every session of every project payrace is installed into.
+    probe = (
+        "import sys, payrace.harness.pytest_plugin, payrace.testing\n"
+        "heavy = ('fastapi', 'sqlalchemy', 'asyncpg', 'locust', 'psycopg', 'razorpay', 'httpx')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_a_deadlocked_trial_fails_with_its_statements() -> None:
@@ -126,3 +198,52 @@ def test_race_with_a_profile_catches_a_naive_running_service_and_passes_a_fixed_
     assert "Traceback" not in out and "During handling" not in out
     # Nothing was provisioned: a running target's database is its own.
     assert "PostgreSQL" not in out.replace("PostgreSQL server", ""), out
+
+
+# -- a team's pytest-asyncio suite, outside the repository ----------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_pytest_block(name: str) -> str:
+    """The README's ```python block marked `<!-- readme-pytest: NAME -->`."""
+    text = README.read_text(encoding="utf-8")
+    marker = f"<!-- readme-pytest: {name} -->"
+    assert text.count(marker) == 1, f"README.md: expected one {marker}"
+    after = text.split(marker, 1)[1].lstrip("\n")
+    assert after.startswith("```python\n"), f"{marker} must precede a ```python block"
+    return after.removeprefix("```python\n").split("\n```", 1)[0] + "\n"
+
+
+@pytest.mark.slow
+def test_a_pytest_asyncio_suite_catches_naive_and_passes_for_update(tmp_path: Path) -> None:
+    # The README's two async examples as a team copies them, and each again with the unfixed
+    # flow; pytest-asyncio in its default (strict) mode, nothing configured for payrace.
+    for name in ("seed", "arace"):
+        fixed = readme_pytest_block(name)
+        assert 'strategy="for_update"' in fixed
+        naive = fixed.replace('strategy="for_update"', 'strategy="naive"')
+        naive = naive.replace("async def test_", "async def test_naive_")
+        (tmp_path / f"test_{name}.py").write_text(fixed + "\n\n" + naive, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYRACE", "PYTEST"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "asyncio"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "2 failed, 2 passed" in out, out
+    assert "FAILED test_seed.py::test_naive_callback_and_webhook_capture_the_payment_once" in out
+    assert "FAILED test_arace.py::test_naive_capture_is_exactly_once_over_many_trials" in out
+    assert "cannot be called from a running event loop" not in out
+    assert out.count("capture was not exactly once") == 2, out
+    assert "single_capture_write failed for 1 payment(s)" in out  # the seed's one payment
+    reports = re.findall(r"^report: (\S+report\.html)$", out, flags=re.MULTILINE)
+    assert len(reports) == 2 and all(Path(r).is_file() for r in reports), out
+    # Nothing but the embedded server payrace started itself, stopped at the session's end.
+    assert "Traceback" not in out, out

@@ -7,6 +7,7 @@
                      deadlock is a violating trial; the lock sampler's cycles and the
                      deadlock counter reach the oracle here), with how many trials forced
                      mode forced ("forced": by, trials, forced, timeouts)
+    summary_of()     judged strategies -> the summary: gates, verdict, exit code
     write_history()  history.jsonl: every strategy's operations
 
 Strategies run one after another on one database, so the deadlock counter's delta and the
@@ -195,15 +196,34 @@ async def run(
                     lambda s=strategy: on_trial(s),  # type: ignore[misc]
                 )
             results[strategy] = await judge(config, fired, gateway, oracle_url)
+    return summary_of(
+        config,
+        results,
+        database=db_info,
+        started_at=started_at,
+        duration_s=time.perf_counter() - started,
+    )
+
+
+def summary_of(
+    config: RunConfig,
+    results: dict[str, dict[str, Any]],
+    *,
+    database: dict[str, Any],
+    started_at: datetime,
+    duration_s: float,
+) -> dict[str, Any]:
+    """The summary (contracts.md) of judged strategies: gates, verdict and exit code. run()
+    and a test's own race (payrace.testing.capture_race) both end here."""
     gates = judge_gates(config.gates, results, config.loaded_baseline())
     return invariants_outcome(results, gates).stamp(
         {
             "run_id": config.run_id,
             "command": config.command,
             "started_at": started_at.isoformat(timespec="seconds"),
-            "duration_s": round(time.perf_counter() - started, 3),
+            "duration_s": round(duration_s, 3),
             "machine": machine(),
-            "database": db_info,
+            "database": database,
             "target": config.target,
             "mode": config.mode,
             "trials": config.trials,
