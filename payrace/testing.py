@@ -253,6 +253,8 @@ async def race(
     nemesis: str | None = None,
     expect: str | None = None,
     settle_s: float | None = None,
+    baseline: str | os.PathLike[str] | None = None,
+    write_baseline: str | os.PathLike[str] | None = None,
     first_event: str | None = None,
 ) -> RaceResult:
     """`payrace run` with these flags (None: the flag's default); reports written under `out`.
@@ -295,6 +297,8 @@ async def race(
                 "nemesis": nemesis,
                 "expect": expect,
                 "settle_s": settle_s,
+                "baseline": Path(baseline) if baseline is not None else None,
+                "write_baseline": Path(write_baseline) if write_baseline is not None else None,
             },
         )
     except UsageError as exc:
@@ -338,6 +342,10 @@ async def _race(
     summary["run_id"] = where.name
     write_history(summary, where / "history.jsonl")
     written = write_all(summary, where)
+    if config.write_baseline is not None:
+        from payrace.harness.model.gates import write_baseline
+
+        write_baseline(summary, config.write_baseline)
     return RaceResult(summary, written["html"])
 
 
