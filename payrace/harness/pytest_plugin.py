@@ -76,7 +76,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
     def basetemp() -> Path:
         # Created only when a race writes its first report; pytest keeps the last few.
-        return Path(config._tmp_path_factory.getbasetemp()) / "payrace"  # type: ignore[attr-defined]
+        factory = getattr(config, "_tmp_path_factory", None)  # None under `-p no:tmpdir`
+        if factory is None:
+            return Path("reports")  # the CLI's default
+        return Path(factory.getbasetemp()) / "payrace"
 
     testing.configure(
         dsn=config.getoption("--payrace-dsn"), reports=Path(reports) if reports else basetemp
