@@ -76,7 +76,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
     def basetemp() -> Path:
         # Created only when a race writes its first report; pytest keeps the last few.
-        return Path(config._tmp_path_factory.getbasetemp()) / "payrace"  # type: ignore[attr-defined]
+        factory = getattr(config, "_tmp_path_factory", None)  # None under `-p no:tmpdir`
+        if factory is None:
+            return Path("reports")  # the CLI's default
+        return Path(factory.getbasetemp()) / "payrace"
 
     testing.configure(
         dsn=config.getoption("--payrace-dsn"), reports=Path(reports) if reports else basetemp
@@ -100,7 +103,10 @@ def race() -> Callable[..., RaceResult]:
     def runner(*args: Any, **flags: Any) -> RaceResult:
         try:
             asyncio.get_running_loop()
+            in_a_loop = True
         except RuntimeError:
+            in_a_loop = False
+        if not in_a_loop:  # outside the handler: a failure is the message alone, unchained
             return asyncio.run(testing.race(*args, **flags))
         pytest.fail(
             "payrace: race() runs its own event loop, and this test already runs in one: in "
