@@ -55,20 +55,6 @@ def fail(message: str) -> NoReturn:
 
 # -- the verdict ----------------------------------------------------------------------------
 
-# What a failed checker found about a payment, in words (model.checker names them).
-CHECK_WORDS: dict[str, str] = {
-    "single_capture_write": "captured by more than one transaction",
-    "single_invoice_paid": "its invoice marked paid by more than one transaction (or by none, "
-    "though captured)",
-    "single_order_paid": "its order marked paid by more than one transaction (or by none, "
-    "though captured)",
-    "gateway_capture_once": "captured at the gateway more than once",
-    "no_lost_capture": "confirmed as captured, yet not captured in the database",
-    "no_5xx": "a request answered with a server error (5xx)",
-    "no_deadlock": "a transaction deadlocked",
-    "error_classes": "a request answered with an error a correct service does not give",
-}
-
 
 @dataclass(frozen=True)
 class RaceResult:
@@ -155,12 +141,10 @@ def _failed_checks(result: Mapping[str, Any]) -> list[str]:
     for name, check in (result.get("checks") or {}).items():
         if check["valid"] is True:
             continue
-        if check["valid"] is False:
-            words = CHECK_WORDS.get(name, "violated")
-            lines.append(f"{name} failed for {check['count']} payment(s): {words}")
-        else:
-            note = f" ({check['note']})" if check.get("note") else ""
-            lines.append(f"{name} could not be decided{note}")
+        # The words JUnit, the console and report.html use (reports.words): one phrasing.
+        from payrace.harness.reports.words import check_message
+
+        lines.append(check_message(name, check))
     errors = result.get("trial_errors") or {}
     if errors.get("count"):
         lines.append(f"{errors['count']} trial(s) could not be carried out: {errors['first'][0]}")

@@ -35,7 +35,7 @@ def test_an_unknown_verdict_fails_saying_what_could_not_be_decided(tmp_path: Pat
         result.assert_exactly_once()  # not proven is not passed, as the CLI's exit 1
     said = str(failed.value)
     assert said.startswith("exactly once could not be proven (verdict unknown)")
-    assert f"for_update: no_deadlock could not be decided ({note})" in said
+    assert f"for_update: no_deadlock: unknown: {note}" in said
     assert f"report: {tmp_path / 'r.html'}" in said
 
 
@@ -45,17 +45,9 @@ def test_a_failed_checker_is_named_with_its_count_in_words() -> None:
     with pytest.raises(pytest.fail.Exception) as failed:
         result.assert_exactly_once()
     said = str(failed.value)
-    assert (
-        "gateway_capture_once failed for 2 payment(s): captured at the gateway more than once"
-        in said
-    )
+    assert "gateway_capture_once: 2 of " in said
+    assert "captured at the gateway more than once" in said
     assert "report:" not in said  # no report written, none named
-
-
-def test_every_checker_has_words() -> None:
-    from payrace.harness.model.checker import CHECKERS
-
-    assert set(testing.CHECK_WORDS) == {c.__name__ for c in CHECKERS}
 
 
 def test_outside_pytest_a_failure_is_an_assertion_error() -> None:

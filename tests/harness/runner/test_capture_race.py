@@ -23,7 +23,7 @@ async def test_forced_naive_double_captures_and_the_assertion_says_where_and_how
         r.assert_exactly_once()
     said = str(failed.value)
     assert "capture was not exactly once" in said
-    assert "single_capture_write failed for 1 payment(s): captured by more than one" in said
+    assert "single_capture_write: 1 of 1 payments captured by more than one" in said
     assert f"report: {r.result.report}" in said and r.result.report.is_file()
     assert "read payment (pending)" in said  # the schedule, as the seed's table draws it
 
