@@ -44,6 +44,7 @@ from payrace.harness.reports.summary import (
     machine_line,
     number,
     outcome,
+    stat,
     strategies_of,
     valid_word,
     violation_events,
@@ -72,6 +73,9 @@ pre.statements{font-size:12px;white-space:pre-wrap;background:#f7f7f7;padding:6p
 """
     + svgplot.CSS  # the rules for the classes its markup uses
     + "table.timeline td,table.timeline th{font-family:ui-monospace,Menlo,Consolas,monospace}\n"
+    # A request blocked on a lock: its column shaded from the wait to the step that ended it.
+    + "table.timeline td.waiting{background:#fff2cc;color:#8a5a00;font-style:italic}\n"
+    + "table.timeline td.waited{background:#fff2cc}\n"
 )
 
 
@@ -102,6 +106,24 @@ def _table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def _n(value: object, digits: int = 3) -> str:
     return "\x00num" + _esc(number(value, digits))
+
+
+def _stat(stats: Mapping[str, Any] | None, key: str, digits: int = 3) -> str:
+    return "\x00num" + _esc(stat(stats, key, digits))
+
+
+def _stats_line(stats: Mapping[str, Any] | None) -> str:
+    """`count 12, p50 0.4, ... ms`, or "not measured" for a summary of no samples."""
+    if not isinstance(stats, Mapping) or not stats.get("count"):
+        return "not measured"
+    keys = [k for k in ("mean", "p50", "p95", "p99", "max") if k in stats]
+    return f"count {number(stats['count'])}, " + ", ".join(f"{k} {stat(stats, k)}" for k in keys)
+
+
+def _lock_cell(stats: Mapping[str, Any]) -> str:
+    if not stats.get("count"):
+        return stat(stats, "p50")
+    return " / ".join(stat(stats, k) for k in ("p50", "p99", "max"))
 
 
 def _paths(plots_or_latency: Mapping[str, Any]) -> list[str]:
@@ -158,8 +180,8 @@ def _latency_html(strategy: Mapping[str, Any]) -> str:
                 [
                     _esc(KIND_LABELS.get(kind, kind)),
                     _esc(path),
-                    _n(s.get("count")),
-                    *(_n(s.get(k)) for k in ("mean", "p50", "p95", "p99", "max")),
+                    _n(s.get("count") or 0),
+                    *(_stat(s, k) for k in ("mean", "p50", "p95", "p99", "max")),
                 ]
             )
     if not rows:
@@ -204,7 +226,12 @@ def _violation_html(strategy: Mapping[str, Any]) -> str:
         f"First violating schedule: {where(violation)} "
         f"({', '.join(map(str, violation.get('checks') or []))})"
     )
-    body = render_html(events) if events else '<p class="meta">no timeline recorded</p>'
+    times = violation.get("times")
+    body = (
+        render_html(events, times=str(times) if times else None)
+        if events
+        else '<p class="meta">no timeline recorded</p>'
+    )
     statements = deadlock_lines(violation)
     if statements:
         body += f'<pre class="statements">{_esc(chr(10).join(statements))}</pre>'
@@ -239,11 +266,14 @@ def _strategy_html(name: str, strategy: Mapping[str, Any]) -> str:
         )
     server = strategy.get("server_side")
     if server:
-        line = ", ".join(f"{k} {number(v)}" for k, v in server.items())
+        line = ", ".join(
+            f"{k} ({_stats_line(v)})" if isinstance(v, Mapping) else f"{k} {number(v)}"
+            for k, v in server.items()
+        )
         parts.append(f'<p class="meta">seen in pg_stat_activity / pg_locks: {_esc(line)}</p>')
     spread = strategy.get("arrival_spread_ms")
-    if spread:
-        line = ", ".join(f"{k} {number(v)}" for k, v in spread.items())
+    if isinstance(spread, Mapping):
+        line = _stats_line(spread)
         parts.append(
             f'<p class="meta">arrival spread (server receive times within a trial, ms): '
             f"{_esc(line)}</p>"
@@ -267,10 +297,7 @@ def _overview_rows(summary: Summary) -> list[list[str]]:
     rows = []
     for name, strategy in strategies_of(summary).items():
         result = outcome(strategy)
-        lock = [
-            f"{number(s.get('p50'))} / {number(s.get('p99'))} / {number(s.get('max'))}"
-            for s in (latency_of(strategy, "lock", p) for p in PATH_ORDER)
-        ]
+        lock = [_lock_cell(latency_of(strategy, "lock", p)) for p in PATH_ORDER]
         rows.append(
             [
                 f'<a href="#strategy-{_esc(name)}">{_esc(name)}</a>',
@@ -282,7 +309,7 @@ def _overview_rows(summary: Summary) -> list[list[str]]:
                 "\x00num" + _esc(forced_text(strategy)),
                 "\x00num" + _esc(lock[0]),
                 "\x00num" + _esc(lock[1]),
-                _n(latency_of(strategy, "hold", "all").get("p99")),
+                _stat(latency_of(strategy, "hold", "all"), "p99"),
             ]
         )
     return rows

@@ -77,7 +77,8 @@ class Gate:
             )
         return cls(expr, m["strategy"], metric, m["op"], float(m["value"]))
 
-    def measure(self, result: dict[str, Any]) -> float:
+    def measure(self, result: dict[str, Any]) -> float | None:
+        """None: nothing was measured (no sample of that kind and path); never 0."""
         if self.metric == "violations":
             # Deadlocks the server counted but no trial could be tied to are violations too.
             unattributed = (result.get("deadlocks") or {}).get("unattributed") or 0
@@ -87,15 +88,17 @@ class Gate:
         m = _LATENCY_METRIC.match(self.metric)
         assert m is not None
         stats = result["latency_ms"].get(m["kind"], {}).get(m["path"] or "all", {})
-        return float(stats.get(m["stat"], 0.0))
+        value = stats.get(m["stat"]) if stats.get("count") else None
+        return None if value is None else float(value)
 
     def judge(self, strategy: str, result: dict[str, Any]) -> dict[str, Any]:
         value = self.measure(result)
         return {
             "expr": self.expr,
             "strategy": strategy,
-            "value": round(value, 3),
-            "passed": _OPS[self.op](value, self.value),
+            # A gate on nothing measured is not passed: the report says "not measured".
+            "value": None if value is None else round(value, 3),
+            "passed": value is not None and _OPS[self.op](value, self.value),
         }
 
 

@@ -59,3 +59,15 @@ def test_console_shows_a_deadlocked_trial_with_its_statements_and_the_untied_res
     )
     assert "never seen as a wait-for cycle" in text
     assert "gate violations<=0 on target: measured 3 breached" in text
+
+
+def test_console_says_not_measured_for_a_path_with_no_samples() -> None:
+    summary = realistic_summary()
+    summary["strategies"]["for_update"]["latency_ms"]["lock"]["webhook"] = {"count": 0}
+    summary["strategies"]["for_update"]["latency_ms"]["hold"] = {}
+    console = Console(record=True, width=200)
+    render_console(summary, console)
+    row = next(line for line in console.export_text().splitlines() if "for_update" in line)
+    cells = [c.strip() for c in row.split("│")]
+    assert cells[-3:-1] == ["not measured", "not measured"]  # lock webhook, hold p99
+    assert "/" in cells[-4]  # the client path was measured: p50/p99/max

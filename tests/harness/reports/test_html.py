@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from report_summaries import (
     realistic_summary,
 )
 
+from payrace.harness.model.stats import PathHistograms
 from payrace.harness.reports.html import write_html
 from payrace.harness.reports.timeline import TimelineEvent, render_html
 from payrace.harness.reports.writers import write_all
@@ -220,3 +222,80 @@ def test_html_shows_a_deadlocked_trial_with_its_statements(tmp_path: Path) -> No
     assert (
         '<p class="fail">deadlocks: 3 counted by PostgreSQL, 1 tied to 1 trial(s), 2 could' in text
     )
+
+
+class _Cells(HTMLParser):
+    """Every table row of the page as its cells' text, and every paragraph's text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.paragraphs: list[str] = []
+        self._cell: str | None = None
+        self._p: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "p":
+            self._p = ""
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell += data
+        if self._p is not None:
+            self._p += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append(self._cell)
+            self._cell = None
+        elif tag == "p" and self._p is not None:
+            self.paragraphs.append(self._p)
+            self._p = None
+
+
+def cells(text: str) -> _Cells:
+    parser = _Cells()
+    parser.feed(text)
+    return parser
+
+
+def unmeasured_summary() -> dict[str, Any]:
+    """An aligned run against a target that stamps nothing: no spread, no lock samples on
+    the webhook path, no request times."""
+    summary = realistic_summary()
+    empty = PathHistograms().get("lock", "client").summary()
+    fu = summary["strategies"]["for_update"]
+    fu["arrival_spread_ms"] = empty
+    fu["latency_ms"]["lock"]["webhook"] = empty
+    fu["server_side"] = {"samples": 40, "wait_ms": empty}
+    summary["gates"] = [
+        {"expr": "request_p99_ms<=100", "strategy": "for_update", "value": None, "passed": False}
+    ]
+    return summary
+
+
+def test_a_statistic_of_no_samples_reads_not_measured_never_zero(tmp_path: Path) -> None:
+    page = cells(html_of(unmeasured_summary(), tmp_path))
+    spread = [p for p in page.paragraphs if p.startswith("arrival spread")]
+    assert spread == ["arrival spread (server receive times within a trial, ms): not measured"]
+    server = [p for p in page.paragraphs if p.startswith("seen in pg_stat_activity")]
+    assert server[-1] == "seen in pg_stat_activity / pg_locks: samples 40, wait_ms (not measured)"
+    webhook_lock = [r for r in page.rows if r[:2] == ["lock wait", "webhook"]]
+    assert webhook_lock[-1] == ["lock wait", "webhook", "0", *["not measured"] * 5]
+    overview = [r for r in page.rows if r and r[0] == "for_update"]
+    assert overview[0][8] == "not measured"  # lock webhook p50/p99/max
+    assert overview[0][7].count(" / ") == 2  # the client path was measured
+    gate = [r for r in page.rows if r and r[0] == "request_p99_ms<=100"]
+    assert gate == [["request_p99_ms<=100", "for_update", "-", "not measured"]]
+
+
+def test_measured_statistics_still_show_their_numbers(tmp_path: Path) -> None:
+    page = cells(html_of(realistic_summary(), tmp_path))
+    spread = [p for p in page.paragraphs if p.startswith("arrival spread")]
+    assert spread == ["arrival spread (server receive times within a trial, ms): count 50, "
+                      "p50 0.2, p99 1.1, max 2"]  # fmt: skip
+    assert not any("not measured" in c for r in page.rows for c in r)

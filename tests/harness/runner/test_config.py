@@ -162,3 +162,21 @@ def test_a_profile_that_implements_the_pause_handshake_says_so(tmp_path: Path) -
     plain.target_dsn, plain.gateway_url = RUNNING["target_dsn"], RUNNING["gateway_url"]
     plain.validate()
     assert plain.force == "locks"
+
+
+def test_a_gate_on_a_metric_with_no_samples_is_not_measured_and_does_not_pass() -> None:
+    empty = {"count": 0, "mean": None, "p50": None, "p95": None, "p99": None, "max": None}
+    result: dict[str, Any] = {"latency_ms": {"lock": {"client": empty, "all": empty}}}
+    for expr in ("lock_p99_ms<=100", "lock_client_max_ms<=100", "request_p50_ms>=0"):
+        judged = Gate.parse(expr).judge("for_update", result)
+        assert judged["value"] is None and judged["passed"] is False, expr
+    measured = {"count": 3, "p99": 4.0}
+    judged = Gate.parse("lock_p99_ms<=100").judge(
+        "for_update", {"latency_ms": {"lock": {"all": measured}}}
+    )
+    assert judged == {
+        "expr": "lock_p99_ms<=100",
+        "strategy": "for_update",
+        "value": 4.0,
+        "passed": True,
+    }
