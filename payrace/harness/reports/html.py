@@ -12,6 +12,7 @@
                       CDFs, a series per path (drawn by reports.svgplot)
     _overview_rows(), _gates_html(), _checks_html(), _latency_html(), _violation_html(),
     _explore_html()   the other parts of the page
+    _locust_link()    a load run's relative link to Locust's locust.html beside it
     _esc(), _cls(), _table(), _n()   escaping, pass/fail classes, tables, numeric cells
 
 The page is read offline and in CI artefact viewers: no scripts, no external resources, every
@@ -222,9 +223,11 @@ def _violation_html(strategy: Mapping[str, Any]) -> str:
     if not violation:
         return ""
     events = violation_events(strategy)
+    schedule = violation.get("schedule_id")  # the explorer's: an id `--replay` reruns
     title = (
-        f"First violating schedule: {where(violation)} "
-        f"({', '.join(map(str, violation.get('checks') or []))})"
+        f"First violating schedule: {where(violation)}"
+        + (f", schedule {schedule}" if schedule else "")
+        + f" ({', '.join(map(str, violation.get('checks') or []))})"
     )
     times = violation.get("times")
     body = (
@@ -235,6 +238,9 @@ def _violation_html(strategy: Mapping[str, Any]) -> str:
     statements = deadlock_lines(violation)
     if statements:
         body += f'<pre class="statements">{_esc(chr(10).join(statements))}</pre>'
+    replay = violation.get("replay")
+    if replay:
+        body = f'<p class="meta replay">replay it: <code>{_esc(replay)}</code></p>' + body
     return f"<h3>{_esc(title)}</h3>{body}"
 
 
@@ -332,6 +338,18 @@ def _gates_html(summary: Summary) -> str:
     return _table(["gate", "strategy", "measured", "result"], rows)
 
 
+def _locust_link(summary: Summary) -> str:
+    """A load run's link to Locust's own report beside this one (relative, same directory:
+    the page stays self-contained and the pair survives being moved as a CI artefact)."""
+    name = (summary.get("locust") or {}).get("html")
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or ":" in name:
+        return ""
+    return (
+        f'<p class="meta" id="locust-report">Locust\'s report (requests, response times, '
+        f'failures): <a href="{_esc(name)}">{_esc(name)}</a></p>'
+    )
+
+
 def run_line(summary: Summary) -> str:
     keys = ("target", "mode", "trials", "seed", "webhooks_per_trial")
     return ", ".join(f"{k} {summary[k]}" for k in keys if summary.get(k) is not None)
@@ -351,6 +369,7 @@ def build_html(summary: Summary) -> str:
         f'<p class="meta">started {_esc(summary.get("started_at", "?"))}, '
         f"{_esc(number(summary.get('duration_s'), 2))} s; {_esc(run_line(summary))}</p>",
         f'<p class="meta">{_esc(machine_line(summary))}</p>',
+        _locust_link(summary),
         "<h2>Overview</h2>",
         _table(head, _overview_rows(summary)) if strategies else "<p>no strategies ran</p>",
         "<h2>Gates</h2>",

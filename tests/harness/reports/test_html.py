@@ -299,3 +299,84 @@ def test_measured_statistics_still_show_their_numbers(tmp_path: Path) -> None:
     assert spread == ["arrival spread (server receive times within a trial, ms): count 50, "
                       "p50 0.2, p99 1.1, max 2"]  # fmt: skip
     assert not any("not measured" in c for r in page.rows for c in r)
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a" and (href := dict(attrs).get("href")):
+            self.hrefs.append(href)
+
+
+def links(text: str) -> list[str]:
+    parser = _Links()
+    parser.feed(text)
+    return [h for h in parser.hrefs if not h.startswith("#")]
+
+
+def test_a_load_run_links_locusts_report_beside_it(tmp_path: Path) -> None:
+    summary = realistic_summary()
+    summary["locust"] = {"html": "locust.html", "requests": 10}
+    assert links(html_of(summary, tmp_path)) == ["locust.html"]
+    assert links(html_of(realistic_summary(), tmp_path)) == []  # run mode: no Locust
+    for unsafe in ("https://example.com/x.html", "../../etc/passwd", "C:\\x.html"):
+        summary["locust"]["html"] = unsafe
+        assert links(html_of(summary, tmp_path)) == [], unsafe
+
+
+def test_the_page_fetches_nothing_in_any_shape_it_takes(tmp_path: Path) -> None:
+    """Every shape of the page (run, load with Locust's link, explore, unmeasured, empty)
+    names no resource a browser would fetch: no src, no stylesheet link, no script, no
+    absolute href; the only URL is the SVG namespace."""
+    load = realistic_summary()
+    load["locust"] = {"html": "locust.html"}
+    explore = realistic_summary()
+    explore["mode"] = "explore"
+    naive = explore["strategies"]["naive"]
+    naive["first_violation"].update(
+        schedule_id="naive.rc.cw.a5b4", replay="payrace explore --replay naive.rc.cw.a5b4"
+    )
+    waited = render_html([TimelineEvent(0, "webhook", "lock payment <waiting>")])
+    explore["strategies"]["for_update"]["explore"] = {"timeline_html": waited}
+    shapes = (realistic_summary(), load, explore, unmeasured_summary(), empty_summary())
+    for summary in shapes:
+        text = html_of(summary, tmp_path)
+        for pattern in EXTERNAL:
+            assert not pattern.search(text), pattern.pattern
+        fetched = _Fetched()
+        fetched.feed(text)
+        assert fetched.found == [], fetched.found
+        assert set(re.findall(r"https?://[^\s\"'<>]+", text)) <= {"http://www.w3.org/2000/svg"}
+
+
+class _Fetched(HTMLParser):
+    """Attributes a browser loads without a click, and links that leave the directory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("src", "srcset", "data", "poster", "background") or (
+                tag in ("link", "script", "iframe", "object", "embed", "img")
+            ):
+                self.found.append(f"<{tag} {name}={value!r}>")
+            if name == "href" and value and re.match(r"^([a-z]+:|//|/)", value, re.I):
+                self.found.append(f"<{tag} href={value!r}>")
+
+
+def test_an_explored_violation_names_its_schedule_and_the_command_that_replays_it(
+    tmp_path: Path,
+) -> None:
+    summary = realistic_summary()
+    summary["strategies"]["naive"]["first_violation"].update(
+        schedule_id="naive.rc.cw.a5b4", replay="payrace explore --replay naive.rc.cw.a5b4"
+    )
+    page = cells(html_of(summary, tmp_path))
+    assert "replay it: payrace explore --replay naive.rc.cw.a5b4" in page.paragraphs
+    text = html_of(summary, tmp_path)
+    assert "First violating schedule: trial 3, payment 17, schedule naive.rc.cw.a5b4 (" in text
