@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -45,7 +46,7 @@ from payrace.harness.model.stats import LatencyHistogram
 QUERY = """
 SELECT a.pid, pg_blocking_pids(a.pid) AS blockers,
        l.locktype, l.mode, l.relation::regclass::text AS relation, l.page, l.tuple,
-       l.transactionid::text AS transactionid, l.classid, l.objid
+       l.transactionid::text AS transactionid, l.classid, l.objid, clock_timestamp() AS at
 FROM pg_stat_activity a
 LEFT JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted
 WHERE a.datname = current_database() AND a.wait_event_type = 'Lock'
@@ -74,6 +75,10 @@ class WaitEpisode:
     last_ns: int
     waits_for: str  # the lock, as deadlocks.describe_lock names it
     blocked_by: tuple[int, ...]
+    # The same two moments on the server's clock, the clock of the oracle's audit rows
+    # (over HTTP a timeline is drawn from those).
+    first_at: datetime | None = None
+    last_at: datetime | None = None
 
 
 @dataclass
@@ -128,6 +133,7 @@ class LockWatch:
             r.samples += 1
             edges = {int(row["pid"]): [int(b) for b in row["blockers"]] for row in rows}
             locks = {int(row["pid"]): describe_lock(dict(row)) for row in rows}
+            at = {int(row["pid"]): row["at"] for row in rows}
             waiting = {pid for pid, blockers in edges.items() if blockers}
             if waiting:
                 r.waiting_seen += 1
@@ -135,9 +141,9 @@ class LockWatch:
             for pid in waiting:
                 episode = self._open.get(pid)
                 if episode is None:
-                    episode = WaitEpisode(pid, now, now, locks[pid], ())
+                    episode = WaitEpisode(pid, now, now, locks[pid], (), at[pid], at[pid])
                     self._open[pid] = episode
-                episode.last_ns = now
+                episode.last_ns, episode.last_at = now, at[pid]
                 episode.blocked_by = tuple(sorted({*episode.blocked_by, *edges[pid]}))
             for pid in list(self._open):
                 if pid not in waiting:

@@ -8,6 +8,7 @@
     from_cycles()     a deadlock's members waiting for each other, in the same backend columns
     from_waits()      a request's lock waits the sampler saw (model.lockwatch), as
                       "<waiting>" rows, the next step of that request marked "<completed>"
+    from_audit_waits()  the same for from_audit's backend columns (over HTTP)
     since()           events re-timed from an origin (a trial's start), for "ms" columns
     render_text()     the two-column table: "Time  client  webhook / T0  read payment (pending)"
     render_html()     the same as an HTML table (escaped), for report.html; a request's
@@ -23,7 +24,8 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from payrace.harness.model.deadlocks import LockCycle
@@ -139,6 +141,45 @@ def from_waits(
                 out[i] = TimelineEvent(e.time_ns, e.process, f"{COMPLETED} {e.text}")
                 break
     return out
+
+
+def from_audit_waits(
+    events: Iterable[TimelineEvent],
+    rows: Iterable[AuditRow],
+    payment_id: int,
+    episodes: Iterable[WaitEpisode],
+    *,
+    interval_ms: float,
+) -> list[TimelineEvent]:
+    """`events` (from_audit: one column per backend, the database's clock) with the waits
+    of the backends that wrote this payment's rows.
+
+    Over HTTP payrace does not know which backend serves which request, and a pooled backend
+    serves many payments. A wait is this payment's when it lies within the payment's rows
+    (its order's INSERT .. its last write) and the next row its backend wrote after the wait
+    is this payment's: the statement that waited went on to write it."""
+    all_rows = sorted(rows, key=lambda r: r.at)
+    mine = [r for r in all_rows if r.payment_id == payment_id]
+    if not mine:
+        return sorted(events, key=lambda e: e.time_ns)
+    start, end = mine[0].at, mine[-1].at
+    chosen = []
+    for ep in episodes:
+        if ep.first_at is None or ep.last_at is None:
+            continue
+        if not start <= ep.first_at <= end:
+            continue
+        after = next((r for r in all_rows if r.backend_pid == ep.pid and r.at >= ep.last_at), None)
+        if after is not None and after.payment_id == payment_id:
+            chosen.append(
+                replace(ep, first_ns=_epoch_ns(ep.first_at), last_ns=_epoch_ns(ep.last_at))
+            )
+    names = {r.backend_pid: f"backend {r.backend_pid}" for r in mine}
+    return from_waits(events, chosen, names, window=(0, 2**63), interval_ms=interval_ms)
+
+
+def _epoch_ns(at: datetime) -> int:
+    return int(at.timestamp() * 1e9)  # as from_audit times its rows
 
 
 def since(events: Iterable[TimelineEvent], origin_ns: int | None = None) -> list[TimelineEvent]:

@@ -39,7 +39,12 @@ from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.harness.model import oracle, watched
 from payrace.harness.model.judge import judge as check
 from payrace.harness.model.verdict import DECLARED, overall
-from payrace.harness.reports.timeline import TimelineEvent, from_waits, since
+from payrace.harness.reports.timeline import (
+    TimelineEvent,
+    from_audit_waits,
+    from_waits,
+    since,
+)
 from payrace.harness.runner.config import RunConfig, oracle_config
 from payrace.harness.runner.target import start_target
 from payrace.harness.runner.trials import StrategyRun, TrialOutcome, fire_trials
@@ -78,6 +83,15 @@ async def judge(
         first = judged.first_violation(
             outcome.payment_id, trial=outcome.trial, timeline=_drawn(run, outcome)
         )
+        if first is not None and not outcome.timeline:  # drawn from the audit rows
+            audit = from_audit_waits(
+                [TimelineEvent(**e) for e in first["timeline"]],
+                judged.observation.audit,
+                outcome.payment_id,
+                run.lock_waits,
+                interval_ms=run.lock_poll_ms,
+            )
+            first["timeline"] = [e.to_json() for e in audit]
         _retime(first, outcome)
     duration = run.duration_s
     faults = {"nemesis": run.nemesis} if run.nemesis is not None else {}
@@ -128,7 +142,7 @@ def _retime(first: dict[str, Any] | None, outcome: TrialOutcome) -> None:
     if outcome.timeline:
         events, first["times"] = since(events, outcome.window[0]), "from the trial's start"
     else:
-        events, first["times"] = since(events), "from the first row written, database clock"
+        events, first["times"] = since(events), "from the first step drawn, database clock"
     first["timeline"] = [e.to_json() for e in events]
 
 

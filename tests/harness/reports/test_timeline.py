@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 
 from payrace.harness.model.deadlocks import CycleMember, LockCycle
 from payrace.harness.model.lockwatch import WaitEpisode
+from payrace.harness.model.oracle import AuditRow
 from payrace.harness.reports.timeline import (
     TimelineEvent,
+    from_audit,
+    from_audit_waits,
     from_cycles,
     from_probes,
     from_waits,
@@ -273,3 +276,40 @@ def test_render_text_with_times_prints_ms_per_row() -> None:
 def test_since_keeps_the_order_and_moves_the_origin() -> None:
     assert [e.time_ns for e in since(waited_trial())] == [0, MS, 2 * MS, 29 * MS, 30 * MS]
     assert since([]) == []
+
+
+def _row(i: int, payment: int, pid: int, ms: int, op: str = "UPDATE") -> AuditRow:
+    at = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC) + timedelta(milliseconds=ms)
+    return AuditRow(i, "payments", payment, payment, op, "pending", "captured", 900 + i, pid, at)
+
+
+def _at(ms: int) -> datetime:
+    return datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC) + timedelta(milliseconds=ms)
+
+
+def test_over_http_a_pooled_backends_wait_belongs_to_the_payment_it_then_wrote() -> None:
+    """Backend 8 serves payment 1 and then payment 2: its wait before payment 2's row is
+    payment 2's, not payment 1's, although it lies inside payment 1's rows."""
+    rows = [
+        _row(1, 1, 7, 0, "INSERT"),
+        _row(2, 1, 7, 10),
+        _row(3, 2, 8, 11, "INSERT"),
+        _row(4, 2, 8, 40),  # backend 8's next row after the first wait: payment 2
+        _row(5, 1, 8, 90),  # after the second wait: payment 1
+    ]
+    first = WaitEpisode(8, 0, 0, "transaction 77 (ShareLock)", (9,), _at(20), _at(35))
+    second = WaitEpisode(8, 0, 0, "transaction 902 (ShareLock)", (7,), _at(50), _at(85))
+    outside = WaitEpisode(7, 0, 0, "transaction 5 (ShareLock)", (8,), _at(500), _at(505))
+    events = from_audit(rows, 1)
+    drawn = from_audit_waits(events, rows, 1, [first, second, outside], interval_ms=5.0)
+    waits = [e for e in drawn if e.text.endswith("<waiting>")]
+    assert [(e.process, e.time_ns) for e in waits] == [
+        ("backend 8", int(_at(50).timestamp() * 1e9))
+    ]
+    assert "held by backend 7 <waiting>" in waits[0].text
+    assert drawn[-1].process == "backend 8" and drawn[-1].text.startswith("<completed> UPDATE")
+    # Payment 2's timeline gets the first wait instead.
+    two = from_audit_waits(from_audit(rows, 2), rows, 2, [first, second], interval_ms=5.0)
+    assert [e.text.split(" held by")[0] for e in two if e.text.endswith("<waiting>")] == [
+        "waits ~20.0 ms for transaction 77 (ShareLock),"
+    ]

@@ -484,3 +484,33 @@ async def test_a_gate_on_nothing_measured_reports_no_value_and_fails_the_run(
     paths = write_all(summary, tmp_path / "written")
     written = json.loads(paths["summary"].read_text())
     assert written["gates"][0]["value"] is None  # null in summary.json, not 0
+
+
+async def test_over_http_the_audit_timeline_has_times_and_the_backends_wait(
+    pg: Database, tmp_path: Path
+) -> None:
+    """No probes over HTTP: the columns are the database's backends; the sampler's wait of the
+    backend whose update queued is drawn in its column, on the database's clock."""
+    summary = await race(
+        pg,
+        tmp_path,
+        strategies=["naive"],
+        trials=2,
+        mode="forced",
+        target="http",
+        hold_ms=80,
+        concurrency=1,
+    )
+    first = summary["strategies"]["naive"]["first_violation"]
+    assert first["times"] == "from the first step drawn, database clock"
+    timeline = first["timeline"]
+    assert timeline[0]["time_ns"] == 0
+    waits = [e for e in timeline if e["text"].endswith("<waiting>")]
+    assert waits, timeline
+    columns = {e["process"] for e in timeline if not e["text"].endswith("<waiting>")}
+    for wait in waits:
+        assert wait["process"] in columns  # a backend that wrote this payment's rows
+        holder = wait["text"].split("held by ")[1].removesuffix(" <waiting>")
+        assert holder in columns and holder != wait["process"]
+        later = [e for e in timeline if e["process"] == wait["process"] and e is not wait]
+        assert any(e["text"].startswith("<completed> ") for e in later)
