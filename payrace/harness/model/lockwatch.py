@@ -43,12 +43,16 @@ from payrace.harness.model.deadlocks import (
 )
 from payrace.harness.model.stats import LatencyHistogram
 
+# The lock each waiter waits for (timelines say on what): read per waiting backend only
+# (LATERAL), so a poll that finds nobody waiting does not read pg_locks at all.
 QUERY = """
-SELECT a.pid, pg_blocking_pids(a.pid) AS blockers,
-       l.locktype, l.mode, l.relation::regclass::text AS relation, l.page, l.tuple,
-       l.transactionid::text AS transactionid, l.classid, l.objid, clock_timestamp() AS at
+SELECT a.pid, pg_blocking_pids(a.pid) AS blockers, l.*, clock_timestamp() AS at
 FROM pg_stat_activity a
-LEFT JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted
+LEFT JOIN LATERAL (
+  SELECT locktype, mode, relation::regclass::text AS relation, page, tuple,
+         transactionid::text AS transactionid, classid, objid
+  FROM pg_locks WHERE pid = a.pid AND NOT granted LIMIT 1
+) l ON true
 WHERE a.datname = current_database() AND a.wait_event_type = 'Lock'
   AND a.pid <> pg_backend_pid()
 """
