@@ -20,6 +20,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -373,3 +374,47 @@ def test_a_route_typo_in_the_profile_exits_2_naming_the_key(
     assert "POST /payment/verify with HTTP 404" in mistake
     assert "check [callback].path" in mistake and "shop.toml" in mistake
     assert "setup mistake" in run.output and "[callback].path" in run.output
+
+
+class _Anchors(HTMLParser):
+    """The hrefs of a page, and the text of payrace's verdict block in Locust's page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.verdict = ""
+        self._depth = 0  # > 0 inside div#payrace-verdict
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attr = dict(attrs)
+        if tag == "a" and attr.get("href"):
+            self.hrefs.append(str(attr["href"]))
+        if tag == "div" and (self._depth or attr.get("id") == "payrace-verdict"):
+            self._depth += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "div" and self._depth:
+            self._depth -= 1
+
+    def handle_data(self, data: str) -> None:
+        if self._depth:
+            self.verdict += data
+
+
+def _anchors(path: Path) -> _Anchors:
+    parser = _Anchors()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+@pytest.mark.parametrize("which", ["for_update_run", "naive_run"])
+def test_payraces_and_locusts_reports_link_each_other_and_agree(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    run: Run = request.getfixturevalue(which)
+    assert "locust.html" in _anchors(run.dir / "report.html").hrefs
+    locust = _anchors(run.dir / "locust.html")
+    assert "report.html" in locust.hrefs
+    verdict, code = run.summary["verdict"], run.summary["exit_code"]
+    assert f"payrace oracle: {verdict} (exit code {code})" in " ".join(locust.verdict.split())
+    assert run.summary["locust"]["html"] == "locust.html"

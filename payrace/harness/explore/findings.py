@@ -12,7 +12,9 @@
     ├── outcome(), exit_code()   the run's verdict (model.verdict.RunOutcome): judged against
     │                   the scenario's expectations when it has any, else the invariants
     ├── golden()        deterministic text (the golden files under tests/harness/explore/golden/)
-    ├── html_fragment() the shown schedule as an HTML timeline (payrace.harness.reports.timeline)
+    ├── replay_of()     the command that replays one schedule: `payrace explore --replay ID`
+    ├── html_fragment() the shown schedule as an HTML timeline (payrace.harness.reports.timeline),
+    │                   its id and the command that replays it
     ├── render()        the console
     └── summary()       summary.json in the shape harness.reports reads, mode "explore"
 
@@ -24,6 +26,7 @@ followed was the server's choice). The console and summary.json show everything.
 from __future__ import annotations
 
 import html
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -302,13 +305,26 @@ class ExploreResult:
             lines.append(f"! {problem}")
         return "\n".join(lines) + "\n"
 
+    def replay_of(self, run: ScheduleRun) -> str:
+        """The command that replays `run` (an app's carries its --app and --profile)."""
+        return f"{self.replay_command} --replay {shlex.quote(run.id)}"
+
+    def _shown_json(self) -> dict[str, str] | None:
+        if (shown := self.shown()) is None:
+            return None
+        what, run = shown
+        return {"what": what, "schedule_id": run.id, "replay": self.replay_of(run)}
+
     def html_fragment(self) -> str:
         shown = self.shown()
         if shown is None:
             return '<p class="meta">no schedule violated a checker or waited for a lock</p>'
         what, run = shown
         title = f"<h3>{html.escape(what)}: <code>{html.escape(run.id)}</code></h3>"
-        return title + render_html(run.events)
+        replay = (
+            f'<p class="meta replay">replay it: <code>{html.escape(self.replay_of(run))}</code></p>'
+        )
+        return title + replay + render_html(run.events)
 
     def render(self, console: Console, out: Path | None = None) -> None:
         for line in self.header():
@@ -341,7 +357,7 @@ class ExploreResult:
             console.print(
                 Panel(Text(render_text(run.events)), title=Text(f"{what}: {run.id}"), expand=False)
             )
-            console.print(Text(f"replay it: {self.replay_command} --replay {run.id}"))
+            console.print(Text(f"replay it: {self.replay_of(run)}"))
         console.print(
             Text(
                 f"{len(self.runs)} schedules in {self.duration_s:.2f} s "
@@ -371,6 +387,7 @@ class ExploreResult:
                 "trial": shown.number,
                 "payment": shown.payment_id,
                 "schedule_id": shown.id,
+                "replay": self.replay_of(shown),
                 "checks": list(shown.violated),
                 "timeline": [e.to_json() for e in shown.events],
             }
@@ -415,6 +432,7 @@ class ExploreResult:
                     "runs_for_confidence": self.bound.runs_for(self.confidence),
                     "confidence": self.confidence,
                 },
+                "shown": self._shown_json(),
                 "timeline_html": self.html_fragment(),
                 "runs": [_run_json(r) for r in self.runs],
             },

@@ -12,6 +12,8 @@ running service a target profile describes; the reports.
                      run directory, a Locust command line and the service's pool size
         parse_run_time(), resolve_locustfile(), locust_processes()   one option each
     load_table()     the figures a performance team asks for first, under the usual report
+    mark_locust_report()  the oracle's verdict at the top of Locust's locust.html, linking
+                     report.html (which links back: summary["locust"]["html"])
 
 The judging happens inside Locust, at its `quitting` event on the master: payrace.harness.load.gate
 judges the invariants and the --gate expressions (checked here before anything starts, as
@@ -32,6 +34,7 @@ run, also on Ctrl-C, SIGTERM or a failure.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -43,6 +46,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from html.parser import HTMLParser
 from pathlib import Path
 from types import FrameType
 from typing import Any, NotRequired, TypedDict, Unpack
@@ -66,6 +70,13 @@ from payrace.harness.model.gates import Baseline, Gate, check_gates, write_basel
 from payrace.harness.model.profile import Profile
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_VIOLATED
 from payrace.harness.reports.console import render_console, render_reports_line
+from payrace.harness.reports.summary import (
+    NOT_MEASURED,
+    number,
+    outcome,
+    strategies_of,
+    write_atomically,
+)
 from payrace.harness.reports.writers import claim_run_dir, write_all
 
 LOCUSTFILES = Path(__file__).resolve().parents[2] / "locustfiles"
@@ -626,7 +637,13 @@ def _finish_reports(
         }
     summary["cpu"] = cpu
     summary.setdefault("locust", {})["exit_code"] = locust_code
+    locust_page = plan.run_dir / "locust.html"
+    if locust_page.exists():
+        # Relative: the run directory is moved as a whole (a CI artefact), links and all.
+        summary["locust"]["html"] = locust_page.name
     paths = write_all(summary, plan.run_dir)
+    if locust_page.exists() and not mark_locust_report(locust_page, summary):
+        console.print(f"[yellow]note:[/] {locust_page} has no <body>: no verdict added to it")
     for name in ("locust.html", "locust_stats.csv", "latency_hdr.json", "locust.log"):
         if (plan.run_dir / name).exists():
             paths[name] = plan.run_dir / name
@@ -648,6 +665,70 @@ def _finish_reports(
     return int(summary.get("exit_code", EXIT_ERROR))
 
 
+_MARK_START, _MARK_END = "<!-- payrace verdict -->", "<!-- /payrace verdict -->"
+_MARKED = re.compile(re.escape(_MARK_START) + ".*?" + re.escape(_MARK_END), re.DOTALL)
+
+
+def mark_locust_report(page: Path, summary: Mapping[str, Any]) -> bool:
+    """Put the oracle's verdict, each strategy's outcome and a link to report.html at the top
+    of Locust's HTML report, after Locust wrote it; False if the page has no <body>.
+
+    Why after the fact: Locust writes `--html` once its `quitting` listeners (where the gate
+    judges) have run, from a fixed template and arguments no listener can extend; its web-UI
+    extension hooks serve the live UI only, not this file. The page is a React app rendering
+    into <div id="root">, so a static block placed right after <body> sits beside it, needs
+    no script, and depends on nothing but the page having a body. A second call replaces the
+    block (the marks), so the verdict is always the final one."""
+    text = _MARKED.sub("", page.read_text(encoding="utf-8"))
+    at = _body_end(text)
+    if at is None:
+        return False
+    verdict = str(summary.get("verdict", "unknown"))
+    ok = verdict == "valid"
+    color, background = ("#176b2c", "#e8f5ec") if ok else ("#b3261e", "#fdecea")
+    outcomes = "; ".join(
+        f"{html.escape(name)}: {html.escape(outcome(s).label)}"
+        for name, s in strategies_of(summary).items()
+    )
+    block = (
+        f'{_MARK_START}<div id="payrace-verdict" style="font-family:system-ui,sans-serif;'
+        f"font-size:15px;padding:10px 16px;color:{color};background:{background};"
+        f'border-bottom:3px solid {color}"><b>payrace oracle: {html.escape(verdict)}</b> '
+        f"(exit code {html.escape(str(summary.get('exit_code', '?')))})"
+        + (f" &middot; {outcomes}" if outcomes else "")
+        + ' &middot; <a href="report.html">payrace report (invariants, lock waits)</a>'
+        f"</div>{_MARK_END}"
+    )
+    write_atomically(page, text[:at] + block + text[at:])
+    return True
+
+
+class _BodyFinder(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=False)
+        self.at: tuple[int, int, int] | None = None  # line, column, length of <body ...>
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "body" and self.at is None:
+            line, column = self.getpos()
+            self.at = (line, column, len(self.get_starttag_text() or ""))
+
+
+def _body_end(text: str) -> int | None:
+    """Where the <body> start tag ends, as an HTML parser reads the page: Locust's minified
+    scripts in <head> contain the string "<body" too, which a parser knows is script text."""
+    finder = _BodyFinder()
+    finder.feed(text)
+    finder.close()
+    if finder.at is None:
+        return None
+    line, column, length = finder.at
+    offset = 0
+    for _ in range(line - 1):  # the parser counts lines by "\n" only (not str.splitlines)
+        offset = text.index("\n", offset) + 1
+    return offset + column + length
+
+
 def load_table(summary: Mapping[str, Any]) -> Table:
     """The figures a performance team asks for first."""
     table = Table(title="load", title_justify="left")
@@ -660,7 +741,9 @@ def load_table(summary: Mapping[str, Any]) -> Table:
 
         def pair(kind: str, latency: Mapping[str, Any] = latency) -> str:
             a = (latency.get(kind) or {}).get("all") or {}
-            return f"{a.get('p50', '-')}/{a.get('p99', '-')}"
+            if not a.get("count"):
+                return NOT_MEASURED
+            return f"{number(a.get('p50'))}/{number(a.get('p99'))}"
 
         table.add_row(
             name,

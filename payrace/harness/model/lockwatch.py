@@ -5,6 +5,9 @@
                 a lock at once, how many were seen blocked by another backend, a wait
                 duration estimate per waiting episode (first seen .. last seen + one interval),
                 and the wait-for cycles among the database's backends (`result.cycles`)
+    WaitEpisode one backend's wait as the polls saw it: when (time.monotonic_ns, the clock
+                of the pause points' probes), for what lock, behind which backends
+                (`result.episodes_seen`: what run mode's timeline draws as <waiting>)
 
 It cross-checks the per-request lock times the target reports in Server-Timing: a target
 that under-reports its waits shows up as a gap between the two. The estimate's resolution is
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -39,10 +43,18 @@ from payrace.harness.model.deadlocks import (
 )
 from payrace.harness.model.stats import LatencyHistogram
 
+# The lock each waiter waits for (timelines say on what): read per waiting backend only
+# (LATERAL), so a poll that finds nobody waiting does not read pg_locks at all.
 QUERY = """
-SELECT pid, pg_blocking_pids(pid) AS blockers
-FROM pg_stat_activity
-WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()
+SELECT a.pid, pg_blocking_pids(a.pid) AS blockers, l.*, clock_timestamp() AS at
+FROM pg_stat_activity a
+LEFT JOIN LATERAL (
+  SELECT locktype, mode, relation::regclass::text AS relation, page, tuple,
+         transactionid::text AS transactionid, classid, objid
+  FROM pg_locks WHERE pid = a.pid AND NOT granted LIMIT 1
+) l ON true
+WHERE a.datname = current_database() AND a.wait_event_type = 'Lock'
+  AND a.pid <> pg_backend_pid()
 """
 # A cycle's members read again: who blocks them now, their xid, statement and awaited lock.
 CYCLE_QUERY = """
@@ -55,6 +67,22 @@ LEFT JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted
 WHERE a.pid = ANY($1::int[])
 """
 MAX_CYCLES = 1000  # recorded per watch; a run with more has said enough (cycles_dropped)
+MAX_EPISODES = 100_000  # kept for timelines; the histogram counts every one
+
+
+@dataclass
+class WaitEpisode:
+    """One backend waiting for a lock, first seen .. last seen by the polls."""
+
+    pid: int
+    first_ns: int
+    last_ns: int
+    waits_for: str  # the lock, as deadlocks.describe_lock names it
+    blocked_by: tuple[int, ...]
+    # The same two moments on the server's clock, the clock of the oracle's audit rows
+    # (over HTTP a timeline is drawn from those).
+    first_at: datetime | None = None
+    last_at: datetime | None = None
 
 
 @dataclass
@@ -67,6 +95,7 @@ class LockWatchResult:
     waits: LatencyHistogram = field(default_factory=LatencyHistogram)
     cycles: list[LockCycle] = field(default_factory=list)
     cycles_dropped: int = 0  # confirmed beyond MAX_CYCLES
+    episodes_seen: list[WaitEpisode] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,7 +116,7 @@ class LockWatch:
         self.result = LockWatchResult(interval_ms=interval_s * 1000)
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None
-        self._open: dict[int, tuple[float, float]] = {}
+        self._open: dict[int, WaitEpisode] = {}
         # Cycles (by pids) present in the last poll and already read: a deadlock stays for
         # deadlock_timeout, and is recorded once.
         self._present: set[frozenset[int]] = set()
@@ -103,17 +132,23 @@ class LockWatch:
     async def _poll(self) -> None:
         while True:
             rows = await self._conn.fetch(QUERY)
-            now = time.perf_counter()
+            now = time.monotonic_ns()
             r = self.result
             r.samples += 1
             edges = {int(row["pid"]): [int(b) for b in row["blockers"]] for row in rows}
+            locks = {int(row["pid"]): describe_lock(dict(row)) for row in rows}
+            at = {int(row["pid"]): row["at"] for row in rows}
             waiting = {pid for pid, blockers in edges.items() if blockers}
             if waiting:
                 r.waiting_seen += 1
                 r.waiting_max = max(r.waiting_max, len(waiting))
             for pid in waiting:
-                first, _ = self._open.get(pid, (now, now))
-                self._open[pid] = (first, now)
+                episode = self._open.get(pid)
+                if episode is None:
+                    episode = WaitEpisode(pid, now, now, locks[pid], (), at[pid], at[pid])
+                    self._open[pid] = episode
+                episode.last_ns, episode.last_at = now, at[pid]
+                episode.blocked_by = tuple(sorted({*episode.blocked_by, *edges[pid]}))
             for pid in list(self._open):
                 if pid not in waiting:
                     self._close(pid)
@@ -159,9 +194,13 @@ class LockWatch:
         return True
 
     def _close(self, pid: int) -> None:
-        first, last = self._open.pop(pid)
+        episode = self._open.pop(pid)
         self.result.episodes += 1
-        self.result.waits.record_ms((last - first) * 1000 + self.result.interval_ms)
+        self.result.waits.record_ms(
+            (episode.last_ns - episode.first_ns) / 1e6 + self.result.interval_ms
+        )
+        if len(self.result.episodes_seen) < MAX_EPISODES:
+            self.result.episodes_seen.append(episode)
 
     async def __aexit__(
         self,

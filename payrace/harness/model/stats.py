@@ -4,7 +4,8 @@
         record_ms()        negative -> ValueError; above 1 h -> clamped to 1 h, counted in .clamped
         merge()            add another histogram's counts (Locust workers -> master, trials -> run)
         encode()/decode()  HdrHistogram's compressed base64 text, so a histogram fits in a message
-        summary()          {"count", "mean", "p50", "p95", "p99", "max"} in ms, 3 decimals
+        summary()          {"count", "mean", "p50", "p95", "p99", "max"} in ms, 3 decimals;
+                           null when nothing was recorded (0 would read as "no wait at all")
         cdf()              [[ms, fraction <= ms], ...] for a CDF plot, ends at 1.0
         buckets()          [[lo_ms, hi_ms, count], ...] for a histogram plot (log-spaced when wide)
     PathHistograms     kind ("lock", "hold", "request", ...) -> path ("client", "webhook", ...)
@@ -118,9 +119,9 @@ class LatencyHistogram:
                     int(n),
                 )
 
-    def summary(self) -> dict[str, float | int]:
+    def summary(self) -> dict[str, float | int | None]:
         if self.count == 0:
-            return {"count": 0, "mean": 0.0, "p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+            return {"count": 0, "mean": None, "p50": None, "p95": None, "p99": None, "max": None}
         p = self._h.get_percentile_to_value_dict([50.0, 95.0, 99.0])
         return {
             "count": self.count,
@@ -269,7 +270,7 @@ class PathHistograms:
             return merged
         return paths.get(path) or LatencyHistogram()
 
-    def summary(self) -> dict[str, dict[str, dict[str, float | int]]]:
+    def summary(self) -> dict[str, dict[str, dict[str, float | int | None]]]:
         return {
             kind: {
                 **{path: hist.summary() for path, hist in paths.items()},

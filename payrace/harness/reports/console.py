@@ -25,6 +25,7 @@ from rich.text import Text
 
 from payrace.harness.model.verdict import RunOutcome
 from payrace.harness.reports.summary import (
+    NOT_MEASURED,
     PATH_ORDER,
     check_passed,
     checks_of,
@@ -38,6 +39,7 @@ from payrace.harness.reports.summary import (
     machine_line,
     number,
     outcome,
+    stat,
     strategies_of,
     valid_word,
     violation_events,
@@ -65,7 +67,7 @@ def render_console(
     for name, strategy in strategies.items():
         result = outcome(strategy)
         lock = [
-            f"{number(s.get('p50'))}/{number(s.get('p99'))}/{number(s.get('max'))}"
+            "/".join(stat(s, k) for k in ("p50", "p99", "max")) if s.get("count") else NOT_MEASURED
             for s in (latency_of(strategy, "lock", p) for p in PATH_ORDER)
         ]
         table.add_row(
@@ -78,7 +80,7 @@ def render_console(
             forced_text(strategy),
             lock[0],
             lock[1],
-            number(latency_of(strategy, "hold", "all").get("p99")),
+            stat(latency_of(strategy, "hold", "all"), "p99"),
         )
     console.print(table)
     console.print(Text(machine_line(summary), style="dim"))
@@ -118,7 +120,12 @@ def render_console(
             f"({', '.join(map(str, violation.get('checks') or []))})"
         )
         body = "\n\n".join(
-            part for part in (render_text(events) if events else "", "\n".join(statements)) if part
+            part
+            for part in (
+                render_text(events, times=violation.get("times")) if events else "",
+                "\n".join(statements),
+            )
+            if part
         )
         console.print(Panel(Text(body), title=Text(title), expand=False))
 

@@ -13,6 +13,7 @@
                       CDFs, a series per path (drawn by reports.svgplot)
     _overview_rows(), _gates_html(), _checks_html(), _latency_html(), _violation_html(),
     _explore_html()   the other parts of the page
+    _locust_link()    a load run's relative link to Locust's locust.html beside it
     _esc(), _cls(), _table(), _n()   escaping, pass/fail classes, tables, numeric cells
 
 The page is read offline and in CI artefact viewers: no scripts, no external resources, every
@@ -47,6 +48,7 @@ from payrace.harness.reports.summary import (
     machine_line,
     number,
     outcome,
+    stat,
     strategies_of,
     valid_word,
     violation_events,
@@ -76,6 +78,9 @@ pre.statements{font-size:12px;white-space:pre-wrap;background:#f7f7f7;padding:6p
 """
     + svgplot.CSS  # the rules for the classes its markup uses
     + "table.timeline td,table.timeline th{font-family:ui-monospace,Menlo,Consolas,monospace}\n"
+    # A request blocked on a lock: its column shaded from the wait to the step that ended it.
+    + "table.timeline td.waiting{background:#fff2cc;color:#8a5a00;font-style:italic}\n"
+    + "table.timeline td.waited{background:#fff2cc}\n"
 )
 
 
@@ -114,6 +119,24 @@ def _pairs(values: Mapping[str, Any]) -> str:
 
 def _n(value: object, digits: int = 3) -> str:
     return "\x00num" + _esc(number(value, digits))
+
+
+def _stat(stats: Mapping[str, Any] | None, key: str, digits: int = 3) -> str:
+    return "\x00num" + _esc(stat(stats, key, digits))
+
+
+def _stats_line(stats: Mapping[str, Any] | None) -> str:
+    """`count 12, p50 0.4, ... ms`, or "not measured" for a summary of no samples."""
+    if not isinstance(stats, Mapping) or not stats.get("count"):
+        return "not measured"
+    keys = [k for k in ("mean", "p50", "p95", "p99", "max") if k in stats]
+    return f"count {number(stats['count'])}, " + ", ".join(f"{k} {stat(stats, k)}" for k in keys)
+
+
+def _lock_cell(stats: Mapping[str, Any]) -> str:
+    if not stats.get("count"):
+        return stat(stats, "p50")
+    return " / ".join(stat(stats, k) for k in ("p50", "p99", "max"))
 
 
 def _paths(plots_or_latency: Mapping[str, Any]) -> list[str]:
@@ -170,8 +193,8 @@ def _latency_html(strategy: Mapping[str, Any]) -> str:
                 [
                     _esc(KIND_LABELS.get(kind, kind)),
                     _esc(path),
-                    _n(s.get("count")),
-                    *(_n(s.get(k)) for k in ("mean", "p50", "p95", "p99", "max")),
+                    _n(s.get("count") or 0),
+                    *(_stat(s, k) for k in ("mean", "p50", "p95", "p99", "max")),
                 ]
             )
     if not rows:
@@ -212,14 +235,24 @@ def _violation_html(strategy: Mapping[str, Any]) -> str:
     if not violation:
         return ""
     events = violation_events(strategy)
+    schedule = violation.get("schedule_id")  # the explorer's: an id `--replay` reruns
     title = (
-        f"First violating schedule: {where(violation)} "
-        f"({', '.join(map(str, violation.get('checks') or []))})"
+        f"First violating schedule: {where(violation)}"
+        + (f", schedule {schedule}" if schedule else "")
+        + f" ({', '.join(map(str, violation.get('checks') or []))})"
     )
-    body = render_html(events) if events else '<p class="meta">no timeline recorded</p>'
+    times = violation.get("times")
+    body = (
+        render_html(events, times=str(times) if times else None)
+        if events
+        else '<p class="meta">no timeline recorded</p>'
+    )
     statements = deadlock_lines(violation)
     if statements:
         body += f'<pre class="statements">{_esc(chr(10).join(statements))}</pre>'
+    replay = violation.get("replay")
+    if replay:
+        body = f'<p class="meta replay">replay it: <code>{_esc(replay)}</code></p>' + body
     return f"<h3>{_esc(title)}</h3>{body}"
 
 
@@ -251,11 +284,14 @@ def _strategy_html(name: str, strategy: Mapping[str, Any]) -> str:
         )
     server = strategy.get("server_side")
     if server:
-        line = _pairs(server)
+        line = ", ".join(
+            f"{k} ({_stats_line(v)})" if isinstance(v, Mapping) else f"{k} {number(v)}"
+            for k, v in server.items()
+        )
         parts.append(f'<p class="meta">seen in pg_stat_activity / pg_locks: {_esc(line)}</p>')
     spread = strategy.get("arrival_spread_ms")
-    if spread:
-        line = ", ".join(f"{k} {number(v)}" for k, v in spread.items())
+    if isinstance(spread, Mapping):
+        line = _stats_line(spread)
         parts.append(
             f'<p class="meta">arrival spread (server receive times within a trial, ms): '
             f"{_esc(line)}</p>"
@@ -279,10 +315,7 @@ def _overview_rows(summary: Summary) -> list[list[str]]:
     rows = []
     for name, strategy in strategies_of(summary).items():
         result = outcome(strategy)
-        lock = [
-            f"{number(s.get('p50'))} / {number(s.get('p99'))} / {number(s.get('max'))}"
-            for s in (latency_of(strategy, "lock", p) for p in PATH_ORDER)
-        ]
+        lock = [_lock_cell(latency_of(strategy, "lock", p)) for p in PATH_ORDER]
         rows.append(
             [
                 f'<a href="#strategy-{_esc(name)}">{_esc(name)}</a>',
@@ -294,7 +327,7 @@ def _overview_rows(summary: Summary) -> list[list[str]]:
                 "\x00num" + _esc(forced_text(strategy)),
                 "\x00num" + _esc(lock[0]),
                 "\x00num" + _esc(lock[1]),
-                _n(latency_of(strategy, "hold", "all").get("p99")),
+                _stat(latency_of(strategy, "hold", "all"), "p99"),
             ]
         )
     return rows
@@ -318,6 +351,18 @@ def _gates_html(summary: Summary) -> str:
     return _table(["gate", "strategy", "measured", "threshold", "result"], rows)
 
 
+def _locust_link(summary: Summary) -> str:
+    """A load run's link to Locust's own report beside this one (relative, same directory:
+    the page stays self-contained and the pair survives being moved as a CI artefact)."""
+    name = (summary.get("locust") or {}).get("html")
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or ":" in name:
+        return ""
+    return (
+        f'<p class="meta" id="locust-report">Locust\'s report (requests, response times, '
+        f'failures): <a href="{_esc(name)}">{_esc(name)}</a></p>'
+    )
+
+
 def run_line(summary: Summary) -> str:
     keys = ("target", "mode", "trials", "seed", "webhooks_per_trial")
     return ", ".join(f"{k} {summary[k]}" for k in keys if summary.get(k) is not None)
@@ -337,6 +382,7 @@ def build_html(summary: Summary) -> str:
         f'<p class="meta">started {_esc(summary.get("started_at", "?"))}, '
         f"{_esc(number(summary.get('duration_s'), 2))} s; {_esc(run_line(summary))}</p>",
         f'<p class="meta">{_esc(machine_line(summary))}</p>',
+        _locust_link(summary),
         "<h2>Overview</h2>",
         _table(head, _overview_rows(summary)) if strategies else "<p>no strategies ran</p>",
         "<h2>Gates</h2>",

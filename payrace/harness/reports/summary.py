@@ -14,6 +14,7 @@
                       its fate and its statement, and the replies that named 40P01
     deadlock_line()   a strategy's deadlocks in one line: counted, tied to trials, not, why
     number(), compact(), machine_line()   values and the run's machine as text
+    NOT_MEASURED, stat()   a statistic of no samples reads "not measured", never 0 or "-"
     forced_text()     how many trials forced mode forced, and by what ("-" in other modes)
     write_atomically()   a file a reader never sees half-written (every writer uses it), with
                       the permissions open() would give it (umask respected)
@@ -201,6 +202,18 @@ def number(value: object, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}".rstrip("0").rstrip(".") if math.isfinite(value) else "-"
     return str(value)
+
+
+NOT_MEASURED = "not measured"
+
+
+def stat(stats: Mapping[str, Any] | None, key: str, digits: int = 3) -> str:
+    """`stats[key]` of a {"count", "p50", ...} summary as text; "not measured" when it has
+    no samples (count 0, absent, or the value null): an empty histogram's 0 would read as
+    perfect alignment or no wait at all."""
+    if not stats or not stats.get("count") or stats.get(key) is None:
+        return NOT_MEASURED
+    return number(stats[key], digits)
 
 
 def compact(value: object, limit: int = 300) -> str:

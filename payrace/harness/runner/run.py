@@ -41,9 +41,15 @@ from payrace.harness.model import oracle, watched
 from payrace.harness.model.gates import judge_gates
 from payrace.harness.model.judge import judge as check
 from payrace.harness.model.verdict import DECLARED, invariants_outcome
+from payrace.harness.reports.timeline import (
+    TimelineEvent,
+    from_audit_waits,
+    from_waits,
+    since,
+)
 from payrace.harness.runner.config import RunConfig, oracle_config
 from payrace.harness.runner.target import start_target
-from payrace.harness.runner.trials import StrategyRun, fire_trials
+from payrace.harness.runner.trials import StrategyRun, TrialOutcome, fire_trials
 from payrace.service.db import create_schema
 
 
@@ -77,8 +83,18 @@ async def judge(
     if violating:
         outcome = run.outcomes[violating[0]]
         first = judged.first_violation(
-            outcome.payment_id, trial=outcome.trial, timeline=outcome.timeline
+            outcome.payment_id, trial=outcome.trial, timeline=_drawn(run, outcome)
         )
+        if first is not None and not outcome.timeline:  # drawn from the audit rows
+            audit = from_audit_waits(
+                [TimelineEvent(**e) for e in first["timeline"]],
+                judged.observation.audit,
+                outcome.payment_id,
+                run.lock_waits,
+                interval_ms=run.lock_poll_ms,
+            )
+            first["timeline"] = [e.to_json() for e in audit]
+        _retime(first, outcome)
     duration = run.duration_s
     faults = {"nemesis": run.nemesis} if run.nemesis is not None else {}
     return {
@@ -103,6 +119,33 @@ async def judge(
         **faults,
         "_history": run.history,
     }
+
+
+def _drawn(run: StrategyRun, outcome: TrialOutcome) -> list[TimelineEvent]:
+    """The trial's pause points with its requests' lock waits (the sampler's) added."""
+    if not outcome.timeline:
+        return []  # over HTTP: the oracle's audit rows are drawn instead (judge)
+    names = {pid: "payrace's lock barrier" for pid in run.barrier_pids}
+    return from_waits(
+        outcome.timeline,
+        run.lock_waits,
+        {**names, **outcome.backends},
+        window=outcome.window,
+        interval_ms=run.lock_poll_ms,
+    )
+
+
+def _retime(first: dict[str, Any] | None, outcome: TrialOutcome) -> None:
+    """Times in the drawn timeline from the trial's start (probes: the harness's monotonic
+    clock), or from the first row written (audit rows: the database's clock)."""
+    if first is None or not first.get("timeline"):
+        return
+    events = [TimelineEvent(**e) for e in first["timeline"]]
+    if outcome.timeline:
+        events, first["times"] = since(events, outcome.window[0]), "from the trial's start"
+    else:
+        events, first["times"] = since(events), "from the first step drawn, database clock"
+    first["timeline"] = [e.to_json() for e in events]
 
 
 def _expected(config: RunConfig, strategy: str) -> str | None:

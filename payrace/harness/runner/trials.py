@@ -22,7 +22,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -35,7 +35,7 @@ from payrace.harness.model.client import PaymentContext, Prepared, Reply, prepar
 from payrace.harness.model.deadlocks import LockCycle
 from payrace.harness.model.generator import Generator, TrialPlan
 from payrace.harness.model.history import History, Operation, classify
-from payrace.harness.model.lockwatch import LockWatch
+from payrace.harness.model.lockwatch import LockWatch, WaitEpisode
 from payrace.harness.model.nemesis import Nemesis
 from payrace.harness.model.profile import Profile, foreign_order
 from payrace.harness.model.stats import LatencyHistogram, PathHistograms
@@ -76,6 +76,10 @@ class TrialOutcome:
     timeline: list[TimelineEvent]
     pause_timeouts: int
     forced: bool  # forced mode held every request as meant, no wait given up on
+    # For the timeline's times and <waiting> rows (reports.timeline.from_waits): the trial's
+    # monotonic start and end, and which backend served which request (in-process only).
+    window: tuple[int, int] = (0, 0)
+    backends: dict[int, str] = field(default_factory=dict)
 
 
 class StrategyRun:
@@ -98,6 +102,11 @@ class StrategyRun:
         self.redelivered = 0  # webhooks sent again after a 5xx (under the nemesis only)
         # Wait-for cycles the lock sampler saw (model.deadlocks ties them to trials).
         self.lock_cycles: list[LockCycle] = []
+        # Every lock wait the sampler saw, and its poll interval (timelines' <waiting> rows).
+        self.lock_waits: list[WaitEpisode] = []
+        self.lock_poll_ms = 0.0
+        # Backends of --force locks barriers: a request waiting on one waits for payrace.
+        self.barrier_pids: set[int] = set()
 
 
 async def _fire(
@@ -194,6 +203,7 @@ async def _fire_locked(
         return reply
 
     async with forcing.trial(ctx.payment_id, ctx.gateway_payment["id"]) as barrier:
+        run.barrier_pids.add(barrier.pid)
         invokes = [
             run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, req.value)
             for step, req in zip(plan.steps, reqs, strict=True)
@@ -223,9 +233,11 @@ async def run_trial(
         order["payment_id"], order["gateway_order_id"], payment, amount=config.amount
     )
     reqs = [prepare(step, i, ctx, target.profile, target.hook) for i, step in enumerate(plan.steps)]
+    started_ns = time.monotonic_ns()
     replies, invokes, captured, timeouts, forced = await _fire(
         config, target, plan, reqs, ctx, run, is_blocked, forcing
     )
+    window = (started_ns, time.monotonic_ns())
     _setup_mistakes(plan, reqs, replies, target.profile)
     if config.mode == "forced" and config.force == "pause" and not target.in_process:
         timeouts += _pauses_over_http(replies)
@@ -245,8 +257,17 @@ async def run_trial(
     if spread is not None and config.mode == "aligned":
         run.arrival.record_ms(spread)
     run.pause_timeouts += timeouts
+    backends = {p.backend_pid: name for name, p in captured.items() if p.backend_pid is not None}
     run.outcomes[trial] = TrialOutcome(
-        trial, ctx.payment_id, payment["id"], spread, from_probes(captured), timeouts, forced
+        trial,
+        ctx.payment_id,
+        payment["id"],
+        spread,
+        from_probes(captured),
+        timeouts,
+        forced,
+        window,
+        backends,
     )
 
 
@@ -364,6 +385,8 @@ async def fire_trials(
     run.duration_s = time.perf_counter() - started
     run.server_side = watch.result.to_json()
     run.lock_cycles = watch.result.cycles
+    run.lock_waits = watch.result.episodes_seen
+    run.lock_poll_ms = watch.result.interval_ms
     if config.nemesis:
         run.nemesis = {**nemesis.report(), "webhooks_redelivered": run.redelivered}
     return run

@@ -12,7 +12,11 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import shlex
+import subprocess
+import sys
 from dataclasses import replace
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -202,3 +206,82 @@ def test_usage_errors_exit_two_and_say_what_to_do(
     code, text = _main(pg, tmp_path, **kw)
     assert code == EXIT_ERROR
     assert message in " ".join(text.split())
+
+
+class _Replay(HTMLParser):
+    """The replay command(s) report.html shows: <p class="... replay"><code>CMD</code>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commands: list[str] = []
+        self._in = 0  # 1 inside p.replay, 2 inside its <code>
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "p" and "replay" in (dict(attrs).get("class") or "").split():
+            self._in = 1
+        elif tag == "code" and self._in == 1:
+            self._in = 2
+            self.commands.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "code" and self._in == 2:
+            self._in = 1
+        elif tag == "p":
+            self._in = 0
+
+    def handle_data(self, data: str) -> None:
+        if self._in == 2:
+            self.commands[-1] += data
+
+
+def _replay_commands(report: Path) -> list[str]:
+    parser = _Replay()
+    parser.feed(report.read_text(encoding="utf-8"))
+    return parser.commands
+
+
+def test_the_reports_replay_command_run_as_printed_replays_the_schedule_and_verdict(
+    pg: Database, tmp_path: Path
+) -> None:
+    code, _ = _main(pg, tmp_path / "found")
+    [run_dir] = (tmp_path / "found").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    first = summary["strategies"]["naive"]["first_violation"]
+    [command] = _replay_commands(run_dir / "report.html")
+    assert command == f"payrace explore --replay {first['schedule_id']}" == first["replay"]
+    assert first["schedule_id"] in (run_dir / "report.html").read_text()
+
+    # Exactly as printed: the database from the environment, reports under ./reports.
+    here = tmp_path / "replay"
+    here.mkdir()
+    bin_dir = str(Path(sys.executable).parent)
+    path = bin_dir + os.pathsep + os.environ["PATH"]  # `payrace` is this venv's
+    env = {**os.environ, "PAYRACE_DATABASE_URL": pg.url, "PATH": path}
+    done = subprocess.run(
+        shlex.split(command), cwd=here, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == code == EXIT_VIOLATED, done.stdout + done.stderr
+    [replayed_dir] = (here / "reports").iterdir()
+    replayed = json.loads((replayed_dir / "summary.json").read_text())
+    again = replayed["strategies"]["naive"]
+    assert replayed["verdict"] == summary["verdict"] == "violated"
+    assert again["trials"] == 1 and again["first_violation"]["schedule_id"] == first["schedule_id"]
+    assert [(e["process"], e["text"]) for e in again["first_violation"]["timeline"]] == [
+        (e["process"], e["text"]) for e in first["timeline"]
+    ]
+    assert _replay_commands(replayed_dir / "report.html") == [command]
+
+
+def test_a_schedule_that_only_waited_is_shown_with_its_replay_command(
+    pg: Database, tmp_path: Path
+) -> None:
+    code, _ = _main(pg, tmp_path, strategy="for_update")
+    [run_dir] = tmp_path.iterdir()
+    explore = json.loads((run_dir / "summary.json").read_text())["strategies"]["for_update"][
+        "explore"
+    ]
+    shown = explore["shown"]
+    assert code == EXIT_OK and shown["what"].startswith("a schedule where webhook-1 waited")
+    assert _replay_commands(run_dir / "report.html") == [
+        f"payrace explore --replay {shown['schedule_id']}"
+    ]

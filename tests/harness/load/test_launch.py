@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import textwrap
 import time
 import uuid
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import cast
 
@@ -29,6 +31,7 @@ from payrace.harness.load.launch import (
     LoadPlan,
     load_main,
     locust_processes,
+    mark_locust_report,
     parse_run_time,
     resolve_locustfile,
 )
@@ -395,3 +398,86 @@ def test_a_failing_locust_run_exits_2_and_leaves_nothing_behind(
     assert "before its gate wrote summary.json" in log
     assert "a locustfile that cannot load" in next(tmp_path.glob("*/locust.log")).read_text()
     assert _describe(_marked(marker)) == []
+
+
+class _Page(HTMLParser):
+    """What a browser would show of the block payrace adds, and where it sits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body_children: list[str] = []  # ids of <body>'s direct children, in order
+        self.links: list[str] = []
+        self.verdict_text = ""
+        self._depth = 0
+        self._in_verdict = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attr = dict(attrs)
+        if tag == "body":
+            self._depth = 1
+            return
+        if self._depth == 1 and tag == "div":
+            self.body_children.append(attr.get("id") or "")
+            self._in_verdict = attr.get("id") == "payrace-verdict"
+        if self._in_verdict and tag == "a":
+            self.links.append(attr.get("href") or "")
+        if self._depth and tag == "div":
+            self._depth += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._depth > 1 and tag == "div":
+            self._depth -= 1
+            if self._depth == 1:
+                self._in_verdict = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_verdict:
+            self.verdict_text += data
+
+
+def locust_template() -> str:
+    """Locust's own report template, read from the installed package without importing it
+    (importing Locust would let gevent patch this process)."""
+    spec = importlib.util.find_spec("locust")
+    assert spec is not None and spec.origin is not None
+    return (Path(spec.origin).parent / "webui" / "dist" / "report.html").read_text()
+
+
+def test_locusts_report_gets_the_oracles_verdict_and_a_link_to_payraces(tmp_path: Path) -> None:
+    page = tmp_path / "locust.html"
+    page.write_text(locust_template())
+    summary = {
+        "verdict": "violated",
+        "exit_code": 1,
+        "strategies": {"naive": {"expected": "valid", "valid": False}},
+    }
+    assert mark_locust_report(page, summary)
+    parsed = _Page()
+    parsed.feed(page.read_text())
+    # Beside Locust's React root, not inside it: React replaces what is in #root.
+    assert parsed.body_children[:2] == ["payrace-verdict", "root"]
+    assert "payrace oracle: violated" in parsed.verdict_text
+    assert "(exit code 1)" in parsed.verdict_text and "naive: VIOLATED" in parsed.verdict_text
+    assert parsed.links == ["report.html"]
+
+    # Marked again with the final verdict: one block, the new word.
+    assert mark_locust_report(page, {**summary, "verdict": "valid", "exit_code": 0})
+    again = _Page()
+    again.feed(page.read_text())
+    assert again.body_children.count("payrace-verdict") == 1
+    assert "payrace oracle: valid" in again.verdict_text
+    assert "{{ template_args|tojson }}" in page.read_text()  # Locust's part left as it was
+
+
+def test_a_page_without_a_body_is_left_alone(tmp_path: Path) -> None:
+    page = tmp_path / "locust.html"
+    page.write_text("not html")
+    assert not mark_locust_report(page, {"verdict": "valid", "exit_code": 0})
+    assert page.read_text() == "not html"
+
+
+def test_the_verdict_block_escapes_what_it_shows(tmp_path: Path) -> None:
+    page = tmp_path / "locust.html"
+    page.write_text("<html><body><div id='root'></div></body></html>")
+    mark_locust_report(page, {"verdict": "<script>x</script>", "exit_code": 1})
+    assert "<script>" not in page.read_text()

@@ -240,3 +240,16 @@ def test_a_baseline_is_written_only_from_a_valid_run(tmp_path: Path) -> None:
     path.unlink()
     violated = summary_of({"naive": result(1.0, 1.0, valid=False)})
     assert "not written" in write_baseline(violated, path) and not path.exists()
+
+
+def test_a_gate_on_a_metric_with_no_samples_is_not_measured_and_does_not_pass() -> None:
+    empty = {"count": 0, "mean": None, "p50": None, "p95": None, "p99": None, "max": None}
+    result: dict[str, Any] = {"latency_ms": {"lock": {"client": empty, "all": empty}}}
+    for expr in ("lock_p99_ms<=100", "lock_client_max_ms<=100", "request_p50_ms>=0"):
+        judged = Gate.parse(expr).judge("for_update", result)
+        assert judged["value"] is None and judged["passed"] is False, expr
+    measured = {"count": 3, "p99": 4.0}
+    judged = Gate.parse("lock_p99_ms<=100").judge(
+        "for_update", {"latency_ms": {"lock": {"all": measured}}}
+    )
+    assert (judged["value"], judged["passed"]) == (4.0, True)

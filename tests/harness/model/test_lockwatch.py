@@ -165,3 +165,37 @@ async def test_a_deadlock_is_recorded_once_with_each_members_statement_and_lock(
         assert m.blocked_by == tuple(pids - {m.pid})
         assert m.waits_for.startswith("transaction ") and "(ShareLock)" in m.waits_for
         assert m.xid is not None and m.full_xid is not None and m.full_xid % (1 << 32) == m.xid
+
+
+async def test_each_wait_is_kept_with_its_backend_lock_holder_and_both_clocks(
+    pg: Database, table: str
+) -> None:
+    """What a timeline draws as <waiting>: which backend waited, for what, behind whom, when
+    (the harness's monotonic clock and the server's)."""
+    holder = await asyncpg.connect(pg.url)
+    waiter = await asyncpg.connect(pg.url)
+    try:
+        async with LockWatch(pg.url, interval_s=0.005) as watch:
+            before = time.monotonic_ns()
+            await holder.execute("BEGIN")
+            await holder.fetch(f"SELECT * FROM {table} WHERE id = 1 FOR UPDATE")
+            task = asyncio.create_task(
+                waiter.fetch(f"SELECT * FROM {table} WHERE id = 1 FOR UPDATE")
+            )
+            await asyncio.sleep(HOLD_S)
+            await holder.execute("COMMIT")
+            await task
+            await asyncio.sleep(0.05)
+            after = time.monotonic_ns()
+        mine = [e for e in watch.result.episodes_seen if e.pid == waiter.get_server_pid()]
+        assert len(mine) == 1, watch.result.episodes_seen
+        (episode,) = mine
+        assert episode.blocked_by == (holder.get_server_pid(),)
+        assert table in episode.waits_for or "transaction" in episode.waits_for
+        assert before <= episode.first_ns < episode.last_ns <= after
+        assert (episode.last_ns - episode.first_ns) / 1e6 >= HOLD_S * 1000 * 0.5
+        assert episode.first_at is not None and episode.last_at is not None
+        assert episode.last_at > episode.first_at
+    finally:
+        await holder.close()
+        await waiter.close()

@@ -57,10 +57,18 @@ def test_summary_is_rounded_to_microseconds() -> None:
     assert s["max"] == 0.123
 
 
-def test_empty_summary_is_zeros_and_plots_are_empty() -> None:
+def test_empty_summary_is_null_not_zero_and_plots_are_empty() -> None:
+    """Nothing measured is null: a p50 of 0 would read as perfect alignment or no wait."""
     hist = LatencyHistogram()
     assert hist.count == 0
-    assert hist.summary() == {"count": 0, "mean": 0, "p50": 0, "p95": 0, "p99": 0, "max": 0}
+    assert hist.summary() == {
+        "count": 0,
+        "mean": None,
+        "p50": None,
+        "p95": None,
+        "p99": None,
+        "max": None,
+    }
     assert hist.cdf() == []
     assert hist.buckets() == []
 

@@ -84,3 +84,15 @@ def test_console_shows_a_relative_gates_resolved_threshold() -> None:
         "gate lock_p99_ms<=0.5*hold_p99_ms on for_update: measured 8.207, threshold 3.962 = "
         "0.5 * 7.923 (hold_p99_ms) breached"
     ) in console.export_text()
+
+
+def test_console_says_not_measured_for_a_path_with_no_samples() -> None:
+    summary = realistic_summary()
+    summary["strategies"]["for_update"]["latency_ms"]["lock"]["webhook"] = {"count": 0}
+    summary["strategies"]["for_update"]["latency_ms"]["hold"] = {}
+    console = Console(record=True, width=200)
+    render_console(summary, console)
+    row = next(line for line in console.export_text().splitlines() if "for_update" in line)
+    cells = [c.strip() for c in row.split("│")]
+    assert cells[-3:-1] == ["not measured", "not measured"]  # lock webhook, hold p99
+    assert "/" in cells[-4]  # the client path was measured: p50/p99/max

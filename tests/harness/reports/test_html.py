@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from report_summaries import (
 )
 
 from payrace.harness.model.gates import Gate
+from payrace.harness.model.stats import PathHistograms
 from payrace.harness.reports.html import write_html
 from payrace.harness.reports.timeline import TimelineEvent, render_html
 from payrace.harness.reports.writers import write_all
@@ -253,3 +255,161 @@ def test_html_examples_are_words_not_json_or_a_python_repr(tmp_path: Path) -> No
     )
     assert "{&quot;" not in text and "{&#x27;" not in text  # no JSON, no dict repr
     assert "samples 12, wait_ms (count 3, p99 15.711)" in text
+
+
+class _Cells(HTMLParser):
+    """Every table row of the page as its cells' text, and every paragraph's text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.paragraphs: list[str] = []
+        self._cell: str | None = None
+        self._p: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "p":
+            self._p = ""
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell += data
+        if self._p is not None:
+            self._p += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append(self._cell)
+            self._cell = None
+        elif tag == "p" and self._p is not None:
+            self.paragraphs.append(self._p)
+            self._p = None
+
+
+def cells(text: str) -> _Cells:
+    parser = _Cells()
+    parser.feed(text)
+    return parser
+
+
+def unmeasured_summary() -> dict[str, Any]:
+    """An aligned run against a target that stamps nothing: no spread, no lock samples on
+    the webhook path, no request times."""
+    summary = realistic_summary()
+    empty = PathHistograms().get("lock", "client").summary()
+    fu = summary["strategies"]["for_update"]
+    fu["arrival_spread_ms"] = empty
+    fu["latency_ms"]["lock"]["webhook"] = empty
+    fu["server_side"] = {"samples": 40, "wait_ms": empty}
+    summary["gates"] = [
+        {"expr": "request_p99_ms<=100", "strategy": "for_update", "value": None, "passed": False}
+    ]
+    return summary
+
+
+def test_a_statistic_of_no_samples_reads_not_measured_never_zero(tmp_path: Path) -> None:
+    page = cells(html_of(unmeasured_summary(), tmp_path))
+    spread = [p for p in page.paragraphs if p.startswith("arrival spread")]
+    assert spread == ["arrival spread (server receive times within a trial, ms): not measured"]
+    server = [p for p in page.paragraphs if p.startswith("seen in pg_stat_activity")]
+    assert server[-1] == "seen in pg_stat_activity / pg_locks: samples 40, wait_ms (not measured)"
+    webhook_lock = [r for r in page.rows if r[:2] == ["lock wait", "webhook"]]
+    assert webhook_lock[-1] == ["lock wait", "webhook", "0", *["not measured"] * 5]
+    overview = [r for r in page.rows if r and r[0] == "for_update"]
+    assert overview[0][8] == "not measured"  # lock webhook p50/p99/max
+    assert overview[0][7].count(" / ") == 2  # the client path was measured
+    gate = [r for r in page.rows if r and r[0] == "request_p99_ms<=100"]
+    assert gate == [["request_p99_ms<=100", "for_update", "-", "not measured"]]
+
+
+def test_measured_statistics_still_show_their_numbers(tmp_path: Path) -> None:
+    page = cells(html_of(realistic_summary(), tmp_path))
+    spread = [p for p in page.paragraphs if p.startswith("arrival spread")]
+    assert spread == ["arrival spread (server receive times within a trial, ms): count 50, "
+                      "p50 0.2, p99 1.1, max 2"]  # fmt: skip
+    assert not any("not measured" in c for r in page.rows for c in r)
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a" and (href := dict(attrs).get("href")):
+            self.hrefs.append(href)
+
+
+def links(text: str) -> list[str]:
+    parser = _Links()
+    parser.feed(text)
+    return [h for h in parser.hrefs if not h.startswith("#")]
+
+
+def test_a_load_run_links_locusts_report_beside_it(tmp_path: Path) -> None:
+    summary = realistic_summary()
+    summary["locust"] = {"html": "locust.html", "requests": 10}
+    assert links(html_of(summary, tmp_path)) == ["locust.html"]
+    assert links(html_of(realistic_summary(), tmp_path)) == []  # run mode: no Locust
+    for unsafe in ("https://example.com/x.html", "../../etc/passwd", "C:\\x.html"):
+        summary["locust"]["html"] = unsafe
+        assert links(html_of(summary, tmp_path)) == [], unsafe
+
+
+def test_the_page_fetches_nothing_in_any_shape_it_takes(tmp_path: Path) -> None:
+    """Every shape of the page (run, load with Locust's link, explore, unmeasured, empty)
+    names no resource a browser would fetch: no src, no stylesheet link, no script, no
+    absolute href; the only URL is the SVG namespace."""
+    load = realistic_summary()
+    load["locust"] = {"html": "locust.html"}
+    explore = realistic_summary()
+    explore["mode"] = "explore"
+    naive = explore["strategies"]["naive"]
+    naive["first_violation"].update(
+        schedule_id="naive.rc.cw.a5b4", replay="payrace explore --replay naive.rc.cw.a5b4"
+    )
+    waited = render_html([TimelineEvent(0, "webhook", "lock payment <waiting>")])
+    explore["strategies"]["for_update"]["explore"] = {"timeline_html": waited}
+    shapes = (realistic_summary(), load, explore, unmeasured_summary(), empty_summary())
+    for summary in shapes:
+        text = html_of(summary, tmp_path)
+        for pattern in EXTERNAL:
+            assert not pattern.search(text), pattern.pattern
+        fetched = _Fetched()
+        fetched.feed(text)
+        assert fetched.found == [], fetched.found
+        assert set(re.findall(r"https?://[^\s\"'<>]+", text)) <= {"http://www.w3.org/2000/svg"}
+
+
+class _Fetched(HTMLParser):
+    """Attributes a browser loads without a click, and links that leave the directory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("src", "srcset", "data", "poster", "background") or (
+                tag in ("link", "script", "iframe", "object", "embed", "img")
+            ):
+                self.found.append(f"<{tag} {name}={value!r}>")
+            if name == "href" and value and re.match(r"^([a-z]+:|//|/)", value, re.I):
+                self.found.append(f"<{tag} href={value!r}>")
+
+
+def test_an_explored_violation_names_its_schedule_and_the_command_that_replays_it(
+    tmp_path: Path,
+) -> None:
+    summary = realistic_summary()
+    summary["strategies"]["naive"]["first_violation"].update(
+        schedule_id="naive.rc.cw.a5b4", replay="payrace explore --replay naive.rc.cw.a5b4"
+    )
+    page = cells(html_of(summary, tmp_path))
+    assert "replay it: payrace explore --replay naive.rc.cw.a5b4" in page.paragraphs
+    text = html_of(summary, tmp_path)
+    assert "First violating schedule: trial 3, payment 17, schedule naive.rc.cw.a5b4 (" in text

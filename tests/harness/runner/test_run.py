@@ -28,6 +28,7 @@ from payrace.harness.model import oracle
 from payrace.harness.model import profile as profile_module
 from payrace.harness.model.lockwatch import LockWatch
 from payrace.harness.model.verdict import overall
+from payrace.harness.reports.writers import write_all
 from payrace.harness.runner.config import Gate, RunConfig
 from payrace.harness.runner.run import judge, run, write_history
 from payrace.harness.runner.trials import StrategyRun, TrialOutcome
@@ -435,3 +436,81 @@ async def test_a_trial_with_a_deadlock_is_a_violating_trial_and_the_gate_counts_
     gate = Gate.parse("violations<=0").judge("for_update", result)
     assert (gate["value"], gate["passed"]) == (1.0, False)
     assert overall({"for_update": result}, [gate]) == ("violated", 1)
+
+
+async def test_the_violating_timeline_has_times_and_the_sampled_lock_wait(
+    pg: Database, tmp_path: Path
+) -> None:
+    """naive, forced: both read, then one update queues behind the other's row lock for the
+    injected hold; the sampler sees it and the drawn schedule says who waited on whom."""
+    summary = await race(
+        pg, tmp_path, strategies=["naive"], trials=2, mode="forced", hold_ms=80, concurrency=1
+    )
+    first = summary["strategies"]["naive"]["first_violation"]
+    assert first["times"] == "from the trial's start"
+    timeline = first["timeline"]
+    times = [e["time_ns"] for e in timeline]
+    assert times == sorted(times) and times[0] >= 0 and times[-1] < 10 * 1e9
+    waits = [e for e in timeline if e["text"].endswith("<waiting>")]
+    assert waits, timeline
+    processes = {"client", "webhook-1"}
+    for wait in waits:
+        assert wait["process"] in processes
+        (other,) = processes - {wait["process"]}
+        assert f"held by {other} <waiting>" in wait["text"]
+        ended = [
+            e
+            for e in timeline
+            if e["process"] == wait["process"] and e["time_ns"] > wait["time_ns"]
+        ]
+        assert ended and ended[0]["text"].startswith("<completed> ")
+
+
+async def test_a_gate_on_nothing_measured_reports_no_value_and_fails_the_run(
+    pg: Database, tmp_path: Path
+) -> None:
+    """Run mode times no whole request: a request-time gate has nothing to judge."""
+    summary = await race(
+        pg,
+        tmp_path,
+        strategies=["for_update"],
+        trials=2,
+        gates=[Gate.parse("request_p99_ms<=100000"), Gate.parse("lock_p99_ms<=100000")],
+    )
+    request, lock = summary["gates"]
+    assert request["value"] is None and request["passed"] is False
+    assert lock["value"] is not None and lock["passed"] is True
+    assert summary["verdict"] == "gate_breached" and summary["exit_code"] == 1
+    paths = write_all(summary, tmp_path / "written")
+    written = json.loads(paths["summary"].read_text())
+    assert written["gates"][0]["value"] is None  # null in summary.json, not 0
+
+
+async def test_over_http_the_audit_timeline_has_times_and_the_backends_wait(
+    pg: Database, tmp_path: Path
+) -> None:
+    """No probes over HTTP: the columns are the database's backends; the sampler's wait of the
+    backend whose update queued is drawn in its column, on the database's clock."""
+    summary = await race(
+        pg,
+        tmp_path,
+        strategies=["naive"],
+        trials=2,
+        mode="forced",
+        target="http",
+        hold_ms=80,
+        concurrency=1,
+    )
+    first = summary["strategies"]["naive"]["first_violation"]
+    assert first["times"] == "from the first step drawn, database clock"
+    timeline = first["timeline"]
+    assert timeline[0]["time_ns"] == 0
+    waits = [e for e in timeline if e["text"].endswith("<waiting>")]
+    assert waits, timeline
+    columns = {e["process"] for e in timeline if not e["text"].endswith("<waiting>")}
+    for wait in waits:
+        assert wait["process"] in columns  # a backend that wrote this payment's rows
+        holder = wait["text"].split("held by ")[1].removesuffix(" <waiting>")
+        assert holder in columns and holder != wait["process"]
+        later = [e for e in timeline if e["process"] == wait["process"] and e is not wait]
+        assert any(e["text"].startswith("<completed> ") for e in later)
