@@ -323,7 +323,7 @@ def test_a_statistic_of_no_samples_reads_not_measured_never_zero(tmp_path: Path)
     assert overview[0][8] == "not measured"  # lock webhook p50/p99/max
     assert overview[0][7].count(" / ") == 2  # the client path was measured
     gate = [r for r in page.rows if r and r[0] == "request_p99_ms<=100"]
-    assert gate == [["request_p99_ms<=100", "for_update", "-", "not measured"]]
+    assert gate == [["request_p99_ms<=100", "for_update", "-", "-", "not measured"]]
 
 
 def test_measured_statistics_still_show_their_numbers(tmp_path: Path) -> None:

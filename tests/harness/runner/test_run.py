@@ -480,7 +480,9 @@ async def test_a_gate_on_nothing_measured_reports_no_value_and_fails_the_run(
     request, lock = summary["gates"]
     assert request["value"] is None and request["passed"] is False
     assert lock["value"] is not None and lock["passed"] is True
-    assert summary["verdict"] == "gate_breached" and summary["exit_code"] == 1
+    # Not measured decides nothing: the run is unknown (never passed), not "breached".
+    assert summary["verdict"] == "unknown" and summary["exit_code"] == 1
+    assert "gate request_p99_ms<=100000: not measured" in summary["verdict_reasons"]
     paths = write_all(summary, tmp_path / "written")
     written = json.loads(paths["summary"].read_text())
     assert written["gates"][0]["value"] is None  # null in summary.json, not 0
