@@ -37,6 +37,7 @@ from payrace.service.gateway_client import GatewayClient, GatewayError
 from payrace.service.instrument.middleware import InstrumentMiddleware
 from payrace.service.instrument.probes import Rendezvous
 from payrace.service.models import Invoice, Order, Payment
+from payrace.service.reconcile import Sweeper
 from payrace.service.settings import Settings, get_settings
 from payrace.service.signatures import SignatureVerifier
 
@@ -46,6 +47,7 @@ EVENT_ID_MAX = 128  # webhook_events.event_id
 METHOD_MAX = 32  # payments.method
 ERROR_CODE_MAX = 64  # payments.error_code
 KNOWN_EVENTS = CAPTURE_EVENTS | {"payment.failed"}
+INTENT_POOL_SIZE = 4  # one short INSERT per capture; DB_MAX_OVERFLOW more under load
 
 
 @dataclass
@@ -58,11 +60,15 @@ class Runtime:
     runner: Runner
     # Forced-mode groups requested over HTTP (probes on only); dropped when all finished.
     rendezvous: dict[str, Rendezvous]
+    sweeper: Sweeper
+    # Capture intents and the sweeper's bookkeeping: a small pool beside the capture pool.
+    intents_engine: AsyncEngine
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
         engine = make_engine(settings)
         maker = make_sessionmaker(engine)
+        intents_engine = make_engine(settings, pool_size=INTENT_POOL_SIZE)
         gateway = GatewayClient(
             settings.razorpay_key_id,
             settings.razorpay_key_secret,
@@ -75,20 +81,31 @@ class Runtime:
             gateway=gateway,
             isolation_level=settings.isolation_level,
             retries=settings.serialization_retries,
+            intents=make_sessionmaker(intents_engine),
         )
         signatures = SignatureVerifier(
             settings.razorpay_key_id,
             settings.razorpay_key_secret,
             settings.razorpay_webhook_secret,
         )
-        return cls(settings, engine, maker, gateway, signatures, runner, {})
+        sweeper = Sweeper(
+            runner,
+            interval_s=settings.reconcile_interval_s,
+            older_than_s=settings.reconcile_after_s,
+        )
+        return cls(
+            settings, engine, maker, gateway, signatures, runner, {}, sweeper, intents_engine
+        )
 
     async def startup(self) -> None:
         await create_schema(self.engine)
+        self.sweeper.start()
 
     async def shutdown(self) -> None:
+        await self.sweeper.stop()
         self.gateway.close()
         await self.engine.dispose()
+        await self.intents_engine.dispose()
 
     async def is_blocked(self, pid: int) -> bool:
         async with self.engine.connect() as conn:
