@@ -25,10 +25,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from payrace.service.body import BodyLimitMiddleware, lone_surrogate
 from payrace.service.capture import STRATEGIES, Runner, capture, mark_failed
 from payrace.service.command import CaptureCommand
 from payrace.service.db import create_schema, make_engine, make_sessionmaker
@@ -133,7 +134,10 @@ class OrderIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Razorpay's minimum order amount is 100 in the smallest unit (1 INR); below it the
     # gateway refuses, which is the caller's mistake, so it is a 422 here and not a 502.
-    amount: int = Field(ge=100, le=10**12, description="smallest currency unit (paise)")
+    # Strict: "50000", 50000.0 and true are refused, not read as paise.
+    amount: int = Field(
+        ge=100, le=10**12, strict=True, description="integer, smallest currency unit (paise)"
+    )
     currency: str = Field(default="INR", pattern=r"^[A-Z]{3}$")
 
 
@@ -144,7 +148,25 @@ class VerifyIn(BaseModel):
     razorpay_payment_id: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00]+$")
     # Optional here so that a missing signature is a 400 "invalid signature", like a wrong one.
     razorpay_signature: str | None = None
-    internal_payment_id: int = Field(gt=0, lt=2**63)
+    # Strict: true is not payment 1, "7" is not payment 7.
+    internal_payment_id: int = Field(gt=0, lt=2**63, strict=True)
+
+    @field_validator("razorpay_order_id", "razorpay_payment_id", "razorpay_signature")
+    @classmethod
+    def _unicode(cls, value: str | None) -> str | None:
+        if value is not None and lone_surrogate(value):
+            raise ValueError("holds a lone UTF-16 surrogate escape; send valid Unicode text")
+        return value
+
+
+def _digits(value: object) -> object:
+    # int() and pydantic's lax mode read "1_0" as 10 and " 7" as 7: a path id is digits only.
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a positive integer written in digits, e.g. /payments/42")
+    return value
+
+
+PaymentId = Annotated[int, BeforeValidator(_digits)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -161,6 +183,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="payrace reference capture service", lifespan=lifespan)
     app.state.runtime = runtime
     install_handlers(app)
+    # Inside the instrumentation: a 413 / 400 from here is timed and stamped like any answer.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
     app.add_middleware(
         InstrumentMiddleware,
         probes_enabled=runtime.settings.payrace_probes,
@@ -215,7 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/payments/{payment_id}")
     async def get_payment(
         # Bounded like internal_payment_id: past int64, asyncpg fails the query (a 500).
-        payment_id: Annotated[int, Path(gt=0, lt=2**63)],
+        payment_id: Annotated[PaymentId, Path(gt=0, lt=2**63)],
         session: SessionDep,
     ) -> dict[str, Any]:
         row = (
@@ -320,6 +344,14 @@ def _parse_envelope(body_text: str) -> dict[str, Any]:
         doc = json.loads(body_text)
     except ValueError as exc:
         raise Rejected(f"webhook body is not JSON: {exc}", code="invalid_body") from exc
+    # Valid JSON, but no Unicode text: the HMAC, the database and the answer would all fail.
+    where = lone_surrogate(doc)
+    if where is not None:
+        raise Rejected(
+            f"webhook body holds a lone UTF-16 surrogate escape (such as \\ud800) at {where}; "
+            "JSON strings must be valid Unicode",
+            code="invalid_body",
+        )
     if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
         raise Rejected("webhook body needs a string field 'event'", code="invalid_body")
     if doc["event"] not in KNOWN_EVENTS:

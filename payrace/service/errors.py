@@ -20,6 +20,7 @@ last resort, anything unexpected (500, logged) into the same shape.
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 from collections.abc import Mapping
@@ -130,6 +131,17 @@ def _from_the_driver(exc: BaseException) -> bool:
     )
 
 
+class ErrorJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped: a message may echo a field name the
+    client sent, and a lone surrogate in it cannot be encoded as UTF-8 (a 500 while answering
+    a 422)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        ).encode()
+
+
 def error_response(
     status: int,
     code: str,
@@ -138,7 +150,7 @@ def error_response(
     headers: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
-    return JSONResponse(
+    return ErrorJSON(
         {"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers
     )
 
@@ -148,12 +160,18 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+# What to send instead, for the problems whose pydantic message does not say.
+_HINTS = {
+    "int_type": " (a JSON integer such as 50000: no quotes, fraction, exponent or true/false)",
+}
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
         retry = isinstance(exc, RetryLater | ServiceUnavailable)
         headers = {"Retry-After": "1"} if retry else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return ErrorJSON(exc.body(), status_code=exc.status, headers=headers)
 
     async def _database(request: Request, exc: Exception) -> JSONResponse:
         if not connection_lost(exc):
@@ -173,7 +191,7 @@ def install_handlers(app: FastAPI) -> None:
             # A JSON decode error's loc is ("body", <character offset>): the field is the body.
             {
                 "field": "body" if e["type"] == "json_invalid" else _field(e["loc"]),
-                "problem": e["msg"],
+                "problem": e["msg"] + _HINTS.get(e["type"], ""),
             }
             for e in exc.errors()
         ]
