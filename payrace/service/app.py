@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from sqlalchemy import select, text
@@ -38,6 +38,7 @@ from payrace.service.gateway_client import GatewayClient, GatewayError
 from payrace.service.instrument.middleware import InstrumentMiddleware
 from payrace.service.instrument.probes import Rendezvous
 from payrace.service.models import Invoice, Order, Payment
+from payrace.service.openapi import WEBHOOK_DOC, add_components, errors
 from payrace.service.reconcile import Sweeper
 from payrace.service.settings import Settings, get_settings
 from payrace.service.signatures import SignatureVerifier
@@ -192,7 +193,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         groups=runtime.rendezvous,
     )
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=errors(503))
     async def healthz(session: SessionDep) -> dict[str, str]:
         await session.execute(text("SELECT 1"))
         return {
@@ -201,7 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "isolation_level": runtime.settings.isolation_level,
         }
 
-    @app.post("/orders", status_code=201)
+    @app.post("/orders", status_code=201, responses=errors(400, 413, 422, 502, 503))
     async def create_order(body: OrderIn, rt: RuntimeDep, session: SessionDep) -> dict[str, Any]:
         try:
             gw = await rt.gateway.create_order(
@@ -236,7 +237,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "currency": order.currency,
         }
 
-    @app.get("/payments/{payment_id}")
+    @app.get("/payments/{payment_id}", responses=errors(404, 422, 503))
     async def get_payment(
         # Bounded like internal_payment_id: past int64, asyncpg fails the query (a 500).
         payment_id: Annotated[PaymentId, Path(gt=0, lt=2**63)],
@@ -265,7 +266,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "captured_at": payment.captured_at.isoformat() if payment.captured_at else None,
         }
 
-    @app.post("/payments/verify")
+    @app.post("/payments/verify", responses=errors(400, 404, 409, 413, 422, 502, 503))
     async def verify(body: VerifyIn, rt: RuntimeDep) -> dict[str, Any]:
         rt.signatures.check_callback(
             body.razorpay_order_id, body.razorpay_payment_id, body.razorpay_signature
@@ -279,14 +280,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         return (await capture(rt.runner, cmd)).as_json()
 
-    @app.post("/webhooks/razorpay")
-    async def webhook(
-        request: Request,
-        rt: RuntimeDep,
-        session: SessionDep,
-        signature: Annotated[str | None, Header(alias="X-Razorpay-Signature")] = None,
-        event_id: Annotated[str | None, Header(alias="X-Razorpay-Event-Id")] = None,
-    ) -> JSONResponse:
+    @app.post(
+        "/webhooks/razorpay",
+        responses=errors(400, 404, 409, 413, 502, 503),
+        openapi_extra=WEBHOOK_DOC,  # the signed raw body and its headers, read below
+    )
+    async def webhook(request: Request, rt: RuntimeDep, session: SessionDep) -> JSONResponse:
+        signature = request.headers.get("X-Razorpay-Signature")
+        event_id = request.headers.get("X-Razorpay-Event-Id")
         raw = await request.body()
         try:
             body_text = raw.decode("utf-8")
@@ -335,6 +336,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             result = await capture(rt.runner, cmd)
         return JSONResponse({"event": event, **result.as_json()})
 
+    document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_components(document())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -960,3 +960,51 @@ async def test_an_order_amount_is_only_a_json_integer_of_paise(
     assert [f["field"] for f in error["fields"]] == ["amount"]
     assert "integer" in error["message"]
     assert await table_counts(service) == before
+
+
+# -- the OpenAPI document and 405 ---------------------------------------------------------------
+
+
+async def test_a_wrong_method_names_the_allowed_ones(service: Service) -> None:
+    response = await service.client.get("/orders")
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
+    assert (await service.client.put("/payments/1")).headers["allow"] == "GET"
+
+
+async def test_openapi_lists_every_error_answer_of_each_route(service: Service) -> None:
+    doc = (await service.client.get("/openapi.json")).json()
+    expected = {
+        ("post", "/orders"): {"201", "400", "413", "422", "502", "503"},
+        ("get", "/payments/{payment_id}"): {"200", "404", "422", "503"},
+        ("post", "/payments/verify"): {"200", "400", "404", "409", "413", "422", "502", "503"},
+        ("post", "/webhooks/razorpay"): {"200", "400", "404", "409", "413", "502", "503"},
+        ("get", "/healthz"): {"200", "503"},
+    }
+    for (method, path), statuses in expected.items():
+        responses = doc["paths"][path][method]["responses"]
+        assert set(responses) == statuses, (method, path)
+        for status in statuses - {"200", "201"}:
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+    assert "Retry-After" in doc["paths"]["/payments/verify"]["post"]["responses"]["503"]["headers"]
+    assert set(doc["components"]["schemas"]["ErrorBody"]["properties"]) == {"error"}
+
+
+async def test_openapi_describes_the_webhook_body_and_requires_the_signature(
+    service: Service,
+) -> None:
+    doc = (await service.client.get("/openapi.json")).json()
+    operation = doc["paths"]["/webhooks/razorpay"]["post"]
+    headers = {p["name"]: p for p in operation["parameters"] if p["in"] == "header"}
+
+    assert headers["X-Razorpay-Signature"]["required"] is True
+    assert headers["X-Razorpay-Event-Id"]["required"] is False
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/WebhookEnvelope"}
+    schemas = doc["components"]["schemas"]
+    envelope = schemas["WebhookEnvelope"]
+    assert {"event", "payload"} <= set(envelope["required"])
+    entity = schemas["PaymentEntity"]
+    assert {"id", "order_id", "amount", "currency"} <= set(entity["required"])
+    assert entity["properties"]["amount"]["type"] == "integer"
