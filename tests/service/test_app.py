@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 from conftest import Service, service_settings
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from service_calls import KEYS, assert_error, create_order, customer_pays, deliver, verify
 from sqlalchemy import text
 
@@ -24,6 +26,8 @@ from payrace.harness.gateway.signing import (
     webhook_event,
 )
 from payrace.harness.infra.provider import Database
+from payrace.service.app import KNOWN_EVENTS, _parse_envelope
+from payrace.service.errors import Rejected
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -1008,3 +1012,67 @@ async def test_openapi_describes_the_webhook_body_and_requires_the_signature(
     entity = schemas["PaymentEntity"]
     assert {"id", "order_id", "amount", "currency"} <= set(entity["required"])
     assert entity["properties"]["amount"]["type"] == "integer"
+
+
+# -- properties (hypothesis): envelope parsing never fails any other way than a 400 -------------
+
+PROPERTY = settings(max_examples=300, deadline=None, database=None, derandomize=True)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=30,
+)
+ids = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=64)
+entities = st.fixed_dictionaries(
+    {
+        "id": ids,
+        "order_id": ids,
+        "amount": st.integers(min_value=-(2**70), max_value=2**70),
+        "currency": st.from_regex(r"\A[A-Z]{3}\Z"),
+    },
+    optional={"method": st.none() | st.text(max_size=32), "status": st.text()},
+)
+
+
+@PROPERTY
+@given(doc=json_values)
+def test_any_json_document_parses_or_is_a_400_invalid_body(doc: Any) -> None:
+    try:
+        parsed = _parse_envelope(json.dumps(doc))
+    except Rejected as exc:
+        assert exc.code == "invalid_body"
+        assert exc.message
+    else:
+        assert parsed["event"] == doc["event"]
+
+
+@PROPERTY
+@given(event=st.sampled_from(sorted(KNOWN_EVENTS)), entity=entities)
+def test_a_well_formed_envelope_yields_its_entity(event: str, entity: dict[str, Any]) -> None:
+    doc = {"entity": "event", "event": event, "payload": {"payment": {"entity": entity}}}
+
+    parsed = _parse_envelope(json.dumps(doc, ensure_ascii=False))
+
+    assert parsed["event"] == event
+    assert parsed["payment"] == entity
+
+
+@PROPERTY
+@given(
+    event=st.sampled_from(sorted(KNOWN_EVENTS)),
+    entity=entities,
+    field=st.sampled_from(["id", "order_id", "currency", "method", "note"]),
+    surrogate=st.integers(min_value=0xD800, max_value=0xDFFF),
+)
+def test_a_lone_surrogate_anywhere_is_a_400_naming_the_field(
+    event: str, entity: dict[str, Any], field: str, surrogate: int
+) -> None:
+    entity = {**entity, field: "x" + chr(surrogate)}
+    doc = {"event": event, "payload": {"payment": {"entity": entity}}}
+    text = json.dumps(doc)  # ensure_ascii: written as a \\udxxx escape, valid JSON
+
+    with pytest.raises(Rejected) as caught:
+        _parse_envelope(text)
+
+    assert "surrogate" in caught.value.message
+    assert f"payload.payment.entity.{field}" in caught.value.message
