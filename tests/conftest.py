@@ -52,6 +52,8 @@ def service_settings(pg: Database, gateway_url: str, **overrides: object) -> Set
         "razorpay_webhook_secret": keys.webhook_secret,
         "razorpay_base_url": gateway_url,
         "capture_strategy": "for_update",
+        # No background sweeper in tests: the database is shared, and a sweep is asked for.
+        "reconcile_interval_s": 0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

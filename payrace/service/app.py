@@ -23,12 +23,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from payrace.service.body import BodyLimitMiddleware, lone_surrogate
 from payrace.service.capture import STRATEGIES, Runner, capture, mark_failed
 from payrace.service.command import CaptureCommand
 from payrace.service.db import create_schema, make_engine, make_sessionmaker
@@ -37,6 +38,8 @@ from payrace.service.gateway_client import GatewayClient, GatewayError
 from payrace.service.instrument.middleware import InstrumentMiddleware
 from payrace.service.instrument.probes import Rendezvous
 from payrace.service.models import Invoice, Order, Payment
+from payrace.service.openapi import WEBHOOK_DOC, add_components, errors
+from payrace.service.reconcile import Sweeper
 from payrace.service.settings import Settings, get_settings
 from payrace.service.signatures import SignatureVerifier
 
@@ -46,6 +49,7 @@ EVENT_ID_MAX = 128  # webhook_events.event_id
 METHOD_MAX = 32  # payments.method
 ERROR_CODE_MAX = 64  # payments.error_code
 KNOWN_EVENTS = CAPTURE_EVENTS | {"payment.failed"}
+INTENT_POOL_SIZE = 4  # one short INSERT per capture; DB_MAX_OVERFLOW more under load
 
 
 @dataclass
@@ -58,11 +62,15 @@ class Runtime:
     runner: Runner
     # Forced-mode groups requested over HTTP (probes on only); dropped when all finished.
     rendezvous: dict[str, Rendezvous]
+    sweeper: Sweeper
+    # Capture intents and the sweeper's bookkeeping: a small pool beside the capture pool.
+    intents_engine: AsyncEngine
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
         engine = make_engine(settings)
         maker = make_sessionmaker(engine)
+        intents_engine = make_engine(settings, pool_size=INTENT_POOL_SIZE)
         gateway = GatewayClient(
             settings.razorpay_key_id,
             settings.razorpay_key_secret,
@@ -75,20 +83,31 @@ class Runtime:
             gateway=gateway,
             isolation_level=settings.isolation_level,
             retries=settings.serialization_retries,
+            intents=make_sessionmaker(intents_engine),
         )
         signatures = SignatureVerifier(
             settings.razorpay_key_id,
             settings.razorpay_key_secret,
             settings.razorpay_webhook_secret,
         )
-        return cls(settings, engine, maker, gateway, signatures, runner, {})
+        sweeper = Sweeper(
+            runner,
+            interval_s=settings.reconcile_interval_s,
+            older_than_s=settings.reconcile_after_s,
+        )
+        return cls(
+            settings, engine, maker, gateway, signatures, runner, {}, sweeper, intents_engine
+        )
 
     async def startup(self) -> None:
         await create_schema(self.engine)
+        self.sweeper.start()
 
     async def shutdown(self) -> None:
+        await self.sweeper.stop()
         self.gateway.close()
         await self.engine.dispose()
+        await self.intents_engine.dispose()
 
     async def is_blocked(self, pid: int) -> bool:
         async with self.engine.connect() as conn:
@@ -116,7 +135,10 @@ class OrderIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Razorpay's minimum order amount is 100 in the smallest unit (1 INR); below it the
     # gateway refuses, which is the caller's mistake, so it is a 422 here and not a 502.
-    amount: int = Field(ge=100, le=10**12, description="smallest currency unit (paise)")
+    # Strict: "50000", 50000.0 and true are refused, not read as paise.
+    amount: int = Field(
+        ge=100, le=10**12, strict=True, description="integer, smallest currency unit (paise)"
+    )
     currency: str = Field(default="INR", pattern=r"^[A-Z]{3}$")
 
 
@@ -127,7 +149,25 @@ class VerifyIn(BaseModel):
     razorpay_payment_id: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00]+$")
     # Optional here so that a missing signature is a 400 "invalid signature", like a wrong one.
     razorpay_signature: str | None = None
-    internal_payment_id: int = Field(gt=0, lt=2**63)
+    # Strict: true is not payment 1, "7" is not payment 7.
+    internal_payment_id: int = Field(gt=0, lt=2**63, strict=True)
+
+    @field_validator("razorpay_order_id", "razorpay_payment_id", "razorpay_signature")
+    @classmethod
+    def _unicode(cls, value: str | None) -> str | None:
+        if value is not None and lone_surrogate(value):
+            raise ValueError("holds a lone UTF-16 surrogate escape; send valid Unicode text")
+        return value
+
+
+def _digits(value: object) -> object:
+    # int() and pydantic's lax mode read "1_0" as 10 and " 7" as 7: a path id is digits only.
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a positive integer written in digits, e.g. /payments/42")
+    return value
+
+
+PaymentId = Annotated[int, BeforeValidator(_digits)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -144,6 +184,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="payrace reference capture service", lifespan=lifespan)
     app.state.runtime = runtime
     install_handlers(app)
+    # Inside the instrumentation: a 413 / 400 from here is timed and stamped like any answer.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
     app.add_middleware(
         InstrumentMiddleware,
         probes_enabled=runtime.settings.payrace_probes,
@@ -151,7 +193,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         groups=runtime.rendezvous,
     )
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=errors(503))
     async def healthz(session: SessionDep) -> dict[str, str]:
         await session.execute(text("SELECT 1"))
         return {
@@ -160,7 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "isolation_level": runtime.settings.isolation_level,
         }
 
-    @app.post("/orders", status_code=201)
+    @app.post("/orders", status_code=201, responses=errors(400, 413, 422, 502, 503))
     async def create_order(body: OrderIn, rt: RuntimeDep, session: SessionDep) -> dict[str, Any]:
         try:
             gw = await rt.gateway.create_order(
@@ -195,10 +237,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "currency": order.currency,
         }
 
-    @app.get("/payments/{payment_id}")
+    @app.get("/payments/{payment_id}", responses=errors(404, 422, 503))
     async def get_payment(
         # Bounded like internal_payment_id: past int64, asyncpg fails the query (a 500).
-        payment_id: Annotated[int, Path(gt=0, lt=2**63)],
+        payment_id: Annotated[PaymentId, Path(gt=0, lt=2**63)],
         session: SessionDep,
     ) -> dict[str, Any]:
         row = (
@@ -224,7 +266,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "captured_at": payment.captured_at.isoformat() if payment.captured_at else None,
         }
 
-    @app.post("/payments/verify")
+    @app.post("/payments/verify", responses=errors(400, 404, 409, 413, 422, 502, 503))
     async def verify(body: VerifyIn, rt: RuntimeDep) -> dict[str, Any]:
         rt.signatures.check_callback(
             body.razorpay_order_id, body.razorpay_payment_id, body.razorpay_signature
@@ -238,14 +280,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         return (await capture(rt.runner, cmd)).as_json()
 
-    @app.post("/webhooks/razorpay")
-    async def webhook(
-        request: Request,
-        rt: RuntimeDep,
-        session: SessionDep,
-        signature: Annotated[str | None, Header(alias="X-Razorpay-Signature")] = None,
-        event_id: Annotated[str | None, Header(alias="X-Razorpay-Event-Id")] = None,
-    ) -> JSONResponse:
+    @app.post(
+        "/webhooks/razorpay",
+        responses=errors(400, 404, 409, 413, 502, 503),
+        openapi_extra=WEBHOOK_DOC,  # the signed raw body and its headers, read below
+    )
+    async def webhook(request: Request, rt: RuntimeDep, session: SessionDep) -> JSONResponse:
+        signature = request.headers.get("X-Razorpay-Signature")
+        event_id = request.headers.get("X-Razorpay-Event-Id")
         raw = await request.body()
         try:
             body_text = raw.decode("utf-8")
@@ -294,6 +336,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             result = await capture(rt.runner, cmd)
         return JSONResponse({"event": event, **result.as_json()})
 
+    document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_components(document())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
@@ -303,6 +353,14 @@ def _parse_envelope(body_text: str) -> dict[str, Any]:
         doc = json.loads(body_text)
     except ValueError as exc:
         raise Rejected(f"webhook body is not JSON: {exc}", code="invalid_body") from exc
+    # Valid JSON, but no Unicode text: the HMAC, the database and the answer would all fail.
+    where = lone_surrogate(doc)
+    if where is not None:
+        raise Rejected(
+            f"webhook body holds a lone UTF-16 surrogate escape (such as \\ud800) at {where}; "
+            "JSON strings must be valid Unicode",
+            code="invalid_body",
+        )
     if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
         raise Rejected("webhook body needs a string field 'event'", code="invalid_body")
     if doc["event"] not in KNOWN_EVENTS:

@@ -49,6 +49,11 @@ async def read_advisory(session: AsyncSession, payment_id: int) -> Payment | Non
 
 async def capture(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
     memo = _GatewayMemo()  # the gateway's answer, kept across the retried attempts
+    if cmd.capture_at_gateway:
+        # Committed before the gateway is asked: a capture it accepts can then never be lost,
+        # even when every attempt below dies before COMMIT (payrace.service.reconcile).
+        intents = runner.intents or runner.maker
+        await retrying(lambda: command.record_intent(intents, cmd), conflicts=runner.retries)
 
     async def attempt() -> CaptureResult:
         clock = AttemptClock()
@@ -252,3 +257,8 @@ class Runner:
     gateway: GatewayClient
     isolation_level: str
     retries: int  # serialisation failures retried before a 409
+    # Where capture intents are committed (payrace.service.reconcile): a pool of its own, as
+    # an outbox writer would have. The intent touches only capture_intents, which no step of
+    # the capture path reads, so it commutes with every step of every other request and is no
+    # schedule choice for `payrace explore`; on the capture pool it would count as one.
+    intents: async_sessionmaker[AsyncSession] | None = None

@@ -5,6 +5,7 @@
     validate()       the command against the locked payment and its order: order, amount,
                      currency and gateway payment id must match, else Rejected (400)
     record_event()   insert the webhook's event id; False when it was already delivered
+    record_intent()  commit a capture intent before the gateway is asked to capture
     stored_result()  the answer for a call that wrote nothing (a repeat, a failure kept)
 
 Used by payrace.service.capture inside its transaction, after the payment lock is held.
@@ -15,17 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import select
+from sqlalchemy import literal, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from payrace.service.errors import Rejected
-from payrace.service.models import Invoice, Order, Payment, WebhookEvent
+from payrace.service.models import CaptureIntent, Invoice, Order, Payment, WebhookEvent
 
 
 @dataclass(frozen=True)
 class CaptureCommand:
-    source: Literal["client", "webhook"]
+    source: Literal["client", "webhook", "reconcile"]
     payment_id: int
     gateway_order_id: str
     gateway_payment_id: str
@@ -100,6 +101,23 @@ async def record_event(session: AsyncSession, cmd: CaptureCommand) -> bool:
         .returning(WebhookEvent.event_id)
     )
     return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def record_intent(maker: async_sessionmaker[AsyncSession], cmd: CaptureCommand) -> None:
+    """Commit "this payment is about to be captured at the gateway as this gateway payment"
+    in a transaction of its own, before any gateway call. A payment that does not exist
+    records nothing (the capture then answers 404); a repeat of the same pair, nothing new."""
+    async with maker() as session, session.begin():
+        await session.execute(
+            insert(CaptureIntent)
+            .from_select(
+                ["payment_id", "gateway_payment_id"],
+                select(Payment.id, literal(cmd.gateway_payment_id)).where(
+                    Payment.id == cmd.payment_id
+                ),
+            )
+            .on_conflict_do_nothing(index_elements=["payment_id", "gateway_payment_id"])
+        )
 
 
 async def stored_result(

@@ -20,10 +20,10 @@ from payrace.service.models import Base
 from payrace.service.settings import Settings, normalise_dsn
 
 
-def make_engine(settings: Settings) -> AsyncEngine:
+def make_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
     return create_async_engine(
         normalise_dsn(settings.database_url),
-        pool_size=settings.db_pool_size,
+        pool_size=settings.db_pool_size if pool_size is None else pool_size,
         max_overflow=settings.db_max_overflow,
         pool_pre_ping=False,
     )

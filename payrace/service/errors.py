@@ -7,23 +7,31 @@
     ├── GatewayFailed   502: the gateway failed or refused; nothing was written
     └── ServiceUnavailable  503: the database connection was lost (backend killed, server
                             restarting); its transaction rolled back, retrying is safe
-connection_lost()  is this SQLAlchemy error a lost connection (57P01 admin shutdown, class 08,
-                   asyncpg's ConnectionDoesNotExistError / InterfaceError)?
-install_handlers() maps validation errors (422), unknown routes (404/405), a lost database
-connection outside the capture path (503) and, as a last resort, anything unexpected (500,
-logged) into the same shape.
+connection_lost()  is this error a lost or refused database connection: SQLAlchemy's wrapped
+                   57P01-3 / class 08 / asyncpg ConnectionDoesNotExistError / InterfaceError
+                   "connection is closed", or what a new connection raises unwrapped while
+                   the server is down or restarting (OSError: FileNotFoundError on the Unix
+                   socket, ConnectionRefusedError, TimeoutError; asyncpg
+                   CannotConnectNowError 57P03)?
+install_handlers() maps validation errors (422), unknown routes (404, 405 with Allow), a lost
+database connection anywhere (503 with Retry-After, for as long as the outage lasts) and, as a
+last resort, anything unexpected (500, logged) into the same shape.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import traceback
+from collections.abc import Mapping
 from typing import Any
 
-from asyncpg.exceptions import ConnectionDoesNotExistError, InterfaceError
+from asyncpg.exceptions import ConnectionDoesNotExistError, InterfaceError, PostgresError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("service")
@@ -82,31 +90,69 @@ _CONNECTION_LOST_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
 
 
 def connection_lost(exc: BaseException) -> bool:
-    """A DBAPIError meaning "the connection is gone", not "the statement was wrong".
+    """An error meaning "the database connection is gone or cannot be made", not "the
+    statement was wrong".
 
     The transaction it was in died with the backend; only a loss during COMMIT itself leaves
-    the outcome unknown, which an idempotent retry resolves."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    if exc.connection_invalidated:
+    the outcome unknown, which an idempotent retry resolves. Once the pool has replaced its
+    stale connection, a new connection to a server that is down fails *unwrapped* (SQLAlchemy
+    wraps only DB-API errors): those count too, so an outage is a 503 for as long as it lasts."""
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        return any(_lost(cause) for cause in (exc.orig, getattr(exc.orig, "__cause__", None)))
+    # Waiting for a pool connection past pool_timeout: every connection is stuck on a server
+    # that does not answer.
+    if isinstance(exc, PoolTimeout):
         return True
-    for cause in (exc.orig, getattr(exc.orig, "__cause__", None)):
-        state = getattr(cause, "sqlstate", None)
-        if isinstance(state, str) and (
-            state in _CONNECTION_LOST_SQLSTATES or state.startswith("08")
-        ):
-            return True
-        # asyncpg: the socket closed mid-statement, or a statement on a closed connection.
-        # Other InterfaceErrors ("another operation is in progress") are bugs, not faults.
-        if isinstance(cause, ConnectionDoesNotExistError) or (
-            isinstance(cause, InterfaceError) and "connection is closed" in str(cause)
-        ):
-            return True
-    return False
+    return _lost(exc) and _from_the_driver(exc)
 
 
-def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+def _lost(cause: BaseException | None) -> bool:
+    state = getattr(cause, "sqlstate", None)
+    if isinstance(state, str) and (state in _CONNECTION_LOST_SQLSTATES or state.startswith("08")):
+        return True
+    # asyncpg: the socket closed mid-statement, or a statement on a closed connection.
+    # Other InterfaceErrors ("another operation is in progress") are bugs, not faults.
+    if isinstance(cause, InterfaceError):
+        return "connection is closed" in str(cause)
+    # OSError: FileNotFoundError (Unix socket gone), ConnectionRefusedError, TimeoutError ...
+    return isinstance(cause, ConnectionDoesNotExistError | OSError)
+
+
+def _from_the_driver(exc: BaseException) -> bool:
+    """Raised while talking to PostgreSQL (asyncpg or SQLAlchemy's pool on the way)? An OSError
+    from anywhere else (a file, the gateway) is not a database outage."""
+    if not isinstance(exc, OSError):
+        return True  # asyncpg's own exception classes
+    return any(
+        "/asyncpg/" in frame.f_code.co_filename or "/sqlalchemy/" in frame.f_code.co_filename
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
+class ErrorJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped: a message may echo a field name the
+    client sent, and a lone surrogate in it cannot be encoded as UTF-8 (a 500 while answering
+    a 422)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        ).encode()
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    return ErrorJSON(
+        {"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers
+    )
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -114,19 +160,30 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+# What to send instead, for the problems whose pydantic message does not say.
+_HINTS = {
+    "int_type": " (a JSON integer such as 50000: no quotes, fraction, exponent or true/false)",
+}
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
         retry = isinstance(exc, RetryLater | ServiceUnavailable)
         headers = {"Retry-After": "1"} if retry else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return ErrorJSON(exc.body(), status_code=exc.status, headers=headers)
 
-    @app.exception_handler(DBAPIError)
-    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
         if not connection_lost(exc):
             raise exc  # on to the last-resort handler: a 500, logged
-        log.info("database connection lost: %s", exc.orig)
+        log.info("database connection lost: %s: %s", type(exc).__name__, exc)
         return await _api(request, unavailable())
+
+    # What a lost or refused connection raises: SQLAlchemy's wrapped DB-API errors, and on a
+    # new connection the driver's own (not wrapped by SQLAlchemy) and plain OSErrors.
+    # CannotConnectNowError (57P03, "the database system is starting up") is a PostgresError.
+    for kind in (DBAPIError, PoolTimeout, OSError, PostgresError, InterfaceError):
+        app.add_exception_handler(kind, _database)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -134,7 +191,7 @@ def install_handlers(app: FastAPI) -> None:
             # A JSON decode error's loc is ("body", <character offset>): the field is the body.
             {
                 "field": "body" if e["type"] == "json_invalid" else _field(e["loc"]),
-                "problem": e["msg"],
+                "problem": e["msg"] + _HINTS.get(e["type"], ""),
             }
             for e in exc.errors()
         ]
@@ -144,7 +201,8 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        # A 405 names the methods the route does answer (RFC 9110 15.5.6).
+        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -6,6 +6,7 @@ machine would queue gateway calls behind each other while they hold row locks.
 
     GatewayClient.create_order()  POST /v1/orders
     GatewayClient.capture()       POST /v1/payments/{id}/capture; "already captured" is success
+    GatewayClient.fetch_payment() GET /v1/payments/{id}: what the reconciler asks
     GatewayError                  the gateway failed or refused; the request answers 502
 """
 
@@ -82,6 +83,12 @@ class GatewayClient:
             return CaptureOutcome(payment=cast(dict[str, Any], payment), already_captured=False)
 
         return cast(CaptureOutcome, await self._guard(call))
+
+    async def fetch_payment(self, payment_id: str) -> dict[str, Any]:
+        def call() -> dict[str, Any]:
+            return cast(dict[str, Any], self._client().payment.fetch(payment_id))
+
+        return cast(dict[str, Any], await self._guard(call))
 
     async def _guard(self, call: Any) -> Any:
         try:

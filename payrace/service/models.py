@@ -1,8 +1,9 @@
-"""Tables of the reference service: orders, payments, invoices, webhook_events.
+"""Tables of the reference service: orders, payments, invoices, webhook_events, capture_intents.
 
 Amounts are integers in the smallest currency unit (paise). Every status column is guarded
 by a CHECK so a stray value cannot land; gateway ids are unique so one Razorpay object maps
-to one row. `webhook_events` is what dedupe by `X-Razorpay-Event-Id` needs.
+to one row. `webhook_events` is what dedupe by `X-Razorpay-Event-Id` needs; `capture_intents`
+is what the reconciler (payrace.service.reconcile) needs to find a capture whose answer was lost.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     String,
+    UniqueConstraint,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -96,3 +98,20 @@ class WebhookEvent(Base):
     received_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+
+
+class CaptureIntent(Base):
+    """Committed before the service asks the gateway to capture: if the gateway accepts and
+    the answer is then lost (the connection dies before COMMIT, the process is killed), this
+    row is what tells the reconciler to ask the gateway what happened."""
+
+    __tablename__ = "capture_intents"
+    __table_args__ = (UniqueConstraint("payment_id", "gateway_payment_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    # No foreign key on purpose: its check would take FOR KEY SHARE on the payment row, so
+    # the intent would wait behind a capture holding FOR UPDATE, outside the capture path's
+    # lock order. record_intent() inserts only for a payment that exists.
+    payment_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    gateway_payment_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -3,7 +3,7 @@
     retrying(attempt, conflicts=N)   runs `attempt` until it returns, and on a DBAPIError:
         40001 serialization_failure,   retried N times after a short, growing pause, then
         40P01 deadlock_detected        RetryLater: 409 with Retry-After (safe to retry)
-        a lost connection              retried CONNECTION_RETRIES times on a fresh connection
+        a lost or refused connection   retried CONNECTION_RETRIES times on a fresh connection
           (errors.connection_lost)     (the pool discards the dead one), then
                                        ServiceUnavailable: 503 with Retry-After
         23505 unique_violation         Rejected payment_mismatch (400): the only unique key a
@@ -48,12 +48,16 @@ async def retrying(attempt: Callable[[], Awaitable[T]], *, conflicts: int) -> T:
     while True:
         try:
             return await attempt()
-        except DBAPIError as exc:
+        except Exception as exc:
+            # Also what a *new* connection raises while the server is down (OSError,
+            # asyncpg's CannotConnectNowError), which SQLAlchemy does not wrap.
             if connection_lost(exc):
                 if lost == CONNECTION_RETRIES:
                     raise unavailable(conflicted + lost + 1) from exc
                 lost += 1
                 continue
+            if not isinstance(exc, DBAPIError):
+                raise
             state = sqlstate(exc)
             if state == "23505":
                 raise Rejected(

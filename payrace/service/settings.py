@@ -7,6 +7,10 @@ RAZORPAY_KEY_ID / RAZORPAY_KEY_SECRET / RAZORPAY_WEBHOOK_SECRET
 RAZORPAY_BASE_URL         where the razorpay SDK sends its calls (the fake gateway in tests)
 PAYRACE_PROBES            honour the test-only X-Payrace-Pause header (off: it makes requests wait)
 DB_POOL_SIZE / DB_MAX_OVERFLOW / GATEWAY_THREADS
+RECONCILE_INTERVAL_S      how often the sweeper asks the gateway about captures whose answer was
+                          lost (0: no sweeper; payrace.service.reconcile)
+RECONCILE_AFTER_S         a capture intent is swept once it is this old and still not captured
+MAX_BODY_BYTES            larger request bodies are refused with 413 before they are read whole
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ class Settings(BaseSettings):
     # Serialisation failures at REPEATABLE READ / SERIALIZABLE are retried this many times
     # before the caller gets a retryable 409.
     serialization_retries: int = Field(default=3, ge=0, le=20)
+    # Razorpay retries a webhook for 24 hours; the sweeper covers the capture no webhook
+    # reports. Old enough that a request still in flight is never swept from under itself.
+    reconcile_interval_s: float = Field(default=15.0, ge=0, le=86400)
+    reconcile_after_s: float = Field(default=30.0, ge=0, le=86400)
+    # Razorpay's webhook bodies are a few KiB; 64 KiB leaves room and bounds memory per request.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
 
     @field_validator("database_url")
     @classmethod

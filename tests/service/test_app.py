@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 from conftest import Service, service_settings
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from service_calls import KEYS, assert_error, create_order, customer_pays, deliver, verify
 from sqlalchemy import text
 
@@ -24,6 +26,8 @@ from payrace.harness.gateway.signing import (
     webhook_event,
 )
 from payrace.harness.infra.provider import Database
+from payrace.service.app import KNOWN_EVENTS, _parse_envelope
+from payrace.service.errors import Rejected
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -784,3 +788,291 @@ async def test_a_gateway_payment_id_already_bound_to_another_payment_is_400(
 
     assert_error(response, 400, "payment_mismatch")
     await assert_nothing_written(service, fake_gateway, order, payment)
+
+
+# -- hostile input: surrogates, nesting, size, loose numbers; nothing written -------------------
+
+
+async def table_counts(svc: Service) -> dict[str, int]:
+    async with svc.runtime.engine.connect() as conn:
+        counts = {}
+        for table in ("orders", "payments", "invoices", "webhook_events", "capture_intents"):
+            counts[table] = (await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one()
+    return counts
+
+
+def _signed(raw: bytes) -> dict[str, str]:
+    signature = hmac.new(KEYS.webhook_secret.encode(), raw, hashlib.sha256).hexdigest()
+    return {"X-Razorpay-Signature": signature, "Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "event",
+        "payload.payment.entity.id",
+        "payload.payment.entity.order_id",
+        "payload.payment.entity.currency",
+        "payload.payment.entity.method",
+        "payload.payment.entity.error_code",
+        "account_id",
+    ],
+)
+async def test_signed_webhook_with_a_lone_surrogate_is_400_naming_where(
+    service: Service, fake_gateway: FakeRazorpay, where: str
+) -> None:
+    order, payment = await customer_pays(service, fake_gateway)
+    envelope = webhook_event("payment.captured", payment)
+    *parents, last = where.split(".")
+    node = envelope
+    for key in parents:
+        node = node[key]
+    node[last] = "pay\ud800"
+    body, headers = signed_webhook(envelope, KEYS.webhook_secret)
+    assert b"\\ud800" in body  # json.dumps escapes it: valid JSON text, no valid Unicode
+    before = await table_counts(service)
+
+    response = await service.client.post("/webhooks/razorpay", content=body, headers=headers)
+
+    error = assert_error(response, 400, "invalid_body")
+    assert "surrogate" in error["message"]
+    assert where in error["message"]
+    assert await table_counts(service) == before
+    await assert_nothing_written(service, fake_gateway, order, payment)
+
+
+async def test_signed_webhook_nested_a_thousand_levels_is_400(service: Service) -> None:
+    raw = b'{"event": "payment.captured", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    before = await table_counts(service)
+
+    response = await service.client.post("/webhooks/razorpay", content=raw, headers=_signed(raw))
+
+    error = assert_error(response, 400, "invalid_body")
+    assert "1001 levels" in error["message"]
+    assert await table_counts(service) == before
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"amount": 50000, "currency": "INR", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+        b"[" * 5000,  # unterminated, too
+    ],
+    ids=["deep", "deep-unterminated"],
+)
+async def test_an_order_body_nested_too_deep_is_400_not_500(service: Service, raw: bytes) -> None:
+    before = await table_counts(service)
+    response = await service.client.post(
+        "/orders", content=raw, headers={"content-type": "application/json"}
+    )
+    assert_error(response, 400, "invalid_body")
+    assert await table_counts(service) == before
+
+
+async def test_verify_with_a_lone_surrogate_in_an_id_is_422_naming_it(
+    service: Service, fake_gateway: FakeRazorpay
+) -> None:
+    order, payment = await customer_pays(service, fake_gateway)
+    body = json.dumps(
+        {
+            "razorpay_order_id": order["gateway_order_id"],
+            "razorpay_payment_id": "pay_\ud800",
+            "razorpay_signature": "0" * 64,
+            "internal_payment_id": order["payment_id"],
+        }
+    )
+
+    response = await service.client.post(
+        "/payments/verify", content=body, headers={"content-type": "application/json"}
+    )
+
+    error = assert_error(response, 422, "invalid_request")
+    assert error["fields"][0]["field"] == "razorpay_payment_id"
+    await assert_nothing_written(service, fake_gateway, order, payment)
+
+
+async def test_an_unknown_field_named_with_a_lone_surrogate_is_422_not_500(
+    service: Service,
+) -> None:
+    body = '{"amount": 50000, "currency": "INR", "\\ud800": 1}'
+    response = await service.client.post(
+        "/orders", content=body, headers={"content-type": "application/json"}
+    )
+    assert_error(response, 422, "invalid_request")
+    assert response.content.isascii()
+
+
+async def test_a_body_over_the_limit_is_413_in_the_error_shape_and_writes_nothing(
+    service: Service,
+) -> None:
+    before = await table_counts(service)
+    padding = "x" * (service.runtime.settings.max_body_bytes + 1)
+
+    response = await service.client.post(
+        "/orders", json={"amount": 50000, "currency": "INR", "note": padding}
+    )
+
+    error = assert_error(response, 413, "body_too_large")
+    assert str(service.runtime.settings.max_body_bytes) in error["message"]
+    assert await table_counts(service) == before
+
+
+async def test_the_body_limit_is_a_setting(pg: Database, gateway_url: str) -> None:
+    settings = service_settings(pg, gateway_url, max_body_bytes=2048)
+    async with Service(settings) as svc:
+        small = await svc.client.post("/orders", json={"amount": 50000, "currency": "INR"})
+        large = await svc.client.post("/webhooks/razorpay", content=b"{" + b" " * 3000 + b"}")
+    assert small.status_code == 201, small.text
+    assert_error(large, 413, "body_too_large")
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [("1_0", "digits"), ("+7", "digits"), (" 7", "digits"), ("٣", "digits"), ("true", "digits")],
+)
+async def test_a_payment_id_in_the_path_is_digits_only(
+    service: Service, path: str, problem: str
+) -> None:
+    error = assert_error(await service.client.get(f"/payments/{path}"), 422, "invalid_request")
+    assert error["fields"][0]["field"] == "payment_id"
+    assert problem in error["message"]
+
+
+@pytest.mark.parametrize("value", [True, "1", 1.0, "7"])
+async def test_verify_takes_internal_payment_id_only_as_a_json_integer(
+    service: Service, fake_gateway: FakeRazorpay, value: Any
+) -> None:
+    order, payment = await customer_pays(service, fake_gateway)
+
+    response = await verify(service, order, payment, internal_payment_id=value)
+
+    error = assert_error(response, 422, "invalid_request")
+    assert error["fields"][0]["field"] == "internal_payment_id"
+    assert "integer" in error["message"]
+    await assert_nothing_written(service, fake_gateway, order, payment)
+
+
+@pytest.mark.parametrize("amount", ["50000", 50000.0, True, "5e4", None])
+async def test_an_order_amount_is_only_a_json_integer_of_paise(
+    service: Service, amount: Any
+) -> None:
+    before = await table_counts(service)
+
+    response = await service.client.post("/orders", json={"amount": amount, "currency": "INR"})
+
+    error = assert_error(response, 422, "invalid_request")
+    assert [f["field"] for f in error["fields"]] == ["amount"]
+    assert "integer" in error["message"]
+    assert await table_counts(service) == before
+
+
+# -- the OpenAPI document and 405 ---------------------------------------------------------------
+
+
+async def test_a_wrong_method_names_the_allowed_ones(service: Service) -> None:
+    response = await service.client.get("/orders")
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
+    assert (await service.client.put("/payments/1")).headers["allow"] == "GET"
+
+
+async def test_openapi_lists_every_error_answer_of_each_route(service: Service) -> None:
+    doc = (await service.client.get("/openapi.json")).json()
+    expected = {
+        ("post", "/orders"): {"201", "400", "413", "422", "502", "503"},
+        ("get", "/payments/{payment_id}"): {"200", "404", "422", "503"},
+        ("post", "/payments/verify"): {"200", "400", "404", "409", "413", "422", "502", "503"},
+        ("post", "/webhooks/razorpay"): {"200", "400", "404", "409", "413", "502", "503"},
+        ("get", "/healthz"): {"200", "503"},
+    }
+    for (method, path), statuses in expected.items():
+        responses = doc["paths"][path][method]["responses"]
+        assert set(responses) == statuses, (method, path)
+        for status in statuses - {"200", "201"}:
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+    assert "Retry-After" in doc["paths"]["/payments/verify"]["post"]["responses"]["503"]["headers"]
+    assert set(doc["components"]["schemas"]["ErrorBody"]["properties"]) == {"error"}
+
+
+async def test_openapi_describes_the_webhook_body_and_requires_the_signature(
+    service: Service,
+) -> None:
+    doc = (await service.client.get("/openapi.json")).json()
+    operation = doc["paths"]["/webhooks/razorpay"]["post"]
+    headers = {p["name"]: p for p in operation["parameters"] if p["in"] == "header"}
+
+    assert headers["X-Razorpay-Signature"]["required"] is True
+    assert headers["X-Razorpay-Event-Id"]["required"] is False
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/WebhookEnvelope"}
+    schemas = doc["components"]["schemas"]
+    envelope = schemas["WebhookEnvelope"]
+    assert {"event", "payload"} <= set(envelope["required"])
+    entity = schemas["PaymentEntity"]
+    assert {"id", "order_id", "amount", "currency"} <= set(entity["required"])
+    assert entity["properties"]["amount"]["type"] == "integer"
+
+
+# -- properties (hypothesis): envelope parsing never fails any other way than a 400 -------------
+
+PROPERTY = settings(max_examples=300, deadline=None, database=None, derandomize=True)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=30,
+)
+ids = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=64)
+entities = st.fixed_dictionaries(
+    {
+        "id": ids,
+        "order_id": ids,
+        "amount": st.integers(min_value=-(2**70), max_value=2**70),
+        "currency": st.from_regex(r"\A[A-Z]{3}\Z"),
+    },
+    optional={"method": st.none() | st.text(max_size=32), "status": st.text()},
+)
+
+
+@PROPERTY
+@given(doc=json_values)
+def test_any_json_document_parses_or_is_a_400_invalid_body(doc: Any) -> None:
+    try:
+        parsed = _parse_envelope(json.dumps(doc))
+    except Rejected as exc:
+        assert exc.code == "invalid_body"
+        assert exc.message
+    else:
+        assert parsed["event"] == doc["event"]
+
+
+@PROPERTY
+@given(event=st.sampled_from(sorted(KNOWN_EVENTS)), entity=entities)
+def test_a_well_formed_envelope_yields_its_entity(event: str, entity: dict[str, Any]) -> None:
+    doc = {"entity": "event", "event": event, "payload": {"payment": {"entity": entity}}}
+
+    parsed = _parse_envelope(json.dumps(doc, ensure_ascii=False))
+
+    assert parsed["event"] == event
+    assert parsed["payment"] == entity
+
+
+@PROPERTY
+@given(
+    event=st.sampled_from(sorted(KNOWN_EVENTS)),
+    entity=entities,
+    field=st.sampled_from(["id", "order_id", "currency", "method", "note"]),
+    surrogate=st.integers(min_value=0xD800, max_value=0xDFFF),
+)
+def test_a_lone_surrogate_anywhere_is_a_400_naming_the_field(
+    event: str, entity: dict[str, Any], field: str, surrogate: int
+) -> None:
+    entity = {**entity, field: "x" + chr(surrogate)}
+    doc = {"event": event, "payload": {"payment": {"entity": entity}}}
+    text = json.dumps(doc)  # ensure_ascii: written as a \\udxxx escape, valid JSON
+
+    with pytest.raises(Rejected) as caught:
+        _parse_envelope(text)
+
+    assert "surrogate" in caught.value.message
+    assert f"payload.payment.entity.{field}" in caught.value.message

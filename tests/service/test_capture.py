@@ -279,7 +279,10 @@ async def test_for_update_under_a_forced_interleaving_captures_once(
     # The waiter read only after the winner committed, so it saw the capture.
     assert sorted(map(str, [*client.reads(), *hook.reads()])) == ["captured", "pending"]
     assert audit.transitions(paid.payment_id) == {"payments": 1, "invoices": 1}
-    assert fake_gateway.capture_calls(paid.payment["id"]) == 1
+    # Either may take the lock first (the client commits its capture intent before it
+    # begins); payment.captured reports a capture, so only a winning client calls the gateway.
+    calls = 0 if event == "payment.captured" and client.body["idempotent"] else 1
+    assert fake_gateway.capture_calls(paid.payment["id"]) == calls
 
 
 @pytest.mark.parametrize(

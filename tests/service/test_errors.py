@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import psycopg
 import pytest
+from asyncpg.exceptions import (
+    CannotConnectNowError,
+    ConnectionDoesNotExistError,
+    InterfaceError,
+    UniqueViolationError,
+)
+from conftest import Service, service_settings
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
+from service_calls import KEYS
+from sqlalchemy.exc import DBAPIError
 
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.signing import client_callback, signed_webhook, webhook_event
+from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.service.errors import (
     ApiError,
     GatewayFailed,
     NotFound,
     Rejected,
     RetryLater,
+    connection_lost,
     error_response,
     install_handlers,
 )
@@ -131,6 +151,8 @@ async def test_unknown_routes_and_methods_answer_in_the_same_shape(
     assert missing.json() == {"error": {"code": "not_found", "message": "Not Found"}}
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+    # RFC 9110: a 405 names the methods the resource does answer.
+    assert wrong_method.headers["allow"] == "POST"
 
 
 async def test_an_unexpected_exception_is_a_500_that_hides_its_details(
@@ -151,3 +173,178 @@ def test_error_response_builds_the_shape_with_extras() -> None:
     assert (
         response.body == b'{"error":{"code":"teapot","message":"short and stout","field":"spout"}}'
     )
+
+
+# -- a database outage: 503 with Retry-After for as long as it lasts, never a 500 --------------
+
+
+def _raised_by_the_driver(exc: BaseException) -> BaseException:
+    """`exc` raised from inside a real asyncpg connect attempt, as a refused connect is."""
+    import asyncpg
+
+    async def connect() -> None:
+        await asyncpg.connect("postgresql://postgres@127.0.0.1:1/postgres", timeout=2)
+
+    try:
+        asyncio.run(connect())
+    except OSError as real:
+        return real
+    raise AssertionError("port 1 on loopback answered")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        CannotConnectNowError("the database system is starting up"),
+        ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        InterfaceError("cannot call Connection.fetch(): connection is closed"),
+    ],
+    ids=["starting-up", "closed-mid-statement", "closed"],
+)
+def test_what_a_dead_or_restarting_server_raises_counts_as_a_lost_connection(
+    exc: BaseException,
+) -> None:
+    assert connection_lost(exc)
+    assert connection_lost(DBAPIError("SELECT 1", None, exc))  # type: ignore[arg-type]
+
+
+def test_a_refused_connect_from_the_driver_is_lost_but_an_oserror_elsewhere_is_not() -> None:
+    refused = _raised_by_the_driver(ConnectionRefusedError())
+    assert isinstance(refused, OSError)
+    assert connection_lost(refused)
+    try:
+        Path("/nonexistent/payrace").read_text()
+    except FileNotFoundError as elsewhere:
+        assert not connection_lost(elsewhere)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        UniqueViolationError("duplicate key"),
+        InterfaceError("cannot perform operation: another operation is in progress"),
+        ValueError("bad"),
+    ],
+)
+def test_statement_errors_and_bugs_are_not_lost_connections(exc: BaseException) -> None:
+    assert not connection_lost(exc)
+    assert not connection_lost(DBAPIError("SELECT 1", None, exc))  # type: ignore[arg-type]
+
+
+class OwnCluster:
+    """pg_ctl on a throwaway embedded cluster this module owns. As root, pgserver runs the
+    server as its own `pgserver` user, and pg_ctl refuses root: run it as that user too."""
+
+    def __init__(self, database: Database) -> None:
+        self.url = database.url
+        with psycopg.connect(self.url) as conn:
+            row = conn.execute("SHOW data_directory").fetchone()
+        assert row is not None
+        self.pgdata = Path(row[0])
+        self.socket_dir = parse_qs(urlsplit(self.url).query)["host"][0]
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        self.pg_ctl = str(POSTGRES_BIN_PATH / "pg_ctl")
+        self.user = "pgserver" if os.geteuid() == 0 else None
+
+    def _run(self, *args: str) -> None:
+        command = [self.pg_ctl, "-D", str(self.pgdata), "-w", *args]
+        subprocess.run(command, user=self.user, check=True, capture_output=True, timeout=60)
+
+    def stop(self) -> None:
+        self._run("-m", "fast", "stop")
+
+    def start(self) -> None:
+        # The options pgserver started it with: no TCP, the same Unix socket directory.
+        log = str(self.pgdata / "log")
+        self._run("-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", log, "start")
+
+
+@pytest.fixture(scope="module")
+def own_cluster() -> Iterator[tuple[Database, OwnCluster]]:
+    with provide_postgres(prefer="embedded") as database:
+        cluster = OwnCluster(database)
+        try:
+            yield database, cluster
+        finally:
+            cluster.start() if not _answers(database.url) else None
+
+
+def _answers(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.OperationalError:
+        return False
+
+
+async def _every_route(
+    svc: Service, order: dict[str, Any], payment: dict[str, Any]
+) -> list[httpx.Response]:
+    """One request to each database route, as a client would send during the outage."""
+    gateway_order = order["gateway_order_id"]
+    callback = client_callback(gateway_order, payment["id"], KEYS.key_secret)
+    body, headers = signed_webhook(webhook_event("payment.captured", payment), KEYS.webhook_secret)
+    return [
+        await svc.client.get("/healthz"),
+        await svc.client.get(f"/payments/{order['payment_id']}"),
+        await svc.client.post("/orders", json={"amount": 50000, "currency": "INR"}),
+        await svc.client.post(
+            "/payments/verify", json={**callback, "internal_payment_id": order["payment_id"]}
+        ),
+        await svc.client.post("/webhooks/razorpay", content=body, headers=headers),
+    ]
+
+
+@pytest.mark.slow
+async def test_every_route_answers_503_with_retry_after_while_postgres_is_down_then_recovers(
+    own_cluster: tuple[Database, OwnCluster], gateway_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    database, cluster = own_cluster
+    async with Service(service_settings(database, gateway_url, reconcile_interval_s=0)) as svc:
+        orders = []
+        for _ in range(3):  # the pool holds live connections when the server goes away
+            created = await svc.client.post("/orders", json={"amount": 50000, "currency": "INR"})
+            assert created.status_code == 201, created.text
+            orders.append(created.json())
+        paid = [(o, fake_gateway.authorize_payment(o["gateway_order_id"])) for o in orders]
+        await asyncio.to_thread(cluster.stop)
+        try:
+            # Several rounds: the first meets the pool's stale connections, the later ones
+            # new connections to a server that is not there (FileNotFoundError on the socket).
+            down = [r for _ in range(3) for r in await _every_route(svc, *paid[0])]
+        finally:
+            await asyncio.to_thread(cluster.start)
+        up = await _every_route(svc, *paid[1])
+
+    assert [r.status_code for r in down] == [503] * len(down), [r.text for r in down]
+    for response in down:
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "database_unavailable"
+    assert [r.status_code for r in up] == [200, 200, 201, 200, 200], [r.text for r in up]
+
+
+@pytest.mark.slow
+async def test_requests_during_a_restart_are_503_or_answered_never_500(
+    own_cluster: tuple[Database, OwnCluster], gateway_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    database, cluster = own_cluster
+    statuses: list[int] = []
+    async with Service(service_settings(database, gateway_url, reconcile_interval_s=0)) as svc:
+        created = await svc.client.post("/orders", json={"amount": 50000, "currency": "INR"})
+        assert created.status_code == 201, created.text
+        order = created.json()
+        payment = fake_gateway.authorize_payment(order["gateway_order_id"])
+        restarting = asyncio.create_task(
+            asyncio.to_thread(lambda: (cluster.stop(), cluster.start()))
+        )
+        while not restarting.done():  # bounded by pg_ctl's own timeout
+            statuses += [r.status_code for r in await _every_route(svc, order, payment)]
+        await restarting
+        after = await _every_route(svc, order, payment)
+
+    assert statuses
+    assert set(statuses) <= {200, 201, 503}, statuses
+    assert 503 in statuses
+    assert [r.status_code for r in after] == [200, 200, 201, 200, 200], [r.text for r in after]

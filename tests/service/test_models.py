@@ -63,8 +63,14 @@ async def refused(conn: AsyncConnection, statement: Any, constraint: str) -> Non
             await conn.execute(statement)
 
 
-def test_the_four_tables_are_declared() -> None:
-    assert set(Base.metadata.tables) == {"orders", "payments", "invoices", "webhook_events"}
+def test_the_five_tables_are_declared() -> None:
+    assert set(Base.metadata.tables) == {
+        "orders",
+        "payments",
+        "invoices",
+        "webhook_events",
+        "capture_intents",
+    }
 
 
 def test_amounts_are_integers_in_the_smallest_unit() -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any
 
 import pytest
 import razorpay
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from payrace.harness.gateway.signing import (
     GatewayKeys,
@@ -91,3 +95,60 @@ def test_checks_build_no_razorpay_client(
         verifier.check_webhook(*webhook())
 
     assert built == []
+
+
+# -- properties (hypothesis): the right HMAC always passes, anything else is a 400 --------------
+
+VERIFIER = SignatureVerifier(KEYS.key_id, KEYS.key_secret, KEYS.webhook_secret)
+PROPERTY = settings(max_examples=200, deadline=None, database=None, derandomize=True)
+
+
+def _hmac(secret: str, text: str) -> str:
+    return hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()
+
+
+@PROPERTY
+@given(body=st.text())
+def test_any_body_signed_with_the_webhook_secret_passes(body: str) -> None:
+    VERIFIER.check_webhook(body, _hmac(KEYS.webhook_secret, body))
+
+
+@PROPERTY
+@given(body=st.text(), other=st.text())
+def test_a_signature_of_another_body_is_rejected(body: str, other: str) -> None:
+    assume(body != other)
+    with pytest.raises(Rejected) as caught:
+        VERIFIER.check_webhook(body, _hmac(KEYS.webhook_secret, other))
+    assert caught.value.code == "invalid_signature"
+
+
+@PROPERTY
+@given(body=st.text(max_size=200), signature=st.text())
+def test_any_wrong_signature_string_is_a_400_never_another_error(body: str, signature: str) -> None:
+    # Non-ASCII, empty, whitespace, the wrong length: the SDK raises TypeError for some.
+    assume(signature != _hmac(KEYS.webhook_secret, body))
+    with pytest.raises(Rejected):
+        VERIFIER.check_webhook(body, signature)
+
+
+@PROPERTY
+@given(body=st.text(max_size=200), secret=st.text(min_size=1))
+def test_a_body_signed_with_another_secret_is_rejected(body: str, secret: str) -> None:
+    assume(secret != KEYS.webhook_secret)
+    with pytest.raises(Rejected):
+        VERIFIER.check_webhook(body, _hmac(secret, body))
+
+
+ids = st.text(st.characters(codec="ascii", exclude_characters="|\x00"), min_size=1, max_size=64)
+
+
+@PROPERTY
+@given(order_id=ids, payment_id=ids)
+def test_any_callback_signed_with_the_key_secret_passes_and_a_swapped_one_does_not(
+    order_id: str, payment_id: str
+) -> None:
+    signature = _hmac(KEYS.key_secret, f"{order_id}|{payment_id}")
+    VERIFIER.check_callback(order_id, payment_id, signature)
+    assume(order_id != payment_id)
+    with pytest.raises(Rejected):
+        VERIFIER.check_callback(payment_id, order_id, signature)
