@@ -33,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from payrace.harness.errors import UsageError
+from payrace.harness.infra import env
 from payrace.harness.infra.provider import ProviderError
 from payrace.harness.model.verdict import (
     DECLARED,
@@ -61,6 +62,11 @@ def _fail(message: str) -> typer.Exit:
     # escape: messages name profile keys such as [target].base_url, which rich takes for markup
     err.print(f"[bold red]payrace:[/] {escape(message)}")
     return typer.Exit(EXIT_ERROR)
+
+
+def _from_env(ctx: typer.Context, name: str) -> bool:
+    """The option's value came from its environment variable, not the command line."""
+    return getattr(ctx.get_parameter_source(name), "name", None) == "ENVIRONMENT"
 
 
 def _split(values: list[str]) -> list[str]:
@@ -113,6 +119,7 @@ def _guarded(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
 
 @app.command("run")
 def run_command(
+    ctx: typer.Context,
     strategy: Annotated[
         list[str],
         typer.Option(
@@ -133,7 +140,7 @@ def run_command(
     dsn: Annotated[
         str | None,
         typer.Option(
-            envvar="PAYRACE_DATABASE_URL",
+            envvar=env.DSN,
             help="PostgreSQL server to use (a fresh database is created and dropped)",
         ),
     ] = None,
@@ -162,7 +169,8 @@ def run_command(
     out: Annotated[Path, typer.Option(help="reports directory")] = Path("reports"),
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
     target_dsn: Annotated[
-        str | None, typer.Option(help="with --target URL: the target's database")
+        str | None,
+        typer.Option(envvar=env.TARGET_DSN, help="with --target URL: the target's database"),
     ] = None,
     gateway_url: Annotated[
         str | None, typer.Option(help="with --target URL: its fake gateway")
@@ -196,6 +204,9 @@ def run_command(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Fire interleaved client callbacks and webhooks; judge with the harness's own oracle."""
+    running = profile is not None or target.startswith(("http://", "https://"))
+    if _from_env(ctx, "target_dsn") and not running:
+        target_dsn = None  # names a running target's database; this run starts its own target
     try:
         gates = [Gate.parse(g) for g in gate]
         config = RunConfig(
@@ -235,7 +246,7 @@ def run_command(
 @app.command("race")
 def race_command(
     trials: Annotated[int, typer.Option(help="trials per strategy and mode")] = 200,
-    dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
+    dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
     out: Annotated[Path, typer.Option()] = Path("reports"),
     seed: Annotated[int, typer.Option()] = 1,
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
@@ -322,7 +333,7 @@ def explore_command(
             "handed to the app as PAYRACE_TARGET_DSN)"
         ),
     ] = None,
-    dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
+    dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
     out: Annotated[Path, typer.Option()] = Path("reports"),
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
 ) -> None:
@@ -362,7 +373,7 @@ def load_command(
     workers: Annotated[
         int | None, typer.Option(help="uvicorn workers of the reference service (default 1)")
     ] = None,
-    dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
+    dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
     locustfile: Annotated[
         str, typer.Option(help="race_pairs | webhook_storm | mixed, a path, or a comma list")
     ] = "race_pairs",
@@ -376,7 +387,8 @@ def load_command(
         str | None, typer.Option(help="with --profile: overrides its [target].base_url")
     ] = None,
     target_dsn: Annotated[
-        str | None, typer.Option(help="with --profile: the target's database")
+        str | None,
+        typer.Option(envvar=env.TARGET_DSN, help="with --profile: the target's database"),
     ] = None,
     gateway_url: Annotated[
         str | None, typer.Option(help="with --profile: its fake gateway")
@@ -396,11 +408,13 @@ def load_command(
     gateway, the service), or against your running service (--profile); judge."""
     from payrace.harness.load.launch import load_main
 
-    source = ctx.get_parameter_source("dsn")
-    if profile is not None and getattr(source, "name", None) == "ENVIRONMENT":
-        # PAYRACE_DATABASE_URL names a server to provision on; a running target's database is
-        # --target-dsn, so the variable is no reason to refuse the run.
+    # Each variable only where it means something: PAYRACE_DSN names a server to provision on,
+    # which a running target (--profile) does not need; PAYRACE_TARGET_DSN names a running
+    # target's database, which the reference service payrace starts does not have.
+    if profile is not None and _from_env(ctx, "dsn"):
         dsn = None
+    if profile is None and _from_env(ctx, "target_dsn"):
+        target_dsn = None
     code = load_main(
         strategy=strategy,
         users=users,

@@ -1,6 +1,6 @@
 """pytest plugin (entry point `pytest11: payrace`): race tests inside a team's own suite.
 
-    --payrace-dsn / PAYRACE_DATABASE_URL   use that server instead of the default provider
+    --payrace-dsn / PAYRACE_DSN   use that server instead of the default provider
     payrace_postgres   session fixture: a provisioned PostgreSQL (harness.infra.provider.Database)
     race               fixture: race(strategy=..., trials=..., mode=..., **RunConfig fields)
                        runs trials of the reference service on a fresh database of that
@@ -47,7 +47,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--payrace-dsn",
         default=None,
-        help="PostgreSQL server for race tests (default: PAYRACE_DATABASE_URL, then Docker, "
+        help="PostgreSQL server for race tests (default: PAYRACE_DSN, then Docker, "
         "then an embedded server)",
     )
     group.addoption(

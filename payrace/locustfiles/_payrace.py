@@ -25,7 +25,8 @@ workers ship to the master in their regular reports (Locust's own percentiles ar
 two significant digits, and sub-millisecond lock waits round to 0 there).
 
 Settings come from the environment (payrace.harness.load.worker.LoadSettings): PAYRACE_GATEWAY_URL
-(needed: payments are authorized there), PAYRACE_DATABASE_URL (the gate), PAYRACE_REPORT_DIR,
+(needed: payments are authorized there), PAYRACE_TARGET_DSN (the gate: the service's own
+database; on the master only), PAYRACE_REPORT_DIR,
 PAYRACE_PROFILE (a running target's profile), PAYRACE_EXPECT, PAYRACE_SETTLE_S.
 """
 

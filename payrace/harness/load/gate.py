@@ -42,8 +42,8 @@ import psycopg
 from payrace.harness.gateway.controls import RemoteGateway
 from payrace.harness.infra.machine import machine
 from payrace.harness.load.worker import (
-    ENV_DATABASE_URL,
     ENV_GATEWAY_URL,
+    ENV_TARGET_DSN,
     SPREAD,
     LoadSettings,
     keep,
@@ -139,7 +139,7 @@ class LoadRun:
         """Install the oracle if it is missing and take the baseline (master, before users)."""
         url = self.settings.database_url
         if url is None:
-            self.problems.append(f"{ENV_DATABASE_URL} is not set: the database is not checked")
+            self.problems.append(f"{ENV_TARGET_DSN} is not set: the database is not checked")
             return
         if not oracle.installed(url):
             oracle.install(url, self.settings.target_profile().oracle)
@@ -212,9 +212,9 @@ class LoadRun:
         verdict, code = verdict_of(result["valid"], unknown_exit=EXIT_ERROR)
         if self.setup_errors:
             verdict = "setup_error"
-        database = f"{ENV_DATABASE_URL} (set for Locust)"
+        database = f"{ENV_TARGET_DSN} (set for Locust)"
         if self.settings.profile is not None:
-            database = f"the target's own database ({ENV_DATABASE_URL}, --target-dsn)"
+            database = f"the target's own database ({ENV_TARGET_DSN}, --target-dsn)"
         summary = {
             "run_id": self.settings.run_id,
             "command": self.settings.command,

@@ -15,8 +15,8 @@ Split from load.gate, the master's side (the oracle in PostgreSQL, the checkers,
 so that the locustfiles run on a machine with nothing but Locust and hdrhistogram installed
 and payrace's code on the path: this module and what it imports use only the standard library,
 hdrhistogram and payrace's own light modules (model.profile, model.stats, model.answers,
-gateway.signing). tests/harness/load/test_worker.py holds it to that, in a virtualenv with
-only Locust and hdrhistogram.
+gateway.signing, infra.env). tests/harness/load/test_worker.py holds it to that, in a
+virtualenv with only Locust and hdrhistogram.
 """
 
 from __future__ import annotations
@@ -31,11 +31,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from payrace.harness.infra.env import TARGET_DSN
+from payrace.harness.infra.env import read as read_setting
 from payrace.harness.model.answers import is_crash
 from payrace.harness.model.profile import Profile
 from payrace.harness.model.stats import PathHistograms
 
-ENV_DATABASE_URL = "PAYRACE_DATABASE_URL"  # libpq URL of the target's database (the gate)
+# libpq URL of the target's database, where the gate's oracle watches (the service's own
+# database, not a server to create one on; PAYRACE_DATABASE_URL is read for one more release).
+ENV_TARGET_DSN = TARGET_DSN
 ENV_GATEWAY_URL = "PAYRACE_GATEWAY_URL"  # the fake Razorpay (authorize payments, counters)
 ENV_REPORT_DIR = "PAYRACE_REPORT_DIR"
 ENV_RUN_ID = "PAYRACE_RUN_ID"
@@ -102,7 +106,7 @@ class LoadSettings:
             settle_s = None
         return cls(
             gateway_url=(env.get(ENV_GATEWAY_URL) or "").rstrip("/") or None,
-            database_url=env.get(ENV_DATABASE_URL) or None,
+            database_url=read_setting(ENV_TARGET_DSN, env) or None,
             report_dir=Path(env.get(ENV_REPORT_DIR) or Path("reports") / run_id),
             run_id=run_id,
             command=env.get(ENV_COMMAND) or shlex.join(["locust", *sys.argv[1:]]),
@@ -135,7 +139,7 @@ class LoadSettings:
         if self.gateway_url:
             env[ENV_GATEWAY_URL] = self.gateway_url
         if self.database_url:
-            env[ENV_DATABASE_URL] = self.database_url
+            env[ENV_TARGET_DSN] = self.database_url
         if self.seed is not None:
             env[ENV_SEED] = str(self.seed)
         if self.profile is not None:

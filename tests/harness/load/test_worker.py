@@ -32,6 +32,7 @@ from psycopg import sql
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
+from payrace.harness.infra import env
 from payrace.harness.infra.processes import (
     ServiceProcess,
     free_port,
@@ -40,6 +41,7 @@ from payrace.harness.infra.processes import (
     stop_process,
 )
 from payrace.harness.infra.provider import Database
+from payrace.harness.load.worker import LoadSettings
 
 ROOT = Path(__file__).resolve().parents[3]
 LOCUSTFILES = ROOT / "payrace" / "locustfiles"
@@ -104,6 +106,25 @@ def test_worker_requirements_match_the_packages_own_pins() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert wanted == [pins["locust"], pins["hdrhistogram"]]
+
+
+# -- settings -----------------------------------------------------------------------------
+
+
+def test_the_master_reads_the_services_database_from_payrace_target_dsn() -> None:
+    settings = LoadSettings.from_env({"PAYRACE_TARGET_DSN": "postgresql://shop@db/shop"})
+    assert settings.database_url == "postgresql://shop@db/shop"
+    assert settings.to_env()["PAYRACE_TARGET_DSN"] == "postgresql://shop@db/shop"
+    assert "PAYRACE_DATABASE_URL" not in settings.to_env()
+
+
+def test_the_old_name_still_reaches_the_master_with_a_deprecation(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(env, "_told", set())
+    settings = LoadSettings.from_env({"PAYRACE_DATABASE_URL": "postgresql://shop@db/shop"})
+    assert settings.database_url == "postgresql://shop@db/shop"
+    assert "set PAYRACE_TARGET_DSN instead" in capsys.readouterr().err
 
 
 # -- a light worker joins a full master ---------------------------------------------------
@@ -187,7 +208,7 @@ def test_a_light_worker_races_for_a_full_master(
             master_env = {
                 **os.environ,
                 "PAYRACE_GATEWAY_URL": gateway.url,
-                "PAYRACE_DATABASE_URL": fresh_db.url,
+                "PAYRACE_TARGET_DSN": fresh_db.url,
                 "PAYRACE_REPORT_DIR": str(reports),
                 "PAYRACE_SEED": "7",
             }
