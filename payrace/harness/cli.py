@@ -403,10 +403,29 @@ def load_command(
             "(default 2; 15 with --profile, whose pool stays open)"
         ),
     ] = None,
+    worker_command: Annotated[
+        bool,
+        typer.Option(
+            "--worker-command",
+            help="print how another machine joins as a light Locust worker (its install and "
+            "its locust command), then exit",
+        ),
+    ] = False,
 ) -> None:
     """Run Locust headless against the reference service it starts (PostgreSQL, the fake
     gateway, the service), or against your running service (--profile); judge."""
-    from payrace.harness.load.launch import load_main
+    from payrace.harness.load.launch import load_main, resolve_locustfile
+
+    if worker_command:
+        from payrace.harness.load.worker import worker_recipe
+
+        try:
+            files = [Path(f) for f in resolve_locustfile(locustfile).split(",")]
+        except UsageError as exc:
+            raise _fail(str(exc)) from None
+        # Plain print: the recipe is shell, and rich would read [keys] as markup.
+        print(worker_recipe(files, gateway_url=gateway_url, profile=profile))
+        raise typer.Exit(0)
 
     # Each variable only where it means something: PAYRACE_DSN names a server to provision on,
     # which a running target (--profile) does not need; PAYRACE_TARGET_DSN names a running

@@ -161,3 +161,14 @@ def test_payrace_target_dsn_is_no_reason_to_refuse_a_load_of_the_reference_servi
     assert refused.returncode == 2 and "give its --profile too" in refused.stdout
     done = _cli("load", "-t", "bogus", PAYRACE_TARGET_DSN="postgresql://x@127.0.0.1:1/x")
     assert done.returncode == 2 and "run time 'bogus'" in done.stdout, done.stdout
+
+
+def test_load_worker_command_prints_a_light_workers_install_and_command() -> None:
+    done = _cli("load", "--worker-command", "--gateway-url", "http://gw.internal:9411")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "pip install 'locust>=2.29' 'hdrhistogram>=0.10.3'" in lines
+    assert lines[-1].startswith("PAYRACE_GATEWAY_URL=http://gw.internal:9411 locust -f ")
+    assert "payrace/locustfiles/race_pairs.py" in lines[-1] and "--worker" in lines[-1]
+    unknown = _cli("load", "--worker-command", "--locustfile", "nope")
+    assert unknown.returncode == 2 and "locustfile 'nope' not found" in unknown.stderr

@@ -10,6 +10,8 @@
                      master in Locust's own reports
     keep(), keep_setup_error()   the capped example lists, also used by the master's merge
     SPREAD           the histogram kind of the arrival spread
+    worker_recipe()  how a load machine joins a master: the light install and `locust --worker`
+                     (`payrace load --worker-command` prints it)
 
 Split from load.gate, the master's side (the oracle in PostgreSQL, the checkers, the reports),
 so that the locustfiles run on a machine with nothing but Locust and hdrhistogram installed
@@ -25,7 +27,7 @@ import os
 import shlex
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,3 +223,50 @@ class LoadTally:
         self.setup_errors = []
         # _confirmed_ids stays: a later answer about the same payment is not news.
         return data
+
+
+# -- how a load machine joins -------------------------------------------------------------
+
+REQUIREMENTS = Path(__file__).resolve().parents[2] / "locustfiles" / "requirements-worker.txt"
+
+
+def worker_recipe(
+    locustfiles: Sequence[Path],
+    *,
+    gateway_url: str | None,
+    profile: Path | None,
+    master_host: str = "MASTER_HOST",
+) -> str:
+    """Shell lines that make a machine with Python a light Locust worker of this run."""
+    pins = [
+        line.strip()
+        for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    # Paths inside a checkout of payrace on the load machine (its PYTHONPATH).
+    files = ",".join(
+        f"$PAYRACE_CHECKOUT/payrace/locustfiles/{f.name}"
+        if f.parent.resolve() == REQUIREMENTS.parent
+        else str(f)
+        for f in locustfiles
+    )
+    variables = [f"{ENV_GATEWAY_URL}={shlex.quote(gateway_url or 'http://GATEWAY_HOST:9411')}"]
+    if profile is not None:
+        variables.append(f"{ENV_PROFILE}={shlex.quote(str(profile))}")
+    lines = [
+        "# on each load machine: Locust, hdrhistogram and payrace's code, none of its stack",
+        "python -m venv payrace-worker && . payrace-worker/bin/activate",
+        f"pip install {' '.join(shlex.quote(p) for p in pins)}",
+        "export PAYRACE_CHECKOUT=/path/to/payrace   # a checkout of payrace's repository",
+        'export PYTHONPATH="$PAYRACE_CHECKOUT"',
+    ]
+    if profile is not None:
+        lines.append(
+            f"# the profile at {profile} on that machine, and every variable its [keys] "
+            "name with *_env, set as on the master"
+        )
+    lines.append(
+        f'{" ".join(variables)} locust -f "{files}" --worker --master-host {master_host} '
+        "--processes -1"
+    )
+    return "\n".join(lines)
