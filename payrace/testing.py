@@ -15,7 +15,7 @@
 
 The pytest plugin (payrace.harness.pytest_plugin) hands out `race` and `arace` built on
 race(); capture_race() needs no fixture. Both reuse one PostgreSQL server per process (an
-explicit dsn=, else --payrace-dsn / PAYRACE_DATABASE_URL, else Docker, else the embedded
+explicit dsn=, else --payrace-dsn / PAYRACE_DSN, else Docker, else the embedded
 pgserver) and create a database of their own on it for every race, dropped after.
 
 Importing this module imports the standard library and nothing else (the CLI's and the
@@ -169,7 +169,9 @@ def configure(*, dsn: str | None = None, reports: Callable[[], Path] | Path | No
 def server(dsn: str | None = None) -> Database:
     """The PostgreSQL server races create their databases on, started the first time it is
     asked for and kept until close_servers() (at the latest when the process exits)."""
-    dsn = dsn or _session["dsn"] or os.environ.get("PAYRACE_DATABASE_URL") or None
+    from payrace.harness.infra import env
+
+    dsn = dsn or _session["dsn"] or env.read(env.DSN) or None
     with _servers_lock:
         if dsn not in _servers:
             from payrace.harness.infra.provider import provide_postgres

@@ -39,7 +39,7 @@ def marked_run(out: Path) -> Iterator[MarkedRun]:
     """Start the run, wait until its service and its embedded PostgreSQL are up and trials
     are going, yield; afterwards kill whatever is left, so a failing test leaks nothing."""
     marker = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k != "PAYRACE_DATABASE_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PAYRACE_DSN", "PAYRACE_DATABASE_URL")}
     env[MARKER] = marker
     proc = subprocess.Popen(
         [sys.executable, "-m", "payrace.harness.cli", "run", "--target", "http", "--trials", "5000",

@@ -38,7 +38,7 @@ def test_readme_first_look_commands_give_their_exit_codes(pg: Database, tmp_path
     commands = readme_commands()
     assert len(commands) >= 2
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PAYRACE_DATABASE_URL": pg.url, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**os.environ, "PAYRACE_DSN": pg.url, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     for command, expected in commands:
         argv = [*shlex.split(command), "--out", str(tmp_path)]
         done = subprocess.run(

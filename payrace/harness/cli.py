@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from payrace.harness.errors import UsageError
+from payrace.harness.infra import env
 from payrace.harness.infra.provider import ProviderError
 from payrace.harness.model import gates as gates_model
 from payrace.harness.model.verdict import (
@@ -100,6 +101,11 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_ERROR)
 
 
+def _from_env(ctx: typer.Context, name: str) -> bool:
+    """The option's value came from its environment variable, not the command line."""
+    return getattr(ctx.get_parameter_source(name), "name", None) == "ENVIRONMENT"
+
+
 def _split(values: list[str]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
@@ -162,6 +168,7 @@ def _guarded(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
 
 @app.command("run")
 def run_command(
+    ctx: typer.Context,
     strategy: Annotated[
         list[str],
         typer.Option(
@@ -182,7 +189,7 @@ def run_command(
     dsn: Annotated[
         str | None,
         typer.Option(
-            envvar="PAYRACE_DATABASE_URL",
+            envvar=env.DSN,
             help="PostgreSQL server to use (a fresh database is created and dropped)",
         ),
     ] = None,
@@ -213,7 +220,8 @@ def run_command(
     out: Annotated[Path, typer.Option(help="reports directory")] = Path("reports"),
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
     target_dsn: Annotated[
-        str | None, typer.Option(help="with --target URL: the target's database")
+        str | None,
+        typer.Option(envvar=env.TARGET_DSN, help="with --target URL: the target's database"),
     ] = None,
     gateway_url: Annotated[
         str | None, typer.Option(help="with --target URL: its fake gateway")
@@ -253,6 +261,9 @@ def run_command(
     fails 20% of gateway captures, adds 50 ms to each, and kills one backend
     of the target's database inside a transaction every 0.5 s.
     """
+    running = profile is not None or target.startswith(("http://", "https://"))
+    if _from_env(ctx, "target_dsn") and not running:
+        target_dsn = None  # names a running target's database; this run starts its own target
     try:
         gates = [Gate.parse(g) for g in gate]
         config = RunConfig(
@@ -298,7 +309,7 @@ def run_command(
 @app.command("race")
 def race_command(
     trials: Annotated[int, typer.Option(help="trials per strategy and mode")] = 200,
-    dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
+    dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
     out: Annotated[Path, typer.Option()] = Path("reports"),
     seed: Annotated[int, typer.Option()] = 1,
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
@@ -406,7 +417,7 @@ def explore_command(
             "handed to the app as PAYRACE_TARGET_DSN)"
         ),
     ] = None,
-    dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
+    dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
     out: Annotated[Path, typer.Option()] = Path("reports"),
     durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
     quiet: Annotated[bool, typer.Option(help=QUIET_HELP)] = False,
@@ -448,7 +459,7 @@ def load_command(
     workers: Annotated[
         int | None, typer.Option(help="uvicorn workers of the reference service (default 1)")
     ] = None,
-    dsn: Annotated[str | None, typer.Option(envvar="PAYRACE_DATABASE_URL")] = None,
+    dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
     locustfile: Annotated[
         str, typer.Option(help="race_pairs | webhook_storm | mixed, a path, or a comma list")
     ] = "race_pairs",
@@ -462,7 +473,8 @@ def load_command(
         str | None, typer.Option(help="with --profile: overrides its [target].base_url")
     ] = None,
     target_dsn: Annotated[
-        str | None, typer.Option(help="with --profile: the target's database")
+        str | None,
+        typer.Option(envvar=env.TARGET_DSN, help="with --profile: the target's database"),
     ] = None,
     gateway_url: Annotated[
         str | None, typer.Option(help="with --profile: its fake gateway")
@@ -483,15 +495,36 @@ def load_command(
     gate: Annotated[list[str], typer.Option(help=GATE_HELP)] = [],  # noqa: B006
     baseline: Annotated[Path | None, typer.Option(help=BASELINE_HELP)] = None,
     write_baseline: Annotated[Path | None, typer.Option(help=WRITE_BASELINE_HELP)] = None,
+    worker_command: Annotated[
+        bool,
+        typer.Option(
+            "--worker-command",
+            help="print how another machine joins as a light Locust worker (its install and "
+            "its locust command), then exit",
+        ),
+    ] = False,
 ) -> None:
     """Run Locust headless against the reference service it starts (PostgreSQL, the fake gateway, the service), or against your running service (--profile); judge."""  # noqa: E501
-    from payrace.harness.load.launch import load_main
+    from payrace.harness.load.launch import load_main, resolve_locustfile
 
-    source = ctx.get_parameter_source("dsn")
-    if profile is not None and getattr(source, "name", None) == "ENVIRONMENT":
-        # PAYRACE_DATABASE_URL names a server to provision on; a running target's database is
-        # --target-dsn, so the variable is no reason to refuse the run.
+    if worker_command:
+        from payrace.harness.load.worker import worker_recipe
+
+        try:
+            files = [Path(f) for f in resolve_locustfile(locustfile).split(",")]
+        except UsageError as exc:
+            raise _fail(str(exc)) from None
+        # Plain print: the recipe is shell, and rich would read [keys] as markup.
+        print(worker_recipe(files, gateway_url=gateway_url, profile=profile))
+        raise typer.Exit(0)
+
+    # Each variable only where it means something: PAYRACE_DSN names a server to provision on,
+    # which a running target (--profile) does not need; PAYRACE_TARGET_DSN names a running
+    # target's database, which the reference service payrace starts does not have.
+    if profile is not None and _from_env(ctx, "dsn"):
         dsn = None
+    if profile is None and _from_env(ctx, "target_dsn"):
+        target_dsn = None
     code = load_main(
         quiet=quiet,
         strategy=strategy,

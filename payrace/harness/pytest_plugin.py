@@ -1,6 +1,6 @@
 """pytest plugin (entry point `pytest11: payrace`): race tests inside a team's own suite.
 
-    --payrace-dsn / PAYRACE_DATABASE_URL   the PostgreSQL server races create their databases
+    --payrace-dsn / PAYRACE_DSN   the PostgreSQL server races create their databases
                        on (default: Docker, then an embedded server, started once per session)
     --payrace-reports DIR   where each race's reports go (default: pytest's basetemp/payrace)
     race               fixture: race(strategy=..., trials=..., mode=..., gate=..., ...) with
@@ -61,7 +61,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--payrace-dsn",
         default=None,
-        help="PostgreSQL server for race tests (default: PAYRACE_DATABASE_URL, then Docker, "
+        help="PostgreSQL server for race tests (default: PAYRACE_DSN, then Docker, "
         "then an embedded server)",
     )
     group.addoption(

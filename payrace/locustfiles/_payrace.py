@@ -24,8 +24,9 @@ inflate the Aggregated row's request rate. The same samples go into HDR histogra
 workers ship to the master in their regular reports (Locust's own percentiles are rounded to
 two significant digits, and sub-millisecond lock waits round to 0 there).
 
-Settings come from the environment (payrace.harness.load.gate.LoadSettings): PAYRACE_GATEWAY_URL
-(needed: payments are authorized there), PAYRACE_DATABASE_URL (the gate), PAYRACE_REPORT_DIR,
+Settings come from the environment (payrace.harness.load.worker.LoadSettings): PAYRACE_GATEWAY_URL
+(needed: payments are authorized there), PAYRACE_TARGET_DSN (the gate: the service's own
+database; on the master only), PAYRACE_REPORT_DIR,
 PAYRACE_PROFILE (a running target's profile), PAYRACE_EXPECT, PAYRACE_SETTLE_S.
 """
 
@@ -40,7 +41,7 @@ import json
 import logging
 import random
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import gevent
@@ -50,10 +51,13 @@ from locust.exception import StopUser
 
 from payrace.harness.errors import UsageError
 from payrace.harness.gateway.signing import new_event_id
-from payrace.harness.load.gate import SPREAD, LoadRun, LoadSettings, LoadTally
+from payrace.harness.load.worker import SPREAD, LoadSettings, LoadTally
 from payrace.harness.model.profile import Hook, Outgoing, Profile, foreign_order
 from payrace.harness.model.verdict import EXIT_ERROR
 from payrace.service.instrument.timing import parse_server_timing
+
+if TYPE_CHECKING:  # the master's side (PostgreSQL, checkers, reports): imported in _on_init
+    from payrace.harness.load.gate import LoadRun
 
 log = logging.getLogger("payrace")
 # The gate's few httpx calls would otherwise log a line each into Locust's output.
@@ -437,6 +441,10 @@ def _on_init(environment: Any, **_: Any) -> None:
             "Razorpay (`payrace gateway`), so the locustfiles need its URL"
         )
     if not _is_worker(environment):
+        # Here, not at the top: a worker never judges, so a load machine needs neither
+        # psycopg nor the reports (locustfiles/README.md, "Light workers").
+        from payrace.harness.load.gate import LoadRun
+
         RUN = LoadRun(SETTINGS)
         try:
             RUN.prepare()

@@ -161,7 +161,7 @@ async def test_without_the_explorer_the_shop_serves_as_usual(pg: Database) -> No
 def test_the_command_line_races_the_buggy_shop(pg: Database, tmp_path: Path) -> None:
     """As the README writes it: the installed `payrace` command, run from the checkout."""
     payrace = Path(sys.executable).parent / "payrace"
-    env = {**os.environ, "PAYRACE_DATABASE_URL": pg.url}
+    env = {**os.environ, "PAYRACE_DSN": pg.url}
     done = subprocess.run(
         [str(payrace), "explore", "--app", BUGGY, "--profile", str(PROFILE.relative_to(ROOT)),
          "--out", str(tmp_path)],

@@ -16,7 +16,7 @@ from payrace.harness.infra.provider import Database
 
 
 def payrace(*args: str, pg: Database, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PAYRACE_DATABASE_URL": pg.url, "COLUMNS": "200"}
+    env = {**os.environ, "PAYRACE_DSN": pg.url, "COLUMNS": "200"}
     return subprocess.run(
         [sys.executable, "-m", "payrace.harness.cli", *args],
         env=env,
@@ -149,8 +149,10 @@ def test_usage_errors_exit_2_with_a_message(pg: Database, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_an_unreachable_database_is_an_infrastructure_error(tmp_path: Path) -> None:
-    env = {**os.environ, "PAYRACE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+@pytest.mark.parametrize("variable", ["PAYRACE_DSN", "PAYRACE_DATABASE_URL"])
+def test_an_unreachable_database_is_an_infrastructure_error(variable: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PAYRACE_DSN", "PAYRACE_DATABASE_URL")}
+    env.update({variable: "postgresql://nobody@127.0.0.1:1/none", "COLUMNS": "300"})
     done = subprocess.run(
         [sys.executable, "-m", "payrace.harness.cli", "run", "--trials", "1",
          "--out", str(tmp_path)],
@@ -160,6 +162,12 @@ def test_an_unreachable_database_is_an_infrastructure_error(tmp_path: Path) -> N
     assert "Traceback" not in done.stderr
     assert "127.0.0.1:1" in done.stderr
     assert "did not answer" in done.stderr
+    # The old name still works for one release, and says which name replaces it.
+    deprecated = (
+        "PAYRACE_DATABASE_URL is deprecated and will stop working in the next release; "
+        "set PAYRACE_DSN instead"
+    )
+    assert (deprecated in done.stderr) == (variable == "PAYRACE_DATABASE_URL"), done.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -227,3 +235,45 @@ def test_a_run_prints_where_its_reports_are_last_even_when_quiet(
     assert done.returncode == 0, done.stdout + done.stderr
     (run_dir,) = tmp_path.iterdir()
     assert done.stdout.rstrip().splitlines()[-1] == f"reports: {run_dir}"
+
+
+def _cli(*args: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYRACE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "payrace.harness.cli", *args],
+        env={**env, "COLUMNS": "300", **variables},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_payrace_target_dsn_is_the_running_targets_database(tmp_path: Path) -> None:
+    args = ("run", "--target", "http://127.0.0.1:1", "--gateway-url", "http://127.0.0.1:2")
+    without = _cli(*args, "--out", str(tmp_path))
+    assert without.returncode == 2 and "needs --target-dsn" in without.stderr
+    given = _cli(*args, "--out", str(tmp_path), PAYRACE_TARGET_DSN="postgresql://x@127.0.0.1:1/x")
+    assert given.returncode == 2, given.stderr
+    assert "needs --target-dsn" not in given.stderr
+    assert "nothing answers at --target http://127.0.0.1:1" in given.stderr
+
+
+def test_payrace_target_dsn_is_no_reason_to_refuse_a_load_of_the_reference_service() -> None:
+    # `-t bogus` fails the run after the options are read: which error comes first says
+    # whether the variable was taken for --target-dsn.
+    refused = _cli("load", "-t", "bogus", "--target-dsn", "postgresql://x@127.0.0.1:1/x")
+    assert refused.returncode == 2 and "give its --profile too" in refused.stdout
+    done = _cli("load", "-t", "bogus", PAYRACE_TARGET_DSN="postgresql://x@127.0.0.1:1/x")
+    assert done.returncode == 2 and "run time 'bogus'" in done.stdout, done.stdout
+
+
+def test_load_worker_command_prints_a_light_workers_install_and_command() -> None:
+    done = _cli("load", "--worker-command", "--gateway-url", "http://gw.internal:9411")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "pip install 'locust>=2.29' 'hdrhistogram>=0.10.3'" in lines
+    assert lines[-1].startswith("PAYRACE_GATEWAY_URL=http://gw.internal:9411 locust -f ")
+    assert "payrace/locustfiles/race_pairs.py" in lines[-1] and "--worker" in lines[-1]
+    unknown = _cli("load", "--worker-command", "--locustfile", "nope")
+    assert unknown.returncode == 2 and "locustfile 'nope' not found" in unknown.stderr

@@ -19,7 +19,7 @@ app is explored from the command line's words (exhaustive, pct, replay); scenari
 name the reference service's strategies and pause points.
 
 The database of an app. Without --target-dsn payrace provisions a throwaway database as for
-every run (--dsn / PAYRACE_DATABASE_URL names a server to create it on, else Docker, else
+every run (--dsn / PAYRACE_DSN names a server to create it on, else Docker, else
 embedded) and hands its URL to the app (PAYRACE_TARGET_DSN, explore.app). --target-dsn
 names a database the app already uses (the same flag as `payrace run --target URL`): it is
 used as it is, nothing created or dropped, the oracle's triggers installed in it — and it

@@ -1,7 +1,7 @@
 """Hand every part of payrace a PostgreSQL DSN, wherever the user is.
 
     provide_postgres(dsn, durable=, prefer=, announce=)   context manager -> Database
-    ├── 1. "dsn"       dsn argument or $PAYRACE_DATABASE_URL: CREATE DATABASE payrace_<utc>_<hex>
+    ├── 1. "dsn"       dsn argument or $PAYRACE_DSN: CREATE DATABASE payrace_<utc>_<hex>
     │                  on that server, DROP ... WITH (FORCE) after; server settings left alone
     ├── 2. "docker"    a Docker daemon answering a ping: testcontainers postgres:16-alpine
     └── 3. "embedded"  the pgserver wheel: initdb + start in a fresh temporary directory
@@ -38,13 +38,13 @@ from urllib.parse import parse_qs, quote, urlsplit
 import psycopg
 from psycopg import sql
 
-from payrace.harness.infra import watchdog
+from payrace.harness.infra import env, watchdog
 from payrace.harness.infra.readiness import NotReady, wait_until_ready
 from payrace.postgres import EXPECTED, DsnError, dialect_url, libpq_url
 
 Route = Literal["dsn", "docker", "embedded"]
 
-ENV_VAR = "PAYRACE_DATABASE_URL"
+ENV_VAR = env.DSN  # (PAYRACE_DATABASE_URL, its old name, is read for one more release)
 DOCKER_IMAGE = "postgres:16-alpine"
 _FAST = {"fsync": "off", "synchronous_commit": "off"}
 # A race opens many sessions at once (service pool + probes + admin); the default 100 runs out.
@@ -106,7 +106,9 @@ def provide_postgres(
     """Yield a Database on the first route that works (or on `prefer`), clean up after."""
     say = announce or _print_to_stderr
     with ExitStack() as stack:
-        database = _start_one(stack, dsn or os.environ.get(ENV_VAR) or None, durable, prefer, say)
+        # A deprecated name is said on stderr, not through `say`, which a caller may silence.
+        dsn = dsn or env.read(ENV_VAR) or None
+        database = _start_one(stack, dsn, durable, prefer, say)
         line = f"payrace: using {database.describe()}"
         if database.fast and database.route != "dsn":
             line += (

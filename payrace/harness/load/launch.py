@@ -64,7 +64,8 @@ from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.infra.cpu import CpuSampler, Member, in_group, postmaster_pid
 from payrace.harness.infra.processes import LocustProcess, ServiceProcess, free_port, service_env
 from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
-from payrace.harness.load.gate import LoadSettings, settle_deadlocks
+from payrace.harness.load.gate import settle_deadlocks
+from payrace.harness.load.worker import LoadSettings
 from payrace.harness.model import oracle, watched
 from payrace.harness.model.gates import Baseline, Gate, check_gates, write_baseline
 from payrace.harness.model.profile import Profile
@@ -304,7 +305,7 @@ class LoadPlan:
         return [*cmd, *self.extra_args]
 
     def settings(self, gateway_url: str, database_url: str) -> LoadSettings:
-        """What Locust's processes are told (gate.LoadSettings, through PAYRACE_* variables)."""
+        """What Locust's processes are told (worker.LoadSettings, through PAYRACE_* variables)."""
         return LoadSettings(
             gateway_url=gateway_url,
             database_url=database_url,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from payrace.harness.model import deadlocks
+from payrace.harness.model.answers import DELIBERATE_CODES
 from payrace.harness.model.history import Operation
 from payrace.harness.model.oracle import AuditRow, Observation
 
@@ -47,11 +48,6 @@ EXPECTED_ERRORS: frozenset[tuple[int, str]] = frozenset(
         (502, "gateway_refused"),  # the gateway refused the capture; nothing was written
         (503, "database_unavailable"),  # the connection was lost (a killed backend): retryable
     }
-)
-# Error codes a target answers on purpose, with a status it chose: a 5xx carrying one is an
-# answer about a fault (the gateway's, the database's), not a crash of the target (no_5xx).
-DELIBERATE_CODES = frozenset(
-    {"gateway_error", "gateway_refused", "database_unavailable", "retry_later"}
 )
 _MAX_LISTED = 10  # audit rows / ops listed per example: enough to find the case, not a dump
 

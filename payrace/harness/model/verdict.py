@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from payrace.harness.model.checker import Validity
+# A type only: every Locust process, a light worker too, reads the exit codes from here.
+if TYPE_CHECKING:
+    from payrace.harness.model.checker import Validity
 
 EXIT_OK, EXIT_VIOLATED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -16,9 +16,10 @@ import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from psycopg import sql
+if TYPE_CHECKING:
+    from psycopg import sql
 
 
 class OracleError(RuntimeError):
@@ -47,6 +48,10 @@ class WatchedTable:
     ignore_columns: tuple[str, ...] = ()
 
     def identifier(self) -> sql.Identifier:
+        # psycopg is imported here, not above: a Locust worker reads the profile (and so this
+        # module) on a load machine with only Locust installed (load.worker).
+        from psycopg import sql
+
         return sql.Identifier(*self.table.split(".", 1))
 
 

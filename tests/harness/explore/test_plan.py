@@ -256,7 +256,7 @@ def test_the_reports_replay_command_run_as_printed_replays_the_schedule_and_verd
     here.mkdir()
     bin_dir = str(Path(sys.executable).parent)
     path = bin_dir + os.pathsep + os.environ["PATH"]  # `payrace` is this venv's
-    env = {**os.environ, "PAYRACE_DATABASE_URL": pg.url, "PATH": path}
+    env = {**os.environ, "PAYRACE_DSN": pg.url, "PATH": path}
     done = subprocess.run(
         shlex.split(command), cwd=here, env=env, capture_output=True, text=True, timeout=300
     )

@@ -14,14 +14,8 @@ from typing import Any
 
 import pytest
 
-from payrace.harness.load.gate import (
-    GATE_CHECKERS,
-    RUNNING_TARGET_SETTLE_S,
-    LoadRun,
-    LoadSettings,
-    LoadTally,
-    settle_deadlocks,
-)
+from payrace.harness.load.gate import GATE_CHECKERS, LoadRun, settle_deadlocks
+from payrace.harness.load.worker import RUNNING_TARGET_SETTLE_S, LoadSettings, LoadTally
 from payrace.harness.model import checker
 from payrace.harness.model import profile as profile_module
 from payrace.harness.model.gates import Gate

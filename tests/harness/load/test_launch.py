@@ -338,7 +338,7 @@ def _spawn_load(tmp_path: Path, marker: str, **changes: object) -> subprocess.Po
                            extra_args=[], **args))
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PAYRACE_DATABASE_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PAYRACE_DSN", "PAYRACE_DATABASE_URL")}
     env[MARKER] = marker
     log = (tmp_path / "payrace.log").open("wb")
     try:

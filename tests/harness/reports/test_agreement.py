@@ -44,7 +44,7 @@ class Signals:
 
 
 def payrace(pg: Database, out: Path, *args: str, timeout: float = 300) -> Signals:
-    env = {**os.environ, "PAYRACE_DATABASE_URL": pg.url, "COLUMNS": "200"}
+    env = {**os.environ, "PAYRACE_DSN": pg.url, "COLUMNS": "200"}
     done = subprocess.run(
         [sys.executable, "-m", "payrace.harness.cli", *args, "--quiet", "--out", str(out)],
         env=env,
