@@ -142,10 +142,12 @@ def read_counter(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[int, dateti
     return int(row[0] or 0), row[1]
 
 
-def _unsettled_backends(conn: psycopg.Connection[tuple[Any, ...]], settle_s: float) -> int:
-    """Client backends of this database that may still hold unflushed deadlock counts."""
-    row = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity "
+def _unsettled_backends(conn: psycopg.Connection[tuple[Any, ...]], settle_s: float) -> list[str]:
+    """Client backends of this database that may still hold unflushed deadlock counts, each
+    as `pid (application, state)`: the message names them, so a user can tell whose they are."""
+    rows = conn.execute(
+        "SELECT pid, coalesce(nullif(application_name, ''), 'no application_name'), "
+        "coalesce(state, 'state hidden') FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid() "
         "AND backend_type = 'client backend' "
         "AND coalesce(application_name, '') NOT LIKE %s "
@@ -153,9 +155,8 @@ def _unsettled_backends(conn: psycopg.Connection[tuple[Any, ...]], settle_s: flo
         "AND (state IS DISTINCT FROM 'idle' "
         "     OR state_change > clock_timestamp() - make_interval(secs => %s))",
         (HARNESS_APPLICATION_PREFIX + "%", settle_s),
-    ).fetchone()
-    assert row is not None
-    return int(row[0])
+    ).fetchall()
+    return [f"{pid} ({app}, {state})" for pid, app, state in rows]
 
 
 def settled_delta(
@@ -172,7 +173,7 @@ def settled_delta(
         unsettled = _unsettled_backends(conn, settle_s)
         # Read after the activity check: a backend that just exited has had time to flush.
         count, stats_reset = read_counter(conn)
-        if unsettled == 0 or time.monotonic() >= deadline:
+        if not unsettled or time.monotonic() >= deadline:
             break
         time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
     delta = count - since
@@ -182,10 +183,11 @@ def settled_delta(
         return (
             delta,
             False,
-            f"{unsettled} client backend(s) stayed active or idle for less than {settle_s:g} s "
+            f"{len(unsettled)} client backend(s) stayed active or idle for less than {settle_s:g} s "
             f"within the {settle_timeout_s:g} s waited, and may hold deadlock counts not yet "
             "flushed to pg_stat_database: wait longer (`payrace run --settle-s`, "
-            "settle_timeout_s) or let the target's pool close idle connections",
+            "settle_timeout_s) or let the target's pool close idle connections; backends: "
+            + ", ".join(unsettled[:5]),
         )
     return delta, True, ""
 
