@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from payrace.service.capture import Runner, capture
 from payrace.service.command import CaptureCommand
@@ -50,10 +51,16 @@ class SweepReport:
 
 
 async def reconcile_once(
-    runner: Runner, *, older_than_s: float, max_age_s: float = RECONCILE_MAX_AGE_S
+    runner: Runner,
+    *,
+    older_than_s: float,
+    max_age_s: float = RECONCILE_MAX_AGE_S,
+    bookkeeping: async_sessionmaker[AsyncSession] | None = None,
 ) -> SweepReport:
+    """One sweep. `bookkeeping` is where the intents are read and dropped (default: the
+    runner's intents pool); a capture it records goes through the runner's capture pool."""
     report = SweepReport()
-    bookkeeping = runner.intents or runner.maker
+    bookkeeping = bookkeeping or runner.intents or runner.maker
     async with bookkeeping() as session, session.begin():
         due = (
             await session.execute(
@@ -114,10 +121,18 @@ class Sweeper:
     """reconcile_once every `interval_s`, for the life of the service; a sweep that fails
     (the database is down) is logged and the next one tries again."""
 
-    def __init__(self, runner: Runner, *, interval_s: float, older_than_s: float) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        interval_s: float,
+        older_than_s: float,
+        bookkeeping: async_sessionmaker[AsyncSession] | None = None,
+    ) -> None:
         self.runner = runner
         self.interval_s = interval_s
         self.older_than_s = older_than_s
+        self.bookkeeping = bookkeeping
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -134,7 +149,9 @@ class Sweeper:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                await reconcile_once(self.runner, older_than_s=self.older_than_s)
+                await reconcile_once(
+                    self.runner, older_than_s=self.older_than_s, bookkeeping=self.bookkeeping
+                )
             except Exception as exc:
                 if not connection_lost(exc):
                     log.exception("reconcile sweep failed", exc_info=exc)

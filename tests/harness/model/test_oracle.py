@@ -669,7 +669,7 @@ async def test_for_update_service_captures_once_when_callback_and_webhook_race(
     assert verdict.results["no_deadlock"].valid in (True, "unknown")
     # ... until its backends exit and flush their counters.
     await service.runtime.engine.dispose()
-    await service.runtime.intents_engine.dispose()  # the capture intents' own small pool
+    await service.runtime.intents_engine.dispose()  # the capture intents pool
     settled = oracle.observe(
         audited, REFERENCE, since=since, payment_ids=[payment], settle_timeout_s=5
     )
