@@ -183,9 +183,9 @@ def settled_delta(
         return (
             delta,
             False,
-            f"{len(unsettled)} client backend(s) stayed active or idle for less than {settle_s:g} s "
-            f"within the {settle_timeout_s:g} s waited, and may hold deadlock counts not yet "
-            "flushed to pg_stat_database: wait longer (`payrace run --settle-s`, "
+            f"{len(unsettled)} client backend(s) stayed active or idle for less than "
+            f"{settle_s:g} s within the {settle_timeout_s:g} s waited, and may hold deadlock "
+            "counts not yet flushed to pg_stat_database: wait longer (`payrace run --settle-s`, "
             "settle_timeout_s) or let the target's pool close idle connections; backends: "
             + ", ".join(unsettled[:5]),
         )
