@@ -16,6 +16,7 @@ Reports go to reports/<run>/: history.jsonl, summary.json, junit.xml, report.htm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 import signal
 import sys
@@ -44,6 +45,7 @@ from payrace.harness.reports.console import render_console
 from payrace.harness.reports.writers import write_all
 from payrace.harness.runner.config import Gate, Mode, RunConfig
 from payrace.harness.runner.run import run, write_history
+from payrace.redact import redact
 
 app = typer.Typer(
     add_completion=False,
@@ -59,7 +61,7 @@ if not console.is_terminal:
 
 def _fail(message: str) -> typer.Exit:
     # escape: messages name profile keys such as [target].base_url, which rich takes for markup
-    err.print(f"[bold red]payrace:[/] {escape(message)}")
+    err.print(f"[bold red]payrace:[/] {escape(redact(message))}")
     return typer.Exit(EXIT_ERROR)
 
 
@@ -198,6 +200,11 @@ def run_command(
     """Fire interleaved client callbacks and webhooks; judge with the harness's own oracle."""
     try:
         gates = [Gate.parse(g) for g in gate]
+        if strategy and not _split(strategy):  # --strategy '' must not quietly mean the default
+            raise UsageError(
+                "--strategy names no strategy; choose from naive, for_update, advisory (or "
+                "leave --strategy out for for_update)"
+            )
         config = RunConfig(
             strategies=_split(strategy),
             trials=trials,
@@ -439,12 +446,22 @@ def gateway_command(
     from payrace.harness.gateway.server import GatewayServer
     from payrace.harness.model.profile import Profile
 
+    if not 0 <= port <= 65535:
+        raise _fail(f"--port must be between 0 and 65535 (0: any free port), got {port}")
     try:
         chosen = Profile.load(profile) if profile is not None else Profile.reference()
     except UsageError as exc:
         raise _fail(str(exc)) from None
     keys = chosen.keys
-    with GatewayServer(FakeRazorpay(keys), host=host, port=port) as server:
+    stack = contextlib.ExitStack()
+    try:
+        server = stack.enter_context(GatewayServer(FakeRazorpay(keys), host=host, port=port))
+    except OSError as exc:
+        raise _fail(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port "
+            "(0 picks a free one) or stop what listens there"
+        ) from None
+    with stack:
         if profile is None:
             said = f"key secret {keys.key_secret}, webhook secret {keys.webhook_secret}"
         else:  # a team's secrets are never printed: say where they came from

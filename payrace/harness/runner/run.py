@@ -28,6 +28,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psycopg
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from payrace.harness.errors import UsageError
@@ -35,13 +36,15 @@ from payrace.harness.gateway.controls import GatewayControl, LocalGateway, Remot
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.infra.machine import machine
-from payrace.harness.infra.provider import Database, provide_postgres
+from payrace.harness.infra.provider import Database, connect_failure, provide_postgres
 from payrace.harness.model import oracle, watched
 from payrace.harness.model.judge import judge as check
 from payrace.harness.model.verdict import DECLARED, overall
 from payrace.harness.runner.config import RunConfig, oracle_config
 from payrace.harness.runner.target import start_target
 from payrace.harness.runner.trials import StrategyRun, fire_trials
+from payrace.postgres import DsnError, libpq_url
+from payrace.redact import redact
 from payrace.service.db import create_schema
 
 
@@ -147,6 +150,7 @@ async def run(
             assert config.target_dsn is not None and config.gateway_url is not None
             await _answers(config.target, "--target", "start your service first")
             await _answers(config.gateway_url, "--gateway-url", "start one with `payrace gateway`")
+            await _database_answers(config.target_dsn, "--target-dsn")
             oracle_url = config.target_dsn
             db_info = {"route": "target", "describe": "the target's own database (--target-dsn)"}
             remote = RemoteGateway(config.gateway_url)
@@ -233,6 +237,22 @@ async def _answers(url: str, flag: str, hint: str) -> None:
         raise UsageError(
             f"nothing answers at {flag} {url} ({type(exc).__name__}: {exc}); {hint}"
         ) from None
+
+
+async def _database_answers(dsn: str, flag: str) -> None:
+    """The target's database, where the oracle installs its triggers, takes a login now:
+    a refusal or a dead server is named (password redacted) before any trial."""
+
+    def probe() -> None:
+        with psycopg.connect(libpq_url(dsn), connect_timeout=5, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+
+    try:
+        await asyncio.to_thread(probe)
+    except DsnError as exc:
+        raise UsageError(f"{flag} {redact(dsn)}: {exc}") from None
+    except psycopg.Error as exc:
+        raise UsageError(connect_failure(dsn, str(exc), flag)) from None
 
 
 async def _create_schema(db: Database) -> None:

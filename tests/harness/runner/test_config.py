@@ -53,6 +53,12 @@ def test_the_violations_gate_counts_deadlocks_no_trial_could_be_tied_to() -> Non
         ({"expect": "fine"}, "--expect must be valid or violated"),
         ({"settle_s": -1.0}, "--settle-s"),
         ({"force": "spin"}, "--force must be locks or pause"),
+        ({"webhooks": -1}, "--webhooks must be between 0 and 16"),
+        ({"webhooks": 100_000}, "--webhooks must be between 0 and 16"),
+        ({"mode": "jitter", "jitter_ms": float("nan")}, "--jitter-ms must be a number"),
+        ({"mode": "jitter", "jitter_ms": 1e9}, "--jitter-ms must be a number"),
+        ({"hold_ms": float("inf")}, "--hold-ms must be a number"),
+        ({"strategies": [""]}, "--strategy names an empty strategy"),
         ({"force": "locks", "mode": "aligned"}, "--mode aligned forces nothing"),
         ({"force": "locks", "hold_ms": 50.0}, "--hold-ms .* which --force locks does not use"),
         (
@@ -162,3 +168,12 @@ def test_a_profile_that_implements_the_pause_handshake_says_so(tmp_path: Path) -
     plain.target_dsn, plain.gateway_url = RUNNING["target_dsn"], RUNNING["gateway_url"]
     plain.validate()
     assert plain.force == "locks"
+
+
+def test_an_out_directory_that_cannot_be_written_is_refused_up_front(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match=r"--out .* cannot take the reports"):
+        RunConfig(out_dir=blocker / "reports").validate()
+    RunConfig(out_dir=tmp_path / "new" / "reports").validate()
+    assert list((tmp_path / "new" / "reports").iterdir()) == []  # the probe file is gone
