@@ -17,7 +17,9 @@ without the rest of the harness.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
 
 MASK = "***"
 
@@ -44,17 +46,21 @@ def redact(text: str) -> str:
     return _KEY_PASSWORD.sub(rf"\g<1>{MASK}", text)
 
 
-def redact_tree(value: Any) -> Any:
+def redact_tree(value: T) -> T:
     """A copy of a JSON-like value with redact() applied to every string in it (keys too);
     anything else (numbers, objects carried along such as a run's history) is kept as is."""
+    return cast(T, _tree(value))
+
+
+def _tree(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {redact_tree(k): redact_tree(v) for k, v in value.items()}
+        return {_tree(k): _tree(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact_tree(v) for v in value]
+        return [_tree(v) for v in value]
     if isinstance(value, tuple):
-        return tuple(redact_tree(v) for v in value)
+        return tuple(_tree(v) for v in value)
     return value
 
 

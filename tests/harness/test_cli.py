@@ -15,7 +15,7 @@ import pytest
 from marked_run import cleared, cmdline, gone, marked_run
 
 from payrace.harness.gateway.fake import FakeRazorpay
-from payrace.harness.infra.provider import Database
+from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
 
 
 def payrace(*args: str, pg: Database, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -189,17 +189,21 @@ def test_a_refused_login_is_named_at_once_without_its_password(tmp_path: Path) -
     )
     env = {**os.environ, "PAYRACE_DATABASE_URL": dsn}
     started = time.monotonic()
+    refused = pytest.raises(ProviderError, match="authentication failed for user payrace_no")
+    with refused, provide_postgres(dsn):
+        pass
+    elapsed = time.monotonic() - started
+    # The provider waits up to 5 s for a server that is starting; a refusal is final.
+    assert elapsed < 2.5, f"a refused login was retried for {elapsed:.1f} s"
     done = subprocess.run(
         [sys.executable, "-m", "payrace.harness.cli", "run", "--trials", "1", "--out",
          str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-    elapsed = time.monotonic() - started
     text = " ".join(done.stderr.split())
     assert done.returncode == 2, text
     assert "authentication failed for user payrace_no_such_role" in text
     assert "hunter2" not in done.stdout + done.stderr
-    assert elapsed < 4.5, f"a refused login was retried for {elapsed:.1f} s"
 
 
 @pytest.mark.slow
@@ -243,3 +247,25 @@ def test_gateway_on_a_port_in_use_says_so() -> None:
     assert done.returncode == 2, text
     assert f"cannot listen on 127.0.0.1:{port}" in text
     assert "Traceback" not in done.stderr
+
+
+def test_a_password_in_the_dsn_reaches_no_artifact_and_no_message(tmp_path: Path) -> None:
+    """The server trusts loopback, so any password logs in; none may be written anywhere."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(_outside_server())
+    user = parts.username or "postgres"
+    dsn = f"postgresql://{user}:hunter2secret@{parts.hostname}:{parts.port or 5432}/postgres"
+    done = subprocess.run(
+        [sys.executable, "-m", "payrace.harness.cli", "run", "--strategy", "naive", "--trials",
+         "2", "--quiet", "--out", str(tmp_path), "--dsn", dsn],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "hunter2secret" not in done.stdout + done.stderr
+    (run_dir,) = tmp_path.iterdir()
+    for name in ("summary.json", "report.html", "junit.xml", "history.jsonl"):
+        text = (run_dir / name).read_text(encoding="utf-8")
+        assert "hunter2secret" not in text, name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert f"{user}:***@" in summary["command"]

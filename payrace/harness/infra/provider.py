@@ -194,6 +194,8 @@ def _from_dsn(dsn: str, say: Callable[[str], None]) -> Iterator[Database]:
             f"dsn: could not create database {name} at {_where(admin_url)}: {exc}; "
             "the DSN's user needs the CREATEDB privilege"
         ) from exc
+    # If payrace is killed outright (SIGKILL, the OOM killer), the guardian drops it.
+    watchdog.guard_database(admin_url, name)
     try:
         url = _with_database(admin_url, name)
         version, fast = _wait_until_queries_answer(url, within=5.0, hint=hint)
@@ -202,8 +204,10 @@ def _from_dsn(dsn: str, say: Callable[[str], None]) -> Iterator[Database]:
         drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         try:
             _run_outside_a_transaction(admin_url, drop)
+            watchdog.release_database(name)
         except psycopg.Error as exc:
-            # Raising here would hide whatever ended the run; say it loudly instead.
+            # Raising here would hide whatever ended the run; say it loudly instead (the
+            # guardian tries again when payrace exits).
             say(f"payrace: could not drop database {name} at {_where(admin_url)}: {exc}")
 
 

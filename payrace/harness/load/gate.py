@@ -57,6 +57,7 @@ from payrace.harness.model.profile import Profile
 from payrace.harness.model.stats import PathHistograms
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, verdict_of
 from payrace.harness.reports.writers import write_all
+from payrace.redact import redact
 
 ENV_DATABASE_URL = "PAYRACE_DATABASE_URL"  # libpq URL of the target's database (the gate)
 ENV_GATEWAY_URL = "PAYRACE_GATEWAY_URL"  # the fake Razorpay (authorize payments, counters)
@@ -148,7 +149,7 @@ class LoadSettings:
             database_url=env.get(ENV_DATABASE_URL) or None,
             report_dir=Path(env.get(ENV_REPORT_DIR) or Path("reports") / run_id),
             run_id=run_id,
-            command=env.get(ENV_COMMAND) or shlex.join(["locust", *sys.argv[1:]]),
+            command=redact(env.get(ENV_COMMAND) or shlex.join(["locust", *sys.argv[1:]])),
             seed=int(seed) if seed and seed.lstrip("-").isdigit() else None,
             profile=Path(env[ENV_PROFILE]) if env.get(ENV_PROFILE) else None,
             expect=env.get(ENV_EXPECT) or None,

@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, NotRequired, TypedDict, Unpack
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -64,6 +64,7 @@ from payrace.harness.model.profile import Profile
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_VIOLATED
 from payrace.harness.reports.console import render_console
 from payrace.harness.reports.writers import write_all
+from payrace.redact import redact
 
 LOCUSTFILES = Path(__file__).resolve().parents[2] / "locustfiles"
 _RUN_TIME = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
@@ -224,9 +225,8 @@ class LoadPlan:
             what = ["--strategy", name, "--workers", str(workers)]
         else:
             assert running.base_url is not None and target_dsn and gateway_url
-            # The DSN as given may carry a password: the command line goes into every report.
             what = ["--profile", str(profile), "--target", running.base_url, "--target-dsn",
-                    _redacted(target_dsn), "--gateway-url", gateway_url]  # fmt: skip
+                    target_dsn, "--gateway-url", gateway_url]  # fmt: skip
             what += ["--expect", expect] if expect else []
         what += ["--settle-s", f"{settle_s:g}"] if settle_s is not None else []
         args = [
@@ -246,7 +246,8 @@ class LoadPlan:
             locustfile=resolved,
             run_dir=out_dir / run_id,
             run_id=run_id,
-            command=shlex.join(args),
+            # Passwords typed on the command line must not reach the reports CI uploads.
+            command=redact(shlex.join(args)),
             extra_args=list(extra_args),
             durable=durable,
             profile=running,
@@ -335,14 +336,6 @@ def _running_target(
             f"--gateway-url must be a URL like http://127.0.0.1:9411, got {gateway_url!r}"
         )
     return profile
-
-
-def _redacted(dsn: str) -> str:
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -556,6 +549,17 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _redact_file(path: Path) -> None:
+    """Locust's own reports repeat its host and command line: passwords out, as in ours."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return
+    clean = redact(text)
+    if clean != text:
+        path.write_text(clean, encoding="utf-8")
+
+
 def _read_summary(run_dir: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
@@ -586,6 +590,7 @@ def _finish_reports(
     for name in ("locust.html", "locust_stats.csv", "latency_hdr.json", "locust.log"):
         if (plan.run_dir / name).exists():
             paths[name] = plan.run_dir / name
+            _redact_file(plan.run_dir / name)
     render_console(summary, console, paths)
     console.print(load_table(summary))
     mistakes = summary.get("setup_errors") or []

@@ -44,7 +44,7 @@ from payrace.harness.runner.config import RunConfig, oracle_config
 from payrace.harness.runner.target import start_target
 from payrace.harness.runner.trials import StrategyRun, fire_trials
 from payrace.postgres import DsnError, libpq_url
-from payrace.redact import redact
+from payrace.redact import redact, redact_tree
 from payrace.service.db import create_schema
 
 
@@ -205,26 +205,30 @@ async def run(
         if g.strategy in (None, name)
     ]
     verdict, code = overall(results, gates)
-    return {
-        "run_id": config.run_id,
-        "command": config.command,
-        "started_at": started_at.isoformat(timespec="seconds"),
-        "duration_s": round(time.perf_counter() - started, 3),
-        "machine": machine(),
-        "database": db_info,
-        "target": config.target,
-        "mode": config.mode,
-        "trials": config.trials,
-        "seed": config.seed,
-        "webhooks_per_trial": config.webhooks,
-        "isolation_level": config.isolation,
-        "hold_ms": config.hold_ms,
-        "force": config.force,
-        "strategies": results,
-        "gates": gates,
-        "verdict": verdict,
-        "exit_code": code,
-    }
+    # What the console, the pytest plugin and every report see: passwords typed into any
+    # option (command, --target, errors quoting a DSN) are masked once, here.
+    return redact_tree(
+        {
+            "run_id": config.run_id,
+            "command": config.command,
+            "started_at": started_at.isoformat(timespec="seconds"),
+            "duration_s": round(time.perf_counter() - started, 3),
+            "machine": machine(),
+            "database": db_info,
+            "target": config.target,
+            "mode": config.mode,
+            "trials": config.trials,
+            "seed": config.seed,
+            "webhooks_per_trial": config.webhooks,
+            "isolation_level": config.isolation,
+            "hold_ms": config.hold_ms,
+            "force": config.force,
+            "strategies": results,
+            "gates": gates,
+            "verdict": verdict,
+            "exit_code": code,
+        }
+    )
 
 
 async def _answers(url: str, flag: str, hint: str) -> None:
@@ -270,4 +274,4 @@ def write_history(summary: dict[str, Any], path: Path) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for history in histories:
             for op in history:
-                fh.write(json.dumps(op.to_json(), separators=(",", ":")) + "\n")
+                fh.write(redact(json.dumps(op.to_json(), separators=(",", ":"))) + "\n")
