@@ -39,7 +39,7 @@ from psycopg import sql
 
 from payrace.harness.infra import watchdog
 from payrace.harness.infra.readiness import NotReady, wait_until_ready
-from payrace.postgres import EXPECTED, DsnError, dialect_url, libpq_url
+from payrace.postgres import EXPECTED, DsnError, dialect_url, libpq_url, refused_for_good
 from payrace.redact import redact
 
 Route = Literal["dsn", "docker", "embedded"]
@@ -322,24 +322,6 @@ def _wait_until_queries_answer(url: str, *, within: float, hint: str) -> tuple[s
         )
 
     return wait_until_ready(answers, timeout_s=within, timed_out=timed_out)
-
-
-# What a server says when it will never take this login, however long one waits.
-_FOR_GOOD = (
-    "password authentication failed",
-    "authentication failed",
-    "does not exist",  # role or database
-    "no pg_hba.conf entry",
-    "no password supplied",
-    "permission denied",
-)
-
-
-def refused_for_good(message: str) -> bool:
-    """The server answered and refused the login (SQLSTATE class 28, a missing database):
-    retrying cannot help, unlike a server that is still starting."""
-    low = message.lower()
-    return any(marker in low for marker in _FOR_GOOD)
 
 
 def connect_failure(url: str, message: str, what: str) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 import asyncpg
 
 from payrace.harness.gateway.controls import GatewayControl
+from payrace.harness.model.lockwatch import CONNECTION_LOST
 
 # Harness connections name themselves `payrace-…` (oracle.py); killing one would break the
 # observer, not the system under test.
@@ -135,13 +136,17 @@ class BackendKiller:
         self.rng = rng
         self.killed = 0
         self.idle_ticks = 0  # ticks that found no backend inside a transaction
+        self.lost_connections = 0  # times the killer's own connection was lost
         self._conn: Any = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._conn = await asyncpg.connect(
-            self.dsn, server_settings={"application_name": APPLICATION_NAME}
+    async def _connect(self) -> Any:
+        return await asyncpg.connect(
+            self.dsn, server_settings={"application_name": APPLICATION_NAME}, timeout=5
         )
+
+    async def start(self) -> None:
+        self._conn = await self._connect()
         self._task = asyncio.create_task(self._loop())
 
     async def tick(self) -> int | None:
@@ -160,7 +165,16 @@ class BackendKiller:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            await self.tick()
+            try:
+                await self.tick()
+            except CONNECTION_LOST:
+                # The database restarted (or another fault took this connection): the killer
+                # carries on with a new one at the next tick, as a real operator would.
+                self.lost_connections += 1
+                with contextlib.suppress(Exception):
+                    self._conn.terminate()
+                with contextlib.suppress(*CONNECTION_LOST):
+                    self._conn = await self._connect()
 
     async def stop(self) -> None:
         """Stop killing; a failure of the killer itself is raised here, not swallowed."""
@@ -173,7 +187,10 @@ class BackendKiller:
                     await self._task
         finally:
             if self._conn is not None:
-                await self._conn.close()
+                try:
+                    await self._conn.close(timeout=2)
+                except Exception:  # lost with the server: nothing to close politely
+                    self._conn.terminate()
 
 
 class Nemesis:

@@ -12,6 +12,10 @@
     └── cycles      the wait-for cycles the lock sampler saw, each member's fate read
                     (model.deadlocks ties them to payments through the audit rows)
 
+Every read and the install survive a lost connection (a nemesis killing backends, a
+restarted server): they start again on a new connection for up to RECONNECT_FOR_S, so the
+harness outlives the faults it injects. A login the server refuses is not retried.
+
 The target's answers say what it *thinks* happened. The audit triggers record what reached
 the database: an AFTER ... FOR EACH ROW trigger runs inside the writing transaction, so a
 row of `payrace_audit.log` exists iff the write committed, stamped with the writer's txid
@@ -46,11 +50,13 @@ Deadlocks: the pg_stat_database counter, when a zero reading of it can be truste
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+import functools
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -58,12 +64,47 @@ from psycopg import sql
 from payrace.harness.model import deadlocks
 from payrace.harness.model.deadlocks import LockCycle
 from payrace.harness.model.watched import OracleConfig, OracleError
-from payrace.postgres import libpq_url
+from payrace.postgres import libpq_url, refused_for_good
 
 SCHEMA = "payrace_audit"
 TRIGGER = "payrace_audit"
 APPLICATION_NAME = "payrace-oracle"
 _LOCK_TIMEOUT = "10s"
+# How long the oracle keeps trying a database that went away (restart, killed connection):
+# a restart takes seconds; past this the database is down and the run says so.
+RECONNECT_FOR_S = 30.0
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _survives_restarts(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run `fn` again on a new connection after a lost one, with backoff, for up to
+    RECONNECT_FOR_S. Only for what is safe to repeat: reads, and the idempotent install."""
+
+    @functools.wraps(fn)
+    def again(*args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.monotonic()
+        delay = 0.1
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except psycopg.OperationalError as exc:
+                if not _connection_lost(exc) or time.monotonic() - started > RECONNECT_FOR_S:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    return again
+
+
+def _connection_lost(exc: psycopg.OperationalError) -> bool:
+    """A lost or refused connection (no SQLSTATE: the socket; class 08: connection
+    exception; class 57: the server shut the session down or is starting), never a
+    statement's own failure such as a lock timeout, nor a refused login."""
+    state = exc.sqlstate
+    lost = state is None or state.startswith(("08", "57"))
+    return lost and not refused_for_good(str(exc))
 
 
 # -- what observe() hands the checkers -----------------------------------------------------
@@ -210,6 +251,7 @@ CREATE TABLE IF NOT EXISTS payrace_audit.log (
 """
 
 
+@_survives_restarts
 def install(url: str, config: OracleConfig = OracleConfig.reference()) -> None:
     """Create the audit schema and (re)create the triggers; safe to repeat and to race.
 
@@ -367,6 +409,7 @@ def _check_invoice_link(
 # -- baseline / observe -------------------------------------------------------------------
 
 
+@_survives_restarts
 def baseline(url: str) -> Baseline:
     """Where the run starts: the last audit id handed out and the deadlock counter."""
     with _connect(url) as conn:
@@ -384,6 +427,7 @@ def _last_audit_id(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     return int(row[0]) if row[1] else 0
 
 
+@_survives_restarts
 def deadlocks_since(
     url: str, since: Baseline, *, settle_timeout_s: float = 2.0
 ) -> tuple[int, bool, str]:
@@ -396,6 +440,7 @@ def deadlocks_since(
         return deadlocks.settled_delta(conn, since.deadlocks, since.stats_reset, settle_timeout_s)
 
 
+@_survives_restarts
 def observe(
     url: str,
     config: OracleConfig = OracleConfig.reference(),

@@ -52,23 +52,20 @@ async def judge(
     config: RunConfig, run: StrategyRun, gateway: GatewayControl, oracle_url: str
 ) -> dict[str, Any]:
     """Observe with the oracle and check. Called after the target stopped when payrace
-    started it: its backends have exited and flushed their counters (deadlocks)."""
-    assert run.since is not None
+    started it: its backends have exited and flushed their counters (deadlocks). An oracle
+    that cannot read the database leaves the verdict unknown, the reports written."""
     payments = {o.payment_id: o.trial for o in run.outcomes.values()}
+    # What the run could not see, said in the summary instead of passing for "nothing there".
+    # A gap in lock sampling leaves the verdict alone: the audit triggers and the deadlock
+    # counter, which decide it, saw everything; the sampler only ties deadlocks to payments.
+    not_seen: list[str] = list(run.server_side.get("not_seen") or [])
     counters = await asyncio.to_thread(gateway.counters)
-    obs = await asyncio.to_thread(
-        oracle.observe,
-        oracle_url,
-        oracle_config(config),
-        since=run.since,
-        payment_ids=set(payments),
-        gateway_counters=counters,
-        # Also the ids the database never recorded: a capture the gateway accepted in a
-        # transaction that then rolled back is exactly what no_lost_capture is for.
-        gateway_payment_ids=[o.gateway_payment_id for o in run.outcomes.values()],
-        settle_timeout_s=config.settle_timeout_s(),
-        lock_cycles=run.lock_cycles,
-    )
+    try:
+        obs = await _observe(config, run, counters, oracle_url, set(payments))
+    except (psycopg.Error, watched.OracleError) as exc:
+        said = " ".join(str(exc).split())
+        not_seen.append(f"the oracle could not read the target's database: {said}")
+        return _unobserved(config, run, not_seen)
     judged = check(run.history.ops(), obs)
     valid = judged.valid
     if run.trial_errors and valid is True:
@@ -80,27 +77,74 @@ async def judge(
         first = judged.first_violation(
             outcome.payment_id, trial=outcome.trial, timeline=outcome.timeline
         )
+    return {
+        **_common(config, run, not_seen),
+        "valid": valid,
+        "violating_trials": len(violating),
+        "checks": judged.checks(),
+        "first_violation": first,
+        # Deadlocks tied to trials are in violating_trials; `unattributed` ones are not, and
+        # the `violations` gate adds them (runner.config.Gate).
+        "deadlocks": judged.deadlock_summary(),
+    }
+
+
+async def _observe(
+    config: RunConfig,
+    run: StrategyRun,
+    counters: dict[str, Any],
+    oracle_url: str,
+    payment_ids: set[int],
+) -> oracle.Observation:
+    assert run.since is not None
+    return await asyncio.to_thread(
+        oracle.observe,
+        oracle_url,
+        oracle_config(config),
+        since=run.since,
+        payment_ids=payment_ids,
+        gateway_counters=counters,
+        # Also the ids the database never recorded: a capture the gateway accepted in a
+        # transaction that then rolled back is exactly what no_lost_capture is for.
+        gateway_payment_ids=[o.gateway_payment_id for o in run.outcomes.values()],
+        settle_timeout_s=config.settle_timeout_s(),
+        lock_cycles=run.lock_cycles,
+    )
+
+
+def _unobserved(config: RunConfig, run: StrategyRun, not_seen: list[str]) -> dict[str, Any]:
+    """A strategy the oracle could not read: every report still written, verdict unknown,
+    the reason in the one check that stands for all of them."""
+    reason = not_seen[-1]
+    blind = {"name": "oracle", "valid": "unknown", "count": 0, "checked": 0, "first": None,
+             "worst": None, "last": None, "note": reason, "payments": []}  # fmt: skip
+    return {
+        **_common(config, run, not_seen),
+        "valid": "unknown",
+        "violating_trials": 0,
+        "checks": {"oracle": blind},
+        "first_violation": None,
+        "deadlocks": None,
+    }
+
+
+def _common(config: RunConfig, run: StrategyRun, not_seen: list[str]) -> dict[str, Any]:
+    """The parts of a strategy's summary that need no observation."""
     duration = run.duration_s
     faults = {"nemesis": run.nemesis} if run.nemesis is not None else {}
     return {
         "expected": _expected(config, run.strategy),
-        "valid": valid,
         "trials": config.trials,
-        "violating_trials": len(violating),
+        "not_seen": not_seen,
         "trials_per_second": round(config.trials / duration, 2) if duration else 0.0,
         "duration_s": round(duration, 3),
         "pause_timeouts": run.pause_timeouts,
         "forced": _forced(config, run),
         "trial_errors": {"count": len(run.trial_errors), "first": run.trial_errors[:3]},
-        "checks": judged.checks(),
         "latency_ms": run.latency.summary(),
         "plots": run.latency.plots(),
         "server_side": run.server_side,
         "arrival_spread_ms": run.arrival.summary() if config.mode == "aligned" else None,
-        "first_violation": first,
-        # Deadlocks tied to trials are in violating_trials; `unattributed` ones are not, and
-        # the `violations` gate adds them (runner.config.Gate).
-        "deadlocks": judged.deadlock_summary(),
         **faults,
         "_history": run.history,
     }

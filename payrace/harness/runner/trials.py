@@ -35,7 +35,7 @@ from payrace.harness.model.client import PaymentContext, Prepared, Reply, prepar
 from payrace.harness.model.deadlocks import LockCycle
 from payrace.harness.model.generator import Generator, TrialPlan
 from payrace.harness.model.history import History, Operation, classify
-from payrace.harness.model.lockwatch import LockWatch
+from payrace.harness.model.lockwatch import CONNECTION_LOST, LockWatch
 from payrace.harness.model.nemesis import Nemesis
 from payrace.harness.model.profile import Profile, foreign_order
 from payrace.harness.model.stats import LatencyHistogram, PathHistograms
@@ -53,8 +53,18 @@ class BlockedProbe:
         self.pool = pool
 
     async def __call__(self, pid: int) -> bool:
-        async with self.pool.acquire() as conn:
-            return bool(await conn.fetchval("SELECT cardinality(pg_blocking_pids($1)) > 0", pid))
+        # A pooled connection killed by a nemesis or a restart is replaced on the next
+        # acquire: ask again rather than fail the trial over the harness's own connection.
+        for attempt in range(1, 4):
+            try:
+                async with self.pool.acquire() as conn:
+                    query = "SELECT cardinality(pg_blocking_pids($1)) > 0"
+                    return bool(await conn.fetchval(query, pid))
+            except CONNECTION_LOST:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class Recorder:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import psycopg
 import pytest
 from psycopg import sql
@@ -28,6 +29,7 @@ from payrace.harness.model import oracle
 from payrace.harness.model import profile as profile_module
 from payrace.harness.model.lockwatch import LockWatch
 from payrace.harness.model.verdict import overall
+from payrace.harness.reports.writers import write_all
 from payrace.harness.runner.config import Gate, RunConfig
 from payrace.harness.runner.run import judge, run, write_history
 from payrace.harness.runner.trials import StrategyRun, TrialOutcome
@@ -435,3 +437,50 @@ async def test_a_trial_with_a_deadlock_is_a_violating_trial_and_the_gate_counts_
     gate = Gate.parse("violations<=0").judge("for_update", result)
     assert (gate["value"], gate["passed"]) == (1.0, False)
     assert overall({"for_update": result}, [gate]) == ("violated", 1)
+
+
+async def _kill_harness_connections(admin_url: str, stop: asyncio.Event) -> int:
+    """What a database restart does to the harness: its own connections (the lock sampler,
+    the harness pool, the oracle, the nemesis) terminated, again and again, while it runs."""
+    killed = 0
+    conn = await asyncpg.connect(admin_url)
+    try:
+        while not stop.is_set():
+            killed += int(
+                await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'payrace-%' AND datname LIKE 'payrace\\_%' "
+                    "AND pid <> pg_backend_pid()"
+                )
+            )
+            await asyncio.sleep(0.3)
+    finally:
+        await conn.close()
+    return killed
+
+
+@pytest.mark.slow
+async def test_the_harness_survives_its_own_connections_being_killed(
+    pg: Database, tmp_path: Path
+) -> None:
+    """kill-backends on the target, and every connection of the harness killed repeatedly:
+    no traceback, every report written, and the summary says what the sampler missed."""
+    stop = asyncio.Event()
+    killer = asyncio.create_task(_kill_harness_connections(pg.url, stop))
+    try:
+        summary = await race(
+            pg, tmp_path, strategies=["for_update"], trials=60, mode="aligned",
+            nemesis="kill-backends:0.05",
+        )  # fmt: skip
+    finally:
+        stop.set()
+        killed = await killer
+    assert killed >= 2
+    result = summary["strategies"]["for_update"]
+    assert result["checks"]["single_capture_write"]["valid"] is True
+    server = result["server_side"]
+    assert server["reconnects"] >= 1, server
+    assert any(s.startswith("lock waits not sampled for") for s in result["not_seen"])
+    assert result["nemesis"]["backends_killed"] >= 1
+    write_all(summary, tmp_path / "reports")
+    assert (tmp_path / "reports" / "report.html").exists()
