@@ -39,7 +39,7 @@ from payrace.harness.infra.machine import machine
 from payrace.harness.infra.provider import Database, connect_failure, provide_postgres
 from payrace.harness.model import oracle, watched
 from payrace.harness.model.judge import judge as check
-from payrace.harness.model.verdict import DECLARED, overall
+from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, overall
 from payrace.harness.runner.config import RunConfig, oracle_config
 from payrace.harness.runner.target import start_target
 from payrace.harness.runner.trials import StrategyRun, fire_trials
@@ -59,6 +59,8 @@ async def judge(
     # A gap in lock sampling leaves the verdict alone: the audit triggers and the deadlock
     # counter, which decide it, saw everything; the sampler only ties deadlocks to payments.
     not_seen: list[str] = list(run.server_side.get("not_seen") or [])
+    if run.target_stopped is not None:
+        not_seen.append(run.target_stopped)
     counters = await asyncio.to_thread(gateway.counters)
     try:
         obs = await _observe(config, run, counters, oracle_url, set(payments))
@@ -70,6 +72,11 @@ async def judge(
     valid = judged.valid
     if run.trial_errors and valid is True:
         valid = "unknown"
+    checks = judged.checks()
+    if run.target_stopped is not None:
+        # What ran is judged (a violation found stays one); the rest was never raced.
+        valid = False if valid is False else "unknown"
+        checks["target_answered"] = _blind_check("target_answered", run.target_stopped)
     violating = sorted(payments[p] for p in judged.verdict.violating_payments if p in payments)
     first = None
     if violating:
@@ -81,7 +88,7 @@ async def judge(
         **_common(config, run, not_seen),
         "valid": valid,
         "violating_trials": len(violating),
-        "checks": judged.checks(),
+        "checks": checks,
         "first_violation": first,
         # Deadlocks tied to trials are in violating_trials; `unattributed` ones are not, and
         # the `violations` gate adds them (runner.config.Gate).
@@ -115,28 +122,36 @@ async def _observe(
 def _unobserved(config: RunConfig, run: StrategyRun, not_seen: list[str]) -> dict[str, Any]:
     """A strategy the oracle could not read: every report still written, verdict unknown,
     the reason in the one check that stands for all of them."""
-    reason = not_seen[-1]
-    blind = {"name": "oracle", "valid": "unknown", "count": 0, "checked": 0, "first": None,
-             "worst": None, "last": None, "note": reason, "payments": []}  # fmt: skip
     return {
         **_common(config, run, not_seen),
         "valid": "unknown",
         "violating_trials": 0,
-        "checks": {"oracle": blind},
+        "checks": {"oracle": _blind_check("oracle", not_seen[-1])},
         "first_violation": None,
         "deadlocks": None,
     }
+
+
+def _blind_check(name: str, reason: str) -> dict[str, Any]:
+    """A check that could not be made: unknown, the reason in its note (every report shows
+    a check; JUnit makes an unknown one an error)."""
+    return {"name": name, "valid": "unknown", "count": 0, "checked": 0, "first": None,
+            "worst": None, "last": None, "note": reason, "payments": []}  # fmt: skip
 
 
 def _common(config: RunConfig, run: StrategyRun, not_seen: list[str]) -> dict[str, Any]:
     """The parts of a strategy's summary that need no observation."""
     duration = run.duration_s
     faults = {"nemesis": run.nemesis} if run.nemesis is not None else {}
+    done = run.trials_done()  # failed trials raced nothing: not in the rate
+    stopped = {"target_stopped": run.target_stopped} if run.target_stopped else {}
     return {
         "expected": _expected(config, run.strategy),
         "trials": config.trials,
+        "trials_done": done,
+        **stopped,
         "not_seen": not_seen,
-        "trials_per_second": round(config.trials / duration, 2) if duration else 0.0,
+        "trials_per_second": round(done / duration, 2) if duration else 0.0,
         "duration_s": round(duration, 3),
         "pause_timeouts": run.pause_timeouts,
         "forced": _forced(config, run),
@@ -249,6 +264,12 @@ async def run(
         if g.strategy in (None, name)
     ]
     verdict, code = overall(results, gates)
+    stopped = [r["target_stopped"] for r in results.values() if r.get("target_stopped")]
+    if stopped:
+        # A target that died mid-run is an infrastructure failure, not a verdict on it: what
+        # was in flight when it died (a capture the gateway took, never committed) cannot be
+        # judged. The checks still list what they found; exit 2 says the run is incomplete.
+        verdict, code = "target_stopped", EXIT_ERROR
     # What the console, the pytest plugin and every report see: passwords typed into any
     # option (command, --target, errors quoting a DSN) are masked once, here.
     return redact_tree(

@@ -14,6 +14,9 @@ _fire()          how the requests are released, by mode:
                    HTTP; the arrival spread is measured from the target's own stamps
   jitter           seeded random offsets per request
 _redeliver()     webhooks answered with a 5xx sent again, as Razorpay does (nemesis only)
+Liveness         a target that stopped answering (STOP_AFTER trials in a row without any
+                 HTTP answer: killed, crashed) stops the run early with the cause, instead
+                 of a long tail of failed trials judged as if they had raced
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from functools import partial
 from typing import Any
 
 import asyncpg
+import httpx
 
 from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import GatewayControl
@@ -86,6 +90,7 @@ class TrialOutcome:
     timeline: list[TimelineEvent]
     pause_timeouts: int
     forced: bool  # forced mode held every request as meant, no wait given up on
+    unanswered: str | None = None  # no request of the trial got any answer: why
 
 
 class StrategyRun:
@@ -108,6 +113,55 @@ class StrategyRun:
         self.redelivered = 0  # webhooks sent again after a 5xx (under the nemesis only)
         # Wait-for cycles the lock sampler saw (model.deadlocks ties them to trials).
         self.lock_cycles: list[LockCycle] = []
+        # Set when the target stopped answering mid-run: the cause, and the run stopped.
+        self.target_stopped: str | None = None
+
+    def trials_done(self) -> int:
+        """Trials that were carried out: the target answered at least one of their requests."""
+        return sum(o.unanswered is None for o in self.outcomes.values())
+
+
+# Trials in a row that got no HTTP answer at all before the run gives up on the target:
+# enough that a blip (a restart the nemesis made, a full accept queue) is ridden out.
+STOP_AFTER = 10
+
+
+class Liveness:
+    """Whether the target still answers, judged from whole trials in the order they end."""
+
+    def __init__(self, stop_after: int = STOP_AFTER) -> None:
+        self.stop_after = stop_after
+        self.silent = 0  # trials in a row without an answer
+        self.last_answered: int | None = None
+        self.stopped: str | None = None
+
+    def answered(self, trial: int) -> None:
+        self.silent = 0
+        self.last_answered = trial if self.last_answered is None else max(self.last_answered, trial)
+
+    def unanswered(self, trial: int, why: str, planned: int) -> None:
+        self.silent += 1
+        if self.silent >= self.stop_after and self.stopped is None:
+            after = (
+                f"after trial {self.last_answered}"
+                if self.last_answered is not None
+                else "before any trial"
+            )
+            self.stopped = (
+                f"the target stopped answering {after}: {why} ({self.silent} trials in a "
+                f"row without an answer; the run stopped early, of {planned} planned trials)"
+            )
+
+
+def _connection_failure(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.TransportError | OSError)
+
+
+def _no_answer(replies: list[Reply]) -> str | None:
+    """Why none of a trial's requests was answered, or None when one was."""
+    if not replies or any(r.status is not None for r in replies):
+        return None
+    return replies[0].error or "no answer"
 
 
 async def _fire(
@@ -256,7 +310,14 @@ async def run_trial(
         run.arrival.record_ms(spread)
     run.pause_timeouts += timeouts
     run.outcomes[trial] = TrialOutcome(
-        trial, ctx.payment_id, payment["id"], spread, from_probes(captured), timeouts, forced
+        trial,
+        ctx.payment_id,
+        payment["id"],
+        spread,
+        from_probes(captured),
+        timeouts,
+        forced,
+        unanswered=_no_answer(replies),
     )
 
 
@@ -355,14 +416,29 @@ async def fire_trials(
             concurrency=config.concurrency,
         )
 
+    liveness = Liveness()
+
     async def guarded(trial: int) -> None:
         async with semaphore:
+            if liveness.stopped is not None:
+                return  # the target is gone: the trials left are not run
             try:
                 await run_trial(config, target, gateway, generator, trial, run, is_blocked, forcing)
             except UsageError:
                 raise
             except Exception as exc:  # one broken trial must not hide the others' verdicts
-                run.trial_errors.append(f"trial {trial}: {type(exc).__name__}: {exc}")
+                said = f"{type(exc).__name__}: {exc}"
+                run.trial_errors.append(f"trial {trial}: {said}")
+                if _connection_failure(exc):
+                    liveness.unanswered(trial, said, config.trials)
+                else:  # answered, if not as hoped: the target is there
+                    liveness.silent = 0
+            else:
+                why = run.outcomes[trial].unanswered
+                if why is None:
+                    liveness.answered(trial)
+                else:
+                    liveness.unanswered(trial, why, config.trials)
             on_trial()
 
     nemesis = Nemesis.from_spec(config.nemesis, gateway=gateway, dsn=oracle_url, seed=config.seed)
@@ -372,6 +448,7 @@ async def fire_trials(
             await stack.enter_async_context(forcing)
         await asyncio.gather(*(guarded(t) for t in range(config.trials)))
     run.duration_s = time.perf_counter() - started
+    run.target_stopped = liveness.stopped
     run.server_side = watch.result.to_json()
     run.lock_cycles = watch.result.cycles
     if config.nemesis:

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import psutil
 import psycopg
 import pytest
 from psycopg import sql
@@ -484,3 +485,42 @@ async def test_the_harness_survives_its_own_connections_being_killed(
     assert result["nemesis"]["backends_killed"] >= 1
     write_all(summary, tmp_path / "reports")
     assert (tmp_path / "reports" / "report.html").exists()
+
+
+@pytest.mark.slow
+async def test_a_target_killed_mid_run_stops_the_run_with_the_cause(
+    pg: Database, tmp_path: Path
+) -> None:
+    """The service payrace started is SIGKILLed after some trials: the run stops early,
+    says after which trial and why, exits 2, and counts only the trials that ran."""
+    me = psutil.Process()
+    config = RunConfig(
+        dsn=pg.url, out_dir=tmp_path, strategies=["for_update"], trials=3000, mode="aligned",
+        target="http",
+    )  # fmt: skip
+    done = 0
+
+    def on_trial(_: str) -> None:
+        nonlocal done
+        done += 1
+        if done == 20:
+            for child in me.children(recursive=True):
+                if "uvicorn" in " ".join(child.cmdline()):
+                    child.kill()
+
+    summary = await run(config, announce=lambda line: None, on_trial=on_trial)
+    result = summary["strategies"]["for_update"]
+    assert summary["verdict"] == "target_stopped" and summary["exit_code"] == 2
+    cause = result["target_stopped"]
+    assert cause.startswith("the target stopped answering after trial ")
+    assert "ConnectError" in cause or "refused" in cause.lower()
+    assert 15 <= result["trials_done"] < 100
+    assert result["trials_per_second"] == pytest.approx(
+        result["trials_done"] / result["duration_s"], rel=0.05
+    )
+    assert result["checks"]["target_answered"]["valid"] == "unknown"
+    assert result["valid"] in ("unknown", False)  # in flight at the kill: maybe a lost capture
+    assert cause in result["not_seen"]
+    write_history(summary, tmp_path / "reports" / "history.jsonl")  # takes the histories out
+    paths = write_all(summary, tmp_path / "reports")
+    assert "stopped answering" in paths["junit"].read_text()
