@@ -44,6 +44,7 @@ from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database
 from payrace.harness.model import checker, oracle
+from payrace.harness.model.checker import CAPTURE_EVENTS
 from payrace.harness.model.client import AsgiClient, PaymentContext, Reply, prepare
 from payrace.harness.model.history import History, Operation, classify
 from payrace.harness.model.judge import judge
@@ -179,8 +180,12 @@ class Explorer:
             assert self._client is not None
             orders = await asyncio.gather(*(self._order() for _ in range(16)))
             await self._check_setup(orders)
+            # Razorpay sends payment.captured / order.paid only for a payment it captured.
+            captured_first = any(spec.event in CAPTURE_EVENTS for spec in self.specs)
             for order in orders:
                 payment = self.fake.authorize_payment(order["gateway_order_id"])
+                if captured_first:
+                    payment = self.fake.auto_capture(payment["id"])
                 self._stock.append(
                     PaymentContext(order["payment_id"], order["gateway_order_id"], payment)
                 )
@@ -409,6 +414,7 @@ class Explorer:
                 gateway_accepted={gid: obs.gateway_accepted[gid]}
                 if gid in obs.gateway_accepted
                 else {},
+                gateway_captured=obs.gateway_captured & {gid},
                 deadlocks=len(run.deadlocks),
                 deadlocks_settled=True,
                 deadlock_note="",

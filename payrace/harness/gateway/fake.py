@@ -1,6 +1,9 @@
 """The fake Razorpay's state: orders, payments, capture counters and fault knobs, behind one lock.
 
     FakeRazorpay     create_order / authorize_payment / capture, the way Razorpay answers them;
+                     auto_capture: Razorpay capturing on its own (the account's automatic
+                     capture), which is what precedes its payment.captured / order.paid
+                     webhooks; not a capture call, so not in `captures`;
                      order() / payment() / capture_calls() / counters() to read; reset()
                      knobs() / set_knobs(**changes)   latency and failure injection at run time;
                      delay_s() the latency one call gets
@@ -196,6 +199,7 @@ class FakeRazorpay:
         self._accepted: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
         self._injected: Counter[str] = Counter()
+        self._auto_captured: Counter[str] = Counter()
         self._rng = random.Random(self._seed)
         self._knobs = self._initial_knobs
         self._armed: dict[str, float] = {}  # payment id -> how long one of its calls may wait
@@ -297,14 +301,34 @@ class FakeRazorpay:
             return self._captures[payment_id]
 
     def counters(self) -> dict[str, dict[str, int]]:
-        """Per payment: captures = accepted + rejected; injected = the rejections we caused."""
+        """Per payment: captures = accepted + rejected; injected = the rejections we caused;
+        auto_captured = captured by the gateway itself; captured = 1 for every payment whose
+        status at the gateway is captured now, however it got there (no_phantom_capture)."""
         with self._lock:
             return {
                 "captures": dict(self._captures),
                 "accepted": dict(self._accepted),
                 "rejected": dict(self._rejected),
                 "injected": dict(self._injected),
+                "auto_captured": dict(self._auto_captured),
+                "captured": {
+                    pid: 1 for pid, p in self._payments.items() if p["status"] == "captured"
+                },
             }
+
+    def auto_capture(self, payment_id: str) -> dict[str, Any]:
+        """Razorpay captures an authorized payment on its own (automatic capture) and would
+        now send payment.captured; an already captured payment is left as it is."""
+        with self._lock:
+            payment = self._payments.get(payment_id)
+            if payment is None:
+                raise not_found()
+            if payment["status"] == "captured":
+                return copy.deepcopy(payment)
+            body = {"amount": payment["amount"], "currency": payment["currency"]}
+            captured = self._capture_locked(payment_id, body)
+            self._auto_captured[payment_id] += 1
+            return captured
 
     def create_order(self, body: dict[str, Any]) -> dict[str, Any]:
         amount = _require_int(body, "amount")

@@ -185,6 +185,10 @@ class Observation:
     # whether a sampler ran at all (no cycles from no sampler proves nothing).
     cycles: tuple[LockCycle, ...] = ()
     cycles_watched: bool = False
+    # Gateway payment ids whose status at the gateway is captured (by a capture call or its
+    # own automatic capture); gateway_observed says the gateway was read at all.
+    gateway_captured: frozenset[str] = frozenset()
+    gateway_observed: bool = False
 
 
 # -- connection ---------------------------------------------------------------------------
@@ -475,7 +479,7 @@ def observe(
             conn, since.deadlocks, since.stats_reset, settle_timeout_s
         )
         cycles = deadlocks.verify(conn, lock_cycles or ())
-    captures, accepted = _gateway(gateway_counters, scope, states, gateway_payment_ids)
+    captures, accepted, at_gateway = _gateway(gateway_counters, scope, states, gateway_payment_ids)
     return Observation(
         audit=audit,
         payments=states,
@@ -487,6 +491,9 @@ def observe(
         deadlock_note=note,
         cycles=cycles,
         cycles_watched=lock_cycles is not None,
+        gateway_captured=frozenset(at_gateway),
+        # An older gateway's counters have no "captured": not observed, not "never captured".
+        gateway_observed=gateway_counters is not None and "captured" in gateway_counters,
     )
 
 
@@ -595,16 +602,18 @@ def _gateway(
     scope: frozenset[int] | None,
     states: Mapping[int, PaymentState],
     extra_ids: Collection[str],
-) -> tuple[dict[str, int], dict[str, int]]:
+) -> tuple[dict[str, int], dict[str, int], set[str]]:
     if counters is None:
-        return {}, {}
+        return {}, {}, set()
     captures = counters.get("captures", {})
     accepted = counters.get("accepted", {})
+    captured = {k for k, v in counters.get("captured", {}).items() if v}
     if scope is None:
-        return dict(captures), dict(accepted)
+        return dict(captures), dict(accepted), captured
     keep = {s.gateway_payment_id for s in states.values() if s.gateway_payment_id}
     keep |= set(extra_ids)
     return (
         {k: v for k, v in captures.items() if k in keep},
         {k: v for k, v in accepted.items() if k in keep},
+        captured & keep,
     )

@@ -402,6 +402,8 @@ async def test_a_trial_with_a_deadlock_is_a_violating_trial_and_the_gate_counts_
 ) -> None:
     url = own_database
     payment = _payment(url)
+    fake = FakeRazorpay(GatewayKeys())  # the gateway captures it too: no phantom capture
+    fake.auto_capture(_authorized(fake, payment, url))
     fired = StrategyRun("for_update")
     fired.since = oracle.baseline(url)
     async with LockWatch(url) as watch:
@@ -416,7 +418,7 @@ async def test_a_trial_with_a_deadlock_is_a_violating_trial_and_the_gate_counts_
     fired.duration_s = 1.0
     config = RunConfig(strategies=["for_update"], trials=5, out_dir=tmp_path, settle_s=10)
 
-    result = await judge(config, fired, LocalGateway(FakeRazorpay(GatewayKeys())), url)
+    result = await judge(config, fired, LocalGateway(fake), url)
     assert result["valid"] is False
     assert result["violating_trials"] == 1
     bad = [n for n, c in result["checks"].items() if c["valid"] is not True]
@@ -438,6 +440,15 @@ async def test_a_trial_with_a_deadlock_is_a_violating_trial_and_the_gate_counts_
     gate = Gate.parse("violations<=0").judge("for_update", result)
     assert (gate["value"], gate["passed"]) == (1.0, False)
     assert overall({"for_update": result}, [gate]) == ("violated", 1)
+
+
+def _authorized(fake: FakeRazorpay, payment: int, url: str) -> str:
+    """An authorized payment at `fake` whose id the database's payment row now holds."""
+    order = fake.create_order({"amount": 50_000, "currency": "INR"})
+    gid = str(fake.authorize_payment(order["id"])["id"])
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE payments SET gateway_payment_id = %s WHERE id = %s", (gid, payment))
+    return gid
 
 
 async def _kill_harness_connections(admin_url: str, stop: asyncio.Event) -> int:
