@@ -153,7 +153,8 @@ def _verdict(
 
 
 def _completions(ops: Sequence[Operation]) -> list[Operation]:
-    return [op for op in ops if op.type != "invoke"]
+    """Completed requests: the nemesis's own operations (faults it injected) are not."""
+    return [op for op in ops if op.type != "invoke" and op.f != "nemesis"]
 
 
 def _op_ref(op: Operation) -> dict[str, Any]:

@@ -447,7 +447,9 @@ async def fire_trials(
                     liveness.unanswered(trial, why, config.trials)
             on_trial()
 
-    nemesis = Nemesis.from_spec(config.nemesis, gateway=gateway, dsn=oracle_url, seed=config.seed)
+    nemesis = Nemesis.from_spec(
+        config.nemesis, gateway=gateway, dsn=oracle_url, seed=config.seed, history=run.history
+    )
     started = time.perf_counter()
     async with LockWatch(oracle_url) as watch, nemesis, AsyncExitStack() as stack:
         if forcing is not None:
