@@ -21,6 +21,8 @@ Jepsen records its nemesis): its start and stop, and each backend killed, with t
 Faults:
     gateway-errors:RATE     captures fail with a 502/503 at this rate (0..1), seeded by the fake
     gateway-latency:MS      every capture at the gateway takes this much longer
+    gateway-timeout:RATE    captures the gateway performs, then answers 504 (the answer lost):
+                            the money is taken and the caller does not know
     kill-backends:SECONDS   one backend killed this often: a transaction dies mid-flight, which
                             is what a crashed worker, a failover or an operator's kill look like
     lock-timeout:MS         a lock waited for longer than this aborts the statement (55P03)
@@ -63,6 +65,9 @@ class _Param:
 FAULTS: dict[str, _Param] = {
     "gateway-errors": _Param("RATE", 0.0, 1.0, "fraction of gateway captures failed, 0..1"),
     "gateway-latency": _Param("MS", 0.0, 60_000.0, "ms added to each gateway capture"),
+    "gateway-timeout": _Param(
+        "RATE", 0.0, 1.0, "fraction of gateway captures made, then answered 504"
+    ),
     "kill-backends": _Param(
         "SECONDS", 0.01, 3_600.0, "kill one backend in a transaction this often"
     ),
@@ -279,8 +284,11 @@ class Nemesis:
         by_name = {f.name: f.value for f in faults}
         self._fail_rate = by_name.get("gateway-errors")
         self._latency_ms = by_name.get("gateway-latency")
+        self._timeout_rate = by_name.get("gateway-timeout")
         self._kill_every = by_name.get("kill-backends")
-        gateway_faults = self._fail_rate is not None or self._latency_ms is not None
+        gateway_faults = any(
+            v is not None for v in (self._fail_rate, self._latency_ms, self._timeout_rate)
+        )
         if gateway_faults and gateway is None:
             raise ValueError("gateway faults need the fake gateway")
         if self._kill_every is not None and dsn is None:
@@ -304,15 +312,17 @@ class Nemesis:
         self._timeouts = Timeouts(dsn, timeouts) if dsn is not None and timeouts else None
         self._saved: dict[str, float] | None = None
         self._injected_before = 0
+        self._timed_out_before = 0
         self.gateway_errors_injected = 0
+        self.gateway_timeouts_injected = 0
 
     @classmethod
     def from_spec(cls, spec: str | None, **kwargs: Any) -> Nemesis:
         return cls(parse_spec(spec) if spec else [], **kwargs)
 
-    def _injected(self) -> int:
+    def _injected(self, counter: str = "injected") -> int:
         assert self._knobs is not None
-        return sum(self._knobs.counters().get("injected", {}).values())
+        return sum(self._knobs.counters().get(counter, {}).values())
 
     def _record(self, value: dict[str, Any]) -> None:
         """One fault as an operation of the history: invoked and done at once, `info` (it
@@ -333,9 +343,13 @@ class Nemesis:
         if self._knobs is not None:
             self._saved = await asyncio.to_thread(self._knobs.knobs)
             self._injected_before = await asyncio.to_thread(self._injected)
+            self._timed_out_before = await asyncio.to_thread(self._injected, "timed_out")
             latency = None if self._latency_ms is None else self._latency_ms / 1000
             await asyncio.to_thread(
-                self._knobs.set_knobs, fail_rate=self._fail_rate, capture_latency_s=latency
+                self._knobs.set_knobs,
+                fail_rate=self._fail_rate,
+                capture_latency_s=latency,
+                timeout_rate=self._timeout_rate,
             )
         if self._killer is not None:
             try:
@@ -353,6 +367,8 @@ class Nemesis:
         await asyncio.to_thread(knobs.set_knobs, **saved)
         self.gateway_errors_injected = await asyncio.to_thread(self._injected)
         self.gateway_errors_injected -= self._injected_before
+        timed_out = await asyncio.to_thread(self._injected, "timed_out")
+        self.gateway_timeouts_injected = timed_out - self._timed_out_before
 
     async def __aexit__(
         self,
@@ -376,6 +392,7 @@ class Nemesis:
         report: dict[str, Any] = {
             "faults": [str(f) for f in self.faults],
             "gateway_errors_injected": self.gateway_errors_injected,
+            "gateway_timeouts_injected": self.gateway_timeouts_injected,
             "backends_killed": self._killer.killed if self._killer else 0,
         }
         if self._killer is not None:

@@ -25,7 +25,8 @@ def test_remote_gateway_authorizes_and_reads_counters(
         fake_gateway.capture(payment["id"], {"amount": AMOUNT, "currency": "INR"})
         counters = gateway.counters()
         assert set(counters) == {
-            "captures", "accepted", "rejected", "injected", "auto_captured", "captured",
+            "captures", "accepted", "rejected", "injected", "auto_captured", "timed_out",
+            "captured",
         }  # fmt: skip
         assert counters["captures"][payment["id"]] == 1
         assert counters["accepted"][payment["id"]] == 1

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import LocalGateway, RemoteGateway
-from payrace.harness.gateway.fake import FakeRazorpay, Knobs
+from payrace.harness.gateway.fake import FakeRazorpay, Knobs, RazorpayError
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database
@@ -94,8 +94,26 @@ async def test_gateway_faults_are_on_inside_the_block_and_restored_after() -> No
     assert nemesis.report() == {
         "faults": ["gateway-errors:1", "gateway-latency:20"],
         "gateway_errors_injected": 0,
+        "gateway_timeouts_injected": 0,
         "backends_killed": 0,
     }
+
+
+async def test_a_gateway_timeout_takes_the_money_and_loses_the_answer() -> None:
+    fake = FakeRazorpay(GatewayKeys())
+    order = fake.create_order({"amount": 50_000, "currency": "INR"})
+    payment = fake.authorize_payment(order["id"])
+    nemesis = Nemesis(parse_spec("gateway-timeout:1"), gateway=LocalGateway(fake))
+    async with nemesis:
+        with pytest.raises(RazorpayError) as raised:
+            fake.capture(payment["id"], {"amount": 50_000, "currency": "INR"})
+    assert raised.value.status == 504
+    assert fake.payment(payment["id"])["status"] == "captured"  # type: ignore[index]
+    counters = fake.counters()
+    assert counters["accepted"] == {payment["id"]: 1}  # no_lost_capture's evidence
+    assert counters["timed_out"] == {payment["id"]: 1}
+    assert nemesis.report()["gateway_timeouts_injected"] == 1
+    assert fake.knobs()["timeout_rate"] == 0.0  # restored
 
 
 async def test_a_remote_gateway_is_driven_through_its_knobs_endpoint() -> None:
