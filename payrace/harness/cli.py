@@ -105,7 +105,7 @@ def _guarded(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
     except ProviderError as exc:
         raise _fail(str(exc)) from None
     except (OSError, TimeoutError, RuntimeError, httpx.HTTPError, asyncpg.PostgresError,
-            psycopg.Error) as exc:  # fmt: skip
+            asyncpg.InterfaceError, psycopg.Error) as exc:  # fmt: skip
         raise _fail(f"infrastructure error: {type(exc).__name__}: {exc}") from None
     except KeyboardInterrupt:
         # Every context manager on the way out has stopped what it started by now.

@@ -341,7 +341,10 @@ def _complete(run: StrategyRun, invoke: Operation, reply: Reply) -> dict[str, An
     return server
 
 
-REDELIVERIES = 3
+# Razorpay retries a webhook for 24 hours; a run cannot wait that long, but a capture the
+# gateway made and announced must not be judged lost because a burst of faults swallowed a
+# few attempts: 8 attempts, backing off from 20 ms to ~2.5 s (about 5 s in all).
+REDELIVERIES = 8
 
 
 async def _redeliver(
@@ -361,7 +364,7 @@ async def _redeliver(
             if attempt == REDELIVERIES:
                 break
             attempt += 1
-            await asyncio.sleep(0.01 * attempt)
+            await asyncio.sleep(0.01 * 2**attempt)
             value = {**req.value, "redelivery": attempt}
             inv = run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, value)
             reply = await target.client.send(req)

@@ -605,6 +605,7 @@ async def _race(
     The test holds the payment's row lock (an UPDATE that leaves the status alone), so both
     requests have read the payment — or queued for its lock — before either can write."""
     order, gw = await _order(svc, gateway)
+    gw = gateway.auto_capture(gw["id"])  # as Razorpay does before its payment.captured
     payment = order["payment_id"]
     since = oracle.baseline(url)
     history = History()
