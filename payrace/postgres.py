@@ -5,6 +5,7 @@
     dialect_url()        the same URL as SQLAlchemy wants it: postgresql+asyncpg:// ...
     ISOLATION_CODES      the three isolation levels payrace races, with their short codes
     normalise_isolation() read_committed, "read committed", rc ... -> READ COMMITTED
+    refused_for_good()   a connection error that waiting cannot mend (a refused login)
 
 The service, the provider, the oracle, the explorer and the CLI all read these words from
 users (flags, environment, scenario files); written once here, standard library only, so
@@ -58,3 +59,21 @@ def normalise_isolation(value: str) -> str:
             "or SERIALIZABLE"
         )
     return level
+
+
+# What a server says when it will never take this login, however long one waits.
+_FOR_GOOD = (
+    "password authentication failed",
+    "authentication failed",
+    "does not exist",  # role or database
+    "no pg_hba.conf entry",
+    "no password supplied",
+    "permission denied",
+)
+
+
+def refused_for_good(message: str) -> bool:
+    """The server answered and refused the login (SQLSTATE class 28, a missing database):
+    retrying cannot help, unlike a server that is starting, restarting or briefly away."""
+    low = message.lower()
+    return any(marker in low for marker in _FOR_GOOD)

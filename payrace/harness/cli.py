@@ -16,6 +16,7 @@ Reports go to reports/<run>/: history.jsonl, summary.json, junit.xml, report.htm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 import signal
 import sys
@@ -50,6 +51,7 @@ from payrace.harness.reports.console import render_console, render_reports_line
 from payrace.harness.reports.writers import claim_run_dir, write_all
 from payrace.harness.runner.config import Gate, Mode, RunConfig
 from payrace.harness.runner.run import run, write_history
+from payrace.redact import redact
 
 app = typer.Typer(
     add_completion=False,
@@ -97,7 +99,7 @@ WRITE_BASELINE_HELP = "write this run's figures here as the next --baseline (whe
 
 def _fail(message: str) -> typer.Exit:
     # escape: messages name profile keys such as [target].base_url, which rich takes for markup
-    err.print(f"[bold red]payrace:[/] {escape(message)}")
+    err.print(f"[bold red]payrace:[/] {escape(redact(message))}")
     return typer.Exit(EXIT_ERROR)
 
 
@@ -158,7 +160,7 @@ def _guarded(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
     except ProviderError as exc:
         raise _fail(str(exc)) from None
     except (OSError, TimeoutError, RuntimeError, httpx.HTTPError, asyncpg.PostgresError,
-            psycopg.Error) as exc:  # fmt: skip
+            asyncpg.InterfaceError, psycopg.Error) as exc:  # fmt: skip
         raise _fail(f"infrastructure error: {type(exc).__name__}: {exc}") from None
     except KeyboardInterrupt:
         # Every context manager on the way out has stopped what it started by now.
@@ -266,6 +268,11 @@ def run_command(
         target_dsn = None  # names a running target's database; this run starts its own target
     try:
         gates = [Gate.parse(g) for g in gate]
+        if strategy and not _split(strategy):  # --strategy '' must not quietly mean the default
+            raise UsageError(
+                "--strategy names no strategy; choose from naive, for_update, advisory (or "
+                "leave --strategy out for for_update)"
+            )
         config = RunConfig(
             strategies=_split(strategy),
             trials=trials,
@@ -570,12 +577,22 @@ def gateway_command(
     from payrace.harness.gateway.server import GatewayServer
     from payrace.harness.model.profile import Profile
 
+    if not 0 <= port <= 65535:
+        raise _fail(f"--port must be between 0 and 65535 (0: any free port), got {port}")
     try:
         chosen = Profile.load(profile) if profile is not None else Profile.reference()
     except UsageError as exc:
         raise _fail(str(exc)) from None
     keys = chosen.keys
-    with GatewayServer(FakeRazorpay(keys), host=host, port=port) as server:
+    stack = contextlib.ExitStack()
+    try:
+        server = stack.enter_context(GatewayServer(FakeRazorpay(keys), host=host, port=port))
+    except OSError as exc:
+        raise _fail(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port "
+            "(0 picks a free one) or stop what listens there"
+        ) from None
+    with stack:
         if profile is None:
             said = f"key secret {keys.key_secret}, webhook secret {keys.webhook_secret}"
         else:  # a team's secrets are never printed: say where they came from

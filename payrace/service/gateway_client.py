@@ -24,6 +24,7 @@ import requests
 from razorpay.errors import BadRequestError, ServerError
 from razorpay.errors import GatewayError as SdkGatewayError
 
+from payrace.redact import without_endpoints
 from payrace.service.instrument import timing
 
 ALREADY_CAPTURED = "already been captured"
@@ -96,7 +97,9 @@ class GatewayClient:
         except BadRequestError as exc:
             raise GatewayError(f"gateway refused the call: {exc}", refused=True) from exc
         except (ServerError, SdkGatewayError, requests.RequestException, ValueError) as exc:
-            raise GatewayError(f"gateway unavailable: {type(exc).__name__}: {exc}") from exc
+            # The answer says what failed, not where the gateway lives (a 502 body is public).
+            said = without_endpoints(str(exc))
+            raise GatewayError(f"gateway unavailable: {type(exc).__name__}: {said}") from exc
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

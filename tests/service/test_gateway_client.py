@@ -129,6 +129,19 @@ async def test_an_unreachable_gateway_raises_an_unavailable_gateway_error() -> N
     assert raised.value.refused is False
 
 
+async def test_an_unavailable_gateway_error_does_not_say_where_the_gateway_lives() -> None:
+    """The message becomes a 502 body: it names what failed, not the internal host:port."""
+    client = GatewayClient(KEYS.key_id, KEYS.key_secret, "http://127.0.0.1:9", threads=1)
+    try:
+        with pytest.raises(GatewayError) as raised:
+            await client.capture("pay_nowhere12345678", 50000, "INR")
+    finally:
+        client.close()
+    said = str(raised.value)
+    assert said.startswith("gateway unavailable: ConnectionError")
+    assert "127.0.0.1" not in said and "port=9" not in said and ":9/" not in said
+
+
 async def test_wrong_keys_are_refused(gateway_url: str) -> None:
     client = GatewayClient(KEYS.key_id, "not-the-secret", gateway_url, threads=1)
     try:

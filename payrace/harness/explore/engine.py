@@ -392,7 +392,11 @@ class Explorer:
         )
         self.observation = obs
         ops = self.history.ops()
-        verdict = judge(ops, obs).verdict
+        # A schedule delivers payment.captured whenever it says, before any capture at the
+        # gateway too (explore orders requests, not the gateway's events), so the phantom
+        # direction is judged by `payrace run` and Locust, whose gateway captures first.
+        checkers = tuple(c for c in checker.CHECKERS if c is not checker.no_phantom_capture)
+        verdict = judge(ops, obs, checkers=checkers).verdict
         by_trial: dict[int, list[Operation]] = {}
         for op in ops:
             by_trial.setdefault(op.trial, []).append(op)
@@ -409,11 +413,12 @@ class Explorer:
                 gateway_accepted={gid: obs.gateway_accepted[gid]}
                 if gid in obs.gateway_accepted
                 else {},
+                gateway_captured=obs.gateway_captured & {gid},
                 deadlocks=len(run.deadlocks),
                 deadlocks_settled=True,
                 deadlock_note="",
             )
-            v = judge(by_trial.get(run.number, []), sub).verdict
+            v = judge(by_trial.get(run.number, []), sub, checkers=checkers).verdict
             run.valid = v.valid
             run.violated = tuple(n for n, r in v.results.items() if r.valid is False)
             run.unknown = tuple(n for n, r in v.results.items() if r.valid == "unknown")

@@ -28,6 +28,10 @@ class GatewayControl(Protocol):
 
     def counters(self) -> dict[str, dict[str, int]]: ...
 
+    def auto_capture(self, payment_id: str) -> dict[str, Any]:
+        """The gateway captures on its own, as before its payment.captured webhook."""
+        ...
+
     def knobs(self) -> dict[str, float]: ...
 
     def set_knobs(self, **changes: float | None) -> dict[str, float]:
@@ -63,6 +67,9 @@ class LocalGateway:
 
     def counters(self) -> dict[str, dict[str, int]]:
         return self.fake.counters()
+
+    def auto_capture(self, payment_id: str) -> dict[str, Any]:
+        return self.fake.auto_capture(payment_id)
 
     def knobs(self) -> dict[str, float]:
         return self.fake.knobs()
@@ -101,6 +108,11 @@ class RemoteGateway:
         doc: dict[str, Any] = self._json(
             self.http.post("/_fake/payments", json={"order_id": gateway_order_id})
         )
+        return doc
+
+    def auto_capture(self, payment_id: str) -> dict[str, Any]:
+        path = f"/_fake/payments/{quote(payment_id)}/auto_capture"
+        doc: dict[str, Any] = self._json(self.http.post(path))
         return doc
 
     def counters(self) -> dict[str, dict[str, int]]:

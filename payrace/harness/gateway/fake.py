@@ -1,6 +1,9 @@
 """The fake Razorpay's state: orders, payments, capture counters and fault knobs, behind one lock.
 
     FakeRazorpay     create_order / authorize_payment / capture, the way Razorpay answers them;
+                     auto_capture: Razorpay capturing on its own (the account's automatic
+                     capture), which is what precedes its payment.captured / order.paid
+                     webhooks; not a capture call, so not in `captures`;
                      order() / payment() / capture_calls() / counters() to read; reset()
                      knobs() / set_knobs(**changes)   latency and failure injection at run time;
                      delay_s() the latency one call gets
@@ -109,12 +112,16 @@ class Knobs:
     latency_s: float = 0.0  # added to every /v1 call
     capture_latency_s: float = 0.0  # added to captures only
     fail_rate: float = 0.0  # fraction of captures answered 502/503, seeded
+    # Fraction of captures the gateway *performs* and then answers 504 (a timeout on the way
+    # back): the money is taken, the caller is told nothing useful. Seeded on its own.
+    timeout_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.latency_s >= 0 and self.capture_latency_s >= 0):
             raise ValueError(f"latencies must be >= 0, got {self}")
-        if not 0.0 <= self.fail_rate <= 1.0:
-            raise ValueError(f"fail_rate must be within [0, 1], got {self.fail_rate!r}")
+        for name in ("fail_rate", "timeout_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)!r}")
 
     def changed(self, changes: Mapping[str, object]) -> Knobs:
         """These knobs with `changes` applied: None leaves a knob as it is; an unknown name or
@@ -196,6 +203,9 @@ class FakeRazorpay:
         self._accepted: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
         self._injected: Counter[str] = Counter()
+        self._auto_captured: Counter[str] = Counter()
+        self._timed_out: Counter[str] = Counter()
+        self._timeout_rng = random.Random(self._seed + 1)
         self._rng = random.Random(self._seed)
         self._knobs = self._initial_knobs
         self._armed: dict[str, float] = {}  # payment id -> how long one of its calls may wait
@@ -297,14 +307,35 @@ class FakeRazorpay:
             return self._captures[payment_id]
 
     def counters(self) -> dict[str, dict[str, int]]:
-        """Per payment: captures = accepted + rejected; injected = the rejections we caused."""
+        """Per payment: captures = accepted + rejected; injected = the rejections we caused;
+        auto_captured = captured by the gateway itself; captured = 1 for every payment whose
+        status at the gateway is captured now, however it got there (no_phantom_capture)."""
         with self._lock:
             return {
                 "captures": dict(self._captures),
                 "accepted": dict(self._accepted),
                 "rejected": dict(self._rejected),
                 "injected": dict(self._injected),
+                "auto_captured": dict(self._auto_captured),
+                "timed_out": dict(self._timed_out),
+                "captured": {
+                    pid: 1 for pid, p in self._payments.items() if p["status"] == "captured"
+                },
             }
+
+    def auto_capture(self, payment_id: str) -> dict[str, Any]:
+        """Razorpay captures an authorized payment on its own (automatic capture) and would
+        now send payment.captured; an already captured payment is left as it is."""
+        with self._lock:
+            payment = self._payments.get(payment_id)
+            if payment is None:
+                raise not_found()
+            if payment["status"] == "captured":
+                return copy.deepcopy(payment)
+            body = {"amount": payment["amount"], "currency": payment["currency"]}
+            captured = self._capture_locked(payment_id, body)
+            self._auto_captured[payment_id] += 1
+            return captured
 
     def create_order(self, body: dict[str, Any]) -> dict[str, Any]:
         amount = _require_int(body, "amount")
@@ -387,6 +418,10 @@ class FakeRazorpay:
                 self._rejected[payment_id] += 1
                 raise
             self._accepted[payment_id] += 1
+            if self._knobs.timeout_rate and self._timeout_rng.random() < self._knobs.timeout_rate:
+                # Captured, and then the answer is lost: what the caller sees of a timeout.
+                self._timed_out[payment_id] += 1
+                raise RazorpayError(504, "Gateway Timeout", code="GATEWAY_ERROR")
             return captured
 
     def _capture_locked(self, payment_id: str, body: dict[str, Any]) -> dict[str, Any]:

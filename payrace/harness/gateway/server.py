@@ -107,6 +107,9 @@ def razorpay_app(fake: FakeRazorpay) -> Starlette:
             raise RazorpayError(400, str(exc), field="order_id") from None
         return JSONResponse(authorized)
 
+    async def auto_capture(request: Request) -> Response:
+        return JSONResponse(fake.auto_capture(request.path_params["payment_id"]))
+
     async def fake_order(request: Request) -> Response:
         # A profile with `by = "payrace"` has payrace create the order; the control route
         # spares the harness the target's key secret.
@@ -167,6 +170,7 @@ def razorpay_app(fake: FakeRazorpay) -> Starlette:
             Route("/v1/payments/{payment_id}/capture", v1(capture, capture=True), methods=["POST"]),
             Route("/_fake/counters", counters, methods=["GET"]),
             Route("/_fake/payments", authorize, methods=["POST"]),
+            Route("/_fake/payments/{payment_id}/auto_capture", auto_capture, methods=["POST"]),
             Route("/_fake/orders", fake_order, methods=["POST"]),
             Route("/_fake/knobs", knobs, methods=["GET", "POST"]),
             Route("/_fake/reset", reset, methods=["POST"]),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -40,7 +39,8 @@ from psycopg import sql
 
 from payrace.harness.infra import env, watchdog
 from payrace.harness.infra.readiness import NotReady, wait_until_ready
-from payrace.postgres import EXPECTED, DsnError, dialect_url, libpq_url
+from payrace.postgres import EXPECTED, DsnError, dialect_url, libpq_url, refused_for_good
+from payrace.redact import redact
 
 Route = Literal["dsn", "docker", "embedded"]
 
@@ -184,7 +184,7 @@ def _start_one(
 @contextmanager
 def _from_dsn(dsn: str, say: Callable[[str], None]) -> Iterator[Database]:
     admin_url = _normalise(dsn)
-    hint = f"check the server is up and that `psql '{_redact(admin_url)}'` connects"
+    hint = f"check the server is up and that `psql '{redact(admin_url)}'` connects"
     _wait_until_queries_answer(admin_url, within=5.0, hint=hint)
     name = f"payrace_{datetime.now(UTC):%Y%m%d%H%M%S}_{secrets.token_hex(3)}"
     try:
@@ -196,6 +196,8 @@ def _from_dsn(dsn: str, say: Callable[[str], None]) -> Iterator[Database]:
             f"dsn: could not create database {name} at {_where(admin_url)}: {exc}; "
             "the DSN's user needs the CREATEDB privilege"
         ) from exc
+    # If payrace is killed outright (SIGKILL, the OOM killer), the guardian drops it.
+    watchdog.guard_database(admin_url, name)
     try:
         url = _with_database(admin_url, name)
         version, fast = _wait_until_queries_answer(url, within=5.0, hint=hint)
@@ -204,8 +206,10 @@ def _from_dsn(dsn: str, say: Callable[[str], None]) -> Iterator[Database]:
         drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         try:
             _run_outside_a_transaction(admin_url, drop)
+            watchdog.release_database(name)
         except psycopg.Error as exc:
-            # Raising here would hide whatever ended the run; say it loudly instead.
+            # Raising here would hide whatever ended the run; say it loudly instead (the
+            # guardian tries again when payrace exits).
             say(f"payrace: could not drop database {name} at {_where(admin_url)}: {exc}")
 
 
@@ -308,7 +312,10 @@ def _wait_until_queries_answer(url: str, *, within: float, hint: str) -> tuple[s
                 number = conn.info.server_version
                 return f"{number // 10000}.{number % 10000}", bool(row and row[0])
         except psycopg.OperationalError as exc:
-            raise NotReady(" ".join(str(exc).split())) from None
+            said = " ".join(str(exc).split())
+            if refused_for_good(said):  # waiting would only repeat it: a wrong password
+                raise ProviderError(connect_failure(url, said, "the DSN")) from None
+            raise NotReady(said) from None
 
     def timed_out(last_seen: str) -> ProviderError:
         return ProviderError(
@@ -317,6 +324,19 @@ def _wait_until_queries_answer(url: str, *, within: float, hint: str) -> tuple[s
         )
 
     return wait_until_ready(answers, timeout_s=within, timed_out=timed_out)
+
+
+def connect_failure(url: str, message: str, what: str) -> str:
+    """Why `url` cannot be used, said once for --dsn and --target-dsn: the user and server
+    named, the password never."""
+    user = urlsplit(url).username or "(default user)"
+    said = redact(" ".join(message.split()))
+    if "authentication failed" in said.lower() or ("role" in said and "does not exist" in said):
+        return (
+            f"authentication failed for user {user} at {_where(url)} ({said}); check the "
+            f"user and password in {what}"
+        )
+    return f"cannot connect to {what} {redact(url)} ({said}); check the server is up"
 
 
 def _run_outside_a_transaction(url: str, statement: sql.Composed) -> None:
@@ -330,12 +350,12 @@ def _normalise(dsn: str) -> str:
     try:
         url = libpq_url(text)
     except DsnError:
-        raise ProviderError(f"DSN {_redact(text)!r} is not a PostgreSQL URL: {_EXPECTED}") from None
+        raise ProviderError(f"DSN {redact(text)!r} is not a PostgreSQL URL: {_EXPECTED}") from None
     try:
         _ = urlsplit(url).port  # a non-numeric port or broken IPv6 host surfaces only here
         psycopg.conninfo.conninfo_to_dict(url)
     except (ValueError, psycopg.Error) as exc:
-        raise ProviderError(f"DSN {_redact(text)!r} cannot be read ({exc}): {_EXPECTED}") from None
+        raise ProviderError(f"DSN {redact(text)!r} cannot be read ({exc}): {_EXPECTED}") from None
     return url
 
 
@@ -349,10 +369,6 @@ def _where(url: str) -> str:
     parts = urlsplit(url)
     host = parse_qs(parts.query).get("host", [parts.hostname or "localhost"])[0]
     return f"socket {host}" if host.startswith("/") else f"{host}:{parts.port or 5432}"
-
-
-def _redact(text: str) -> str:
-    return re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", text)
 
 
 def _print_to_stderr(line: str) -> None:

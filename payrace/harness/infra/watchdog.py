@@ -2,7 +2,8 @@
 
     guard_group(pgid)        "if I die, stop this process group" (uvicorn, Locust)
     guard_cluster(workdir)   "if I die, stop the postmaster of workdir/pgdata and delete workdir"
-    release_group() / release_cluster()   stopped properly: forget it
+    guard_database(url, name)  "if I die, DROP DATABASE name (WITH FORCE) on the server of url"
+    release_group() / release_cluster() / release_database()   stopped properly: forget it
     main()                   the guardian itself (`python -m payrace.harness.infra.watchdog`)
 
 Context managers stop what they started on errors, Ctrl-C and SIGTERM; nothing in-process can
@@ -113,6 +114,33 @@ def release_cluster(workdir: Path) -> None:
     _send(f"-cluster {workdir}", start=False)
 
 
+def guard_database(admin_url: str, name: str) -> None:
+    # Over the pipe, never argv: the URL may carry a password.
+    _send(f"+database {name} {admin_url}")
+
+
+def release_database(name: str) -> None:
+    _send(f"-database {name}", start=False)
+
+
+def _drop_database(name: str, admin_url: str) -> None:
+    import psycopg  # only the guardian of a --dsn database pays for it
+    from psycopg import sql
+
+    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+    # A server that is restarting answers a moment later; one that is gone never will.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(drop)
+            return
+        except psycopg.Error:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
+
+
 def _stop_group(pgid: int) -> None:
     for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
         try:
@@ -142,6 +170,7 @@ def _stop_cluster(workdir: Path) -> None:
 def serve(commands: IO[bytes]) -> None:
     groups: set[int] = set()
     clusters: set[Path] = set()
+    databases: dict[str, str] = {}  # name -> admin URL of its server
     for raw in commands:
         op, _, arg = raw.decode(errors="replace").strip().partition(" ")
         with contextlib.suppress(ValueError):
@@ -153,9 +182,16 @@ def serve(commands: IO[bytes]) -> None:
                 clusters.add(Path(arg))
             elif op == "-cluster":
                 clusters.discard(Path(arg))
+            elif op == "+database":
+                name, _, url = arg.partition(" ")
+                databases[name] = url
+            elif op == "-database":
+                databases.pop(arg, None)
     # End of file: payrace has exited. Whatever it did not release, it did not stop.
-    for pgid in groups:
+    for pgid in groups:  # first the processes that hold connections to the databases
         _stop_group(pgid)
+    for name, url in databases.items():
+        _drop_database(name, url)
     for workdir in clusters:
         _stop_cluster(workdir)
 

@@ -50,7 +50,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from types import FrameType
 from typing import Any, NotRequired, TypedDict, Unpack
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -79,6 +79,7 @@ from payrace.harness.reports.summary import (
     write_atomically,
 )
 from payrace.harness.reports.writers import claim_run_dir, write_all
+from payrace.redact import redact
 
 LOCUSTFILES = Path(__file__).resolve().parents[2] / "locustfiles"
 _RUN_TIME = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
@@ -249,9 +250,8 @@ class LoadPlan:
             what = ["--strategy", name, "--workers", str(workers)]
         else:
             assert running.base_url is not None and target_dsn and gateway_url
-            # The DSN as given may carry a password: the command line goes into every report.
             what = ["--profile", str(profile), "--target", running.base_url, "--target-dsn",
-                    _redacted(target_dsn), "--gateway-url", gateway_url]  # fmt: skip
+                    target_dsn, "--gateway-url", gateway_url]  # fmt: skip
             what += ["--expect", expect] if expect else []
         what += ["--settle-s", f"{settle_s:g}"] if settle_s is not None else []
         what += [arg for g in parsed for arg in ("--gate", g.expr)]
@@ -274,7 +274,8 @@ class LoadPlan:
             locustfile=resolved,
             run_dir=out_dir / run_id,
             run_id=run_id,
-            command=shlex.join(args),
+            # Passwords typed on the command line must not reach the reports CI uploads.
+            command=redact(shlex.join(args)),
             extra_args=list(extra_args),
             durable=durable,
             profile=running,
@@ -388,14 +389,6 @@ def _checked_gates(
     if write_baseline is not None and write_baseline.is_dir():
         raise UsageError(f"--write-baseline {write_baseline} is a directory; name a file")
     return gates, base
-
-
-def _redacted(dsn: str) -> str:
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -612,6 +605,17 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _redact_file(path: Path) -> None:
+    """Locust's own reports repeat its host and command line: passwords out, as in ours."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return
+    clean = redact(text)
+    if clean != text:
+        path.write_text(clean, encoding="utf-8")
+
+
 def _read_summary(run_dir: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
@@ -648,6 +652,7 @@ def _finish_reports(
     for name in ("locust.html", "locust_stats.csv", "latency_hdr.json", "locust.log"):
         if (plan.run_dir / name).exists():
             paths[name] = plan.run_dir / name
+            _redact_file(plan.run_dir / name)
     render_console(summary, console, paths)
     console.print(load_table(summary))
     mistakes = summary.get("setup_errors") or []

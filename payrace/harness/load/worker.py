@@ -38,6 +38,7 @@ from payrace.harness.infra.env import read as read_setting
 from payrace.harness.model.answers import is_crash
 from payrace.harness.model.profile import Profile
 from payrace.harness.model.stats import PathHistograms
+from payrace.redact import redact
 
 if TYPE_CHECKING:
     from payrace.harness.model.gates import Baseline, Gate
@@ -118,7 +119,7 @@ class LoadSettings:
             database_url=read_setting(ENV_TARGET_DSN, env) or None,
             report_dir=Path(env.get(ENV_REPORT_DIR) or Path("reports") / run_id),
             run_id=run_id,
-            command=env.get(ENV_COMMAND) or shlex.join(["locust", *sys.argv[1:]]),
+            command=redact(env.get(ENV_COMMAND) or shlex.join(["locust", *sys.argv[1:]])),
             seed=int(seed) if seed and seed.lstrip("-").isdigit() else None,
             profile=Path(env[ENV_PROFILE]) if env.get(ENV_PROFILE) else None,
             expect=env.get(ENV_EXPECT) or None,

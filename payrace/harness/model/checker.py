@@ -11,6 +11,10 @@
     ├── single_order_paid      audit: the same for orders
     ├── gateway_capture_once   gateway: at most one capture call per gateway payment id
     ├── no_lost_capture        confirmed to the client or by the gateway => ends captured
+    ├── no_phantom_capture     captured in the database => captured at the gateway (the other
+    │                          direction: a capture the gateway never made, e.g. a webhook
+    │                          trusted before the gateway captured, or a capture call that
+    │                          failed while the row was marked captured anyway)
     ├── no_5xx                 no crash: a 500, or a 5xx without a deliberate error code;
     │                          a request with no answer at all is unknown
     ├── no_deadlock            no deadlock: per payment through the lock sampler's cycles and
@@ -145,7 +149,8 @@ def _verdict(
 
 
 def _completions(ops: Sequence[Operation]) -> list[Operation]:
-    return [op for op in ops if op.type != "invoke"]
+    """Completed requests: the nemesis's own operations (faults it injected) are not."""
+    return [op for op in ops if op.type != "invoke" and op.f != "nemesis"]
 
 
 def _op_ref(op: Operation) -> dict[str, Any]:
@@ -392,6 +397,12 @@ def no_lost_capture(ops: Sequence[Operation], obs: Observation) -> CheckResult:
             orphans.append(gid)
             continue
         evidence[owner[gid]].append(f"gateway accepted {accepted} capture(s) of {gid}")
+    for gid in sorted(obs.gateway_captured - {g for g, n in obs.gateway_accepted.items() if n}):
+        # Captured by the gateway itself (automatic capture, before its payment.captured).
+        if gid not in owner:
+            orphans.append(gid)
+            continue
+        evidence[owner[gid]].append(f"captured at the gateway ({gid})")
     by_payment = _ops_by_payment(ops)
     violations: list[dict[str, Any]] = []
     unknowns: list[dict[str, Any]] = []
@@ -423,6 +434,50 @@ def no_lost_capture(ops: Sequence[Operation], obs: Observation) -> CheckResult:
         order=lambda c: c["_at"],
         severity=lambda c: c.get("confirmations", 0),
         note=note,
+    )
+    return _without_sort_keys(result)
+
+
+def no_phantom_capture(ops: Sequence[Operation], obs: Observation) -> CheckResult:
+    """A payment the database says is captured is captured at the gateway: the money the
+    shop books was taken. Read from the gateway's own state (observed after the run), for
+    the gateway payment id the database row holds, else the one the history sent."""
+    captured = obs.config.payments.done_value
+    done = sorted(p for p, s in obs.payments.items() if s.status == captured)
+    if not obs.gateway_observed:
+        note = f"{len(done)} captured payment(s); the gateway's state was not read"
+        return CheckResult(
+            "no_phantom_capture", "unknown" if done else True, 0, len(done), note=note
+        )
+    sent: dict[int, str] = {}
+    for op in ops:
+        gid = op.value.get("gateway_payment_id") if isinstance(op.value, dict) else None
+        if isinstance(gid, str) and op.payment is not None:
+            sent.setdefault(op.payment, gid)
+    by_payment = _ops_by_payment(ops)
+    violations: list[dict[str, Any]] = []
+    unknowns: list[dict[str, Any]] = []
+    for payment in done:
+        gid = obs.payments[payment].gateway_payment_id or sent.get(payment)
+        case = {
+            "payment": payment,
+            "gateway_payment_id": gid,
+            "capture_calls": obs.gateway_captures.get(gid, 0) if gid else 0,
+            "ops": by_payment.get(payment, []),
+            "_at": _first_index(by_payment.get(payment)),
+        }
+        if gid is None:
+            unknowns.append({**case, "problem": "no gateway payment id to look up"})
+        elif gid not in obs.gateway_captured:
+            violations.append({**case, "problem": "captured in the database, not at the gateway"})
+    result = _verdict(
+        "no_phantom_capture",
+        len(done),
+        violations,
+        unknowns,
+        order=lambda c: (c["_at"], c["payment"]),
+        severity=lambda c: 1,
+        note=f"{len(done)} payment(s) captured in the database, checked at the gateway",
     )
     return _without_sort_keys(result)
 
@@ -567,6 +622,7 @@ CHECKERS: tuple[Checker, ...] = (
     single_order_paid,
     gateway_capture_once,
     no_lost_capture,
+    no_phantom_capture,
     no_5xx,
     no_deadlock,
     error_classes,

@@ -9,6 +9,11 @@
                 of the pause points' probes), for what lock, behind which backends
                 (`result.episodes_seen`: what run mode's timeline draws as <waiting>)
 
+A lost connection (a nemesis, a database restart) does not end the sampler: it reconnects
+with backoff for up to RECONNECT_FOR_S per loss and counts what it missed; the summary says
+"lock waits not sampled for X s" (`unsampled_s`, `reconnects`, `not_seen`) instead of a
+silent short sample count.
+
 It cross-checks the per-request lock times the target reports in Server-Timing: a target
 that under-reports its waits shows up as a gap between the two. The estimate's resolution is
 the poll interval, which the summary states.
@@ -85,6 +90,22 @@ class WaitEpisode:
     last_at: datetime | None = None
 
 
+# How long one loss of the connection is retried before the sampler gives up for the run:
+# past a minute the database is down, and the run's own requests say so.
+RECONNECT_FOR_S = 60.0
+# What a lost connection raises: the server went away (terminated backend, restart,
+# shutdown), the socket broke, or the server is not taking connections yet. asyncpg's
+# InternalClientError ("cannot switch to state ...") is what a query on a connection killed
+# mid-read raises: the protocol is broken, and only a new connection mends it.
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
 @dataclass
 class LockWatchResult:
     samples: int = 0
@@ -96,9 +117,27 @@ class LockWatchResult:
     cycles: list[LockCycle] = field(default_factory=list)
     cycles_dropped: int = 0  # confirmed beyond MAX_CYCLES
     episodes_seen: list[WaitEpisode] = field(default_factory=list)
+    reconnects: int = 0  # the connection was lost and opened again
+    unsampled_s: float = 0.0  # time without a connection to sample on
+    gave_up: str | None = None  # why sampling stopped before the run did
+
+    def not_seen(self) -> list[str]:
+        """What the run could not see because the sampler was not sampling."""
+        said = []
+        if self.unsampled_s > 0 or self.reconnects:
+            said.append(
+                f"lock waits not sampled for {self.unsampled_s:.1f} s (the sampler's "
+                f"connection was lost {max(self.reconnects, 1)} time(s))"
+            )
+        if self.gave_up is not None:
+            said.append(f"lock sampler stopped early: {self.gave_up}")
+        return said
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "reconnects": self.reconnects,
+            "unsampled_s": round(self.unsampled_s, 3),
+            "not_seen": self.not_seen(),
             "samples": self.samples,
             "interval_ms": self.interval_ms,
             "waiting_max": self.waiting_max,
@@ -121,43 +160,90 @@ class LockWatch:
         # deadlock_timeout, and is recorded once.
         self._present: set[frozenset[int]] = set()
         self._recorded: set[frozenset[tuple[int, int | None]]] = set()
+        self._lost_at: float | None = None  # the connection is lost since (perf_counter)
+
+    async def _connect(self) -> Any:
+        return await asyncpg.connect(
+            self.url, server_settings={"application_name": "payrace-lockwatch"}, timeout=5
+        )
 
     async def __aenter__(self) -> LockWatch:
-        self._conn = await asyncpg.connect(
-            self.url, server_settings={"application_name": "payrace-lockwatch"}
-        )
+        self._conn = await self._connect()
         self._task = asyncio.create_task(self._poll())
         return self
 
     async def _poll(self) -> None:
+        try:
+            while True:
+                try:
+                    await self._sample()
+                except CONNECTION_LOST as exc:
+                    if not await self._reconnect(exc):
+                        return
+                    continue
+                await asyncio.sleep(self.interval_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not pass for "no lock waits"
+            self.result.gave_up = f"{type(exc).__name__}: {exc}"
+
+    async def _reconnect(self, exc: BaseException) -> bool:
+        """Open a new connection after `exc`, with backoff; False once RECONNECT_FOR_S passed.
+        Waits open at the loss are closed there: what came after was not seen."""
+        lost_at = time.perf_counter()
+        self._lost_at = lost_at
+        for pid in list(self._open):
+            self._close(pid)
+        self._present = set()
+        with contextlib.suppress(Exception):
+            self._conn.terminate()
+        delay = 0.05
         while True:
-            rows = await self._conn.fetch(QUERY)
-            now = time.monotonic_ns()
-            r = self.result
-            r.samples += 1
-            edges = {int(row["pid"]): [int(b) for b in row["blockers"]] for row in rows}
-            locks = {int(row["pid"]): describe_lock(dict(row)) for row in rows}
-            at = {int(row["pid"]): row["at"] for row in rows}
-            waiting = {pid for pid, blockers in edges.items() if blockers}
-            if waiting:
-                r.waiting_seen += 1
-                r.waiting_max = max(r.waiting_max, len(waiting))
-            for pid in waiting:
-                episode = self._open.get(pid)
-                if episode is None:
-                    episode = WaitEpisode(pid, now, now, locks[pid], (), at[pid], at[pid])
-                    self._open[pid] = episode
-                episode.last_ns, episode.last_at = now, at[pid]
-                episode.blocked_by = tuple(sorted({*episode.blocked_by, *edges[pid]}))
-            for pid in list(self._open):
-                if pid not in waiting:
-                    self._close(pid)
-            cycles = find_cycles(edges) if len(waiting) > 1 else []
-            # A cycle not confirmed now is tried again at the next poll.
-            self._present = {
-                pids for pids in cycles if pids in self._present or await self._confirm(pids)
-            }
-            await asyncio.sleep(self.interval_s)
+            try:
+                self._conn = await self._connect()
+                break
+            except CONNECTION_LOST as again:
+                if time.perf_counter() - lost_at > RECONNECT_FOR_S:
+                    self.result.gave_up = (
+                        f"no connection for {RECONNECT_FOR_S:.0f} s after "
+                        f"{type(exc).__name__}: {exc}; last: {type(again).__name__}: {again}"
+                    )
+                    self._conn = None
+                    return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        self.result.reconnects += 1
+        self.result.unsampled_s += time.perf_counter() - lost_at
+        self._lost_at = None
+        return True
+
+    async def _sample(self) -> None:
+        rows = await self._conn.fetch(QUERY)
+        now = time.monotonic_ns()
+        r = self.result
+        r.samples += 1
+        edges = {int(row["pid"]): [int(b) for b in row["blockers"]] for row in rows}
+        locks = {int(row["pid"]): describe_lock(dict(row)) for row in rows}
+        at = {int(row["pid"]): row["at"] for row in rows}
+        waiting = {pid for pid, blockers in edges.items() if blockers}
+        if waiting:
+            r.waiting_seen += 1
+            r.waiting_max = max(r.waiting_max, len(waiting))
+        for pid in waiting:
+            episode = self._open.get(pid)
+            if episode is None:
+                episode = WaitEpisode(pid, now, now, locks[pid], (), at[pid], at[pid])
+                self._open[pid] = episode
+            episode.last_ns, episode.last_at = now, at[pid]
+            episode.blocked_by = tuple(sorted({*episode.blocked_by, *edges[pid]}))
+        for pid in list(self._open):
+            if pid not in waiting:
+                self._close(pid)
+        cycles = find_cycles(edges) if len(waiting) > 1 else []
+        # A cycle not confirmed now is tried again at the next poll.
+        self._present = {
+            pids for pids in cycles if pids in self._present or await self._confirm(pids)
+        }
 
     async def _confirm(self, pids: frozenset[int]) -> bool:
         """Read a cycle again; record it if it is still there, with what each member does."""
@@ -214,5 +300,11 @@ class LockWatch:
                 await self._task
         for pid in list(self._open):
             self._close(pid)
+        if self._lost_at is not None:  # still without a connection at the end of the run
+            self.result.unsampled_s += time.perf_counter() - self._lost_at
+            self._lost_at = None
         if self._conn is not None:
-            await self._conn.close()
+            try:
+                await self._conn.close(timeout=2)
+            except Exception:  # a connection lost for good: nothing left to close politely
+                self._conn.terminate()

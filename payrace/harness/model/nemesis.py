@@ -11,12 +11,22 @@
     BackendKiller   every SECONDS, pg_terminate_backend() of one seeded-random client backend of
                     the target's database that is inside a transaction ('idle in transaction',
                     or 'active' holding an xid / snapshot), never a `payrace-…` connection
+    Timeouts        lock_timeout / statement_timeout set on the target's database for the run
+                    (ALTER DATABASE ... SET, reset after); its idle pooled connections are
+                    terminated so the pool reopens them with the setting
+
+Every fault is an operation in the history (process "nemesis", f "nemesis", type info, as
+Jepsen records its nemesis): its start and stop, and each backend killed, with the pid.
 
 Faults:
     gateway-errors:RATE     captures fail with a 502/503 at this rate (0..1), seeded by the fake
     gateway-latency:MS      every capture at the gateway takes this much longer
+    gateway-timeout:RATE    captures the gateway performs, then answers 504 (the answer lost):
+                            the money is taken and the caller does not know
     kill-backends:SECONDS   one backend killed this often: a transaction dies mid-flight, which
                             is what a crashed worker, a failover or an operator's kill look like
+    lock-timeout:MS         a lock waited for longer than this aborts the statement (55P03)
+    statement-timeout:MS    a statement running longer than this is cancelled (57014)
 
 A killed transaction wrote nothing (PostgreSQL rolls it back with its backend), so the
 invariants must hold as before; the target may answer a 503 it chose, never a 500.
@@ -27,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -34,6 +45,8 @@ from typing import Any
 import asyncpg
 
 from payrace.harness.gateway.controls import GatewayControl
+from payrace.harness.model.history import History
+from payrace.harness.model.lockwatch import CONNECTION_LOST
 
 # Harness connections name themselves `payrace-…` (oracle.py); killing one would break the
 # observer, not the system under test.
@@ -52,9 +65,14 @@ class _Param:
 FAULTS: dict[str, _Param] = {
     "gateway-errors": _Param("RATE", 0.0, 1.0, "fraction of gateway captures failed, 0..1"),
     "gateway-latency": _Param("MS", 0.0, 60_000.0, "ms added to each gateway capture"),
+    "gateway-timeout": _Param(
+        "RATE", 0.0, 1.0, "fraction of gateway captures made, then answered 504"
+    ),
     "kill-backends": _Param(
         "SECONDS", 0.01, 3_600.0, "kill one backend in a transaction this often"
     ),
+    "lock-timeout": _Param("MS", 1.0, 600_000.0, "the target database's lock_timeout"),
+    "statement-timeout": _Param("MS", 1.0, 600_000.0, "the target database's statement_timeout"),
 }
 
 
@@ -129,19 +147,30 @@ WHERE pid = $1 AND state IS DISTINCT FROM 'idle'
 class BackendKiller:
     """Every `interval_s`, terminate one random in-transaction backend of `dsn`'s database."""
 
-    def __init__(self, dsn: str, interval_s: float, rng: random.Random) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        interval_s: float,
+        rng: random.Random,
+        on_kill: Callable[[int], None] = lambda pid: None,
+    ) -> None:
         self.dsn = dsn
+        self.on_kill = on_kill
         self.interval_s = interval_s
         self.rng = rng
         self.killed = 0
         self.idle_ticks = 0  # ticks that found no backend inside a transaction
+        self.lost_connections = 0  # times the killer's own connection was lost
         self._conn: Any = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._conn = await asyncpg.connect(
-            self.dsn, server_settings={"application_name": APPLICATION_NAME}
+    async def _connect(self) -> Any:
+        return await asyncpg.connect(
+            self.dsn, server_settings={"application_name": APPLICATION_NAME}, timeout=5
         )
+
+    async def start(self) -> None:
+        self._conn = await self._connect()
         self._task = asyncio.create_task(self._loop())
 
     async def tick(self) -> int | None:
@@ -155,12 +184,22 @@ class BackendKiller:
             self.idle_ticks += 1
             return None
         self.killed += 1
+        self.on_kill(pid)
         return pid
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            await self.tick()
+            try:
+                await self.tick()
+            except CONNECTION_LOST:
+                # The database restarted (or another fault took this connection): the killer
+                # carries on with a new one at the next tick, as a real operator would.
+                self.lost_connections += 1
+                with contextlib.suppress(Exception):
+                    self._conn.terminate()
+                with contextlib.suppress(*CONNECTION_LOST):
+                    self._conn = await self._connect()
 
     async def stop(self) -> None:
         """Stop killing; a failure of the killer itself is raised here, not swallowed."""
@@ -173,11 +212,63 @@ class BackendKiller:
                     await self._task
         finally:
             if self._conn is not None:
-                await self._conn.close()
+                try:
+                    await self._conn.close(timeout=2)
+                except Exception:  # lost with the server: nothing to close politely
+                    self._conn.terminate()
+
+
+# Idle client backends of the target: its pool's connections, reopened with the new settings.
+_KILL_IDLE = """
+SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND backend_type = 'client backend' AND state = 'idle'
+  AND coalesce(application_name, '') NOT LIKE $1
+"""
+
+
+class Timeouts:
+    """lock_timeout / statement_timeout on the target's database while the trials run."""
+
+    def __init__(self, dsn: str, settings: dict[str, float]) -> None:
+        self.dsn = dsn
+        self.settings = settings  # GUC name -> milliseconds
+        self.reopened = 0  # idle pooled connections terminated so they pick the settings up
+        self._database: str | None = None
+
+    async def start(self) -> None:
+        conn = await asyncpg.connect(
+            self.dsn, server_settings={"application_name": APPLICATION_NAME}, timeout=5
+        )
+        try:
+            self._database = str(await conn.fetchval("SELECT current_database()"))
+            ident = _ident(self._database)
+            for name, ms in self.settings.items():
+                await conn.execute(f"ALTER DATABASE {ident} SET {name} = {int(ms)}")
+            self.reopened = int(await conn.fetchval(_KILL_IDLE, HARNESS_PREFIX + "%"))
+        finally:
+            await conn.close()
+
+    async def stop(self) -> None:
+        if self._database is None:
+            return
+        conn = await asyncpg.connect(
+            self.dsn, server_settings={"application_name": APPLICATION_NAME}, timeout=5
+        )
+        try:
+            for name in self.settings:
+                await conn.execute(f"ALTER DATABASE {_ident(self._database)} RESET {name}")
+        finally:
+            await conn.close()
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 class Nemesis:
-    """The faults of a spec, on for the duration of an `async with` block."""
+    """The faults of a spec, on for the duration of an `async with` block; each one an
+    operation in `history` when one is given."""
 
     def __init__(
         self,
@@ -186,42 +277,79 @@ class Nemesis:
         gateway: GatewayControl | None = None,
         dsn: str | None = None,
         seed: int = 0,
+        history: History | None = None,
     ) -> None:
         self.faults = faults
+        self.history = history
         by_name = {f.name: f.value for f in faults}
         self._fail_rate = by_name.get("gateway-errors")
         self._latency_ms = by_name.get("gateway-latency")
+        self._timeout_rate = by_name.get("gateway-timeout")
         self._kill_every = by_name.get("kill-backends")
-        gateway_faults = self._fail_rate is not None or self._latency_ms is not None
+        gateway_faults = any(
+            v is not None for v in (self._fail_rate, self._latency_ms, self._timeout_rate)
+        )
         if gateway_faults and gateway is None:
             raise ValueError("gateway faults need the fake gateway")
         if self._kill_every is not None and dsn is None:
             raise ValueError("kill-backends needs the target's database (a DSN)")
         self._knobs = gateway if gateway is not None and gateway_faults else None
         self._killer = (
-            BackendKiller(dsn, self._kill_every, random.Random(seed))
+            BackendKiller(dsn, self._kill_every, random.Random(seed), self._killed)
             if dsn is not None and self._kill_every is not None
             else None
         )
+        timeouts = {
+            guc: by_name[name]
+            for name, guc in (
+                ("lock-timeout", "lock_timeout"),
+                ("statement-timeout", "statement_timeout"),
+            )
+            if name in by_name
+        }
+        if timeouts and dsn is None:
+            raise ValueError("lock-timeout / statement-timeout need the target's database")
+        self._timeouts = Timeouts(dsn, timeouts) if dsn is not None and timeouts else None
         self._saved: dict[str, float] | None = None
         self._injected_before = 0
+        self._timed_out_before = 0
         self.gateway_errors_injected = 0
+        self.gateway_timeouts_injected = 0
 
     @classmethod
     def from_spec(cls, spec: str | None, **kwargs: Any) -> Nemesis:
         return cls(parse_spec(spec) if spec else [], **kwargs)
 
-    def _injected(self) -> int:
+    def _injected(self, counter: str = "injected") -> int:
         assert self._knobs is not None
-        return sum(self._knobs.counters().get("injected", {}).values())
+        return sum(self._knobs.counters().get(counter, {}).values())
+
+    def _record(self, value: dict[str, Any]) -> None:
+        """One fault as an operation of the history: invoked and done at once, `info` (it
+        happened to the system, it is not a request with an outcome)."""
+        if self.history is None:
+            return
+        op = self.history.invoke("nemesis", "nemesis", -1, None, value)
+        self.history.complete(op, "info", value=value)
+
+    def _killed(self, pid: int) -> None:
+        self._record({"fault": "kill-backends", "action": "kill", "pid": pid})
 
     async def __aenter__(self) -> Nemesis:
+        for fault in self.faults:
+            self._record({"fault": str(fault), "action": "start"})
+        if self._timeouts is not None:
+            await self._timeouts.start()
         if self._knobs is not None:
             self._saved = await asyncio.to_thread(self._knobs.knobs)
             self._injected_before = await asyncio.to_thread(self._injected)
+            self._timed_out_before = await asyncio.to_thread(self._injected, "timed_out")
             latency = None if self._latency_ms is None else self._latency_ms / 1000
             await asyncio.to_thread(
-                self._knobs.set_knobs, fail_rate=self._fail_rate, capture_latency_s=latency
+                self._knobs.set_knobs,
+                fail_rate=self._fail_rate,
+                capture_latency_s=latency,
+                timeout_rate=self._timeout_rate,
             )
         if self._killer is not None:
             try:
@@ -239,6 +367,8 @@ class Nemesis:
         await asyncio.to_thread(knobs.set_knobs, **saved)
         self.gateway_errors_injected = await asyncio.to_thread(self._injected)
         self.gateway_errors_injected -= self._injected_before
+        timed_out = await asyncio.to_thread(self._injected, "timed_out")
+        self.gateway_timeouts_injected = timed_out - self._timed_out_before
 
     async def __aexit__(
         self,
@@ -250,14 +380,24 @@ class Nemesis:
             if self._killer is not None:
                 await self._killer.stop()
         finally:
-            await self._restore()
+            try:
+                await self._restore()
+            finally:
+                if self._timeouts is not None:
+                    await self._timeouts.stop()
+                for fault in self.faults:
+                    self._record({"fault": str(fault), "action": "stop"})
 
     def report(self) -> dict[str, Any]:
         report: dict[str, Any] = {
             "faults": [str(f) for f in self.faults],
             "gateway_errors_injected": self.gateway_errors_injected,
+            "gateway_timeouts_injected": self.gateway_timeouts_injected,
             "backends_killed": self._killer.killed if self._killer else 0,
         }
         if self._killer is not None:
             report["kill_ticks_without_target"] = self._killer.idle_ticks
+        if self._timeouts is not None:
+            report["timeouts"] = {k: int(v) for k, v in self._timeouts.settings.items()}
+            report["pooled_connections_reopened"] = self._timeouts.reopened
         return report

@@ -12,6 +12,10 @@
     └── cycles      the wait-for cycles the lock sampler saw, each member's fate read
                     (model.deadlocks ties them to payments through the audit rows)
 
+Every read and the install survive a lost connection (a nemesis killing backends, a
+restarted server): they start again on a new connection for up to RECONNECT_FOR_S, so the
+harness outlives the faults it injects. A login the server refuses is not retried.
+
 The target's answers say what it *thinks* happened. The audit triggers record what reached
 the database: an AFTER ... FOR EACH ROW trigger runs inside the writing transaction, so a
 row of `payrace_audit.log` exists iff the write committed, stamped with the writer's txid
@@ -46,11 +50,13 @@ Deadlocks: the pg_stat_database counter, when a zero reading of it can be truste
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+import functools
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -58,12 +64,47 @@ from psycopg import sql
 from payrace.harness.model import deadlocks
 from payrace.harness.model.deadlocks import LockCycle
 from payrace.harness.model.watched import OracleConfig, OracleError
-from payrace.postgres import libpq_url
+from payrace.postgres import libpq_url, refused_for_good
 
 SCHEMA = "payrace_audit"
 TRIGGER = "payrace_audit"
 APPLICATION_NAME = "payrace-oracle"
 _LOCK_TIMEOUT = "10s"
+# How long the oracle keeps trying a database that went away (restart, killed connection):
+# a restart takes seconds; past this the database is down and the run says so.
+RECONNECT_FOR_S = 30.0
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _survives_restarts(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run `fn` again on a new connection after a lost one, with backoff, for up to
+    RECONNECT_FOR_S. Only for what is safe to repeat: reads, and the idempotent install."""
+
+    @functools.wraps(fn)
+    def again(*args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.monotonic()
+        delay = 0.1
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except psycopg.OperationalError as exc:
+                if not _connection_lost(exc) or time.monotonic() - started > RECONNECT_FOR_S:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    return again
+
+
+def _connection_lost(exc: psycopg.OperationalError) -> bool:
+    """A lost or refused connection (no SQLSTATE: the socket; class 08: connection
+    exception; class 57: the server shut the session down or is starting), never a
+    statement's own failure such as a lock timeout, nor a refused login."""
+    state = exc.sqlstate
+    lost = state is None or state.startswith(("08", "57"))
+    return lost and not refused_for_good(str(exc))
 
 
 # -- what observe() hands the checkers -----------------------------------------------------
@@ -144,6 +185,10 @@ class Observation:
     # whether a sampler ran at all (no cycles from no sampler proves nothing).
     cycles: tuple[LockCycle, ...] = ()
     cycles_watched: bool = False
+    # Gateway payment ids whose status at the gateway is captured (by a capture call or its
+    # own automatic capture); gateway_observed says the gateway was read at all.
+    gateway_captured: frozenset[str] = frozenset()
+    gateway_observed: bool = False
 
 
 # -- connection ---------------------------------------------------------------------------
@@ -210,6 +255,7 @@ CREATE TABLE IF NOT EXISTS payrace_audit.log (
 """
 
 
+@_survives_restarts
 def install(url: str, config: OracleConfig = OracleConfig.reference()) -> None:
     """Create the audit schema and (re)create the triggers; safe to repeat and to race.
 
@@ -367,6 +413,7 @@ def _check_invoice_link(
 # -- baseline / observe -------------------------------------------------------------------
 
 
+@_survives_restarts
 def baseline(url: str) -> Baseline:
     """Where the run starts: the last audit id handed out and the deadlock counter."""
     with _connect(url) as conn:
@@ -384,6 +431,7 @@ def _last_audit_id(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     return int(row[0]) if row[1] else 0
 
 
+@_survives_restarts
 def deadlocks_since(
     url: str, since: Baseline, *, settle_timeout_s: float = 2.0
 ) -> tuple[int, bool, str]:
@@ -396,6 +444,7 @@ def deadlocks_since(
         return deadlocks.settled_delta(conn, since.deadlocks, since.stats_reset, settle_timeout_s)
 
 
+@_survives_restarts
 def observe(
     url: str,
     config: OracleConfig = OracleConfig.reference(),
@@ -430,7 +479,7 @@ def observe(
             conn, since.deadlocks, since.stats_reset, settle_timeout_s
         )
         cycles = deadlocks.verify(conn, lock_cycles or ())
-    captures, accepted = _gateway(gateway_counters, scope, states, gateway_payment_ids)
+    captures, accepted, at_gateway = _gateway(gateway_counters, scope, states, gateway_payment_ids)
     return Observation(
         audit=audit,
         payments=states,
@@ -442,6 +491,9 @@ def observe(
         deadlock_note=note,
         cycles=cycles,
         cycles_watched=lock_cycles is not None,
+        gateway_captured=frozenset(at_gateway),
+        # An older gateway's counters have no "captured": not observed, not "never captured".
+        gateway_observed=gateway_counters is not None and "captured" in gateway_counters,
     )
 
 
@@ -550,16 +602,18 @@ def _gateway(
     scope: frozenset[int] | None,
     states: Mapping[int, PaymentState],
     extra_ids: Collection[str],
-) -> tuple[dict[str, int], dict[str, int]]:
+) -> tuple[dict[str, int], dict[str, int], set[str]]:
     if counters is None:
-        return {}, {}
+        return {}, {}, set()
     captures = counters.get("captures", {})
     accepted = counters.get("accepted", {})
+    captured = {k for k, v in counters.get("captured", {}).items() if v}
     if scope is None:
-        return dict(captures), dict(accepted)
+        return dict(captures), dict(accepted), captured
     keep = {s.gateway_payment_id for s in states.values() if s.gateway_payment_id}
     keep |= set(extra_ids)
     return (
         {k: v for k, v in captures.items() if k in keep},
         {k: v for k, v in accepted.items() if k in keep},
+        captured & keep,
     )

@@ -76,6 +76,7 @@ VERDICT_WORDS: dict[str, str] = {
     "not_as_declared": "not as declared",
     "error": "error: the run cannot be trusted",
     "setup_error": "setup error",
+    "target_stopped": "target stopped answering: the run is incomplete",
 }
 
 

@@ -110,6 +110,10 @@ class OracleConfig:
             doc: Mapping[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise OracleError(f"cannot read oracle config {path}: {exc}") from exc
+        except UnicodeDecodeError:
+            raise OracleError(
+                f"cannot read oracle config {path}: it is not UTF-8 text; give a TOML file"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise OracleError(f"{path} is not valid TOML: {exc}") from exc
         where = str(path)

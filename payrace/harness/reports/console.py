@@ -108,6 +108,8 @@ def render_console(
     for name, strategy in strategies.items():
         if deadlocks := deadlock_line(strategy):
             console.print(Text(f"{name}: {deadlocks}", style="bold red"))
+        for blind in strategy.get("not_seen") or []:  # what the run could not see
+            console.print(Text(f"{name}: not seen: {blind}", style="yellow"))
 
     for name, strategy in strategies.items():
         events = violation_events(strategy)

@@ -20,6 +20,7 @@ from typing import Any
 from payrace.harness.reports.html import write_html
 from payrace.harness.reports.junit import write_junit
 from payrace.harness.reports.summary import write_json
+from payrace.redact import redact_tree
 
 WRITERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], None]]] = {
     "summary": ("summary.json", write_json),
@@ -31,6 +32,8 @@ WRITERS: dict[str, tuple[str, Callable[[dict[str, Any], Path], None]]] = {
 def write_all(summary: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """summary.json, junit.xml and report.html in out_dir (history.jsonl is the runner's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # CI uploads these files: no password typed anywhere in a run reaches them.
+    summary = redact_tree(summary)
     written = {}
     for key, (filename, writer) in WRITERS.items():
         writer(summary, out_dir / filename)

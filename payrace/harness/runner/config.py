@@ -15,6 +15,9 @@ A run races one target profile (model.profile): the reference service's own, or 
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -23,10 +26,15 @@ from payrace.harness.errors import UsageError
 from payrace.harness.model import watched
 from payrace.harness.model.gates import Baseline, check_gates
 from payrace.harness.model.gates import Gate as Gate  # where the CLI and plugin import it
+from payrace.harness.model.generator import MAX_WEBHOOKS
 from payrace.harness.model.nemesis import NemesisSpecError, parse_spec
 from payrace.harness.model.profile import Profile
 from payrace.postgres import normalise_isolation
 from payrace.service.capture import STRATEGIES
+
+# --jitter-ms and --hold-ms: a minute is far past any lock wait worth racing, and keeps a
+# typo (an extra zero or three) from parking a run for hours.
+MAX_OFFSET_MS = 60_000.0
 
 # PostgreSQL 15+ flushes an idle backend's deadlock count within 10 s (PGSTAT_IDLE_INTERVAL);
 # a pooled target's idle connections have flushed once they sat idle 11 s (model.oracle).
@@ -123,6 +131,24 @@ class RunConfig:
             raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.concurrency < 1 or self.concurrency > 64:
             raise UsageError("--concurrency must be between 1 and 64")
+        if not 0 <= self.webhooks <= MAX_WEBHOOKS:
+            raise UsageError(
+                f"--webhooks must be between 0 and {MAX_WEBHOOKS} (webhooks per trial besides "
+                f"the client callback), got {self.webhooks}"
+            )
+        for flag, value in (("--jitter-ms", self.jitter_ms), ("--hold-ms", self.hold_ms)):
+            # NaN passes every comparison's `not`, inf every lower bound: say so up front,
+            # not in a JSON encoder after the whole run.
+            if not (math.isfinite(value) and 0 <= value <= MAX_OFFSET_MS):
+                raise UsageError(
+                    f"{flag} must be a number of milliseconds between 0 and "
+                    f"{MAX_OFFSET_MS:g}, got {value!r}"
+                )
+        if any(not s.strip() for s in self.strategies):
+            raise UsageError(
+                f"--strategy names an empty strategy; choose from {', '.join(STRATEGIES)} "
+                "(or leave --strategy out for for_update)"
+            )
         try:
             self.isolation = normalise_isolation(self.isolation)
         except ValueError as exc:
@@ -190,6 +216,7 @@ class RunConfig:
                 parse_spec(self.nemesis)
             except NemesisSpecError as exc:
                 raise UsageError(str(exc)) from exc
+        _check_writable(self.out_dir)
         self._check_gates()
 
     def _check_gates(self) -> None:
@@ -232,6 +259,21 @@ class RunConfig:
                 "which --force locks does not use (the harness holds rows of its own): leave "
                 "--hold-ms out, or use --force pause against a target with the pause handshake"
             )
+
+
+def _check_writable(out_dir: Path) -> None:
+    """The reports directory takes a file now, not after every trial ran: create it (the run
+    would) and write and delete a probe file. Permission bits alone do not tell, as root."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".payrace-probe-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(
+            f"--out {out_dir} cannot take the reports ({exc.strerror or exc}): choose a "
+            "directory you can write to"
+        ) from None
 
 
 def oracle_config(config: RunConfig) -> watched.OracleConfig:

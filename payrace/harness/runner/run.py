@@ -29,6 +29,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psycopg
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from payrace.harness.errors import UsageError
@@ -36,11 +37,11 @@ from payrace.harness.gateway.controls import GatewayControl, LocalGateway, Remot
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.infra.machine import machine
-from payrace.harness.infra.provider import Database, provide_postgres
+from payrace.harness.infra.provider import Database, connect_failure, provide_postgres
 from payrace.harness.model import oracle, watched
 from payrace.harness.model.gates import judge_gates
 from payrace.harness.model.judge import judge as check
-from payrace.harness.model.verdict import DECLARED, invariants_outcome
+from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, RunOutcome, invariants_outcome
 from payrace.harness.reports.timeline import (
     TimelineEvent,
     from_audit_waits,
@@ -50,6 +51,8 @@ from payrace.harness.reports.timeline import (
 from payrace.harness.runner.config import RunConfig, oracle_config
 from payrace.harness.runner.target import start_target
 from payrace.harness.runner.trials import StrategyRun, TrialOutcome, fire_trials
+from payrace.postgres import DsnError, libpq_url
+from payrace.redact import redact, redact_tree
 from payrace.service.db import create_schema
 
 
@@ -57,27 +60,31 @@ async def judge(
     config: RunConfig, run: StrategyRun, gateway: GatewayControl, oracle_url: str
 ) -> dict[str, Any]:
     """Observe with the oracle and check. Called after the target stopped when payrace
-    started it: its backends have exited and flushed their counters (deadlocks)."""
-    assert run.since is not None
+    started it: its backends have exited and flushed their counters (deadlocks). An oracle
+    that cannot read the database leaves the verdict unknown, the reports written."""
     payments = {o.payment_id: o.trial for o in run.outcomes.values()}
+    # What the run could not see, said in the summary instead of passing for "nothing there".
+    # A gap in lock sampling leaves the verdict alone: the audit triggers and the deadlock
+    # counter, which decide it, saw everything; the sampler only ties deadlocks to payments.
+    not_seen: list[str] = list(run.server_side.get("not_seen") or [])
+    if run.target_stopped is not None:
+        not_seen.append(run.target_stopped)
     counters = await asyncio.to_thread(gateway.counters)
-    obs = await asyncio.to_thread(
-        oracle.observe,
-        oracle_url,
-        oracle_config(config),
-        since=run.since,
-        payment_ids=set(payments),
-        gateway_counters=counters,
-        # Also the ids the database never recorded: a capture the gateway accepted in a
-        # transaction that then rolled back is exactly what no_lost_capture is for.
-        gateway_payment_ids=[o.gateway_payment_id for o in run.outcomes.values()],
-        settle_timeout_s=config.settle_timeout_s(),
-        lock_cycles=run.lock_cycles,
-    )
+    try:
+        obs = await _observe(config, run, counters, oracle_url, set(payments))
+    except (psycopg.Error, watched.OracleError) as exc:
+        said = " ".join(str(exc).split())
+        not_seen.append(f"the oracle could not read the target's database: {said}")
+        return _unobserved(config, run, not_seen)
     judged = check(run.history.ops(), obs)
     valid = judged.valid
     if run.trial_errors and valid is True:
         valid = "unknown"
+    checks = judged.checks()
+    if run.target_stopped is not None:
+        # What ran is judged (a violation found stays one); the rest was never raced.
+        valid = False if valid is False else "unknown"
+        checks["target_answered"] = _blind_check("target_answered", run.target_stopped)
     violating = sorted(payments[p] for p in judged.verdict.violating_payments if p in payments)
     first = None
     if violating:
@@ -95,27 +102,82 @@ async def judge(
             )
             first["timeline"] = [e.to_json() for e in audit]
         _retime(first, outcome)
-    duration = run.duration_s
-    faults = {"nemesis": run.nemesis} if run.nemesis is not None else {}
     return {
-        "expected": _expected(config, run.strategy),
+        **_common(config, run, not_seen),
         "valid": valid,
-        "trials": config.trials,
         "violating_trials": len(violating),
-        "trials_per_second": round(config.trials / duration, 2) if duration else 0.0,
-        "duration_s": round(duration, 3),
-        "pause_timeouts": run.pause_timeouts,
-        "forced": _forced(config, run),
-        "trial_errors": {"count": len(run.trial_errors), "first": run.trial_errors[:3]},
-        "checks": judged.checks(),
-        "latency_ms": run.latency.summary(),
-        "plots": run.latency.plots(),
-        "server_side": run.server_side,
-        "arrival_spread_ms": run.arrival.summary() if config.mode == "aligned" else None,
+        "checks": checks,
         "first_violation": first,
         # Deadlocks tied to trials are in violating_trials; `unattributed` ones are not, and
         # the `violations` gate adds them (runner.config.Gate).
         "deadlocks": judged.deadlock_summary(),
+    }
+
+
+async def _observe(
+    config: RunConfig,
+    run: StrategyRun,
+    counters: dict[str, Any],
+    oracle_url: str,
+    payment_ids: set[int],
+) -> oracle.Observation:
+    assert run.since is not None
+    return await asyncio.to_thread(
+        oracle.observe,
+        oracle_url,
+        oracle_config(config),
+        since=run.since,
+        payment_ids=payment_ids,
+        gateway_counters=counters,
+        # Also the ids the database never recorded: a capture the gateway accepted in a
+        # transaction that then rolled back is exactly what no_lost_capture is for.
+        gateway_payment_ids=[o.gateway_payment_id for o in run.outcomes.values()],
+        settle_timeout_s=config.settle_timeout_s(),
+        lock_cycles=run.lock_cycles,
+    )
+
+
+def _unobserved(config: RunConfig, run: StrategyRun, not_seen: list[str]) -> dict[str, Any]:
+    """A strategy the oracle could not read: every report still written, verdict unknown,
+    the reason in the one check that stands for all of them."""
+    return {
+        **_common(config, run, not_seen),
+        "valid": "unknown",
+        "violating_trials": 0,
+        "checks": {"oracle": _blind_check("oracle", not_seen[-1])},
+        "first_violation": None,
+        "deadlocks": None,
+    }
+
+
+def _blind_check(name: str, reason: str) -> dict[str, Any]:
+    """A check that could not be made: unknown, the reason in its note (every report shows
+    a check; JUnit makes an unknown one an error)."""
+    return {"name": name, "valid": "unknown", "count": 0, "checked": 0, "first": None,
+            "worst": None, "last": None, "note": reason, "payments": []}  # fmt: skip
+
+
+def _common(config: RunConfig, run: StrategyRun, not_seen: list[str]) -> dict[str, Any]:
+    """The parts of a strategy's summary that need no observation."""
+    duration = run.duration_s
+    faults = {"nemesis": run.nemesis} if run.nemesis is not None else {}
+    done = run.trials_done()  # failed trials raced nothing: not in the rate
+    stopped = {"target_stopped": run.target_stopped} if run.target_stopped else {}
+    return {
+        "expected": _expected(config, run.strategy),
+        "trials": config.trials,
+        "trials_done": done,
+        **stopped,
+        "not_seen": not_seen,
+        "trials_per_second": round(done / duration, 2) if duration else 0.0,
+        "duration_s": round(duration, 3),
+        "pause_timeouts": run.pause_timeouts,
+        "forced": _forced(config, run),
+        "trial_errors": {"count": len(run.trial_errors), "first": run.trial_errors[:3]},
+        "latency_ms": run.latency.summary(),
+        "plots": run.latency.plots(),
+        "server_side": run.server_side,
+        "arrival_spread_ms": run.arrival.summary() if config.mode == "aligned" else None,
         **faults,
         "_history": run.history,
     }
@@ -192,6 +254,7 @@ async def run(
             assert config.target_dsn is not None and config.gateway_url is not None
             await _answers(config.target, "--target", "start your service first")
             await _answers(config.gateway_url, "--gateway-url", "start one with `payrace gateway`")
+            await _database_answers(config.target_dsn, "--target-dsn")
             oracle_url = config.target_dsn
             db_info = {"route": "target", "describe": "the target's own database (--target-dsn)"}
             remote = RemoteGateway(config.gateway_url)
@@ -259,25 +322,36 @@ def summary_of(
     """The summary (contracts.md) of judged strategies: gates, verdict and exit code. run()
     and a test's own race (payrace.testing.capture_race) both end here."""
     gates = judge_gates(config.gates, results, config.loaded_baseline())
-    return invariants_outcome(results, gates).stamp(
-        {
-            "run_id": config.run_id,
-            "command": config.command,
-            "started_at": started_at.isoformat(timespec="seconds"),
-            "duration_s": round(duration_s, 3),
-            "machine": machine(),
-            "database": database,
-            "target": config.target,
-            "mode": config.mode,
-            "trials": config.trials,
-            "seed": config.seed,
-            "webhooks_per_trial": config.webhooks,
-            "isolation_level": config.isolation,
-            "hold_ms": config.hold_ms,
-            "force": config.force,
-            "strategies": results,
-            "gates": gates,
-        }
+    outcome = invariants_outcome(results, gates)
+    stopped = [r["target_stopped"] for r in results.values() if r.get("target_stopped")]
+    if stopped:
+        # A target that died mid-run is an infrastructure failure, not a verdict on it: what
+        # was in flight when it died (a capture the gateway took, never committed) cannot be
+        # judged. The checks still list what they found; exit 2 says the run is incomplete.
+        outcome = RunOutcome("target_stopped", EXIT_ERROR, "invariants", tuple(stopped))
+    # What the console, the pytest plugin and every report see: passwords typed into any
+    # option (command, --target, errors quoting a DSN) are masked once, here.
+    return redact_tree(
+        outcome.stamp(
+            {
+                "run_id": config.run_id,
+                "command": config.command,
+                "started_at": started_at.isoformat(timespec="seconds"),
+                "duration_s": round(duration_s, 3),
+                "machine": machine(),
+                "database": database,
+                "target": config.target,
+                "mode": config.mode,
+                "trials": config.trials,
+                "seed": config.seed,
+                "webhooks_per_trial": config.webhooks,
+                "isolation_level": config.isolation,
+                "hold_ms": config.hold_ms,
+                "force": config.force,
+                "strategies": results,
+                "gates": gates,
+            }
+        )
     )
 
 
@@ -291,6 +365,22 @@ async def _answers(url: str, flag: str, hint: str) -> None:
         raise UsageError(
             f"nothing answers at {flag} {url} ({type(exc).__name__}: {exc}); {hint}"
         ) from None
+
+
+async def _database_answers(dsn: str, flag: str) -> None:
+    """The target's database, where the oracle installs its triggers, takes a login now:
+    a refusal or a dead server is named (password redacted) before any trial."""
+
+    def probe() -> None:
+        with psycopg.connect(libpq_url(dsn), connect_timeout=5, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+
+    try:
+        await asyncio.to_thread(probe)
+    except DsnError as exc:
+        raise UsageError(f"{flag} {redact(dsn)}: {exc}") from None
+    except psycopg.Error as exc:
+        raise UsageError(connect_failure(dsn, str(exc), flag)) from None
 
 
 async def _create_schema(db: Database) -> None:
@@ -308,4 +398,4 @@ def write_history(summary: dict[str, Any], path: Path) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for history in histories:
             for op in history:
-                fh.write(json.dumps(op.to_json(), separators=(",", ":")) + "\n")
+                fh.write(redact(json.dumps(op.to_json(), separators=(",", ":"))) + "\n")

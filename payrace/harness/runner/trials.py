@@ -14,6 +14,9 @@ _fire()          how the requests are released, by mode:
                    HTTP; the arrival spread is measured from the target's own stamps
   jitter           seeded random offsets per request
 _redeliver()     webhooks answered with a 5xx sent again, as Razorpay does (nemesis only)
+Liveness         a target that stopped answering (STOP_AFTER trials in a row without any
+                 HTTP answer: killed, crashed) stops the run early with the cause, instead
+                 of a long tail of failed trials judged as if they had raced
 """
 
 from __future__ import annotations
@@ -27,15 +30,17 @@ from functools import partial
 from typing import Any
 
 import asyncpg
+import httpx
 
 from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import GatewayControl
 from payrace.harness.model import oracle
+from payrace.harness.model.checker import CAPTURE_EVENTS
 from payrace.harness.model.client import PaymentContext, Prepared, Reply, prepare
 from payrace.harness.model.deadlocks import LockCycle
 from payrace.harness.model.generator import Generator, TrialPlan
 from payrace.harness.model.history import History, Operation, classify
-from payrace.harness.model.lockwatch import LockWatch, WaitEpisode
+from payrace.harness.model.lockwatch import CONNECTION_LOST, LockWatch, WaitEpisode
 from payrace.harness.model.nemesis import Nemesis
 from payrace.harness.model.profile import Profile, foreign_order
 from payrace.harness.model.stats import LatencyHistogram, PathHistograms
@@ -53,8 +58,18 @@ class BlockedProbe:
         self.pool = pool
 
     async def __call__(self, pid: int) -> bool:
-        async with self.pool.acquire() as conn:
-            return bool(await conn.fetchval("SELECT cardinality(pg_blocking_pids($1)) > 0", pid))
+        # A pooled connection killed by a nemesis or a restart is replaced on the next
+        # acquire: ask again rather than fail the trial over the harness's own connection.
+        for attempt in range(1, 4):
+            try:
+                async with self.pool.acquire() as conn:
+                    query = "SELECT cardinality(pg_blocking_pids($1)) > 0"
+                    return bool(await conn.fetchval(query, pid))
+            except CONNECTION_LOST:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class Recorder:
@@ -80,6 +95,7 @@ class TrialOutcome:
     # monotonic start and end, and which backend served which request (in-process only).
     window: tuple[int, int] = (0, 0)
     backends: dict[int, str] = field(default_factory=dict)
+    unanswered: str | None = None  # no request of the trial got any answer: why
 
 
 class StrategyRun:
@@ -107,6 +123,55 @@ class StrategyRun:
         self.lock_poll_ms = 0.0
         # Backends of --force locks barriers: a request waiting on one waits for payrace.
         self.barrier_pids: set[int] = set()
+        # Set when the target stopped answering mid-run: the cause, and the run stopped.
+        self.target_stopped: str | None = None
+
+    def trials_done(self) -> int:
+        """Trials that were carried out: the target answered at least one of their requests."""
+        return sum(o.unanswered is None for o in self.outcomes.values())
+
+
+# Trials in a row that got no HTTP answer at all before the run gives up on the target:
+# enough that a blip (a restart the nemesis made, a full accept queue) is ridden out.
+STOP_AFTER = 10
+
+
+class Liveness:
+    """Whether the target still answers, judged from whole trials in the order they end."""
+
+    def __init__(self, stop_after: int = STOP_AFTER) -> None:
+        self.stop_after = stop_after
+        self.silent = 0  # trials in a row without an answer
+        self.last_answered: int | None = None
+        self.stopped: str | None = None
+
+    def answered(self, trial: int) -> None:
+        self.silent = 0
+        self.last_answered = trial if self.last_answered is None else max(self.last_answered, trial)
+
+    def unanswered(self, trial: int, why: str, planned: int) -> None:
+        self.silent += 1
+        if self.silent >= self.stop_after and self.stopped is None:
+            after = (
+                f"after trial {self.last_answered}"
+                if self.last_answered is not None
+                else "before any trial"
+            )
+            self.stopped = (
+                f"the target stopped answering {after}: {why} ({self.silent} trials in a "
+                f"row without an answer; the run stopped early, of {planned} planned trials)"
+            )
+
+
+def _connection_failure(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.TransportError | OSError)
+
+
+def _no_answer(replies: list[Reply]) -> str | None:
+    """Why none of a trial's requests was answered, or None when one was."""
+    if not replies or any(r.status is not None for r in replies):
+        return None
+    return replies[0].error or "no answer"
 
 
 async def _fire(
@@ -229,6 +294,11 @@ async def run_trial(
     except Exception as exc:
         said = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         raise UsageError(foreign_order(order["gateway_order_id"], said)) from None
+    if any(step.event in CAPTURE_EVENTS for step in plan.steps):
+        # Razorpay sends payment.captured / order.paid only for a payment it has captured
+        # (its automatic capture): the gateway's state comes first, as in the wild, so a
+        # target trusting the event is never told of a capture that did not happen.
+        payment = await asyncio.to_thread(gateway.auto_capture, payment["id"])
     ctx = PaymentContext(
         order["payment_id"], order["gateway_order_id"], payment, amount=config.amount
     )
@@ -268,6 +338,7 @@ async def run_trial(
         forced,
         window,
         backends,
+        unanswered=_no_answer(replies),
     )
 
 
@@ -285,7 +356,10 @@ def _complete(run: StrategyRun, invoke: Operation, reply: Reply) -> dict[str, An
     return server
 
 
-REDELIVERIES = 3
+# Razorpay retries a webhook for 24 hours; a run cannot wait that long, but a capture the
+# gateway made and announced must not be judged lost because a burst of faults swallowed a
+# few attempts: 8 attempts, backing off from 20 ms to ~2.5 s (about 5 s in all).
+REDELIVERIES = 8
 
 
 async def _redeliver(
@@ -305,7 +379,7 @@ async def _redeliver(
             if attempt == REDELIVERIES:
                 break
             attempt += 1
-            await asyncio.sleep(0.01 * attempt)
+            await asyncio.sleep(0.01 * 2**attempt)
             value = {**req.value, "redelivery": attempt}
             inv = run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, value)
             reply = await target.client.send(req)
@@ -366,23 +440,41 @@ async def fire_trials(
             concurrency=config.concurrency,
         )
 
+    liveness = Liveness()
+
     async def guarded(trial: int) -> None:
         async with semaphore:
+            if liveness.stopped is not None:
+                return  # the target is gone: the trials left are not run
             try:
                 await run_trial(config, target, gateway, generator, trial, run, is_blocked, forcing)
             except UsageError:
                 raise
             except Exception as exc:  # one broken trial must not hide the others' verdicts
-                run.trial_errors.append(f"trial {trial}: {type(exc).__name__}: {exc}")
+                said = f"{type(exc).__name__}: {exc}"
+                run.trial_errors.append(f"trial {trial}: {said}")
+                if _connection_failure(exc):
+                    liveness.unanswered(trial, said, config.trials)
+                else:  # answered, if not as hoped: the target is there
+                    liveness.silent = 0
+            else:
+                why = run.outcomes[trial].unanswered
+                if why is None:
+                    liveness.answered(trial)
+                else:
+                    liveness.unanswered(trial, why, config.trials)
             on_trial()
 
-    nemesis = Nemesis.from_spec(config.nemesis, gateway=gateway, dsn=oracle_url, seed=config.seed)
+    nemesis = Nemesis.from_spec(
+        config.nemesis, gateway=gateway, dsn=oracle_url, seed=config.seed, history=run.history
+    )
     started = time.perf_counter()
     async with LockWatch(oracle_url) as watch, nemesis, AsyncExitStack() as stack:
         if forcing is not None:
             await stack.enter_async_context(forcing)
         await asyncio.gather(*(guarded(t) for t in range(config.trials)))
     run.duration_s = time.perf_counter() - started
+    run.target_stopped = liveness.stopped
     run.server_side = watch.result.to_json()
     run.lock_cycles = watch.result.cycles
     run.lock_waits = watch.result.episodes_seen

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from payrace.harness.gateway.controls import LocalGateway, RemoteGateway
-from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.fake import FakeRazorpay, RazorpayError
 
 AMOUNT = 50000
 
@@ -24,13 +24,42 @@ def test_remote_gateway_authorizes_and_reads_counters(
         assert payment["id"] not in gateway.counters()["captures"]
         fake_gateway.capture(payment["id"], {"amount": AMOUNT, "currency": "INR"})
         counters = gateway.counters()
-        assert set(counters) == {"captures", "accepted", "rejected", "injected"}
+        assert set(counters) == {
+            "captures", "accepted", "rejected", "injected", "auto_captured", "timed_out",
+            "captured",
+        }  # fmt: skip
         assert counters["captures"][payment["id"]] == 1
         assert counters["accepted"][payment["id"]] == 1
+        assert counters["captured"][payment["id"]] == 1
         with pytest.raises(httpx.HTTPStatusError):
             gateway.authorize("order_doesnotexist0")
     finally:
         gateway.close()
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_the_gateways_automatic_capture_is_no_capture_call(
+    gateway_url: str, fake_gateway: FakeRazorpay, remote: bool
+) -> None:
+    """What precedes Razorpay's payment.captured: the payment is captured at the gateway,
+    and a merchant's capture call afterwards is told it already is."""
+    order = fake_gateway.create_order({"amount": AMOUNT, "currency": "INR"})
+    gateway = RemoteGateway(gateway_url) if remote else LocalGateway(fake_gateway)
+    try:
+        payment = gateway.authorize(order["id"])
+        captured = gateway.auto_capture(payment["id"])
+        assert (captured["status"], captured["captured"]) == ("captured", True)
+        assert gateway.auto_capture(payment["id"])["status"] == "captured"  # repeatable
+        counters = gateway.counters()
+        assert payment["id"] not in counters["captures"]
+        assert counters["auto_captured"][payment["id"]] == 1
+        assert counters["captured"][payment["id"]] == 1
+        assert fake_gateway.order(order["id"])["status"] == "paid"  # type: ignore[index]
+        with pytest.raises(RazorpayError, match="already been captured"):
+            fake_gateway.capture(payment["id"], {"amount": AMOUNT, "currency": "INR"})
+    finally:
+        if isinstance(gateway, RemoteGateway):
+            gateway.close()
 
 
 def test_local_gateway_authorizes_and_reads_counters(fake_gateway: FakeRazorpay) -> None:

@@ -154,7 +154,12 @@ def test_knobs_change_only_what_is_named_and_refuse_what_is_not_a_knob_value() -
     ):
         with pytest.raises(ValueError, match=message):
             knobs.changed(changes)
-    assert knobs.as_dict() == {"latency_s": 0.1, "capture_latency_s": 0.0, "fail_rate": 0.0}
+    assert knobs.as_dict() == {
+        "latency_s": 0.1,
+        "capture_latency_s": 0.0,
+        "fail_rate": 0.0,
+        "timeout_rate": 0.0,
+    }
 
 
 def test_reset_restores_the_knobs_the_fake_was_built_with() -> None:
@@ -162,7 +167,12 @@ def test_reset_restores_the_knobs_the_fake_was_built_with() -> None:
     assert fake.set_knobs(fail_rate=1.0, capture_latency_s=None)["capture_latency_s"] == 0.05
     assert fake.delay_s(capture=True) == 0.05 and fake.delay_s(capture=False) == 0.0
     fake.reset()
-    assert fake.knobs() == {"latency_s": 0.0, "capture_latency_s": 0.05, "fail_rate": 0.0}
+    assert fake.knobs() == {
+        "latency_s": 0.0,
+        "capture_latency_s": 0.05,
+        "fail_rate": 0.0,
+        "timeout_rate": 0.0,
+    }
 
 
 # -- the capture barrier ------------------------------------------------------------------------

@@ -88,7 +88,9 @@ def test_control_endpoints_over_http_match_the_objects_counters(
     assert counters["captures"][payment["id"]] == fake.capture_calls(payment["id"]) == 2
 
     knobs = httpx.post(f"{server.url}/_fake/knobs", json={"fail_rate": 0.25}).json()
-    assert knobs == fake.knobs() == {"latency_s": 0.0, "capture_latency_s": 0.0, "fail_rate": 0.25}
+    assert knobs == fake.knobs() == {
+        "latency_s": 0.0, "capture_latency_s": 0.0, "fail_rate": 0.25, "timeout_rate": 0.0,
+    }  # fmt: skip
     assert httpx.post(f"{server.url}/_fake/knobs", json={"fail_rate": 2}).status_code == 400
     unknown = httpx.post(f"{server.url}/_fake/knobs", json={"failrate": 0.5})
     assert unknown.status_code == 400 and "unknown knob" in unknown.json()["error"]["description"]

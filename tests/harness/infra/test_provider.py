@@ -17,8 +17,10 @@ from payrace.harness.infra.provider import (
     ENV_VAR,
     Database,
     ProviderError,
+    connect_failure,
     docker_available,
     provide_postgres,
+    refused_for_good,
 )
 
 
@@ -219,3 +221,20 @@ def test_prefer_dsn_without_any_dsn_is_an_error(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv(ENV_VAR, raising=False)
     with pytest.raises(ProviderError, match="no DSN given"), provide_postgres(prefer="dsn"):
         pytest.fail("no DSN, yet a database was yielded")
+
+
+def test_a_wrong_password_is_said_as_such_and_never_retried() -> None:
+    said = (
+        'connection failed: connection to server at "db.example", port 5432 failed: FATAL:  '
+        'password authentication failed for user "shop"'
+    )
+    assert refused_for_good(said)
+    assert not refused_for_good("the database system is starting up")
+    assert not refused_for_good("Connection refused")
+    message = connect_failure("postgresql://shop:hunter2@db.example:5432/shop", said, "--dsn")
+    assert message.startswith("authentication failed for user shop at db.example:5432")
+    assert "hunter2" not in message and "--dsn" in message
+    down = connect_failure(
+        "postgresql://shop:hunter2@db.example:1/shop", "Connection refused", "--target-dsn"
+    )
+    assert down.startswith("cannot connect to --target-dsn postgresql://shop:***@db.example:1/shop")

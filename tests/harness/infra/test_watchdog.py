@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
 from marked_run import cleared, cmdline, gone, marked_run
+from psycopg import sql
 
 from payrace.harness.infra.watchdog import serve
 
@@ -85,3 +90,66 @@ def test_a_normal_exit_waits_for_the_guardian_so_nothing_outlives_payrace() -> N
         if stubborn.poll() is None:
             stubborn.kill()
             stubborn.wait()
+
+
+def _outside_server() -> str:
+    return os.environ.get(
+        "PAYRACE_TEST_OUTSIDE_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+
+
+def _databases(admin_url: str) -> set[str]:
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'payrace\\_%'")
+        return {str(r[0]) for r in rows.fetchall()}
+
+
+def test_at_end_of_input_a_guarded_database_is_dropped_and_a_released_one_is_not() -> None:
+    admin = _outside_server()
+    names = [f"payrace_guardtest_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        for name in names:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        guarded, released = names
+        commands = f"+database {guarded} {admin}\n+database {released} {admin}\n"
+        commands += f"-database {released}\n"
+        serve(io.BytesIO(commands.encode()))
+        left = _databases(admin)
+        assert guarded not in left
+        assert released in left
+    finally:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            for name in names:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_a_killed_payrace_leaves_no_database_on_the_dsn_server(tmp_path: Path) -> None:
+    """SIGKILL of `payrace run --dsn`: its payrace_* database is dropped by the guardian."""
+    admin = _outside_server()
+    before = _databases(admin)
+    env = {**os.environ, "PAYRACE_DATABASE_URL": admin}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "payrace.harness.cli", "run", "--trials", "5000", "--quiet",
+         "--out", str(tmp_path)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        created: set[str] = set()
+        while time.monotonic() < deadline and not created:
+            assert proc.poll() is None, "payrace ended before its database was created"
+            created = _databases(admin) - before
+            time.sleep(0.1)
+        assert created, "payrace created no database within 60 s"
+        time.sleep(1.0)  # trials running: connections open in the database
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and created & _databases(admin):
+            time.sleep(0.2)
+        assert not created & _databases(admin), f"{created} outlived a killed payrace"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -7,7 +7,7 @@ the oracle's view of it, written out; test_oracle.py feeds them what a real data
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +24,7 @@ from payrace.harness.model.checker import (
     no_5xx,
     no_deadlock,
     no_lost_capture,
+    no_phantom_capture,
     single_capture_write,
     single_invoice_paid,
     single_order_paid,
@@ -84,7 +85,15 @@ def observation(
     deadlocks: int = 0,
     settled: bool = True,
     config: OracleConfig = REFERENCE,
+    at_gateway: Collection[str] | None = None,
 ) -> Observation:
+    """`at_gateway`: gateway ids captured at the gateway (default: a gateway that agrees with
+    the database: every captured payment's id, `pay_<n>` as Ops sends it, and every id with
+    a capture call)."""
+    if at_gateway is None:
+        at_gateway = {g for g, n in {**(captures or {}), **(accepted or {})}.items() if n}
+        at_gateway |= {p.gateway_payment_id or f"pay_{p.payment_id}" for p in payments
+                       if p.status == "captured"}  # fmt: skip
     return Observation(
         audit=tuple(audit),
         payments={p.payment_id: p for p in payments},
@@ -94,6 +103,8 @@ def observation(
         config=config,
         deadlocks_settled=settled,
         deadlock_note="" if settled else "2 client backend(s) active",
+        gateway_captured=frozenset(at_gateway),
+        gateway_observed=True,
     )
 
 
@@ -172,6 +183,48 @@ def single_capture(payment: int = 7, first_id: int = 1) -> list[AuditRow]:
         row(first_id + 2, "invoices", payment, "issued", "paid", 501, row_id=70),
         row(first_id + 3, "orders", payment, "created", "paid", 501, row_id=700),
     ]
+
+
+# -- no_phantom_capture --------------------------------------------------------------------
+
+
+def test_no_phantom_capture_is_violated_by_a_capture_the_gateway_never_made() -> None:
+    ops = Ops()
+    ops.webhook(8)  # a payment.captured the target trusted
+    obs = observation(single_capture(8), [state(8, gid="pay_8")], at_gateway=())
+    result = no_phantom_capture(ops.ops, obs)
+    assert result.valid is False
+    assert result.count == 1 and result.payments == frozenset({8})
+    assert result.first is not None
+    assert result.first["gateway_payment_id"] == "pay_8"
+    assert result.first["problem"] == "captured in the database, not at the gateway"
+
+
+def test_no_phantom_capture_is_valid_when_the_gateway_captured_too() -> None:
+    obs = observation(single_capture(8), [state(8, gid="pay_8")], at_gateway={"pay_8"})
+    assert no_phantom_capture([], obs).valid is True
+    pending = observation([], [state(9, status="pending", gid="pay_9")], at_gateway=())
+    assert no_phantom_capture([], pending).valid is True  # nothing booked, nothing to prove
+
+
+def test_no_phantom_capture_is_unknown_without_the_gateways_state() -> None:
+    obs = replace(observation(single_capture(8), [state(8, gid="pay_8")]), gateway_observed=False)
+    result = no_phantom_capture([], obs)
+    assert result.valid == "unknown"
+    assert "not read" in result.note
+
+
+def test_no_phantom_capture_looks_up_the_id_the_history_sent_when_the_row_has_none() -> None:
+    ops = Ops()
+    ops.verify(8)  # carries gateway_payment_id pay_8 in its value
+    row_without_id = state(8, gid=None)
+    assert (
+        no_phantom_capture(ops.ops, observation([], [row_without_id], at_gateway=())).valid is False
+    )
+    assert (
+        no_phantom_capture(ops.ops, observation([], [row_without_id], at_gateway={"pay_8"})).valid
+        is True
+    )
 
 
 # -- single_capture_write ------------------------------------------------------------------

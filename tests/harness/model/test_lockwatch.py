@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from payrace.harness.infra.provider import Database
+from payrace.harness.model import lockwatch
 from payrace.harness.model.lockwatch import LockWatch
 
 HOLD_S = 0.3
@@ -106,6 +107,9 @@ async def test_to_json_reports_the_interval_and_the_wait_summary(pg: Database, t
         await hold_row(pg, table, waiters=1)
     doc = watch.result.to_json()
     assert set(doc) == {
+        "reconnects",
+        "unsampled_s",
+        "not_seen",
         "samples",
         "interval_ms",
         "waiting_max",
@@ -199,3 +203,59 @@ async def test_each_wait_is_kept_with_its_backend_lock_holder_and_both_clocks(
     finally:
         await holder.close()
         await waiter.close()
+
+
+async def _terminate_sampler(pg: Database) -> int:
+    conn = await asyncpg.connect(pg.url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'payrace-lockwatch' AND datname = current_database()"
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_sampler_whose_connection_is_killed_reconnects_and_says_what_it_missed(
+    pg: Database, table: str
+) -> None:
+    async with LockWatch(pg.url, interval_s=0.005) as watch:
+        await asyncio.sleep(0.2)
+        assert await _terminate_sampler(pg) >= 1
+        await asyncio.sleep(0.3)
+        before = watch.result.samples
+        waited = await hold_row(pg, table, waiters=1)  # seen after the reconnect
+        assert watch.result.samples > before
+    r = watch.result
+    assert r.reconnects == 1
+    assert r.gave_up is None
+    assert r.episodes >= 1 and waited[0] >= HOLD_S * 0.8
+    (said,) = r.not_seen()
+    assert said.startswith("lock waits not sampled for ")
+    assert r.to_json()["not_seen"] == [said]
+
+
+async def test_a_sampler_that_kept_its_connection_says_it_missed_nothing(pg: Database) -> None:
+    async with LockWatch(pg.url, interval_s=0.005) as watch:
+        await asyncio.sleep(0.2)
+    assert watch.result.reconnects == 0
+    assert watch.result.not_seen() == []
+    assert watch.result.samples > 5
+
+
+async def test_a_sampler_that_cannot_reconnect_gives_up_and_says_so(
+    pg: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lockwatch, "RECONNECT_FOR_S", 0.3)
+    watch = LockWatch(pg.url, interval_s=0.005)
+    async with watch:
+        await asyncio.sleep(0.1)
+        watch.url = "postgresql://nobody@127.0.0.1:1/none"  # the server is gone from now on
+        await _terminate_sampler(pg)
+        await asyncio.sleep(1.5)
+    r = watch.result
+    assert r.gave_up is not None and "no connection for" in r.gave_up
+    assert any("stopped early" in s for s in r.not_seen())
+    assert r.unsampled_s >= 0.3

@@ -4,19 +4,24 @@ gateway failing — and the fixed flow still capturing exactly once under them."
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import LocalGateway, RemoteGateway
-from payrace.harness.gateway.fake import FakeRazorpay, Knobs
+from payrace.harness.gateway.fake import FakeRazorpay, Knobs, RazorpayError
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database
+from payrace.harness.model.history import History
 from payrace.harness.model.nemesis import Fault, Nemesis, NemesisSpecError, parse_spec
 from payrace.harness.runner.config import RunConfig
 from payrace.harness.runner.run import run
@@ -89,8 +94,26 @@ async def test_gateway_faults_are_on_inside_the_block_and_restored_after() -> No
     assert nemesis.report() == {
         "faults": ["gateway-errors:1", "gateway-latency:20"],
         "gateway_errors_injected": 0,
+        "gateway_timeouts_injected": 0,
         "backends_killed": 0,
     }
+
+
+async def test_a_gateway_timeout_takes_the_money_and_loses_the_answer() -> None:
+    fake = FakeRazorpay(GatewayKeys())
+    order = fake.create_order({"amount": 50_000, "currency": "INR"})
+    payment = fake.authorize_payment(order["id"])
+    nemesis = Nemesis(parse_spec("gateway-timeout:1"), gateway=LocalGateway(fake))
+    async with nemesis:
+        with pytest.raises(RazorpayError) as raised:
+            fake.capture(payment["id"], {"amount": 50_000, "currency": "INR"})
+    assert raised.value.status == 504
+    assert fake.payment(payment["id"])["status"] == "captured"  # type: ignore[index]
+    counters = fake.counters()
+    assert counters["accepted"] == {payment["id"]: 1}  # no_lost_capture's evidence
+    assert counters["timed_out"] == {payment["id"]: 1}
+    assert nemesis.report()["gateway_timeouts_injected"] == 1
+    assert fake.knobs()["timeout_rate"] == 0.0  # restored
 
 
 async def test_a_remote_gateway_is_driven_through_its_knobs_endpoint() -> None:
@@ -153,6 +176,78 @@ async def test_kill_backends_leaves_idle_connections_alone(pg: Database) -> None
         assert idle.execute("SELECT 1").fetchone() == (1,)
         assert nemesis.report()["backends_killed"] == 0
         assert nemesis.report()["kill_ticks_without_target"] >= 3
+
+
+async def test_every_fault_is_an_operation_in_the_history(pg: Database) -> None:
+    victim = psycopg.connect(pg.url, application_name="some-service")
+    try:
+        victim_pid = victim.info.backend_pid
+        victim.execute("SELECT 1")
+        history = History()
+        nemesis = Nemesis(parse_spec("kill-backends:0.02"), dsn=pg.url, history=history)
+        async with nemesis:
+            await _until(lambda: not _alive(pg.url, victim_pid))
+        ops = [op for op in history.completions() if op.process == "nemesis"]
+        actions = [(op.value["fault"], op.value["action"]) for op in ops]
+        assert actions == [
+            ("kill-backends:0.02", "start"),
+            ("kill-backends", "kill"),
+            ("kill-backends:0.02", "stop"),
+        ]
+        assert ops[1].value["pid"] == victim_pid
+        assert all(op.type == "info" for op in ops)
+    finally:
+        victim.close()
+
+
+@pytest.fixture
+def own_db(pg: Database) -> Iterator[str]:
+    """A database of its own: the timeouts nemesis alters it and reopens its idle connections."""
+    name = f"nemesis_{secrets.token_hex(4)}"
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield urlunsplit(urlsplit(pg.url)._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+async def test_lock_timeout_applies_to_the_targets_new_connections_while_on(own_db: str) -> None:
+    """lock-timeout:MS sets the database's lock_timeout for the run: an idle pooled connection
+    is reopened (terminated) so it applies to it too, and it is reset afterwards."""
+
+    def setting() -> str:
+        with psycopg.connect(own_db, application_name="some-service") as conn:
+            row = conn.execute("SHOW lock_timeout").fetchone()
+            assert row is not None
+            return str(row[0])
+
+    before = setting()
+    pooled = psycopg.connect(own_db, autocommit=True, application_name="pooled")
+    try:
+        history = History()
+        nemesis = Nemesis(parse_spec("lock-timeout:250"), dsn=own_db, history=history)
+        async with nemesis:
+            assert setting() == "250ms"
+            with pytest.raises(psycopg.OperationalError):
+                pooled.execute("SELECT 1")  # reopened by the pool, with the setting
+        assert setting() == before
+        report = nemesis.report()
+        assert report["timeouts"] == {"lock_timeout": 250}
+        assert report["pooled_connections_reopened"] >= 1
+        assert [op.value["action"] for op in history.completions()] == ["start", "stop"]
+    finally:
+        pooled.close()
+
+
+def test_timeouts_are_checked_like_every_fault() -> None:
+    with pytest.raises(NemesisSpecError, match=r"statement-timeout:0.*MS must be within 1"):
+        parse_spec("statement-timeout:0")
+    assert [str(f) for f in parse_spec("lock-timeout:100,statement-timeout:2000")] == [
+        "lock-timeout:100",
+        "statement-timeout:2000",
+    ]
 
 
 # -- a payrace run under faults ----------------------------------------------------------------

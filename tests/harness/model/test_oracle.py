@@ -394,7 +394,9 @@ def test_invoices_linked_through_orders_map_to_their_payment_and_one_capture_is_
     verdict = check([], obs)
     assert verdict.results["single_invoice_paid"].valid is True
     assert verdict.results["single_invoice_paid"].checked == 1
-    assert verdict.valid is True
+    # No gateway was read here: whether the capture happened there is not known.
+    assert verdict.results["no_phantom_capture"].valid == "unknown"
+    assert all(r.valid is True for n, r in verdict.results.items() if n != "no_phantom_capture")
 
 
 def test_a_double_invoice_update_through_orders_is_violated(
@@ -603,6 +605,7 @@ async def _race(
     The test holds the payment's row lock (an UPDATE that leaves the status alone), so both
     requests have read the payment — or queued for its lock — before either can write."""
     order, gw = await _order(svc, gateway)
+    gw = gateway.auto_capture(gw["id"])  # as Razorpay does before its payment.captured
     payment = order["payment_id"]
     since = oracle.baseline(url)
     history = History()
@@ -671,7 +674,12 @@ async def test_for_update_service_captures_once_when_callback_and_webhook_race(
     await service.runtime.engine.dispose()
     await service.runtime.intents_engine.dispose()  # the capture intents pool
     settled = oracle.observe(
-        audited, REFERENCE, since=since, payment_ids=[payment], settle_timeout_s=5
+        audited,
+        REFERENCE,
+        since=since,
+        payment_ids=[payment],
+        settle_timeout_s=5,
+        gateway_counters=fake_gateway.counters(),
     )
     assert (settled.deadlocks, settled.deadlocks_settled) == (0, True), settled.deadlock_note
     assert check(history.ops(), settled).valid is True
@@ -698,3 +706,33 @@ async def test_naive_service_double_captures_when_callback_and_webhook_race(
     assert {op["f"] for op in capture["ops"]} == {"verify", "webhook"}
     # Only the callback path calls the gateway here, so the gateway saw one capture.
     assert verdict.results["gateway_capture_once"].valid is True
+
+
+@pytest.mark.parametrize("gateway_captured_first", [False, True])
+async def test_a_capture_webhook_the_gateway_never_backed_is_a_phantom_capture(
+    audited: str, service: Any, fake_gateway: FakeRazorpay, gateway_captured_first: bool
+) -> None:
+    """The reference service trusts payment.captured (it does not call the gateway for it).
+    Sent for a payment the gateway only authorized — what the harness did before it let the
+    gateway capture first — it books money never taken: no_phantom_capture says violated.
+    Sent after the gateway's own capture, as Razorpay does, it is valid."""
+    order, gw = await _order(service, fake_gateway)
+    payment = order["payment_id"]
+    if gateway_captured_first:
+        gw = fake_gateway.auto_capture(gw["id"])
+    since = oracle.baseline(audited)
+    history = History()
+    await _fire(history, service, "webhook", "webhook-1", payment, gw, "payment.captured")
+    obs = oracle.observe(
+        audited,
+        REFERENCE,
+        since=since,
+        payment_ids=[payment],
+        gateway_counters=fake_gateway.counters(),
+        gateway_payment_ids=[gw["id"]],
+        settle_timeout_s=0,
+    )
+    assert obs.payments[payment].status == "captured"
+    result = check(history.ops(), obs).results["no_phantom_capture"]
+    assert result.valid is gateway_captured_first, result
+    assert fake_gateway.capture_calls(gw["id"]) == 0  # the automatic capture is not a call

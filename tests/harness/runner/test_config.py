@@ -26,6 +26,12 @@ from payrace.harness.runner.config import Gate, RunConfig
         ({"expect": "fine"}, "--expect must be valid or violated"),
         ({"settle_s": -1.0}, "--settle-s"),
         ({"force": "spin"}, "--force must be locks or pause"),
+        ({"webhooks": -1}, "--webhooks must be between 0 and 16"),
+        ({"webhooks": 100_000}, "--webhooks must be between 0 and 16"),
+        ({"mode": "jitter", "jitter_ms": float("nan")}, "--jitter-ms must be a number"),
+        ({"mode": "jitter", "jitter_ms": 1e9}, "--jitter-ms must be a number"),
+        ({"hold_ms": float("inf")}, "--hold-ms must be a number"),
+        ({"strategies": [""]}, "--strategy names an empty strategy"),
         ({"force": "locks", "mode": "aligned"}, "--mode aligned forces nothing"),
         ({"force": "locks", "hold_ms": 50.0}, "--hold-ms .* which --force locks does not use"),
         (
@@ -167,3 +173,12 @@ def test_a_baseline_is_read_before_the_run(tmp_path: Path) -> None:
     assert config.loaded_baseline().measure("for_update", "lock_p99_ms") == 8.0  # type: ignore[union-attr]
     with pytest.raises(UsageError, match="is a directory"):
         RunConfig(write_baseline=tmp_path).validate()
+
+
+def test_an_out_directory_that_cannot_be_written_is_refused_up_front(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match=r"--out .* cannot take the reports"):
+        RunConfig(out_dir=blocker / "reports").validate()
+    RunConfig(out_dir=tmp_path / "new" / "reports").validate()
+    assert list((tmp_path / "new" / "reports").iterdir()) == []  # the probe file is gone

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
+import psutil
 import psycopg
 import pytest
 from psycopg import sql
@@ -400,6 +402,8 @@ async def test_a_trial_with_a_deadlock_is_a_violating_trial_and_the_gate_counts_
 ) -> None:
     url = own_database
     payment = _payment(url)
+    fake = FakeRazorpay(GatewayKeys())  # the gateway captures it too: no phantom capture
+    fake.auto_capture(_authorized(fake, payment, url))
     fired = StrategyRun("for_update")
     fired.since = oracle.baseline(url)
     async with LockWatch(url) as watch:
@@ -414,7 +418,7 @@ async def test_a_trial_with_a_deadlock_is_a_violating_trial_and_the_gate_counts_
     fired.duration_s = 1.0
     config = RunConfig(strategies=["for_update"], trials=5, out_dir=tmp_path, settle_s=10)
 
-    result = await judge(config, fired, LocalGateway(FakeRazorpay(GatewayKeys())), url)
+    result = await judge(config, fired, LocalGateway(fake), url)
     assert result["valid"] is False
     assert result["violating_trials"] == 1
     bad = [n for n, c in result["checks"].items() if c["valid"] is not True]
@@ -516,3 +520,98 @@ async def test_over_http_the_audit_timeline_has_times_and_the_backends_wait(
         assert holder in columns and holder != wait["process"]
         later = [e for e in timeline if e["process"] == wait["process"] and e is not wait]
         assert any(e["text"].startswith("<completed> ") for e in later)
+
+
+def _authorized(fake: FakeRazorpay, payment: int, url: str) -> str:
+    """An authorized payment at `fake` whose id the database's payment row now holds."""
+    order = fake.create_order({"amount": 50_000, "currency": "INR"})
+    gid = str(fake.authorize_payment(order["id"])["id"])
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE payments SET gateway_payment_id = %s WHERE id = %s", (gid, payment))
+    return gid
+
+
+async def _kill_harness_connections(admin_url: str, stop: asyncio.Event) -> int:
+    """What a database restart does to the harness: its own connections (the lock sampler,
+    the harness pool, the oracle, the nemesis) terminated, again and again, while it runs."""
+    killed = 0
+    conn = await asyncpg.connect(admin_url)
+    try:
+        while not stop.is_set():
+            killed += int(
+                await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'payrace-%' AND datname LIKE 'payrace\\_%' "
+                    "AND pid <> pg_backend_pid()"
+                )
+            )
+            await asyncio.sleep(0.3)
+    finally:
+        await conn.close()
+    return killed
+
+
+@pytest.mark.slow
+async def test_the_harness_survives_its_own_connections_being_killed(
+    pg: Database, tmp_path: Path
+) -> None:
+    """kill-backends on the target, and every connection of the harness killed repeatedly:
+    no traceback, every report written, and the summary says what the sampler missed."""
+    stop = asyncio.Event()
+    killer = asyncio.create_task(_kill_harness_connections(pg.url, stop))
+    try:
+        summary = await race(
+            pg, tmp_path, strategies=["for_update"], trials=60, mode="aligned",
+            nemesis="kill-backends:0.05",
+        )  # fmt: skip
+    finally:
+        stop.set()
+        killed = await killer
+    assert killed >= 2
+    result = summary["strategies"]["for_update"]
+    assert result["checks"]["single_capture_write"]["valid"] is True
+    server = result["server_side"]
+    assert server["reconnects"] >= 1, server
+    assert any(s.startswith("lock waits not sampled for") for s in result["not_seen"])
+    assert result["nemesis"]["backends_killed"] >= 1
+    write_all(summary, tmp_path / "reports")
+    assert (tmp_path / "reports" / "report.html").exists()
+
+
+@pytest.mark.slow
+async def test_a_target_killed_mid_run_stops_the_run_with_the_cause(
+    pg: Database, tmp_path: Path
+) -> None:
+    """The service payrace started is SIGKILLed after some trials: the run stops early,
+    says after which trial and why, exits 2, and counts only the trials that ran."""
+    me = psutil.Process()
+    config = RunConfig(
+        dsn=pg.url, out_dir=tmp_path, strategies=["for_update"], trials=3000, mode="aligned",
+        target="http",
+    )  # fmt: skip
+    done = 0
+
+    def on_trial(_: str) -> None:
+        nonlocal done
+        done += 1
+        if done == 20:
+            for child in me.children(recursive=True):
+                if "uvicorn" in " ".join(child.cmdline()):
+                    child.kill()
+
+    summary = await run(config, announce=lambda line: None, on_trial=on_trial)
+    result = summary["strategies"]["for_update"]
+    assert summary["verdict"] == "target_stopped" and summary["exit_code"] == 2
+    cause = result["target_stopped"]
+    assert cause.startswith("the target stopped answering after trial ")
+    assert "ConnectError" in cause or "refused" in cause.lower()
+    assert 15 <= result["trials_done"] < 100
+    assert result["trials_per_second"] == pytest.approx(
+        result["trials_done"] / result["duration_s"], rel=0.05
+    )
+    assert result["checks"]["target_answered"]["valid"] == "unknown"
+    assert result["valid"] in ("unknown", False)  # in flight at the kill: maybe a lost capture
+    assert cause in result["not_seen"]
+    write_history(summary, tmp_path / "reports" / "history.jsonl")  # takes the histories out
+    paths = write_all(summary, tmp_path / "reports")
+    assert "stopped answering" in paths["junit"].read_text()
