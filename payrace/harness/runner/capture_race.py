@@ -38,6 +38,7 @@ from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import new_event_id
 from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.harness.model import oracle
+from payrace.harness.model.checker import CAPTURE_EVENTS
 from payrace.harness.model.client import PaymentContext, Prepared, Reply
 from payrace.harness.model.history import classify
 from payrace.harness.model.lockwatch import LockWatch
@@ -214,6 +215,10 @@ class CaptureRace:
             fail(f"payrace: event must be one of {', '.join(EVENTS)}, got {event!r}")
         self._webhooks += 1
         event_id = event_id or new_event_id()
+        if event in CAPTURE_EVENTS:
+            # Razorpay sends these only for a payment it captured (its automatic capture), as
+            # payrace run does: the gateway's state comes first (no_phantom_capture).
+            ctx.gateway_payment = self._gateway.auto_capture(ctx.gateway_payment["id"])
         out = self._target.profile.signed_webhook(
             ctx.values(), event, ctx.gateway_payment, event_id, self._target.hook
         )
