@@ -216,8 +216,9 @@ class RunConfig:
                 parse_spec(self.nemesis)
             except NemesisSpecError as exc:
                 raise UsageError(str(exc)) from exc
-        _check_writable(self.out_dir)
         self._check_gates()
+        # Last: the probe creates --out, which a run refused for another reason must not leave.
+        _check_writable(self.out_dir)
 
     def _check_gates(self) -> None:
         """Last, once the strategies are settled: a gate naming a strategy the run does not
