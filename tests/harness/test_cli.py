@@ -138,7 +138,7 @@ def test_usage_errors_exit_2_with_a_message(pg: Database, tmp_path: Path) -> Non
     for args, hint in (
         (["--mode", "sideways"], "--mode must be one of"),
         (["--gate", "p99 small"], "is not of the form"),
-        (["--strategy", "optimistic"], "unknown strategy"),
+        (["--strategy", "fastest"], "unknown strategy"),
         (["--force", "spin"], "--force must be locks or pause"),
         (["--force", "locks", "--hold-ms", "10"], "--force locks does not use"),
     ):

@@ -26,7 +26,7 @@ from payrace.harness.model.gates import Gate as Gate  # where the CLI and plugin
 from payrace.harness.model.nemesis import NemesisSpecError, parse_spec
 from payrace.harness.model.profile import Profile
 from payrace.postgres import normalise_isolation
-from payrace.service.capture import STRATEGIES
+from payrace.service.strategies import UnknownStrategy, names, resolve
 
 # PostgreSQL 15+ flushes an idle backend's deadlock count within 10 s (PGSTAT_IDLE_INTERVAL);
 # a pooled target's idle connections have flushed once they sat idle 11 s (model.oracle).
@@ -166,11 +166,11 @@ class RunConfig:
                 )
         else:
             self.strategies = self.strategies or ["for_update"]
-            unknown = [s for s in self.strategies if s not in STRATEGIES]
-            if unknown:
-                raise UsageError(
-                    f"unknown strategy {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}"
-                )
+            for name in self.strategies:
+                try:
+                    resolve(name)  # a built-in name or package.module:Name
+                except UnknownStrategy as exc:
+                    raise UsageError(str(exc)) from None
         if self.first_event not in ("payment.captured", "payment.authorized", "order.paid"):
             raise UsageError(
                 f"--event must be payment.captured, payment.authorized or order.paid, "
@@ -199,7 +199,7 @@ class RunConfig:
         check_gates(
             self.gates,
             self.strategies,
-            known=list(STRATEGIES),
+            known=names(),
             baseline=self._baseline,
             mode=self.mode,
             profile_named=self.external,

@@ -105,6 +105,11 @@ async def judge(
         "trials_per_second": round(config.trials / duration, 2) if duration else 0.0,
         "duration_s": round(duration, 3),
         "pause_timeouts": run.pause_timeouts,
+        # Retryable 409s answered, and how many of them the harness sent again (trials).
+        "conflicts": {"answered_409": run.conflicts, "retried": run.conflict_retries},
+        "gateway_capture_calls": sum(
+            counters.get("captures", {}).get(o.gateway_payment_id, 0) for o in run.outcomes.values()
+        ),
         "forced": _forced(config, run),
         "trial_errors": {"count": len(run.trial_errors), "first": run.trial_errors[:3]},
         "checks": judged.checks(),
