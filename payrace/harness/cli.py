@@ -174,7 +174,8 @@ def run_command(
         typer.Option(
             "--strategy",
             "-s",
-            help="naive, for_update, advisory (repeat or comma-separate); default for_update",
+            help="a strategy name (naive, for_update, nowait, ...: docs/strategies.md) or "
+            "package.module:Name; repeat or comma-separate; default for_update",
         ),
     ] = [],  # noqa: B006
     trials: Annotated[int, typer.Option(help="trials (payments) per strategy")] = 100,

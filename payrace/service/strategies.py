@@ -26,7 +26,9 @@ The protocol a team's strategy implements is capture.Strategy (docs/strategies.m
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
@@ -224,6 +226,9 @@ def resolve(spec: str) -> Strategy:
             f"strategy {spec!r} is not an import path like mypackage.capture:MY_STRATEGY"
         )
     module_name, _, attr = spec.partition(":")
+    # As uvicorn does: the current directory is where a team's package is found.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
