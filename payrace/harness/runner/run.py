@@ -106,7 +106,13 @@ async def judge(
         "duration_s": round(duration, 3),
         "pause_timeouts": run.pause_timeouts,
         # Retryable 409s answered, and how many of them the harness sent again (trials).
-        "conflicts": {"answered_409": run.conflicts, "retried": run.conflict_retries},
+        "conflicts": {
+            "answered_409": run.conflicts,
+            "retried": run.conflict_retries,
+            # Aborted by PostgreSQL and retried inside the target (its Server-Timing).
+            "serialization_failures": run.retried_inside["serialization"],
+            "deadlocks_retried": run.retried_inside["deadlock"],
+        },
         "gateway_capture_calls": sum(
             counters.get("captures", {}).get(o.gateway_payment_id, 0) for o in run.outcomes.values()
         ),

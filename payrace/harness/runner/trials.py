@@ -104,6 +104,8 @@ class StrategyRun:
         self.redelivered = 0  # webhooks sent again after a 5xx (under the nemesis only)
         self.conflicts = 0  # answers 409 (retryable: a lock not taken, a serialisation failure)
         self.conflict_retries = 0  # of those, sent again (_retry_conflicts)
+        # Attempts the target aborted and retried itself, as its Server-Timing says.
+        self.retried_inside = {"serialization": 0, "deadlock": 0}
         # Wait-for cycles the lock sampler saw (model.deadlocks ties them to trials).
         self.lock_cycles: list[LockCycle] = []
         # Every lock wait the sampler saw, and its poll interval (timelines' <waiting> rows).
@@ -279,6 +281,8 @@ async def run_trial(
 def _complete(run: StrategyRun, invoke: Operation, reply: Reply) -> dict[str, Any]:
     """Record the answer to `invoke`; return what the target said about itself."""
     server = reply.server()
+    for kind in run.retried_inside:
+        run.retried_inside[kind] += int(server.get(kind, 0))
     run.history.complete(
         invoke,
         classify(reply.status),
