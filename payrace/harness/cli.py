@@ -46,6 +46,7 @@ from payrace.harness.model.verdict import (
     against_declared,
     found_word,
 )
+from payrace.harness.reports.compare import build_markdown as compare_markdown
 from payrace.harness.reports.compare import render_table as render_compare_table
 from payrace.harness.reports.compare import write_html as write_compare_html
 from payrace.harness.reports.console import render_console, render_reports_line
@@ -434,6 +435,7 @@ def compare_command(
     summary = compare_merge(run_id, summaries)
     run_dir = _write(summary, out)
     write_compare_html(summary, run_dir / "compare.html")
+    (run_dir / "compare.md").write_text(compare_markdown(summary), encoding="utf-8")
     render_compare_table(summary, console)
     for reason in RunOutcome.of(summary).reasons:
         err.print(f"[bold red]{escape(reason)}[/]")

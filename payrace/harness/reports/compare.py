@@ -6,6 +6,8 @@
     build_html()      compare.html: verdict, table, "which to pick when", and per mode the
                       lock-wait and hold CDFs of every strategy side by side (svgplot)
     write_html()
+    build_markdown()  compare.md: the same table and advice as Markdown, with the command and
+                      the machine (what docs/compare.md is made from)
 
 The verdict line is the summary's (model.verdict.RunOutcome.of): the page, the console and
 the exit code cannot disagree.
@@ -129,4 +131,34 @@ def write_html(summary: Mapping[str, Any], path: Path) -> None:
     path.write_text(build_html(summary), encoding="utf-8")
 
 
-__all__ = ["HEAD", "build_html", "cells", "render_table", "write_html"]
+def build_markdown(summary: Mapping[str, Any]) -> str:
+    table = [
+        "| " + " | ".join(HEAD) + " |",
+        "|" + "---|" * len(HEAD),
+        *("| " + " | ".join(cells(row)) + " |" for row in summary["compare"]["rows"]),
+    ]
+    advice = [f"- {line}" for line in summary["compare"]["advice"]]
+    return "\n".join(
+        [
+            f"Command: `{summary.get('command', 'payrace compare')}` (seed "
+            f"{summary.get('seed')}, {summary.get('trials')} trials per strategy and mode)",
+            "",
+            machine_line(summary),
+            "",
+            f"Verdict: {RunOutcome.of(summary).line()}",
+            "",
+            "Times in ms; 40001: attempts aborted by a serialization failure and re-run inside "
+            "the service; 409 (retried): answers the harness sent again, as a client would.",
+            "",
+            *table,
+            "",
+            "Which to pick when (derived from the figures above by "
+            "`payrace.harness.runner.compare.advice()`):",
+            "",
+            *advice,
+            "",
+        ]
+    )
+
+
+__all__ = ["HEAD", "build_html", "build_markdown", "cells", "render_table", "write_html"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from payrace.harness.reports.compare import HEAD, build_html, cells, render_table
+from payrace.harness.reports.compare import HEAD, build_html, build_markdown, cells, render_table
 from payrace.harness.runner.compare import merge
 
 
@@ -34,3 +34,6 @@ def test_the_page_and_the_console_say_the_summarys_verdict() -> None:
         console = Console(record=True, width=250)
         render_table(summary, console)
         assert f"verdict: {line}" in console.export_text()
+        markdown = build_markdown(summary)
+        assert f"Verdict: {line}" in markdown
+        assert "| for_update | forced |" in markdown
