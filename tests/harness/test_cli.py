@@ -199,7 +199,7 @@ def test_explore_with_an_app_that_cannot_be_imported_exits_2(pg: Database, tmp_p
     assert "Traceback" not in done.stdout + done.stderr
 
 
-COMMANDS = ("run", "race", "explore", "load", "gateway")
+COMMANDS = ("run", "race", "compare", "explore", "load", "gateway")
 
 
 def test_version_prints_the_installed_version(pg: Database) -> None:
