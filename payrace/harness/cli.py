@@ -47,11 +47,17 @@ from payrace.harness.model.verdict import (
     against_declared,
     found_word,
 )
+from payrace.harness.reports.compare import build_markdown as compare_markdown
+from payrace.harness.reports.compare import render_table as render_compare_table
+from payrace.harness.reports.compare import write_html as write_compare_html
 from payrace.harness.reports.console import render_console, render_reports_line
 from payrace.harness.reports.writers import claim_run_dir, write_all
+from payrace.harness.runner.compare import COMPARE_MODES
+from payrace.harness.runner.compare import merge as compare_merge
 from payrace.harness.runner.config import Gate, Mode, RunConfig
 from payrace.harness.runner.run import run, write_history
 from payrace.redact import redact
+from payrace.service.strategies import names as strategy_names
 
 app = typer.Typer(
     add_completion=False,
@@ -176,7 +182,8 @@ def run_command(
         typer.Option(
             "--strategy",
             "-s",
-            help="naive, for_update, advisory (repeat or comma-separate); default for_update",
+            help="a strategy name (naive, for_update, nowait, ...: docs/strategies.md) or "
+            "package.module:Name; repeat or comma-separate; default for_update",
         ),
     ] = [],  # noqa: B006
     trials: Annotated[int, typer.Option(help="trials (payments) per strategy")] = 100,
@@ -387,6 +394,60 @@ def _race_summary(run_id: str, summaries: list[tuple[str, dict[str, Any]]]) -> d
         "gates": [],
     }
     return against_declared(strategies).stamp(merged)
+
+
+@app.command("compare")
+def compare_command(
+    strategy: Annotated[
+        list[str],
+        typer.Option(
+            "--strategy",
+            "-s",
+            help="strategies to compare, names or package.module:Name (repeat or "
+            "comma-separate); default every built-in one",
+        ),
+    ] = [],  # noqa: B006
+    mode: Annotated[
+        list[str], typer.Option(help="forced, aligned (repeat or comma-separate); default both")
+    ] = [],  # noqa: B006
+    trials: Annotated[int, typer.Option(help="trials per strategy and mode")] = 200,
+    dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
+    out: Annotated[Path, typer.Option()] = Path("reports"),
+    seed: Annotated[int, typer.Option()] = 1,
+    durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
+    quiet: Annotated[bool, typer.Option(help=QUIET_HELP)] = False,
+) -> None:
+    """The same seeded workload for each strategy, side by side: one table, compare.html,
+    and which to pick when. Exit 0 iff every strategy is what it is declared to be."""
+    modes = _split(mode) or list(COMPARE_MODES)
+    wrong = [m for m in modes if m not in COMPARE_MODES]
+    if wrong:
+        raise _fail(f"--mode {', '.join(wrong)}: compare runs {' and '.join(COMPARE_MODES)}")
+    command = shlex.join(["payrace", *sys.argv[1:]])
+    run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-compare"
+    summaries: list[tuple[str, dict[str, Any]]] = []
+    for m in modes:
+        config = RunConfig(
+            strategies=_split(strategy) or strategy_names(),
+            trials=trials,
+            mode=m,  # type: ignore[arg-type]  # checked against COMPARE_MODES above
+            dsn=dsn,
+            seed=seed,
+            out_dir=out,
+            durable=durable,
+            command=command,
+            run_id=f"{run_id}-{m}",
+        )
+        summaries.append((m, _guarded(config, quiet)))
+    summary = compare_merge(run_id, summaries)
+    run_dir = _write(summary, out)
+    write_compare_html(summary, run_dir / "compare.html")
+    (run_dir / "compare.md").write_text(compare_markdown(summary), encoding="utf-8")
+    render_compare_table(summary, console)
+    for reason in RunOutcome.of(summary).reasons:
+        err.print(f"[bold red]{escape(reason)}[/]")
+    render_reports_line(console, run_dir)
+    raise typer.Exit(summary["exit_code"])
 
 
 @app.command("explore")

@@ -30,7 +30,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from payrace.service.body import BodyLimitMiddleware, lone_surrogate
-from payrace.service.capture import STRATEGIES, Runner, capture, mark_failed
+from payrace.service.capture import Runner, capture, mark_failed
 from payrace.service.command import CaptureCommand
 from payrace.service.db import create_schema, make_engine, make_sessionmaker
 from payrace.service.errors import ApiError, GatewayFailed, NotFound, Rejected, install_handlers
@@ -42,6 +42,7 @@ from payrace.service.openapi import WEBHOOK_DOC, add_components, errors
 from payrace.service.reconcile import Sweeper
 from payrace.service.settings import Settings, get_settings
 from payrace.service.signatures import SignatureVerifier
+from payrace.service.strategies import resolve
 
 CAPTURE_EVENTS = {"payment.authorized", "payment.captured", "order.paid"}
 ID_MAX = 64  # payments.gateway_payment_id, orders.gateway_order_id
@@ -80,7 +81,7 @@ class Runtime:
         )
         runner = Runner(
             maker=maker,
-            strategy=STRATEGIES[settings.capture_strategy],
+            strategy=resolve(settings.capture_strategy),
             gateway=gateway,
             isolation_level=settings.isolation_level,
             retries=settings.serialization_retries,

@@ -6,6 +6,9 @@ write payment -> invoice -> order (one fixed order: no deadlock), commit.
     capture() / mark_failed()   the routine / payment.failed, which never undoes a capture
     Strategy, STRATEGIES, Runner   the strategies by name; what a capture needs (app.py)
 
+More strategies (nowait, skip_locked, optimistic, serializable, atomic) and strategies chosen
+by import path: payrace.service.strategies, through the optional hooks of `Strategy`.
+
 Retries: payrace.service.retry; the command's checks: payrace.service.command; `pause()` and
 the clock: test-only instrumentation (payrace.service.instrument), no-ops unless enabled.
 """
@@ -67,6 +70,8 @@ async def capture(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
                     result = await command.stored_result(
                         session, payment, idempotent=True, duplicate_event=not fresh_event
                     )
+                elif runner.strategy.claim is not None:
+                    result = await _claimed_capture(session, runner, cmd, payment, order, memo)
                 else:
                     await _capture_at_gateway(runner.gateway, cmd, order, memo)
                     result = await _write_capture(session, runner.strategy, cmd, payment, order)
@@ -83,17 +88,24 @@ async def _lock_payment(
     """Begin, read the payment the strategy's way, dedupe the event, check the command.
 
     Returns (payment, its order, whether the event id is new)."""
-    conn = await session.connection(execution_options={"isolation_level": runner.isolation_level})
+    isolation = runner.strategy.isolation_level or runner.isolation_level
+    conn = await session.connection(execution_options={"isolation_level": isolation})
     await record_backend(conn)
     await pause("txn_begun")
+    read = runner.strategy.read_payment
+    if cmd.source == "webhook" and runner.strategy.read_webhook is not None:
+        read = runner.strategy.read_webhook
     with clock.waiting_for_lock():
-        payment = await runner.strategy.read_payment(session, cmd.payment_id)
+        payment = await read(session, cmd.payment_id)
     await pause("payment_read", payment.status if payment else "missing")
     if payment is None:
         raise NotFound(f"payment {cmd.payment_id} does not exist")
     # Only now: the event row's foreign key takes FOR KEY SHARE on the payment row. Taken
     # before FOR UPDATE, two webhooks would each hold it and wait for the other's: a deadlock.
-    fresh_event = await command.record_event(session, cmd)
+    # A strategy that takes no lock first (late_event) records the event once it has written
+    # the payment: its UPDATE of the unique gateway_payment_id wants FOR UPDATE, which two
+    # webhooks' FOR KEY SHARE would make wait for each other.
+    fresh_event = runner.strategy.late_event or await command.record_event(session, cmd)
     order = await session.get(Order, payment.order_id)
     assert order is not None  # foreign key
     command.validate(cmd, payment, order)
@@ -112,14 +124,48 @@ class _GatewayMemo:
     failed: GatewayFailed | None = None
 
 
+async def _claimed_capture(
+    session: AsyncSession,
+    runner: Runner,
+    cmd: CaptureCommand,
+    payment: Payment,
+    order: Order,
+    memo: _GatewayMemo,
+) -> CaptureResult:
+    """A strategy whose conditional write decides the winner (Strategy.claim): claimed before
+    the gateway is asked, so only the winner calls it; the loser writes nothing more."""
+    assert runner.strategy.claim is not None
+    if cmd.capture_at_gateway:
+        # The claim runs in the gateway step, as the gateway call does in the other flows: the
+        # explorer's step table (harness.explore.steps) then holds for every strategy.
+        await pause("gateway_called")
+    claimed = await runner.strategy.claim(session, cmd, payment, order)
+    fresh_event = not runner.strategy.late_event or await command.record_event(session, cmd)
+    if claimed is False:
+        await session.refresh(payment)  # what the winner committed
+        return await command.stored_result(
+            session, payment, idempotent=True, duplicate_event=not fresh_event
+        )
+    await _capture_at_gateway(runner.gateway, cmd, order, memo, paused=True)
+    if isinstance(claimed, CaptureResult):  # the claim wrote payment, invoice and order
+        return claimed
+    return await _write_capture(session, runner.strategy, cmd, payment, order)
+
+
 async def _capture_at_gateway(
-    gateway: GatewayClient, cmd: CaptureCommand, order: Order, memo: _GatewayMemo
+    gateway: GatewayClient,
+    cmd: CaptureCommand,
+    order: Order,
+    memo: _GatewayMemo,
+    *,
+    paused: bool = False,
 ) -> None:
     if not cmd.capture_at_gateway or memo.captured:
         return
     if memo.failed is not None:
         raise memo.failed
-    await pause("gateway_called")
+    if not paused:
+        await pause("gateway_called")
     try:
         await gateway.capture(cmd.gateway_payment_id, order.amount, order.currency)
     except GatewayError as exc:
@@ -141,6 +187,8 @@ async def _write_capture(
     if cmd.method:
         payment.method = cmd.method
     await session.flush()
+    if strategy.late_event:
+        await command.record_event(session, cmd)
     await pause("payment_written")
     invoice = await strategy.read_row(
         session, select(Invoice).where(Invoice.payment_id == payment.id)
@@ -178,6 +226,14 @@ async def mark_failed(runner: Runner, cmd: CaptureCommand, error_code: str | Non
                 # a failure never undoes a capture, and a later capture may follow a failure.
                 repeat = not fresh_event or payment.status in ("captured", "failed")
                 await pause("status_checked", "repeat" if repeat else payment.status)
+                if not repeat and runner.strategy.claim is not None:
+                    # Read without a lock: a capture may have committed since. A failure is
+                    # written only over a payment that is still not captured, read locked.
+                    locked = select(Payment).where(Payment.id == payment.id).with_for_update()
+                    payment = await _fresh(session, locked) or payment
+                    repeat = payment.status in ("captured", "failed")
+                if not repeat and runner.strategy.late_event:
+                    repeat = not await command.record_event(session, cmd)
                 if not repeat:
                     payment.status = "failed"
                     payment.gateway_payment_id = cmd.gateway_payment_id
@@ -213,15 +269,30 @@ async def _fresh(session: AsyncSession, stmt: Select[_Row]) -> _Row | None:
     return result.scalar_one_or_none()
 
 
+Claim = Callable[[AsyncSession, CaptureCommand, Payment, Order], Awaitable[bool | CaptureResult]]
+
+
 @dataclass(frozen=True)
 class Strategy:
     """How the capture path serialises: how it reads the payment, and whether the invoice and
-    order rows it then writes are read FOR UPDATE too (`lock_rows`)."""
+    order rows it then writes are read FOR UPDATE too (`lock_rows`).
+
+    Optional hooks (docs/strategies.md): `read_webhook` reads the payment for a webhook
+    instead of `read_payment`; `claim` is a conditional write after the status check and
+    before the gateway call that decides the single winner (False: another request won, the
+    answer is a repeat; True: go on writing; a CaptureResult: it wrote everything);
+    `isolation_level` is the level this strategy always runs at, whatever the service's;
+    `late_event`: the webhook's event id is recorded after the payment is written, not
+    before (a strategy that reads the payment without a lock needs it: _lock_payment)."""
 
     name: str
     summary: str
     read_payment: Callable[[AsyncSession, int], Awaitable[Payment | None]]
     lock_rows: bool
+    read_webhook: Callable[[AsyncSession, int], Awaitable[Payment | None]] | None = None
+    claim: Claim | None = None
+    isolation_level: str | None = None
+    late_event: bool = False
 
     @property
     def advisory(self) -> bool:

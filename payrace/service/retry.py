@@ -24,6 +24,7 @@ from typing import TypeVar
 from sqlalchemy.exc import DBAPIError
 
 from payrace.service.errors import Rejected, RetryLater, connection_lost, unavailable
+from payrace.service.instrument import timing
 
 RETRYABLE_SQLSTATES = {"40001": "serialization_failure", "40P01": "deadlock_detected"}
 # A transaction on a lost connection wrote nothing, so it is retried on a fresh one; more
@@ -73,5 +74,9 @@ async def retrying(attempt: Callable[[], Awaitable[T]], *, conflicts: int) -> T:
                     sqlstate=state,
                 ) from exc
             conflicted += 1
+            retried = timing.current()
+            retried.retried = retried.retried or {}
+            kind = "serialization" if state == "40001" else "deadlock"
+            retried.retried[kind] = retried.retried.get(kind, 0) + 1
             # A short, growing pause lets the winning transaction commit first.
             await asyncio.sleep(0.002 * conflicted)

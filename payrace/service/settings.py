@@ -1,7 +1,7 @@
 """Settings of the reference capture service, read from the environment.
 
 DATABASE_URL              postgresql+asyncpg://... (plain postgresql:// is accepted and upgraded)
-CAPTURE_STRATEGY          naive | for_update   (see payrace.service.capture.STRATEGIES)
+CAPTURE_STRATEGY          naive | for_update | ... | package.module:Name (service.strategies)
 ISOLATION_LEVEL           READ COMMITTED | REPEATABLE READ | SERIALIZABLE
 RAZORPAY_KEY_ID / RAZORPAY_KEY_SECRET / RAZORPAY_WEBHOOK_SECRET
 RAZORPAY_BASE_URL         where the razorpay SDK sends its calls (the fake gateway in tests)
@@ -22,8 +22,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from payrace.postgres import DsnError, dialect_url, normalise_isolation
+from payrace.service.strategies import resolve
 
-StrategyName = Literal["naive", "for_update", "advisory"]
 IsolationLevel = Literal["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"]
 
 
@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/payrace"
-    capture_strategy: StrategyName = "for_update"
+    capture_strategy: str = "for_update"  # a name or package.module:Name
     isolation_level: IsolationLevel = "READ COMMITTED"
     razorpay_key_id: str = "rzp_test_payrace00000001"
     razorpay_key_secret: str = "payrace_key_secret"
@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     @classmethod
     def _dsn(cls, value: str) -> str:
         return normalise_dsn(value)
+
+    @field_validator("capture_strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        resolve(value)  # UnknownStrategy is a ValueError: a validation error naming the fix
+        return value
 
     @field_validator("isolation_level", mode="before")
     @classmethod

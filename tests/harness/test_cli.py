@@ -141,7 +141,7 @@ def test_usage_errors_exit_2_with_a_message(pg: Database, tmp_path: Path) -> Non
     for args, hint in (
         (["--mode", "sideways"], "--mode must be one of"),
         (["--gate", "p99 small"], "is not of the form"),
-        (["--strategy", "optimistic"], "unknown strategy"),
+        (["--strategy", "fastest"], "unknown strategy"),
         (["--force", "spin"], "--force must be locks or pause"),
         (["--force", "locks", "--hold-ms", "10"], "--force locks does not use"),
     ):
@@ -202,7 +202,7 @@ def test_explore_with_an_app_that_cannot_be_imported_exits_2(pg: Database, tmp_p
     assert "Traceback" not in done.stdout + done.stderr
 
 
-COMMANDS = ("run", "race", "explore", "load", "gateway")
+COMMANDS = ("run", "race", "compare", "explore", "load", "gateway")
 
 
 def test_version_prints_the_installed_version(pg: Database) -> None:

@@ -432,7 +432,12 @@ async def test_concurrent_deliveries_of_one_event_id_capture_once(
 
 
 def test_strategies_are_registered_by_name_and_each_serialises_its_own_way() -> None:
-    assert STRATEGIES == {"naive": NAIVE, "for_update": FOR_UPDATE, "advisory": ADVISORY}
+    # The first three; payrace.service.strategies registers the others (its own tests).
+    assert dict(list(STRATEGIES.items())[:3]) == {
+        "naive": NAIVE,
+        "for_update": FOR_UPDATE,
+        "advisory": ADVISORY,
+    }
     assert (NAIVE.lock_rows, FOR_UPDATE.lock_rows, ADVISORY.lock_rows) == (False, True, False)
     assert (NAIVE.advisory, FOR_UPDATE.advisory, ADVISORY.advisory) == (False, False, True)
 

@@ -73,7 +73,7 @@ from payrace.harness.model.history import History
 from payrace.harness.model.profile import Profile
 from payrace.harness.reports.writers import claim_run_dir, write_all
 from payrace.postgres import DsnError, libpq_url
-from payrace.service.capture import STRATEGIES
+from payrace.service.strategies import STRATEGIES, UnknownStrategy, resolve
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,10 @@ def make_plan(
                 "--app module:factory --profile FILE it was found with"
             )
         strategy, isolation, requests = ref.strategy, ref.isolation, list(ref.requests)
-    if strategy not in STRATEGIES:
-        raise ScenarioError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    try:
+        resolve(strategy)
+    except UnknownStrategy as exc:
+        raise ScenarioError(str(exc)) from None
     if depth < 1 or depth > 10:
         raise ScenarioError("--depth must be between 1 and 10")
     if pct_runs is not None and not 1 <= pct_runs <= 1_000_000:

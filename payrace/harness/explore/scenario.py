@@ -163,7 +163,9 @@ def normalise_isolation(value: str) -> str:
 # -- schedule ids -------------------------------------------------------------------------
 
 _ID = re.compile(
-    r"^(?P<strategy>[a-z][a-z0-9_]*)\.(?P<iso>rc|rr|sr|app)\.(?P<reqs>[a-z]{2,8})\."
+    # a strategy's name, or the package.module:Name it was loaded by (service.strategies)
+    r"^(?P<strategy>[a-z][a-z0-9_]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)"
+    r"\.(?P<iso>rc|rr|sr|app)\.(?P<reqs>[a-z]{2,8})\."
     r"(?P<ch>[a-z0-9]+)$"
 )
 # The isolation word of an app's schedules: the app keeps its own level, payrace sets none.

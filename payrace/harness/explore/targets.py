@@ -24,8 +24,8 @@ from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.model.profile import Profile
 from payrace.postgres import dialect_url
 from payrace.service.app import Runtime, create_app
-from payrace.service.capture import STRATEGIES
 from payrace.service.settings import Settings
+from payrace.service.strategies import UnknownStrategy, resolve
 
 
 class EngineEvents(Protocol):
@@ -62,17 +62,18 @@ class ReferenceTarget:
     exact_pids = True  # capture.py records the backend before its first statement can wait
 
     def __init__(self, strategy: str, isolation: str, keys: GatewayKeys = GatewayKeys()) -> None:
-        if strategy not in STRATEGIES:
-            raise ScenarioError(
-                f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}"
-            )
+        try:
+            chosen = resolve(strategy)
+        except UnknownStrategy as exc:
+            raise ScenarioError(str(exc)) from None
         self.name = strategy
-        self.isolation = normalise_isolation(isolation)
+        # A strategy that always runs at one level (serializable) is explored at that level:
+        # the step table's commutations depend on it (explore.steps.dependent).
+        self.isolation = normalise_isolation(chosen.isolation_level or isolation)
         self.keys = keys
         self.profile = replace(Profile.reference(), keys=keys)
         # Whether the payment read takes a lock: FOR UPDATE, or the advisory lock before it.
         # A strategy this table does not know is assumed to lock (the guard tells if not).
-        chosen = STRATEGIES[strategy]
         self.lock_rows = bool(
             getattr(chosen, "lock_rows", True) or getattr(chosen, "advisory", False)
         )

@@ -80,6 +80,7 @@ from payrace.harness.reports.summary import (
 )
 from payrace.harness.reports.writers import claim_run_dir, write_all
 from payrace.redact import redact
+from payrace.service.strategies import UnknownStrategy, resolve
 
 LOCUSTFILES = Path(__file__).resolve().parents[2] / "locustfiles"
 _RUN_TIME = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
@@ -224,8 +225,10 @@ class LoadPlan:
                     "reference service itself"
                 )
             strategy = strategy or "for_update"
-            if strategy not in DECLARED:
-                raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(DECLARED)}")
+            try:
+                resolve(strategy)  # a built-in name or package.module:Name
+            except UnknownStrategy as exc:
+                raise UsageError(f"--strategy: {exc}") from None
             name = strategy
         workers = 1 if workers is None else workers
         if expect not in (None, "valid", "violated"):

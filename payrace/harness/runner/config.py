@@ -30,7 +30,7 @@ from payrace.harness.model.generator import MAX_WEBHOOKS
 from payrace.harness.model.nemesis import NemesisSpecError, parse_spec
 from payrace.harness.model.profile import Profile
 from payrace.postgres import normalise_isolation
-from payrace.service.capture import STRATEGIES
+from payrace.service.strategies import UnknownStrategy, names, resolve
 
 # --jitter-ms and --hold-ms: a minute is far past any lock wait worth racing, and keeps a
 # typo (an extra zero or three) from parking a run for hours.
@@ -146,7 +146,7 @@ class RunConfig:
                 )
         if any(not s.strip() for s in self.strategies):
             raise UsageError(
-                f"--strategy names an empty strategy; choose from {', '.join(STRATEGIES)} "
+                f"--strategy names an empty strategy; choose from {', '.join(names())} "
                 "(or leave --strategy out for for_update)"
             )
         try:
@@ -192,11 +192,11 @@ class RunConfig:
                 )
         else:
             self.strategies = self.strategies or ["for_update"]
-            unknown = [s for s in self.strategies if s not in STRATEGIES]
-            if unknown:
-                raise UsageError(
-                    f"unknown strategy {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}"
-                )
+            for name in self.strategies:
+                try:
+                    resolve(name)  # a built-in name or package.module:Name
+                except UnknownStrategy as exc:
+                    raise UsageError(str(exc)) from None
         if self.first_event not in ("payment.captured", "payment.authorized", "order.paid"):
             raise UsageError(
                 f"--event must be payment.captured, payment.authorized or order.paid, "
@@ -227,7 +227,7 @@ class RunConfig:
         check_gates(
             self.gates,
             self.strategies,
-            known=list(STRATEGIES),
+            known=names(),
             baseline=self._baseline,
             mode=self.mode,
             profile_named=self.external,

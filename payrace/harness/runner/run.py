@@ -107,6 +107,9 @@ async def judge(
         "valid": valid,
         "violating_trials": len(violating),
         "checks": checks,
+        "gateway_capture_calls": sum(
+            counters.get("captures", {}).get(o.gateway_payment_id, 0) for o in run.outcomes.values()
+        ),
         "first_violation": first,
         # Deadlocks tied to trials are in violating_trials; `unattributed` ones are not, and
         # the `violations` gate adds them (runner.config.Gate).
@@ -172,6 +175,14 @@ def _common(config: RunConfig, run: StrategyRun, not_seen: list[str]) -> dict[st
         "trials_per_second": round(done / duration, 2) if duration else 0.0,
         "duration_s": round(duration, 3),
         "pause_timeouts": run.pause_timeouts,
+        # Retryable 409s answered, and how many of them the harness sent again (trials).
+        "conflicts": {
+            "answered_409": run.conflicts,
+            "retried": run.conflict_retries,
+            # Aborted by PostgreSQL and retried inside the target (its Server-Timing).
+            "serialization_failures": run.retried_inside["serialization"],
+            "deadlocks_retried": run.retried_inside["deadlock"],
+        },
         "forced": _forced(config, run),
         "trial_errors": {"count": len(run.trial_errors), "first": run.trial_errors[:3]},
         "latency_ms": run.latency.summary(),

@@ -17,6 +17,8 @@ _redeliver()     webhooks answered with a 5xx sent again, as Razorpay does (neme
 Liveness         a target that stopped answering (STOP_AFTER trials in a row without any
                  HTTP answer: killed, crashed) stops the run early with the cause, instead
                  of a long tail of failed trials judged as if they had raced
+_retry_conflicts()  a 409 with Retry-After sent again (boundedly), as a browser's retry or
+                 Razorpay's redelivery would: what nowait / skip_locked losers answer
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ class StrategyRun:
         self.trial_errors: list[str] = []
         self.nemesis: dict[str, Any] | None = None
         self.redelivered = 0  # webhooks sent again after a 5xx (under the nemesis only)
+        self.conflicts = 0  # answers 409 (retryable: a lock not taken, a serialisation failure)
+        self.conflict_retries = 0  # of those, sent again (_retry_conflicts)
+        # Attempts the target aborted and retried itself, as its Server-Timing says.
+        self.retried_inside = {"serialization": 0, "deadlock": 0}
         # Wait-for cycles the lock sampler saw (model.deadlocks ties them to trials).
         self.lock_cycles: list[LockCycle] = []
         # Every lock wait the sampler saw, and its poll interval (timelines' <waiting> rows).
@@ -321,6 +327,7 @@ async def run_trial(
                 run.latency.record(kind, path, float(server[kind]))
         if "received_at_ns" in server:
             received.append(int(server["received_at_ns"]))
+    replies = await _retry_conflicts(target, plan, reqs, replies, ctx, run)
     if config.nemesis:
         await _redeliver(target, plan, reqs, replies, ctx, run)
     spread = (max(received) - min(received)) / 1e6 if len(received) > 1 else None
@@ -345,6 +352,8 @@ async def run_trial(
 def _complete(run: StrategyRun, invoke: Operation, reply: Reply) -> dict[str, Any]:
     """Record the answer to `invoke`; return what the target said about itself."""
     server = reply.server()
+    for kind in run.retried_inside:
+        run.retried_inside[kind] += int(server.get(kind, 0))
     run.history.complete(
         invoke,
         classify(reply.status),
@@ -360,6 +369,49 @@ def _complete(run: StrategyRun, invoke: Operation, reply: Reply) -> dict[str, An
 # gateway made and announced must not be judged lost because a burst of faults swallowed a
 # few attempts: 8 attempts, backing off from 20 ms to ~2.5 s (about 5 s in all).
 REDELIVERIES = 8
+# A browser retries a 409 a few times, Razorpay for 24 hours; a trial needs only that the
+# retry comes after the winner committed. Retry-After is honoured scaled down to this cap, so
+# a thousand trials do not sleep a second each.
+CONFLICT_RETRIES = 3
+CONFLICT_WAIT_CAP_S = 0.02
+
+
+async def _retry_conflicts(
+    target: Target,
+    plan: TrialPlan,
+    reqs: list[Prepared],
+    replies: list[Reply],
+    ctx: PaymentContext,
+    run: StrategyRun,
+) -> list[Reply]:
+    """Every request answered 409 with Retry-After is sent again (the same request, the same
+    event id), up to CONFLICT_RETRIES times; each retry is its own operation. Returns the
+    last answer of each request."""
+    last = list(replies)
+    for i, (step, req) in enumerate(zip(plan.steps, reqs, strict=True)):
+        attempt = 0
+        while last[i].status == 409:
+            run.conflicts += 1
+            if "retry-after" not in {k.lower() for k in last[i].headers} or (
+                attempt == CONFLICT_RETRIES
+            ):
+                break
+            attempt += 1
+            await asyncio.sleep(min(_retry_after_s(last[i]), CONFLICT_WAIT_CAP_S * attempt))
+            value = {**req.value, "retry": attempt}
+            inv = run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, value)
+            last[i] = await target.client.send(req)
+            _complete(run, inv, last[i])
+            run.conflict_retries += 1
+    return last
+
+
+def _retry_after_s(reply: Reply) -> float:
+    said = next((v for k, v in reply.headers.items() if k.lower() == "retry-after"), "1")
+    try:
+        return max(0.0, float(said))
+    except ValueError:  # an HTTP date: not worth parsing for a capped wait
+        return 1.0
 
 
 async def _redeliver(

@@ -192,7 +192,7 @@ def test_explore_with_a_scenario_exits_zero_when_it_goes_as_expected(
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        ({"strategy": "optimistic"}, "unknown strategy 'optimistic'"),
+        ({"strategy": "fastest"}, "unknown strategy fastest"),
         ({"requests": ["client"]}, "at least two requests"),
         ({"replay": "not-an-id"}, "not a schedule id"),
         ({"replay": "naive.rc.cw.a5b4", "scenario": Path("x.toml")}, "either --replay"),

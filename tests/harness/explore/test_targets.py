@@ -31,5 +31,5 @@ def test_the_reference_profile_carries_the_keys_it_is_given() -> None:
 
 
 def test_an_unknown_strategy_names_the_known_ones() -> None:
-    with pytest.raises(ScenarioError, match="unknown strategy 'optimistic'; choose from naive"):
-        ReferenceTarget("optimistic", "rc")
+    with pytest.raises(ScenarioError, match="unknown strategy fastest; choose from naive"):
+        ReferenceTarget("fastest", "rc")

@@ -18,7 +18,7 @@ from payrace.harness.runner.config import Gate, RunConfig
     [
         ({"trials": 0}, "--trials"),
         ({"mode": "sideways"}, "--mode"),
-        ({"strategies": ["optimistic"]}, "unknown strategy"),
+        ({"strategies": ["fastest"]}, "unknown strategy"),
         ({"target": "ftp://x"}, "--target"),
         ({"target": "http://127.0.0.1:1"}, "--target-dsn"),
         ({"hold_ms": 10.0, "mode": "aligned"}, "--hold-ms"),

@@ -1,0 +1,262 @@
+"""More ways to serialise a capture, beside naive / for_update / advisory (service.capture),
+and strategies a team brings by import path. Each is a few lines of SQL in one place:
+
+    nowait        SELECT ... FOR UPDATE NOWAIT: the loser does not wait, it answers a
+                  retryable 409 with Retry-After (the browser or Razorpay sends it again)
+    skip_locked   the callback waits (FOR UPDATE, a person is waiting); a webhook skips a
+                  locked payment (SKIP LOCKED) and answers 409, so Razorpay redelivers it
+    optimistic    no explicit lock: a plain read, then UPDATE ... WHERE status <> 'captured'
+                  RETURNING decides the single winner before the gateway is asked; the
+                  loser touches neither invoice nor order
+    serializable  plain reads at SERIALIZABLE; PostgreSQL aborts the second writer (40001)
+                  and the service retries it (SERIALIZATION_RETRIES). Its limit: two
+                  requests that both capture at the gateway (the callback and a
+                  payment.authorized webhook) both call it before either commits
+    atomic        the whole capture in one statement (a data-modifying CTE writing payment,
+                  invoice and order), claimed before the gateway is asked
+
+    STRATEGIES    every strategy by name (the same dict as service.capture.STRATEGIES)
+    resolve()     a name, or `package.module:Name` naming a capture.Strategy; UnknownStrategy
+                  (a ValueError) says what to give instead
+    names()       the built-in names, for messages
+
+The protocol a team's strategy implements is capture.Strategy (docs/strategies.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from payrace.service.capture import (
+    ADVISORY,
+    FOR_UPDATE,
+    NAIVE,
+    STRATEGIES,
+    Strategy,
+    read_for_update,
+    read_naive,
+)
+from payrace.service.command import CaptureCommand, CaptureResult
+from payrace.service.errors import RetryLater
+from payrace.service.models import Order, Payment
+from payrace.service.retry import sqlstate
+
+LOCK_NOT_AVAILABLE = "55P03"  # what FOR UPDATE NOWAIT raises when another request holds it
+
+
+async def read_nowait(session: AsyncSession, payment_id: int) -> Payment | None:
+    stmt = select(Payment).where(Payment.id == payment_id).with_for_update(nowait=True)
+    try:
+        result = await session.execute(stmt.execution_options(populate_existing=True))
+    except DBAPIError as exc:
+        if sqlstate(exc) == LOCK_NOT_AVAILABLE:
+            raise RetryLater(
+                f"payment {payment_id} is being captured by another request; "
+                "retry after Retry-After seconds"
+            ) from exc
+        raise
+    return result.scalar_one_or_none()
+
+
+async def read_skip_locked(session: AsyncSession, payment_id: int) -> Payment | None:
+    stmt = select(Payment).where(Payment.id == payment_id).with_for_update(skip_locked=True)
+    result = await session.execute(stmt.execution_options(populate_existing=True))
+    payment = result.scalar_one_or_none()
+    if (
+        payment is None
+        and (
+            await session.execute(select(Payment.id).where(Payment.id == payment_id))
+        ).scalar_one_or_none()
+        is not None
+    ):
+        # Locked by a capture in flight: any non-2xx makes Razorpay deliver the event again,
+        # by which time the payment is captured and the redelivery is a repeat.
+        raise RetryLater(
+            f"payment {payment_id} is being captured by another request; "
+            "the webhook will be redelivered"
+        )
+    return payment
+
+
+_CLAIM_PAYMENT = """
+UPDATE payments
+   SET status = 'captured', gateway_payment_id = :gateway_payment_id, captured_at = now(),
+       error_code = NULL, method = COALESCE(CAST(:method AS varchar(32)), method)
+ WHERE id = :payment_id AND status <> 'captured'
+RETURNING id, order_id"""
+
+
+def _params(cmd: CaptureCommand) -> dict[str, object]:
+    return {
+        "payment_id": cmd.payment_id,
+        "gateway_payment_id": cmd.gateway_payment_id,
+        "method": cmd.method or None,
+    }
+
+
+def _result(cmd: CaptureCommand, invoice: str | None, order: str | None) -> CaptureResult:
+    return CaptureResult(
+        payment_id=cmd.payment_id,
+        status="captured",
+        gateway_payment_id=cmd.gateway_payment_id,
+        idempotent=False,
+        duplicate_event=False,
+        invoice_status=invoice,
+        order_status=order,
+    )
+
+
+async def claim_optimistic(
+    session: AsyncSession, cmd: CaptureCommand, payment: Payment, order: Order
+) -> bool | CaptureResult:
+    """The conditional UPDATE is the only serialisation: a concurrent one waits for the
+    winner's row lock, then re-checks `status <> 'captured'` on what it committed (READ
+    COMMITTED) or fails with 40001 and is retried (REPEATABLE READ and up)."""
+    won = (await session.execute(text(_CLAIM_PAYMENT), _params(cmd))).first()
+    if won is None:
+        return False
+    invoice = await session.execute(
+        text(
+            "UPDATE invoices SET status = 'paid', amount_paid = amount, paid_at = now() "
+            "WHERE payment_id = :payment_id RETURNING status"
+        ),
+        {"payment_id": cmd.payment_id},
+    )
+    paid = await session.execute(
+        text("UPDATE orders SET status = 'paid', paid_at = now() WHERE id = :id RETURNING status"),
+        {"id": won.order_id},
+    )
+    return _result(cmd, invoice.scalar_one_or_none(), paid.scalar_one())
+
+
+# Payment first: invoice and order are written only for the payment row the first UPDATE
+# claimed, so the lock order stays payment -> invoice -> order and a loser writes nothing.
+_ATOMIC = f"""
+WITH p AS ({_CLAIM_PAYMENT}),
+i AS (
+    UPDATE invoices SET status = 'paid', amount_paid = amount, paid_at = now()
+     WHERE payment_id IN (SELECT id FROM p) RETURNING status
+),
+o AS (
+    UPDATE orders SET status = 'paid', paid_at = now()
+     WHERE id IN (SELECT order_id FROM p) RETURNING status
+)
+SELECT (SELECT count(*) FROM p) AS won, (SELECT status FROM i) AS invoice_status,
+       (SELECT status FROM o) AS order_status"""
+
+
+async def claim_atomic(
+    session: AsyncSession, cmd: CaptureCommand, payment: Payment, order: Order
+) -> bool | CaptureResult:
+    row = (await session.execute(text(_ATOMIC), _params(cmd))).one()
+    if not row.won:
+        return False
+    return _result(cmd, row.invoice_status, row.order_status)
+
+
+NOWAIT = Strategy(
+    "nowait", "FOR UPDATE NOWAIT; the loser answers a retryable 409", read_nowait, True
+)
+SKIP_LOCKED = Strategy(
+    "skip_locked",
+    "callback FOR UPDATE; a webhook skips a locked payment (409, redelivered)",
+    read_for_update,
+    True,
+    read_webhook=read_skip_locked,
+)
+OPTIMISTIC = Strategy(
+    "optimistic",
+    "no lock; UPDATE ... WHERE status <> 'captured' RETURNING picks the winner",
+    read_naive,
+    False,
+    claim=claim_optimistic,
+    late_event=True,
+)
+SERIALIZABLE = Strategy(
+    "serializable",
+    "plain reads at SERIALIZABLE, 40001 retried",
+    read_naive,
+    False,
+    isolation_level="SERIALIZABLE",
+    late_event=True,
+)
+ATOMIC = Strategy(
+    "atomic",
+    "one data-modifying CTE writes payment, invoice and order",
+    read_naive,
+    False,
+    claim=claim_atomic,
+    late_event=True,
+)
+BUILT_IN = (NAIVE, FOR_UPDATE, ADVISORY, NOWAIT, SKIP_LOCKED, OPTIMISTIC, SERIALIZABLE, ATOMIC)
+STRATEGIES.update({s.name: s for s in BUILT_IN})
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class UnknownStrategy(ValueError):
+    pass
+
+
+def names() -> list[str]:
+    return [s.name for s in BUILT_IN]
+
+
+def is_import_path(spec: str) -> bool:
+    return ":" in spec
+
+
+def resolve(spec: str) -> Strategy:
+    """A built-in name, or `package.module:Name` naming a Strategy (registered under the
+    path, so every later lookup by it finds the same object)."""
+    if spec in STRATEGIES:
+        return STRATEGIES[spec]
+    choose = f"choose from {', '.join(names())}, or give package.module:Name"
+    if not is_import_path(spec):
+        raise UnknownStrategy(f"unknown strategy {spec}; {choose}")
+    if not _IMPORT_PATH.match(spec):
+        raise UnknownStrategy(
+            f"strategy {spec!r} is not an import path like mypackage.capture:MY_STRATEGY"
+        )
+    module_name, _, attr = spec.partition(":")
+    # As uvicorn does: the current directory is where a team's package is found.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownStrategy(
+            f"strategy {spec!r}: cannot import {module_name} ({exc}); is it installed or on "
+            "PYTHONPATH?"
+        ) from None
+    found = getattr(module, attr, None)
+    if found is None:
+        raise UnknownStrategy(f"strategy {spec!r}: {module_name} has no attribute {attr}")
+    if not isinstance(found, Strategy):
+        raise UnknownStrategy(
+            f"strategy {spec!r} is a {type(found).__name__}, not a "
+            "payrace.service.capture.Strategy (docs/strategies.md)"
+        )
+    STRATEGIES[spec] = found
+    return found
+
+
+__all__ = [
+    "ATOMIC",
+    "NOWAIT",
+    "OPTIMISTIC",
+    "SERIALIZABLE",
+    "SKIP_LOCKED",
+    "STRATEGIES",
+    "UnknownStrategy",
+    "is_import_path",
+    "names",
+    "resolve",
+]
