@@ -23,6 +23,7 @@ cost, written to reports/bench/<run>/bench.json and bench.md.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import json
 import os
@@ -127,6 +128,7 @@ def bench_main(config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any
                 }
                 for s in config.strategies
             }
+            report["stacks"] = _stacks(config, db, fake, gateway.url, keys, next_id, report)
         report["ratio"] = _ratios(report["ceiling"], report["service"])
         say("bench: the harness")
         report["harness"] = _harness(config, db)
@@ -234,6 +236,7 @@ def _service(
     strategy: str,
     workers: int,
     ids: Iterator[int],
+    server_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     # Enough fresh payments for a fast service; each is captured once (a repeat would take the
     # cheaper idempotent path and flatter the figure).
@@ -246,11 +249,10 @@ def _service(
         }
         for p in prepared
     ]
-    tag = f"{strategy}-w{workers}"
+    tag = f"{strategy}-w{workers}" + ("-stock" if server_args else "")
     env = service_env(db, gateway_url, strategy, keys=keys, pool_size=config.connections)
-    with ServiceProcess(
-        env, workers=workers, log_path=config.run_dir / f"service-{tag}.log"
-    ) as service:
+    log = config.run_dir / f"service-{tag}.log"
+    with ServiceProcess(env, workers=workers, log_path=log, server_args=server_args) as service:
         assert service.proc is not None
         spec = config.run_dir / f"load-{tag}.json"
         result_path = config.run_dir / f"load-{tag}.result.json"
@@ -292,6 +294,51 @@ def _service(
     return result
 
 
+STOCK = ("--loop", "asyncio", "--http", "h11")
+
+
+def _stacks(
+    config: BenchConfig,
+    db: Database,
+    fake: FakeRazorpay,
+    gateway_url: str,
+    keys: GatewayKeys,
+    ids: Iterator[int],
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    """Before / after in one run: the first strategy again on uvicorn's stock stack (asyncio
+    loop, h11), right after it ran on uvicorn's auto choice (uvloop and httptools, both
+    payrace dependencies); each set against the same ceiling."""
+    strategy = config.strategies[0]
+    top = report["ceiling"].get(strategy, {}).get("captures_per_s")
+    out: dict[str, Any] = {
+        "strategy": strategy,
+        "before": "uvicorn " + " ".join(STOCK),
+        "after": "uvicorn --loop auto --http auto (" + _auto_stack() + ")",
+        "workers": {},
+    }
+    for w in config.workers:
+        before = _service(config, db, fake, gateway_url, keys, strategy, w, ids, STOCK)
+        after = report["service"][strategy][str(w)]
+        row: dict[str, Any] = {
+            "before_captures_per_s": before.get("captures_per_s"),
+            "after_captures_per_s": after.get("captures_per_s"),
+            "before": before,
+        }
+        if top and before.get("captures_per_s") and after.get("captures_per_s"):
+            row["before_ratio"] = round(before["captures_per_s"] / top, 3)
+            row["after_ratio"] = round(after["captures_per_s"] / top, 3)
+        out["workers"][str(w)] = row
+    return out
+
+
+def _auto_stack() -> str:
+    """What uvicorn's auto choice resolves to here: uvloop and httptools when importable."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{loop}, {http}"
+
+
 def _peak_rss_kib(pgid: int) -> int:
     """The group's peak resident memory: each member's VmHWM (Linux), summed."""
     total = 0
@@ -321,11 +368,14 @@ def _ratios(ceiling: dict[str, Any], service: dict[str, Any]) -> dict[str, dict[
     return out
 
 
-# The child reports its own peak RSS at exit (wait4's figure would also count its children's).
+# The child reports its own peak RSS at exit: VmHWM belongs to its address space, which exec
+# starts afresh (getrusage's ru_maxrss would keep the forking parent's high-water mark).
 _MEASURED = (
-    "import atexit, resource, sys\n"
-    "atexit.register(lambda: print('PAYRACE_PEAK_RSS_KIB', "
-    "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+    "import atexit, re, sys\n"
+    "def _peak():\n"
+    "    found = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())\n"
+    "    print('PAYRACE_PEAK_RSS_KIB', found.group(1) if found else 0, file=sys.stderr)\n"
+    "atexit.register(_peak)\n"
     "sys.argv = ['payrace', *sys.argv[1:]]\n"
     "from payrace.harness.cli import main\n"
     "main()\n"
@@ -490,6 +540,17 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_f(r.get('lock_p50_ms'))} / {_f(r.get('lock_p99_ms'))} "
                 f"| {_f(r.get('hold_p50_ms'))} / {_f(r.get('hold_p99_ms'))} "
                 f"| {_f(r.get('loadgen_core_percent'))} | {_f(r.get('service_peak_rss_mib'))} |\n"
+            )
+    stacks = report.get("stacks") or {}
+    if stacks:
+        out.write(
+            f"\nBefore / after ({stacks['strategy']}): {stacks['before']} → {stacks['after']}\n\n"
+            "| workers | before captures/s (ratio) | after captures/s (ratio) |\n|---|---|---|\n"
+        )
+        for w, row in stacks["workers"].items():
+            out.write(
+                f"| {w} | {_f(row.get('before_captures_per_s'))} ({_f(row.get('before_ratio'))}) "
+                f"| {_f(row.get('after_captures_per_s'))} ({_f(row.get('after_ratio'))}) |\n"
             )
     out.write("\nCPU share of the machine during each service run (%):\n\n")
     for strategy, by_workers in report["service"].items():
