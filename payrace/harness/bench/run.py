@@ -208,15 +208,18 @@ def _ceiling(
     path.write_text(script)
     threads = os.cpu_count() or 1
     sweep = {
-        str(c): run_pgbench(
-            pgbench, db.url, path, clients=c, threads=threads, seconds=config.pgbench_seconds
+        str(c): round(
+            run_pgbench(
+                pgbench, db.url, path, clients=c, threads=threads, seconds=config.pgbench_seconds
+            ),
+            1,
         )
         for c in config.pgbench_clients
     }
     best = max(sweep, key=lambda c: sweep[c])
     statements = [s for s, _ in recorded.statements if s not in ("BEGIN", "COMMIT", "ROLLBACK")]
     return {
-        "captures_per_s": sweep[best],
+        "captures_per_s": round(sweep[best], 1),
         "clients": int(best),
         "sweep_tps": sweep,
         "statements_per_capture": len(statements),
@@ -306,10 +309,10 @@ def _stacks(
     ids: Iterator[int],
     report: dict[str, Any],
 ) -> dict[str, Any]:
-    """Before / after in one run: the first strategy again on uvicorn's stock stack (asyncio
-    loop, h11), right after it ran on uvicorn's auto choice (uvloop and httptools, both
-    payrace dependencies); each set against the same ceiling."""
-    strategy = config.strategies[0]
+    """Before / after in one run: for_update (else the first strategy) again on uvicorn's
+    stock stack (asyncio loop, h11), after it ran on uvicorn's auto choice (uvloop and
+    httptools, both payrace dependencies); each set against the same ceiling."""
+    strategy = "for_update" if "for_update" in config.strategies else config.strategies[0]
     top = report["ceiling"].get(strategy, {}).get("captures_per_s")
     out: dict[str, Any] = {
         "strategy": strategy,
