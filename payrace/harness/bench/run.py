@@ -76,6 +76,7 @@ class BenchConfig:
     harness_trials: int = 200
     cold_trials: int = 100
     load_seconds: int = 15
+    compare_stacks: bool = True  # the service again on uvicorn's stock stack (before/after)
 
     @classmethod
     def quick(cls, **changes: Any) -> BenchConfig:
@@ -88,6 +89,7 @@ class BenchConfig:
             "harness_trials": 20,
             "cold_trials": 10,
             "load_seconds": 6,
+            "compare_stacks": False,
         }
         values.update(changes)
         return cls(**values)
@@ -128,7 +130,8 @@ def bench_main(config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any
                 }
                 for s in config.strategies
             }
-            report["stacks"] = _stacks(config, db, fake, gateway.url, keys, next_id, report)
+            if config.compare_stacks:
+                report["stacks"] = _stacks(config, db, fake, gateway.url, keys, next_id, report)
         report["ratio"] = _ratios(report["ceiling"], report["service"])
         say("bench: the harness")
         report["harness"] = _harness(config, db)
