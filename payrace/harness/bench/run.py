@@ -82,13 +82,13 @@ class BenchConfig:
     def quick(cls, **changes: Any) -> BenchConfig:
         values: dict[str, Any] = {
             "strategies": ("for_update",),
-            "service_seconds": 1.5,
+            "service_seconds": 1.0,
             "pgbench_seconds": 1,
             "pgbench_clients": (2, 8),
             "connections": 16,
-            "harness_trials": 20,
-            "cold_trials": 10,
-            "load_seconds": 6,
+            "harness_trials": 10,
+            "cold_trials": 5,
+            "load_seconds": 4,
             "compare_stacks": False,
         }
         values.update(changes)
