@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: race test test-fast lint load baseline clean
+.PHONY: race test test-fast lint load bench baseline clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "payrace needs Python 3.11+; set PYTHON=python3.11 (found " + sys.version.split()[0] + ")")'
@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 load: $(STAMP)
 	$(BIN)/payrace load
+
+# What the service and the harness cost on this machine (docs/benchmarks.md): a few minutes.
+bench: $(STAMP)
+	$(BIN)/payrace bench
 
 # The figures `--gate 'lock_p99_ms<=1.5*baseline'` compares with (README "Gates in CI"): run it
 # on the runner class that will be gated and commit the file; written only when the run is valid.

@@ -9,6 +9,7 @@
     payrace load      the Locust suite against the reference service it starts, or a running
                       service described by a target profile (payrace.harness.load.launch)
     payrace gateway   a fake Razorpay on loopback, for a target started by hand
+    payrace bench     what the service and the harness cost here (payrace.harness.bench.run)
 
 Reports go to reports/<run>/: history.jsonl, summary.json, junit.xml, report.html.
 """
@@ -618,6 +619,50 @@ def load_command(
         write_baseline=write_baseline,
     )
     raise typer.Exit(code)
+
+
+@app.command("bench")
+def bench_command(
+    quick: Annotated[
+        bool, typer.Option(help="seconds, not minutes: one strategy, short windows (tests)")
+    ] = False,
+    strategy: Annotated[
+        list[str] | None, typer.Option("--strategy", "-s", help="repeatable (default: all)")
+    ] = None,
+    seconds: Annotated[
+        float | None, typer.Option(help="seconds of HTTP load per strategy and worker count")
+    ] = None,
+    dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
+    out: Annotated[Path, typer.Option()] = Path("reports"),
+) -> None:
+    """What the service and the harness cost on this machine: pgbench's ceiling for the
+    capture's own SQL, the service over HTTP against it, the harness's rates
+    (reports/bench/<run>/bench.json and bench.md)."""
+    from payrace.harness.bench.run import BenchConfig, bench_main
+    from payrace.service.capture import STRATEGIES
+
+    chosen = tuple(_split(strategy or []))
+    unknown = [s for s in chosen if s not in STRATEGIES]
+    if unknown:
+        err.print(
+            f"[bold red]payrace:[/] unknown strategy {escape(', '.join(unknown))}; "
+            f"choose from {', '.join(STRATEGIES)}"
+        )
+        raise typer.Exit(EXIT_ERROR)
+    if seconds is not None and not 0.5 <= seconds <= 600:
+        err.print("[bold red]payrace:[/] --seconds must be between 0.5 and 600")
+        raise typer.Exit(EXIT_ERROR)
+    changes: dict[str, Any] = {"out": out, "dsn": dsn}
+    if chosen:
+        changes["strategies"] = chosen
+    if seconds is not None:
+        changes["service_seconds"] = seconds
+    config = BenchConfig.quick(**changes) if quick else BenchConfig(**changes)
+    try:
+        bench_main(config, lambda line: err.print(escape(line)))
+    except ProviderError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"bench: {config.run_dir / 'bench.md'} and bench.json")
 
 
 @app.command("gateway")

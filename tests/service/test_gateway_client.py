@@ -197,3 +197,16 @@ async def test_slow_captures_run_in_parallel_off_the_event_loop(
     assert all(not o.already_captured for o in outcomes)
     assert elapsed < 0.45  # three 0.2 s calls side by side, not one after another
     assert ticks >= 10  # the loop kept running while the SDK waited
+
+
+def test_the_sdk_user_agent_keeps_its_version_read_once() -> None:
+    from importlib.metadata import version
+
+    from payrace.service.gateway_client import GatewayClient
+
+    gateway = GatewayClient("rzp_test_x", "secret", "http://127.0.0.1:9")
+    try:
+        headers = gateway._client()._update_user_agent_header({})["headers"]
+    finally:
+        gateway.close()
+    assert headers["User-Agent"].startswith(f"Razorpay-Python/{version('razorpay')} ")

@@ -206,9 +206,12 @@ class ServiceProcess:
         port: int | None = None,
         log_path: Path | None = None,
         start_timeout_s: float = 30.0,
+        server_args: Sequence[str] = (),
     ) -> None:
         self.env = dict(env)
         self.workers = workers
+        # More uvicorn options, e.g. `--loop asyncio --http h11` (payrace bench's stock stack).
+        self.server_args = list(server_args)
         self.host = host
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
@@ -220,7 +223,7 @@ class ServiceProcess:
         cmd = [
             sys.executable, "-m", "uvicorn", "payrace.service.app:create_app", "--factory",
             "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
-            "--no-access-log", "--log-level", "warning",
+            "--no-access-log", "--log-level", "warning", *self.server_args,
         ]  # fmt: skip
         self.proc = spawn_group(cmd, self.env, log_path=self.log_path)
         await_answer(

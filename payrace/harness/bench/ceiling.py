@@ -1,0 +1,173 @@
+"""The ceiling `payrace bench` compares the service with: PostgreSQL alone running exactly
+the SQL the service issues for one capture, under pgbench.
+
+    record_capture_sql()   one client callback captured by the reference service in this
+                           process, every statement it sends and every BEGIN / COMMIT /
+                           ROLLBACK recorded from SQLAlchemy's engine events (the statement
+                           log of that one request, nothing rewritten by hand)
+    pgbench_script()       that log as a pgbench script: the payment's ids become a variable
+                           drawn per transaction from rows prepared for pgbench
+    find_pgbench()         the pgbench binary shipped in the pgserver wheel (or on PATH)
+    run_pgbench()          one pgbench run: transactions per second = captures per second
+
+pgbench is a client: unlike the server it runs as root, so the embedded route needs nothing
+more. The gateway call between the reads and the writes is the one thing the script leaves
+out: it is not PostgreSQL's work, and the service's share of that time is what the ratio
+measures.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import event
+
+from payrace.harness.gateway.signing import GatewayKeys, client_callback
+from payrace.service.app import create_app
+from payrace.service.settings import Settings
+
+_PARAM = re.compile(r"\$(\d+)")
+_TPS = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The statement log of one capture: SQL with its parameters, or a transaction marker."""
+
+    statements: list[tuple[str, tuple[Any, ...]]]  # ("BEGIN"|"COMMIT"|"ROLLBACK", ()) or SQL
+    status: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One payment ready to be captured: the ids in the database and at the gateway."""
+
+    payment_id: int  # = its order's id = its invoice's id (bench rows are laid out so)
+    gateway_order_id: str
+    gateway_payment_id: str
+
+
+async def record_capture_sql(
+    database_url: str, gateway_url: str, strategy: str, keys: GatewayKeys, payment: Prepared
+) -> Recorded:
+    settings = Settings(
+        database_url=database_url,
+        capture_strategy=strategy,
+        razorpay_key_id=keys.key_id,
+        razorpay_key_secret=keys.key_secret,
+        razorpay_webhook_secret=keys.webhook_secret,
+        razorpay_base_url=gateway_url,
+        reconcile_interval_s=0,  # no sweeper statements in the log
+    )
+    app = create_app(settings)
+    runtime = app.state.runtime
+    await runtime.startup()
+    log: list[tuple[str, tuple[Any, ...]]] = []
+    recording = False
+
+    def statement(conn: Any, cursor: Any, sql: str, params: Any, context: Any, many: bool) -> None:
+        if recording:
+            log.append((sql, tuple(params or ())))
+
+    def marker(word: str) -> Any:
+        def listener(conn: Any) -> None:
+            if recording:
+                log.append((word, ()))
+
+        return listener
+
+    engines = [runtime.engine.sync_engine, runtime.intents_engine.sync_engine]
+    listeners = [("before_cursor_execute", statement)] + [
+        (name, marker(name.upper())) for name in ("begin", "commit", "rollback")
+    ]
+    for engine in engines:
+        for name, fn in listeners:
+            event.listen(engine, name, fn)
+    body = client_callback(payment.gateway_order_id, payment.gateway_payment_id, keys.key_secret)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            recording = True
+            reply = await client.post(
+                "/payments/verify", json={**body, "internal_payment_id": payment.payment_id}
+            )
+            recording = False
+    finally:
+        for engine in engines:
+            for name, fn in listeners:
+                event.remove(engine, name, fn)
+        await runtime.shutdown()
+    return Recorded(log, reply.status_code)
+
+
+def _literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, datetime):
+        return f"'{value.isoformat()}'"
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def pgbench_script(recorded: Recorded, payment: Prepared, *, first_id: int, rows: int) -> str:
+    """The log as pgbench SQL. The recorded payment's ids become `:pid` (and its gateway ids
+    strings built from it), drawn per transaction from `rows` rows starting at `first_id`,
+    prepared the same way; every other parameter is kept as the literal the service sent."""
+    swaps: dict[Any, str] = {
+        payment.payment_id: "(:pid)",
+        payment.gateway_payment_id: "('pay_bench_' || (:pid)::text)",
+        payment.gateway_order_id: "('order_bench_' || (:pid)::text)",
+    }
+    lines = [f"\\set pid {first_id - 1} + random(1, {rows})"]
+    for sql, params in recorded.statements:
+        if sql in ("BEGIN", "COMMIT", "ROLLBACK"):
+            lines.append(f"{sql};")
+            continue
+
+        def render(match: re.Match[str], params: tuple[Any, ...] = params) -> str:
+            value = params[int(match.group(1)) - 1]
+            swap = swaps.get(value) if not isinstance(value, bool) else None
+            return swap if swap is not None else _literal(value)
+
+        lines.append(" ".join(_PARAM.sub(render, sql).split()) + ";")
+    return "\n".join(lines) + "\n"
+
+
+def find_pgbench() -> Path | None:
+    try:
+        import pgserver
+    except ImportError:
+        pass
+    else:
+        shipped = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pgbench"
+        if shipped.exists():
+            return shipped
+    found = shutil.which("pgbench")
+    return Path(found) if found else None
+
+
+def run_pgbench(
+    pgbench: Path, url: str, script: Path, *, clients: int, threads: int, seconds: int
+) -> float:
+    """Transactions (= captures) per second, initial connection time excluded."""
+    cmd = [
+        str(pgbench), "-n", "-M", "prepared", "-f", str(script),
+        "-c", str(clients), "-j", str(max(1, min(clients, threads))), "-T", str(seconds), url,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    found = _TPS.search(done.stdout)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(
+            f"pgbench failed (exit {done.returncode}): {(done.stderr or done.stdout)[-600:]}"
+        )
+    return float(found.group(1))

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import psycopg
+
+from payrace.harness.bench.ceiling import (
+    Prepared,
+    Recorded,
+    find_pgbench,
+    pgbench_script,
+    record_capture_sql,
+    run_pgbench,
+)
+from payrace.harness.bench.run import _create_schema, _prepare
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.gateway.signing import GatewayKeys
+from payrace.harness.infra.provider import Database
+
+
+def test_the_script_swaps_the_payment_ids_and_keeps_every_other_parameter() -> None:
+    payment = Prepared(77, "order_X", "pay_X")
+    recorded = Recorded(
+        [
+            ("BEGIN", ()),
+            (
+                "SELECT 1 FROM payments WHERE id = $1::BIGINT AND g = $2 AND note = $3",
+                (77, "pay_X", "it's"),
+            ),
+            ("UPDATE orders SET status=$1, g=$2 WHERE id = $3", ("paid", "order_X", 77)),
+            ("COMMIT", ()),
+        ],
+        200,
+    )
+    script = pgbench_script(recorded, payment, first_id=1000, rows=50).splitlines()
+    assert script[0] == "\\set pid 999 + random(1, 50)"
+    assert script[1] == "BEGIN;"
+    assert script[2] == (
+        "SELECT 1 FROM payments WHERE id = (:pid)::BIGINT AND g = ('pay_bench_' || (:pid)::text)"
+        " AND note = 'it''s';"
+    )
+    assert script[3] == (
+        "UPDATE orders SET status='paid', g=('order_bench_' || (:pid)::text) WHERE id = (:pid);"
+    )
+    assert script[4] == "COMMIT;"
+
+
+async def test_the_logged_capture_replayed_by_pgbench_captures_the_prepared_rows(
+    pg: Database, fake_gateway: FakeRazorpay, gateway_url: str, tmp_path: Path
+) -> None:
+    keys = GatewayKeys()
+    first, rows = 8_700_001, 20
+    await _create_schema(pg)
+    await asyncio.to_thread(_prepare, pg, None, iter(range(first, first + rows)), rows)
+    (recorded_payment,) = await asyncio.to_thread(_prepare, pg, fake_gateway, iter([8_799_999]), 1)
+    recorded = await record_capture_sql(
+        pg.asyncpg_url(), gateway_url, "for_update", keys, recorded_payment
+    )
+    assert recorded.status == 200
+    sql = [s for s, _ in recorded.statements]
+    assert sql.count("BEGIN") == sql.count("COMMIT") == 2  # the intent, then the capture
+    assert any("FOR UPDATE" in s for s in sql)
+    script = tmp_path / "capture.sql"
+    script.write_text(pgbench_script(recorded, recorded_payment, first_id=first, rows=rows))
+    pgbench = find_pgbench()
+    assert pgbench is not None
+    tps = await asyncio.to_thread(
+        run_pgbench, pgbench, pg.url, script, clients=2, threads=2, seconds=1
+    )
+    assert tps > 0
+    with psycopg.connect(pg.url) as conn:
+        captured = conn.execute(
+            "SELECT count(*) FROM payments WHERE id BETWEEN %s AND %s AND status = 'captured'"
+            " AND gateway_payment_id = 'pay_bench_' || id",
+            (first, first + rows - 1),
+        ).fetchone()
+    assert captured is not None and captured[0] > 0
