@@ -193,6 +193,15 @@ def test_load(pg: Database, tmp_path: Path, strategy: str, verdict: str, exit_co
 
 
 @pytest.mark.slow
+def test_load_gate_breached(pg: Database, tmp_path: Path) -> None:
+    signals = payrace(
+        pg, tmp_path, "load", "--strategy", "for_update", "-u", "4", "-r", "4", "-t", "3s",
+        "--gate", "lock_max_ms<0", timeout=300,
+    )  # fmt: skip
+    assert_agree(signals, "gate_breached", 1)
+
+
+@pytest.mark.slow
 def test_load_unknown_when_the_oracle_cannot_decide(
     pg: Database, gateway_url: str, pooled_target: str, tmp_path: Path
 ) -> None:
