@@ -86,7 +86,7 @@ def test_an_unknown_isolation_level_is_refused(spelling: object) -> None:
 def test_strategy_must_be_one_the_service_has() -> None:
     assert Settings(capture_strategy="naive").capture_strategy == "naive"
     with pytest.raises(ValidationError, match="capture_strategy"):
-        Settings(capture_strategy="optimistic")
+        Settings(capture_strategy="fastest")
 
 
 @pytest.mark.parametrize(

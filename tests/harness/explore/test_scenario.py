@@ -166,7 +166,7 @@ def test_default_mode_follows_the_number_of_requests() -> None:
     ("doc", "message"),
     [
         ({"strategy": "naive", "isolaton": "SERIALIZABLE"}, r"unknown key\(s\) \['isolaton'\]"),
-        ({"strategy": "optimistic"}, "strategy 'optimistic' is unknown"),
+        ({"strategy": "fastest"}, "strategy 'fastest' is unknown"),
         ({}, "missing key 'strategy'"),
         ({"strategy": "naive", "schedule": [{"steps": ["webhook:end"]}]}, "names no request"),
         (

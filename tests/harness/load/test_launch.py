@@ -124,7 +124,7 @@ def test_plan_builds_the_locust_command_with_reports_in_the_run_dir(tmp_path: Pa
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"strategy": "optimistic"}, "--strategy"),
+        ({"strategy": "fastest"}, "--strategy"),
         ({"users": 0}, "--users"),
         ({"spawn_rate": 0.0}, "--spawn-rate"),
         ({"run_time": "soon"}, "run time"),
