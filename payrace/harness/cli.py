@@ -21,11 +21,12 @@ import contextlib
 import shlex
 import signal
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import asyncpg
 import httpx
@@ -321,6 +322,37 @@ def run_command(
     raise typer.Exit(summary["exit_code"])
 
 
+def _each_mode(
+    strategies: list[str],
+    modes: Sequence[str],
+    run_id: str,
+    *,
+    trials: int,
+    dsn: str | None,
+    seed: int,
+    out: Path,
+    durable: bool,
+    command: str,
+    quiet: bool,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The same strategies raced once per mode (race, compare), each run's summary by mode."""
+    summaries: list[tuple[str, dict[str, Any]]] = []
+    for mode in modes:
+        config = RunConfig(
+            strategies=strategies,
+            trials=trials,
+            mode=cast(Mode, mode),
+            dsn=dsn,
+            seed=seed,
+            out_dir=out,
+            durable=durable,
+            command=command,
+            run_id=f"{run_id}-{mode}",
+        )
+        summaries.append((mode, _guarded(config, quiet)))
+    return summaries
+
+
 @app.command("race")
 def race_command(
     trials: Annotated[int, typer.Option(help="trials per strategy and mode")] = 200,
@@ -334,20 +366,8 @@ def race_command(
     modes: tuple[Mode, ...] = ("forced", "aligned")
     command = shlex.join(["payrace", *sys.argv[1:]])
     run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-race"
-    summaries: list[tuple[str, dict[str, Any]]] = []
-    for mode in modes:
-        config = RunConfig(
-            strategies=list(DECLARED),
-            trials=trials,
-            mode=mode,
-            dsn=dsn,
-            seed=seed,
-            out_dir=out,
-            durable=durable,
-            command=command,
-            run_id=f"{run_id}-{mode}",
-        )
-        summaries.append((mode, _guarded(config, quiet)))
+    summaries = _each_mode(list(DECLARED), modes, run_id, trials=trials, dsn=dsn, seed=seed,
+                           out=out, durable=durable, command=command, quiet=quiet)  # fmt: skip
     summary = _race_summary(run_id, summaries)
     run_dir = _write(summary, out)
     table = Table(title="payrace race: verdicts against what each strategy is declared to be")
@@ -426,20 +446,10 @@ def compare_command(
         raise _fail(f"--mode {', '.join(wrong)}: compare runs {' and '.join(COMPARE_MODES)}")
     command = shlex.join(["payrace", *sys.argv[1:]])
     run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-compare"
-    summaries: list[tuple[str, dict[str, Any]]] = []
-    for m in modes:
-        config = RunConfig(
-            strategies=_split(strategy) or strategy_names(),
-            trials=trials,
-            mode=m,  # type: ignore[arg-type]  # checked against COMPARE_MODES above
-            dsn=dsn,
-            seed=seed,
-            out_dir=out,
-            durable=durable,
-            command=command,
-            run_id=f"{run_id}-{m}",
-        )
-        summaries.append((m, _guarded(config, quiet)))
+    # The modes were checked against COMPARE_MODES above.
+    summaries = _each_mode(_split(strategy) or strategy_names(), modes, run_id, trials=trials,
+                           dsn=dsn, seed=seed, out=out, durable=durable, command=command,
+                           quiet=quiet)  # fmt: skip
     summary = compare_merge(run_id, summaries)
     run_dir = _write(summary, out)
     write_compare_html(summary, run_dir / "compare.html")

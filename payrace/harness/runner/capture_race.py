@@ -40,14 +40,19 @@ from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.harness.model import oracle
 from payrace.harness.model.checker import CAPTURE_EVENTS
 from payrace.harness.model.client import PaymentContext, Prepared, Reply
-from payrace.harness.model.history import classify
 from payrace.harness.model.lockwatch import LockWatch
 from payrace.harness.reports.timeline import from_probes
 from payrace.harness.reports.writers import write_all
 from payrace.harness.runner.config import RunConfig, oracle_config
 from payrace.harness.runner.run import judge, summary_of, write_history
 from payrace.harness.runner.target import Target, start_target
-from payrace.harness.runner.trials import BlockedProbe, Recorder, StrategyRun, TrialOutcome
+from payrace.harness.runner.trials import (
+    BlockedProbe,
+    Recorder,
+    StrategyRun,
+    TrialOutcome,
+    _complete,
+)
 from payrace.service.instrument import probes
 from payrace.testing import RaceResult, fail
 
@@ -262,17 +267,9 @@ class CaptureRace:
         with probes.controlled(self._controller, process) as probe:
             reply: Reply = await self._target.client.send(req)
         self._captured[process] = probe
-        server = reply.server()
+        server = _complete(run, invoke, reply)  # recorded as fire_trials records an answer
         if "received_at_ns" in server:
             self._received.append(int(server["received_at_ns"]))
-        run.history.complete(
-            invoke,
-            classify(reply.status),
-            value=reply.body,
-            status=reply.status,
-            error=reply.error,
-            server=server,
-        )
         path = "client" if req.f == "verify" else "webhook"
         for kind in ("lock", "hold"):
             if kind in server:
