@@ -41,6 +41,7 @@ from payrace.harness.infra.provider import Database, connect_failure, provide_po
 from payrace.harness.model import oracle, watched
 from payrace.harness.model.gates import judge_gates
 from payrace.harness.model.judge import judge as check
+from payrace.harness.model.lockwatch import CONNECTION_LOST
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, RunOutcome, invariants_outcome
 from payrace.harness.reports.timeline import (
     TimelineEvent,
@@ -293,7 +294,7 @@ async def run(
             max_size=4,
             server_settings={"application_name": "payrace-harness"},
         )
-        stack.push_async_callback(pool.close)
+        stack.push_async_callback(_close_pool, pool)
         if target_db is not None:
             # The service creates its tables on start; the oracle needs them first.
             await _create_schema(target_db)
@@ -364,6 +365,15 @@ def summary_of(
             }
         )
     )
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    """Close the harness's pool; a connection a nemesis (or a restart) killed cannot take the
+    goodbye message (BrokenPipeError), so the rest are dropped without one."""
+    try:
+        await pool.close()
+    except CONNECTION_LOST:
+        pool.terminate()
 
 
 async def _answers(url: str, flag: str, hint: str) -> None:
