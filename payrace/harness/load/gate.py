@@ -294,6 +294,11 @@ class LoadRun:
             gateway_payment_ids=[g for g in self.payments.values() if g],
             settle_timeout_s=self.settings.settle_timeout_s(),
         )
+        # The gateway's automatic capture comes just before its webhook; a run that ends
+        # between the two (Locust stops its users mid-race) never told the target, so that
+        # capture is no evidence against it. A webhook the target did answer "captured" is
+        # in the confirmations (ops()); one it failed is a 5xx (no_5xx).
+        obs = replace(obs, gateway_captured=frozenset())
         # A positive deadlock delta is always a violation; a zero one only counts once it has
         # settled, which it rarely has while the reference service's pool is still open
         # (payrace load reads it again after stopping it: settle_deadlocks). A running target
