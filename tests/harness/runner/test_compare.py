@@ -38,7 +38,8 @@ def _report(out: Path) -> tuple[dict[str, Any], str]:
 def test_compare_is_as_declared_with_naive_caught_and_says_what_to_pick(
     pg: Database, tmp_path: Path
 ) -> None:
-    done = _compare(pg, tmp_path, "-s", "naive,for_update,optimistic,nowait", "--trials", "4")
+    # Aligned races are released together, not forced: enough trials that naive is caught.
+    done = _compare(pg, tmp_path, "-s", "naive,for_update,optimistic,nowait", "--trials", "12")
     assert done.returncode == 0, done.stdout + done.stderr
     summary, page = _report(tmp_path)
     assert summary["verdict"] == "as_declared" and summary["exit_code"] == 0
@@ -49,7 +50,7 @@ def test_compare_is_as_declared_with_naive_caught_and_says_what_to_pick(
         for m in ("forced", "aligned")
     }
     naive_forced = next(r for r in rows if (r["strategy"], r["mode"]) == ("naive", "forced"))
-    assert naive_forced["found"] == "violated" and naive_forced["violations"] == 4
+    assert naive_forced["found"] == "violated" and naive_forced["violations"] == 12
     advice_lines = summary["compare"]["advice"]
     assert advice_lines[0].startswith("never naive: ")
     assert any(line.startswith("nowait only where clients retry a 409") for line in advice_lines)
