@@ -36,6 +36,8 @@ from payrace.service.strategies import (
 )
 
 ADDED = [s.name for s in (NOWAIT, SKIP_LOCKED, OPTIMISTIC, SERIALIZABLE, ATOMIC)]
+# Declared valid: every added strategy but serializable (its re-run may call the gateway again).
+VALID = [name for name in ADDED if name != SERIALIZABLE.name]
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +65,12 @@ async def _race(db: Database, tmp_path: Path, strategy: str, mode: str, **kw: An
 def test_every_added_strategy_is_registered_and_declared_valid() -> None:
     assert set(ADDED) <= set(CAPTURE_STRATEGIES) and STRATEGIES is CAPTURE_STRATEGIES
     assert names()[:3] == ["naive", "for_update", "advisory"]
-    assert {DECLARED[name] for name in ADDED} == {"valid"} and DECLARED["naive"] == "violated"
+    assert {DECLARED[name] for name in VALID} == {"valid"} and DECLARED["naive"] == "violated"
+    assert SERIALIZABLE.name not in DECLARED
 
 
 @pytest.mark.parametrize("mode", ["forced", "aligned"])
-@pytest.mark.parametrize("strategy", [*ADDED, "naive"])
+@pytest.mark.parametrize("strategy", [*VALID, "naive"])
 async def test_run_finds_each_strategy_as_declared(
     strategy: str, mode: str, pg: Database, tmp_path: Path
 ) -> None:
@@ -93,8 +96,10 @@ async def test_serializable_re_runs_the_second_writer_and_says_so(
     pg: Database, tmp_path: Path
 ) -> None:
     result = await _race(pg, tmp_path, "serializable", "forced")
-    failed = {n: c.get("first") for n, c in result["checks"].items() if c["valid"] is not True}
-    assert result["valid"] is True, failed
+    # The database's writes are exactly once; the gateway may be called twice when the
+    # aborted writer is the callback (its re-run calls it again): not declared, not asserted.
+    for name in ("single_capture_write", "single_invoice_paid", "single_order_paid"):
+        assert result["checks"][name]["valid"] is True, result["checks"][name]
     # Both read `pending` without a lock; PostgreSQL aborts the second writer (40001) and the
     # service re-runs it, which its Server-Timing counts and the summary adds up.
     assert result["conflicts"]["serialization_failures"] >= 12
