@@ -4,6 +4,10 @@
                       breached, 2 usage or infrastructure error
     payrace race      what `make race`: naive and for_update, forced and aligned; exits non-zero
                       only when a strategy's verdict differs from what it is declared to be
+    payrace matrix    every strategy at every isolation level, from the explorer
+                      (payrace.harness.explore.matrix): its own command, not an explore
+                      flag, because its answer is a strategy x level grid, not one
+                      exploration with its schedules and replay ids
     payrace explore   every schedule of the pause points (payrace.harness.explore.plan): of
                       the reference service, or of a team's ASGI app (--app module:factory)
     payrace load      the Locust suite against the reference service it starts, or a running
@@ -21,6 +25,7 @@ import contextlib
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -458,6 +463,83 @@ def compare_command(
     for reason in RunOutcome.of(summary).reasons:
         err.print(f"[bold red]{escape(reason)}[/]")
     render_reports_line(console, run_dir)
+    raise typer.Exit(summary["exit_code"])
+
+
+@app.command("matrix")
+def matrix_command(
+    strategy: Annotated[
+        list[str],
+        typer.Option(
+            "--strategy",
+            "-s",
+            help="strategies, names or package.module:Name (repeat or comma-separate); "
+            "default every built-in one",
+        ),
+    ] = [],  # noqa: B006
+    isolation: Annotated[
+        list[str],
+        typer.Option(help="levels (repeat or comma-separate); default all three"),
+    ] = [],  # noqa: B006
+    requests: Annotated[
+        str,
+        typer.Option(
+            help="the race explored in each cell; the default is the pair in which both "
+            "requests call the gateway's capture"
+        ),
+    ] = "client,payment.authorized",
+    dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
+    out: Annotated[Path, typer.Option()] = Path("reports"),
+    seed: Annotated[int, typer.Option()] = 1,
+    durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
+    quiet: Annotated[bool, typer.Option(help=QUIET_HELP)] = False,
+) -> None:
+    """The isolation matrix: every schedule of one race for each strategy at each isolation
+    level, database-side and gateway-side double captures side by side (matrix.html).
+    Exit 0 iff every declared cell is as declared."""
+    from payrace.harness.explore import matrix
+    from payrace.harness.explore.scenario import ScenarioError, parse_requests
+    from payrace.harness.infra.provider import provide_postgres
+    from payrace.harness.reports import matrix as matrix_report
+    from payrace.postgres import normalise_isolation
+    from payrace.service.strategies import UnknownStrategy, resolve
+
+    try:
+        strategies = _split(strategy) or strategy_names()
+        for name in strategies:
+            resolve(name)
+        levels = [normalise_isolation(level) for level in _split(isolation)] or list(matrix.LEVELS)
+        races = _split([requests])
+        parse_requests(races)
+    except (UnknownStrategy, ScenarioError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    command = shlex.join(["payrace", *sys.argv[1:]])
+    run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-matrix"
+    started = time.perf_counter()
+
+    def said(cell: matrix.Cell) -> None:
+        if not quiet:
+            console.print(f"{cell.key}: {matrix_report.cell_text(cell.to_json())}", markup=False)
+
+    try:
+        with provide_postgres(dsn, durable=durable, announce=lambda line: None) as db:
+            cells = asyncio.run(
+                matrix.explore_matrix(db, strategies, levels, races, seed=seed, on_cell=said)
+            )
+            database = {"route": db.route, "server_version": db.server_version,
+                        "fast": db.fast, "describe": db.describe()}  # fmt: skip
+    except (UsageError, ProviderError) as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        err.print("payrace: interrupted; PostgreSQL and the gateway were stopped")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    summary = matrix.summary(cells, run_id=run_id, command=command, requests=races,
+                             database=database, started=started)  # fmt: skip
+    run_dir = claim_run_dir(out, run_id)
+    summary["run_id"] = run_dir.name
+    matrix_report.write(summary, run_dir)
+    matrix_report.render_table(summary, console)
+    console.print(f"reports: {run_dir / 'matrix.html'}, matrix.md, summary.json", markup=False)
     raise typer.Exit(summary["exit_code"])
 
 
