@@ -27,6 +27,7 @@ from payrace.harness.explore.plan import Plan, execute, explore_main, make_plan
 from payrace.harness.explore.scenario import parse_schedule_id
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.infra.provider import Database
+from payrace.service.strategies import names as strategy_names
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden"
@@ -285,3 +286,31 @@ def test_a_schedule_that_only_waited_is_shown_with_its_replay_command(
     assert _replay_commands(run_dir / "report.html") == [
         f"payrace explore --replay {shown['schedule_id']}"
     ]
+
+
+THREE = ("client", "webhook", "webhook")  # the callback and two payment.captured webhooks
+
+
+@pytest.mark.parametrize("strategy", strategy_names())
+async def test_pct_with_three_requests_catches_naive_and_no_other_strategy(
+    strategy: str, explore_db: Database, gateway: tuple[FakeRazorpay, str]
+) -> None:
+    """PCT (three requests: the callback and two webhooks with their own event ids) over
+    every built-in strategy: naive is caught, every other one is valid in every run."""
+    fake, url = gateway
+    plan = make_plan(strategy=strategy, requests=list(THREE), isolation=RC, pct_runs=30,
+                     depth=2, seed=1, replay=None, scenario=None)  # fmt: skip
+    assert plan.scenario.mode == "pct"
+    result = await execute(plan, explore_db, fake, url)
+    assert result.bound is not None and result.bound.n == 3
+    assert result.problems() == []
+    if strategy == "naive":
+        assert result.verdict.valid is False and result.violating()
+        assert result.exit_code() == EXIT_VIOLATED
+    else:
+        assert result.verdict.valid is True, result.by_checker()
+        assert len(result.runs) >= 30
+        # Schedules really interleaved: some request waited for a lock (nowait never waits,
+        # its loser answers 409 at once).
+        assert bool(result.waiting()) is (strategy != "nowait")
+        assert result.exit_code() == EXIT_OK
