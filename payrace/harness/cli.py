@@ -26,7 +26,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -59,12 +59,14 @@ from payrace.harness.reports.compare import render_table as render_compare_table
 from payrace.harness.reports.compare import write_html as write_compare_html
 from payrace.harness.reports.console import render_console, render_reports_line
 from payrace.harness.reports.writers import claim_run_dir, write_all
-from payrace.harness.runner.compare import COMPARE_MODES
+from payrace.harness.runner.compare import COMPARE_MODES, DEFAULT_MODES
 from payrace.harness.runner.compare import merge as compare_merge
 from payrace.harness.runner.config import Gate, Mode, RunConfig
 from payrace.harness.runner.run import run, write_history
 from payrace.redact import redact
+from payrace.service.strategies import UnknownStrategy
 from payrace.service.strategies import names as strategy_names
+from payrace.service.strategies import resolve as resolve_strategy
 
 app = typer.Typer(
     add_completion=False,
@@ -434,9 +436,19 @@ def compare_command(
         ),
     ] = [],  # noqa: B006
     mode: Annotated[
-        list[str], typer.Option(help="forced, aligned (repeat or comma-separate); default both")
+        list[str],
+        typer.Option(
+            help="forced, aligned, explore, load or all (repeat or comma-separate); "
+            "default forced and aligned"
+        ),
     ] = [],  # noqa: B006
-    trials: Annotated[int, typer.Option(help="trials per strategy and mode")] = 200,
+    trials: Annotated[int, typer.Option(help="forced, aligned: trials per strategy")] = 200,
+    pct: Annotated[
+        int, typer.Option(help="explore: PCT runs of the callback and two webhooks")
+    ] = 50,
+    users: Annotated[int, typer.Option("-u", "--users", help="load: Locust users")] = 10,
+    spawn_rate: Annotated[float, typer.Option("-r", "--spawn-rate", help="load")] = 20.0,
+    run_time: Annotated[str, typer.Option("-t", "--run-time", help="load: per strategy")] = "20s",
     dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
     out: Annotated[Path, typer.Option()] = Path("reports"),
     seed: Annotated[int, typer.Option()] = 1,
@@ -445,18 +457,62 @@ def compare_command(
 ) -> None:
     """The same seeded workload for each strategy, side by side: one table, compare.html,
     and which to pick when. Exit 0 iff every strategy is what it is declared to be."""
-    modes = _split(mode) or list(COMPARE_MODES)
+    from payrace.harness.runner.compare import load_mode
+
+    modes = _split(mode) or list(DEFAULT_MODES)
+    if "all" in modes:
+        modes = list(COMPARE_MODES)
     wrong = [m for m in modes if m not in COMPARE_MODES]
     if wrong:
-        raise _fail(f"--mode {', '.join(wrong)}: compare runs {' and '.join(COMPARE_MODES)}")
+        raise _fail(f"--mode {', '.join(wrong)}: compare runs {', '.join(COMPARE_MODES)} (or all)")
+    if not 1 <= pct <= 100_000:
+        raise _fail(f"--pct {pct}: give 1 to 100000 PCT runs")
+    strategies = _split(strategy) or strategy_names()
+    try:
+        for name in strategies:
+            resolve_strategy(name)
+    except UnknownStrategy as exc:
+        raise _fail(str(exc)) from None
     command = shlex.join(["payrace", *sys.argv[1:]])
-    run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-compare"
-    # The modes were checked against COMPARE_MODES above.
-    summaries = _each_mode(_split(strategy) or strategy_names(), modes, run_id, trials=trials,
-                           dsn=dsn, seed=seed, out=out, durable=durable, command=command,
-                           quiet=quiet)  # fmt: skip
+    # Claimed first: the load runs' own reports go inside it, beside compare.html.
+    run_dir = claim_run_dir(out, f"{datetime.now(UTC):%Y%m%d-%H%M%S}-compare")
+    run_id = run_dir.name
+
+    def say(line: str) -> None:
+        if not quiet:
+            console.print(line, markup=False, highlight=False)
+
+    summaries: list[tuple[str, dict[str, Any]]] = []
+    for each in modes:
+        if each in ("forced", "aligned"):
+            summaries += _each_mode(strategies, [each], run_id, trials=trials, dsn=dsn,
+                                    seed=seed, out=out, durable=durable, command=command,
+                                    quiet=quiet)  # fmt: skip
+        elif each == "explore":
+            summaries.append((each, _explore_all(strategies, dsn, durable, seed, pct, say)))
+        else:
+
+            def one_load(name: str, where: Path) -> int:
+                from payrace.harness.load.launch import load_main
+
+                code = load_main(Console(quiet=True), quiet=True, strategy=name, users=users,
+                                 spawn_rate=spawn_rate, run_time=run_time, processes=1,
+                                 workers=None, dsn=dsn, locustfile="race_pairs",
+                                 out_dir=where, extra_args=[], durable=durable)  # fmt: skip
+                say(f"load · {name}: exit {code} ({where})")
+                return code
+
+            try:
+                summaries.append((each, load_mode(strategies, run_dir / "load", run=one_load)))
+            except RuntimeError as exc:
+                raise _fail(f"{exc}; see its locust.log and service.log") from None
     summary = compare_merge(run_id, summaries)
-    run_dir = _write(summary, out)
+    summary["command"] = command
+    summary["seed"] = seed
+    summary["settings"] = {"trials": trials, "pct": pct, "users": users,
+                           "spawn_rate": spawn_rate, "run_time": run_time}  # fmt: skip
+    write_history(summary, run_dir / "history.jsonl")
+    write_all(summary, run_dir)
     write_compare_html(summary, run_dir / "compare.html")
     (run_dir / "compare.md").write_text(compare_markdown(summary), encoding="utf-8")
     render_compare_table(summary, console)
@@ -464,6 +520,28 @@ def compare_command(
         err.print(f"[bold red]{escape(reason)}[/]")
     render_reports_line(console, run_dir)
     raise typer.Exit(summary["exit_code"])
+
+
+def _explore_all(
+    strategies: list[str],
+    dsn: str | None,
+    durable: bool,
+    seed: int,
+    pct: int,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """compare's explore mode on a database of its own (runner.compare.explore_mode)."""
+    from payrace.harness.infra.provider import provide_postgres
+    from payrace.harness.runner.compare import explore_mode
+
+    try:
+        with provide_postgres(dsn, durable=durable, announce=lambda line: None) as db:
+            return asyncio.run(
+                explore_mode(db, strategies, seed=seed, pct_runs=pct,
+                             on_strategy=lambda name: say(f"explore · {name}: done"))
+            )  # fmt: skip
+    except (UsageError, ProviderError, ValueError) as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command("matrix")

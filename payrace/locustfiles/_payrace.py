@@ -423,6 +423,7 @@ class PayraceUser(FastHttpUser):
         if isinstance(header, list):
             header = ", ".join(header)
         timings = parse_server_timing(header)
+        TALLY.aborted(timings)
         row = TIMING_ROWS[p.route]
         for kind, request_type in _TIMINGS.items():
             ms = timings.get(kind)

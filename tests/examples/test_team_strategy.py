@@ -1,5 +1,6 @@
 """examples/team_strategy.py: a team's own strategy, chosen by import path, raced through the
-`payrace run` and `payrace explore` commands as a user types them (from the checkout's root,
+`payrace run`, `payrace explore` and `payrace load` commands (`payrace compare` and
+`payrace matrix`: their own tests) as a user types them (from the checkout's root,
 where `examples` is found, as uvicorn finds a team's package)."""
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from payrace.harness.infra.provider import Database
 
@@ -56,6 +59,21 @@ def test_explore_every_schedule_of_a_strategy_given_by_import_path(
     done = _payrace("explore", "--strategy", VALID, "--dsn", pg.url, "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "violating: 0" in done.stdout and "every schedule" in done.stdout
+
+
+@pytest.mark.slow
+def test_load_races_a_strategy_given_by_import_path(pg: Database, tmp_path: Path) -> None:
+    """Locust against the reference service running the team's strategy, judged by the gate;
+    short and bounded (3 s, 2 users). The service names it as its Strategy.name."""
+    done = _payrace("load", "--strategy", VALID, "-u", "2", "-r", "10", "-t", "3s",
+                    "--dsn", pg.url, "--out", str(tmp_path))  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = _summary(tmp_path)
+    strategies = summary["strategies"]
+    assert isinstance(strategies, dict) and list(strategies) == ["no_key_update"]
+    result = strategies["no_key_update"]
+    assert result["valid"] is True and result["trials"] > 0
+    assert "--strategy examples.team_strategy:NO_KEY_UPDATE" in str(summary["command"])
 
 
 def test_a_strategy_path_that_does_not_import_is_a_usage_error() -> None:

@@ -111,6 +111,9 @@ class LoadRun:
     crashes: int = 0
     server_error_examples: list[list[Any]] = field(default_factory=list)
     setup_errors: list[str] = field(default_factory=list)
+    conflicts: int = 0  # 409 answers; Locust's users do not send them again
+    serialization_failures: int = 0
+    deadlocks_retried: int = 0
     baseline: oracle.Baseline | None = None
     problems: list[str] = field(default_factory=list)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -135,6 +138,9 @@ class LoadRun:
         for f, status, code, payment_id in data.get("server_error_examples", []):
             pid = None if payment_id is None else int(payment_id)
             keep(self.server_error_examples, [str(f), int(status), code, pid])
+        self.conflicts += int(data.get("conflicts", 0))
+        self.serialization_failures += int(data.get("serialization_failures", 0))
+        self.deadlocks_retried += int(data.get("deadlocks_retried", 0))
         for message in data.get("setup_errors", []):
             keep_setup_error(self.setup_errors, str(message))
         self.hist.merge(PathHistograms.decode(data["hdr"]))
@@ -201,6 +207,13 @@ class LoadRun:
             "captures_per_second": None,
             "checks": {},
             "first_violation": None,
+            "conflicts": {
+                "answered_409": self.conflicts,
+                "retried": 0,
+                "serialization_failures": self.serialization_failures,
+                "deadlocks_retried": self.deadlocks_retried,
+            },
+            "gateway_capture_calls": None,
             **self._latency(),
         }
         url = self.settings.database_url
@@ -313,8 +326,13 @@ class LoadRun:
             verdict.results["no_5xx"] = self._no_5xx_in_full(verdict.results["no_5xx"])
         captured = obs.config.payments.done_value
         captures = sum(1 for s in obs.payments.values() if s.status == captured)
+        calls = None
+        if counters is not None:
+            per_payment = counters.get("captures", {})
+            calls = sum(int(per_payment.get(g, 0)) for g in self.payments.values() if g)
         return {
             "valid": verdict.valid,
+            "gateway_capture_calls": calls,
             "violating_trials": len(verdict.violating_payments),
             "captures": captures,
             "captures_per_second": round(captures / window_s, 2) if window_s else 0.0,

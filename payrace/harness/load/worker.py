@@ -194,6 +194,10 @@ class LoadTally:
     crashes: int = 0  # of which a 500, or a 5xx without a deliberate error code
     server_error_examples: list[list[Any]] = field(default_factory=list)  # [f, status, code, pid]
     setup_errors: list[str] = field(default_factory=list)  # what to fix before any race counts
+    conflicts: int = 0  # answers 409 (a lock not taken, a serialisation failure given up on)
+    # Attempts the target aborted and re-ran itself, as its Server-Timing says (40001, 40P01).
+    serialization_failures: int = 0
+    deadlocks_retried: int = 0
     _confirmed_ids: set[int] = field(default_factory=set)
 
     def request(self, failed: bool) -> None:
@@ -203,6 +207,7 @@ class LoadTally:
     def answer(self, f: str, status: int, code: str | None, payment_id: int | None) -> None:
         """The target answered `f` with `status`; a 5xx is kept for the gate's no_5xx."""
         self.answered += 1
+        self.conflicts += status == 409
         if status >= 500:
             self.server_errors += 1
             self.crashes += is_crash(status, code)
@@ -211,6 +216,12 @@ class LoadTally:
     def timing(self, kind: str, path: str, ms: float) -> None:
         if ms >= 0:
             self.hist.record(kind, path, ms)
+
+    def aborted(self, timings: dict[str, float]) -> None:
+        """The attempts the target re-ran for one answer (Server-Timing `serialization`,
+        `deadlock`: counts, not durations)."""
+        self.serialization_failures += int(timings.get("serialization", 0))
+        self.deadlocks_retried += int(timings.get("deadlock", 0))
 
     def setup(self, message: str) -> None:
         """A setup mistake was seen; the first few distinct ones are enough to fix it."""
@@ -238,10 +249,14 @@ class LoadTally:
             "crashes": self.crashes,
             "server_error_examples": self.server_error_examples,
             "setup_errors": self.setup_errors,
+            "conflicts": self.conflicts,
+            "serialization_failures": self.serialization_failures,
+            "deadlocks_retried": self.deadlocks_retried,
             "hdr": self.hist.encode(),
         }
         self.hist = PathHistograms()
         self.requests = self.failures = self.answered = self.server_errors = self.crashes = 0
+        self.conflicts = self.serialization_failures = self.deadlocks_retried = 0
         self.payments, self.confirmed, self.server_error_examples = [], [], []
         self.setup_errors = []
         # _confirmed_ids stays: a later answer about the same payment is not news.

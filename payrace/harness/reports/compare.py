@@ -30,10 +30,38 @@ from payrace.harness.reports.summary import machine_line
 
 # Times in ms; "40001": attempts aborted by a serialization failure and re-run by the service.
 HEAD = (
-    "strategy", "mode", "declared", "found", "violations", "trials/s", "lock p50",
-    "lock p99", "lock max", "hold p50", "hold p99", "409 (retried)", "40001", "deadlocks",
-    "gateway calls",
+    "strategy", "mode", "declared", "found", "violations", "trials/s", "captures/s",
+    "request p50", "request p99", "lock p50", "lock p99", "lock max", "hold p50", "hold p99",
+    "409 (retried)", "40001", "deadlocks", "gateway calls",
 )  # fmt: skip
+
+
+NOTES = (
+    "Times in ms. 40001: attempts aborted by a serialization failure and re-run inside the "
+    "service; 409 (retried): answers the harness sent again, as a client would (Locust's "
+    "users do not). request: invoke to answer as the client saw it (aligned, load); n/a in "
+    "forced and explore, where the harness holds the requests, as are lock and hold in "
+    "explore. captures/s: payments captured per second (a trial is one payment); n/a in "
+    "explore, which paces its schedules itself. explore: every schedule of the callback and "
+    "a webhook plus PCT runs of the callback and two webhooks; its trials are schedules."
+)
+
+
+def workload(summary: Mapping[str, Any]) -> str:
+    """What every strategy was given, per mode compared."""
+    modes = str(summary.get("mode", "")).split("+")
+    got = summary.get("settings") or {"trials": summary.get("trials")}
+    parts = [f"seed {summary.get('seed')}"]
+    if {"forced", "aligned"} & set(modes):
+        parts.append(f"{got.get('trials')} trials per strategy in forced and aligned")
+    if "explore" in modes:
+        parts.append(f"explore: every schedule plus {got.get('pct')} PCT runs per strategy")
+    if "load" in modes:
+        parts.append(
+            f"load: race_pairs, {got.get('users')} users at {got.get('spawn_rate')}/s for "
+            f"{got.get('run_time')} per strategy"
+        )
+    return ", ".join(parts)
 
 
 def _ms(value: object) -> str:
@@ -48,6 +76,9 @@ def cells(row: Mapping[str, Any]) -> list[str]:
         str(row["found"]),
         f"{row['violations']}/{row['trials']}",
         f"{row['trials_per_s']:.1f}",
+        "n/a" if row.get("captures_per_s") is None else f"{row['captures_per_s']:.1f}",
+        _ms(row.get("request_p50")),
+        _ms(row.get("request_p99")),
         _ms(row["lock_p50"]),
         _ms(row["lock_p99"]),
         _ms(row["lock_max"]),
@@ -101,7 +132,8 @@ def build_html(summary: Mapping[str, Any]) -> str:
         for row in summary["compare"]["rows"]
     )
     advice = "".join(f"<li>{_esc(line)}</li>" for line in summary["compare"]["advice"])
-    modes = list(dict.fromkeys(r["mode"] for r in summary["strategies"].values()))
+    # An exploration's times are the scheduler's holds: it has no plots to show.
+    modes = list(dict.fromkeys(r["mode"] for r in summary["strategies"].values() if r.get("plots")))
     plots = "".join(f"<h3>{_esc(m)}</h3>{_plots(summary, m)}" for m in modes)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>payrace compare {_esc(summary["run_id"])}</title>
@@ -114,11 +146,9 @@ tr.bad td{{background:#fde2e0}} .verdict{{font-size:1.2em;font-weight:600}}
 {svgplot.CSS}</style></head><body>
 <h1>payrace compare</h1>
 <p class="verdict">verdict: {_esc(outcome.line())}</p>
-<p class="meta">{_esc(summary.get("command", ""))} · seed {_esc(summary.get("seed"))} ·
-{_esc(summary.get("trials"))} trials per strategy and mode ·
+<p class="meta">{_esc(summary.get("command", ""))} · {_esc(workload(summary))} ·
 {_esc(machine_line(summary))}</p>
-<p class="meta">times in ms; 40001: attempts aborted by a serialization failure and re-run
-inside the service; 409 (retried): answers the harness sent again, as a client would</p>
+<p class="meta">{_esc(NOTES)}</p>
 <table><tr>{head}</tr>{body}</table>
 <h2>Which to pick when</h2><p class="meta">derived from the figures above by
 payrace.harness.runner.compare.advice()</p><ul>{advice}</ul>
@@ -140,15 +170,13 @@ def build_markdown(summary: Mapping[str, Any]) -> str:
     advice = [f"- {line}" for line in summary["compare"]["advice"]]
     return "\n".join(
         [
-            f"Command: `{summary.get('command', 'payrace compare')}` (seed "
-            f"{summary.get('seed')}, {summary.get('trials')} trials per strategy and mode)",
+            f"Command: `{summary.get('command', 'payrace compare')}` ({workload(summary)})",
             "",
             machine_line(summary),
             "",
             f"Verdict: {RunOutcome.of(summary).line()}",
             "",
-            "Times in ms; 40001: attempts aborted by a serialization failure and re-run inside "
-            "the service; 409 (retried): answers the harness sent again, as a client would.",
+            NOTES,
             "",
             *table,
             "",

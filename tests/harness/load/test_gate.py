@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,35 @@ def test_a_worker_without_answers_in_its_report_is_still_merged() -> None:
         data.pop(key)
     run.absorb("old", data)
     assert run.answered == 0 and run.payments == {1: "pay_a"}
+
+
+def test_409s_and_attempts_the_target_re_ran_are_counted_and_merged(tmp_path: Path) -> None:
+    """What `payrace compare` shows for a load run: the 409 answers (nowait, skip_locked),
+    and the attempts the service aborted and re-ran (its Server-Timing counts)."""
+    tally = LoadTally()
+    tally.answer("verify", 409, "retry_later", 1)
+    tally.answer("webhook", 200, None, 1)
+    tally.aborted({"lock": 3.5, "serialization": 2, "deadlock": 1})
+    tally.aborted({"lock": 1.0})  # most answers re-ran nothing
+    data = tally.drain()
+    assert (data["conflicts"], data["serialization_failures"], data["deadlocks_retried"]) == (
+        1, 2, 1,
+    )  # fmt: skip
+    again = tally.drain()
+    assert again["conflicts"] == again["serialization_failures"] == 0
+    run = LoadRun(replace(LoadSettings.from_env({}), report_dir=tmp_path))
+    run.absorb("w1", data)
+    run.absorb("w2", _answers(("webhook", 409, "retry_later", 2)))
+    old = _tally(1, [], [])
+    for key in ("conflicts", "serialization_failures", "deadlocks_retried"):
+        old.pop(key)  # a worker running an older locustfile
+    run.absorb("old", old)
+    assert (run.conflicts, run.serialization_failures, run.deadlocks_retried) == (2, 2, 1)
+    summary = run.finish(host="http://127.0.0.1:9", locust={}, window_s=1.0)
+    [result] = summary["strategies"].values()
+    assert result["conflicts"] == {
+        "answered_409": 2, "retried": 0, "serialization_failures": 2, "deadlocks_retried": 1,
+    }  # fmt: skip
 
 
 # -- the deadlock counter, read again after the service stopped ---------------------------

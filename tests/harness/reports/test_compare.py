@@ -21,9 +21,10 @@ def test_cells_give_every_column_and_say_what_was_not_measured() -> None:
     [row] = _summary(True)["compare"]["rows"]  # type: ignore[index]
     got = cells(row)
     assert len(got) == len(HEAD)
-    assert got[:6] == ["for_update", "forced", "valid", "valid", "0/2", "3.0"]
-    assert got[6:9] == ["1.00", "2.50", "n/a"]  # no max recorded: n/a, never 0
-    assert got[11] == "1 (1)"
+    assert got[:7] == ["for_update", "forced", "valid", "valid", "0/2", "3.0", "3.0"]
+    assert got[7:9] == ["n/a", "n/a"]  # forced: the harness holds the requests
+    assert got[9:12] == ["1.00", "2.50", "n/a"]  # no max recorded: n/a, never 0
+    assert got[14] == "1 (1)"
 
 
 def test_the_page_and_the_console_say_the_summarys_verdict() -> None:
