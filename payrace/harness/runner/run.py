@@ -183,6 +183,8 @@ def _common(config: RunConfig, run: StrategyRun, not_seen: list[str]) -> dict[st
             # Aborted by PostgreSQL and retried inside the target (its Server-Timing).
             "serialization_failures": run.retried_inside["serialization"],
             "deadlocks_retried": run.retried_inside["deadlock"],
+            # lock_timeout / statement_timeout expiries (55P03 / 57014) retried inside.
+            "timeouts_retried": run.retried_inside["timeout"],
         },
         "forced": _forced(config, run),
         "trial_errors": {"count": len(run.trial_errors), "first": run.trial_errors[:3]},

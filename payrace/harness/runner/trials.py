@@ -121,7 +121,7 @@ class StrategyRun:
         self.conflicts = 0  # answers 409 (retryable: a lock not taken, a serialisation failure)
         self.conflict_retries = 0  # of those, sent again (_retry_conflicts)
         # Attempts the target aborted and retried itself, as its Server-Timing says.
-        self.retried_inside = {"serialization": 0, "deadlock": 0}
+        self.retried_inside = {"serialization": 0, "deadlock": 0, "timeout": 0}
         # Wait-for cycles the lock sampler saw (model.deadlocks ties them to trials).
         self.lock_cycles: list[LockCycle] = []
         # Every lock wait the sampler saw, and its poll interval (timelines' <waiting> rows).

@@ -241,6 +241,29 @@ async def test_lock_timeout_applies_to_the_targets_new_connections_while_on(own_
         pooled.close()
 
 
+async def test_lock_timeout_with_held_locks_is_retried_never_an_error_out_of_the_service(
+    pg: Database, tmp_path: Path
+) -> None:
+    """--hold-ms 100 keeps the winner's locks past a 50 ms lock_timeout, so the waiter's
+    FOR UPDATE expires (55P03) in most trials: the service retries it (or answers a 409), and
+    the run is judged valid, not "unknown" with the trials broken by an exception."""
+    config = RunConfig(
+        strategies=["for_update"],
+        trials=20,
+        dsn=pg.url,
+        out_dir=tmp_path,
+        hold_ms=100,
+        nemesis="lock-timeout:50",
+    )
+    summary = await run(config, announce=lambda line: None)
+    result = summary["strategies"]["for_update"]
+    assert result["trial_errors"]["count"] == 0, result["trial_errors"]
+    # The timeout really expired, or a valid verdict would prove nothing.
+    assert result["conflicts"]["timeouts_retried"] + result["conflicts"]["answered_409"] > 0
+    assert result["valid"] is True, result["checks"]
+    assert summary["exit_code"] == 0
+
+
 def test_timeouts_are_checked_like_every_fault() -> None:
     with pytest.raises(NemesisSpecError, match=r"statement-timeout:0.*MS must be within 1"):
         parse_spec("statement-timeout:0")
