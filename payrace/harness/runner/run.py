@@ -277,7 +277,13 @@ async def run(
             gateway_url = config.gateway_url
         else:
             db = stack.enter_context(
-                provide_postgres(config.dsn, durable=config.durable, announce=announce)
+                provide_postgres(
+                    config.dsn,
+                    durable=config.durable,
+                    announce=announce,
+                    # A server payrace may restart: its own embedded one, not a container.
+                    prefer="embedded" if config.restarts_postgres() else None,
+                )
             )
             target_db = db
             oracle_url = db.url
@@ -315,6 +321,9 @@ async def run(
                     pool,
                     lambda s=strategy: on_trial(s),  # type: ignore[misc]
                 )
+                if fired.nemesis is not None:
+                    # The reference service's sweep, before the oracle judges (runner.target).
+                    fired.nemesis["reconciled"] = await target.reconcile()
             results[strategy] = await judge(config, fired, gateway, oracle_url)
     return summary_of(
         config,
