@@ -174,7 +174,7 @@ def nemesis_line(strategy: Mapping[str, Any]) -> str:
     if not n:
         return ""
     said = [
-        f"{label} {n[key]}"
+        f"{n[key]} {label}"
         for key, label in (
             ("gateway_errors_injected", "gateway errors"),
             ("gateway_timeouts_injected", "gateway timeouts"),
