@@ -338,6 +338,14 @@ def test_the_registry_gives_every_fault_a_form_an_example_and_what_it_needs() ->
         assert any(line.startswith(f"  {name}:{param.unit}") for line in lines), name
 
 
+def test_the_readmes_nemesis_table_has_every_fault_of_the_registry() -> None:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("#### Faults: `--nemesis`", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("`")[1].split(":")[0] for line in section.splitlines() if line[:3] == "| `"}
+    rows |= {"statement-timeout"} if "`statement-timeout:MS`" in section else set()
+    assert rows == set(registry.FAULTS), rows ^ set(registry.FAULTS)
+
+
 @pytest.mark.parametrize(
     ("spec", "run", "says"),
     [
