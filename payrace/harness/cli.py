@@ -46,6 +46,7 @@ from payrace.harness.errors import UsageError
 from payrace.harness.infra import env
 from payrace.harness.infra.provider import ProviderError
 from payrace.harness.model import gates as gates_model
+from payrace.harness.model.nemesis import described as nemesis_forms
 from payrace.harness.model.verdict import (
     DECLARED,
     EXIT_ERROR,
@@ -183,7 +184,24 @@ def _guarded(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
-@app.command("run")
+RUN_HELP = "\n".join(
+    [
+        "Fire interleaved client callbacks and webhooks; judge with the harness's own oracle.",
+        "",
+        "\b",
+        "Faults while the trials run, for example:",
+        "  --nemesis gateway-errors:0.2,gateway-latency:50,kill-backends:0.5",
+        "fails 20% of gateway captures, adds 50 ms to each, and kills one backend",
+        "of the target's database inside a transaction every 0.5 s. Every fault:",
+        *nemesis_forms(),
+        "restart-postgres needs the PostgreSQL payrace starts (no --dsn),",
+        "restart-service --target http; they and kill-after-capture act on what",
+        "payrace started, so not on a running --target URL.",
+    ]
+)
+
+
+@app.command("run", help=RUN_HELP)
 def run_command(
     ctx: typer.Context,
     strategy: Annotated[
@@ -254,8 +272,7 @@ def run_command(
     nemesis: Annotated[
         str | None,
         typer.Option(
-            help="faults during the trials: capture failure rate, capture latency ms, "
-            "seconds between backend kills (example below)"
+            help="faults during the trials, name:value comma-separated (every fault below)"
         ),
     ] = None,
     expect: Annotated[
@@ -271,14 +288,7 @@ def run_command(
     ] = None,
     quiet: Annotated[bool, typer.Option(help=QUIET_HELP)] = False,
 ) -> None:
-    """Fire interleaved client callbacks and webhooks; judge with the harness's own oracle.
-
-    \b
-    Faults while the trials run, for example:
-      --nemesis gateway-errors:0.2,gateway-latency:50,kill-backends:0.5
-    fails 20% of gateway captures, adds 50 ms to each, and kills one backend
-    of the target's database inside a transaction every 0.5 s.
-    """
+    # The help is RUN_HELP: it lists every fault of the nemesis registry.
     running = profile is not None or target.startswith(("http://", "https://"))
     if _from_env(ctx, "target_dsn") and not running:
         target_dsn = None  # names a running target's database; this run starts its own target

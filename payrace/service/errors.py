@@ -3,7 +3,8 @@
     ApiError        raised by routes and the capture routine (status, code, message)
     ├── NotFound        404: unknown payment / order
     ├── Rejected        400: bad signature, amount or order mismatch, malformed body
-    ├── RetryLater      409: serialisation failure after retries (safe to retry)
+    ├── RetryLater      409: serialisation failure, deadlock, lock_timeout or statement_timeout
+    │                   after retries (safe to retry)
     ├── GatewayFailed   502: the gateway failed or refused; nothing was written
     └── ServiceUnavailable  503: the database connection was lost (backend killed, server
                             restarting); its transaction rolled back, retrying is safe

@@ -3,6 +3,9 @@
     retrying(attempt, conflicts=N)   runs `attempt` until it returns, and on a DBAPIError:
         40001 serialization_failure,   retried N times after a short, growing pause, then
         40P01 deadlock_detected        RetryLater: 409 with Retry-After (safe to retry)
+        55P03 lock_not_available       the same: a lock waited for past lock_timeout, or a
+        57014 query_canceled           statement past statement_timeout (a DBA's setting, or
+                                       the nemesis's) aborts only the transaction
         a lost or refused connection   retried CONNECTION_RETRIES times on a fresh connection
           (errors.connection_lost)     (the pool discards the dead one), then
                                        ServiceUnavailable: 503 with Retry-After
@@ -26,7 +29,21 @@ from sqlalchemy.exc import DBAPIError
 from payrace.service.errors import Rejected, RetryLater, connection_lost, unavailable
 from payrace.service.instrument import timing
 
-RETRYABLE_SQLSTATES = {"40001": "serialization_failure", "40P01": "deadlock_detected"}
+RETRYABLE_SQLSTATES = {
+    "40001": "serialization_failure",
+    "40P01": "deadlock_detected",
+    # A timeout aborts the transaction, which wrote nothing: the holder of the lock may have
+    # committed by the next attempt, and if not the caller is told to retry, never a 500.
+    "55P03": "lock_timeout",
+    "57014": "statement_timeout",
+}
+# What the Server-Timing header counts each retried abort as (instrument.timing).
+RETRIED_KIND = {
+    "40001": "serialization",
+    "40P01": "deadlock",
+    "55P03": "timeout",
+    "57014": "timeout",
+}
 # A transaction on a lost connection wrote nothing, so it is retried on a fresh one; more
 # than twice in one request means the database is going away.
 CONNECTION_RETRIES = 2
@@ -76,7 +93,7 @@ async def retrying(attempt: Callable[[], Awaitable[T]], *, conflicts: int) -> T:
             conflicted += 1
             retried = timing.current()
             retried.retried = retried.retried or {}
-            kind = "serialization" if state == "40001" else "deadlock"
+            kind = RETRIED_KIND[state]
             retried.retried[kind] = retried.retried.get(kind, 0) + 1
             # A short, growing pause lets the winning transaction commit first.
             await asyncio.sleep(0.002 * conflicted)

@@ -213,6 +213,28 @@ def test_version_prints_the_installed_version(pg: Database) -> None:
     assert done.stdout.strip() == f"payrace {version('payrace')}"
 
 
+def test_a_restart_nemesis_on_what_payrace_does_not_own_exits_2_before_any_work(
+    pg: Database, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    for args, says in (
+        # PAYRACE_DSN is set (payrace()): a server the user named, not payrace's to restart.
+        (["--nemesis", "restart-postgres:1"], "leave --dsn out so payrace starts its own"),
+        (["--nemesis", "restart-service:1"], "use --target http"),
+        (
+            ["--nemesis", "kill-after-capture:0.5", "--target", "http://127.0.0.1:9",
+             "--target-dsn", pg.url, "--gateway-url", "http://127.0.0.1:9"],
+            "payrace did not start this target",
+        ),
+    ):  # fmt: skip
+        done = payrace("run", "--out", str(out), *args, pg=pg, timeout=60)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        said = " ".join(done.stderr.split())  # rich wraps at the terminal's width
+        assert says in said, said
+        assert "Traceback" not in said
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_fits_80_columns_and_every_command_takes_quiet(command: str) -> None:
     env = {**os.environ, "COLUMNS": "80"}
@@ -226,6 +248,8 @@ def test_help_fits_80_columns_and_every_command_takes_quiet(command: str) -> Non
     assert "--quiet" in done.stdout
     if command == "run":  # the nemesis example, whole, as a user copies it
         assert "--nemesis gateway-errors:0.2,gateway-latency:50,kill-backends:0.5" in done.stdout
+        for fault in ("restart-postgres:SECONDS", "restart-service:SECONDS", "kill-after-capture"):
+            assert fault in done.stdout  # every fault of the registry (model.nemesis.FAULTS)
 
 
 def test_a_run_prints_where_its_reports_are_last_even_when_quiet(

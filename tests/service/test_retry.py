@@ -33,8 +33,8 @@ class Attempts:
         return "ok"
 
 
-@pytest.mark.parametrize("state", ["40001", "40P01"])
-async def test_serialisation_failures_and_deadlocks_are_retried_until_the_attempt_succeeds(
+@pytest.mark.parametrize("state", ["40001", "40P01", "55P03", "57014"])
+async def test_serialisation_failures_deadlocks_and_timeouts_are_retried_until_success(
     state: str,
 ) -> None:
     attempt = Attempts(state, state)
@@ -54,6 +54,25 @@ async def test_conflicts_past_the_allowance_are_a_retryable_409_naming_the_sqlst
     assert raised.value.extra == {"sqlstate": "40P01"}
     assert "deadlock_detected" in raised.value.message
     assert "after 2 attempts" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("state", "named"), [("55P03", "lock_timeout"), ("57014", "statement_timeout")]
+)
+async def test_a_timeout_past_the_allowance_is_a_retryable_409_never_a_500(
+    state: str, named: str
+) -> None:
+    """lock_timeout / statement_timeout expiring aborts the transaction, which wrote nothing:
+    retried, then a 409 the caller may retry (it used to leave the app as an exception)."""
+    attempt = Attempts(state, state, state)
+
+    with pytest.raises(RetryLater) as raised:
+        await retrying(attempt, conflicts=2)
+
+    assert attempt.calls == 3
+    assert raised.value.status == 409
+    assert raised.value.extra == {"sqlstate": state}
+    assert named in raised.value.message
 
 
 async def test_a_lost_connection_is_retried_then_a_503_that_counts_every_attempt() -> None:

@@ -9,6 +9,11 @@
                      delay_s() the latency one call gets
                      arm_holds / hold_capture / release_holds / disarm_holds / holds()
                      the capture barrier: calls for an armed payment wait until released
+                     add_after_capture / remove_after_capture / after_capture()   hooks run
+                     once a capture is made and before it is answered (the nemesis's
+                     kill-after-capture); add_on_fault / remove_on_fault: hooks told of
+                     each failure the knobs inject (the nemesis's history); in this
+                     process only
     CaptureHold      one capture call held at the barrier; wakes its waiter on release
     Knobs            the fault knobs, their validation, and how a partial change applies; the
                      one definition behind FakeRazorpay, the /_fake/knobs route
@@ -67,6 +72,7 @@ class RazorpayError(Exception):
     ) -> None:
         super().__init__(description)
         self.status = status
+        self.injected: str | None = None  # the knob that made this error, if one did
         source, step, reason = where
         error: dict[str, Any] = {"code": code, "description": description}
         error |= {"source": source, "step": step, "reason": reason, "metadata": {}, "field": field}
@@ -192,6 +198,8 @@ class FakeRazorpay:
         self._initial_knobs = knobs
         self._seed = seed
         self._lock = threading.Lock()
+        self._after_capture: list[Callable[[str], None]] = []
+        self._on_fault: list[Callable[[str, str, int], None]] = []
         self._reset_locked()
 
     # -- state, read and written from any thread -------------------------------------------
@@ -400,7 +408,44 @@ class FakeRazorpay:
             order["attempts"] += 1
             return copy.deepcopy(payment)
 
+    def add_after_capture(self, hook: Callable[[str], None]) -> None:
+        """Call `hook(payment_id)` after each accepted capture, before its answer goes out
+        (gateway.server runs it in a worker thread and holds the answer until it returns)."""
+        with self._lock:
+            self._after_capture.append(hook)
+
+    def remove_after_capture(self, hook: Callable[[str], None]) -> None:
+        with self._lock:
+            if hook in self._after_capture:
+                self._after_capture.remove(hook)
+
+    def after_capture(self) -> list[Callable[[str], None]]:
+        with self._lock:
+            return list(self._after_capture)
+
+    def add_on_fault(self, hook: Callable[[str, str, int], None]) -> None:
+        """Call `hook(fault, payment_id, status)` for each failure the knobs inject into a
+        capture ("gateway-errors" 502/503, "gateway-timeout" 504), before it is answered."""
+        with self._lock:
+            self._on_fault.append(hook)
+
+    def remove_on_fault(self, hook: Callable[[str, str, int], None]) -> None:
+        with self._lock:
+            if hook in self._on_fault:
+                self._on_fault.remove(hook)
+
     def capture(self, payment_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._capture_counted(payment_id, body)
+        except RazorpayError as exc:
+            if exc.injected is not None:
+                with self._lock:
+                    hooks = list(self._on_fault)
+                for hook in hooks:
+                    hook(exc.injected, payment_id, exc.status)
+            raise
+
+    def _capture_counted(self, payment_id: str, body: dict[str, Any]) -> dict[str, Any]:
         # One critical section from count to state change: two racing captures of one payment
         # must see each other, or the fake would hide exactly the bug payrace hunts.
         with self._lock:
@@ -412,7 +457,9 @@ class FakeRazorpay:
             try:
                 if draw < self._knobs.fail_rate:
                     self._injected[payment_id] += 1
-                    raise RazorpayError(status, _SERVER_ERROR, code="SERVER_ERROR")
+                    failed = RazorpayError(status, _SERVER_ERROR, code="SERVER_ERROR")
+                    failed.injected = "gateway-errors"
+                    raise failed
                 captured = self._capture_locked(payment_id, body)
             except RazorpayError:
                 self._rejected[payment_id] += 1
@@ -421,7 +468,9 @@ class FakeRazorpay:
             if self._knobs.timeout_rate and self._timeout_rng.random() < self._knobs.timeout_rate:
                 # Captured, and then the answer is lost: what the caller sees of a timeout.
                 self._timed_out[payment_id] += 1
-                raise RazorpayError(504, "Gateway Timeout", code="GATEWAY_ERROR")
+                lost = RazorpayError(504, "Gateway Timeout", code="GATEWAY_ERROR")
+                lost.injected = "gateway-timeout"
+                raise lost
             return captured
 
     def _capture_locked(self, payment_id: str, body: dict[str, Any]) -> dict[str, Any]:

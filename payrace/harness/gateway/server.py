@@ -90,7 +90,11 @@ def razorpay_app(fake: FakeRazorpay) -> Starlette:
         hold = fake.hold_capture(payment_id)
         if hold is not None:
             await _held(fake, hold)
-        return fake.capture(payment_id, body)
+        captured = fake.capture(payment_id, body)
+        for hook in fake.after_capture():
+            # Captured, and the caller not yet told: a hook may break the caller meanwhile.
+            await asyncio.to_thread(hook, payment_id)
+        return captured
 
     async def counters(request: Request) -> Response:
         return JSONResponse(fake.counters())

@@ -11,7 +11,8 @@
     spawn_group()          an HTTP server process in its own session, under the guardian
     await_answer()         ready when its health route answers; stopped if it exits first
     ServiceProcess         the reference service under uvicorn; ready when /healthz answers
-                           (infra.readiness)
+                           (infra.readiness); halt() kills it with SIGKILL, resume() starts it
+                           again on the same port (the restart-service nemesis)
     LocustProcess          locust, its output teed to a log and to a callback; stopped with SIGINT
                            (it writes its reports and runs the gate), SIGTERM, then SIGKILL
 
@@ -220,6 +221,27 @@ class ServiceProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServiceProcess:
+        self._spawn()
+        return self
+
+    def halt(self) -> None:
+        """SIGKILL the whole group, as a crash or the OOM killer would: nothing is flushed,
+        no request in flight is answered."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        wait_for_group(proc.pid, 10)
+        watchdog.release_group(proc.pid)
+
+    def resume(self) -> None:
+        """Start it again where it was (same port, environment and log)."""
+        if self.proc is None:
+            self._spawn()
+
+    def _spawn(self) -> None:
         cmd = [
             sys.executable, "-m", "uvicorn", "payrace.service.app:create_app", "--factory",
             "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
@@ -235,7 +257,6 @@ class ServiceProcess:
             log_path=self.log_path,
             timeout_s=self.start_timeout_s,
         )
-        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:

@@ -5,7 +5,10 @@
     │                  on that server, DROP ... WITH (FORCE) after; server settings left alone
     ├── 2. "docker"    a Docker daemon answering a ping: testcontainers postgres:16-alpine
     └── 3. "embedded"  the pgserver wheel: initdb + start in a fresh temporary directory
-    Database           url (libpq), route, server_version, fast; SQLAlchemy URLs; describe()
+    Database           url (libpq), route, server_version, fast; SQLAlchemy URLs; describe();
+                       cluster: the embedded server's Cluster (None on the other routes)
+    Cluster            halt() / resume() the embedded server payrace started (the
+                       restart-postgres nemesis): pg_ctl stop -m fast, then pgserver's own start
     ProviderError      nothing could be provided: names all three routes and how to get each
     docker_available() (answers?, reason): the quick check behind route 2
 
@@ -28,10 +31,10 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qs, quote, urlsplit
 
 import psycopg
@@ -72,6 +75,8 @@ class Database:
     route: Route
     server_version: str
     fast: bool  # fsync and synchronous_commit are both off on this server
+    # The server itself, when payrace started it and can restart it (embedded only).
+    cluster: Cluster | None = field(default=None, compare=False, repr=False)
 
     def asyncpg_url(self) -> str:
         return dialect_url(self.url, "asyncpg")
@@ -235,6 +240,36 @@ def _from_docker(durable: bool) -> Iterator[Database]:
         yield Database(url, "docker", version, fast)
 
 
+class Cluster:
+    """Stop and start the embedded server payrace started, on its data directory: the same
+    socket, so every DSN handed out stays valid. Blocking; the nemesis runs it in a thread."""
+
+    def __init__(self, server: Any, socket_dir: Path | None) -> None:
+        self.server = server  # pgserver's PostgresServer
+        self.socket_dir = socket_dir
+
+    def halt(self) -> None:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        # Fast shutdown: every session is ended (57P01) and new ones refused, as in a restart.
+        # As root pg_ctl runs as pgserver's own user (it refuses root), as pgserver does.
+        stop = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.server.pgdata), "-w"]
+        subprocess.run([*stop, "-m", "fast", "stop"], user=self.server.system_user,
+                       capture_output=True, timeout=60, check=True)  # fmt: skip
+
+    def resume(self) -> None:
+        # pgserver's own start (its options, its socket directory), which also records the new
+        # postmaster, so the run's cleanup stops this one and not the one halted.
+        with self.server._lock:  # pgserver's own start holds it too
+            self.server.ensure_postgres_running()
+        now = self.server.get_postmaster_info().socket_dir
+        if now != self.socket_dir:  # every URL payrace handed out names the old one
+            raise ProviderError(
+                f"embedded: restarted on socket {now}, not {self.socket_dir}; see "
+                f"{self.server.pgdata / 'log'}"
+            )
+
+
 @contextmanager
 def _from_pgserver(durable: bool) -> Iterator[Database]:
     try:
@@ -278,7 +313,7 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
         version, fast = _wait_until_queries_answer(url, within=30.0, hint=hint)
         # pg_ctl detached the postmaster: if payrace is killed outright, the guardian stops it.
         watchdog.guard_cluster(workdir)
-        yield Database(url, "embedded", version, fast)
+        yield Database(url, "embedded", version, fast, Cluster(server, socket_dir))
     finally:
         if server is not None:
             server.cleanup()  # pg_ctl stop (fast mode), then removes pgdata

@@ -482,15 +482,38 @@ def no_phantom_capture(ops: Sequence[Operation], obs: Observation) -> CheckResul
     return _without_sort_keys(result)
 
 
+def service_outages(ops: Sequence[Operation]) -> list[tuple[int, int]]:
+    """(down, up) times of each restart-service the nemesis made, from its operations; one
+    still down at the end of the history lasts to its end."""
+    windows: list[tuple[int, int]] = []
+    down: int | None = None
+    for op in ops:
+        if op.f != "nemesis" or op.type == "invoke":
+            continue
+        if op.value.get("fault") != "restart-service":
+            continue
+        if op.value.get("action") == "down":
+            down = op.time
+        elif op.value.get("action") == "up" and down is not None:
+            windows.append((down, op.time))
+            down = None
+    if down is not None:
+        windows.append((down, max((op.time for op in ops), default=down)))
+    return windows
+
+
 def no_5xx(ops: Sequence[Operation], obs: Observation) -> CheckResult:
     """No crash: no 500, and no other 5xx without one of DELIBERATE_CODES. A 502
     gateway_error or a 503 database_unavailable reports a fault the target handled (the
     nemesis injects those on purpose; error_classes counts them). A request that got no answer
     (timeout, dropped connection) may hide a crash, so it makes the result unknown unless a
-    crash already decided it."""
+    crash already decided it — except while the nemesis had killed the service process
+    (restart-service, between its `down` and `up` operations): that silence is the fault
+    injected, not the target's; those requests stay `info` (outcome unknown) in the history."""
     completions = _completions(ops)
+    outages = service_outages(ops)
     violations, unknowns = [], []
-    deliberate = 0
+    deliberate = silenced = 0
     for op in completions:
         code = _error_code(op)
         case = {**_op_ref(op), "payment": op.payment, "code": code, "error": op.error}
@@ -500,10 +523,15 @@ def no_5xx(ops: Sequence[Operation], obs: Observation) -> CheckResult:
             else:
                 deliberate += 1
         elif op.status is None and op.type == "info":
-            unknowns.append(case)
+            if any(down <= op.time <= up for down, up in outages):
+                silenced += 1
+            else:
+                unknowns.append(case)
     note = f"{len(completions)} completion(s)"
     if deliberate:
         note += f", {deliberate} deliberate 5xx (a handled fault)"
+    if silenced:
+        note += f", {silenced} unanswered while the nemesis had killed the service"
     if unknowns:
         note += f", {len(unknowns)} without an answer"
     return _verdict(

@@ -37,6 +37,7 @@ from payrace.harness.reports.summary import (
     gate_word,
     latency_of,
     machine_line,
+    nemesis_line,
     number,
     outcome,
     stat,
@@ -108,6 +109,8 @@ def render_console(
     for name, strategy in strategies.items():
         if deadlocks := deadlock_line(strategy):
             console.print(Text(f"{name}: {deadlocks}", style="bold red"))
+        if faults := nemesis_line(strategy):
+            console.print(Text(f"{name}: {faults}", style="cyan"))
         for blind in strategy.get("not_seen") or []:  # what the run could not see
             console.print(Text(f"{name}: not seen: {blind}", style="yellow"))
 

@@ -46,6 +46,7 @@ from payrace.harness.reports.summary import (
     gate_word,
     latency_of,
     machine_line,
+    nemesis_line,
     number,
     outcome,
     stat,
@@ -298,6 +299,8 @@ def _strategy_html(name: str, strategy: Mapping[str, Any]) -> str:
         )
     if line := deadlock_line(strategy):
         parts.append(f'<p class="fail">{_esc(line)}</p>')
+    if line := nemesis_line(strategy):
+        parts.append(f'<p class="meta">{_esc(line)} (each one an operation in history.jsonl)</p>')
     parts += [
         "<h3>Verdict</h3>",
         _checks_html(strategy),

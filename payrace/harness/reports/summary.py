@@ -13,6 +13,7 @@
     deadlock_lines()  the first violation's deadlocks: each backend, the lock it waited for,
                       its fate and its statement, and the replies that named 40P01
     deadlock_line()   a strategy's deadlocks in one line: counted, tied to trials, not, why
+    nemesis_line()    a strategy's faults in one line: what each injected, restarted, killed
     number(), compact(), machine_line()   values and the run's machine as text
     NOT_MEASURED, stat()   a statistic of no samples reads "not measured", never 0 or "-"
     forced_text()     how many trials forced mode forced, and by what ("-" in other modes)
@@ -164,6 +165,34 @@ def deadlock_lines(violation: Mapping[str, Any]) -> list[str]:
             f"HTTP {reply.get('status')}: {reply.get('said')}"
         )
     return lines
+
+
+def nemesis_line(strategy: Mapping[str, Any]) -> str:
+    """ "" without a nemesis; else the faults and what each did, in one line (the
+    history's `nemesis` operations have every one of them)."""
+    n = strategy.get("nemesis") or {}
+    if not n:
+        return ""
+    said = [
+        f"{n[key]} {label}"
+        for key, label in (
+            ("gateway_errors_injected", "gateway errors"),
+            ("gateway_timeouts_injected", "gateway timeouts"),
+            ("backends_killed", "backends killed"),
+            ("captures_killed_before_commit", "captures whose transaction was killed"),
+            ("webhooks_redelivered", "webhooks redelivered"),
+        )
+        if n.get(key)
+    ]
+    for fault, done in (n.get("restarts") or {}).items():
+        said.append(f"{fault} {done.get('count', 0)} time(s), down at most "
+                    f"{number(done.get('down_s_max'), 2)} s")  # fmt: skip
+    if n.get("timeouts"):
+        said.append(", ".join(f"{k} {v} ms" for k, v in n["timeouts"].items()))
+    if n.get("reconciled"):
+        said.append(f"{n['reconciled']} capture(s) recorded by the reconciler")
+    faults = ", ".join(n.get("faults") or [])
+    return f"nemesis {faults}: " + ("; ".join(said) or "nothing injected")
 
 
 def deadlock_line(strategy: Mapping[str, Any]) -> str:

@@ -27,7 +27,7 @@ from payrace.harness.model import watched
 from payrace.harness.model.gates import Baseline, check_gates
 from payrace.harness.model.gates import Gate as Gate  # where the CLI and plugin import it
 from payrace.harness.model.generator import MAX_WEBHOOKS
-from payrace.harness.model.nemesis import NemesisSpecError, parse_spec
+from payrace.harness.model.nemesis import NemesisSpecError, parse_spec, unfit
 from payrace.harness.model.profile import Profile
 from payrace.postgres import normalise_isolation
 from payrace.service.strategies import UnknownStrategy, names, resolve
@@ -213,9 +213,12 @@ class RunConfig:
             raise UsageError("--settle-s must be between 0 and 600 seconds")
         if self.nemesis is not None:
             try:
-                parse_spec(self.nemesis)
+                faults = parse_spec(self.nemesis)
             except NemesisSpecError as exc:
                 raise UsageError(str(exc)) from exc
+            why = unfit(faults, target=self.target, external=self.external, dsn=self.dsn)
+            if why is not None:
+                raise UsageError(why)
         self._check_gates()
         # Last: the probe creates --out, which a run refused for another reason must not leave.
         _check_writable(self.out_dir)
@@ -237,6 +240,12 @@ class RunConfig:
                 f"--write-baseline {self.write_baseline} is a directory; name a file, "
                 "e.g. payrace-baseline.json"
             )
+
+    def restarts_postgres(self) -> bool:
+        """The nemesis restarts the PostgreSQL server payrace starts (so it starts one it can)."""
+        return bool(self.nemesis) and any(
+            f.name == "restart-postgres" for f in parse_spec(self.nemesis or "")
+        )
 
     def loaded_baseline(self) -> Baseline | None:
         """--baseline as validate() read it."""

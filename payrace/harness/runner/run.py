@@ -183,6 +183,8 @@ def _common(config: RunConfig, run: StrategyRun, not_seen: list[str]) -> dict[st
             # Aborted by PostgreSQL and retried inside the target (its Server-Timing).
             "serialization_failures": run.retried_inside["serialization"],
             "deadlocks_retried": run.retried_inside["deadlock"],
+            # lock_timeout / statement_timeout expiries (55P03 / 57014) retried inside.
+            "timeouts_retried": run.retried_inside["timeout"],
         },
         "forced": _forced(config, run),
         "trial_errors": {"count": len(run.trial_errors), "first": run.trial_errors[:3]},
@@ -275,7 +277,13 @@ async def run(
             gateway_url = config.gateway_url
         else:
             db = stack.enter_context(
-                provide_postgres(config.dsn, durable=config.durable, announce=announce)
+                provide_postgres(
+                    config.dsn,
+                    durable=config.durable,
+                    announce=announce,
+                    # A server payrace may restart: its own embedded one, not a container.
+                    prefer="embedded" if config.restarts_postgres() else None,
+                )
             )
             target_db = db
             oracle_url = db.url
@@ -313,6 +321,9 @@ async def run(
                     pool,
                     lambda s=strategy: on_trial(s),  # type: ignore[misc]
                 )
+                if fired.nemesis is not None:
+                    # The reference service's sweep, before the oracle judges (runner.target).
+                    fired.nemesis["reconciled"] = await target.reconcile()
             results[strategy] = await judge(config, fired, gateway, oracle_url)
     return summary_of(
         config,

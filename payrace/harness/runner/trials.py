@@ -121,7 +121,7 @@ class StrategyRun:
         self.conflicts = 0  # answers 409 (retryable: a lock not taken, a serialisation failure)
         self.conflict_retries = 0  # of those, sent again (_retry_conflicts)
         # Attempts the target aborted and retried itself, as its Server-Timing says.
-        self.retried_inside = {"serialization": 0, "deadlock": 0}
+        self.retried_inside = {"serialization": 0, "deadlock": 0, "timeout": 0}
         # Wait-for cycles the lock sampler saw (model.deadlocks ties them to trials).
         self.lock_cycles: list[LockCycle] = []
         # Every lock wait the sampler saw, and its poll interval (timelines' <waiting> rows).
@@ -432,6 +432,8 @@ async def _redeliver(
                 break
             attempt += 1
             await asyncio.sleep(0.01 * 2**attempt)
+            # Razorpay keeps trying for 24 hours; the run waits for a restarted target instead.
+            await target.steady()
             value = {**req.value, "redelivery": attempt}
             inv = run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, value)
             reply = await target.client.send(req)
@@ -454,9 +456,11 @@ async def _create_order(
             return await target.client.create_order(
                 amount, "INR", target.profile, gateway_order_id, target.hook
             )
-        except RuntimeError as exc:
-            if attempt == attempts or "database_unavailable" not in str(exc):
+        except (RuntimeError, httpx.TransportError) as exc:
+            outage = isinstance(exc, httpx.TransportError) or "database_unavailable" in str(exc)
+            if attempt == attempts or not outage:
                 raise
+            await target.steady()  # a restart the nemesis made: wait until it is back
             await asyncio.sleep(0.01 * attempt)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -498,6 +502,7 @@ async def fire_trials(
         async with semaphore:
             if liveness.stopped is not None:
                 return  # the target is gone: the trials left are not run
+            await target.steady()  # not while a part the nemesis restarts is down
             try:
                 await run_trial(config, target, gateway, generator, trial, run, is_blocked, forcing)
             except UsageError:
@@ -518,8 +523,15 @@ async def fire_trials(
             on_trial()
 
     nemesis = Nemesis.from_spec(
-        config.nemesis, gateway=gateway, dsn=oracle_url, seed=config.seed, history=run.history
+        config.nemesis,
+        gateway=gateway,
+        dsn=oracle_url,
+        seed=config.seed,
+        history=run.history,
+        cluster=target.cluster,
+        service=target.process,
     )
+    target.steady = nemesis.steady
     started = time.perf_counter()
     async with LockWatch(oracle_url) as watch, nemesis, AsyncExitStack() as stack:
         if forcing is not None:

@@ -4,8 +4,9 @@
     hold     from the lock being granted until the commit returned
     db       time in the database, pauses and gateway calls excluded
     gateway  time in razorpay SDK calls
-    serialization, deadlock   a count, not a time: attempts of the request that PostgreSQL
-             aborted with 40001 / 40P01 and the service retried (present when not 0)
+    serialization, deadlock, timeout   a count, not a time: attempts of the request that
+             PostgreSQL aborted with 40001 / 40P01 / 55P03 or 57014 (lock_timeout,
+             statement_timeout) and the service retried (present when not 0)
 
     Timings               one request's figures; header() renders Server-Timing
     begin() / current()   the request's Timings (a ContextVar, so the capture routine and the
@@ -34,7 +35,7 @@ class Timings:
     hold_ms: float | None = None
     db_ms: float | None = None
     gateway_ms: float = 0.0
-    retried: dict[str, int] | None = None  # "serialization" / "deadlock" -> attempts retried
+    retried: dict[str, int] | None = None  # "serialization" / "deadlock" / "timeout" -> count
 
     def header(self) -> str:
         parts: list[str] = [f"{name};dur={n}" for name, n in (self.retried or {}).items()]

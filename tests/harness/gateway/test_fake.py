@@ -122,6 +122,58 @@ def test_injected_failures_raise_server_errors_and_are_counted(
     assert fake.capture_calls(payment_id) == 4
 
 
+def test_after_capture_hooks_run_once_captured_and_before_the_answer(
+    client: Any, fake: FakeRazorpay, authorized_order: AuthorizedOrder
+) -> None:
+    """kill-after-capture's moment: the money is taken, the caller not yet told."""
+    _, payment_id = authorized_order()
+    seen: list[tuple[str, str, int]] = []
+
+    def hook(pid: str) -> None:
+        state = fake.payment(pid)
+        assert state is not None
+        seen.append((pid, state["status"], fake.capture_calls(pid)))
+
+    fake.add_after_capture(hook)
+    try:
+        client.payment.capture(payment_id, 50000, {"currency": "INR"})
+        with pytest.raises(BadRequestError):  # a rejected capture took no money: no hook
+            client.payment.capture(payment_id, 50000, {"currency": "INR"})
+    finally:
+        fake.remove_after_capture(hook)
+    assert seen == [(payment_id, "captured", 1)]
+    assert fake.after_capture() == []
+
+
+def test_each_injected_failure_is_told_to_the_fault_hooks(
+    client: Any, fake: FakeRazorpay, authorized_order: AuthorizedOrder
+) -> None:
+    _, payment_id = authorized_order()
+    told: list[tuple[str, str, int]] = []
+
+    def hook(fault: str, pid: str, status: int) -> None:
+        told.append((fault, pid, status))
+
+    fake.add_on_fault(hook)
+    try:
+        fake.set_knobs(fail_rate=1.0)
+        with pytest.raises((ServerError, GatewayError)):
+            client.payment.capture(payment_id, 50000, {"currency": "INR"})
+        fake.set_knobs(fail_rate=0.0, timeout_rate=1.0)
+        with pytest.raises((ServerError, GatewayError)):
+            client.payment.capture(payment_id, 50000, {"currency": "INR"})
+        fake.set_knobs(timeout_rate=0.0)
+        with pytest.raises(BadRequestError):  # already captured: Razorpay's answer, no fault
+            client.payment.capture(payment_id, 50000, {"currency": "INR"})
+    finally:
+        fake.remove_on_fault(hook)
+    assert [(f, p) for f, p, _ in told] == [
+        ("gateway-errors", payment_id),
+        ("gateway-timeout", payment_id),
+    ]
+    assert told[0][2] in (502, 503) and told[1][2] == 504
+
+
 def test_injected_failures_follow_the_seed(client: Any, fake: FakeRazorpay) -> None:
     def pattern() -> list[bool]:
         fake.set_knobs(fail_rate=0.5)

@@ -76,6 +76,25 @@ def test_service_answers_healthz_and_its_group_is_gone_after_exit(
 
 
 @pytest.mark.slow
+def test_a_halted_service_is_killed_outright_and_resumes_on_the_same_port(
+    pg: Database, gateway_url: str
+) -> None:
+    """halt() / resume(): the restart-service nemesis's SIGKILL and start again."""
+    with ServiceProcess(service_env(pg, gateway_url, "for_update", keys=KEYS)) as svc:
+        assert svc.proc is not None
+        first = svc.proc.pid
+        svc.halt()
+        assert group_gone(first)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{svc.url}/healthz", timeout=2)
+        svc.resume()
+        assert svc.proc is not None and svc.proc.pid != first
+        second = svc.proc.pid
+        assert httpx.get(f"{svc.url}/healthz", timeout=5).status_code == 200
+    assert group_gone(second)
+
+
+@pytest.mark.slow
 def test_service_group_is_gone_when_the_body_raises(pg: Database, gateway_url: str) -> None:
     pid = None
     with (

@@ -89,6 +89,30 @@ def test_embedded_route_leaves_no_directory_and_no_postmaster_behind() -> None:
     assert _gone(pid)
 
 
+@pytest.mark.slow
+def test_the_embedded_server_restarts_on_the_same_socket_and_the_new_one_is_stopped_after() -> None:
+    """Cluster (the restart-postgres nemesis): halted, nothing connects; resumed, the same URL
+    answers; the run's cleanup stops the new postmaster, not the one halted."""
+    with provide_postgres(prefer="embedded", announce=lambda _: None) as database:
+        assert database.cluster is not None
+        data_dir, first = _postmaster(database)
+        database.cluster.halt()
+        assert _gone(first)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(database.url, connect_timeout=2).close()
+        database.cluster.resume()
+        assert _show(database.url, "fsync") == "off"  # the same cluster, the same settings
+        _, second = _postmaster(database)
+        assert second != first and not _gone(second)
+    assert not data_dir.parent.exists()
+    assert _gone(second)
+
+
+def test_only_the_embedded_route_hands_out_a_server_payrace_may_restart(outside: str) -> None:
+    with provide_postgres(outside, announce=lambda _: None) as database:
+        assert database.route == "dsn" and database.cluster is None
+
+
 @pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
 def test_embedded_route_cleans_up_when_the_body_raises(interruption: type[BaseException]) -> None:
     with (

@@ -25,6 +25,7 @@ from payrace.harness.model.checker import (
     no_deadlock,
     no_lost_capture,
     no_phantom_capture,
+    service_outages,
     single_capture_write,
     single_invoice_paid,
     single_order_paid,
@@ -474,6 +475,37 @@ def test_no_5xx_is_unknown_when_a_request_got_no_answer() -> None:
     result = no_5xx(ops.ops, observation())
     assert (result.valid, result.count) == ("unknown", 0)
     assert result.first is not None and result.first["index"] == 3
+
+
+def _restart(ops: Ops, fault: str, action: str) -> None:
+    value = {"fault": fault, "action": action}
+    ops.done(ops.invoke("nemesis", "nemesis", 0, value), "info", None, value)
+
+
+def test_no_5xx_does_not_hold_the_service_killed_by_the_nemesis_against_it() -> None:
+    """Requests that ended without an answer while restart-service had the process killed
+    (between its down and up operations) are the fault injected, not a hidden crash."""
+    ops = Ops()
+    ops.verify(1)
+    _restart(ops, "restart-service", "down")
+    ops.verify(2, status=None)
+    _restart(ops, "restart-service", "up")
+    ops.verify(3)
+    result = no_5xx(ops.ops, observation())
+    assert (result.valid, result.count) == (True, 0)
+    assert "1 unanswered while the nemesis had killed the service" in result.note
+    assert service_outages(ops.ops) == [(ops.ops[3].time, ops.ops[7].time)]
+
+    # The same silence after the service was back up, or under another fault, is unknown.
+    for fault, after in (("restart-service", True), ("restart-postgres", False)):
+        other = Ops()
+        _restart(other, fault, "down")
+        if after:
+            _restart(other, fault, "up")
+        other.verify(2, status=None)
+        if not after:
+            _restart(other, fault, "up")
+        assert no_5xx(other.ops, observation()).valid == "unknown", fault
 
 
 def test_no_5xx_is_valid_when_every_answer_is_below_500() -> None:

@@ -21,8 +21,17 @@ from payrace.harness.gateway.fake import FakeRazorpay, Knobs, RazorpayError
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.provider import Database
+from payrace.harness.model import nemesis as registry
 from payrace.harness.model.history import History
-from payrace.harness.model.nemesis import Fault, Nemesis, NemesisSpecError, parse_spec
+from payrace.harness.model.nemesis import (
+    Fault,
+    Nemesis,
+    NemesisSpecError,
+    Restarter,
+    described,
+    parse_spec,
+    unfit,
+)
 from payrace.harness.runner.config import RunConfig
 from payrace.harness.runner.run import run
 
@@ -241,6 +250,29 @@ async def test_lock_timeout_applies_to_the_targets_new_connections_while_on(own_
         pooled.close()
 
 
+async def test_lock_timeout_with_held_locks_is_retried_never_an_error_out_of_the_service(
+    pg: Database, tmp_path: Path
+) -> None:
+    """--hold-ms 100 keeps the winner's locks past a 50 ms lock_timeout, so the waiter's
+    FOR UPDATE expires (55P03) in most trials: the service retries it (or answers a 409), and
+    the run is judged valid, not "unknown" with the trials broken by an exception."""
+    config = RunConfig(
+        strategies=["for_update"],
+        trials=20,
+        dsn=pg.url,
+        out_dir=tmp_path,
+        hold_ms=100,
+        nemesis="lock-timeout:50",
+    )
+    summary = await run(config, announce=lambda line: None)
+    result = summary["strategies"]["for_update"]
+    assert result["trial_errors"]["count"] == 0, result["trial_errors"]
+    # The timeout really expired, or a valid verdict would prove nothing.
+    assert result["conflicts"]["timeouts_retried"] + result["conflicts"]["answered_409"] > 0
+    assert result["valid"] is True, result["checks"]
+    assert summary["exit_code"] == 0
+
+
 def test_timeouts_are_checked_like_every_fault() -> None:
     with pytest.raises(NemesisSpecError, match=r"statement-timeout:0.*MS must be within 1"):
         parse_spec("statement-timeout:0")
@@ -288,3 +320,230 @@ async def test_the_same_faults_do_not_hide_the_naive_double_capture(
     assert result["valid"] is False
     assert result["checks"]["single_capture_write"]["valid"] is False
     assert result["violating_trials"] > 0
+
+
+# -- the registry and what a fault needs ---------------------------------------------------------
+
+
+def test_the_registry_gives_every_fault_a_form_an_example_and_what_it_needs() -> None:
+    """`make chaos` and `run --help` enumerate FAULTS: each example parses, lies in its
+    range, and the help lists every fault within 80 columns."""
+    for name, param in registry.FAULTS.items():
+        assert param.low <= param.example <= param.high, name
+        assert parse_spec(f"{name}:{param.example:g}") == [Fault(name, param.example)]
+        assert param.needs in ("gateway", "database", "own-postgres", "own-service", "own-gateway")
+    lines = described()
+    assert all(len(line) <= 78 for line in lines), lines
+    for name, param in registry.FAULTS.items():
+        assert any(line.startswith(f"  {name}:{param.unit}") for line in lines), name
+
+
+def test_the_readmes_nemesis_table_has_every_fault_of_the_registry() -> None:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("#### Faults: `--nemesis`", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("`")[1].split(":")[0] for line in section.splitlines() if line[:3] == "| `"}
+    rows |= {"statement-timeout"} if "`statement-timeout:MS`" in section else set()
+    assert rows == set(registry.FAULTS), rows ^ set(registry.FAULTS)
+
+
+@pytest.mark.parametrize(
+    ("spec", "run", "says"),
+    [
+        ("restart-postgres:1", {"dsn": "postgresql://u@db/x"}, "--dsn (or PAYRACE_DSN) names"),
+        ("restart-postgres:1", {"external": True}, "payrace did not start this target"),
+        ("restart-service:1", {}, "--target inproc runs the service inside payrace's own"),
+        ("restart-service:1", {"external": True}, "payrace did not start this target"),
+        ("kill-after-capture:0.5", {"external": True}, "reaches into the fake gateway"),
+    ],
+)
+def test_a_fault_on_something_payrace_does_not_own_says_why(
+    spec: str, run: dict[str, Any], says: str
+) -> None:
+    kwargs: dict[str, Any] = {"target": "inproc", "external": False, "dsn": None, **run}
+    why = unfit(parse_spec(spec), **kwargs)
+    assert why is not None and says in why, why
+    assert spec.split(":")[0] in why
+
+
+def test_faults_on_what_payrace_started_fit() -> None:
+    spec = parse_spec("restart-postgres:1,kill-after-capture:0.5,kill-backends:1")
+    assert unfit(spec, target="inproc", external=False, dsn=None) is None
+    assert unfit(parse_spec("restart-service:2"), target="http", external=False, dsn=None) is None
+    # A database of any server is enough for the faults that only act on it.
+    assert unfit(parse_spec("kill-backends:1"), target="inproc", external=False, dsn="x") is None
+
+
+def test_run_config_refuses_a_restart_of_what_payrace_does_not_own(tmp_path: Path) -> None:
+    config = RunConfig(
+        dsn="postgresql://nobody@127.0.0.1:1/none",
+        nemesis="restart-postgres:1",
+        out_dir=tmp_path / "out",
+    )
+    with pytest.raises(UsageError, match="leave --dsn out"):
+        config.validate()
+    with pytest.raises(UsageError, match="use --target http"):
+        RunConfig(nemesis="restart-service:1", out_dir=tmp_path / "out").validate()
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+# -- restarts, killed captures: what payrace started, restarted mid-run -----------------------
+
+
+class Part:
+    """Something to restart that records what was done to it, and whether it is up."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.up = True
+
+    def halt(self) -> None:
+        self.calls.append("halt")
+        self.up = False
+
+    def resume(self) -> None:
+        time.sleep(0.05)
+        self.calls.append("resume")
+        self.up = True
+
+
+async def test_a_restart_under_way_when_the_run_ends_is_finished_and_recorded() -> None:
+    part, history = Part(), History()
+    restarter = Restarter(
+        "restart-service",
+        0.01,
+        part,
+        lambda v: history.complete(
+            history.invoke("nemesis", "nemesis", -1, None, v), "info", value=v
+        ),
+    )
+    await restarter.start()
+    await _until(lambda: not part.up)
+    await restarter.stop()  # in the middle of the restart
+    assert part.up and part.calls[-1] == "resume"
+    await restarter.steady()  # returns: nothing is down
+    actions = [op.value["action"] for op in history.completions()]
+    assert actions[:2] == ["down", "up"] and actions.count("down") == actions.count("up")
+    assert restarter.report()["count"] == actions.count("up")
+
+
+def _ops(summary: dict[str, Any], strategy: str) -> list[dict[str, Any]]:
+    history = summary["strategies"][strategy]["_history"]
+    return [op.to_json() for op in history]
+
+
+async def nemesis_run(
+    tmp_path: Path, strategy: str, nemesis: str, **options: Any
+) -> dict[str, Any]:
+    config = RunConfig(
+        strategies=[strategy], trials=30, out_dir=tmp_path, nemesis=nemesis, **options
+    )
+    return await run(config, announce=lambda line: None)
+
+
+@pytest.mark.slow
+async def test_for_update_stays_exactly_once_while_postgres_restarts(tmp_path: Path) -> None:
+    """restart-postgres on the embedded server payrace started (no dsn: its own): no
+    webhook follows the callback, so a capture whose answer died with the server is recorded
+    by the reconciler alone; the service answers 503, never 500."""
+    summary = await nemesis_run(tmp_path, "for_update", "restart-postgres:0.5", webhooks=0)
+    result = summary["strategies"]["for_update"]
+    restarts = result["nemesis"]["restarts"]["restart-postgres"]
+    assert restarts["count"] >= 1, result["nemesis"]
+    assert summary["database"]["route"] == "embedded"
+    for name in INVARIANTS:
+        assert result["checks"][name]["valid"] is True, (name, result["checks"][name])
+    assert result["valid"] is True and summary["exit_code"] == 0
+    ops = _ops(summary, "for_update")
+    faults = [op["value"] for op in ops if op["f"] == "nemesis" and op["type"] == "info"]
+    assert [f["action"] for f in faults].count("down") == restarts["count"]
+    assert [f["action"] for f in faults].count("up") == restarts["count"]
+    answered = [op for op in ops if op["f"] == "verify" and op["type"] != "invoke"]
+    assert all(op["status"] != 500 for op in answered)
+    assert "reconciled" in result["nemesis"]
+
+
+@pytest.mark.slow
+async def test_naive_is_still_caught_while_postgres_restarts(tmp_path: Path) -> None:
+    summary = await nemesis_run(tmp_path, "naive", "restart-postgres:0.5")
+    result = summary["strategies"]["naive"]
+    assert result["nemesis"]["restarts"]["restart-postgres"]["count"] >= 1
+    assert result["valid"] is False
+    assert result["checks"]["single_capture_write"]["valid"] is False
+
+
+@pytest.mark.slow
+async def test_for_update_stays_exactly_once_while_the_service_is_killed_and_restarted(
+    tmp_path: Path,
+) -> None:
+    """restart-service kills the uvicorn process payrace started with SIGKILL: requests in
+    flight end `info` (no answer) and are not held against the target; none is lost."""
+    summary = await nemesis_run(tmp_path, "for_update", "restart-service:1", target="http")
+    result = summary["strategies"]["for_update"]
+    restarts = result["nemesis"]["restarts"]["restart-service"]
+    assert restarts["count"] >= 1, result["nemesis"]
+    for name in INVARIANTS:
+        assert result["checks"][name]["valid"] is True, (name, result["checks"][name])
+    assert result["valid"] is True and summary["exit_code"] == 0
+    ops = _ops(summary, "for_update")
+    actions = [op["value"]["action"] for op in ops if op["f"] == "nemesis" and op["type"] == "info"]
+    assert actions.count("down") == actions.count("up") == restarts["count"]
+    unanswered = [op for op in ops if op["type"] == "info" and op["f"] != "nemesis"]
+    assert all(op["status"] is None for op in unanswered)
+
+
+async def test_a_capture_whose_transaction_is_killed_before_commit_is_recorded(
+    tmp_path: Path, pg: Database
+) -> None:
+    """kill-after-capture: the gateway captures, then the transaction waiting for its answer
+    dies; no webhook follows, so the service's retry or its reconciler must record it."""
+    summary = await nemesis_run(
+        tmp_path, "for_update", "kill-after-capture:0.5", webhooks=0, dsn=pg.url
+    )
+    result = summary["strategies"]["for_update"]
+    faults = result["nemesis"]
+    assert faults["captures_killed_before_commit"] > 0, faults
+    for name in INVARIANTS:
+        assert result["checks"][name]["valid"] is True, (name, result["checks"][name])
+    assert result["valid"] is True
+    kills = [
+        op["value"]
+        for op in _ops(summary, "for_update")
+        if op["f"] == "nemesis" and op["type"] == "info" and op["value"]["action"] == "kill"
+    ]
+    assert len(kills) == faults["captures_killed_before_commit"]
+    assert all(k["pids"] and k["gateway_payment"].startswith("pay_") for k in kills)
+
+
+async def test_killed_captures_do_not_hide_the_naive_double_capture(
+    tmp_path: Path, pg: Database
+) -> None:
+    # payment.authorized: the webhook captures at the gateway too, as the callback does.
+    summary = await nemesis_run(
+        tmp_path, "naive", "kill-after-capture:0.5", dsn=pg.url, first_event="payment.authorized"
+    )
+    result = summary["strategies"]["naive"]
+    assert result["nemesis"]["captures_killed_before_commit"] > 0
+    assert result["valid"] is False
+
+
+async def test_each_injected_gateway_failure_is_an_operation(tmp_path: Path, pg: Database) -> None:
+    # No webhook: the gateway has not captured on its own, so the callback's captures are
+    # made (and some answered 504).
+    summary = await nemesis_run(
+        tmp_path, "for_update", "gateway-errors:0.3,gateway-timeout:0.3", dsn=pg.url, webhooks=0
+    )
+    result = summary["strategies"]["for_update"]["nemesis"]
+    ops = [
+        op["value"]
+        for op in _ops(summary, "for_update")
+        if op["f"] == "nemesis" and op["type"] == "info"
+    ]
+    failed = [op for op in ops if op["fault"] == "gateway-errors"]
+    lost = [op for op in ops if op["fault"] == "gateway-timeout"]
+    assert len(failed) == result["gateway_errors_injected"] > 0
+    assert len(lost) == result["gateway_timeouts_injected"] > 0
+    assert {op["status"] for op in failed} <= {502, 503}
+    assert {op["status"] for op in lost} == {504}
+    # A capture whose answer was lost (504) is recorded by the reconciler: none lost.
+    assert summary["strategies"]["for_update"]["checks"]["no_lost_capture"]["valid"] is True
+    assert summary["strategies"]["for_update"]["valid"] is True

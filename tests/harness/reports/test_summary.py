@@ -11,6 +11,7 @@ from payrace.harness.reports.summary import (
     deadlock_line,
     deadlock_lines,
     forced_text,
+    nemesis_line,
     outcome,
     write_json,
 )
@@ -82,6 +83,27 @@ def test_deadlock_line_says_what_could_not_be_tied_and_nothing_without_deadlocks
     quiet = {"counted": 0, "attributed": 0, "unattributed": 0, "settled": True}
     assert deadlock_line({"deadlocks": quiet}) == ""
     assert deadlock_line({}) == ""  # a summary from before the block existed
+
+
+def test_nemesis_line_says_what_each_fault_did_and_nothing_without_a_nemesis() -> None:
+    assert nemesis_line({}) == ""
+    line = nemesis_line(
+        {
+            "nemesis": {
+                "faults": ["restart-postgres:2", "kill-after-capture:0.2"],
+                "backends_killed": 0,
+                "captures_killed_before_commit": 3,
+                "restarts": {"restart-postgres": {"count": 2, "down_s_max": 0.81}},
+                "reconciled": 4,
+            }
+        }
+    )
+    assert line == (
+        "nemesis restart-postgres:2, kill-after-capture:0.2: 3 captures whose transaction "
+        "was killed; restart-postgres 2 time(s), down at most 0.81 s; 4 capture(s) recorded "
+        "by the reconciler"
+    )
+    assert nemesis_line({"nemesis": {"faults": ["gateway-errors:0"]}}).endswith("nothing injected")
 
 
 def test_forced_text_says_how_many_trials_were_forced_and_by_what() -> None:
