@@ -3,6 +3,7 @@
     FAULTS          the registry: fault name -> what its parameter means, the range it must
                     lie in, an example value and what the run must own for it (`needs`); the
                     one list of nemeses (`run --help`, the README and `make chaos` read it)
+    described()     every fault's form, meaning and range, one wrapped line each (`run --help`)
     Fault           one parsed `name:parameter`
     parse_spec()    "gateway-errors:0.2,gateway-latency:50,kill-backends:0.5" -> [Fault];
                     a bad spec raises NemesisSpecError naming the valid forms
@@ -28,7 +29,9 @@
 
 Every fault is an operation in the history (process "nemesis", f "nemesis", type info, as
 Jepsen records its nemesis): its start and stop, each backend killed with its pid, each
-restart (down, then up with how long it was down), each capture whose transaction was killed.
+failure the gateway injects (with a fake in this process; a remote one's counted, at the
+end), each restart (down, then up with how long it was down), each capture whose
+transaction was killed. gateway-latency and the timeouts are settings: start and stop.
 
 Faults:
     gateway-errors:RATE     captures fail with a 502/503 at this rate (0..1), seeded by the fake
@@ -46,8 +49,10 @@ Faults:
                             SIGKILL and started again this often: requests in flight end with
                             no answer (`info`: outcome unknown), a capture the gateway took is
                             left to the capture intent and the reconciler
-    kill-after-capture:RATE at this rate the gateway captures, then the backend of the
-                            transaction waiting for its answer is terminated before COMMIT
+    kill-after-capture:RATE at this rate the gateway captures, then, before it answers, the
+                            target's backends idle in a transaction are terminated: the one
+                            waiting for this answer dies before COMMIT (others idle in one at
+                            that instant die too, as in a failover)
 
 A killed transaction wrote nothing (PostgreSQL rolls it back with its backend), so the
 invariants must hold as before; the target may answer a 503 it chose, never a 500.
@@ -58,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -151,8 +157,6 @@ _OWNER_OF = {
 
 def described(width: int = 78) -> list[str]:
     """Each fault as `name:UNIT  meaning (low..high)`, wrapped to `width`: `run --help`."""
-    import textwrap
-
     lines: list[str] = []
     for name, p in FAULTS.items():
         head = f"  {name}:{p.unit}"
@@ -435,6 +439,10 @@ class Restarter:
                 await asyncio.sleep(DOWN_S)
             finally:
                 await asyncio.to_thread(self.part.resume)
+        except Exception as exc:
+            # The run cannot go on without the part: an infrastructure error (exit 2), named.
+            raise RuntimeError(f"{self.fault} could not restart it: {type(exc).__name__}: "
+                               f"{exc}") from exc  # fmt: skip
         finally:
             self._up.set()
         down = round(time.monotonic() - started, 3)

@@ -72,6 +72,9 @@ def test_a_spec_names_each_fault_with_its_parameter() -> None:
         ("kill-backends:0", "SECONDS must be within 0.01..3600"),
         ("kill-backends:1,kill-backends:2", "names kill-backends twice"),
         ("", "--nemesis is empty"),
+        ("restart-postgres:0.1", "SECONDS must be within 0.5..3600"),
+        ("restart-service:nan", "SECONDS must be within 0.5..3600"),
+        ("kill-after-capture:2", "RATE must be within 0..1 (fraction of captures whose"),
     ],
 )
 def test_a_bad_spec_says_what_to_fix(spec: str, says: str) -> None:
@@ -80,8 +83,8 @@ def test_a_bad_spec_says_what_to_fix(spec: str, says: str) -> None:
     assert says in str(raised.value)
     if "unknown" in says or "empty" in says:
         # The valid forms are listed, so the user need not look them up.
-        for form in ("gateway-errors:RATE", "gateway-latency:MS", "kill-backends:SECONDS"):
-            assert form in str(raised.value)
+        for name, param in registry.FAULTS.items():
+            assert f"{name}:{param.unit}" in str(raised.value)
 
 
 def test_run_config_turns_a_bad_spec_into_a_usage_error() -> None:
