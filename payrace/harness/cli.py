@@ -262,6 +262,14 @@ def run_command(
             "(default 2; 15 for --target URL, whose pool stays open)"
         ),
     ] = None,
+    reconcile_s: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds the target may take after the trials to reconcile captures the "
+            "gateway made that its database does not show, before the verdict (waits only "
+            "while one is pending; default 10, 60 for --target URL; 0: judge at once)"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help=QUIET_HELP)] = False,
 ) -> None:
     """Fire interleaved client callbacks and webhooks; judge with the harness's own oracle.
@@ -308,6 +316,7 @@ def run_command(
             nemesis=nemesis,
             expect=expect,
             settle_s=settle_s,
+            reconcile_s=reconcile_s,
             command=shlex.join(["payrace", *sys.argv[1:]]),
         )
         config.validate()

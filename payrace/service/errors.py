@@ -26,7 +26,12 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from asyncpg.exceptions import ConnectionDoesNotExistError, InterfaceError, PostgresError
+from asyncpg.exceptions import (
+    ConnectionDoesNotExistError,
+    InterfaceError,
+    InternalClientError,
+    PostgresError,
+)
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -116,6 +121,12 @@ def _lost(cause: BaseException | None) -> bool:
     # Other InterfaceErrors ("another operation is in progress") are bugs, not faults.
     if isinstance(cause, InterfaceError):
         return "connection is closed" in str(cause)
+    # asyncpg's protocol left mid-error by a backend terminated under it ("cannot switch to
+    # state 11; another operation (2) is in progress": the FATAL was still being consumed).
+    # Seen when a new connection's first statement (SQLAlchemy's dialect initialisation) is
+    # killed; that connection is never pooled, and its request is a retryable 503.
+    if isinstance(cause, InternalClientError):
+        return "another operation" in str(cause)
     # OSError: FileNotFoundError (Unix socket gone), ConnectionRefusedError, TimeoutError ...
     return isinstance(cause, ConnectionDoesNotExistError | OSError)
 

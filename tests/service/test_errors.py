@@ -17,6 +17,7 @@ from asyncpg.exceptions import (
     CannotConnectNowError,
     ConnectionDoesNotExistError,
     InterfaceError,
+    InternalClientError,
     UniqueViolationError,
 )
 from conftest import Service, service_settings
@@ -198,8 +199,10 @@ def _raised_by_the_driver(exc: BaseException) -> BaseException:
         CannotConnectNowError("the database system is starting up"),
         ConnectionDoesNotExistError("connection was closed in the middle of operation"),
         InterfaceError("cannot call Connection.fetch(): connection is closed"),
+        # A backend killed during a new connection's first statement (kill-backends:0.01).
+        InternalClientError("cannot switch to state 11; another operation (2) is in progress"),
     ],
-    ids=["starting-up", "closed-mid-statement", "closed"],
+    ids=["starting-up", "closed-mid-statement", "closed", "killed-during-first-statement"],
 )
 def test_what_a_dead_or_restarting_server_raises_counts_as_a_lost_connection(
     exc: BaseException,

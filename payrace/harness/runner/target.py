@@ -1,12 +1,14 @@
 """The target a strategy's trials run against, started and stopped around them.
 
-Target         a started target: its client, and whether it runs in this process
+Target         a started target: its client, whether it runs in this process, and how it
+               reconciles a capture whose answer was lost (runner.reconcile)
 start_target() `inproc` (the reference service in this event loop), `http` (the reference
                service in its own uvicorn process) or a running service's URL
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,7 +17,9 @@ from payrace.harness.infra.provider import Database
 from payrace.harness.model.client import AsgiClient, Client, HttpClient
 from payrace.harness.model.profile import Hook, Profile
 from payrace.harness.runner.config import RunConfig
-from payrace.service.app import create_app
+from payrace.harness.runner.reconcile import HTTP_SWEEP, Reconciler
+from payrace.service.app import Runtime, create_app
+from payrace.service.reconcile import reconcile_once
 from payrace.service.settings import Settings
 
 
@@ -24,13 +28,50 @@ class Target:
     it runs in this process (forced mode then reaches its pause points directly)."""
 
     def __init__(
-        self, name: str, client: Client, *, in_process: bool, profile: Profile | None = None
+        self,
+        name: str,
+        client: Client,
+        *,
+        in_process: bool,
+        profile: Profile | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.name = name
         self.client = client
         self.in_process = in_process
         self.profile = profile or Profile.reference()
         self.hook: Hook | None = self.profile.before_send()
+        self.reconciler = reconciler or Reconciler(
+            "polling the target's database: its own reconciliation, if it has one"
+        )
+
+
+def _in_process_reconciler(runtime: Runtime) -> Reconciler:
+    """The reference service's sweep, run by the harness now rather than on its timer; none
+    when RECONCILE_INTERVAL_S=0 turned the service's reconciler off."""
+    if runtime.settings.reconcile_interval_s <= 0:
+        return Reconciler("polling only: the service's reconciler is off (RECONCILE_INTERVAL_S=0)")
+
+    async def sweep() -> bool:
+        report = await reconcile_once(runtime.runner, older_than_s=0)
+        # Another sweep can help after an error (it may clear) or a capture (a sweep takes a
+        # batch of intents at a time); after neither it would find what this one found.
+        return bool(report.errors or report.captured)
+
+    return Reconciler("the service's reconcile sweep, run in-process (reconcile_once)", sweep)
+
+
+def _http_sweep() -> tuple[dict[str, str], Reconciler]:
+    """The sweeper settings of the service payrace starts: HTTP_SWEEP, each unless the
+    environment sets it (RECONCILE_INTERVAL_S=0 keeps the reconciler off)."""
+    env = {k: v for k, v in HTTP_SWEEP.items() if k not in os.environ}
+    settings = {k: os.environ.get(k, v) for k, v in HTTP_SWEEP.items()}
+    if float(settings["RECONCILE_INTERVAL_S"]) <= 0:
+        how = "polling only: the service's reconciler is off (RECONCILE_INTERVAL_S=0)"
+    else:
+        how = "the service's own sweeper (" + ", ".join(f"{k}={v}" for k, v in settings.items())
+        how += ")"
+    return env, Reconciler(how)
 
 
 @asynccontextmanager
@@ -57,7 +98,13 @@ async def start_target(
         await runtime.startup()
         client = AsgiClient(app)
         try:
-            yield Target(strategy, client, in_process=True, profile=profile)
+            yield Target(
+                strategy,
+                client,
+                in_process=True,
+                profile=profile,
+                reconciler=_in_process_reconciler(runtime),
+            )
         finally:
             await client.aclose()
             await runtime.shutdown()
@@ -75,12 +122,16 @@ async def start_target(
             isolation_level=config.isolation,
             pool_size=max(10, config.concurrency * 4),
         )
+        sweep_env, reconciler = _http_sweep()
+        env.update(sweep_env)
         log = config.out_dir / config.run_id / f"service-{strategy}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with ServiceProcess(env, log_path=log) as proc:
             http = HttpClient(proc.url)
             try:
-                yield Target(strategy, http, in_process=False, profile=profile)
+                yield Target(
+                    strategy, http, in_process=False, profile=profile, reconciler=reconciler
+                )
             finally:
                 await http.aclose()
         return
