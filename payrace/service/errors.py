@@ -7,6 +7,7 @@
     ├── GatewayFailed   502: the gateway failed or refused; nothing was written
     └── ServiceUnavailable  503: the database connection was lost (backend killed, server
                             restarting); its transaction rolled back, retrying is safe
+timed_out()        was the statement cancelled by lock_timeout / statement_timeout (a 503)
 connection_lost()  is this error a lost or refused database connection: SQLAlchemy's wrapped
                    57P01-3 / class 08 / asyncpg ConnectionDoesNotExistError / InterfaceError
                    "connection is closed", or what a new connection raises unwrapped while
@@ -87,6 +88,24 @@ def unavailable(attempts: int | None = None) -> ServiceUnavailable:
     return ServiceUnavailable(
         f"the database connection was lost{tried}; retry the request (captures are idempotent)"
     )
+
+
+# A statement PostgreSQL gave up on: lock_timeout (55P03) or statement_timeout (57014). Its
+# transaction rolled back, so the request wrote nothing and can be sent again: a 503 with
+# Retry-After, as for an outage, never a 500. (FOR UPDATE NOWAIT's 55P03 never gets here: the
+# nowait strategy answers it as a 409 itself.)
+_TIMED_OUT_SQLSTATES = {"55P03": "lock_timeout", "57014": "statement_timeout"}
+
+
+def timed_out(exc: BaseException) -> str | None:
+    """Which of the database's timeouts cancelled the statement, or None."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    for cause in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str) and state in _TIMED_OUT_SQLSTATES:
+            return _TIMED_OUT_SQLSTATES[state]
+    return None
 
 
 # SQLSTATEs of a connection PostgreSQL ended: pg_terminate_backend() is 57P01, a restarting
@@ -185,6 +204,15 @@ def install_handlers(app: FastAPI) -> None:
         return ErrorJSON(exc.body(), status_code=exc.status, headers=headers)
 
     async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if (timeout := timed_out(exc)) is not None:
+            log.info("statement cancelled by the database's %s: %s", timeout, exc)
+            return await _api(
+                request,
+                ServiceUnavailable(
+                    f"the database cancelled a statement ({timeout}); nothing was written; "
+                    "retry the request (captures are idempotent)"
+                ),
+            )
         if not connection_lost(exc):
             raise exc  # on to the last-resort handler: a 500, logged
         log.info("database connection lost: %s: %s", type(exc).__name__, exc)
