@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: race test test-fast lint load bench baseline clean
+.PHONY: race test test-fast lint load bench chaos baseline clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "payrace needs Python 3.11+; set PYTHON=python3.11 (found " + sys.version.split()[0] + ")")'
@@ -36,6 +36,10 @@ load: $(STAMP)
 # What the service and the harness cost on this machine (docs/benchmarks.md): a few minutes.
 bench: $(STAMP)
 	$(BIN)/payrace bench
+
+# Every fault of the nemesis on for_update and naive; rewrites the README's chaos table.
+chaos: $(STAMP)
+	$(BIN)/payrace chaos --readme README.md
 
 # The figures `--gate 'lock_p99_ms<=1.5*baseline'` compares with (README "Gates in CI"): run it
 # on the runner class that will be gated and commit the file; written only when the run is valid.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,9 +36,10 @@ class MarkedRun:
 
 
 @contextlib.contextmanager
-def marked_run(out: Path) -> Iterator[MarkedRun]:
+def marked_run(out: Path, *, background: bool = False) -> Iterator[MarkedRun]:
     """Start the run, wait until its service and its embedded PostgreSQL are up and trials
-    are going, yield; afterwards kill whatever is left, so a failing test leaks nothing."""
+    are going, yield; afterwards kill whatever is left, so a failing test leaks nothing.
+    `background`: started as a shell starts `payrace run &`, with SIGINT ignored."""
     marker = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k not in ("PAYRACE_DSN", "PAYRACE_DATABASE_URL")}
     env[MARKER] = marker
@@ -45,6 +47,7 @@ def marked_run(out: Path) -> Iterator[MarkedRun]:
         [sys.executable, "-m", "payrace.harness.cli", "run", "--target", "http", "--trials", "5000",
          "--quiet", "--out", str(out)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_ignore_sigint if background else None,
     )  # fmt: skip
     run = MarkedRun(proc, marker)
     try:
@@ -71,6 +74,10 @@ def marked_run(out: Path) -> Iterator[MarkedRun]:
             if pipe is not None:
                 pipe.close()
         proc.wait(timeout=10)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def cmdline(p: psutil.Process) -> str:

@@ -14,6 +14,8 @@
                       service described by a target profile (payrace.harness.load.launch)
     payrace gateway   a fake Razorpay on loopback, for a target started by hand
     payrace bench     what the service and the harness cost here (payrace.harness.bench.run)
+    payrace chaos     every fault of the nemesis on for_update and naive, >= 2,000 payments
+                      each (payrace.harness.runner.chaos); exits as `race` does
 
 Reports go to reports/<run>/: history.jsonl, summary.json, junit.xml, report.html.
 """
@@ -26,7 +28,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -55,11 +57,13 @@ from payrace.harness.model.verdict import (
     against_declared,
     found_word,
 )
+from payrace.harness.reports import chaos as chaos_report
 from payrace.harness.reports.compare import build_markdown as compare_markdown
 from payrace.harness.reports.compare import render_table as render_compare_table
 from payrace.harness.reports.compare import write_html as write_compare_html
 from payrace.harness.reports.console import render_console, render_reports_line
 from payrace.harness.reports.writers import claim_run_dir, write_all
+from payrace.harness.runner import chaos
 from payrace.harness.runner.compare import COMPARE_MODES, DEFAULT_MODES
 from payrace.harness.runner.compare import merge as compare_merge
 from payrace.harness.runner.config import Gate, Mode, RunConfig
@@ -169,8 +173,15 @@ def execute(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
 
 
 def _guarded(config: RunConfig, quiet: bool = False) -> dict[str, Any]:
-    try:
+    with _exit_on_errors():
         return _collect(config, quiet=quiet)
+
+
+@contextlib.contextmanager
+def _exit_on_errors() -> Iterator[None]:
+    """A usage, provider or infrastructure error is exit 2 with its message; Ctrl-C 130."""
+    try:
+        yield
     except UsageError as exc:
         raise _fail(str(exc)) from None
     except ProviderError as exc:
@@ -286,6 +297,14 @@ def run_command(
             "(default 2; 15 for --target URL, whose pool stays open)"
         ),
     ] = None,
+    reconcile_s: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds the target may take after the trials to reconcile captures the "
+            "gateway made that its database does not show, before the verdict (waits only "
+            "while one is pending; default 10, 60 for --target URL; 0: judge at once)"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help=QUIET_HELP)] = False,
 ) -> None:
     # The help is RUN_HELP: it lists every fault of the nemesis registry.
@@ -325,6 +344,7 @@ def run_command(
             nemesis=nemesis,
             expect=expect,
             settle_s=settle_s,
+            reconcile_s=reconcile_s,
             command=shlex.join(["payrace", *sys.argv[1:]]),
         )
         config.validate()
@@ -432,6 +452,73 @@ def _race_summary(run_id: str, summaries: list[tuple[str, dict[str, Any]]]) -> d
         "gates": [],
     }
     return against_declared(strategies).stamp(merged)
+
+
+@app.command("chaos")
+def chaos_command(
+    payments: Annotated[
+        int, typer.Option(help="payments per strategy over the whole campaign (split by fault)")
+    ] = chaos.MIN_PAYMENTS,
+    readme: Annotated[
+        Path | None,
+        typer.Option(help="rewrite the table between this file's payrace-chaos markers"),
+    ] = None,
+    dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
+    out: Annotated[Path, typer.Option()] = Path("reports"),
+    seed: Annotated[int, typer.Option()] = 1,
+    durable: Annotated[bool, typer.Option(help="keep fsync/synchronous_commit on")] = False,
+    quiet: Annotated[bool, typer.Option(help=QUIET_HELP)] = False,
+) -> None:
+    """Every fault of the nemesis, one run each, on for_update (every invariant must hold) and
+    naive (must be caught); exit 0 iff both are as declared under every fault."""
+    command = shlex.join(["payrace", *sys.argv[1:]])
+    run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-chaos"
+    try:
+        if payments < 1 or payments > 1_000_000:
+            raise UsageError("--payments must be between 1 and 1000000")
+        if readme is not None:
+            chaos_report.check_readme(readme)
+        base = RunConfig(dsn=dsn, seed=seed, out_dir=out, durable=durable, command=command,
+                         run_id=run_id)  # fmt: skip
+        steps = chaos.plan(base, payments)
+    except UsageError as exc:
+        raise _fail(str(exc)) from None
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    )
+    tasks = {
+        (step.fault, s): progress.add_task(f"{s} · {step.config.nemesis}", total=step.config.trials)
+        for step in steps
+        for s in step.config.strategies
+    }
+    runs: list[tuple[chaos.Step, dict[str, Any]]] = []
+    with _exit_on_errors(), progress:
+        for step in steps:
+
+            def advance(strategy: str, fault: str = step.fault) -> None:
+                progress.advance(tasks[(fault, strategy)])
+
+            runs.append((step, asyncio.run(run(step.config, on_trial=advance,
+                                               announce=lambda line: None))))  # fmt: skip
+    summary = chaos.merge(run_id, runs)
+    summary["command"] = redact(command)
+    run_dir = _write(summary, out)
+    (run_dir / "chaos.md").write_text(chaos_report.markdown(summary) + "\n", encoding="utf-8")
+    chaos_report.render_table(summary, console)
+    if readme is not None:
+        chaos_report.rewrite_readme(readme, summary)
+        console.print(f"table written to {readme}", highlight=False)
+    outcome = RunOutcome.of(summary)
+    for reason in outcome.reasons:
+        err.print(f"[bold red]{escape(reason)}[/]")
+    console.print(f"verdict: {outcome.line()}", highlight=False)
+    render_reports_line(console, run_dir)
+    raise typer.Exit(outcome.exit_code)
 
 
 @app.command("compare")

@@ -134,6 +134,22 @@ class Runtime:
             return bool(row.scalar_one())
 
 
+CREATE_ORDER = text(
+    """
+    WITH o AS (
+        INSERT INTO orders (gateway_order_id, amount, currency, status)
+        VALUES (:gw, :amount, :currency, 'created') RETURNING id
+    ), p AS (
+        INSERT INTO payments (order_id, amount, currency, status)
+        SELECT id, :amount, :currency, 'pending' FROM o RETURNING id, order_id
+    )
+    INSERT INTO invoices (order_id, payment_id, amount, amount_paid, status)
+    SELECT order_id, id, :amount, 0, 'issued' FROM p
+    RETURNING order_id, payment_id
+    """
+)
+
+
 def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
@@ -220,38 +236,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
 
     @app.post("/orders", status_code=201, responses=errors(400, 413, 422, 502, 503))
-    async def create_order(body: OrderIn, rt: RuntimeDep, session: SessionDep) -> dict[str, Any]:
+    async def create_order(body: OrderIn, rt: RuntimeDep) -> dict[str, Any]:
         try:
             gw = await rt.gateway.create_order(
                 body.amount, body.currency, f"rcpt_{uuid.uuid4().hex[:16]}"
             )
         except GatewayError as exc:
             raise GatewayFailed(str(exc)) from exc
-        async with session.begin():
-            order = Order(
-                gateway_order_id=gw["id"],
-                amount=body.amount,
-                currency=body.currency,
-                status="created",
-            )
-            session.add(order)
-            await session.flush()
-            payment = Payment(
-                order_id=order.id, amount=body.amount, currency=body.currency, status="pending"
-            )
-            session.add(payment)
-            await session.flush()
-            session.add(
-                Invoice(
-                    order_id=order.id, payment_id=payment.id, amount=body.amount, status="issued"
+        # One statement in autocommit, one round trip: the order, its payment and its invoice
+        # are written together or not at all, and no transaction stays open between
+        # statements for a killed backend (a failover, kill-backends) to take with it.
+        async with rt.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            row = (
+                await conn.execute(
+                    CREATE_ORDER,
+                    {"gw": gw["id"], "amount": body.amount, "currency": body.currency},
                 )
-            )
+            ).one()
         return {
-            "order_id": order.id,
-            "payment_id": payment.id,
-            "gateway_order_id": order.gateway_order_id,
-            "amount": order.amount,
-            "currency": order.currency,
+            "order_id": row.order_id,
+            "payment_id": row.payment_id,
+            "gateway_order_id": gw["id"],
+            "amount": body.amount,
+            "currency": body.currency,
         }
 
     @app.get("/payments/{payment_id}", responses=errors(404, 422, 503))

@@ -8,6 +8,7 @@
     ├── GatewayFailed   502: the gateway failed or refused; nothing was written
     └── ServiceUnavailable  503: the database connection was lost (backend killed, server
                             restarting); its transaction rolled back, retrying is safe
+timed_out()        was the statement cancelled by lock_timeout / statement_timeout (a 503)
 connection_lost()  is this error a lost or refused database connection: SQLAlchemy's wrapped
                    57P01-3 / class 08 / asyncpg ConnectionDoesNotExistError / InterfaceError
                    "connection is closed", or what a new connection raises unwrapped while
@@ -27,7 +28,12 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from asyncpg.exceptions import ConnectionDoesNotExistError, InterfaceError, PostgresError
+from asyncpg.exceptions import (
+    ConnectionDoesNotExistError,
+    InterfaceError,
+    InternalClientError,
+    PostgresError,
+)
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -85,6 +91,24 @@ def unavailable(attempts: int | None = None) -> ServiceUnavailable:
     )
 
 
+# A statement PostgreSQL gave up on: lock_timeout (55P03) or statement_timeout (57014). Its
+# transaction rolled back, so the request wrote nothing and can be sent again: a 503 with
+# Retry-After, as for an outage, never a 500. (FOR UPDATE NOWAIT's 55P03 never gets here: the
+# nowait strategy answers it as a 409 itself.)
+_TIMED_OUT_SQLSTATES = {"55P03": "lock_timeout", "57014": "statement_timeout"}
+
+
+def timed_out(exc: BaseException) -> str | None:
+    """Which of the database's timeouts cancelled the statement, or None."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    for cause in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        state = getattr(cause, "sqlstate", None)
+        if isinstance(state, str) and state in _TIMED_OUT_SQLSTATES:
+            return _TIMED_OUT_SQLSTATES[state]
+    return None
+
+
 # SQLSTATEs of a connection PostgreSQL ended: pg_terminate_backend() is 57P01, a restarting
 # server 57P02 / 57P03; class 08 is every "connection exception".
 _CONNECTION_LOST_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
@@ -117,6 +141,12 @@ def _lost(cause: BaseException | None) -> bool:
     # Other InterfaceErrors ("another operation is in progress") are bugs, not faults.
     if isinstance(cause, InterfaceError):
         return "connection is closed" in str(cause)
+    # asyncpg's protocol left mid-error by a backend terminated under it ("cannot switch to
+    # state 11; another operation (2) is in progress": the FATAL was still being consumed).
+    # Seen when a new connection's first statement (SQLAlchemy's dialect initialisation) is
+    # killed; that connection is never pooled, and its request is a retryable 503.
+    if isinstance(cause, InternalClientError):
+        return "another operation" in str(cause)
     # OSError: FileNotFoundError (Unix socket gone), ConnectionRefusedError, TimeoutError ...
     return isinstance(cause, ConnectionDoesNotExistError | OSError)
 
@@ -175,6 +205,15 @@ def install_handlers(app: FastAPI) -> None:
         return ErrorJSON(exc.body(), status_code=exc.status, headers=headers)
 
     async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if (timeout := timed_out(exc)) is not None:
+            log.info("statement cancelled by the database's %s: %s", timeout, exc)
+            return await _api(
+                request,
+                ServiceUnavailable(
+                    f"the database cancelled a statement ({timeout}); nothing was written; "
+                    "retry the request (captures are idempotent)"
+                ),
+            )
         if not connection_lost(exc):
             raise exc  # on to the last-resort handler: a 500, logged
         log.info("database connection lost: %s: %s", type(exc).__name__, exc)

@@ -190,6 +190,18 @@ def test_an_interrupted_run_stops_everything_it_started(
         assert run.clusters and cleared(run.clusters, within_s=0)
 
 
+@pytest.mark.slow
+def test_ctrl_c_reaches_a_run_started_as_a_background_job(tmp_path: Path) -> None:
+    """Issue 11, finding 11: a shell starts `payrace run &` with SIGINT ignored, and the
+    interrupt was lost; payrace takes SIGINT back, stops everything and exits 130."""
+    with marked_run(tmp_path, background=True) as run:
+        run.proc.send_signal(signal.SIGINT)
+        _, stderr = run.proc.communicate(timeout=90)
+        assert run.proc.returncode == 130, stderr
+        assert "Traceback" not in stderr
+        assert all(gone(p.pid) for p in run.started), [cmdline(p) for p in run.started]
+
+
 def test_explore_with_an_app_that_cannot_be_imported_exits_2(pg: Database, tmp_path: Path) -> None:
     profile = Path(__file__).resolve().parents[2] / "examples" / "starlette_shop" / "payrace.toml"
     done = payrace(

@@ -126,6 +126,8 @@ async def test_create_order_when_the_gateway_is_unreachable_is_502(pg: Database)
     async with Service(service_settings(pg, "http://127.0.0.1:1")) as svc:
         response = await svc.client.post("/orders", json={"amount": 50000, "currency": "INR"})
     assert_error(response, 502, "gateway_error")
+    # Issue 11, finding 10: the answer never says where the gateway lives inside.
+    assert "127.0.0.1" not in response.text and ":1" not in response.text, response.text
 
 
 async def test_get_payment_reports_pending_then_captured(

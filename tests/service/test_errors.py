@@ -17,6 +17,9 @@ from asyncpg.exceptions import (
     CannotConnectNowError,
     ConnectionDoesNotExistError,
     InterfaceError,
+    InternalClientError,
+    LockNotAvailableError,
+    QueryCanceledError,
     UniqueViolationError,
 )
 from conftest import Service, service_settings
@@ -37,6 +40,7 @@ from payrace.service.errors import (
     connection_lost,
     error_response,
     install_handlers,
+    timed_out,
 )
 
 
@@ -198,8 +202,10 @@ def _raised_by_the_driver(exc: BaseException) -> BaseException:
         CannotConnectNowError("the database system is starting up"),
         ConnectionDoesNotExistError("connection was closed in the middle of operation"),
         InterfaceError("cannot call Connection.fetch(): connection is closed"),
+        # A backend killed during a new connection's first statement (kill-backends:0.01).
+        InternalClientError("cannot switch to state 11; another operation (2) is in progress"),
     ],
-    ids=["starting-up", "closed-mid-statement", "closed"],
+    ids=["starting-up", "closed-mid-statement", "closed", "killed-during-first-statement"],
 )
 def test_what_a_dead_or_restarting_server_raises_counts_as_a_lost_connection(
     exc: BaseException,
@@ -348,3 +354,49 @@ async def test_requests_during_a_restart_are_503_or_answered_never_500(
     assert set(statuses) <= {200, 201, 503}, statuses
     assert 503 in statuses
     assert [r.status_code for r in after] == [200, 200, 201, 200, 200], [r.text for r in after]
+
+
+@pytest.mark.parametrize(
+    ("exc", "timeout"),
+    [
+        (LockNotAvailableError("canceling statement due to lock timeout"), "lock_timeout"),
+        (QueryCanceledError("canceling statement due to statement timeout"), "statement_timeout"),
+        (UniqueViolationError("duplicate key"), None),
+    ],
+)
+def test_a_statement_the_databases_timeouts_cancelled_is_named(
+    exc: BaseException, timeout: str | None
+) -> None:
+    assert timed_out(DBAPIError("SELECT 1", None, exc)) == timeout  # type: ignore[arg-type]
+    assert not connection_lost(DBAPIError("SELECT 1", None, exc))  # type: ignore[arg-type]
+
+
+async def test_a_lock_timeout_is_a_503_with_retry_after_that_wrote_nothing(
+    pg: Database, gateway_url: str, fake_gateway: FakeRazorpay
+) -> None:
+    """The lock-timeout nemesis (the target database's lock_timeout): a capture that waits
+    longer for the payment's lock was a 500; it is a retryable 503, nothing written, and the
+    retry after the lock is free captures."""
+    with provide_postgres(pg.url) as database:
+        with psycopg.connect(database.url, autocommit=True) as admin:
+            name = admin.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+            admin.execute(f'ALTER DATABASE "{name}" SET lock_timeout = 100')
+        settings = service_settings(database, gateway_url, reconcile_interval_s=0)
+        async with Service(settings) as svc:
+            order = (await svc.client.post("/orders", json={"amount": 50000})).json()
+            payment = fake_gateway.authorize_payment(order["gateway_order_id"])
+            with psycopg.connect(database.url) as holder:
+                holder.execute(
+                    "SELECT 1 FROM payments WHERE id = %s FOR UPDATE", (order["payment_id"],)
+                )
+                body = client_callback(order["gateway_order_id"], payment["id"], KEYS.key_secret)
+                body["internal_payment_id"] = order["payment_id"]
+                held = await svc.client.post("/payments/verify", json=body)
+                holder.rollback()
+            after = await svc.client.post("/payments/verify", json=body)
+    assert held.status_code == 503, held.text
+    assert held.headers["retry-after"] == "1"
+    error = held.json()["error"]
+    assert error["code"] == "database_unavailable" and "lock_timeout" in error["message"]
+    assert fake_gateway.counters()["captures"].get(payment["id"], 0) == 1  # the retry's only
+    assert after.status_code == 200 and after.json()["status"] == "captured", after.text

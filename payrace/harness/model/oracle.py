@@ -5,6 +5,7 @@
     uninstall()    drops the triggers and the schema
     baseline()     before a run: last audit id and the deadlock counter  -> Baseline
     observe()      after a run, scoped to its payments                   -> Observation
+    statuses()     the payments' statuses now (runner.reconcile polls it while it waits)
     ├── audit       AuditRow per INSERT / UPDATE / DELETE since the baseline
     ├── payments    PaymentState: final status of each payment, its invoice and its order
     ├── gateway_*   the fake gateway's capture calls per gateway payment id
@@ -495,6 +496,14 @@ def observe(
         # An older gateway's counters have no "captured": not observed, not "never captured".
         gateway_observed=gateway_counters is not None and "captured" in gateway_counters,
     )
+
+
+@_survives_restarts
+def statuses(url: str, config: OracleConfig, payment_ids: Collection[int]) -> dict[int, str | None]:
+    """Each payment's status in the target's database now (a payment with no row: absent)."""
+    with _connect(url) as conn:
+        states = _payment_states(conn, config, sorted(int(p) for p in payment_ids))
+    return {p: s.status for p, s in states.items()}
 
 
 def _audit_rows(

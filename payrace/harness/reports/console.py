@@ -113,6 +113,8 @@ def render_console(
             console.print(Text(f"{name}: {faults}", style="cyan"))
         for blind in strategy.get("not_seen") or []:  # what the run could not see
             console.print(Text(f"{name}: not seen: {blind}", style="yellow"))
+        if waited := reconciliation_line(strategy.get("reconciliation")):
+            console.print(Text(f"{name}: {waited}", style="dim"))
 
     for name, strategy in strategies.items():
         events = violation_events(strategy)
@@ -156,3 +158,16 @@ def render_console(
 def render_reports_line(console: Console, out_dir: Path) -> None:
     """The last line of every command that writes reports, also with --quiet."""
     console.print(Text(f"reports: {out_dir}"))
+
+
+def reconciliation_line(waited: dict[str, Any] | None) -> str:
+    """What the run waited for before judging (runner.reconcile); empty when nothing was
+    pending when the trials ended."""
+    if not waited or not waited.get("pending_before"):
+        return ""
+    before, after = waited["pending_before"], waited["pending_after"]
+    return (
+        f"reconciliation: {before} payment(s) captured at the gateway but not in the database "
+        f"when the trials ended; {before - after} reconciled, {after} left after "
+        f"{waited['waited_s']:.1f} s of a {waited['window_s']:g} s window ({waited['how']})"
+    )

@@ -83,6 +83,9 @@ class RunConfig:
     # when payrace stopped the target (its backends flush on exit); for a running target,
     # whose pool stays open, long enough for idle backends to flush (oracle module docstring).
     settle_s: float | None = None
+    # How long, at most, the target gets after the trials to reconcile captures the gateway
+    # made that its database does not show (runner.reconcile). None: its default window.
+    reconcile_s: float | None = None
     _profile: Profile | None = field(default=None, init=False, repr=False, compare=False)
     _baseline: Baseline | None = field(default=None, init=False, repr=False, compare=False)
     # Forced mode: "locks" (the harness's row locks in the target's database and its gateway
@@ -211,6 +214,13 @@ class RunConfig:
             raise UsageError(f"--expect must be valid or violated, got {self.expect!r}")
         if self.settle_s is not None and not 0 <= self.settle_s <= 600:
             raise UsageError("--settle-s must be between 0 and 600 seconds")
+        if self.reconcile_s is not None and not (
+            math.isfinite(self.reconcile_s) and 0 <= self.reconcile_s <= 3600
+        ):
+            raise UsageError(
+                f"--reconcile-s must be between 0 and 3600 seconds (0: judge without waiting "
+                f"for the target to reconcile), got {self.reconcile_s!r}"
+            )
         if self.nemesis is not None:
             try:
                 faults = parse_spec(self.nemesis)

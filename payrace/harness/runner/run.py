@@ -7,6 +7,9 @@
                      deadlock is a violating trial; the lock sampler's cycles and the
                      deadlock counter reach the oracle here), with how many trials forced
                      mode forced ("forced": by, trials, forced, timeouts)
+    (between the two, while the target still runs: runner.reconcile gives it a bounded
+    chance to reconcile captures the gateway made that its database does not show; the
+    strategy's summary says what was waited for, as "reconciliation")
     summary_of()     judged strategies -> the summary: gates, verdict, exit code
     write_history()  history.jsonl: every strategy's operations
 
@@ -50,6 +53,7 @@ from payrace.harness.reports.timeline import (
     since,
 )
 from payrace.harness.runner.config import RunConfig, oracle_config
+from payrace.harness.runner.reconcile import Reconciler, Waited, await_reconciled
 from payrace.harness.runner.target import start_target
 from payrace.harness.runner.trials import StrategyRun, TrialOutcome, fire_trials
 from payrace.postgres import DsnError, libpq_url
@@ -321,10 +325,10 @@ async def run(
                     pool,
                     lambda s=strategy: on_trial(s),  # type: ignore[misc]
                 )
-                if fired.nemesis is not None:
-                    # The reference service's sweep, before the oracle judges (runner.target).
-                    fired.nemesis["reconciled"] = await target.reconcile()
+                waited = await _reconciled(config, fired, target.reconciler, gateway, oracle_url)
             results[strategy] = await judge(config, fired, gateway, oracle_url)
+            if waited is not None:
+                results[strategy]["reconciliation"] = waited.to_json()
     return summary_of(
         config,
         results,
@@ -332,6 +336,21 @@ async def run(
         started_at=started_at,
         duration_s=time.perf_counter() - started,
     )
+
+
+async def _reconciled(
+    config: RunConfig,
+    fired: StrategyRun,
+    reconciler: Reconciler,
+    gateway: GatewayControl,
+    oracle_url: str,
+) -> Waited | None:
+    """The target's chance to reconcile before it is judged; None when there is no target
+    left to reconcile anything (it stopped answering)."""
+    if fired.target_stopped is not None:
+        return None
+    payments = {o.payment_id: o.gateway_payment_id for o in fired.outcomes.values()}
+    return await await_reconciled(config, reconciler, gateway, oracle_url, payments)
 
 
 def summary_of(

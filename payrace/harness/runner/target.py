@@ -1,39 +1,33 @@
 """The target a strategy's trials run against, started and stopped around them.
 
-Target         a started target: its client, and whether it runs in this process; what
+Target         a started target: its client, whether it runs in this process, how it
+               reconciles a capture whose answer was lost (runner.reconcile), and what
                payrace owns of it (the database server, the service process) for the
-               nemeses that restart them; reconcile(), the reference service's own sweep
+               nemeses that restart them
 start_target() `inproc` (the reference service in this event loop), `http` (the reference
                service in its own uvicorn process) or a running service's URL
 
-Under a nemesis the reference service payrace starts sweeps its capture intents soon after
-the trials (reconcile()), instead of RECONCILE_AFTER_S into its life: a capture the gateway
-took whose every attempt died (a killed backend, a restart) is then recorded before the
-oracle judges, as the sweeper would record it in production.
+A capture the gateway took whose every attempt died (a killed backend, a restart) is
+recorded by the service's reconciler; runner.reconcile gives it its chance before the oracle
+judges.
 """
 
 from __future__ import annotations
 
-import asyncio
-import re
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from payrace.harness.infra.processes import ServiceProcess, service_env
 from payrace.harness.infra.provider import Cluster, Database
 from payrace.harness.model.client import AsgiClient, Client, HttpClient
 from payrace.harness.model.profile import Hook, Profile
 from payrace.harness.runner.config import RunConfig
-from payrace.service.app import create_app
+from payrace.harness.runner.reconcile import HTTP_SWEEP, Reconciler
+from payrace.service.app import Runtime, create_app
 from payrace.service.errors import connection_lost
 from payrace.service.reconcile import reconcile_once
 from payrace.service.settings import Settings
-
-# The uvicorn service's sweeper under a nemesis: every RECONCILE_INTERVAL_S, for intents older
-# than RECONCILE_AFTER_S (a request in flight is never swept from under itself).
-RECONCILE_INTERVAL_S = 0.25
-RECONCILE_AFTER_S = 1.0
 
 
 class Target:
@@ -49,7 +43,7 @@ class Target:
         profile: Profile | None = None,
         cluster: Cluster | None = None,
         process: ServiceProcess | None = None,
-        reconcile: Callable[[], Awaitable[int | None]] | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.name = name
         self.client = client
@@ -58,18 +52,53 @@ class Target:
         self.hook: Hook | None = self.profile.before_send()
         self.cluster = cluster  # the PostgreSQL server payrace started, if it can restart it
         self.process = process  # the service process payrace started (--target http)
-        self._reconcile = reconcile
         # Awaited before a trial starts: a nemesis that restarts a part sets it (trials).
         self.steady: Callable[[], Awaitable[None]] = _at_once
-
-    async def reconcile(self) -> int | None:
-        """The reference service's capture-intent sweep, now: how many payments it recorded
-        captured (None when that is not known: a running target sweeps on its own)."""
-        return None if self._reconcile is None else await self._reconcile()
+        self.reconciler = reconciler or Reconciler(
+            "polling the target's database: its own reconciliation, if it has one"
+        )
 
 
 async def _at_once() -> None:
     return None
+
+
+def _in_process_reconciler(runtime: Runtime) -> Reconciler:
+    """The reference service's sweep, run by the harness now rather than on its timer; none
+    when RECONCILE_INTERVAL_S=0 turned the service's reconciler off."""
+    if runtime.settings.reconcile_interval_s <= 0:
+        return Reconciler("polling only: the service's reconciler is off (RECONCILE_INTERVAL_S=0)")
+
+    async def sweep() -> bool:
+        # On the sweeper's own unpooled connections, as its timer would: the pools may still
+        # hold connections a nemesis killed (the capture path retries those).
+        for attempt in range(1, 4):
+            try:
+                report = await reconcile_once(
+                    runtime.runner, older_than_s=0, bookkeeping=runtime.sweeper.bookkeeping
+                )
+                break
+            except Exception as exc:
+                if attempt == 3 or not connection_lost(exc):
+                    raise
+        # Another sweep can help after an error (it may clear) or a capture (a sweep takes a
+        # batch of intents at a time); after neither it would find what this one found.
+        return bool(report.errors or report.captured)
+
+    return Reconciler("the service's reconcile sweep, run in-process (reconcile_once)", sweep)
+
+
+def _http_sweep() -> tuple[dict[str, str], Reconciler]:
+    """The sweeper settings of the service payrace starts: HTTP_SWEEP, each unless the
+    environment sets it (RECONCILE_INTERVAL_S=0 keeps the reconciler off)."""
+    env = {k: v for k, v in HTTP_SWEEP.items() if k not in os.environ}
+    settings = {k: os.environ.get(k, v) for k, v in HTTP_SWEEP.items()}
+    if float(settings["RECONCILE_INTERVAL_S"]) <= 0:
+        how = "polling only: the service's reconciler is off (RECONCILE_INTERVAL_S=0)"
+    else:
+        how = "the service's own sweeper (" + ", ".join(f"{k}={v}" for k, v in settings.items())
+        how += ")"
+    return env, Reconciler(how)
 
 
 @asynccontextmanager
@@ -96,20 +125,6 @@ async def start_target(
         await runtime.startup()
         client = AsgiClient(app)
 
-        async def sweep() -> int:
-            # On the sweeper's own unpooled connections, as its timer would: the pools may
-            # still hold connections the nemesis killed (the capture path retries those).
-            for attempt in range(1, 4):
-                try:
-                    swept = await reconcile_once(
-                        runtime.runner, older_than_s=0, bookkeeping=runtime.sweeper.bookkeeping
-                    )
-                    return len(swept.captured)
-                except Exception as exc:
-                    if attempt == 3 or not connection_lost(exc):
-                        raise
-            raise AssertionError("unreachable")  # pragma: no cover
-
         try:
             yield Target(
                 strategy,
@@ -117,7 +132,7 @@ async def start_target(
                 in_process=True,
                 profile=profile,
                 cluster=db.cluster,
-                reconcile=sweep if config.nemesis else None,
+                reconciler=_in_process_reconciler(runtime),
             )
         finally:
             await client.aclose()
@@ -136,19 +151,12 @@ async def start_target(
             isolation_level=config.isolation,
             pool_size=max(10, config.concurrency * 4),
         )
-        if config.nemesis:
-            env["RECONCILE_INTERVAL_S"] = str(RECONCILE_INTERVAL_S)
-            env["RECONCILE_AFTER_S"] = str(RECONCILE_AFTER_S)
+        sweep_env, reconciler = _http_sweep()
+        env.update(sweep_env)
         log = config.out_dir / config.run_id / f"service-{strategy}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with ServiceProcess(env, log_path=log) as proc:
             http = HttpClient(proc.url)
-
-            async def swept() -> int:
-                # Long enough for a sweep to find every intent due; the service logs each
-                # payment it records (payrace.service.reconcile).
-                await asyncio.sleep(RECONCILE_AFTER_S + 2 * RECONCILE_INTERVAL_S + 0.25)
-                return _reconciled_in(log)
 
             try:
                 yield Target(
@@ -158,7 +166,7 @@ async def start_target(
                     profile=profile,
                     cluster=db.cluster,
                     process=proc,
-                    reconcile=swept if config.nemesis else None,
+                    reconciler=reconciler,
                 )
             finally:
                 await http.aclose()
@@ -169,15 +177,3 @@ async def start_target(
         yield Target(strategy, http, in_process=False, profile=profile)
     finally:
         await http.aclose()
-
-
-_RECONCILED = re.compile(r"reconciled payment (\d+)")
-
-
-def _reconciled_in(log: Path) -> int:
-    """Payments the service's sweeper recorded captured, from its log (one line each)."""
-    try:
-        text = log.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return 0
-    return len(set(_RECONCILED.findall(text)))

@@ -442,11 +442,14 @@ async def _redeliver(
 
 
 async def _create_order(
-    target: Target, gateway: GatewayControl, amount: int, attempts: int = 5
+    target: Target, gateway: GatewayControl, amount: int, attempts: int = 40
 ) -> dict[str, Any]:
     """The profile's create-order request, again after a 503 database_unavailable (a killed
     backend under the nemesis): the answer says to retry, and the order is setup, not the race
-    under test. With `by = "payrace"` the order is created at the fake gateway first."""
+    under test. With `by = "payrace"` the order is created at the fake gateway first. Many
+    quick attempts (at most 50 ms apart, about 2 s of pauses in all): a backend killed every
+    10 ms (kill-backends:0.01) kills most order transactions, while a database that is down
+    must not park every trial for long."""
     gateway_order_id = None
     if target.profile.create_order.by == "payrace":
         order = await asyncio.to_thread(gateway.create_order, amount, "INR")
@@ -461,7 +464,7 @@ async def _create_order(
             if attempt == attempts or not outage:
                 raise
             await target.steady()  # a restart the nemesis made: wait until it is back
-            await asyncio.sleep(0.01 * attempt)
+            await asyncio.sleep(min(0.01 * attempt, 0.05))
     raise AssertionError("unreachable")  # pragma: no cover
 
 

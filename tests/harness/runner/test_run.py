@@ -225,6 +225,19 @@ async def test_a_target_that_is_down_is_a_usage_error(
         await run(config, announce=lambda line: None)
 
 
+async def test_a_gateway_url_where_nothing_answers_is_a_usage_error_naming_it(
+    pg: Database, gateway_url: str, tmp_path: Path
+) -> None:
+    """Issue 11, finding 9: an unreachable --gateway-url exited 2 without naming it. The
+    session's fake gateway stands in for a target that answers."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = _target(pg, dead, gateway_url, out_dir=tmp_path)
+    with pytest.raises(
+        UsageError, match=rf"nothing answers at --gateway-url {dead} .*payrace gateway"
+    ):
+        await run(config, announce=lambda line: None)
+
+
 @pytest.mark.slow
 async def test_a_target_with_another_webhook_secret_is_a_usage_error_not_a_bug(
     pg: Database, gateway_url: str, tmp_path: Path
