@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -508,6 +509,13 @@ def chaos_command(
     summary = chaos.merge(run_id, runs)
     summary["command"] = redact(command)
     run_dir = _write(summary, out)
+    for step, _ in runs:
+        # What a step's run wrote of its own (the log of a service it started) goes inside the
+        # campaign's directory: one directory per campaign in reports/.
+        written = out / step.config.run_id
+        if written.is_dir() and written != run_dir:
+            (run_dir / "faults").mkdir(exist_ok=True)
+            shutil.move(written, run_dir / "faults" / step.fault)
     (run_dir / "chaos.md").write_text(chaos_report.markdown(summary) + "\n", encoding="utf-8")
     chaos_report.render_table(summary, console)
     if readme is not None:

@@ -371,12 +371,13 @@ def test_a_statement_the_databases_timeouts_cancelled_is_named(
     assert not connection_lost(DBAPIError("SELECT 1", None, exc))  # type: ignore[arg-type]
 
 
-async def test_a_lock_timeout_is_a_503_with_retry_after_that_wrote_nothing(
+async def test_a_lock_timeout_is_a_retryable_409_that_wrote_nothing(
     pg: Database, gateway_url: str, fake_gateway: FakeRazorpay
 ) -> None:
     """The lock-timeout nemesis (the target database's lock_timeout): a capture that waits
-    longer for the payment's lock was a 500; it is a retryable 503, nothing written, and the
-    retry after the lock is free captures."""
+    longer for the payment's lock was a 500; the capture path retries it, then answers a
+    retryable 409 naming the timeout, nothing written, and the retry after the lock is free
+    captures."""
     with provide_postgres(pg.url) as database:
         with psycopg.connect(database.url, autocommit=True) as admin:
             name = admin.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
@@ -394,9 +395,9 @@ async def test_a_lock_timeout_is_a_503_with_retry_after_that_wrote_nothing(
                 held = await svc.client.post("/payments/verify", json=body)
                 holder.rollback()
             after = await svc.client.post("/payments/verify", json=body)
-    assert held.status_code == 503, held.text
+    assert held.status_code == 409, held.text
     assert held.headers["retry-after"] == "1"
     error = held.json()["error"]
-    assert error["code"] == "database_unavailable" and "lock_timeout" in error["message"]
+    assert error["code"] == "retry_later" and "lock_timeout" in error["message"]
     assert fake_gateway.counters()["captures"].get(payment["id"], 0) == 1  # the retry's only
     assert after.status_code == 200 and after.json()["status"] == "captured", after.text

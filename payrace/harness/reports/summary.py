@@ -189,8 +189,6 @@ def nemesis_line(strategy: Mapping[str, Any]) -> str:
                     f"{number(done.get('down_s_max'), 2)} s")  # fmt: skip
     if n.get("timeouts"):
         said.append(", ".join(f"{k} {v} ms" for k, v in n["timeouts"].items()))
-    if n.get("reconciled"):
-        said.append(f"{n['reconciled']} capture(s) recorded by the reconciler")
     faults = ", ".join(n.get("faults") or [])
     return f"nemesis {faults}: " + ("; ".join(said) or "nothing injected")
 

@@ -2,8 +2,8 @@
 
     STRATEGIES      for_update (declared valid: every invariant must hold under every fault)
                     and naive (declared violated: the campaign must still catch it)
-    parameter()     the strength a fault is injected at: CAMPAIGN_PARAMETERS, else derived
-                    from the registry's unit and range (a fault added later is included)
+    parameter()     the strength a fault is injected at: CAMPAIGN_PARAMETERS, else the
+                    registry's example value (a fault added later is included)
     plan()          one RunConfig per fault of model.nemesis.FAULTS, the payments split so
                     every strategy gets at least `payments` in all
     merge()         the runs' summaries -> one summary, a strategy per (strategy, fault)
@@ -43,14 +43,13 @@ CAMPAIGN_PARAMETERS: dict[str, float] = {
     "lock-timeout": 50.0,
     "statement-timeout": 200.0,
 }
-# A fault the table above does not know yet: a value by its unit, kept within its range.
-BY_UNIT = {"RATE": 0.2, "MS": 50.0, "SECONDS": 1.0}
+# A fault the table above does not know: the registry's example value, kept within its range.
 
 
 def parameter(name: str) -> float:
     """The value `name` is injected at in the campaign."""
     param = FAULTS[name]
-    value = CAMPAIGN_PARAMETERS.get(name, BY_UNIT.get(param.unit, param.low))
+    value = CAMPAIGN_PARAMETERS.get(name, param.example)
     return min(max(value, param.low), param.high)
 
 
@@ -84,17 +83,21 @@ def plan(base: RunConfig, payments: int = MIN_PAYMENTS) -> list[Step]:
 
 def _runnable(fault: str, config: RunConfig) -> RunConfig:
     """The config as is when it validates; else against the service in its own process (a
-    fault that needs one); else the in-process refusal, naming the fault."""
-    try:
-        replace(config).validate()
-        return config
-    except UsageError as inproc:
-        over_http = replace(config, target="http")
+    fault that restarts the service needs one); else, for a fault that restarts PostgreSQL,
+    on the embedded server payrace starts and owns (a --dsn server is not payrace's to
+    restart); else the refusal, naming the fault."""
+    candidates = [config, replace(config, target="http")]
+    if FAULTS[fault].needs == "own-postgres" and config.dsn:
+        candidates += [replace(c, dsn=None) for c in candidates]
+    refusal: UsageError | None = None
+    for candidate in candidates:
         try:
-            replace(over_http).validate()
-        except UsageError:
-            raise UsageError(f"fault {fault} cannot run in the campaign: {inproc}") from None
-        return over_http
+            replace(candidate).validate()
+        except UsageError as exc:
+            refusal = refusal or exc
+            continue
+        return candidate
+    raise UsageError(f"fault {fault} cannot run in the campaign: {refusal}")
 
 
 def merge(run_id: str, runs: list[tuple[Step, dict[str, Any]]]) -> dict[str, Any]:

@@ -34,14 +34,26 @@ def test_the_plan_has_a_run_per_registered_fault_and_enough_payments(tmp_path: P
 def test_a_fault_added_to_the_registry_later_is_in_the_campaign(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The campaign reads the registry: a fault it has no parameter for is injected at a
-    value derived from its unit, within its range."""
-    added = nemesis._Param("RATE", 0.0, 0.05, "a fault from another change")
+    """The campaign reads the registry: a fault it has no parameter for is injected at the
+    registry's example value, within its range."""
+    added = nemesis._Param("RATE", 0.0, 0.05, "a fault from another change", 0.2, "gateway")
     monkeypatch.setitem(FAULTS, "brand-new", added)
-    assert chaos.parameter("brand-new") == 0.05  # BY_UNIT's 0.2, clamped into the range
-    steps = chaos.plan(RunConfig(out_dir=tmp_path, run_id="c"), payments=70)
+    assert chaos.parameter("brand-new") == 0.05  # the example's 0.2, clamped into the range
+    steps = chaos.plan(RunConfig(out_dir=tmp_path, run_id="c"), payments=10 * len(FAULTS))
     assert "brand-new" in [s.fault for s in steps]
-    assert all(s.config.trials == 10 for s in steps)  # 70 payments over 7 faults
+    assert all(s.config.trials == 10 for s in steps)  # 10 payments per fault
+
+
+def test_faults_that_restart_what_payrace_owns_run_where_payrace_owns_it(tmp_path: Path) -> None:
+    """A server named by --dsn is not payrace's to restart: restart-postgres runs on the
+    embedded server payrace starts; restart-service on the service in its own process; the
+    other faults keep the campaign's settings."""
+    dsn = "postgresql://postgres@127.0.0.1:5432/postgres"
+    steps = {s.fault: s.config for s in chaos.plan(RunConfig(out_dir=tmp_path, dsn=dsn))}
+    assert steps["restart-postgres"].dsn is None
+    assert steps["restart-service"].target == "http"
+    assert steps["restart-service"].dsn == dsn
+    assert steps["gateway-errors"].dsn == dsn and steps["gateway-errors"].target == "inproc"
 
 
 def test_every_campaign_parameter_is_within_its_faults_range() -> None:
