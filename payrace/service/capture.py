@@ -73,8 +73,8 @@ async def capture(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
                 elif runner.strategy.claim is not None:
                     result = await _claimed_capture(session, runner, cmd, payment, order, memo)
                 else:
-                    await _capture_at_gateway(runner.gateway, cmd, order, memo)
-                    result = await _write_capture(session, runner.strategy, cmd, payment, order)
+                    await _capture_at_gateway(runner, cmd, order, memo)
+                    result = await _write_capture(session, runner, cmd, payment, order)
                 await pause("before_commit")
             clock.committed()
         return result
@@ -88,8 +88,7 @@ async def _lock_payment(
     """Begin, read the payment the strategy's way, dedupe the event, check the command.
 
     Returns (payment, its order, whether the event id is new)."""
-    isolation = runner.strategy.isolation_level or runner.isolation_level
-    conn = await session.connection(execution_options={"isolation_level": isolation})
+    conn = await session.connection(execution_options={"isolation_level": runner.isolation})
     await record_backend(conn)
     await pause("txn_begun")
     read = runner.strategy.read_payment
@@ -118,10 +117,15 @@ class _GatewayMemo:
     when PostgreSQL aborts the transaction (40001 at commit under SERIALIZABLE, a killed
     backend), so the retry must record it, not capture again. A capture the gateway failed
     stays failed too: when the connection dies under the rollback of that attempt, the retry
-    answers the same failure instead of calling the gateway a second time."""
+    answers the same failure instead of calling the gateway a second time.
+
+    At SERIALIZABLE the accepted capture is also committed beside the transaction
+    (command.record_accepted): SSI may roll back the request that holds the payment after
+    the gateway answered, and the next request to win the payment must not ask again."""
 
     captured: bool = False
     failed: GatewayFailed | None = None
+    recorded: bool = False  # the acceptance is committed (at SERIALIZABLE only)
 
 
 async def _claimed_capture(
@@ -146,39 +150,58 @@ async def _claimed_capture(
         return await command.stored_result(
             session, payment, idempotent=True, duplicate_event=not fresh_event
         )
-    await _capture_at_gateway(runner.gateway, cmd, order, memo, paused=True)
+    await _capture_at_gateway(runner, cmd, order, memo, paused=True)
     if isinstance(claimed, CaptureResult):  # the claim wrote payment, invoice and order
         return claimed
-    return await _write_capture(session, runner.strategy, cmd, payment, order)
+    return await _write_capture(session, runner, cmd, payment, order)
 
 
 async def _capture_at_gateway(
-    gateway: GatewayClient,
+    runner: Runner,
     cmd: CaptureCommand,
     order: Order,
     memo: _GatewayMemo,
     *,
     paused: bool = False,
 ) -> None:
-    if not cmd.capture_at_gateway or memo.captured:
+    if not cmd.capture_at_gateway:
+        return
+    # Any statement or the COMMIT of a SERIALIZABLE transaction may fail with 40001, also
+    # after the gateway answered, and the payment's lock or claim goes with it. SSI tracks
+    # reads per index page, so even captures of other payments can cause it.
+    durable = runner.isolation == "SERIALIZABLE"
+    intents = runner.intents or runner.maker
+    if memo.captured:
+        if durable and not memo.recorded:  # the last attempt died before it was committed
+            await command.record_accepted(intents, cmd)
+            memo.recorded = True
         return
     if memo.failed is not None:
         raise memo.failed
     if not paused:
         await pause("gateway_called")
+    # Read with the payment won (its lock or claim held): a request rolled back after the
+    # gateway answered committed that answer first, so it is seen here.
+    if durable and await command.gateway_accepted(intents, cmd):
+        memo.captured = memo.recorded = True
+        return
     try:
-        await gateway.capture(cmd.gateway_payment_id, order.amount, order.currency)
+        await runner.gateway.capture(cmd.gateway_payment_id, order.amount, order.currency)
     except GatewayError as exc:
         code = "gateway_refused" if exc.refused else "gateway_error"
         memo.failed = GatewayFailed(str(exc), code=code)
         raise memo.failed from exc
     memo.captured = True
+    if durable:
+        await command.record_accepted(intents, cmd)
+        memo.recorded = True
 
 
 async def _write_capture(
-    session: AsyncSession, strategy: Strategy, cmd: CaptureCommand, payment: Payment, order: Order
+    session: AsyncSession, runner: Runner, cmd: CaptureCommand, payment: Payment, order: Order
 ) -> CaptureResult:
     """Payment, then invoice, then order: the one lock order every capture takes."""
+    strategy = runner.strategy
     now = datetime.now(UTC)
     payment.status = "captured"
     payment.gateway_payment_id = cmd.gateway_payment_id
@@ -329,7 +352,14 @@ class Runner:
     isolation_level: str
     retries: int  # serialisation failures retried before a 409
     # Where capture intents are committed (payrace.service.reconcile): a pool of its own, as
-    # an outbox writer would have. The intent touches only capture_intents, which no step of
-    # the capture path reads, so it commutes with every step of every other request and is no
-    # schedule choice for `payrace explore`; on the capture pool it would count as one.
+    # an outbox writer would have. The intent touches only capture_intents, which the capture
+    # path reads only for its accepted_at (at SERIALIZABLE, where every non-LOCAL step is a
+    # schedule choice anyway) and an intent is inserted without it, so it commutes with every
+    # step of every other request and is no schedule choice for `payrace explore`; on the
+    # capture pool it would count as one. The gateway's acceptance is committed here too.
     intents: async_sessionmaker[AsyncSession] | None = None
+
+    @property
+    def isolation(self) -> str:
+        """The level the capture's transaction runs at: the strategy's own, else the service's."""
+        return self.strategy.isolation_level or self.isolation_level

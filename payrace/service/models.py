@@ -115,3 +115,7 @@ class CaptureIntent(Base):
     payment_id: Mapped[int] = mapped_column(BigInteger, index=True)
     gateway_payment_id: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # When the gateway said the capture is done, committed at once on the intents pool: at
+    # SERIALIZABLE a capture's transaction may be rolled back after that answer, and the next
+    # request to win the payment reads it here instead of asking the gateway again.
+    accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -8,10 +8,10 @@ and strategies a team brings by import path. Each is a few lines of SQL in one p
     optimistic    no explicit lock: a plain read, then UPDATE ... WHERE status <> 'captured'
                   RETURNING decides the single winner before the gateway is asked; the
                   loser touches neither invoice nor order
-    serializable  plain reads at SERIALIZABLE; PostgreSQL aborts the second writer (40001)
-                  and the service retries it (SERIALIZATION_RETRIES). Its limit: two
-                  requests that both capture at the gateway (the callback and a
-                  payment.authorized webhook) both call it before either commits
+    serializable  plain reads at SERIALIZABLE, then optimistic's conditional UPDATE claims
+                  the capture before the gateway is asked: a concurrent claimer fails with
+                  40001 and is re-run (SERIALIZATION_RETRIES), which then finds the payment
+                  captured and answers idempotently; only the claimer calls the gateway
     atomic        the whole capture in one statement (a data-modifying CTE writing payment,
                   invoice and order), claimed before the gateway is asked
 
@@ -179,11 +179,18 @@ OPTIMISTIC = Strategy(
     claim=claim_optimistic,
     late_event=True,
 )
+# Without the claim, two requests that both capture at the gateway (the callback and a
+# payment.authorized webhook) both read `pending` and both call the gateway before PostgreSQL
+# aborts either at its write: SERIALIZABLE decides which *transaction* survives, too late for
+# a call that left the database. The claim moves that decision before the call: the second
+# claimer's UPDATE waits for the first's row lock and, at SERIALIZABLE, fails with 40001
+# instead of matching no row; its re-run reads what the winner committed.
 SERIALIZABLE = Strategy(
     "serializable",
-    "plain reads at SERIALIZABLE, 40001 retried",
+    "plain reads at SERIALIZABLE; a conditional UPDATE claims before the gateway; 40001 retried",
     read_naive,
     False,
+    claim=claim_optimistic,
     isolation_level="SERIALIZABLE",
     late_event=True,
 )

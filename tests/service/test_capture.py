@@ -592,3 +592,68 @@ async def test_a_backend_killed_in_every_attempt_is_a_retryable_503_that_wrote_n
     assert hook.status_code == 200, hook.text
     assert stored_states(audit.url, paid.payment_id) == ("captured", "paid", "paid")
     assert fake_gateway.capture_calls(paid.payment["id"]) == 1
+
+
+class RollBackAfterTheGateway:
+    """Holds request "first" before its COMMIT (it has won the payment and the gateway has
+    accepted its capture) until request "second" waits for the payment's row lock, then ends
+    first's backend: its transaction rolls back and the lock passes to second, as when
+    SERIALIZABLE fails first's COMMIT with 40001."""
+
+    def __init__(self, url: str, is_blocked: Callable[[int], Awaitable[bool]]) -> None:
+        self.url, self.is_blocked = url, is_blocked
+        self.holding = asyncio.Event()
+        self.second: probes.ProbeContext | None = None
+        self.killed: list[int] = []
+
+    async def reached(self, point: str, probe: probes.ProbeContext) -> None:
+        if probe.label == "second":
+            self.second = probe
+            return
+        if point != "before_commit" or self.killed:
+            return
+        self.holding.set()
+        deadline = time.monotonic() + 5.0
+        while (
+            self.second is None
+            or self.second.backend_pid is None
+            or not await self.is_blocked(self.second.backend_pid)
+        ):
+            assert time.monotonic() < deadline, "the second request never waited for the payment"
+            await asyncio.sleep(0.002)
+        assert probe.backend_pid is not None
+        await asyncio.to_thread(KillOwnBackend(self.url, point, 1)._terminate, probe.backend_pid)
+        self.killed.append(probe.backend_pid)
+
+    def finished(self, probe: probes.ProbeContext) -> None:
+        return None
+
+
+async def test_serializable_capture_rolled_back_after_the_gateway_answered_is_not_asked_again(
+    pg: Database, gateway_url: str, fake_gateway: FakeRazorpay, audit: Audit
+) -> None:
+    """The callback wins the payment and the gateway accepts its capture; then its
+    transaction rolls back. The payment.authorized webhook waiting behind it wins next and
+    must record that capture, not ask the gateway for another: the acceptance was committed
+    beside the transaction (command.record_accepted), where the winner reads it."""
+    settings = service_settings(pg, gateway_url, capture_strategy="serializable")
+    async with Service(settings) as svc:
+        paid = await customer_pays(svc, fake_gateway)
+        controller = RollBackAfterTheGateway(audit.url, svc.runtime.is_blocked)
+        first = asyncio.create_task(controlled(controller, "first", client_verify(svc, paid)))
+        try:
+            await asyncio.wait_for(controller.holding.wait(), 5.0)
+            second = await controlled(
+                controller, "second", webhook(svc, paid, "payment.authorized")
+            )
+        finally:
+            callback = await first
+
+    assert len(controller.killed) == 1
+    assert callback.response.status_code == second.response.status_code == 200
+    assert second.body["idempotent"] is False  # the webhook wrote the capture ...
+    assert callback.body["idempotent"] is True  # ... and the callback's re-run found it
+    assert fake_gateway.capture_calls(paid.payment["id"]) == 1
+    assert second.timings.get("gateway", 0.0) == 0.0
+    assert audit.transitions(paid.payment_id) == {"payments": 1, "invoices": 1}
+    assert stored_states(audit.url, paid.payment_id) == ("captured", "paid", "paid")
