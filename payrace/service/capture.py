@@ -104,7 +104,7 @@ async def _lock_payment(
     # A strategy that takes no lock first (late_event) records the event once it has written
     # the payment: its UPDATE of the unique gateway_payment_id wants FOR UPDATE, which two
     # webhooks' FOR KEY SHARE would make wait for each other.
-    fresh_event = runner.strategy.late_event or await command.record_event(session, cmd)
+    fresh_event = runner.strategy.late_event or await _new_event(session, runner, cmd)
     order = await session.get(Order, payment.order_id)
     assert order is not None  # foreign key
     command.validate(cmd, payment, order)
@@ -144,7 +144,7 @@ async def _claimed_capture(
         # explorer's step table (harness.explore.steps) then holds for every strategy.
         await pause("gateway_called")
     claimed = await runner.strategy.claim(session, cmd, payment, order)
-    fresh_event = not runner.strategy.late_event or await command.record_event(session, cmd)
+    fresh_event = not runner.strategy.late_event or await _new_event(session, runner, cmd)
     if claimed is False:
         await session.refresh(payment)  # what the winner committed
         return await command.stored_result(
@@ -211,7 +211,7 @@ async def _write_capture(
         payment.method = cmd.method
     await session.flush()
     if strategy.late_event:
-        await command.record_event(session, cmd)
+        await _new_event(session, runner, cmd)
     await pause("payment_written")
     invoice = await strategy.read_row(
         session, select(Invoice).where(Invoice.payment_id == payment.id)
@@ -239,6 +239,13 @@ async def _write_capture(
     )
 
 
+async def _new_event(session: AsyncSession, runner: Runner, cmd: CaptureCommand) -> bool:
+    """Whether the webhook's event id is new: inserted under its unique key, or, with dedupe
+    off (WEBHOOK_DEDUPE), taken as new every time; the status check after the lock then
+    answers a redelivery of a capture idempotently."""
+    return not runner.dedupe or await command.record_event(session, cmd)
+
+
 async def mark_failed(runner: Runner, cmd: CaptureCommand, error_code: str | None) -> CaptureResult:
     async def attempt() -> CaptureResult:
         clock = AttemptClock()
@@ -256,7 +263,7 @@ async def mark_failed(runner: Runner, cmd: CaptureCommand, error_code: str | Non
                     payment = await _fresh(session, locked) or payment
                     repeat = payment.status in ("captured", "failed")
                 if not repeat and runner.strategy.late_event:
-                    repeat = not await command.record_event(session, cmd)
+                    repeat = not await _new_event(session, runner, cmd)
                 if not repeat:
                     payment.status = "failed"
                     payment.gateway_payment_id = cmd.gateway_payment_id
@@ -358,6 +365,8 @@ class Runner:
     # step of every other request and is no schedule choice for `payrace explore`; on the
     # capture pool it would count as one. The gateway's acceptance is committed here too.
     intents: async_sessionmaker[AsyncSession] | None = None
+    # Webhook event-id dedupe (webhook_events' unique key), beside whichever strategy runs.
+    dedupe: bool = True
 
     @property
     def isolation(self) -> str:

@@ -657,3 +657,42 @@ async def test_serializable_capture_rolled_back_after_the_gateway_answered_is_no
     assert second.timings.get("gateway", 0.0) == 0.0
     assert audit.transitions(paid.payment_id) == {"payments": 1, "invoices": 1}
     assert stored_states(audit.url, paid.payment_id) == ("captured", "paid", "paid")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "dedupe", "captures"),
+    [("naive", True, 1), ("naive", False, 2), ("for_update", False, 1)],
+    ids=["naive-dedupe", "naive-no-dedupe", "for_update-no-dedupe"],
+)
+async def test_webhook_dedupe_is_an_option_beside_the_strategy(
+    strategy: str,
+    dedupe: bool,
+    captures: int,
+    pg: Database,
+    gateway_url: str,
+    fake_gateway: FakeRazorpay,
+    audit: Audit,
+) -> None:
+    """One payment.authorized event delivered twice at once (Razorpay's at-least-once).
+    With dedupe the event id's unique key decides: the second insert waits for the first and
+    answers a duplicate, which keeps even naive to one capture. WEBHOOK_DEDUPE off, both
+    deliveries are processed: naive captures twice, for_update's status check after the
+    lock answers the second idempotently."""
+    settings = service_settings(pg, gateway_url, capture_strategy=strategy, webhook_dedupe=dedupe)
+    async with Service(settings) as svc:
+        paid = await customer_pays(svc, fake_gateway)
+        send = webhook(svc, paid, "payment.authorized")  # same body, same event id
+        first, second = await forced(svc, ("first", send), ("second", send))
+
+    assert first.response.status_code == second.response.status_code == 200
+    duplicates = sorted([first.body["duplicate_event"], second.body["duplicate_event"]])
+    assert duplicates == ([False, True] if dedupe else [False, False])
+    assert audit.transitions(paid.payment_id) == {"payments": captures, "invoices": captures}
+    assert fake_gateway.capture_calls(paid.payment["id"]) == captures
+    with psycopg.connect(audit.url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM webhook_events WHERE payment_id = %s", (paid.payment_id,)
+        ).fetchone()
+    assert row == (1 if dedupe else 0,)
+    if not dedupe and strategy == "for_update":
+        assert sorted(o.body["idempotent"] for o in (first, second)) == [False, True]
