@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TypeVar
 
 from sqlalchemy import Select, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import contains_eager
 
 from payrace.service import command
 from payrace.service.command import CaptureCommand, CaptureResult
@@ -35,12 +35,25 @@ from payrace.service.retry import retrying
 
 async def read_naive(session: AsyncSession, payment_id: int) -> Payment | None:
     """The incident: a plain read, so two concurrent requests both see `pending`."""
-    return await _fresh(session, select(Payment).where(Payment.id == payment_id))
+    return await read_with_order(session, payment_id)
 
 
 async def read_for_update(session: AsyncSession, payment_id: int) -> Payment | None:
     """The fix: a second request waits here until the first commits, then sees `captured`."""
-    return await _fresh(session, select(Payment).where(Payment.id == payment_id).with_for_update())
+    return await read_with_order(session, payment_id, lock=True)
+
+
+async def read_with_order(
+    session: AsyncSession, payment_id: int, *, lock: bool = False, **lock_options: bool
+) -> Payment | None:
+    """The payment and its order in one round trip, FOR UPDATE OF the payment alone when
+    `lock` (nowait / skip_locked as `lock_options`). The order lands in the session, so the
+    capture's `session.get(Order, ...)` needs no statement of its own; only its columns that
+    never change are used (the order's status is read after the lock: stored_result)."""
+    stmt = _READ_WITH_ORDER.where(Payment.id == payment_id)
+    if lock:
+        stmt = stmt.with_for_update(of=Payment, **lock_options)
+    return (await session.execute(stmt)).scalar_one_or_none()
 
 
 async def read_advisory(session: AsyncSession, payment_id: int) -> Payment | None:
@@ -48,6 +61,14 @@ async def read_advisory(session: AsyncSession, payment_id: int) -> Payment | Non
     paths that all take it, none for those that don't."""
     await session.execute(ADVISORY_LOCK, {"ns": ADVISORY_NAMESPACE, "id": payment_id})
     return await read_naive(session, payment_id)
+
+
+_READ_WITH_ORDER = (
+    select(Payment)
+    .join(Payment.order)
+    .options(contains_eager(Payment.order))
+    .execution_options(populate_existing=True)
+)
 
 
 async def capture(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
@@ -200,43 +221,50 @@ async def _capture_at_gateway(
 async def _write_capture(
     session: AsyncSession, runner: Runner, cmd: CaptureCommand, payment: Payment, order: Order
 ) -> CaptureResult:
-    """Payment, then invoice, then order: the one lock order every capture takes."""
-    strategy = runner.strategy
-    now = datetime.now(UTC)
-    payment.status = "captured"
-    payment.gateway_payment_id = cmd.gateway_payment_id
-    payment.captured_at = now
-    payment.error_code = None
-    if cmd.method:
-        payment.method = cmd.method
-    await session.flush()
-    if strategy.late_event:
+    """Payment, then invoice, then order: the one lock order every capture takes. One UPDATE
+    each: it takes the row lock a SELECT ... FOR UPDATE would have taken, in the same order,
+    and RETURNING answers what was written (no read before, no flush of a loaded object)."""
+    params = {"payment_id": payment.id, "order_id": order.id, **_capture_params(cmd)}
+    # The transaction's connection itself: plain SQL needs nothing of the ORM's execute.
+    conn = await session.connection()
+    await conn.execute(_WRITE_PAYMENT, params)
+    if runner.strategy.late_event:
         await _new_event(session, runner, cmd)
     await pause("payment_written")
-    invoice = await strategy.read_row(
-        session, select(Invoice).where(Invoice.payment_id == payment.id)
-    )
-    if invoice is not None:
-        invoice.status = "paid"
-        invoice.amount_paid = invoice.amount
-        invoice.paid_at = now
-        await session.flush()
+    invoice_status = (await conn.execute(_WRITE_INVOICE, params)).scalar_one_or_none()
     await pause("invoice_written")
-    locked_order = await strategy.read_row(session, select(Order).where(Order.id == order.id))
-    assert locked_order is not None
-    locked_order.status = "paid"
-    locked_order.paid_at = now
-    await session.flush()
+    order_status = (await conn.execute(_WRITE_ORDER, params)).scalar_one()
     await pause("order_written")
     return CaptureResult(
         payment_id=payment.id,
         status="captured",
-        gateway_payment_id=payment.gateway_payment_id,
+        gateway_payment_id=cmd.gateway_payment_id,
         idempotent=False,
         duplicate_event=False,
-        invoice_status=invoice.status if invoice is not None else None,
-        order_status=locked_order.status,
+        invoice_status=invoice_status,
+        order_status=order_status,
     )
+
+
+# No condition on the status: the strategy's read decided, and naive must stay able to write
+# twice (the incident). The ORM objects loaded by the read are not touched, so the session
+# has nothing to flush at COMMIT.
+_WRITE_PAYMENT = text(
+    "UPDATE payments SET status = 'captured', gateway_payment_id = :gateway_payment_id, "
+    "captured_at = now(), error_code = NULL, "
+    "method = COALESCE(CAST(:method AS varchar(32)), method) WHERE id = :payment_id"
+)
+_WRITE_INVOICE = text(
+    "UPDATE invoices SET status = 'paid', amount_paid = amount, paid_at = now() "
+    "WHERE payment_id = :payment_id RETURNING status"
+)
+_WRITE_ORDER = text(
+    "UPDATE orders SET status = 'paid', paid_at = now() WHERE id = :order_id RETURNING status"
+)
+
+
+def _capture_params(cmd: CaptureCommand) -> dict[str, object]:
+    return {"gateway_payment_id": cmd.gateway_payment_id, "method": cmd.method or None}
 
 
 async def _new_event(session: AsyncSession, runner: Runner, cmd: CaptureCommand) -> bool:
@@ -304,8 +332,9 @@ Claim = Callable[[AsyncSession, CaptureCommand, Payment, Order], Awaitable[bool 
 
 @dataclass(frozen=True)
 class Strategy:
-    """How the capture path serialises: how it reads the payment, and whether the invoice and
-    order rows it then writes are read FOR UPDATE too (`lock_rows`).
+    """How the capture path serialises: how it reads the payment, and whether that read takes
+    a row lock (`lock_rows`: the explorer's step table reads it). The invoice and order are
+    written by one UPDATE each, which locks them whatever the strategy.
 
     Optional hooks (docs/strategies.md): `read_webhook` reads the payment for a webhook
     instead of `read_payment`; `claim` is a conditional write after the status check and
@@ -327,9 +356,6 @@ class Strategy:
     @property
     def advisory(self) -> bool:
         return self.read_payment is read_advisory
-
-    async def read_row(self, session: AsyncSession, stmt: Select[_Row]) -> _Row | None:
-        return await _fresh(session, stmt.with_for_update() if self.lock_rows else stmt)
 
 
 NAIVE = Strategy(

@@ -42,6 +42,7 @@ from payrace.service.capture import (
     Strategy,
     read_for_update,
     read_naive,
+    read_with_order,
 )
 from payrace.service.command import CaptureCommand, CaptureResult
 from payrace.service.errors import RetryLater
@@ -52,9 +53,8 @@ LOCK_NOT_AVAILABLE = "55P03"  # what FOR UPDATE NOWAIT raises when another reque
 
 
 async def read_nowait(session: AsyncSession, payment_id: int) -> Payment | None:
-    stmt = select(Payment).where(Payment.id == payment_id).with_for_update(nowait=True)
     try:
-        result = await session.execute(stmt.execution_options(populate_existing=True))
+        return await read_with_order(session, payment_id, lock=True, nowait=True)
     except DBAPIError as exc:
         if sqlstate(exc) == LOCK_NOT_AVAILABLE:
             raise RetryLater(
@@ -62,13 +62,10 @@ async def read_nowait(session: AsyncSession, payment_id: int) -> Payment | None:
                 "retry after Retry-After seconds"
             ) from exc
         raise
-    return result.scalar_one_or_none()
 
 
 async def read_skip_locked(session: AsyncSession, payment_id: int) -> Payment | None:
-    stmt = select(Payment).where(Payment.id == payment_id).with_for_update(skip_locked=True)
-    result = await session.execute(stmt.execution_options(populate_existing=True))
-    payment = result.scalar_one_or_none()
+    payment = await read_with_order(session, payment_id, lock=True, skip_locked=True)
     if (
         payment is None
         and (
