@@ -3,11 +3,17 @@ the payment (the lock), check its status only once the lock is held, capture at 
 write payment -> invoice -> order (one fixed order: no deadlock), commit.
 
     read_naive / read_for_update / read_advisory   the incident's read and the fixes
+    read_with_order()   the payment and its order in one round trip (locked or not)
     capture() / mark_failed()   the routine / payment.failed, which never undoes a capture
     Strategy, STRATEGIES, Runner   the strategies by name; what a capture needs (app.py)
 
 More strategies (nowait, skip_locked, optimistic, serializable, atomic) and strategies chosen
 by import path: payrace.service.strategies, through the optional hooks of `Strategy`.
+
+Round trips while the payment lock is held, for a fresh capture: the joined read, then one
+UPDATE each for payment, invoice and order (4 statements); a repeat: the read and the
+status read (2). Webhook event-id dedupe (Runner.dedupe) adds its INSERT. At SERIALIZABLE the
+gateway's acceptance is committed beside the transaction (_GatewayMemo).
 
 Retries: payrace.service.retry; the command's checks: payrace.service.command; `pause()` and
 the clock: test-only instrumentation (payrace.service.instrument), no-ops unless enabled.

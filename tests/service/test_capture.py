@@ -696,3 +696,35 @@ async def test_webhook_dedupe_is_an_option_beside_the_strategy(
     assert row == (1 if dedupe else 0,)
     if not dedupe and strategy == "for_update":
         assert sorted(o.body["idempotent"] for o in (first, second)) == [False, True]
+
+
+async def test_a_capture_sends_four_statements_under_the_lock_and_a_repeat_two(
+    service: Service, fake_gateway: FakeRazorpay
+) -> None:
+    """The round trips while the payment lock is held (issue 12): the payment and its order
+    in one locking read, then one UPDATE each for payment, invoice and order; a repeat reads
+    the payment and the statuses it answers. Seen on the service's own engine."""
+    paid = await customer_pays(service, fake_gateway)
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(" ".join(statement.split()))
+
+    engine = service.runtime.engine.sync_engine
+    sqlalchemy.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        first = await client_verify(service, paid)({})
+        fresh, statements[:] = list(statements), []
+        again = await client_verify(service, paid)({})
+        repeat = list(statements)
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", seen)
+
+    assert first.status_code == again.status_code == 200
+    assert again.json()["idempotent"] is True
+    assert len(fresh) == 4, fresh
+    assert fresh[0].startswith("SELECT") and fresh[0].endswith("FOR UPDATE OF payments")
+    assert "JOIN orders" in fresh[0]
+    assert [s.split()[1] for s in fresh[1:]] == ["payments", "invoices", "orders"]
+    assert len(repeat) == 2, repeat
+    assert repeat[0] == fresh[0]
