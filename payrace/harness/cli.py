@@ -262,6 +262,14 @@ def run_command(
     isolation: Annotated[
         str, typer.Option(help="READ COMMITTED | REPEATABLE READ | SERIALIZABLE")
     ] = "READ COMMITTED",
+    webhook_dedupe: Annotated[
+        bool,
+        typer.Option(
+            help="the reference service records each webhook's event id under a unique key "
+            "and answers a redelivery as a duplicate; --no-webhook-dedupe processes every "
+            "delivery (docs/strategies.md)"
+        ),
+    ] = True,
     gate: Annotated[list[str], typer.Option(help=GATE_HELP)] = [],  # noqa: B006
     baseline: Annotated[Path | None, typer.Option(help=BASELINE_HELP)] = None,
     write_baseline: Annotated[Path | None, typer.Option(help=WRITE_BASELINE_HELP)] = None,
@@ -333,6 +341,7 @@ def run_command(
             hold_ms=hold_ms,
             force=force,  # type: ignore[arg-type]  # validated by RunConfig.validate
             isolation=isolation,
+            webhook_dedupe=webhook_dedupe,
             gates=gates,
             baseline=baseline,
             write_baseline=write_baseline,

@@ -86,6 +86,7 @@ class Runtime:
             isolation_level=settings.isolation_level,
             retries=settings.serialization_retries,
             intents=make_sessionmaker(intents_engine),
+            dedupe=settings.webhook_dedupe,
         )
         signatures = SignatureVerifier(
             settings.razorpay_key_id,

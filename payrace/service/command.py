@@ -6,6 +6,7 @@
                      currency and gateway payment id must match, else Rejected (400)
     record_event()   insert the webhook's event id; False when it was already delivered
     record_intent()  commit a capture intent before the gateway is asked to capture
+    record_accepted() / gateway_accepted()   commit / read that the gateway accepted it
     stored_result()  the answer for a call that wrote nothing (a repeat, a failure kept)
 
 Used by payrace.service.capture inside its transaction, after the payment lock is held.
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import literal, select
+from sqlalchemy import ColumnElement, exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -108,16 +109,48 @@ async def record_intent(maker: async_sessionmaker[AsyncSession], cmd: CaptureCom
     in a transaction of its own, before any gateway call. A payment that does not exist
     records nothing (the capture then answers 404); a repeat of the same pair, nothing new."""
     async with maker() as session, session.begin():
-        await session.execute(
-            insert(CaptureIntent)
-            .from_select(
-                ["payment_id", "gateway_payment_id"],
-                select(Payment.id, literal(cmd.gateway_payment_id)).where(
-                    Payment.id == cmd.payment_id
-                ),
-            )
-            .on_conflict_do_nothing(index_elements=["payment_id", "gateway_payment_id"])
+        conn = await session.connection()
+        await conn.execute(
+            _RECORD_INTENT,
+            {"payment_id": cmd.payment_id, "gateway_payment_id": cmd.gateway_payment_id},
         )
+
+
+# Written once: built per call, the INSERT ... SELECT construct cost more CPU than its round
+# trip (py-spy, docs/benchmarks.md).
+_RECORD_INTENT = text(
+    "INSERT INTO capture_intents (payment_id, gateway_payment_id) "
+    "SELECT id, CAST(:gateway_payment_id AS varchar(64)) FROM payments WHERE id = :payment_id "
+    "ON CONFLICT (payment_id, gateway_payment_id) DO NOTHING"
+)
+
+
+def _intent_of(cmd: CaptureCommand) -> list[ColumnElement[bool]]:
+    return [
+        CaptureIntent.payment_id == cmd.payment_id,
+        CaptureIntent.gateway_payment_id == cmd.gateway_payment_id,
+    ]
+
+
+async def record_accepted(maker: async_sessionmaker[AsyncSession], cmd: CaptureCommand) -> None:
+    """Commit, on its own, that the gateway has this capture: it outlives the transaction of
+    the request that asked, which SERIALIZABLE may still roll back."""
+    async with maker() as session, session.begin():
+        await session.execute(
+            update(CaptureIntent)
+            .where(*_intent_of(cmd), CaptureIntent.accepted_at.is_(None))
+            .values(accepted_at=func.now())
+        )
+
+
+async def gateway_accepted(maker: async_sessionmaker[AsyncSession], cmd: CaptureCommand) -> bool:
+    """Whether an earlier request's capture of this gateway payment was accepted (committed
+    by record_accepted, read outside the capture's own snapshot)."""
+    async with maker() as session:
+        found = await session.scalar(
+            select(exists().where(*_intent_of(cmd), CaptureIntent.accepted_at.is_not(None)))
+        )
+        return bool(found)
 
 
 async def stored_result(

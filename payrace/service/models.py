@@ -19,7 +19,7 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ORDER_STATUSES = ("created", "attempted", "paid")
 PAYMENT_STATUSES = ("pending", "authorized", "captured", "failed")
@@ -71,6 +71,10 @@ class Payment(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     captured_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Filled only by a read that joins the order in (capture.read_with_order), never loaded
+    # lazily (a lazy load would be a hidden round trip under the payment lock); it keeps the
+    # order in the session, where the capture's session.get() finds it without a statement.
+    order: Mapped[Order] = relationship(lazy="raise", viewonly=True)
 
 
 class Invoice(Base):
@@ -115,3 +119,7 @@ class CaptureIntent(Base):
     payment_id: Mapped[int] = mapped_column(BigInteger, index=True)
     gateway_payment_id: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # When the gateway said the capture is done, committed at once on the intents pool: at
+    # SERIALIZABLE a capture's transaction may be rolled back after that answer, and the next
+    # request to win the payment reads it here instead of asking the gateway again.
+    accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

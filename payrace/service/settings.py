@@ -11,6 +11,9 @@ RECONCILE_INTERVAL_S      how often the sweeper asks the gateway about captures 
                           lost (0: no sweeper; payrace.service.reconcile)
 RECONCILE_AFTER_S         a capture intent is swept once it is this old and still not captured
 MAX_BODY_BYTES            larger request bodies are refused with 413 before they are read whole
+WEBHOOK_DEDUPE            record each webhook's X-Razorpay-Event-Id under a unique key and answer
+                          a redelivery as a duplicate (default on; off: every delivery is
+                          processed, and only the strategy's status check keeps it idempotent)
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class Settings(BaseSettings):
     reconcile_after_s: float = Field(default=30.0, ge=0, le=86400)
     # Razorpay's webhook bodies are a few KiB; 64 KiB leaves room and bounds memory per request.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Dedupe is a choice of its own, combinable with any strategy (docs/strategies.md).
+    webhook_dedupe: bool = True
 
     @field_validator("database_url")
     @classmethod

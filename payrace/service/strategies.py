@@ -8,10 +8,10 @@ and strategies a team brings by import path. Each is a few lines of SQL in one p
     optimistic    no explicit lock: a plain read, then UPDATE ... WHERE status <> 'captured'
                   RETURNING decides the single winner before the gateway is asked; the
                   loser touches neither invoice nor order
-    serializable  plain reads at SERIALIZABLE; PostgreSQL aborts the second writer (40001)
-                  and the service retries it (SERIALIZATION_RETRIES). Its limit: two
-                  requests that both capture at the gateway (the callback and a
-                  payment.authorized webhook) both call it before either commits
+    serializable  plain reads at SERIALIZABLE, then optimistic's conditional UPDATE claims
+                  the capture before the gateway is asked: a concurrent claimer fails with
+                  40001 and is re-run (SERIALIZATION_RETRIES), which then finds the payment
+                  captured and answers idempotently; only the claimer calls the gateway
     atomic        the whole capture in one statement (a data-modifying CTE writing payment,
                   invoice and order), claimed before the gateway is asked
 
@@ -42,6 +42,7 @@ from payrace.service.capture import (
     Strategy,
     read_for_update,
     read_naive,
+    read_with_order,
 )
 from payrace.service.command import CaptureCommand, CaptureResult
 from payrace.service.errors import RetryLater
@@ -52,9 +53,8 @@ LOCK_NOT_AVAILABLE = "55P03"  # what FOR UPDATE NOWAIT raises when another reque
 
 
 async def read_nowait(session: AsyncSession, payment_id: int) -> Payment | None:
-    stmt = select(Payment).where(Payment.id == payment_id).with_for_update(nowait=True)
     try:
-        result = await session.execute(stmt.execution_options(populate_existing=True))
+        return await read_with_order(session, payment_id, lock=True, nowait=True)
     except DBAPIError as exc:
         if sqlstate(exc) == LOCK_NOT_AVAILABLE:
             raise RetryLater(
@@ -62,13 +62,10 @@ async def read_nowait(session: AsyncSession, payment_id: int) -> Payment | None:
                 "retry after Retry-After seconds"
             ) from exc
         raise
-    return result.scalar_one_or_none()
 
 
 async def read_skip_locked(session: AsyncSession, payment_id: int) -> Payment | None:
-    stmt = select(Payment).where(Payment.id == payment_id).with_for_update(skip_locked=True)
-    result = await session.execute(stmt.execution_options(populate_existing=True))
-    payment = result.scalar_one_or_none()
+    payment = await read_with_order(session, payment_id, lock=True, skip_locked=True)
     if (
         payment is None
         and (
@@ -179,11 +176,18 @@ OPTIMISTIC = Strategy(
     claim=claim_optimistic,
     late_event=True,
 )
+# Without the claim, two requests that both capture at the gateway (the callback and a
+# payment.authorized webhook) both read `pending` and both call the gateway before PostgreSQL
+# aborts either at its write: SERIALIZABLE decides which *transaction* survives, too late for
+# a call that left the database. The claim moves that decision before the call: the second
+# claimer's UPDATE waits for the first's row lock and, at SERIALIZABLE, fails with 40001
+# instead of matching no row; its re-run reads what the winner committed.
 SERIALIZABLE = Strategy(
     "serializable",
-    "plain reads at SERIALIZABLE, 40001 retried",
+    "plain reads at SERIALIZABLE; a conditional UPDATE claims before the gateway; 40001 retried",
     read_naive,
     False,
+    claim=claim_optimistic,
     isolation_level="SERIALIZABLE",
     late_event=True,
 )

@@ -592,3 +592,139 @@ async def test_a_backend_killed_in_every_attempt_is_a_retryable_503_that_wrote_n
     assert hook.status_code == 200, hook.text
     assert stored_states(audit.url, paid.payment_id) == ("captured", "paid", "paid")
     assert fake_gateway.capture_calls(paid.payment["id"]) == 1
+
+
+class RollBackAfterTheGateway:
+    """Holds request "first" before its COMMIT (it has won the payment and the gateway has
+    accepted its capture) until request "second" waits for the payment's row lock, then ends
+    first's backend: its transaction rolls back and the lock passes to second, as when
+    SERIALIZABLE fails first's COMMIT with 40001."""
+
+    def __init__(self, url: str, is_blocked: Callable[[int], Awaitable[bool]]) -> None:
+        self.url, self.is_blocked = url, is_blocked
+        self.holding = asyncio.Event()
+        self.second: probes.ProbeContext | None = None
+        self.killed: list[int] = []
+
+    async def reached(self, point: str, probe: probes.ProbeContext) -> None:
+        if probe.label == "second":
+            self.second = probe
+            return
+        if point != "before_commit" or self.killed:
+            return
+        self.holding.set()
+        deadline = time.monotonic() + 5.0
+        while (
+            self.second is None
+            or self.second.backend_pid is None
+            or not await self.is_blocked(self.second.backend_pid)
+        ):
+            assert time.monotonic() < deadline, "the second request never waited for the payment"
+            await asyncio.sleep(0.002)
+        assert probe.backend_pid is not None
+        await asyncio.to_thread(KillOwnBackend(self.url, point, 1)._terminate, probe.backend_pid)
+        self.killed.append(probe.backend_pid)
+
+    def finished(self, probe: probes.ProbeContext) -> None:
+        return None
+
+
+async def test_serializable_capture_rolled_back_after_the_gateway_answered_is_not_asked_again(
+    pg: Database, gateway_url: str, fake_gateway: FakeRazorpay, audit: Audit
+) -> None:
+    """The callback wins the payment and the gateway accepts its capture; then its
+    transaction rolls back. The payment.authorized webhook waiting behind it wins next and
+    must record that capture, not ask the gateway for another: the acceptance was committed
+    beside the transaction (command.record_accepted), where the winner reads it."""
+    settings = service_settings(pg, gateway_url, capture_strategy="serializable")
+    async with Service(settings) as svc:
+        paid = await customer_pays(svc, fake_gateway)
+        controller = RollBackAfterTheGateway(audit.url, svc.runtime.is_blocked)
+        first = asyncio.create_task(controlled(controller, "first", client_verify(svc, paid)))
+        try:
+            await asyncio.wait_for(controller.holding.wait(), 5.0)
+            second = await controlled(
+                controller, "second", webhook(svc, paid, "payment.authorized")
+            )
+        finally:
+            callback = await first
+
+    assert len(controller.killed) == 1
+    assert callback.response.status_code == second.response.status_code == 200
+    assert second.body["idempotent"] is False  # the webhook wrote the capture ...
+    assert callback.body["idempotent"] is True  # ... and the callback's re-run found it
+    assert fake_gateway.capture_calls(paid.payment["id"]) == 1
+    assert second.timings.get("gateway", 0.0) == 0.0
+    assert audit.transitions(paid.payment_id) == {"payments": 1, "invoices": 1}
+    assert stored_states(audit.url, paid.payment_id) == ("captured", "paid", "paid")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "dedupe", "captures"),
+    [("naive", True, 1), ("naive", False, 2), ("for_update", False, 1)],
+    ids=["naive-dedupe", "naive-no-dedupe", "for_update-no-dedupe"],
+)
+async def test_webhook_dedupe_is_an_option_beside_the_strategy(
+    strategy: str,
+    dedupe: bool,
+    captures: int,
+    pg: Database,
+    gateway_url: str,
+    fake_gateway: FakeRazorpay,
+    audit: Audit,
+) -> None:
+    """One payment.authorized event delivered twice at once (Razorpay's at-least-once).
+    With dedupe the event id's unique key decides: the second insert waits for the first and
+    answers a duplicate, which keeps even naive to one capture. WEBHOOK_DEDUPE off, both
+    deliveries are processed: naive captures twice, for_update's status check after the
+    lock answers the second idempotently."""
+    settings = service_settings(pg, gateway_url, capture_strategy=strategy, webhook_dedupe=dedupe)
+    async with Service(settings) as svc:
+        paid = await customer_pays(svc, fake_gateway)
+        send = webhook(svc, paid, "payment.authorized")  # same body, same event id
+        first, second = await forced(svc, ("first", send), ("second", send))
+
+    assert first.response.status_code == second.response.status_code == 200
+    duplicates = sorted([first.body["duplicate_event"], second.body["duplicate_event"]])
+    assert duplicates == ([False, True] if dedupe else [False, False])
+    assert audit.transitions(paid.payment_id) == {"payments": captures, "invoices": captures}
+    assert fake_gateway.capture_calls(paid.payment["id"]) == captures
+    with psycopg.connect(audit.url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM webhook_events WHERE payment_id = %s", (paid.payment_id,)
+        ).fetchone()
+    assert row == (1 if dedupe else 0,)
+    if not dedupe and strategy == "for_update":
+        assert sorted(o.body["idempotent"] for o in (first, second)) == [False, True]
+
+
+async def test_a_capture_sends_four_statements_under_the_lock_and_a_repeat_two(
+    service: Service, fake_gateway: FakeRazorpay
+) -> None:
+    """The round trips while the payment lock is held (issue 12): the payment and its order
+    in one locking read, then one UPDATE each for payment, invoice and order; a repeat reads
+    the payment and the statuses it answers. Seen on the service's own engine."""
+    paid = await customer_pays(service, fake_gateway)
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(" ".join(statement.split()))
+
+    engine = service.runtime.engine.sync_engine
+    sqlalchemy.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        first = await client_verify(service, paid)({})
+        fresh, statements[:] = list(statements), []
+        again = await client_verify(service, paid)({})
+        repeat = list(statements)
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", seen)
+
+    assert first.status_code == again.status_code == 200
+    assert again.json()["idempotent"] is True
+    assert len(fresh) == 4, fresh
+    assert fresh[0].startswith("SELECT") and fresh[0].endswith("FOR UPDATE OF payments")
+    assert "JOIN orders" in fresh[0]
+    assert [s.split()[1] for s in fresh[1:]] == ["payments", "invoices", "orders"]
+    assert len(repeat) == 2, repeat
+    assert repeat[0] == fresh[0]

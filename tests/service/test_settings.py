@@ -104,6 +104,7 @@ def test_defaults_are_the_fixed_strategy_at_read_committed_with_probes_off() -> 
     assert settings.capture_strategy == "for_update"
     assert settings.isolation_level == "READ COMMITTED"
     assert settings.payrace_probes is False
+    assert settings.webhook_dedupe is True
     assert settings.database_url.startswith("postgresql+asyncpg://")
 
 
@@ -113,6 +114,7 @@ def test_settings_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("ISOLATION_LEVEL", "repeatable_read")
     monkeypatch.setenv("PAYRACE_PROBES", "true")
     monkeypatch.setenv("DB_POOL_SIZE", "7")
+    monkeypatch.setenv("WEBHOOK_DEDUPE", "0")
 
     settings = get_settings()
 
@@ -121,6 +123,7 @@ def test_settings_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     assert settings.isolation_level == "REPEATABLE READ"
     assert settings.payrace_probes is True
     assert settings.db_pool_size == 7
+    assert settings.webhook_dedupe is False
     assert get_settings() is settings  # read once per process
 
 

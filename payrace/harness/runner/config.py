@@ -63,6 +63,8 @@ class RunConfig:
     jitter_ms: float = 5.0
     hold_ms: float = 0.0
     isolation: str = "READ COMMITTED"
+    # The reference service's webhook event-id dedupe (its WEBHOOK_DEDUPE setting).
+    webhook_dedupe: bool = True
     gates: list[Gate] = field(default_factory=list)
     baseline: Path | None = None  # an earlier run's summary.json, for '*baseline' gates
     write_baseline: Path | None = None  # where to write this run's baseline when it is valid
@@ -192,6 +194,11 @@ class RunConfig:
                 raise UsageError(
                     "--isolation sets the reference service payrace starts; a running target "
                     "keeps its own isolation level: leave --isolation out"
+                )
+            if not self.webhook_dedupe:
+                raise UsageError(
+                    "--no-webhook-dedupe sets the reference service payrace starts; a running "
+                    "target dedupes webhooks its own way: leave --no-webhook-dedupe out"
                 )
         else:
             self.strategies = self.strategies or ["for_update"]

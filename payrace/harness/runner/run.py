@@ -388,6 +388,7 @@ def summary_of(
                 "seed": config.seed,
                 "webhooks_per_trial": config.webhooks,
                 "isolation_level": config.isolation,
+                "webhook_dedupe": config.webhook_dedupe,
                 "hold_ms": config.hold_ms,
                 "force": config.force,
                 "strategies": results,

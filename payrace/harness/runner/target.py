@@ -114,6 +114,7 @@ async def start_target(
             database_url=db.asyncpg_url(),
             capture_strategy=strategy,
             isolation_level=config.isolation,
+            webhook_dedupe=config.webhook_dedupe,
             razorpay_key_id=keys.key_id,
             razorpay_key_secret=keys.key_secret,
             razorpay_webhook_secret=keys.webhook_secret,
@@ -149,6 +150,7 @@ async def start_target(
             # raced as a team's would be, with nothing of payrace's inside.
             probes=config.mode == "forced" and config.force == "pause",
             isolation_level=config.isolation,
+            webhook_dedupe=config.webhook_dedupe,
             pool_size=max(10, config.concurrency * 4),
         )
         sweep_env, reconciler = _http_sweep()

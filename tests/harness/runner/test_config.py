@@ -43,6 +43,15 @@ from payrace.harness.runner.config import Gate, RunConfig
             },
             "a running target keeps its own isolation level",
         ),
+        (
+            {
+                "target": "http://127.0.0.1:1",
+                "target_dsn": "postgresql://x@h/db",
+                "gateway_url": "http://127.0.0.1:2",
+                "webhook_dedupe": False,
+            },
+            "a running target dedupes webhooks its own way",
+        ),
     ],
 )
 def test_bad_configs_say_what_to_fix(fields: dict[str, Any], message: str) -> None:

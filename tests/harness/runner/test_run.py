@@ -114,14 +114,31 @@ async def test_the_advisory_lock_strategy_is_clean_and_its_waits_are_measured(
     assert result["server_side"]["waiting_seen"] > 0
 
 
+@pytest.mark.parametrize("dedupe", [True, False], ids=["dedupe", "no-dedupe"])
 async def test_duplicate_and_redelivered_webhooks_stay_exactly_once(
-    pg: Database, tmp_path: Path
+    pg: Database, tmp_path: Path, dedupe: bool
 ) -> None:
     summary = await race(
-        pg, tmp_path, strategies=["for_update"], trials=10, mode="forced", webhooks=3
+        pg,
+        tmp_path,
+        strategies=["for_update"],
+        trials=10,
+        mode="forced",
+        webhooks=3,
+        webhook_dedupe=dedupe,
     )
     result = summary["strategies"]["for_update"]
     assert result["valid"] is True, result["checks"]
+    assert summary["webhook_dedupe"] is dedupe
+    history = tmp_path / summary["run_id"] / "history.jsonl"
+    ops = [json.loads(line) for line in history.read_text().splitlines()]
+    answers = [op["value"] for op in ops if op["type"] == "ok" and op["f"] == "webhook"]
+    # --no-webhook-dedupe reaches the service payrace starts: a delivery of an event id it
+    # has seen is no longer answered as a duplicate, it is processed again, and the status
+    # check after the lock answers it idempotently instead.
+    duplicates = sum(bool(answer.get("duplicate_event")) for answer in answers)
+    assert (duplicates > 0) is dedupe, duplicates
+    assert all(answer["status"] == "captured" for answer in answers)
 
 
 @pytest.mark.slow
