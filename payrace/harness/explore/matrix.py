@@ -10,7 +10,8 @@
                     or the shop and the gateway disagreeing)
     Cell            one (strategy, level): schedules, violating ones, and per side how many
     declared()      what a cell is declared to be: a strategy of model.verdict.DECLARED that
-                    is valid there is declared valid at every level; naive is declared
+                    is valid there is declared valid at every level (DECLARED_LEVELS: at the
+                    levels it lists, e.g. advisory at READ COMMITTED only); naive is declared
                     violated at READ COMMITTED (the incident's level); every other cell is
                     measured and shown, not judged
     explore_matrix()  every cell explored exhaustively (explore.plan.execute) on one database
@@ -36,6 +37,7 @@ from payrace.harness.infra.machine import machine
 from payrace.harness.infra.provider import Database
 from payrace.harness.model.verdict import (
     DECLARED,
+    DECLARED_LEVELS,
     EXIT_ERROR,
     RunOutcome,
     against_declared,
@@ -82,6 +84,8 @@ class Cell:
 
 def declared(strategy: str, isolation: str) -> str | None:
     word = DECLARED.get(strategy)
+    if isolation not in DECLARED_LEVELS.get(strategy, LEVELS):
+        return None  # a known limit of the strategy at this level: measured, not judged
     if word == "valid":
         return "valid"
     if word == "violated" and isolation == "READ COMMITTED":

@@ -36,7 +36,7 @@ def test_a_cell_gives_both_sides_its_declaration_and_the_level_it_ran_at() -> No
     caught = _cell("naive", RC, "violated").to_json()
     assert cell_text(caught) == "violated 7/9 (db 7, gw 5) (declared violated)"
     pinned = _cell("serializable", RC, "violated", runs_at=SR, database=0).to_json()
-    assert cell_text(pinned) == "violated 7/9 (db 0, gw 5) [runs at SERIALIZABLE]"
+    assert cell_text(pinned) == "VIOLATED 7/9 (db 0, gw 5) (declared valid) [runs at SERIALIZABLE]"
     broken = _cell("for_update", SR, "violated").to_json()
     assert cell_text(broken).startswith("VIOLATED 7/9")  # not as declared: shouted
 
