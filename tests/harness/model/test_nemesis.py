@@ -435,10 +435,10 @@ def _ops(summary: dict[str, Any], strategy: str) -> list[dict[str, Any]]:
 
 
 async def nemesis_run(
-    tmp_path: Path, strategy: str, nemesis: str, **options: Any
+    tmp_path: Path, strategy: str, nemesis: str, trials: int = 30, **options: Any
 ) -> dict[str, Any]:
     config = RunConfig(
-        strategies=[strategy], trials=30, out_dir=tmp_path, nemesis=nemesis, **options
+        strategies=[strategy], trials=trials, out_dir=tmp_path, nemesis=nemesis, **options
     )
     return await run(config, announce=lambda line: None)
 
@@ -448,7 +448,10 @@ async def test_for_update_stays_exactly_once_while_postgres_restarts(tmp_path: P
     """restart-postgres on the embedded server payrace started (no dsn: its own): no
     webhook follows the callback, so a capture whose answer died with the server is recorded
     by the reconciler alone; the service answers 503, never 500."""
-    summary = await nemesis_run(tmp_path, "for_update", "restart-postgres:0.5", webhooks=0)
+    # Enough trials that the run outlasts the first restart on an idle machine too.
+    summary = await nemesis_run(
+        tmp_path, "for_update", "restart-postgres:0.5", trials=200, webhooks=0
+    )
     result = summary["strategies"]["for_update"]
     restarts = result["nemesis"]["restarts"]["restart-postgres"]
     assert restarts["count"] >= 1, result["nemesis"]
@@ -468,7 +471,7 @@ async def test_for_update_stays_exactly_once_while_postgres_restarts(tmp_path: P
 
 @pytest.mark.slow
 async def test_naive_is_still_caught_while_postgres_restarts(tmp_path: Path) -> None:
-    summary = await nemesis_run(tmp_path, "naive", "restart-postgres:0.5")
+    summary = await nemesis_run(tmp_path, "naive", "restart-postgres:0.5", trials=120)
     result = summary["strategies"]["naive"]
     assert result["nemesis"]["restarts"]["restart-postgres"]["count"] >= 1
     assert result["valid"] is False
@@ -481,7 +484,9 @@ async def test_for_update_stays_exactly_once_while_the_service_is_killed_and_res
 ) -> None:
     """restart-service kills the uvicorn process payrace started with SIGKILL: requests in
     flight end `info` (no answer) and are not held against the target; none is lost."""
-    summary = await nemesis_run(tmp_path, "for_update", "restart-service:1", target="http")
+    summary = await nemesis_run(
+        tmp_path, "for_update", "restart-service:0.5", trials=80, target="http"
+    )
     result = summary["strategies"]["for_update"]
     restarts = result["nemesis"]["restarts"]["restart-service"]
     assert restarts["count"] >= 1, result["nemesis"]
