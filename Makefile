@@ -18,12 +18,19 @@ $(STAMP): pyproject.toml
 race: $(STAMP)
 	$(BIN)/payrace race
 
+# PYTEST_WORKERS=auto spreads the suite over one pytest worker per core (pytest-xdist), a test
+# file to a worker so a module's fixtures (a Locust run, a virtualenv) are made once. Off by
+# default: on a 2-core machine already busy it was slower, and timing-bound tests flaked
+# (docs/benchmarks.md, "The test suite").
+PYTEST_WORKERS ?= 0
+PYTEST_DIST    := -n $(PYTEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/pytest -rs
+	$(BIN)/pytest -rs $(PYTEST_DIST)
 
 # The edit loop: everything but the tests marked slow (processes, Locust, virtualenvs).
 test-fast: $(STAMP)
-	$(BIN)/pytest -rs -m "not slow"
+	$(BIN)/pytest -rs -m "not slow" $(PYTEST_DIST)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

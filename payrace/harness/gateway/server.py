@@ -249,6 +249,11 @@ class GatewayServer:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=2,
+            # The SDK's requests.Session reuses idle keep-alive connections. With uvicorn's 5 s
+            # default, a call sent just as the server closes an idle one is reset (a 502 from
+            # the service on a busy machine, e.g. the explorer's batch of orders after a pause):
+            # keep them far longer than any pause between a run's calls.
+            timeout_keep_alive=300,
         )
         self._server = uvicorn.Server(config)
         self.thread = threading.Thread(

@@ -99,7 +99,7 @@ WHERE datname = current_database() AND pid <> pg_backend_pid()
 R = TypeVar("R")
 
 
-async def _on_gateway(gateway: GatewayControl, call: Callable[..., R], *args: Any) -> R:
+async def on_gateway(gateway: GatewayControl, call: Callable[..., R], *args: Any) -> R:
     """A fake in this process answers at once, under its own lock; a remote one is an HTTP
     call, made off the event loop."""
     if isinstance(gateway, LocalGateway):
@@ -299,7 +299,7 @@ class Sampler:
         self.samples = 0
 
     async def _held(self) -> dict[str, int]:
-        return await _on_gateway(self.gateway, self.gateway.holds) if self.gateway else {}
+        return await on_gateway(self.gateway, self.gateway.holds) if self.gateway else {}
 
     async def held(self, gateway_payment_id: str) -> int:
         """Capture calls held for this payment right now, from the gateway alone."""
@@ -379,7 +379,7 @@ class Barrier:
         self._stages = list(STAGES)
         if self.gateway is not None:
             hold_s = self.timeout_s * GATEWAY_HOLD_TIMEOUTS
-            await _on_gateway(self.gateway, self.gateway.arm_holds, self.gateway_payment_id, hold_s)
+            await on_gateway(self.gateway, self.gateway.arm_holds, self.gateway_payment_id, hold_s)
             self._armed = True
 
     async def run(self, sends: Sequence[Callable[[], Coroutine[Any, Any, T]]]) -> list[T]:
@@ -461,7 +461,7 @@ class Barrier:
         self.unexplained = 0
         if what == "gateway":
             assert self.gateway is not None
-            await _on_gateway(self.gateway, self.gateway.release_holds, self.gateway_payment_id)
+            await on_gateway(self.gateway, self.gateway.release_holds, self.gateway_payment_id)
         elif what == "payment":
             await self.conn.execute("ROLLBACK TO SAVEPOINT payrace_payment")
         elif what == "invoice":
@@ -473,7 +473,7 @@ class Barrier:
     async def _disarm(self) -> None:
         if self._armed and self.gateway is not None:
             self._armed = False
-            await _on_gateway(self.gateway, self.gateway.disarm_holds, self.gateway_payment_id)
+            await on_gateway(self.gateway, self.gateway.disarm_holds, self.gateway_payment_id)
 
     async def end(self) -> None:
         """Let go of everything still held (idempotent)."""

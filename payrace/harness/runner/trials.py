@@ -48,7 +48,7 @@ from payrace.harness.model.profile import Profile, foreign_order
 from payrace.harness.model.stats import LatencyHistogram, PathHistograms
 from payrace.harness.reports.timeline import TimelineEvent, from_probes
 from payrace.harness.runner.config import RunConfig, oracle_config
-from payrace.harness.runner.forcing import LockForcing
+from payrace.harness.runner.forcing import LockForcing, on_gateway
 from payrace.harness.runner.target import Target
 from payrace.service.instrument import probes
 
@@ -296,7 +296,7 @@ async def run_trial(
     plan = generator.plan(trial)
     order = await _create_order(target, gateway, config.amount)
     try:
-        payment = await asyncio.to_thread(gateway.authorize, order["gateway_order_id"])
+        payment = await on_gateway(gateway, gateway.authorize, order["gateway_order_id"])
     except Exception as exc:
         said = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         raise UsageError(foreign_order(order["gateway_order_id"], said)) from None
@@ -304,7 +304,7 @@ async def run_trial(
         # Razorpay sends payment.captured / order.paid only for a payment it has captured
         # (its automatic capture): the gateway's state comes first, as in the wild, so a
         # target trusting the event is never told of a capture that did not happen.
-        payment = await asyncio.to_thread(gateway.auto_capture, payment["id"])
+        payment = await on_gateway(gateway, gateway.auto_capture, payment["id"])
     ctx = PaymentContext(
         order["payment_id"], order["gateway_order_id"], payment, amount=config.amount
     )
@@ -452,7 +452,7 @@ async def _create_order(
     must not park every trial for long."""
     gateway_order_id = None
     if target.profile.create_order.by == "payrace":
-        order = await asyncio.to_thread(gateway.create_order, amount, "INR")
+        order = await on_gateway(gateway, gateway.create_order, amount, "INR")
         gateway_order_id = str(order["id"])
     for attempt in range(1, attempts + 1):
         try:

@@ -127,7 +127,11 @@ async def test_to_json_reports_the_interval_and_the_wait_summary(pg: Database, t
 async def test_leaving_the_watch_stops_polling_and_closes_its_connection(pg: Database) -> None:
     watch = LockWatch(pg.url, interval_s=0.005)
     await watch.__aenter__()
-    await asyncio.sleep(0.05)
+    # Until it has polled twice (bounded): on a loaded machine 50 ms may see no poll at all.
+    for _ in range(500):
+        if watch.result.samples >= 2:
+            break
+        await asyncio.sleep(0.01)
     started = time.perf_counter()
     await watch.__aexit__(None, None, None)
     assert time.perf_counter() - started < 1.0  # a poll cut short does not hold up the exit
