@@ -298,6 +298,14 @@ class LoadRun:
                 gateway.close()
         else:
             problems.append(f"{ENV_GATEWAY_URL} is not set: gateway captures are not counted")
+        reconciliation = None
+        if counters is not None and self.settings.gateway_url:
+            reconciliation = self._await_reconciled(url, self.settings.gateway_url)
+            gateway = RemoteGateway(self.settings.gateway_url)
+            try:
+                counters = gateway.counters()  # what the reconciliation changed
+            finally:
+                gateway.close()
         obs = oracle.observe(
             url,
             self.settings.target_profile().oracle,
@@ -345,6 +353,48 @@ class LoadRun:
                 "baseline": since.to_json(),
             },
             "first_violation": judged.first_violation(),
+            "reconciliation": reconciliation,
+        }
+
+    def _await_reconciled(self, url: str, gateway_url: str) -> dict[str, Any]:
+        """As `payrace run` does (runner.reconcile): a capture the service asked the gateway
+        for and whose answer it lost (40001 retries used up after the gateway said yes, a
+        killed backend) is its reconciler's to record; it gets a bounded window to do so
+        before the oracle judges. Only the service's own capture calls count here (the
+        gateway's automatic capture is no evidence in a load run: _judge)."""
+        from payrace.harness.runner.reconcile import OWN_WINDOW_S, RUNNING_WINDOW_S, pending
+
+        config = self.settings.target_profile().oracle
+        done = config.payments.done_value
+        payments = {p: g for p, g in self.payments.items() if g}
+        window = RUNNING_WINDOW_S if self.settings.profile is not None else OWN_WINDOW_S
+        gateway = RemoteGateway(gateway_url)
+
+        def look() -> list[int]:
+            accepted = {"accepted": gateway.counters().get("accepted", {})}
+            return pending(payments, accepted, oracle.statuses(url, config, payments), done)
+
+        try:
+            started = time.monotonic()
+            before = left = look()
+            while left and time.monotonic() - started < window:
+                time.sleep(0.25)
+                left = look()
+        finally:
+            gateway.close()
+        return {
+            "waited_for": (
+                "payments whose capture the gateway accepted from the service that the "
+                "target's database did not show captured, until none was left or the window "
+                "closed"
+            ),
+            "how": "polling the target's database: its own reconciler",
+            "window_s": window,
+            "waited_s": round(time.monotonic() - started, 3),
+            "pending_before": len(before),
+            "reconciled": len(before) - len(left),
+            "pending_after": len(left),
+            "first_pending": left[:5],
         }
 
     def write(self, summary: dict[str, Any]) -> None:

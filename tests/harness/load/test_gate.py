@@ -4,25 +4,39 @@ stays light enough for Locust's workers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from conftest import Service
 
+from payrace.harness.gateway.fake import FakeRazorpay
+from payrace.harness.infra.provider import Database
 from payrace.harness.load.gate import GATE_CHECKERS, LoadRun, settle_deadlocks
-from payrace.harness.load.worker import RUNNING_TARGET_SETTLE_S, LoadSettings, LoadTally
+from payrace.harness.load.worker import (
+    ENV_GATEWAY_URL,
+    ENV_TARGET_DSN,
+    RUNNING_TARGET_SETTLE_S,
+    LoadSettings,
+    LoadTally,
+)
 from payrace.harness.model import checker
 from payrace.harness.model import profile as profile_module
 from payrace.harness.model.gates import Gate
 from payrace.harness.model.oracle import AuditRow, Observation, PaymentState
 from payrace.harness.model.profile import Profile
 from payrace.harness.model.watched import OracleConfig
+from payrace.harness.runner import reconcile as reconcile_module
 from payrace.harness.runner.config import EXTERNAL_SETTLE_S
 
 # -- settings -----------------------------------------------------------------------------
@@ -435,3 +449,48 @@ def test_the_gate_and_the_profile_import_no_web_stack(module: str) -> None:
     loaded = imported_by(module)
     assert "payrace" in loaded  # the measurement saw the import at all
     assert loaded & set(HEAVY) == set()
+
+
+# -- the target's reconciliation window, before the gate judges -------------------------
+
+
+async def test_a_capture_whose_answer_was_lost_gets_the_reconcilers_window(
+    service: Service,
+    pg: Database,
+    gateway_url: str,
+    fake_gateway: FakeRazorpay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway accepted the service's capture, the database still says pending (40001
+    retries used up after the gateway said yes): the gate waits, boundedly, for the target's
+    reconciler. One recorded within the window is reconciled; one never recorded is still
+    pending when the window closes, and no_lost_capture then judges it lost."""
+    monkeypatch.setattr(reconcile_module, "OWN_WINDOW_S", 3.0)
+    run = LoadRun(LoadSettings.from_env({ENV_TARGET_DSN: pg.url, ENV_GATEWAY_URL: gateway_url}))
+    lost: dict[int, str] = {}
+    for _ in range(2):
+        order = (await service.client.post("/orders", json={"amount": 50000})).json()
+        payment = fake_gateway.authorize_payment(order["gateway_order_id"])
+        fake_gateway.capture(payment["id"], {"amount": 50000, "currency": "INR"})
+        lost[order["payment_id"]] = payment["id"]
+    run.payments = dict(lost)
+    recorded, never = sorted(lost)
+
+    def reconciler() -> None:  # what the service's sweeper writes, half a second later
+        time.sleep(0.5)
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE payments SET status = 'captured', captured_at = now(), "
+                "gateway_payment_id = %s WHERE id = %s",
+                (lost[recorded], recorded),
+            )
+
+    sweeper = threading.Thread(target=reconciler)
+    sweeper.start()
+    try:
+        waited = await asyncio.to_thread(run._await_reconciled, pg.url, gateway_url)
+    finally:
+        sweeper.join()
+    assert (waited["pending_before"], waited["reconciled"], waited["pending_after"]) == (2, 1, 1)
+    assert waited["first_pending"] == [never]
+    assert 2.5 <= waited["waited_s"] < 10, waited
