@@ -314,6 +314,13 @@ def run_command(
             "while one is pending; default 10, 60 for --target URL; 0: judge at once)"
         ),
     ] = None,
+    callback_reloads: Annotated[
+        int,
+        typer.Option(
+            help="send a client callback answered 5xx (or not at all) again this many times, "
+            "as a customer reloading the return page (0..10)"
+        ),
+    ] = 0,
     quiet: Annotated[bool, typer.Option(help=QUIET_HELP)] = False,
 ) -> None:
     # The help is RUN_HELP: it lists every fault of the nemesis registry.
@@ -355,6 +362,7 @@ def run_command(
             expect=expect,
             settle_s=settle_s,
             reconcile_s=reconcile_s,
+            callback_reloads=callback_reloads,
             command=shlex.join(["payrace", *sys.argv[1:]]),
         )
         config.validate()

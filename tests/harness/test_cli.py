@@ -333,6 +333,7 @@ def _outside_server() -> str:
         (["--webhooks", "100000"], "--webhooks must be between 0 and 16"),
         (["--mode", "jitter", "--jitter-ms", "nan"], "--jitter-ms must be a number"),
         (["--hold-ms", "inf"], "--hold-ms must be a number"),
+        (["--callback-reloads", "11"], "--callback-reloads must be between 0 and 10"),
         (["--strategy", ""], "--strategy names no strategy"),
         (["--strategy", " , "], "--strategy names no strategy"),
     ],

@@ -343,7 +343,10 @@ def _gateway_owner(ops: Sequence[Operation], obs: Observation) -> dict[str, int]
 
 
 def gateway_capture_once(ops: Sequence[Operation], obs: Observation) -> CheckResult:
-    """At most one capture call reaches the gateway per gateway payment id."""
+    """At most one capture call reaches the gateway per gateway payment id, not counting the
+    calls the harness's fault injection failed (gateway-errors): a client that sends the
+    capture again after one (a reloaded callback) is doing what it should, and the money
+    moved once. A second call after any other answer is a double capture attempt."""
     owner = _gateway_owner(ops, obs)
     by_payment = _ops_by_payment(ops)
     violations = [
@@ -355,7 +358,7 @@ def gateway_capture_once(ops: Sequence[Operation], obs: Observation) -> CheckRes
             "ops": by_payment.get(owner[gid], []) if gid in owner else [],
         }
         for gid, calls in sorted(obs.gateway_captures.items())
-        if calls > 1
+        if calls - obs.gateway_injected.get(gid, 0) > 1
     ]
     return _verdict(
         "gateway_capture_once",

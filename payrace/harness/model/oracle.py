@@ -55,7 +55,7 @@ import functools
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
@@ -190,6 +190,9 @@ class Observation:
     # own automatic capture); gateway_observed says the gateway was read at all.
     gateway_captured: frozenset[str] = frozenset()
     gateway_observed: bool = False
+    # Gateway payment id -> capture calls the harness's own fault injection failed
+    # (gateway-errors): a client sending the capture again after one is doing the right thing.
+    gateway_injected: dict[str, int] = field(default_factory=dict)
 
 
 # -- connection ---------------------------------------------------------------------------
@@ -481,11 +484,15 @@ def observe(
         )
         cycles = deadlocks.verify(conn, lock_cycles or ())
     captures, accepted, at_gateway = _gateway(gateway_counters, scope, states, gateway_payment_ids)
+    injected = {
+        k: int(v) for k, v in (gateway_counters or {}).get("injected", {}).items() if k in captures
+    }
     return Observation(
         audit=audit,
         payments=states,
         gateway_captures=captures,
         gateway_accepted=accepted,
+        gateway_injected=injected,
         deadlocks=delta,
         config=config,
         deadlocks_settled=settled,

@@ -39,6 +39,8 @@ MAX_OFFSET_MS = 60_000.0
 # PostgreSQL 15+ flushes an idle backend's deadlock count within 10 s (PGSTAT_IDLE_INTERVAL);
 # a pooled target's idle connections have flushed once they sat idle 11 s (model.oracle).
 EXTERNAL_SETTLE_S = 15.0
+# A customer reloads a failed return page a few times, not forever.
+MAX_CALLBACK_RELOADS = 10
 
 Mode = Literal["forced", "aligned", "jitter"]
 MODES: tuple[Mode, ...] = ("forced", "aligned", "jitter")
@@ -88,6 +90,9 @@ class RunConfig:
     # How long, at most, the target gets after the trials to reconcile captures the gateway
     # made that its database does not show (runner.reconcile). None: its default window.
     reconcile_s: float | None = None
+    # A client callback answered 5xx (or not at all) is sent again this many times, as a
+    # customer reloading the checkout's return page would (trials._resend). 0: never.
+    callback_reloads: int = 0
     _profile: Profile | None = field(default=None, init=False, repr=False, compare=False)
     _baseline: Baseline | None = field(default=None, init=False, repr=False, compare=False)
     # Forced mode: "locks" (the harness's row locks in the target's database and its gateway
@@ -227,6 +232,11 @@ class RunConfig:
             raise UsageError(
                 f"--reconcile-s must be between 0 and 3600 seconds (0: judge without waiting "
                 f"for the target to reconcile), got {self.reconcile_s!r}"
+            )
+        if not 0 <= self.callback_reloads <= MAX_CALLBACK_RELOADS:
+            raise UsageError(
+                f"--callback-reloads must be between 0 and {MAX_CALLBACK_RELOADS} (how often "
+                f"a callback answered 5xx is sent again), got {self.callback_reloads}"
             )
         if self.nemesis is not None:
             try:

@@ -184,6 +184,8 @@ def _common(config: RunConfig, run: StrategyRun, not_seen: list[str]) -> dict[st
         "conflicts": {
             "answered_409": run.conflicts,
             "retried": run.conflict_retries,
+            # Client callbacks answered 5xx or not at all, sent again (--callback-reloads).
+            "callbacks_reloaded": run.reloaded,
             # Aborted by PostgreSQL and retried inside the target (its Server-Timing).
             "serialization_failures": run.retried_inside["serialization"],
             "deadlocks_retried": run.retried_inside["deadlock"],

@@ -13,7 +13,8 @@ _fire()          how the requests are released, by mode:
   aligned          released together: an asyncio gate in-process, last-byte sync over
                    HTTP; the arrival spread is measured from the target's own stamps
   jitter           seeded random offsets per request
-_redeliver()     webhooks answered with a 5xx sent again, as Razorpay does (nemesis only)
+_redeliver()     webhooks answered with a 5xx sent again, as Razorpay does (nemesis only);
+                 callbacks too, as a customer reloading the page (--callback-reloads)
 Liveness         a target that stopped answering (STOP_AFTER trials in a row without any
                  HTTP answer: killed, crashed) stops the run early with the cause, instead
                  of a long tail of failed trials judged as if they had raced
@@ -118,6 +119,7 @@ class StrategyRun:
         self.trial_errors: list[str] = []
         self.nemesis: dict[str, Any] | None = None
         self.redelivered = 0  # webhooks sent again after a 5xx (under the nemesis only)
+        self.reloaded = 0  # client callbacks sent again after a 5xx (--callback-reloads)
         self.conflicts = 0  # answers 409 (retryable: a lock not taken, a serialisation failure)
         self.conflict_retries = 0  # of those, sent again (_retry_conflicts)
         # Attempts the target aborted and retried itself, as its Server-Timing says.
@@ -328,8 +330,8 @@ async def run_trial(
         if "received_at_ns" in server:
             received.append(int(server["received_at_ns"]))
     replies = await _retry_conflicts(target, plan, reqs, replies, ctx, run)
-    if config.nemesis:
-        await _redeliver(target, plan, reqs, replies, ctx, run)
+    if config.nemesis or config.callback_reloads:
+        await _redeliver(config, target, plan, reqs, replies, ctx, run)
     spread = (max(received) - min(received)) / 1e6 if len(received) > 1 else None
     if spread is not None and config.mode == "aligned":
         run.arrival.record_ms(spread)
@@ -415,6 +417,7 @@ def _retry_after_s(reply: Reply) -> float:
 
 
 async def _redeliver(
+    config: RunConfig,
     target: Target,
     plan: TrialPlan,
     reqs: list[Prepared],
@@ -424,21 +427,32 @@ async def _redeliver(
 ) -> None:
     """Razorpay delivers a webhook at least once: one answered with a 5xx, or not at all, is
     sent again with the same event id, as Razorpay's retries would. Only under the nemesis,
-    whose faults make a retryable 503 the right answer; each redelivery is its own operation."""
+    whose faults make a retryable 503 the right answer; each redelivery is its own operation.
+    A client callback answered so is sent again `config.callback_reloads` times, as a customer
+    reloading the return page would (the same Checkout fields), each its own operation too."""
     for step, req, reply in zip(plan.steps, reqs, replies, strict=True):
+        if req.f == "webhook":
+            limit, key = (REDELIVERIES if config.nemesis else 0), "redelivery"
+        elif req.f == "verify":
+            limit, key = config.callback_reloads, "reload"
+        else:
+            continue
         attempt = 0
-        while req.f == "webhook" and (reply.status is None or reply.status >= 500):
-            if attempt == REDELIVERIES:
+        while reply.status is None or reply.status >= 500:
+            if attempt == limit:
                 break
             attempt += 1
             await asyncio.sleep(0.01 * 2**attempt)
             # Razorpay keeps trying for 24 hours; the run waits for a restarted target instead.
             await target.steady()
-            value = {**req.value, "redelivery": attempt}
+            value = {**req.value, key: attempt}
             inv = run.history.invoke(req.f, step.process, plan.trial, ctx.payment_id, value)
             reply = await target.client.send(req)
             _complete(run, inv, reply)
-            run.redelivered += 1
+            if req.f == "webhook":
+                run.redelivered += 1
+            else:
+                run.reloaded += 1
 
 
 async def _create_order(

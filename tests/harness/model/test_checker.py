@@ -721,3 +721,17 @@ def test_a_clean_run_is_valid() -> None:
         n: r.note for n, r in verdict.results.items() if r.valid is not True
     }
     assert verdict.violating_payments == frozenset()
+
+
+def test_gateway_capture_once_leaves_out_calls_the_fault_injection_failed() -> None:
+    """A callback reloaded after the harness's injected gateway failure calls capture again:
+    valid. A second call after any other answer stays a violation."""
+    ops = Ops()
+    ops.verify(7, status=502)
+    ops.verify(7)
+    obs = observation([], [state(7, gid="pay_7")], captures={"pay_7": 2}, accepted={"pay_7": 1})
+    injected = replace(obs, gateway_injected={"pay_7": 1})
+    assert gateway_capture_once(ops.ops, injected).valid is True
+    assert gateway_capture_once(ops.ops, obs).valid is False
+    twice = replace(obs, gateway_captures={"pay_7": 3}, gateway_injected={"pay_7": 1})
+    assert gateway_capture_once(ops.ops, twice).valid is False
