@@ -133,17 +133,21 @@ def _split(values: list[str]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
 
-def _collect(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Run with a progress bar; return the summary, histories attached."""
-    progress = Progress(
+def _progress(quiet: bool) -> Progress:
+    """One bar per task, the same look for every command that runs trials."""
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
         disable=quiet,
-        transient=False,
     )
+
+
+def _collect(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Run with a progress bar; return the summary, histories attached."""
+    progress = _progress(quiet)
     tasks = {
         s: progress.add_task(f"{s} · {config.mode}", total=config.trials) for s in config.strategies
     }
@@ -501,14 +505,7 @@ def chaos_command(
         steps = chaos.plan(base, payments)
     except UsageError as exc:
         raise _fail(str(exc)) from None
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet,
-    )
+    progress = _progress(quiet)
     tasks = {
         (step.fault, s): progress.add_task(f"{s} · {step.config.nemesis}", total=step.config.trials)
         for step in steps
