@@ -362,40 +362,41 @@ class LoadRun:
         killed backend) is its reconciler's to record; it gets a bounded window to do so
         before the oracle judges. Only the service's own capture calls count here (the
         gateway's automatic capture is no evidence in a load run: _judge)."""
-        from payrace.harness.runner.reconcile import OWN_WINDOW_S, RUNNING_WINDOW_S, pending
+        from payrace.harness.runner.reconcile import (
+            OWN_WINDOW_S,
+            RUNNING_WINDOW_S,
+            Waited,
+            pending,
+        )
 
         config = self.settings.target_profile().oracle
         done = config.payments.done_value
         payments = {p: g for p, g in self.payments.items() if g}
-        window = RUNNING_WINDOW_S if self.settings.profile is not None else OWN_WINDOW_S
+        waited = Waited(
+            RUNNING_WINDOW_S if self.settings.profile is not None else OWN_WINDOW_S,
+            "polling the target's database: its own reconciler",
+            waited_for=(
+                "payments whose capture the gateway accepted from the service that the "
+                "target's database did not show captured, until none was left or the window "
+                "closed"
+            ),
+        )
         gateway = RemoteGateway(gateway_url)
 
         def look() -> list[int]:
             accepted = {"accepted": gateway.counters().get("accepted", {})}
             return pending(payments, accepted, oracle.statuses(url, config, payments), done)
 
+        started = time.monotonic()
         try:
-            started = time.monotonic()
-            before = left = look()
-            while left and time.monotonic() - started < window:
+            waited.pending_before = waited.pending_after = look()
+            while waited.pending_after and time.monotonic() - started < waited.window_s:
                 time.sleep(0.25)
-                left = look()
+                waited.pending_after = look()
         finally:
             gateway.close()
-        return {
-            "waited_for": (
-                "payments whose capture the gateway accepted from the service that the "
-                "target's database did not show captured, until none was left or the window "
-                "closed"
-            ),
-            "how": "polling the target's database: its own reconciler",
-            "window_s": window,
-            "waited_s": round(time.monotonic() - started, 3),
-            "pending_before": len(before),
-            "reconciled": len(before) - len(left),
-            "pending_after": len(left),
-            "first_pending": left[:5],
-        }
+        waited.waited_s = time.monotonic() - started
+        return waited.to_json()
 
     def write(self, summary: dict[str, Any]) -> None:
         out = self.settings.report_dir

@@ -79,7 +79,7 @@ from payrace.harness.reports.summary import (
     write_atomically,
 )
 from payrace.harness.reports.writers import claim_run_dir, write_all
-from payrace.harness.runner.reconcile import HTTP_SWEEP
+from payrace.harness.runner.reconcile import http_sweep_env
 from payrace.redact import redact
 from payrace.service.strategies import UnknownStrategy, resolve
 
@@ -452,7 +452,7 @@ def _run(plan: LoadPlan, console: Console, quiet: bool = False) -> int:
             **plan.service_pool(),
             # Its reconciler sweeps soon enough for the gate's window (load.gate), unless the
             # environment sets its cadence (RECONCILE_INTERVAL_S=0: off).
-            **{k: v for k, v in HTTP_SWEEP.items() if k not in os.environ},
+            **http_sweep_env(),
         }
         service = stack.enter_context(
             ServiceProcess(env, workers=plan.workers, log_path=plan.run_dir / "service.log")

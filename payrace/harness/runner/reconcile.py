@@ -30,6 +30,7 @@ wait then only polls, and what it finds pending at the end is judged lost.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,12 @@ RUNNING_WINDOW_S = 60.0
 HTTP_SWEEP = {"RECONCILE_INTERVAL_S": "0.5", "RECONCILE_AFTER_S": "1"}
 
 
+def http_sweep_env() -> dict[str, str]:
+    """HTTP_SWEEP for a reference service payrace starts, each setting unless the environment
+    sets it (RECONCILE_INTERVAL_S=0 there keeps the reconciler off)."""
+    return {k: v for k, v in HTTP_SWEEP.items() if k not in os.environ}
+
+
 @dataclass
 class Reconciler:
     """How the target reconciles: `sweep` runs one pass now and says whether another could
@@ -64,6 +71,10 @@ class Reconciler:
 class Waited:
     window_s: float
     how: str
+    waited_for: str = (
+        "payments the fake gateway captured that the target's database did not show "
+        "captured, until none was left or the window closed"
+    )
     pending_before: list[int] = field(default_factory=list)
     pending_after: list[int] = field(default_factory=list)
     waited_s: float = 0.0
@@ -73,10 +84,7 @@ class Waited:
     def to_json(self) -> dict[str, Any]:
         before, after = len(self.pending_before), len(self.pending_after)
         return {
-            "waited_for": (
-                "payments the fake gateway captured that the target's database did not show "
-                "captured, until none was left or the window closed"
-            ),
+            "waited_for": self.waited_for,
             "how": self.how,
             "window_s": self.window_s,
             "waited_s": round(self.waited_s, 3),

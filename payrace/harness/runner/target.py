@@ -23,7 +23,7 @@ from payrace.harness.infra.provider import Cluster, Database
 from payrace.harness.model.client import AsgiClient, Client, HttpClient
 from payrace.harness.model.profile import Hook, Profile
 from payrace.harness.runner.config import RunConfig
-from payrace.harness.runner.reconcile import HTTP_SWEEP, Reconciler
+from payrace.harness.runner.reconcile import HTTP_SWEEP, Reconciler, http_sweep_env
 from payrace.service.app import Runtime, create_app
 from payrace.service.errors import connection_lost
 from payrace.service.reconcile import reconcile_once
@@ -91,7 +91,7 @@ def _in_process_reconciler(runtime: Runtime) -> Reconciler:
 def _http_sweep() -> tuple[dict[str, str], Reconciler]:
     """The sweeper settings of the service payrace starts: HTTP_SWEEP, each unless the
     environment sets it (RECONCILE_INTERVAL_S=0 keeps the reconciler off)."""
-    env = {k: v for k, v in HTTP_SWEEP.items() if k not in os.environ}
+    env = http_sweep_env()
     settings = {k: os.environ.get(k, v) for k, v in HTTP_SWEEP.items()}
     if float(settings["RECONCILE_INTERVAL_S"]) <= 0:
         how = "polling only: the service's reconciler is off (RECONCILE_INTERVAL_S=0)"
