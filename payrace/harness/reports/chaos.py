@@ -36,6 +36,7 @@ COUNTED = {
     "5xx": "no_5xx",
 }
 COLUMNS = ("fault", "strategy", "payments", *COUNTED, "reconciled", "verdict", "as declared")
+NUMERIC = {*COUNTED, "payments", "reconciled"}  # right-aligned
 
 
 def _count(result: dict[str, Any], checker: str) -> int | None:
@@ -93,8 +94,7 @@ def rows(summary: dict[str, Any]) -> list[list[str]]:
 
 def markdown(summary: dict[str, Any]) -> str:
     """The README's table: header, rows, and what produced it."""
-    right = {*COUNTED, "payments", "reconciled"}
-    align = "|".join("---:" if c in right else "---" for c in COLUMNS)
+    align = "|".join("---:" if c in NUMERIC else "---" for c in COLUMNS)
     lines = ["| " + " | ".join(COLUMNS) + " |", f"|{align}|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows(summary)]
     lines += [
@@ -109,7 +109,7 @@ def markdown(summary: dict[str, Any]) -> str:
 def render_table(summary: dict[str, Any], console: Console) -> None:
     table = Table(title="payrace chaos: every fault of the nemesis, the fix and the bug")
     for col in COLUMNS:
-        numeric = col in {*COUNTED, "payments", "reconciled"}
+        numeric = col in NUMERIC
         # The fault and strategy are what a reader scans for: never cut, never wrapped.
         table.add_column(col, justify="right" if numeric else "left", no_wrap=not numeric)
     for row in rows(summary):
