@@ -34,7 +34,7 @@ from payrace.service.capture import Runner, capture, mark_failed
 from payrace.service.command import CaptureCommand
 from payrace.service.db import create_schema, make_engine, make_sessionmaker
 from payrace.service.errors import ApiError, GatewayFailed, NotFound, Rejected, install_handlers
-from payrace.service.gateway_client import GatewayClient, GatewayError
+from payrace.service.gateway_client import GatewayClient, GatewayError, make_gateway_client
 from payrace.service.instrument.middleware import InstrumentMiddleware
 from payrace.service.instrument.probes import Rendezvous
 from payrace.service.models import Invoice, Order, Payment
@@ -73,12 +73,7 @@ class Runtime:
         engine = make_engine(settings)
         maker = make_sessionmaker(engine)
         intents_engine = make_engine(settings, pool_size=INTENT_POOL_SIZE)
-        gateway = GatewayClient(
-            settings.razorpay_key_id,
-            settings.razorpay_key_secret,
-            settings.razorpay_base_url,
-            settings.gateway_threads,
-        )
+        gateway = make_gateway_client(settings)
         runner = Runner(
             maker=maker,
             strategy=resolve(settings.capture_strategy),

@@ -4,9 +4,13 @@ DATABASE_URL              postgresql+asyncpg://... (plain postgresql:// is accep
 CAPTURE_STRATEGY          naive | for_update | ... | package.module:Name (service.strategies)
 ISOLATION_LEVEL           READ COMMITTED | REPEATABLE READ | SERIALIZABLE
 RAZORPAY_KEY_ID / RAZORPAY_KEY_SECRET / RAZORPAY_WEBHOOK_SECRET
-RAZORPAY_BASE_URL         where the razorpay SDK sends its calls (the fake gateway in tests)
+RAZORPAY_BASE_URL         where the gateway calls go (the fake gateway in tests)
+GATEWAY_CLIENT            lean (default): payrace's asyncio HTTP client speaking the razorpay
+                          SDK's wire format on the event loop; sdk: the razorpay SDK itself, in
+                          a thread pool (service.gateway_client)
 PAYRACE_PROBES            honour the test-only X-Payrace-Pause header (off: it makes requests wait)
-DB_POOL_SIZE / DB_MAX_OVERFLOW / GATEWAY_THREADS
+DB_POOL_SIZE / DB_MAX_OVERFLOW
+GATEWAY_THREADS           gateway calls at once: the SDK's threads; the lean client's cap
 RECONCILE_INTERVAL_S      how often the sweeper asks the gateway about captures whose answer was
                           lost (0: no sweeper; payrace.service.reconcile)
 RECONCILE_AFTER_S         a capture intent is swept once it is this old and still not captured
@@ -55,6 +59,8 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=20, ge=1, le=500)
     db_max_overflow: int = Field(default=20, ge=0, le=500)
     gateway_threads: int = Field(default=64, ge=1, le=512)
+    # Both speak the same wire format; the lean one costs a fraction of the CPU per call.
+    gateway_client: Literal["lean", "sdk"] = "lean"
     # Serialisation failures at REPEATABLE READ / SERIALIZABLE are retried this many times
     # before the caller gets a retryable 409.
     serialization_retries: int = Field(default=3, ge=0, le=20)
@@ -77,6 +83,11 @@ class Settings(BaseSettings):
     def _strategy(cls, value: str) -> str:
         resolve(value)  # UnknownStrategy is a ValueError: a validation error naming the fix
         return value
+
+    @field_validator("gateway_client", mode="before")
+    @classmethod
+    def _client(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("isolation_level", mode="before")
     @classmethod
