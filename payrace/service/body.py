@@ -9,6 +9,8 @@
     lone_surrogate()      where a parsed JSON document holds a string with a lone UTF-16
                           surrogate ("\\ud800" is valid JSON but no Unicode text: PostgreSQL,
                           the SDK's HMAC and the JSON answer would all fail on it)
+    may_escape_surrogate()  whether a JSON text could parse to one at all: only a \\uD800-
+                          \\uDFFF escape can make one, so most bodies skip the walk above
 
 The body is buffered (at most MAX_BODY_BYTES) and handed to the app unchanged.
 """
@@ -28,6 +30,10 @@ MAX_JSON_DEPTH = 32
 # bracket; brackets inside strings are thereby skipped.
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+# Decoded UTF-8 never holds a surrogate (the codec refuses them), so a parsed document can hold
+# one only through a \uD8xx-\uDFxx escape. A false alarm (an escaped backslash before "ud8")
+# only costs the full walk.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def json_depth(text: str) -> int:
@@ -41,6 +47,11 @@ def json_depth(text: str) -> int:
         elif token in ("]", "}"):
             depth -= 1
     return deepest
+
+
+def may_escape_surrogate(text: str) -> bool:
+    """False when the JSON `text`, decoded from UTF-8, cannot parse to a lone surrogate."""
+    return _SURROGATE_ESCAPE.search(text) is not None
 
 
 def lone_surrogate(doc: Any, path: str = "body") -> str | None:
@@ -96,7 +107,12 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if body.lstrip()[:1] in (b"{", b"["):
+        # No body nests deeper than it has opening brackets (those in strings included): the
+        # count, in C, spares the scan for every body of ordinary shape.
+        if body.count(b"{") + body.count(b"[") > self.max_depth and body.lstrip()[:1] in (
+            b"{",
+            b"[",
+        ):
             depth = json_depth(body.decode("utf-8", "replace"))
             if depth > self.max_depth:
                 await self._refuse(

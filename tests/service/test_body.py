@@ -6,9 +6,17 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.types import Message, Receive, Scope, Send
 
-from payrace.service.body import MAX_JSON_DEPTH, BodyLimitMiddleware, json_depth, lone_surrogate
+from payrace.service.body import (
+    MAX_JSON_DEPTH,
+    BodyLimitMiddleware,
+    json_depth,
+    lone_surrogate,
+    may_escape_surrogate,
+)
 
 
 @pytest.mark.parametrize(
@@ -32,6 +40,36 @@ def test_lone_surrogates_are_found_in_values_and_keys_but_pairs_are_text() -> No
     assert lone_surrogate(json.loads('{"\\udfff": 1}')) == "body (a key)"
     assert lone_surrogate(json.loads('{"a": "\\ud83d\\ude00"}')) is None  # an escaped emoji
     assert lone_surrogate(json.loads('{"a": "caf\\u00e9", "n": [1, 2.5, null, true]}')) is None
+
+
+def test_only_a_surrogate_escape_can_make_a_lone_surrogate() -> None:
+    assert may_escape_surrogate('{"a": "\\ud800"}')
+    assert may_escape_surrogate('{"\\uDFFF": 1}')
+    assert may_escape_surrogate('{"a": "\\ud83d\\ude00"}')  # a pair: the walk says None
+    assert not may_escape_surrogate('{"a": "caf\\u00e9 \\uD7FF \\uE000", "b": "\\\\"}')
+
+
+# Strings with lone surrogates (Cs), backslashes, quotes and astral characters, nested.
+_texts = st.recursive(
+    st.text(alphabet=st.characters(categories=["Cs", "Ll", "Po", "So", "Cc"])) | st.integers(),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(doc=_texts, ascii_only=st.booleans())
+def test_a_text_the_quick_check_clears_never_parses_to_a_lone_surrogate(
+    doc: Any, ascii_only: bool
+) -> None:
+    text = json.dumps(doc, ensure_ascii=ascii_only)
+    try:
+        text.encode("utf-8")  # what the service decodes from: UTF-8 holds no surrogate
+    except UnicodeEncodeError:
+        return
+    if not may_escape_surrogate(text):
+        assert lone_surrogate(json.loads(text)) is None
 
 
 class Recorder:
@@ -114,10 +152,14 @@ async def test_a_body_within_the_limit_reaches_the_app_unchanged() -> None:
     assert app.body == b"x" * 3000
 
 
-async def test_json_nested_past_the_limit_is_400_and_at_the_limit_passes() -> None:
+@pytest.mark.parametrize("padding", [b"", b'{"s": "' + b"{[" * 40 + b'"}, '])
+async def test_json_nested_past_the_limit_is_400_and_at_the_limit_passes(padding: bytes) -> None:
+    """Also when brackets inside strings push the count past the limit: only nesting counts."""
     for depth, status in ((MAX_JSON_DEPTH, 200), (MAX_JSON_DEPTH + 1, 400)):
         app = Recorder()
-        raw = b"[" * depth + b"]" * depth
+        raw = b"[" + padding + b"[" * (depth - 1) + b"]" * depth
+        if padding:
+            assert raw.count(b"[") + raw.count(b"{") > 2 * MAX_JSON_DEPTH
 
         async def receive(raw: bytes = raw) -> Message:
             return {"type": "http.request", "body": raw, "more_body": False}
