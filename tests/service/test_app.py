@@ -1,7 +1,8 @@
 """service/app.py over HTTP (ASGI): both callback paths, signatures, idempotency, errors.
 
-Every request goes through the real app, the real razorpay SDK and real PostgreSQL; the fake
-gateway is the only stand-in. Assertions are scoped to the test's own order and payment: the
+Every request goes through the real app, the real gateway client (the lean one by default; the
+razorpay SDK too where a test names both) and real PostgreSQL; the fake gateway is the only
+stand-in. Assertions are scoped to the test's own order and payment: the
 database is shared with the rest of the suite.
 """
 
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -28,6 +31,7 @@ from payrace.harness.gateway.signing import (
 from payrace.harness.infra.provider import Database
 from payrace.service.app import KNOWN_EVENTS, _parse_envelope
 from payrace.service.errors import Rejected
+from payrace.service.gateway_client import LeanGatewayClient, SdkGatewayClient
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -1078,3 +1082,74 @@ def test_a_lone_surrogate_anywhere_is_a_400_naming_the_field(
 
     assert "surrogate" in caught.value.message
     assert f"payload.payment.entity.{field}" in caught.value.message
+
+
+# -- both gateway clients, end to end -----------------------------------------------------------
+
+
+@pytest.fixture(params=["lean", "sdk"])
+async def client_service(
+    request: pytest.FixtureRequest, pg: Database, gateway_url: str
+) -> AsyncIterator[Service]:
+    settings = service_settings(pg, gateway_url, gateway_client=request.param)
+    async with Service(settings) as svc:
+        kind = LeanGatewayClient if request.param == "lean" else SdkGatewayClient
+        assert type(svc.runtime.gateway) is kind
+        yield svc
+
+
+async def test_both_gateway_clients_capture_once_and_answer_gateway_failures_alike(
+    client_service: Service, knobs: FakeRazorpay
+) -> None:
+    svc = client_service
+    order, payment = await customer_pays(svc, knobs)  # the order created through the client
+
+    first = await verify(svc, order, payment)
+    again = await verify(svc, order, payment)
+
+    assert (first.status_code, first.json()["status"], first.json()["idempotent"]) == (
+        200,
+        "captured",
+        False,
+    )
+    assert (again.status_code, again.json()["idempotent"]) == (200, True)
+    assert "gateway;dur=" in first.headers["server-timing"]
+    assert knobs.counters()["accepted"][payment["id"]] == 1
+
+    # Unavailable: a 502, nothing written; the redelivery captures.
+    order, payment = await customer_pays(svc, knobs)
+    knobs.set_knobs(fail_rate=1.0)
+    failed = await deliver(svc, "payment.authorized", payment, event_id=f"evt_{payment['id']}")
+    assert_error(failed, 502, "gateway_error")
+    assert (await rows(svc, order["payment_id"]))["status"] == "pending"
+    knobs.set_knobs(fail_rate=0.0)
+    redelivered = await deliver(svc, "payment.authorized", payment, event_id=f"evt_{payment['id']}")
+    assert (redelivered.status_code, redelivered.json()["status"]) == (200, "captured")
+
+    # Captured at the gateway already (Razorpay's automatic capture): "already been captured"
+    # is the gateway's 400, and the service records the capture instead of failing.
+    order, payment = await customer_pays(svc, knobs)
+    knobs.auto_capture(payment["id"])
+    late = await verify(svc, order, payment)
+    assert (late.status_code, late.json()["status"]) == (200, "captured")
+    assert knobs.counters()["rejected"][payment["id"]] == 1
+
+
+def test_the_capture_routes_run_nothing_in_a_thread() -> None:
+    """A sync dependency or endpoint is run in a worker thread: a hop per request."""
+    from payrace.service.app import create_app
+    from payrace.service.settings import Settings
+
+    app = create_app(Settings())
+    routes = {r.path: r for r in app.routes if hasattr(r, "dependant")}
+    for path in ("/payments/verify", "/webhooks/razorpay"):
+        pending = [routes[path].dependant]
+        while pending:
+            dependant = pending.pop()
+            if dependant.call is not None:
+                call = dependant.call
+                assert inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call), (
+                    path,
+                    call,
+                )
+            pending.extend(dependant.dependencies)
