@@ -8,7 +8,8 @@ Reading order:
     retry.py            serialisation failures, deadlocks, lost connections: retry, 409, 503
     app.py              FastAPI routes over the routine; `Runtime` holds what is built once
     signatures.py       Razorpay's callback and webhook signatures (the razorpay SDK)
-    gateway_client.py   the razorpay SDK's calls, off the event loop
+    gateway_client.py   Razorpay's API: a lean client in the SDK's wire format (default), or
+                        the razorpay SDK itself off the event loop (GATEWAY_CLIENT=sdk)
     models.py, db.py    tables; engine, sessions, schema
     errors.py           every error as JSON {"error": {"code", "message"}}
     settings.py         environment settings
