@@ -182,6 +182,10 @@ class SdkGatewayClient(GatewayClient):
 _SDK_CA_BUNDLE = os.path.join(os.path.dirname(razorpay.__file__), "ca-bundle.crt")
 
 
+class ContentDecodingError(ConnectionError):
+    """A compressed answer that does not decompress (requests names it the same)."""
+
+
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection, one request at a time; httptools parses the answer (content
     length, chunked, keep-alive)."""
@@ -238,7 +242,11 @@ class _Connection(asyncio.Protocol):
     def _finish(self, status: int) -> None:
         body = b"".join(self.body)
         if self.gzip:
-            body = zlib.decompress(body, 47)  # 32 + 15: gzip or zlib header, detected
+            try:
+                body = zlib.decompress(body, 47)  # 32 + 15: gzip or zlib header, detected
+            except zlib.error as exc:
+                self._fail(ContentDecodingError(f"the answer's body failed to decode: {exc}"))
+                return
         if self.answer is not None and not self.answer.done():
             self.answer.set_result((status, body))
 
@@ -328,8 +336,11 @@ class LeanGatewayClient(GatewayClient):
         try:
             async with self._slots:
                 status, raw = await self._exchange(request)
-        except (OSError, EOFError, zlib.error, ssl.SSLError) as exc:
-            raise _unavailable("ConnectionError", str(exc) or type(exc).__name__) from exc
+        except (OSError, EOFError) as exc:  # ConnectionError and ssl.SSLError among them
+            kind = (
+                type(exc).__name__ if isinstance(exc, ContentDecodingError) else "ConnectionError"
+            )
+            raise _unavailable(kind, str(exc) or type(exc).__name__) from exc
         finally:
             timing.current().gateway_ms += (time.perf_counter() - started) * 1000
         return _answer(status, raw)

@@ -309,6 +309,7 @@ CANNED = {
     "no error object": answer(500, b'{"oops": 1}'),
     "not json": answer(502, b"<html>Bad Gateway</html>"),
     "2xx not json": answer(200, b"nope"),
+    "bad gzip": answer(200, b"not gzip at all", "Content-Encoding: gzip"),
 }
 
 
@@ -320,8 +321,11 @@ async def outcome(client: GatewayClient, call: str) -> object:
             return await client.create_order(50000, "INR", "rcpt_1")
         return await client.fetch_payment("pay_A")
     except GatewayError as exc:
-        # JSON's and requests' decode errors word their detail differently: the kind counts.
+        # JSON's, zlib's and requests' decode errors word their detail differently: the kind
+        # counts.
         said = str(exc).split(": Expecting value")[0]
+        if "ContentDecodingError" in said:
+            said = said.split("Error: ")[0] + "Error"
         return ("GatewayError", exc.refused, said)
 
 
