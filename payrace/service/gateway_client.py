@@ -337,10 +337,7 @@ class LeanGatewayClient(GatewayClient):
             async with self._slots:
                 status, raw = await self._exchange(request)
         except (OSError, EOFError) as exc:  # ConnectionError and ssl.SSLError among them
-            kind = (
-                type(exc).__name__ if isinstance(exc, ContentDecodingError) else "ConnectionError"
-            )
-            raise _unavailable(kind, str(exc) or type(exc).__name__) from exc
+            raise _unavailable(_kind(exc), str(exc) or type(exc).__name__) from exc
         finally:
             timing.current().gateway_ms += (time.perf_counter() - started) * 1000
         return _answer(status, raw)
@@ -379,6 +376,15 @@ class LeanGatewayClient(GatewayClient):
         for conn in idle:
             if conn.transport is not None:
                 conn.transport.close()
+
+
+def _kind(exc: BaseException) -> str:
+    """What requests would call this failure, so that both clients answer alike."""
+    if isinstance(exc, ssl.SSLError):
+        return "SSLError"
+    if isinstance(exc, ContentDecodingError):
+        return "ContentDecodingError"
+    return "ConnectionError"
 
 
 def _segment(payment_id: str) -> str:

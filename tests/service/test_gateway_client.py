@@ -8,8 +8,12 @@ import contextlib
 import contextvars
 import gzip
 import json
+import shutil
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -422,3 +426,45 @@ def test_gateway_client_setting_picks_the_client(setting: str, kind: type[Gatewa
 def test_the_lean_client_refuses_a_base_url_it_cannot_speak_to() -> None:
     with pytest.raises(ValueError, match="RAZORPAY_BASE_URL"):
         LeanGatewayClient("rzp_test_x", "secret", "ftp://example.invalid")
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no CA signed, and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_both_clients_refuse_a_certificate_outside_the_sdks_ca_bundle(
+    self_signed: tuple[Path, Path],
+) -> None:
+    """https: the lean client trusts what the SDK's own CA bundle trusts, nothing else."""
+    cert, key = self_signed
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    rec = Recorder([CANNED["captured"]] * 2)
+    server = await asyncio.start_server(rec.serve, "127.0.0.1", 0, ssl=context)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    said = {}
+    try:
+        for name, kind in CLIENTS.items():
+            async with client_of(kind, url) as client:
+                with pytest.raises(GatewayError) as raised:
+                    await client.capture("pay_A", 50000, "INR")
+            said[name] = str(raised.value)
+    finally:
+        server.close()
+
+    assert rec.requests == []  # nothing was sent to an untrusted server
+    for message in said.values():
+        assert message.startswith("gateway unavailable: SSLError: ")
+        assert "CERTIFICATE_VERIFY_FAILED" in message
+        assert "127.0.0.1" not in message
