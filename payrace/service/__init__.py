@@ -9,7 +9,8 @@ Reading order:
     app.py              FastAPI routes over the routine; `Runtime` holds what is built once
     signatures.py       Razorpay's callback and webhook signatures (the razorpay SDK)
     gateway_client.py   the razorpay SDK's calls, off the event loop
-    models.py, db.py    tables; engine, sessions, schema
+    sql.py              the capture path's asyncpg pools and transactions, their observers
+    models.py, db.py    tables and the rows the capture reads; the other routes' engine, schema
     errors.py           every error as JSON {"error": {"code", "message"}}
     settings.py         environment settings
     instrument/         test-only: pause points, Server-Timing, the middleware; inert unless

@@ -1,8 +1,8 @@
 """Engine, sessions and schema of the reference service.
 
 The session dependency hands each request an `AsyncSession` from one
-`async_sessionmaker(expire_on_commit=False)`; transactions are opened by the capture
-routine itself, because the isolation level has to be chosen before the first statement.
+`async_sessionmaker(expire_on_commit=False)`, for the routes off the capture path; the
+capture path runs its transactions on asyncpg directly (payrace.service.sql).
 """
 
 from __future__ import annotations
