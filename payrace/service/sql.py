@@ -86,6 +86,9 @@ async def _keep(conn: asyncpg.Connection) -> None:
 
 
 class Database:
+    """Where the capture path's statements run: a pool (opened by open(), closed by close())
+    or, with max_size=0, a connection per use, closed after it."""
+
     def __init__(self, url: str, *, max_size: int, name: str = "capture") -> None:
         self.dsn = asyncpg_dsn(url)
         self.max_size = max_size
@@ -105,13 +108,16 @@ class Database:
 
     async def close(self) -> None:
         """Close every connection; one still checked out after CLOSE_TIMEOUT_S is cut."""
-        pool, self._pool = self._pool, None
+        pool = self._pool
         if pool is None:
             return
         try:
+            # Requests still in flight give their connections back meanwhile.
             await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
         except TimeoutError:
             pool.terminate()
+        finally:
+            self._pool = None
 
     async def acquire(self) -> asyncpg.Connection:
         if not self.max_size:  # a connection per use, closed after it
@@ -127,12 +133,11 @@ class Database:
         return conn
 
     async def release(self, conn: asyncpg.Connection) -> None:
-        if self._pool is not None:
-            await self._pool.release(conn)
-        elif conn.is_closed():
-            conn.terminate()
-        else:
+        if not self.max_size:
             await _close(conn)
+        elif self._pool is not None:
+            await self._pool.release(conn)
+        # else the pool was closed under the request: its connections went with it.
 
     def transaction(self, isolation: str = "READ COMMITTED") -> Transaction:
         return Transaction(self, isolation)

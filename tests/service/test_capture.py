@@ -455,6 +455,44 @@ def _command(paid: Paid, **fields: Any) -> CaptureCommand:
     return CaptureCommand(**values)
 
 
+@pytest.mark.parametrize("strategy", ["for_update", "optimistic", "atomic"])
+async def test_payment_failed_is_written_once_and_never_over_a_capture(
+    pg: Database, gateway_url: str, fake_gateway: FakeRazorpay, strategy: str
+) -> None:
+    """mark_failed on the locked read (for_update) and on the claim strategies' locked re-read:
+    failed once, a repeat answers idempotently, a later capture wins, a late failure after it
+    changes nothing."""
+    settings = service_settings(pg, gateway_url, capture_strategy=strategy)
+    async with Service(settings) as svc:
+        runner = svc.runtime.runner
+        paid = await customer_pays(svc, fake_gateway)
+        failure = _command(paid, event="payment.failed", event_id=f"evt_f_{paid.payment_id}")
+        failed = await mark_failed(runner, failure, "BAD_REQUEST_ERROR")
+        with psycopg.connect(pg.url) as conn:
+            stored = conn.execute(
+                "SELECT status, error_code, gateway_payment_id FROM payments WHERE id = %s",
+                (paid.payment_id,),
+            ).fetchone()
+        again = await mark_failed(runner, failure, "BAD_REQUEST_ERROR")
+        captured = await capture(
+            runner, _command(paid, event="payment.captured", event_id=f"evt_c_{paid.payment_id}")
+        )
+        late = _command(paid, event="payment.failed", event_id=f"evt_l_{paid.payment_id}")
+        after = await mark_failed(runner, late, "LATE")
+
+    assert (failed.status, failed.idempotent, failed.gateway_payment_id) == (
+        "failed",
+        False,
+        paid.payment["id"],
+    )
+    assert stored == ("failed", "BAD_REQUEST_ERROR", paid.payment["id"])
+    assert (again.status, again.idempotent) == ("failed", True)
+    # A strategy recording event ids late (after its write) answers the status, not the id.
+    assert again.duplicate_event is (strategy == "for_update")
+    assert (captured.status, captured.idempotent) == ("captured", False)
+    assert (after.status, after.idempotent, after.invoice_status) == ("captured", True, "paid")
+
+
 async def test_capture_called_directly_reports_the_states_it_wrote(
     service: Service, fake_gateway: FakeRazorpay, audit: Audit
 ) -> None:
