@@ -66,17 +66,17 @@ async def read_advisory(tx: Tx, payment_id: int) -> PaymentRow | None:
     return await read_naive(tx, payment_id)
 
 
+# The incident's read: a plain SELECT, which neither waits for nor blocks a concurrent capture.
 _READ_WITH_ORDER = (
     f"SELECT {PAYMENT_COLUMNS}, {ORDER_COLUMNS} "
     "FROM payments JOIN orders ON orders.id = payments.order_id WHERE payments.id = $1"
 )
+# The fix: the same read, locking the payment row (not the order's) until COMMIT. By
+# (nowait, skip_locked); PostgreSQL takes one of the two at most.
 _LOCKED = {
-    (nowait, skip): _READ_WITH_ORDER
-    + " FOR UPDATE OF payments"
-    + (" NOWAIT" if nowait else "")
-    + (" SKIP LOCKED" if skip else "")
-    for nowait in (False, True)
-    for skip in (False, True)
+    (False, False): _READ_WITH_ORDER + " FOR UPDATE OF payments",
+    (True, False): _READ_WITH_ORDER + " FOR UPDATE OF payments NOWAIT",
+    (False, True): _READ_WITH_ORDER + " FOR UPDATE OF payments SKIP LOCKED",
 }
 _READ_ORDER = "SELECT id, gateway_order_id, amount, currency FROM orders WHERE id = $1"
 
