@@ -15,16 +15,12 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.pool import NullPool
 
 from payrace.service.models import Base
 from payrace.service.settings import Settings, normalise_dsn
 
 
 def make_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
-    """`pool_size=0`: no pool, a connection per use, closed after it."""
-    if pool_size == 0:
-        return create_async_engine(normalise_dsn(settings.database_url), poolclass=NullPool)
     return create_async_engine(
         normalise_dsn(settings.database_url),
         pool_size=settings.db_pool_size if pool_size is None else pool_size,
