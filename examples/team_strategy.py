@@ -11,29 +11,27 @@ FOR_SHARE       `SELECT ... FOR SHARE`, a common first attempt: both requests ho
                 reports (no_deadlock), although PostgreSQL breaks it and the retry succeeds
 
 Each is a `payrace.service.capture.Strategy`: a name, a line saying what it does, how it
-reads the payment, and whether the invoice and order rows are read FOR UPDATE too.
+reads the payment (SQL on the capture's transaction, `tx`, an asyncpg connection with `$n`
+parameters), and whether that read takes a row lock.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from payrace.service.capture import Strategy
-from payrace.service.models import Payment
+from payrace.service.models import PAYMENT_COLUMNS, PaymentRow
+from payrace.service.sql import Tx
+
+# The payment alone: the capture then reads the order's amount and currency itself (one
+# more statement; capture.read_with_order reads both in one).
+READ = f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"
 
 
-async def read_no_key_update(session: AsyncSession, payment_id: int) -> Payment | None:
-    stmt = select(Payment).where(Payment.id == payment_id).with_for_update(key_share=True)
-    # populate_existing: the status checked after the lock is the committed one.
-    result = await session.execute(stmt.execution_options(populate_existing=True))
-    return result.scalar_one_or_none()
+async def read_no_key_update(tx: Tx, payment_id: int) -> PaymentRow | None:
+    return PaymentRow.of(await tx.fetchrow(READ + " FOR NO KEY UPDATE", payment_id))
 
 
-async def read_for_share(session: AsyncSession, payment_id: int) -> Payment | None:
-    stmt = select(Payment).where(Payment.id == payment_id).with_for_update(read=True)
-    result = await session.execute(stmt.execution_options(populate_existing=True))
-    return result.scalar_one_or_none()
+async def read_for_share(tx: Tx, payment_id: int) -> PaymentRow | None:
+    return PaymentRow.of(await tx.fetchrow(READ + " FOR SHARE", payment_id))
 
 
 NO_KEY_UPDATE = Strategy(

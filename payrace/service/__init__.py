@@ -10,7 +10,8 @@ Reading order:
     signatures.py       Razorpay's callback and webhook signatures (the razorpay SDK)
     gateway_client.py   Razorpay's API: a lean client in the SDK's wire format (default), or
                         the razorpay SDK itself off the event loop (GATEWAY_CLIENT=sdk)
-    models.py, db.py    tables; engine, sessions, schema
+    sql.py              the capture path's asyncpg pools and transactions, their observers
+    models.py, db.py    tables and the rows the capture reads; the other routes' engine, schema
     errors.py           every error as JSON {"error": {"code", "message"}}
     settings.py         environment settings
     instrument/         test-only: pause points, Server-Timing, the middleware; inert unless

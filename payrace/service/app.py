@@ -42,6 +42,7 @@ from payrace.service.openapi import WEBHOOK_DOC, add_components, errors
 from payrace.service.reconcile import Sweeper
 from payrace.service.settings import Settings, get_settings
 from payrace.service.signatures import SignatureVerifier
+from payrace.service.sql import Database
 from payrace.service.strategies import resolve
 
 CAPTURE_EVENTS = {"payment.authorized", "payment.captured", "order.paid"}
@@ -63,24 +64,28 @@ class Runtime:
     runner: Runner
     # Forced-mode groups requested over HTTP (probes on only); dropped when all finished.
     rendezvous: dict[str, Rendezvous]
+    # The capture path's pools are the runner's (asyncpg: payrace.service.sql); the sweeper
+    # keeps its bookkeeping's, a connection per sweep.
     sweeper: Sweeper
-    # Capture intents: a small pool beside the capture pool; the sweeper's: no pool.
-    intents_engine: AsyncEngine
-    sweep_engine: AsyncEngine
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
         engine = make_engine(settings)
         maker = make_sessionmaker(engine)
-        intents_engine = make_engine(settings, pool_size=INTENT_POOL_SIZE)
         gateway = make_gateway_client(settings)
         runner = Runner(
-            maker=maker,
+            db=Database(
+                settings.database_url, max_size=settings.db_pool_size + settings.db_max_overflow
+            ),
             strategy=resolve(settings.capture_strategy),
             gateway=gateway,
             isolation_level=settings.isolation_level,
             retries=settings.serialization_retries,
-            intents=make_sessionmaker(intents_engine),
+            intents=Database(
+                settings.database_url,
+                max_size=INTENT_POOL_SIZE + settings.db_max_overflow,
+                name="capture intents",
+            ),
             dedupe=settings.webhook_dedupe,
         )
         signatures = SignatureVerifier(
@@ -91,12 +96,11 @@ class Runtime:
         # The sweeper connects per sweep and closes after it: a pooled connection used every
         # RECONCILE_INTERVAL_S would never stay idle long enough for PostgreSQL to flush its
         # statistics, which a harness waits for to read deadlock counts.
-        sweep_engine = make_engine(settings, pool_size=0)
         sweeper = Sweeper(
             runner,
             interval_s=settings.reconcile_interval_s,
             older_than_s=settings.reconcile_after_s,
-            bookkeeping=make_sessionmaker(sweep_engine),
+            bookkeeping=Database(settings.database_url, max_size=0, name="reconcile"),
         )
         return cls(
             settings,
@@ -107,20 +111,18 @@ class Runtime:
             runner,
             {},
             sweeper,
-            intents_engine,
-            sweep_engine,
         )
 
     async def startup(self) -> None:
         await create_schema(self.engine)
+        await self.runner.open()
         self.sweeper.start()
 
     async def shutdown(self) -> None:
         await self.sweeper.stop()
         self.gateway.close()
+        await self.runner.close()
         await self.engine.dispose()
-        await self.intents_engine.dispose()
-        await self.sweep_engine.dispose()
 
     async def is_blocked(self, pid: int) -> bool:
         async with self.engine.connect() as conn:

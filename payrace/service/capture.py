@@ -11,9 +11,11 @@ More strategies (nowait, skip_locked, optimistic, serializable, atomic) and stra
 by import path: payrace.service.strategies, through the optional hooks of `Strategy`.
 
 Round trips while the payment lock is held, for a fresh capture: the joined read, then one
-UPDATE each for payment, invoice and order (4 statements); a repeat: the read and the
-status read (2). Webhook event-id dedupe (Runner.dedupe) adds its INSERT. At SERIALIZABLE the
-gateway's acceptance is committed beside the transaction (_GatewayMemo).
+UPDATE each for payment, invoice and order (4 statements), then COMMIT; a repeat: the read
+and the status read (2). Webhook event-id dedupe (Runner.dedupe) adds its INSERT. At
+SERIALIZABLE the gateway's acceptance is committed beside the transaction (_GatewayMemo).
+Each statement is SQL text sent by asyncpg on the transaction's connection
+(payrace.service.sql), its rows read into PaymentRow / OrderRow (payrace.service.models).
 
 Retries: payrace.service.retry; the command's checks: payrace.service.command; `pause()` and
 the clock: test-only instrumentation (payrace.service.instrument), no-ops unless enabled.
@@ -22,12 +24,7 @@ the clock: test-only instrumentation (payrace.service.instrument), no-ops unless
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
-
-from sqlalchemy import Select, select, text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import contains_eager
+from dataclasses import dataclass, replace
 
 from payrace.service import command
 from payrace.service.command import CaptureCommand, CaptureResult
@@ -35,46 +32,53 @@ from payrace.service.errors import GatewayFailed, NotFound
 from payrace.service.gateway_client import GatewayClient, GatewayError
 from payrace.service.instrument.probes import finish, pause, record_backend
 from payrace.service.instrument.timing import AttemptClock
-from payrace.service.models import Invoice, Order, Payment
+from payrace.service.models import ORDER_COLUMNS, PAYMENT_COLUMNS, OrderRow, PaymentRow
 from payrace.service.retry import retrying
+from payrace.service.sql import Database, Tx
 
 
-async def read_naive(session: AsyncSession, payment_id: int) -> Payment | None:
+async def read_naive(tx: Tx, payment_id: int) -> PaymentRow | None:
     """The incident: a plain read, so two concurrent requests both see `pending`."""
-    return await read_with_order(session, payment_id)
+    return await read_with_order(tx, payment_id)
 
 
-async def read_for_update(session: AsyncSession, payment_id: int) -> Payment | None:
+async def read_for_update(tx: Tx, payment_id: int) -> PaymentRow | None:
     """The fix: a second request waits here until the first commits, then sees `captured`."""
-    return await read_with_order(session, payment_id, lock=True)
+    return await read_with_order(tx, payment_id, lock=True)
 
 
 async def read_with_order(
-    session: AsyncSession, payment_id: int, *, lock: bool = False, **lock_options: bool
-) -> Payment | None:
+    tx: Tx, payment_id: int, *, lock: bool = False, nowait: bool = False, skip_locked: bool = False
+) -> PaymentRow | None:
     """The payment and its order in one round trip, FOR UPDATE OF the payment alone when
-    `lock` (nowait / skip_locked as `lock_options`). The order lands in the session, so the
-    capture's `session.get(Order, ...)` needs no statement of its own; only its columns that
-    never change are used (the order's status is read after the lock: stored_result)."""
-    stmt = _READ_WITH_ORDER.where(Payment.id == payment_id)
+    `lock` (NOWAIT / SKIP LOCKED on request). Only the order's columns that never change are
+    read here (its status is read after the lock: stored_result)."""
+    sql = _READ_WITH_ORDER
     if lock:
-        stmt = stmt.with_for_update(of=Payment, **lock_options)
-    return (await session.execute(stmt)).scalar_one_or_none()
+        sql = _LOCKED[nowait, skip_locked]
+    return PaymentRow.of(await tx.fetchrow(sql, payment_id))
 
 
-async def read_advisory(session: AsyncSession, payment_id: int) -> Payment | None:
+async def read_advisory(tx: Tx, payment_id: int) -> PaymentRow | None:
     """An advisory lock keyed by the payment, then a plain read: the same guarantee for code
     paths that all take it, none for those that don't."""
-    await session.execute(ADVISORY_LOCK, {"ns": ADVISORY_NAMESPACE, "id": payment_id})
-    return await read_naive(session, payment_id)
+    await tx.execute(ADVISORY_LOCK, ADVISORY_NAMESPACE, payment_id)
+    return await read_naive(tx, payment_id)
 
 
+# The incident's read: a plain SELECT, which neither waits for nor blocks a concurrent capture.
 _READ_WITH_ORDER = (
-    select(Payment)
-    .join(Payment.order)
-    .options(contains_eager(Payment.order))
-    .execution_options(populate_existing=True)
+    f"SELECT {PAYMENT_COLUMNS}, {ORDER_COLUMNS} "
+    "FROM payments JOIN orders ON orders.id = payments.order_id WHERE payments.id = $1"
 )
+# The fix: the same read, locking the payment row (not the order's) until COMMIT. By
+# (nowait, skip_locked); PostgreSQL takes one of the two at most.
+_LOCKED = {
+    (False, False): _READ_WITH_ORDER + " FOR UPDATE OF payments",
+    (True, False): _READ_WITH_ORDER + " FOR UPDATE OF payments NOWAIT",
+    (False, True): _READ_WITH_ORDER + " FOR UPDATE OF payments SKIP LOCKED",
+}
+_READ_ORDER = "SELECT id, gateway_order_id, amount, currency FROM orders WHERE id = $1"
 
 
 async def capture(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
@@ -82,47 +86,45 @@ async def capture(runner: Runner, cmd: CaptureCommand) -> CaptureResult:
     if cmd.capture_at_gateway:
         # Committed before the gateway is asked: a capture it accepts can then never be lost,
         # even when every attempt below dies before COMMIT (payrace.service.reconcile).
-        intents = runner.intents or runner.maker
+        intents = runner.intents or runner.db
         await retrying(lambda: command.record_intent(intents, cmd), conflicts=runner.retries)
 
     async def attempt() -> CaptureResult:
         clock = AttemptClock()
-        async with runner.maker() as session:
-            async with session.begin():
-                payment, order, fresh_event = await _lock_payment(session, runner, cmd, clock)
-                # Checked only now, with the lock held: a waiter sees what the winner committed.
-                repeat = not fresh_event or payment.status == "captured"
-                await pause("status_checked", "repeat" if repeat else payment.status)
-                if repeat:
-                    result = await command.stored_result(
-                        session, payment, idempotent=True, duplicate_event=not fresh_event
-                    )
-                elif runner.strategy.claim is not None:
-                    result = await _claimed_capture(session, runner, cmd, payment, order, memo)
-                else:
-                    await _capture_at_gateway(runner, cmd, order, memo)
-                    result = await _write_capture(session, runner, cmd, payment, order)
-                await pause("before_commit")
-            clock.committed()
+        async with runner.db.transaction(runner.isolation) as tx:
+            payment, order, fresh_event = await _lock_payment(tx, runner, cmd, clock)
+            # Checked only now, with the lock held: a waiter sees what the winner committed.
+            repeat = not fresh_event or payment.status == "captured"
+            await pause("status_checked", "repeat" if repeat else payment.status)
+            if repeat:
+                result = await command.stored_result(
+                    tx, payment, idempotent=True, duplicate_event=not fresh_event
+                )
+            elif runner.strategy.claim is not None:
+                result = await _claimed_capture(tx, runner, cmd, payment, order, memo)
+            else:
+                await _capture_at_gateway(runner, cmd, order, memo)
+                result = await _write_capture(tx, runner, cmd, payment, order)
+            await pause("before_commit")
+        clock.committed()
         return result
 
     return await _retried(runner, attempt)
 
 
 async def _lock_payment(
-    session: AsyncSession, runner: Runner, cmd: CaptureCommand, clock: AttemptClock
-) -> tuple[Payment, Order, bool]:
-    """Begin, read the payment the strategy's way, dedupe the event, check the command.
+    tx: Tx, runner: Runner, cmd: CaptureCommand, clock: AttemptClock
+) -> tuple[PaymentRow, OrderRow, bool]:
+    """Read the payment the strategy's way, dedupe the event, check the command.
 
     Returns (payment, its order, whether the event id is new)."""
-    conn = await session.connection(execution_options={"isolation_level": runner.isolation})
-    await record_backend(conn)
+    record_backend(tx)
     await pause("txn_begun")
     read = runner.strategy.read_payment
     if cmd.source == "webhook" and runner.strategy.read_webhook is not None:
         read = runner.strategy.read_webhook
     with clock.waiting_for_lock():
-        payment = await read(session, cmd.payment_id)
+        payment = await read(tx, cmd.payment_id)
     await pause("payment_read", payment.status if payment else "missing")
     if payment is None:
         raise NotFound(f"payment {cmd.payment_id} does not exist")
@@ -131,9 +133,10 @@ async def _lock_payment(
     # A strategy that takes no lock first (late_event) records the event once it has written
     # the payment: its UPDATE of the unique gateway_payment_id wants FOR UPDATE, which two
     # webhooks' FOR KEY SHARE would make wait for each other.
-    fresh_event = runner.strategy.late_event or await _new_event(session, runner, cmd)
-    order = await session.get(Order, payment.order_id)
-    assert order is not None  # foreign key
+    fresh_event = runner.strategy.late_event or await _new_event(tx, runner, cmd)
+    # A read of the payment alone (a team's strategy) costs a plain read of the order's
+    # columns that never change.
+    order = payment.order or OrderRow.of(await tx.fetchrow(_READ_ORDER, payment.order_id))
     command.validate(cmd, payment, order)
     return payment, order, fresh_event
 
@@ -156,11 +159,11 @@ class _GatewayMemo:
 
 
 async def _claimed_capture(
-    session: AsyncSession,
+    tx: Tx,
     runner: Runner,
     cmd: CaptureCommand,
-    payment: Payment,
-    order: Order,
+    payment: PaymentRow,
+    order: OrderRow,
     memo: _GatewayMemo,
 ) -> CaptureResult:
     """A strategy whose conditional write decides the winner (Strategy.claim): claimed before
@@ -170,23 +173,23 @@ async def _claimed_capture(
         # The claim runs in the gateway step, as the gateway call does in the other flows: the
         # explorer's step table (harness.explore.steps) then holds for every strategy.
         await pause("gateway_called")
-    claimed = await runner.strategy.claim(session, cmd, payment, order)
-    fresh_event = not runner.strategy.late_event or await _new_event(session, runner, cmd)
+    claimed = await runner.strategy.claim(tx, cmd, payment, order)
+    fresh_event = not runner.strategy.late_event or await _new_event(tx, runner, cmd)
     if claimed is False:
-        await session.refresh(payment)  # what the winner committed
+        # What the winner committed: the payment's columns are read again with the statuses.
         return await command.stored_result(
-            session, payment, idempotent=True, duplicate_event=not fresh_event
+            tx, payment, idempotent=True, duplicate_event=not fresh_event, reread=True
         )
     await _capture_at_gateway(runner, cmd, order, memo, paused=True)
     if isinstance(claimed, CaptureResult):  # the claim wrote payment, invoice and order
         return claimed
-    return await _write_capture(session, runner, cmd, payment, order)
+    return await _write_capture(tx, runner, cmd, payment, order)
 
 
 async def _capture_at_gateway(
     runner: Runner,
     cmd: CaptureCommand,
-    order: Order,
+    order: OrderRow,
     memo: _GatewayMemo,
     *,
     paused: bool = False,
@@ -197,7 +200,7 @@ async def _capture_at_gateway(
     # after the gateway answered, and the payment's lock or claim goes with it. SSI tracks
     # reads per index page, so even captures of other payments can cause it.
     durable = runner.isolation == "SERIALIZABLE"
-    intents = runner.intents or runner.maker
+    intents = runner.intents or runner.db
     if memo.captured:
         if durable and not memo.recorded:  # the last attempt died before it was committed
             await command.record_accepted(intents, cmd)
@@ -225,21 +228,18 @@ async def _capture_at_gateway(
 
 
 async def _write_capture(
-    session: AsyncSession, runner: Runner, cmd: CaptureCommand, payment: Payment, order: Order
+    tx: Tx, runner: Runner, cmd: CaptureCommand, payment: PaymentRow, order: OrderRow
 ) -> CaptureResult:
     """Payment, then invoice, then order: the one lock order every capture takes. One UPDATE
     each: it takes the row lock a SELECT ... FOR UPDATE would have taken, in the same order,
-    and RETURNING answers what was written (no read before, no flush of a loaded object)."""
-    params = {"payment_id": payment.id, "order_id": order.id, **_capture_params(cmd)}
-    # The transaction's connection itself: plain SQL needs nothing of the ORM's execute.
-    conn = await session.connection()
-    await conn.execute(_WRITE_PAYMENT, params)
+    and RETURNING answers what was written (no read before)."""
+    await tx.execute(_WRITE_PAYMENT, payment.id, cmd.gateway_payment_id, cmd.method or None)
     if runner.strategy.late_event:
-        await _new_event(session, runner, cmd)
+        await _new_event(tx, runner, cmd)
     await pause("payment_written")
-    invoice_status = (await conn.execute(_WRITE_INVOICE, params)).scalar_one_or_none()
+    invoice_status = await tx.fetchval(_WRITE_INVOICE, payment.id)
     await pause("invoice_written")
-    order_status = (await conn.execute(_WRITE_ORDER, params)).scalar_one()
+    order_status = await tx.fetchval(_WRITE_ORDER, order.id)
     await pause("order_written")
     return CaptureResult(
         payment_id=payment.id,
@@ -253,62 +253,55 @@ async def _write_capture(
 
 
 # No condition on the status: the strategy's read decided, and naive must stay able to write
-# twice (the incident). The ORM objects loaded by the read are not touched, so the session
-# has nothing to flush at COMMIT.
-_WRITE_PAYMENT = text(
-    "UPDATE payments SET status = 'captured', gateway_payment_id = :gateway_payment_id, "
-    "captured_at = now(), error_code = NULL, "
-    "method = COALESCE(CAST(:method AS varchar(32)), method) WHERE id = :payment_id"
+# twice (the incident).
+_WRITE_PAYMENT = (
+    "UPDATE payments SET status = 'captured', gateway_payment_id = $2, captured_at = now(), "
+    "error_code = NULL, method = COALESCE($3::varchar(32), method) WHERE id = $1"
 )
-_WRITE_INVOICE = text(
+_WRITE_INVOICE = (
     "UPDATE invoices SET status = 'paid', amount_paid = amount, paid_at = now() "
-    "WHERE payment_id = :payment_id RETURNING status"
+    "WHERE payment_id = $1 RETURNING status"
 )
-_WRITE_ORDER = text(
-    "UPDATE orders SET status = 'paid', paid_at = now() WHERE id = :order_id RETURNING status"
+_WRITE_ORDER = "UPDATE orders SET status = 'paid', paid_at = now() WHERE id = $1 RETURNING status"
+_WRITE_FAILED = (
+    "UPDATE payments SET status = 'failed', gateway_payment_id = $2, error_code = $3 WHERE id = $1"
 )
 
 
-def _capture_params(cmd: CaptureCommand) -> dict[str, object]:
-    return {"gateway_payment_id": cmd.gateway_payment_id, "method": cmd.method or None}
-
-
-async def _new_event(session: AsyncSession, runner: Runner, cmd: CaptureCommand) -> bool:
+async def _new_event(tx: Tx, runner: Runner, cmd: CaptureCommand) -> bool:
     """Whether the webhook's event id is new: inserted under its unique key, or, with dedupe
     off (WEBHOOK_DEDUPE), taken as new every time; the status check after the lock then
     answers a redelivery of a capture idempotently."""
-    return not runner.dedupe or await command.record_event(session, cmd)
+    return not runner.dedupe or await command.record_event(tx, cmd)
 
 
 async def mark_failed(runner: Runner, cmd: CaptureCommand, error_code: str | None) -> CaptureResult:
     async def attempt() -> CaptureResult:
         clock = AttemptClock()
-        async with runner.maker() as session:
-            async with session.begin():
-                payment, _, fresh_event = await _lock_payment(session, runner, cmd, clock)
-                # Razorpay documents payment.failed followed by payment.captured as normal, so
-                # a failure never undoes a capture, and a later capture may follow a failure.
-                repeat = not fresh_event or payment.status in ("captured", "failed")
-                await pause("status_checked", "repeat" if repeat else payment.status)
-                if not repeat and runner.strategy.claim is not None:
-                    # Read without a lock: a capture may have committed since. A failure is
-                    # written only over a payment that is still not captured, read locked.
-                    locked = select(Payment).where(Payment.id == payment.id).with_for_update()
-                    payment = await _fresh(session, locked) or payment
-                    repeat = payment.status in ("captured", "failed")
-                if not repeat and runner.strategy.late_event:
-                    repeat = not await _new_event(session, runner, cmd)
-                if not repeat:
-                    payment.status = "failed"
-                    payment.gateway_payment_id = cmd.gateway_payment_id
-                    payment.error_code = error_code
-                    await session.flush()
-                    await pause("payment_written")
-                result = await command.stored_result(
-                    session, payment, idempotent=repeat, duplicate_event=not fresh_event
+        async with runner.db.transaction(runner.isolation) as tx:
+            payment, _, fresh_event = await _lock_payment(tx, runner, cmd, clock)
+            # Razorpay documents payment.failed followed by payment.captured as normal, so
+            # a failure never undoes a capture, and a later capture may follow a failure.
+            repeat = not fresh_event or payment.status in ("captured", "failed")
+            await pause("status_checked", "repeat" if repeat else payment.status)
+            if not repeat and runner.strategy.claim is not None:
+                # Read without a lock: a capture may have committed since. A failure is
+                # written only over a payment that is still not captured, read locked.
+                payment = await read_for_update(tx, payment.id) or payment
+                repeat = payment.status in ("captured", "failed")
+            if not repeat and runner.strategy.late_event:
+                repeat = not await _new_event(tx, runner, cmd)
+            if not repeat:
+                await tx.execute(_WRITE_FAILED, payment.id, cmd.gateway_payment_id, error_code)
+                payment = replace(
+                    payment, status="failed", gateway_payment_id=cmd.gateway_payment_id
                 )
-                await pause("before_commit")
-            clock.lock_released()
+                await pause("payment_written")
+            result = await command.stored_result(
+                tx, payment, idempotent=repeat, duplicate_event=not fresh_event
+            )
+            await pause("before_commit")
+        clock.lock_released()
         return result
 
     return await _retried(runner, attempt)
@@ -323,17 +316,8 @@ async def _retried(
         finish()  # the request has left the capture path, whatever the outcome
 
 
-_Row = TypeVar("_Row", Payment, Invoice, Order)
-
-
-async def _fresh(session: AsyncSession, stmt: Select[_Row]) -> _Row | None:
-    # populate_existing: a row already in the session is refreshed from what the statement
-    # read, so a status checked after the lock is the committed one.
-    result = await session.execute(stmt.execution_options(populate_existing=True))
-    return result.scalar_one_or_none()
-
-
-Claim = Callable[[AsyncSession, CaptureCommand, Payment, Order], Awaitable[bool | CaptureResult]]
+Read = Callable[[Tx, int], Awaitable[PaymentRow | None]]
+Claim = Callable[[Tx, CaptureCommand, PaymentRow, OrderRow], Awaitable[bool | CaptureResult]]
 
 
 @dataclass(frozen=True)
@@ -341,6 +325,9 @@ class Strategy:
     """How the capture path serialises: how it reads the payment, and whether that read takes
     a row lock (`lock_rows`: the explorer's step table reads it). The invoice and order are
     written by one UPDATE each, which locks them whatever the strategy.
+
+    A read runs its SQL on the capture's transaction (sql.Tx: fetchrow / fetchval / execute
+    with $n parameters) and answers a PaymentRow (PaymentRow.of(row)), None for no payment.
 
     Optional hooks (docs/strategies.md): `read_webhook` reads the payment for a webhook
     instead of `read_payment`; `claim` is a conditional write after the status check and
@@ -352,9 +339,9 @@ class Strategy:
 
     name: str
     summary: str
-    read_payment: Callable[[AsyncSession, int], Awaitable[Payment | None]]
+    read_payment: Read
     lock_rows: bool
-    read_webhook: Callable[[AsyncSession, int], Awaitable[Payment | None]] | None = None
+    read_webhook: Read | None = None
     claim: Claim | None = None
     isolation_level: str | None = None
     late_event: bool = False
@@ -378,14 +365,14 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (NAIVE, FOR_UPDATE, ADVISO
 # Two-int form in a namespace of its own, so no other advisory user collides; ids beyond int4
 # wrap, which can only over-serialise, never under.
 ADVISORY_NAMESPACE = 720_132
-ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:ns, (:id % 2147483647)::int)")
+ADVISORY_LOCK = "SELECT pg_advisory_xact_lock($1, ($2::bigint % 2147483647)::int)"
 
 
 @dataclass(frozen=True)
 class Runner:
     """What a capture needs from the running service."""
 
-    maker: async_sessionmaker[AsyncSession]
+    db: Database  # the capture transactions' pool
     strategy: Strategy
     gateway: GatewayClient
     isolation_level: str
@@ -395,8 +382,10 @@ class Runner:
     # path reads only for its accepted_at (at SERIALIZABLE, where every non-LOCAL step is a
     # schedule choice anyway) and an intent is inserted without it, so it commutes with every
     # step of every other request and is no schedule choice for `payrace explore`; on the
-    # capture pool it would count as one. The gateway's acceptance is committed here too.
-    intents: async_sessionmaker[AsyncSession] | None = None
+    # capture pool it would count as one. The gateway's acceptance is committed here too,
+    # while the capture holds its own connection: one pool for both could run dry with every
+    # connection held by a capture waiting for another.
+    intents: Database | None = None
     # Webhook event-id dedupe (webhook_events' unique key), beside whichever strategy runs.
     dedupe: bool = True
 
@@ -404,3 +393,13 @@ class Runner:
     def isolation(self) -> str:
         """The level the capture's transaction runs at: the strategy's own, else the service's."""
         return self.strategy.isolation_level or self.isolation_level
+
+    async def open(self) -> None:
+        await self.db.open()
+        if self.intents is not None:
+            await self.intents.open()
+
+    async def close(self) -> None:
+        await self.db.close()
+        if self.intents is not None:
+            await self.intents.close()

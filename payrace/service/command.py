@@ -17,12 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import ColumnElement, exists, func, select, text, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from payrace.service.errors import Rejected
-from payrace.service.models import CaptureIntent, Invoice, Order, Payment, WebhookEvent
+from payrace.service.models import OrderRow, PaymentRow
+from payrace.service.sql import Database, Tx
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ class CaptureResult:
         }
 
 
-def validate(cmd: CaptureCommand, payment: Payment, order: Order) -> None:
+def validate(cmd: CaptureCommand, payment: PaymentRow, order: OrderRow) -> None:
     if order.gateway_order_id != cmd.gateway_order_id:
         raise Rejected(
             f"razorpay_order_id {cmd.gateway_order_id} is not the order of payment {payment.id}",
@@ -91,86 +88,88 @@ def validate(cmd: CaptureCommand, payment: Payment, order: Order) -> None:
         )
 
 
-async def record_event(session: AsyncSession, cmd: CaptureCommand) -> bool:
+async def record_event(tx: Tx, cmd: CaptureCommand) -> bool:
     """Insert the event id; False when it was already delivered (a duplicate)."""
     if cmd.event_id is None:
         return True
-    stmt = (
-        insert(WebhookEvent)
-        .values(event_id=cmd.event_id, event=cmd.event or "", payment_id=cmd.payment_id)
-        .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(WebhookEvent.event_id)
-    )
-    return (await session.execute(stmt)).scalar_one_or_none() is not None
+    inserted = await tx.fetchval(_RECORD_EVENT, cmd.event_id, cmd.event or "", cmd.payment_id)
+    return inserted is not None
 
 
-async def record_intent(maker: async_sessionmaker[AsyncSession], cmd: CaptureCommand) -> None:
+_RECORD_EVENT = (
+    "INSERT INTO webhook_events (event_id, event, payment_id) VALUES ($1, $2, $3) "
+    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+)
+
+
+async def record_intent(intents: Database, cmd: CaptureCommand) -> None:
     """Commit "this payment is about to be captured at the gateway as this gateway payment"
-    in a transaction of its own, before any gateway call. A payment that does not exist
-    records nothing (the capture then answers 404); a repeat of the same pair, nothing new."""
-    async with maker() as session, session.begin():
-        conn = await session.connection()
-        await conn.execute(
-            _RECORD_INTENT,
-            {"payment_id": cmd.payment_id, "gateway_payment_id": cmd.gateway_payment_id},
-        )
+    on its own (one statement in autocommit), before any gateway call. A payment that does
+    not exist records nothing (the capture then answers 404); a repeat of the same pair,
+    nothing new."""
+    await intents.execute(_RECORD_INTENT, cmd.payment_id, cmd.gateway_payment_id)
 
 
-# Written once: built per call, the INSERT ... SELECT construct cost more CPU than its round
-# trip (py-spy, docs/benchmarks.md).
-_RECORD_INTENT = text(
+_RECORD_INTENT = (
     "INSERT INTO capture_intents (payment_id, gateway_payment_id) "
-    "SELECT id, CAST(:gateway_payment_id AS varchar(64)) FROM payments WHERE id = :payment_id "
+    "SELECT id, $2::varchar(64) FROM payments WHERE id = $1 "
     "ON CONFLICT (payment_id, gateway_payment_id) DO NOTHING"
 )
 
 
-def _intent_of(cmd: CaptureCommand) -> list[ColumnElement[bool]]:
-    return [
-        CaptureIntent.payment_id == cmd.payment_id,
-        CaptureIntent.gateway_payment_id == cmd.gateway_payment_id,
-    ]
-
-
-async def record_accepted(maker: async_sessionmaker[AsyncSession], cmd: CaptureCommand) -> None:
+async def record_accepted(intents: Database, cmd: CaptureCommand) -> None:
     """Commit, on its own, that the gateway has this capture: it outlives the transaction of
     the request that asked, which SERIALIZABLE may still roll back."""
-    async with maker() as session, session.begin():
-        await session.execute(
-            update(CaptureIntent)
-            .where(*_intent_of(cmd), CaptureIntent.accepted_at.is_(None))
-            .values(accepted_at=func.now())
-        )
+    await intents.execute(_RECORD_ACCEPTED, cmd.payment_id, cmd.gateway_payment_id)
 
 
-async def gateway_accepted(maker: async_sessionmaker[AsyncSession], cmd: CaptureCommand) -> bool:
+_RECORD_ACCEPTED = (
+    "UPDATE capture_intents SET accepted_at = now() "
+    "WHERE payment_id = $1 AND gateway_payment_id = $2 AND accepted_at IS NULL"
+)
+
+
+async def gateway_accepted(intents: Database, cmd: CaptureCommand) -> bool:
     """Whether an earlier request's capture of this gateway payment was accepted (committed
     by record_accepted, read outside the capture's own snapshot)."""
-    async with maker() as session:
-        found = await session.scalar(
-            select(exists().where(*_intent_of(cmd), CaptureIntent.accepted_at.is_not(None)))
-        )
-        return bool(found)
+    found = await intents.fetchval(_GATEWAY_ACCEPTED, cmd.payment_id, cmd.gateway_payment_id)
+    return bool(found)
+
+
+_GATEWAY_ACCEPTED = (
+    "SELECT EXISTS (SELECT 1 FROM capture_intents WHERE payment_id = $1 "
+    "AND gateway_payment_id = $2 AND accepted_at IS NOT NULL)"
+)
 
 
 async def stored_result(
-    session: AsyncSession, payment: Payment, *, idempotent: bool, duplicate_event: bool
+    tx: Tx,
+    payment: PaymentRow,
+    *,
+    idempotent: bool,
+    duplicate_event: bool,
+    reread: bool = False,
 ) -> CaptureResult:
-    invoice_status, order_status = (
-        await session.execute(
-            select(Invoice.status, Order.status)
-            .select_from(Payment)
-            .join(Order, Order.id == Payment.order_id)
-            .outerjoin(Invoice, Invoice.payment_id == Payment.id)
-            .where(Payment.id == payment.id)
-        )
-    ).one()
+    """The statuses as stored; the payment's own as `payment` says, unless `reread` (what
+    another transaction committed since `payment` was read)."""
+    row = await tx.fetchrow(_STORED, payment.id)
+    assert row is not None  # the payment was read in this transaction
+    status, gateway_payment_id = payment.status, payment.gateway_payment_id
+    if reread:
+        status, gateway_payment_id = row["status"], row["gateway_payment_id"]
     return CaptureResult(
         payment_id=payment.id,
-        status=payment.status,
-        gateway_payment_id=payment.gateway_payment_id,
+        status=status,
+        gateway_payment_id=gateway_payment_id,
         idempotent=idempotent,
         duplicate_event=duplicate_event,
-        invoice_status=invoice_status,
-        order_status=order_status,
+        invoice_status=row["invoice_status"],
+        order_status=row["order_status"],
     )
+
+
+_STORED = (
+    "SELECT payments.status, payments.gateway_payment_id, invoices.status AS invoice_status, "
+    "orders.status AS order_status FROM payments JOIN orders ON orders.id = payments.order_id "
+    "LEFT JOIN invoices ON invoices.payment_id = payments.id WHERE payments.id = $1"
+)

@@ -1,8 +1,8 @@
 """Engine, sessions and schema of the reference service.
 
 The session dependency hands each request an `AsyncSession` from one
-`async_sessionmaker(expire_on_commit=False)`; transactions are opened by the capture
-routine itself, because the isolation level has to be chosen before the first statement.
+`async_sessionmaker(expire_on_commit=False)`, for the routes off the capture path; the
+capture path runs its transactions on asyncpg directly (payrace.service.sql).
 """
 
 from __future__ import annotations
@@ -15,16 +15,12 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.pool import NullPool
 
 from payrace.service.models import Base
 from payrace.service.settings import Settings, normalise_dsn
 
 
 def make_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
-    """`pool_size=0`: no pool, a connection per use, closed after it."""
-    if pool_size == 0:
-        return create_async_engine(normalise_dsn(settings.database_url), poolclass=NullPool)
     return create_async_engine(
         normalise_dsn(settings.database_url),
         pool_size=settings.db_pool_size if pool_size is None else pool_size,

@@ -9,8 +9,10 @@
     └── ServiceUnavailable  503: the database connection was lost (backend killed, server
                             restarting); its transaction rolled back, retrying is safe
 timed_out()        was the statement cancelled by lock_timeout / statement_timeout (a 503)
-connection_lost()  is this error a lost or refused database connection: SQLAlchemy's wrapped
-                   57P01-3 / class 08 / asyncpg ConnectionDoesNotExistError / InterfaceError
+connection_lost()  is this error a lost or refused database connection: 57P01-3 / class 08 /
+                   asyncpg ConnectionDoesNotExistError / InterfaceError (asyncpg's own, on
+                   the capture path, or wrapped by SQLAlchemy elsewhere), a pool with no free
+                   connection for its timeout (SQLAlchemy's, payrace.service.sql's)
                    "connection is closed", or what a new connection raises unwrapped while
                    the server is down or restarting (OSError: FileNotFoundError on the Unix
                    socket, ConnectionRefusedError, TimeoutError; asyncpg
@@ -40,6 +42,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from payrace.service.sql import PoolExhausted
 
 log = logging.getLogger("service")
 
@@ -100,9 +104,13 @@ _TIMED_OUT_SQLSTATES = {"55P03": "lock_timeout", "57014": "statement_timeout"}
 
 def timed_out(exc: BaseException) -> str | None:
     """Which of the database's timeouts cancelled the statement, or None."""
-    if not isinstance(exc, DBAPIError):
+    if isinstance(exc, PostgresError):
+        causes: tuple[object, ...] = (exc,)
+    elif isinstance(exc, DBAPIError):
+        causes = (exc.orig, getattr(exc.orig, "__cause__", None))
+    else:
         return None
-    for cause in (exc.orig, getattr(exc.orig, "__cause__", None)):
+    for cause in causes:
         state = getattr(cause, "sqlstate", None)
         if isinstance(state, str) and state in _TIMED_OUT_SQLSTATES:
             return _TIMED_OUT_SQLSTATES[state]
@@ -128,19 +136,23 @@ def connection_lost(exc: BaseException) -> bool:
         return any(_lost(cause) for cause in (exc.orig, getattr(exc.orig, "__cause__", None)))
     # Waiting for a pool connection past pool_timeout: every connection is stuck on a server
     # that does not answer.
-    if isinstance(exc, PoolTimeout):
+    if isinstance(exc, PoolTimeout | PoolExhausted):
         return True
     return _lost(exc) and _from_the_driver(exc)
+
+
+_CLOSED = ("connection is closed", "connection has been released back to the pool")
 
 
 def _lost(cause: BaseException | None) -> bool:
     state = getattr(cause, "sqlstate", None)
     if isinstance(state, str) and (state in _CONNECTION_LOST_SQLSTATES or state.startswith("08")):
         return True
-    # asyncpg: the socket closed mid-statement, or a statement on a closed connection.
+    # asyncpg: the socket closed mid-statement, or a statement on a closed connection (on a
+    # pool's connection: the pool took it back as it closed, "released back to the pool").
     # Other InterfaceErrors ("another operation is in progress") are bugs, not faults.
     if isinstance(cause, InterfaceError):
-        return "connection is closed" in str(cause)
+        return any(lost in str(cause) for lost in _CLOSED)
     # asyncpg's protocol left mid-error by a backend terminated under it ("cannot switch to
     # state 11; another operation (2) is in progress": the FATAL was still being consumed).
     # Seen when a new connection's first statement (SQLAlchemy's dialect initialisation) is

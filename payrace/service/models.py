@@ -4,11 +4,17 @@ Amounts are integers in the smallest currency unit (paise). Every status column 
 by a CHECK so a stray value cannot land; gateway ids are unique so one Razorpay object maps
 to one row. `webhook_events` is what dedupe by `X-Razorpay-Event-Id` needs; `capture_intents`
 is what the reconciler (payrace.service.reconcile) needs to find a capture whose answer was lost.
+
+PaymentRow / OrderRow are what the capture path reads of a payment and its order: plain
+values from one asyncpg row (payrace.service.sql), no session behind them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -123,3 +129,48 @@ class CaptureIntent(Base):
     # SERIALIZABLE a capture's transaction may be rolled back after that answer, and the next
     # request to win the payment reads it here instead of asking the gateway again.
     accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRow:
+    """The order columns a capture checks and writes by; none of them ever changes."""
+
+    id: int
+    gateway_order_id: str
+    amount: int
+    currency: str
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any] | None) -> OrderRow:
+        assert row is not None  # a payment's order: its foreign key
+        return cls(row["id"], row["gateway_order_id"], row["amount"], row["currency"])
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRow:
+    """A payment as the strategy's read saw it (with its order when the read joined it in:
+    capture.read_with_order)."""
+
+    id: int
+    order_id: int
+    status: str
+    gateway_payment_id: str | None
+    order: OrderRow | None = None
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any] | None) -> PaymentRow | None:
+        """A row with the payment's columns (PAYMENT_COLUMNS), and the order's
+        (ORDER_COLUMNS) when it has them; None for no row."""
+        if row is None:
+            return None
+        order = None
+        if "gateway_order_id" in row:
+            order = OrderRow(
+                row["order_id"], row["gateway_order_id"], row["amount"], row["currency"]
+            )
+        return cls(row["id"], row["order_id"], row["status"], row["gateway_payment_id"], order)
+
+
+# What PaymentRow.of reads, to be selected under these names.
+PAYMENT_COLUMNS = "payments.id, payments.order_id, payments.status, payments.gateway_payment_id"
+ORDER_COLUMNS = "orders.gateway_order_id, orders.amount, orders.currency"

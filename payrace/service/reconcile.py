@@ -25,16 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
-
-from sqlalchemy import ColumnElement, delete, func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from payrace.service.capture import Runner, capture
 from payrace.service.command import CaptureCommand
 from payrace.service.errors import ApiError, connection_lost
 from payrace.service.gateway_client import GatewayError
-from payrace.service.models import CaptureIntent, Payment
+from payrace.service.sql import Database
 
 log = logging.getLogger("service.reconcile")
 
@@ -55,22 +51,13 @@ async def reconcile_once(
     *,
     older_than_s: float,
     max_age_s: float = RECONCILE_MAX_AGE_S,
-    bookkeeping: async_sessionmaker[AsyncSession] | None = None,
+    bookkeeping: Database | None = None,
 ) -> SweepReport:
     """One sweep. `bookkeeping` is where the intents are read and dropped (default: the
     runner's intents pool); a capture it records goes through the runner's capture pool."""
     report = SweepReport()
-    bookkeeping = bookkeeping or runner.intents or runner.maker
-    async with bookkeeping() as session, session.begin():
-        due = (
-            await session.execute(
-                select(CaptureIntent.payment_id, CaptureIntent.gateway_payment_id)
-                .join(Payment, Payment.id == CaptureIntent.payment_id)
-                .where(Payment.status != "captured", CaptureIntent.created_at < _ago(older_than_s))
-                .order_by(CaptureIntent.created_at)
-                .limit(BATCH)
-            )
-        ).all()
+    bookkeeping = bookkeeping or runner.intents or runner.db
+    due = await bookkeeping.fetch(_DUE, float(older_than_s), BATCH)
     for payment_id, gateway_payment_id in due:
         report.checked += 1
         try:
@@ -103,18 +90,23 @@ async def reconcile_once(
                 payment_id,
                 gateway_payment_id,
             )
-    async with bookkeeping() as session, session.begin():
-        # Done with: captured (by this sweep or any callback), or past Razorpay's retry window.
-        await session.execute(
-            delete(CaptureIntent)
-            .where(CaptureIntent.payment_id == Payment.id)
-            .where((Payment.status == "captured") | (CaptureIntent.created_at < _ago(max_age_s)))
-        )
+    # Done with: captured (by this sweep or any callback), or past Razorpay's retry window.
+    await bookkeeping.execute(_DONE, float(max_age_s))
     return report
 
 
-def _ago(seconds: float) -> ColumnElement[datetime]:
-    return func.now() - func.make_interval(0, 0, 0, 0, 0, 0, float(seconds))
+_DUE = """
+SELECT capture_intents.payment_id, capture_intents.gateway_payment_id
+  FROM capture_intents JOIN payments ON payments.id = capture_intents.payment_id
+ WHERE payments.status <> 'captured'
+   AND capture_intents.created_at < now() - make_interval(secs => $1)
+ ORDER BY capture_intents.created_at
+ LIMIT $2"""
+_DONE = """
+DELETE FROM capture_intents USING payments
+ WHERE capture_intents.payment_id = payments.id
+   AND (payments.status = 'captured'
+        OR capture_intents.created_at < now() - make_interval(secs => $1))"""
 
 
 class Sweeper:
@@ -127,7 +119,7 @@ class Sweeper:
         *,
         interval_s: float,
         older_than_s: float,
-        bookkeeping: async_sessionmaker[AsyncSession] | None = None,
+        bookkeeping: Database | None = None,
     ) -> None:
         self.runner = runner
         self.interval_s = interval_s

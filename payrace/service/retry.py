@@ -1,6 +1,7 @@
 """The retry policy of the capture path: what a failed transaction attempt becomes.
 
-    retrying(attempt, conflicts=N)   runs `attempt` until it returns, and on a DBAPIError:
+    retrying(attempt, conflicts=N)   runs `attempt` until it returns, and on a database error
+                                     (asyncpg's own, or SQLAlchemy's DBAPIError around it):
         40001 serialization_failure,   retried N times after a short, growing pause, then
         40P01 deadlock_detected        RetryLater: 409 with Retry-After (safe to retry)
         55P03 lock_not_available       the same: a lock waited for past lock_timeout, or a
@@ -24,6 +25,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from asyncpg import PostgresError
 from sqlalchemy.exc import DBAPIError
 
 from payrace.service.errors import Rejected, RetryLater, connection_lost, unavailable
@@ -51,11 +53,18 @@ CONNECTION_RETRIES = 2
 T = TypeVar("T")
 
 
-def sqlstate(exc: DBAPIError) -> str | None:
-    orig = exc.orig
-    state = getattr(orig, "sqlstate", None) or getattr(
-        getattr(orig, "__cause__", None), "sqlstate", None
-    )
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of asyncpg's error (the capture path's), or of the driver error a
+    SQLAlchemy DBAPIError wraps (directly, or as the adapter's error's cause)."""
+    if isinstance(exc, PostgresError):
+        state = exc.sqlstate
+    elif isinstance(exc, DBAPIError):
+        orig = exc.orig
+        state = getattr(orig, "sqlstate", None) or getattr(
+            getattr(orig, "__cause__", None), "sqlstate", None
+        )
+    else:
+        return None
     return state if isinstance(state, str) else None
 
 
@@ -74,9 +83,9 @@ async def retrying(attempt: Callable[[], Awaitable[T]], *, conflicts: int) -> T:
                     raise unavailable(conflicted + lost + 1) from exc
                 lost += 1
                 continue
-            if not isinstance(exc, DBAPIError):
-                raise
             state = sqlstate(exc)
+            if state is None:
+                raise
             if state == "23505":
                 raise Rejected(
                     "this gateway payment id is already bound to another payment",

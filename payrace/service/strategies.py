@@ -30,9 +30,7 @@ import os
 import re
 import sys
 
-from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession
+import asyncpg
 
 from payrace.service.capture import (
     ADVISORY,
@@ -46,33 +44,23 @@ from payrace.service.capture import (
 )
 from payrace.service.command import CaptureCommand, CaptureResult
 from payrace.service.errors import RetryLater
-from payrace.service.models import Order, Payment
-from payrace.service.retry import sqlstate
-
-LOCK_NOT_AVAILABLE = "55P03"  # what FOR UPDATE NOWAIT raises when another request holds it
+from payrace.service.models import OrderRow, PaymentRow
+from payrace.service.sql import Tx
 
 
-async def read_nowait(session: AsyncSession, payment_id: int) -> Payment | None:
+async def read_nowait(tx: Tx, payment_id: int) -> PaymentRow | None:
     try:
-        return await read_with_order(session, payment_id, lock=True, nowait=True)
-    except DBAPIError as exc:
-        if sqlstate(exc) == LOCK_NOT_AVAILABLE:
-            raise RetryLater(
-                f"payment {payment_id} is being captured by another request; "
-                "retry after Retry-After seconds"
-            ) from exc
-        raise
+        return await read_with_order(tx, payment_id, lock=True, nowait=True)
+    except asyncpg.LockNotAvailableError as exc:  # 55P03: another request holds it
+        raise RetryLater(
+            f"payment {payment_id} is being captured by another request; "
+            "retry after Retry-After seconds"
+        ) from exc
 
 
-async def read_skip_locked(session: AsyncSession, payment_id: int) -> Payment | None:
-    payment = await read_with_order(session, payment_id, lock=True, skip_locked=True)
-    if (
-        payment is None
-        and (
-            await session.execute(select(Payment.id).where(Payment.id == payment_id))
-        ).scalar_one_or_none()
-        is not None
-    ):
+async def read_skip_locked(tx: Tx, payment_id: int) -> PaymentRow | None:
+    payment = await read_with_order(tx, payment_id, lock=True, skip_locked=True)
+    if payment is None and await tx.fetchval(_EXISTS, payment_id):
         # Locked by a capture in flight: any non-2xx makes Razorpay deliver the event again,
         # by which time the payment is captured and the redelivery is a repeat.
         raise RetryLater(
@@ -82,20 +70,23 @@ async def read_skip_locked(session: AsyncSession, payment_id: int) -> Payment | 
     return payment
 
 
+_EXISTS = "SELECT EXISTS (SELECT 1 FROM payments WHERE id = $1)"
+
 _CLAIM_PAYMENT = """
 UPDATE payments
-   SET status = 'captured', gateway_payment_id = :gateway_payment_id, captured_at = now(),
-       error_code = NULL, method = COALESCE(CAST(:method AS varchar(32)), method)
- WHERE id = :payment_id AND status <> 'captured'
+   SET status = 'captured', gateway_payment_id = $2, captured_at = now(),
+       error_code = NULL, method = COALESCE($3::varchar(32), method)
+ WHERE id = $1 AND status <> 'captured'
 RETURNING id, order_id"""
+_PAY_INVOICE = (
+    "UPDATE invoices SET status = 'paid', amount_paid = amount, paid_at = now() "
+    "WHERE payment_id = $1 RETURNING status"
+)
+_PAY_ORDER = "UPDATE orders SET status = 'paid', paid_at = now() WHERE id = $1 RETURNING status"
 
 
-def _params(cmd: CaptureCommand) -> dict[str, object]:
-    return {
-        "payment_id": cmd.payment_id,
-        "gateway_payment_id": cmd.gateway_payment_id,
-        "method": cmd.method or None,
-    }
+def _params(cmd: CaptureCommand) -> tuple[object, ...]:
+    return (cmd.payment_id, cmd.gateway_payment_id, cmd.method or None)
 
 
 def _result(cmd: CaptureCommand, invoice: str | None, order: str | None) -> CaptureResult:
@@ -111,26 +102,17 @@ def _result(cmd: CaptureCommand, invoice: str | None, order: str | None) -> Capt
 
 
 async def claim_optimistic(
-    session: AsyncSession, cmd: CaptureCommand, payment: Payment, order: Order
+    tx: Tx, cmd: CaptureCommand, payment: PaymentRow, order: OrderRow
 ) -> bool | CaptureResult:
     """The conditional UPDATE is the only serialisation: a concurrent one waits for the
     winner's row lock, then re-checks `status <> 'captured'` on what it committed (READ
     COMMITTED) or fails with 40001 and is retried (REPEATABLE READ and up)."""
-    won = (await session.execute(text(_CLAIM_PAYMENT), _params(cmd))).first()
+    won = await tx.fetchrow(_CLAIM_PAYMENT, *_params(cmd))
     if won is None:
         return False
-    invoice = await session.execute(
-        text(
-            "UPDATE invoices SET status = 'paid', amount_paid = amount, paid_at = now() "
-            "WHERE payment_id = :payment_id RETURNING status"
-        ),
-        {"payment_id": cmd.payment_id},
-    )
-    paid = await session.execute(
-        text("UPDATE orders SET status = 'paid', paid_at = now() WHERE id = :id RETURNING status"),
-        {"id": won.order_id},
-    )
-    return _result(cmd, invoice.scalar_one_or_none(), paid.scalar_one())
+    invoice = await tx.fetchval(_PAY_INVOICE, cmd.payment_id)
+    paid = await tx.fetchval(_PAY_ORDER, won["order_id"])
+    return _result(cmd, invoice, paid)
 
 
 # Payment first: invoice and order are written only for the payment row the first UPDATE
@@ -150,12 +132,13 @@ SELECT (SELECT count(*) FROM p) AS won, (SELECT status FROM i) AS invoice_status
 
 
 async def claim_atomic(
-    session: AsyncSession, cmd: CaptureCommand, payment: Payment, order: Order
+    tx: Tx, cmd: CaptureCommand, payment: PaymentRow, order: OrderRow
 ) -> bool | CaptureResult:
-    row = (await session.execute(text(_ATOMIC), _params(cmd))).one()
-    if not row.won:
+    row = await tx.fetchrow(_ATOMIC, *_params(cmd))
+    assert row is not None  # the SELECT answers one row, claimed or not
+    if not row["won"]:
         return False
-    return _result(cmd, row.invoice_status, row.order_status)
+    return _result(cmd, row["invoice_status"], row["order_status"])
 
 
 NOWAIT = Strategy(

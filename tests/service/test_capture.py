@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ from payrace.service.errors import NotFound, Rejected
 from payrace.service.instrument import probes
 from payrace.service.instrument.timing import parse_server_timing
 from payrace.service.models import Base
+from payrace.service.sql import Observer
 
 KEYS = GatewayKeys()
 
@@ -454,6 +455,44 @@ def _command(paid: Paid, **fields: Any) -> CaptureCommand:
     return CaptureCommand(**values)
 
 
+@pytest.mark.parametrize("strategy", ["for_update", "optimistic", "atomic"])
+async def test_payment_failed_is_written_once_and_never_over_a_capture(
+    pg: Database, gateway_url: str, fake_gateway: FakeRazorpay, strategy: str
+) -> None:
+    """mark_failed on the locked read (for_update) and on the claim strategies' locked re-read:
+    failed once, a repeat answers idempotently, a later capture wins, a late failure after it
+    changes nothing."""
+    settings = service_settings(pg, gateway_url, capture_strategy=strategy)
+    async with Service(settings) as svc:
+        runner = svc.runtime.runner
+        paid = await customer_pays(svc, fake_gateway)
+        failure = _command(paid, event="payment.failed", event_id=f"evt_f_{paid.payment_id}")
+        failed = await mark_failed(runner, failure, "BAD_REQUEST_ERROR")
+        with psycopg.connect(pg.url) as conn:
+            stored = conn.execute(
+                "SELECT status, error_code, gateway_payment_id FROM payments WHERE id = %s",
+                (paid.payment_id,),
+            ).fetchone()
+        again = await mark_failed(runner, failure, "BAD_REQUEST_ERROR")
+        captured = await capture(
+            runner, _command(paid, event="payment.captured", event_id=f"evt_c_{paid.payment_id}")
+        )
+        late = _command(paid, event="payment.failed", event_id=f"evt_l_{paid.payment_id}")
+        after = await mark_failed(runner, late, "LATE")
+
+    assert (failed.status, failed.idempotent, failed.gateway_payment_id) == (
+        "failed",
+        False,
+        paid.payment["id"],
+    )
+    assert stored == ("failed", "BAD_REQUEST_ERROR", paid.payment["id"])
+    assert (again.status, again.idempotent) == ("failed", True)
+    # A strategy recording event ids late (after its write) answers the status, not the id.
+    assert again.duplicate_event is (strategy == "for_update")
+    assert (captured.status, captured.idempotent) == ("captured", False)
+    assert (after.status, after.idempotent, after.invoice_status) == ("captured", True, "paid")
+
+
 async def test_capture_called_directly_reports_the_states_it_wrote(
     service: Service, fake_gateway: FakeRazorpay, audit: Audit
 ) -> None:
@@ -702,29 +741,48 @@ async def test_a_capture_sends_four_statements_under_the_lock_and_a_repeat_two(
     service: Service, fake_gateway: FakeRazorpay
 ) -> None:
     """The round trips while the payment lock is held (issue 12): the payment and its order
-    in one locking read, then one UPDATE each for payment, invoice and order; a repeat reads
-    the payment and the statuses it answers. Seen on the service's own engine."""
+    in one locking read, then one UPDATE each for payment, invoice and order, then COMMIT; a
+    repeat reads the payment and the statuses it answers. Seen by an observer of the capture
+    pool and of the intents pool: the intent is one statement in autocommit, before BEGIN."""
     paid = await customer_pays(service, fake_gateway)
-    statements: list[str] = []
+    log: list[str] = []
 
-    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(" ".join(statement.split()))
+    class Log(Observer):
+        def on_begin(self, isolation: str) -> None:
+            log.append(f"BEGIN {isolation}")
 
-    engine = service.runtime.engine.sync_engine
-    sqlalchemy.event.listen(engine, "before_cursor_execute", seen)
+        def on_statement(self, sql: str, args: Sequence[object]) -> None:
+            log.append(" ".join(sql.split()))
+
+        def on_commit(self) -> None:
+            log.append("COMMIT")
+
+        def on_rollback(self) -> None:
+            log.append("ROLLBACK")
+
+    runner = service.runtime.runner
+    pools = [runner.db, runner.intents]
+    for pool in pools:
+        pool.observers.append(Log())
     try:
         first = await client_verify(service, paid)({})
-        fresh, statements[:] = list(statements), []
+        fresh, log[:] = list(log), []
         again = await client_verify(service, paid)({})
-        repeat = list(statements)
+        repeat = list(log)
     finally:
-        sqlalchemy.event.remove(engine, "before_cursor_execute", seen)
+        for pool in pools:
+            pool.observers.clear()
 
     assert first.status_code == again.status_code == 200
     assert again.json()["idempotent"] is True
-    assert len(fresh) == 4, fresh
-    assert fresh[0].startswith("SELECT") and fresh[0].endswith("FOR UPDATE OF payments")
-    assert "JOIN orders" in fresh[0]
-    assert [s.split()[1] for s in fresh[1:]] == ["payments", "invoices", "orders"]
-    assert len(repeat) == 2, repeat
-    assert repeat[0] == fresh[0]
+    intent, begin, *locked, commit = fresh
+    assert intent.startswith("INSERT INTO capture_intents")
+    assert (begin, commit) == ("BEGIN READ COMMITTED", "COMMIT")
+    assert len(locked) == 4, locked
+    assert locked[0].startswith("SELECT") and locked[0].endswith("FOR UPDATE OF payments")
+    assert "JOIN orders" in locked[0]
+    assert [s.split()[1] for s in locked[1:]] == ["payments", "invoices", "orders"]
+    assert repeat[0].startswith("INSERT INTO capture_intents")
+    assert repeat[1] == "BEGIN READ COMMITTED" and repeat[-1] == "COMMIT"
+    assert len(repeat[2:-1]) == 2, repeat
+    assert repeat[2] == locked[0]

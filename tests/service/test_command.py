@@ -10,14 +10,14 @@ import pytest
 
 from payrace.service.command import CaptureCommand, CaptureResult, validate
 from payrace.service.errors import Rejected
-from payrace.service.models import Order, Payment
+from payrace.service.models import OrderRow, PaymentRow
 
 
-def stored(**payment_fields: Any) -> tuple[Payment, Order]:
-    order = Order(id=7, gateway_order_id="order_Abcdefghijklmn", amount=50000, currency="INR")
+def stored(**payment_fields: Any) -> tuple[PaymentRow, OrderRow]:
+    order = OrderRow(id=7, gateway_order_id="order_Abcdefghijklmn", amount=50000, currency="INR")
     fields: dict[str, Any] = {"id": 11, "order_id": 7, "status": "pending"}
-    fields.update(payment_fields)
-    return Payment(amount=50000, currency="INR", **fields), order
+    fields.update({"gateway_payment_id": None, **payment_fields})
+    return PaymentRow(**fields), order
 
 
 def command(**fields: Any) -> CaptureCommand:

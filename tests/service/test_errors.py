@@ -202,10 +202,20 @@ def _raised_by_the_driver(exc: BaseException) -> BaseException:
         CannotConnectNowError("the database system is starting up"),
         ConnectionDoesNotExistError("connection was closed in the middle of operation"),
         InterfaceError("cannot call Connection.fetch(): connection is closed"),
+        # A pool's connection asyncpg took back as its backend went away (sql.Database).
+        InterfaceError(
+            "cannot call Connection.fetchval(): connection has been released back to the pool"
+        ),
         # A backend killed during a new connection's first statement (kill-backends:0.01).
         InternalClientError("cannot switch to state 11; another operation (2) is in progress"),
     ],
-    ids=["starting-up", "closed-mid-statement", "closed", "killed-during-first-statement"],
+    ids=[
+        "starting-up",
+        "closed-mid-statement",
+        "closed",
+        "released-as-it-closed",
+        "killed-during-first-statement",
+    ],
 )
 def test_what_a_dead_or_restarting_server_raises_counts_as_a_lost_connection(
     exc: BaseException,
@@ -369,6 +379,9 @@ def test_a_statement_the_databases_timeouts_cancelled_is_named(
 ) -> None:
     assert timed_out(DBAPIError("SELECT 1", None, exc)) == timeout  # type: ignore[arg-type]
     assert not connection_lost(DBAPIError("SELECT 1", None, exc))  # type: ignore[arg-type]
+    # The capture path's own (asyncpg directly, payrace.service.sql): the same answers.
+    assert timed_out(exc) == timeout
+    assert not connection_lost(exc)
 
 
 async def test_a_lock_timeout_is_a_retryable_409_that_wrote_nothing(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
 from sqlalchemy.exc import DBAPIError
 
@@ -115,3 +116,46 @@ def test_sqlstate_is_read_from_the_driver_error_or_the_error_it_wraps() -> None:
     assert sqlstate(failure("40P01")) == "40P01"
     assert sqlstate(DBAPIError("SELECT 1", {}, wrapper)) == "40001"
     assert sqlstate(DBAPIError("SELECT 1", {}, Exception("no state"))) is None
+
+
+class AsyncpgAttempts:
+    """The capture path's own errors: asyncpg's, unwrapped (payrace.service.sql)."""
+
+    def __init__(self, *states: str) -> None:
+        self.states = list(states)
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.states:
+            state = self.states.pop(0)
+            raise asyncpg.PostgresError.new({"C": state, "M": f"server said {state}"})
+        return "ok"
+
+
+@pytest.mark.parametrize("state", ["40001", "40P01", "55P03", "57014"])
+async def test_asyncpg_conflicts_and_timeouts_are_retried_then_a_409(state: str) -> None:
+    recovers = AsyncpgAttempts(state)
+    assert await retrying(recovers, conflicts=1) == "ok"
+    assert recovers.calls == 2
+
+    persists = AsyncpgAttempts(state, state)
+    with pytest.raises(RetryLater) as raised:
+        await retrying(persists, conflicts=1)
+    assert raised.value.extra == {"sqlstate": state}
+
+
+async def test_asyncpg_unique_violation_lost_connection_and_other_errors() -> None:
+    with pytest.raises(Rejected) as rejected:
+        await retrying(AsyncpgAttempts("23505"), conflicts=3)
+    assert rejected.value.code == "payment_mismatch"
+
+    killed = AsyncpgAttempts(*["57P01"] * (CONNECTION_RETRIES + 1))  # pg_terminate_backend
+    with pytest.raises(ServiceUnavailable):
+        await retrying(killed, conflicts=3)
+    assert killed.calls == CONNECTION_RETRIES + 1
+
+    other = AsyncpgAttempts("22001")
+    with pytest.raises(asyncpg.StringDataRightTruncationError) as raised:
+        await retrying(other, conflicts=3)
+    assert sqlstate(raised.value) == "22001" and other.calls == 1

@@ -3,8 +3,9 @@ the SQL the service issues for one capture, under pgbench.
 
     record_capture_sql()   one client callback captured by the reference service in this
                            process, every statement it sends and every BEGIN / COMMIT /
-                           ROLLBACK recorded from SQLAlchemy's engine events (the statement
-                           log of that one request, nothing rewritten by hand)
+                           ROLLBACK, told by its capture and intents pools (sql.Observer)
+                           and its SQLAlchemy engine (the statement log of that one request,
+                           nothing rewritten by hand)
     pgbench_script()       that log as a pgbench script: the payment's ids become a variable
                            drawn per transaction from rows prepared for pgbench
     find_pgbench()         the pgbench binary shipped in the pgserver wheel (or on PATH)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +34,7 @@ from sqlalchemy import event
 from payrace.harness.gateway.signing import GatewayKeys, client_callback
 from payrace.service.app import create_app
 from payrace.service.settings import Settings
+from payrace.service.sql import Observer
 
 _PARAM = re.compile(r"\$(\d+)")
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
@@ -83,7 +86,29 @@ async def record_capture_sql(
 
         return listener
 
-    engines = [runtime.engine.sync_engine, runtime.intents_engine.sync_engine]
+    class Log(Observer):
+        def on_begin(self, isolation: str) -> None:
+            if recording:
+                log.append(("BEGIN", ()))
+
+        def on_statement(self, sql: str, args: Sequence[object]) -> None:
+            if recording:
+                log.append((sql, tuple(args)))
+
+        def on_commit(self) -> None:
+            if recording:
+                log.append(("COMMIT", ()))
+
+        def on_rollback(self) -> None:
+            if recording:
+                log.append(("ROLLBACK", ()))
+
+    # The capture path's pools (asyncpg directly), and the engine the other routes use.
+    pools = [p for p in (runtime.runner.db, runtime.runner.intents) if p is not None]
+    logger = Log()
+    for pool in pools:
+        pool.observers.append(logger)
+    engines = [runtime.engine.sync_engine]
     listeners = [("before_cursor_execute", statement)] + [
         (name, marker(name.upper())) for name in ("begin", "commit", "rollback")
     ]
@@ -103,6 +128,8 @@ async def record_capture_sql(
         for engine in engines:
             for name, fn in listeners:
                 event.remove(engine, name, fn)
+        for pool in pools:
+            pool.observers.remove(logger)
         await runtime.shutdown()
     return Recorded(log, reply.status_code)
 

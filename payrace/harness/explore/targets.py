@@ -5,13 +5,15 @@ ExploreTarget     what explore.engine asks of a target: start it (an ASGI app), 
                   its name and isolation for schedule ids, its profile (routes, keys,
                   oracle tables), its step model, whether its requests name their backends
 ReferenceTarget   the reference service (payrace.service) for one strategy and isolation
-                  level: its own step table (explore.steps.predict), its SQLAlchemy
-                  engine's events, backends named by its probes
+                  level: its own step table (explore.steps.predict), what its capture pool
+                  runs (sql.Observer) and its SQLAlchemy engine's events (the routes'
+                  statements), backends named by its probes
 (AppTarget, a team's ASGI app built by module:factory: explore.app)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -25,6 +27,7 @@ from payrace.harness.model.profile import Profile
 from payrace.postgres import dialect_url
 from payrace.service.app import Runtime, create_app
 from payrace.service.settings import Settings
+from payrace.service.sql import Observer
 from payrace.service.strategies import UnknownStrategy, resolve
 
 
@@ -94,15 +97,19 @@ class ReferenceTarget:
         self._runtime = app.state.runtime
         await self._runtime.startup()  # creates the tables the oracle then watches
 
+        # The capture path runs on asyncpg directly (payrace.service.sql), the other routes
+        # (the webhook's payment lookup) on SQLAlchemy: both are what the requests did. The
+        # capture intents' pool is not watched: an intent commutes with every step of every
+        # other request (capture.Runner.intents).
+        self._runtime.runner.db.observers.append(_Relay(events))
+
         def on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
             events.on_statement(statement)
 
         def on_error(context: ExceptionContext) -> None:
             exc: BaseException | None = context.original_exception
             cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
-            events.on_error(
-                str(getattr(cause, "message", None) or cause or "error").splitlines()[0]
-            )
+            events.on_error(_message(cause))
 
         engine = self._runtime.engine.sync_engine
         event.listen(engine, "before_cursor_execute", on_statement)
@@ -116,6 +123,25 @@ class ReferenceTarget:
             # counters: the oracle's reading settles at once (see payrace.harness.model.oracle).
             await self._runtime.shutdown()
             self._runtime = None
+
+
+class _Relay(Observer):
+    def __init__(self, events: EngineEvents) -> None:
+        self.events = events
+
+    def on_statement(self, sql: str, args: Sequence[object]) -> None:
+        self.events.on_statement(sql)
+
+    def on_commit(self) -> None:
+        self.events.on_commit()
+
+    def on_error(self, exc: BaseException) -> None:
+        self.events.on_error(_message(exc))
+
+
+def _message(exc: BaseException | None) -> str:
+    """The server's message (asyncpg's `.message`), first line: what the timeline prints."""
+    return str(getattr(exc, "message", None) or exc or "error").splitlines()[0]
 
 
 __all__ = ["EngineEvents", "ExploreTarget", "ReferenceTarget"]

@@ -42,7 +42,7 @@ from payrace.pausing import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection
+    from payrace.service.sql import Tx
 
 POINTS: tuple[str, ...] = (
     "txn_begun",
@@ -56,16 +56,13 @@ POINTS: tuple[str, ...] = (
 )
 
 
-async def record_backend(conn: AsyncConnection) -> None:
+def record_backend(tx: Tx) -> None:
     """With a controller installed, note the backend pid of the request's connection."""
-    if not active():
-        return
-    # Controllers tell "waiting for a lock" from pg_blocking_pids of this backend. The
-    # driver knows the pid already: asking the server would run a statement, and at
-    # REPEATABLE READ the first statement takes the snapshot earlier than production.
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert driver is not None  # a checked-out connection always has one
-    set_backend_pid(int(driver.get_server_pid()))
+    if active():
+        # Controllers tell "waiting for a lock" from pg_blocking_pids of this backend. The
+        # driver knows the pid already: asking the server would run a statement, and at
+        # REPEATABLE READ the first statement takes the snapshot earlier than production.
+        set_backend_pid(tx.backend_pid)
 
 
 BlockedProbe = Callable[[int], Awaitable[bool]]

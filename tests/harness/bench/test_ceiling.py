@@ -59,8 +59,12 @@ async def test_the_logged_capture_replayed_by_pgbench_captures_the_prepared_rows
     )
     assert recorded.status == 200
     sql = [s for s, _ in recorded.statements]
-    assert sql.count("BEGIN") == sql.count("COMMIT") == 2  # the intent, then the capture
-    assert any("FOR UPDATE" in s for s in sql)
+    # The intent in autocommit, then the capture's transaction: the locking read, 3 UPDATEs.
+    assert [s.split()[0] for s in sql] == [
+        "INSERT", "BEGIN", "SELECT", "UPDATE", "UPDATE", "UPDATE", "COMMIT"
+    ]  # fmt: skip
+    assert sql[0].startswith("INSERT INTO capture_intents")
+    assert sql[2].endswith("FOR UPDATE OF payments")
     script = tmp_path / "capture.sql"
     script.write_text(pgbench_script(recorded, recorded_payment, first_id=first, rows=rows))
     pgbench = find_pgbench()

@@ -672,7 +672,7 @@ async def test_for_update_service_captures_once_when_callback_and_webhook_race(
     assert verdict.results["no_deadlock"].valid in (True, "unknown")
     # ... until its backends exit and flush their counters.
     await service.runtime.engine.dispose()
-    await service.runtime.intents_engine.dispose()  # the capture intents pool
+    await service.runtime.runner.close()  # the capture and capture intents pools
     settled = oracle.observe(
         audited,
         REFERENCE,

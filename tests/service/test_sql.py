@@ -1,0 +1,167 @@
+"""service/sql.py: the capture path's asyncpg pool, transactions and observers, on real
+PostgreSQL (the tests' session database; each test uses a table of its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+import psycopg
+import pytest
+
+from payrace.harness.infra.provider import Database as Postgres
+from payrace.service import sql
+from payrace.service.errors import connection_lost
+
+
+class Log(sql.Observer):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_begin(self, isolation: str) -> None:
+        self.seen.append(f"BEGIN {isolation}")
+
+    def on_statement(self, sql: str, args: Sequence[object]) -> None:
+        self.seen.append(f"{sql.split()[0]} {list(args)}")
+
+    def on_commit(self) -> None:
+        self.seen.append("COMMIT")
+
+    def on_rollback(self) -> None:
+        self.seen.append("ROLLBACK")
+
+    def on_error(self, exc: BaseException) -> None:
+        self.seen.append(f"error {type(exc).__name__}")
+
+
+@pytest.fixture
+async def db(pg: Postgres) -> AsyncIterator[sql.Database]:
+    database = sql.Database(pg.url, max_size=2, name="test")
+    await database.open()
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+def table(pg: Postgres) -> str:
+    name = f"test_sql_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, note text)")
+    return name
+
+
+async def test_a_transaction_commits_at_its_level_and_observers_see_each_step(
+    db: sql.Database, table: str
+) -> None:
+    log = Log()
+    db.observers.append(log)
+
+    async with db.transaction("REPEATABLE READ") as tx:
+        level = await tx.fetchval("SHOW transaction_isolation")
+        await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", 1, "one")
+        assert tx.backend_pid == await tx.fetchval("SELECT pg_backend_pid()")
+
+    assert level == "repeatable read"
+    assert await db.fetchval(f"SELECT note FROM {table} WHERE id = $1", 1) == "one"
+    assert log.seen[:4] == [
+        "BEGIN REPEATABLE READ",
+        "SHOW []",
+        "INSERT [1, 'one']",
+        "SELECT []",
+    ]
+    assert log.seen[4:] == ["COMMIT", "SELECT [1]"]  # then the autocommit read
+
+
+async def test_a_block_that_raises_rolls_back_and_the_connection_is_reused(
+    db: sql.Database, table: str
+) -> None:
+    log = Log()
+    db.observers.append(log)
+
+    with pytest.raises(asyncpg.UniqueViolationError):
+        async with db.transaction() as tx:
+            await tx.execute(f"INSERT INTO {table} VALUES (1, 'kept?')")
+            first = tx.backend_pid
+            await tx.execute(f"INSERT INTO {table} VALUES (1, 'twice')")
+
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 0
+    assert log.seen[-3:] == ["error UniqueViolationError", "ROLLBACK", "SELECT []"]
+    async with db.transaction() as tx:
+        assert tx.backend_pid == first  # rolled back and handed out again, not closed
+
+
+async def test_a_killed_backend_is_a_lost_connection_and_the_pool_replaces_it(
+    db: sql.Database, pg: Postgres
+) -> None:
+    """What the nemesis and a failover do: the statement fails as a lost connection (the
+    capture retries it, then answers 503), and the next transaction gets a live one."""
+    with pytest.raises(Exception) as raised:
+        async with db.transaction() as tx:
+            killed = tx.backend_pid
+            with psycopg.connect(pg.url, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (killed,))
+            await asyncio.sleep(0.05)
+            await tx.fetchval("SELECT 1")
+
+    assert connection_lost(raised.value), repr(raised.value)
+    async with db.transaction() as tx:
+        assert tx.backend_pid != killed
+        assert await tx.fetchval("SELECT 1") == 1
+
+
+async def test_without_a_pool_each_use_connects_and_closes(pg: Postgres) -> None:
+    once = sql.Database(pg.url, max_size=0, name="per use")
+    await once.open()  # nothing to open
+
+    pids = [await once.fetchval("SELECT pg_backend_pid()") for _ in range(2)]
+
+    assert pids[0] != pids[1]
+    with psycopg.connect(pg.url) as conn:
+        alive = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+        ).fetchone()
+    assert alive == (0,)
+
+
+async def test_closing_the_pool_ends_its_backends(db: sql.Database, pg: Postgres) -> None:
+    """The explorer and the oracle read deadlock counters once the service's backends exit."""
+    pid = await db.fetchval("SELECT pg_backend_pid()")
+
+    await db.close()
+
+    with psycopg.connect(pg.url) as conn:
+        for _ in range(50):
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+            if row.fetchone() == (0,):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail(f"backend {pid} still there after the pool closed")
+
+
+async def test_a_pool_that_is_not_open_says_so(pg: Postgres) -> None:
+    closed = sql.Database(pg.url, max_size=1, name="capture")
+
+    with pytest.raises(RuntimeError, match="capture pool is not open"):
+        await closed.fetchval("SELECT 1")
+
+
+async def test_an_exhausted_pool_is_a_lost_connection(
+    db: sql.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection stuck on a server that does not answer: a 503, as SQLAlchemy's
+    pool timeout was."""
+    monkeypatch.setattr(sql, "ACQUIRE_TIMEOUT_S", 0.05)
+    held = [await db.acquire() for _ in range(db.max_size)]
+    try:
+        with pytest.raises(sql.PoolExhausted) as raised:
+            await db.acquire()
+    finally:
+        for conn in held:
+            await db.release(conn)
+
+    assert connection_lost(raised.value)
