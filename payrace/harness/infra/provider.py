@@ -27,6 +27,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -286,6 +287,14 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
     settings = _ROOMY if durable else {**_ROOMY, **_FAST}
 
     class TunedServer(PostgresServer):
+        def __init__(self, pgdata: Path, *, cleanup_mode: str | None = "stop") -> None:
+            # pgserver's lock is one file for every server of the machine's user, held
+            # through initdb, start and stop: every other payrace run, test worker or
+            # pgserver user waited for it (seconds on a busy machine). It guards servers that
+            # processes share by data directory; payrace's directory is its own.
+            self._lock = threading.Lock()
+            super().__init__(pgdata, cleanup_mode=cleanup_mode)
+
         # max_connections takes effect only at server start, and pgserver starts the server in
         # its constructor right after initdb: this hook is the one moment between the two.
         def ensure_pgdata_inited(self) -> None:
