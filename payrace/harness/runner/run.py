@@ -33,7 +33,6 @@ from typing import Any
 import asyncpg
 import httpx
 import psycopg
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import GatewayControl, LocalGateway, RemoteGateway
@@ -58,7 +57,6 @@ from payrace.harness.runner.target import start_target
 from payrace.harness.runner.trials import StrategyRun, TrialOutcome, fire_trials
 from payrace.postgres import DsnError, libpq_url
 from payrace.redact import redact, redact_tree
-from payrace.service.db import create_schema
 
 
 async def judge(
@@ -438,6 +436,11 @@ async def _database_answers(dsn: str, flag: str) -> None:
 
 
 async def _create_schema(db: Database) -> None:
+    # The service's imports (SQLAlchemy, FastAPI) only when it is started.
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from payrace.service.db import create_schema
+
     engine = create_async_engine(db.asyncpg_url())
     try:
         await create_schema(engine)
