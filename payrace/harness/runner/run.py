@@ -305,6 +305,7 @@ async def run(
             min_size=1,
             max_size=4,
             server_settings={"application_name": "payrace-harness"},
+            reset=_nothing_to_reset,
         )
         stack.push_async_callback(_close_pool, pool)
         if target_db is not None:
@@ -396,6 +397,12 @@ def summary_of(
             }
         )
     )
+
+
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    """The harness's pool only asks pg_blocking_pids(): no session state to undo, so a
+    connection goes back without asyncpg's default reset (RESET ALL, UNLISTEN *, ...), a
+    round trip per question, several questions per forced trial."""
 
 
 async def _close_pool(pool: asyncpg.Pool) -> None:
