@@ -70,9 +70,6 @@ from payrace.harness.runner.compare import merge as compare_merge
 from payrace.harness.runner.config import Gate, Mode, RunConfig
 from payrace.harness.runner.run import run, write_history
 from payrace.redact import redact
-from payrace.service.strategies import UnknownStrategy
-from payrace.service.strategies import names as strategy_names
-from payrace.service.strategies import resolve as resolve_strategy
 
 app = typer.Typer(
     add_completion=False,
@@ -586,10 +583,12 @@ def compare_command(
         raise _fail(f"--mode {', '.join(wrong)}: compare runs {', '.join(COMPARE_MODES)} (or all)")
     if not 1 <= pct <= 100_000:
         raise _fail(f"--pct {pct}: give 1 to 100000 PCT runs")
-    strategies = _split(strategy) or strategy_names()
+    from payrace.service.strategies import UnknownStrategy, names, resolve
+
+    strategies = _split(strategy) or names()
     try:
         for name in strategies:
-            resolve_strategy(name)
+            resolve(name)
     except UnknownStrategy as exc:
         raise _fail(str(exc)) from None
     command = shlex.join(["payrace", *sys.argv[1:]])
@@ -699,10 +698,10 @@ def matrix_command(
     from payrace.harness.infra.provider import provide_postgres
     from payrace.harness.reports import matrix as matrix_report
     from payrace.postgres import normalise_isolation
-    from payrace.service.strategies import UnknownStrategy, resolve
+    from payrace.service.strategies import UnknownStrategy, names, resolve
 
     try:
-        strategies = _split(strategy) or strategy_names()
+        strategies = _split(strategy) or names()
         for name in strategies:
             resolve(name)
         levels = [normalise_isolation(level) for level in _split(isolation)] or list(matrix.LEVELS)

@@ -4,7 +4,8 @@
     ├── 1. "dsn"       dsn argument or $PAYRACE_DSN: CREATE DATABASE payrace_<utc>_<hex>
     │                  on that server, DROP ... WITH (FORCE) after; server settings left alone
     ├── 2. "docker"    a Docker daemon answering a ping: testcontainers postgres:16-alpine
-    └── 3. "embedded"  the pgserver wheel: initdb + start in a fresh temporary directory
+    └── 3. "embedded"  the pgserver wheel: a fresh directory (in memory when throwaway) filled
+                       from a cached initdb template (infra.pgdata), started; stopped at once
     Database           url (libpq), route, server_version, fast; SQLAlchemy URLs; describe();
                        cluster: the embedded server's Cluster (None on the other routes)
     Cluster            halt() / resume() the embedded server payrace started (the
@@ -26,7 +27,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,6 +42,7 @@ import psycopg
 from psycopg import sql
 
 from payrace.harness.infra import env, watchdog
+from payrace.harness.infra import pgdata as pgdata_files
 from payrace.harness.infra.readiness import NotReady, wait_until_ready
 from payrace.postgres import EXPECTED, DsnError, dialect_url, libpq_url, refused_for_good
 from payrace.redact import redact
@@ -88,6 +90,8 @@ class Database:
         settings = "fsync off, synchronous_commit off" if self.fast else "durable settings"
         where = _where(self.url)
         if self.route == "embedded":
+            if self.cluster is not None and pgdata_files.in_memory(self.cluster.server.pgdata):
+                settings += ", data in memory"
             return f"embedded PostgreSQL {self.server_version} (pgserver, {where}, {settings})"
         if self.route == "docker":
             return (
@@ -283,14 +287,26 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
     settings = _ROOMY if durable else {**_ROOMY, **_FAST}
 
     class TunedServer(PostgresServer):
+        def __init__(self, pgdata: Path, *, cleanup_mode: str | None = "stop") -> None:
+            # pgserver's lock is one file for every server of the machine's user, held
+            # through initdb, start and stop: every other payrace run, test worker or
+            # pgserver user waited for it (seconds on a busy machine). It guards servers that
+            # processes share by data directory; payrace's directory is its own.
+            self._lock = threading.Lock()
+            super().__init__(pgdata, cleanup_mode=cleanup_mode)
+
         # max_connections takes effect only at server start, and pgserver starts the server in
         # its constructor right after initdb: this hook is the one moment between the two.
         def ensure_pgdata_inited(self) -> None:
+            # With the cached template in place pgserver finds PG_VERSION and skips initdb.
+            seeded = pgdata_files.seed(self.pgdata, self.system_user)
             super().ensure_pgdata_inited()
+            if not seeded:
+                pgdata_files.keep(self.pgdata)
             with (self.pgdata / "postgresql.auto.conf").open("a") as conf:
                 conf.writelines(f"{key} = '{value}'\n" for key, value in settings.items())
 
-    workdir = Path(tempfile.mkdtemp(prefix="payrace-pg-")).resolve()
+    workdir = pgdata_files.workdir(durable)
     pgdata = workdir / "pgdata"
     pgdata.mkdir()
     server: TunedServer | None = None
@@ -316,7 +332,14 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
         yield Database(url, "embedded", version, fast, Cluster(server, socket_dir))
     finally:
         if server is not None:
-            server.cleanup()  # pg_ctl stop (fast mode), then removes pgdata
+            # The data is thrown away: an immediate shutdown, waited for; pgserver's cleanup
+            # then finds the postmaster gone and removes pgdata.
+            info = server._postmaster_info
+            if info is not None and pgdata_files.stop_now(info.pid):
+                # pgserver would see the exited postmaster as running until init reaps it
+                # (psutil counts a zombie as running), and wait for that.
+                server._postmaster_info = None
+            server.cleanup()
         elif (pgdata / "postmaster.pid").exists():
             # Interrupted between pg_ctl start and pgserver handing back a handle.
             pg_ctl = str(POSTGRES_BIN_PATH / "pg_ctl")

@@ -32,12 +32,16 @@ def wait_until_ready(
     timed_out: Callable[[str], Exception],
     stopped: Callable[[], str | None] = lambda: None,
     poll_s: float = 0.1,
+    first_poll_s: float | None = None,
 ) -> T:
     """`probe()`'s first answer. `stopped()` says why the thing is gone (None while it runs):
     that is raised as a RuntimeError at once instead of waiting out the timeout. Past
-    `timeout_s`, raises `timed_out(what was seen last)`."""
+    `timeout_s`, raises `timed_out(what was seen last)`. Polls every `poll_s`; with
+    `first_poll_s`, the first pauses are that short and double up to `poll_s` (a thing that
+    is up a few milliseconds after it was started is then not waited for a whole poll_s)."""
     deadline = time.monotonic() + timeout_s
     last = "no answer yet"
+    pause = poll_s if first_poll_s is None else min(first_poll_s, poll_s)
     while True:
         reason = stopped()
         if reason is not None:
@@ -48,7 +52,8 @@ def wait_until_ready(
             last = str(exc)
         if time.monotonic() >= deadline:
             raise timed_out(last)
-        time.sleep(poll_s)
+        time.sleep(pause)
+        pause = min(pause * 2, poll_s)
 
 
 def wait_until_answers(
@@ -62,9 +67,12 @@ def wait_until_answers(
     poll_s: float = 0.1,
     request_timeout_s: float = 2.0,
 ) -> None:
-    """GET `url + path` until it answers 200. On timeout, a TimeoutError names `what`, the
-    last answer (or error) seen, and ends with `hint` (what to check)."""
-    with httpx.Client(timeout=request_timeout_s) as client:
+    """GET `url + path` until it answers 200 (first after 5 ms, then backing off to
+    `poll_s`). On timeout, a TimeoutError names `what`, the last answer (or error) seen, and
+    ends with `hint` (what to check)."""
+    # A plain-HTTP probe needs no certificate store: loading it was most of the probe's cost.
+    verify = url.startswith("https:")
+    with httpx.Client(timeout=request_timeout_s, verify=verify) as client:
 
         def answers() -> None:
             try:
@@ -81,5 +89,10 @@ def wait_until_answers(
             )
 
         wait_until_ready(
-            answers, timeout_s=timeout_s, timed_out=timed_out, stopped=stopped, poll_s=poll_s
+            answers,
+            timeout_s=timeout_s,
+            timed_out=timed_out,
+            stopped=stopped,
+            poll_s=poll_s,
+            first_poll_s=0.005,
         )

@@ -30,7 +30,6 @@ from payrace.harness.model.generator import MAX_WEBHOOKS
 from payrace.harness.model.nemesis import NemesisSpecError, parse_spec, unfit
 from payrace.harness.model.profile import Profile
 from payrace.postgres import normalise_isolation
-from payrace.service.strategies import UnknownStrategy, names, resolve
 
 # --jitter-ms and --hold-ms: a minute is far past any lock wait worth racing, and keeps a
 # typo (an extra zero or three) from parking a run for hours.
@@ -156,7 +155,7 @@ class RunConfig:
                 )
         if any(not s.strip() for s in self.strategies):
             raise UsageError(
-                f"--strategy names an empty strategy; choose from {', '.join(names())} "
+                f"--strategy names an empty strategy; choose from {', '.join(_names())} "
                 "(or leave --strategy out for for_update)"
             )
         try:
@@ -206,11 +205,15 @@ class RunConfig:
                     "target dedupes webhooks its own way: leave --no-webhook-dedupe out"
                 )
         else:
+            # Imported here, not at the top: it brings in the service (FastAPI, SQLAlchemy),
+            # which a run of a running target, `payrace gateway` or --help never use.
+            from payrace.service import strategies
+
             self.strategies = self.strategies or ["for_update"]
             for name in self.strategies:
                 try:
-                    resolve(name)  # a built-in name or package.module:Name
-                except UnknownStrategy as exc:
+                    strategies.resolve(name)  # a built-in name or package.module:Name
+                except strategies.UnknownStrategy as exc:
                     raise UsageError(str(exc)) from None
         if self.first_event not in ("payment.captured", "payment.authorized", "order.paid"):
             raise UsageError(
@@ -257,7 +260,7 @@ class RunConfig:
         check_gates(
             self.gates,
             self.strategies,
-            known=names(),
+            known=_names(),
             baseline=self._baseline,
             mode=self.mode,
             profile_named=self.external,
@@ -315,3 +318,10 @@ def _check_writable(out_dir: Path) -> None:
 
 def oracle_config(config: RunConfig) -> watched.OracleConfig:
     return config.target_profile().oracle
+
+
+def _names() -> list[str]:
+    """The reference service's strategy names (imported on use: see validate())."""
+    from payrace.service.strategies import names
+
+    return names()

@@ -33,7 +33,6 @@ from typing import Any
 import asyncpg
 import httpx
 import psycopg
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from payrace.harness.errors import UsageError
 from payrace.harness.gateway.controls import GatewayControl, LocalGateway, RemoteGateway
@@ -58,7 +57,6 @@ from payrace.harness.runner.target import start_target
 from payrace.harness.runner.trials import StrategyRun, TrialOutcome, fire_trials
 from payrace.postgres import DsnError, libpq_url
 from payrace.redact import redact, redact_tree
-from payrace.service.db import create_schema
 
 
 async def judge(
@@ -307,6 +305,7 @@ async def run(
             min_size=1,
             max_size=4,
             server_settings={"application_name": "payrace-harness"},
+            reset=_nothing_to_reset,
         )
         stack.push_async_callback(_close_pool, pool)
         if target_db is not None:
@@ -400,6 +399,12 @@ def summary_of(
     )
 
 
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    """The harness's pool only asks pg_blocking_pids(): no session state to undo, so a
+    connection goes back without asyncpg's default reset (RESET ALL, UNLISTEN *, ...), a
+    round trip per question, several questions per forced trial."""
+
+
 async def _close_pool(pool: asyncpg.Pool) -> None:
     """Close the harness's pool; a connection a nemesis (or a restart) killed cannot take the
     goodbye message (BrokenPipeError), so the rest are dropped without one."""
@@ -438,6 +443,11 @@ async def _database_answers(dsn: str, flag: str) -> None:
 
 
 async def _create_schema(db: Database) -> None:
+    # The service's imports (SQLAlchemy, FastAPI) only when it is started.
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from payrace.service.db import create_schema
+
     engine = create_async_engine(db.asyncpg_url())
     try:
         await create_schema(engine)

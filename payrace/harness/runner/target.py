@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from payrace.harness.infra.processes import ServiceProcess, service_env
 from payrace.harness.infra.provider import Cluster, Database
@@ -24,10 +25,9 @@ from payrace.harness.model.client import AsgiClient, Client, HttpClient
 from payrace.harness.model.profile import Hook, Profile
 from payrace.harness.runner.config import RunConfig
 from payrace.harness.runner.reconcile import HTTP_SWEEP, Reconciler, http_sweep_env
-from payrace.service.app import Runtime, create_app
-from payrace.service.errors import connection_lost
-from payrace.service.reconcile import reconcile_once
-from payrace.service.settings import Settings
+
+if TYPE_CHECKING:
+    from payrace.service.app import Runtime
 
 
 class Target:
@@ -66,6 +66,9 @@ async def _at_once() -> None:
 def _in_process_reconciler(runtime: Runtime) -> Reconciler:
     """The reference service's sweep, run by the harness now rather than on its timer; none
     when RECONCILE_INTERVAL_S=0 turned the service's reconciler off."""
+    from payrace.service.errors import connection_lost
+    from payrace.service.reconcile import reconcile_once
+
     if runtime.settings.reconcile_interval_s <= 0:
         return Reconciler("polling only: the service's reconciler is off (RECONCILE_INTERVAL_S=0)")
 
@@ -109,6 +112,10 @@ async def start_target(
     profile = config.target_profile()
     keys = profile.keys
     if config.target == "inproc":
+        # The service's imports (FastAPI, SQLAlchemy, razorpay) only when it runs in-process.
+        from payrace.service.app import create_app
+        from payrace.service.settings import Settings
+
         assert db is not None
         settings = Settings(
             database_url=db.asyncpg_url(),

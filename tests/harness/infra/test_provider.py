@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from payrace.harness.infra import pgdata
 from payrace.harness.infra.provider import (
     ENV_VAR,
     Database,
@@ -262,3 +263,35 @@ def test_a_wrong_password_is_said_as_such_and_never_retried() -> None:
         "postgresql://shop:hunter2@db.example:1/shop", "Connection refused", "--target-dsn"
     )
     assert down.startswith("cannot connect to --target-dsn postgresql://shop:***@db.example:1/shop")
+
+
+def test_the_first_embedded_server_caches_initdb_and_the_next_ones_start_from_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with provide_postgres(prefer="embedded", announce=lambda _: None) as database:
+        assert int(_show(database.url, "max_connections")) >= 300
+    [template] = (tmp_path / "payrace").iterdir()
+    assert (template / "PG_VERSION").is_file()
+    # What initdb wrote, nothing of the run: no pid file, no log, no payrace settings.
+    assert not (template / "postmaster.pid").exists() and not (template / "log").exists()
+    assert "max_connections" not in (template / "postgresql.auto.conf").read_text()
+    (template / "payrace-test-marker").write_text("from the template")
+    with provide_postgres(prefer="embedded", announce=lambda _: None) as database:
+        data_dir, _ = _postmaster(database)
+        assert (data_dir / "payrace-test-marker").read_text() == "from the template"
+        assert int(_show(database.url, "max_connections")) >= 300
+        assert _show(database.url, "fsync") == "off"
+
+
+def test_a_throwaway_cluster_keeps_its_data_in_memory_and_a_durable_one_on_disk() -> None:
+    if not pgdata.in_memory(Path("/dev/shm")):
+        pytest.skip("no memory filesystem at /dev/shm on this machine")
+    with provide_postgres(prefer="embedded", announce=lambda _: None) as database:
+        data_dir, _ = _postmaster(database)
+        assert pgdata.in_memory(data_dir)
+        assert "data in memory" in database.describe()
+    with provide_postgres(prefer="embedded", durable=True, announce=lambda _: None) as database:
+        data_dir, _ = _postmaster(database)
+        assert not pgdata.in_memory(data_dir)
+        assert "data in memory" not in database.describe()

@@ -12,6 +12,7 @@ import shutil
 import ssl
 import subprocess
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,9 @@ from payrace.harness.model.client import (
 )
 from payrace.harness.model.generator import Step
 from payrace.harness.model.profile import Profile
+
+# What a service reads from its caller's context (as the probes do).
+LABEL: ContextVar[str | None] = ContextVar("LABEL", default=None)
 
 KEYS = GatewayKeys()
 PROFILE = Profile.reference()
@@ -441,3 +445,48 @@ async def test_an_order_payrace_created_at_the_gateway_is_handed_to_the_target(
         await client.aclose()
     assert got == {"payment_id": 77, "gateway_order_id": order["id"]}
     assert seen == [{"rzp": order["id"], "paise": AMOUNT}]
+
+
+async def test_asgi_client_speaks_plain_asgi_as_an_http_client_would() -> None:
+    """The ASGI app is called directly (no httpx): what it sees is what an HTTP client sends
+    (method, path and query, headers, the body and its length), and what it answers comes
+    back as Reply does it over HTTP (lower-cased headers, repeats joined, a non-JSON body)."""
+    seen: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        message = await receive()
+        seen.update(
+            method=scope["method"],
+            path=scope["path"],
+            query=scope["query_string"],
+            headers=dict(scope["headers"]),
+            body=message["body"],
+            contextvar=LABEL.get(),
+        )
+        await send({"type": "http.response.start", "status": 418,
+                    "headers": [(b"X-Twice", b"a"), (b"x-twice", b"b")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"not ", "more_body": True})
+        await send({"type": "http.response.body", "body": b"json"})
+        seen["after"] = await receive()  # a client that has its answer: disconnected
+
+    client = AsgiClient(app)
+    token = LABEL.set("the caller's context")
+    try:
+        req = Prepared("post", "/hooks/x?y=1", b'{"a":1}', {"X-Sig": "s"}, "webhook")
+        reply = await client.send(req, {"x-extra": "e"})
+    finally:
+        LABEL.reset(token)
+    assert (seen["method"], seen["path"], seen["query"]) == ("POST", "/hooks/x", b"y=1")
+    assert seen["headers"][b"x-sig"] == b"s" and seen["headers"][b"x-extra"] == b"e"
+    assert seen["headers"][b"content-length"] == b"7" and seen["body"] == b'{"a":1}'
+    assert seen["contextvar"] == "the caller's context"  # run in the caller's task
+    assert seen["after"] == {"type": "http.disconnect"}
+    assert reply == Reply(418, {"raw": "not json"}, {"x-twice": "a, b"})
+
+
+async def test_asgi_client_says_so_when_the_app_answers_nothing() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        return None
+
+    with pytest.raises(RuntimeError, match="without a complete answer"):
+        await AsgiClient(app).send(Prepared("GET", "/", b"", {}, "verify"))

@@ -198,7 +198,11 @@ async def test_every_fault_is_an_operation_in_the_history(pg: Database) -> None:
         history = History()
         nemesis = Nemesis(parse_spec("kill-backends:0.02"), dsn=pg.url, history=history)
         async with nemesis:
-            await _until(lambda: not _alive(pg.url, victim_pid))
+            # Until the kill is recorded, not until the victim is gone: the backend can exit
+            # before pg_terminate_backend()'s answer reaches the killer, and leaving the block
+            # then would cancel the killer before it records what it did.
+            await _until(lambda: nemesis.report()["backends_killed"] == 1)
+        assert not _alive(pg.url, victim_pid)
         ops = [op for op in history.completions() if op.process == "nemesis"]
         actions = [(op.value["fault"], op.value["action"]) for op in ops]
         assert actions == [

@@ -239,3 +239,28 @@ def test_path_histograms_travel_and_merge_like_locust_workers() -> None:
     assert master.get("lock", "client").count == 2
     assert master.get("lock", "webhook").count == 1
     assert master.summary()["lock"]["all"]["count"] == 3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_summary_and_percentiles_equal_hdrhistograms_own_scans(seed: int) -> None:
+    # summary() and percentile_ms() read the non-empty bins only; they must give exactly
+    # what HdrHistogram's get_mean_value() and get_value_at_percentile() give, so a summary
+    # never changes with how it is computed (decoded and merged histograms included).
+    rng = random.Random(seed)
+    hist = LatencyHistogram()
+    for _ in range(rng.choice([1, 2, 50, 3000])):
+        hist.record_ms(rng.choice([0.0, rng.lognormvariate(1.0, 2.0), rng.uniform(0, 5)]))
+    if seed % 2:
+        hist = LatencyHistogram.decode(hist.encode())
+        hist.merge(recorded([rng.expovariate(0.1) for _ in range(rng.randrange(1, 40))]))
+    h = hist._h
+    s = hist.summary()
+    assert s["mean"] == round(h.get_mean_value() / 1000.0, 3)
+    for p in (0.0, 0.1, 50.0, 95.0, 99.0, 99.9, 100.0):
+        assert hist.percentile_ms(p) == round(
+            min(h.get_value_at_percentile(p), HIGHEST_US) / 1000.0, 3
+        )
+    expected = h.get_percentile_to_value_dict([50.0, 95.0, 99.0])
+    assert [s["p50"], s["p95"], s["p99"]] == [
+        round(expected[p] / 1000.0, 3) for p in (50.0, 95.0, 99.0)
+    ]
