@@ -22,6 +22,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -224,8 +225,12 @@ def run_act_free(workflow: Path, workspace: Path, env: dict[str, str]) -> list[d
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
             groups.append(proc.pid)
+            started = time.monotonic()
             output, _ = proc.communicate(timeout=300)
-            results.append({"name": name, "ran": True, "rc": proc.returncode, "out": output})
+            took = round(time.monotonic() - started, 1)
+            results.append(
+                {"name": name, "ran": True, "rc": proc.returncode, "out": output, "s": took}
+            )
             failed = failed or proc.returncode != 0
     finally:
         # What a step left running in the background (the runner's orphan clean-up).
@@ -279,7 +284,9 @@ def test_consumer_template_runs_act_free(
 ) -> None:
     workspace, results = act_free_jobs[variant]
     by_name = {r["name"]: r for r in results}
-    shown = "\n".join(f"--- {r['name']}: rc {r.get('rc')}\n{r.get('out', '')}" for r in results)
+    shown = "\n".join(
+        f"--- {r['name']}: rc {r.get('rc')} in {r.get('s')} s\n{r.get('out', '')}" for r in results
+    )
 
     skipped = {r["name"] for r in results if not r["ran"] and r["why"] != "an earlier step failed"}
     assert skipped == {
