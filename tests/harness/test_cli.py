@@ -1,4 +1,10 @@
-"""`payrace` as a user runs it: a real process, real exit codes, real report files."""
+"""`payrace` as a user runs it: real exit codes, real report files, real messages.
+
+Most commands are invoked in this process (cli_inproc: the same app, arguments, environment and
+exit code, without a new interpreter's 1-1.5 s of imports); a real `python -m
+payrace.harness.cli` process where the process is the point: a run's exit code and reports,
+--version, signals, a server that would block on a regression, and the provider's 5 s wait
+for an unreachable database (two processes side by side)."""
 
 from __future__ import annotations
 
@@ -12,13 +18,20 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_inproc import payrace_cli
 from marked_run import cleared, cmdline, gone, marked_run
 
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
 
 
-def payrace(*args: str, pg: Database, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def payrace(*args: str, pg: Database) -> subprocess.CompletedProcess[str]:
+    return payrace_cli(*args, env={**os.environ, "PAYRACE_DSN": pg.url, "COLUMNS": "200"})
+
+
+def payrace_process(
+    *args: str, pg: Database, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PAYRACE_DSN": pg.url, "COLUMNS": "200"}
     return subprocess.run(
         [sys.executable, "-m", "payrace.harness.cli", *args],
@@ -31,7 +44,7 @@ def payrace(*args: str, pg: Database, timeout: float = 240) -> subprocess.Comple
 
 
 def test_run_exits_1_on_naive_and_writes_every_report(pg: Database, tmp_path: Path) -> None:
-    done = payrace(
+    done = payrace_process(
         "run", "--strategy", "naive", "--trials", "5", "--quiet", "--out", str(tmp_path), pg=pg
     )
     assert done.returncode == 1, done.stderr
@@ -128,11 +141,7 @@ def test_load_takes_gate_flags_itself_instead_of_handing_them_to_locust(
 @pytest.mark.parametrize("command", ["run", "load"])
 def test_help_shows_the_gate_syntax(command: str) -> None:
     """Typer reads help as rich markup: an unescaped [strategy:] vanished, a [/prefix] crashed."""
-    done = subprocess.run(
-        [sys.executable, "-m", "payrace.harness.cli", command, "--help"],
-        env={**os.environ, "COLUMNS": "80"}, capture_output=True, text=True, timeout=60,
-        check=False,
-    )  # fmt: skip
+    done = payrace_cli(command, "--help", env={**os.environ, "COLUMNS": "80"})
     assert done.returncode == 0, done.stderr[-500:]
     assert "[strategy:]metric OP" in done.stdout and "--write-baseline" in done.stdout
 
@@ -151,26 +160,49 @@ def test_usage_errors_exit_2_with_a_message(pg: Database, tmp_path: Path) -> Non
         assert "Traceback" not in done.stderr
 
 
+UNREACHABLE_VARIABLES = ("PAYRACE_DSN", "PAYRACE_DATABASE_URL")
+
+
+@pytest.fixture(scope="module")
+def unreachable_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
+    """`payrace run` with each variable naming a server that never answers, both processes at
+    once: each waits out the provider's 5 s for a server that is starting."""
+    procs = {}
+    for variable in UNREACHABLE_VARIABLES:
+        env = {k: v for k, v in os.environ.items() if k not in UNREACHABLE_VARIABLES}
+        env.update({variable: "postgresql://nobody@127.0.0.1:1/none", "COLUMNS": "300"})
+        out = tmp_path_factory.mktemp(variable)
+        procs[variable] = subprocess.Popen(
+            [sys.executable, "-m", "payrace.harness.cli", "run", "--trials", "1",
+             "--out", str(out)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    try:
+        said = {v: p.communicate(timeout=120)[1] for v, p in procs.items()}
+        return {v: (procs[v].returncode, stderr) for v, stderr in said.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variable", ["PAYRACE_DSN", "PAYRACE_DATABASE_URL"])
-def test_an_unreachable_database_is_an_infrastructure_error(variable: str, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("PAYRACE_DSN", "PAYRACE_DATABASE_URL")}
-    env.update({variable: "postgresql://nobody@127.0.0.1:1/none", "COLUMNS": "300"})
-    done = subprocess.run(
-        [sys.executable, "-m", "payrace.harness.cli", "run", "--trials", "1",
-         "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    assert "127.0.0.1:1" in done.stderr
-    assert "did not answer" in done.stderr
+@pytest.mark.parametrize("variable", UNREACHABLE_VARIABLES)
+def test_an_unreachable_database_is_an_infrastructure_error(
+    variable: str, unreachable_runs: dict[str, tuple[int, str]]
+) -> None:
+    returncode, stderr = unreachable_runs[variable]
+    assert returncode == 2
+    assert "Traceback" not in stderr
+    assert "127.0.0.1:1" in stderr
+    assert "did not answer" in stderr
     # The old name still works for one release, and says which name replaces it.
     deprecated = (
         "PAYRACE_DATABASE_URL is deprecated and will stop working in the next release; "
         "set PAYRACE_DSN instead"
     )
-    assert (deprecated in done.stderr) == (variable == "PAYRACE_DATABASE_URL"), done.stderr
+    assert (deprecated in stderr) == (variable == "PAYRACE_DATABASE_URL"), stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -220,7 +252,7 @@ COMMANDS = ("run", "race", "compare", "explore", "load", "gateway")
 def test_version_prints_the_installed_version(pg: Database) -> None:
     from importlib.metadata import version
 
-    done = payrace("--version", pg=pg)
+    done = payrace_process("--version", pg=pg)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"payrace {version('payrace')}"
 
@@ -239,7 +271,7 @@ def test_a_restart_nemesis_on_what_payrace_does_not_own_exits_2_before_any_work(
             "payrace did not start this target",
         ),
     ):  # fmt: skip
-        done = payrace("run", "--out", str(out), *args, pg=pg, timeout=60)
+        done = payrace("run", "--out", str(out), *args, pg=pg)
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         said = " ".join(done.stderr.split())  # rich wraps at the terminal's width
         assert says in said, said
@@ -249,11 +281,7 @@ def test_a_restart_nemesis_on_what_payrace_does_not_own_exits_2_before_any_work(
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_fits_80_columns_and_every_command_takes_quiet(command: str) -> None:
-    env = {**os.environ, "COLUMNS": "80"}
-    done = subprocess.run(
-        [sys.executable, "-m", "payrace.harness.cli", command, "--help"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    done = payrace_cli(command, "--help", env={**os.environ, "COLUMNS": "80"})
     assert done.returncode == 0, done.stderr
     long = [line for line in done.stdout.splitlines() if len(line) > 80]
     assert long == []
@@ -278,14 +306,7 @@ def test_a_run_prints_where_its_reports_are_last_even_when_quiet(
 
 def _cli(*args: str, **variables: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYRACE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "payrace.harness.cli", *args],
-        env={**env, "COLUMNS": "300", **variables},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return payrace_cli(*args, env={**env, "COLUMNS": "300", **variables})
 
 
 def test_payrace_target_dsn_is_the_running_targets_database(tmp_path: Path) -> None:
@@ -387,11 +408,7 @@ def test_a_refused_login_is_named_at_once_without_its_password(tmp_path: Path) -
     elapsed = time.monotonic() - started
     # The provider waits up to 5 s for a server that is starting; a refusal is final.
     assert elapsed < 2.5, f"a refused login was retried for {elapsed:.1f} s"
-    done = subprocess.run(
-        [sys.executable, "-m", "payrace.harness.cli", "run", "--trials", "1", "--out",
-         str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    done = payrace_cli("run", "--trials", "1", "--out", str(tmp_path), env=env)
     text = " ".join(done.stderr.split())
     assert done.returncode == 2, text
     assert "authentication failed for user payrace_no_such_role" in text
@@ -404,11 +421,9 @@ def test_a_running_target_whose_database_is_unreachable_is_named(tmp_path: Path)
 
     with GatewayServer(FakeRazorpay()) as server:  # anything that answers HTTP
         dsn = "postgresql://shop:hunter2@127.0.0.1:1/shop"
-        done = subprocess.run(
-            [sys.executable, "-m", "payrace.harness.cli", "run", "--trials", "1",
-             "--target", server.url, "--gateway-url", server.url, "--target-dsn", dsn,
-             "--out", str(tmp_path)],
-            capture_output=True, text=True, timeout=120, check=False,
+        done = payrace_cli(
+            "run", "--trials", "1", "--target", server.url, "--gateway-url", server.url,
+            "--target-dsn", dsn, "--out", str(tmp_path),
         )  # fmt: skip
     text = " ".join(done.stderr.split())
     assert done.returncode == 2, text
@@ -417,10 +432,7 @@ def test_a_running_target_whose_database_is_unreachable_is_named(tmp_path: Path)
 
 
 def test_gateway_refuses_a_port_out_of_range() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "payrace.harness.cli", "gateway", "--port", "99999"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    done = payrace_cli("gateway", "--port", "99999")
     assert done.returncode == 2
     assert "--port must be between 0 and 65535" in " ".join(done.stderr.split())
     assert "Traceback" not in done.stderr
@@ -448,10 +460,9 @@ def test_a_password_in_the_dsn_reaches_no_artifact_and_no_message(tmp_path: Path
     parts = urlsplit(_outside_server())
     user = parts.username or "postgres"
     dsn = f"postgresql://{user}:hunter2secret@{parts.hostname}:{parts.port or 5432}/postgres"
-    done = subprocess.run(
-        [sys.executable, "-m", "payrace.harness.cli", "run", "--strategy", "naive", "--trials",
-         "2", "--quiet", "--out", str(tmp_path), "--dsn", dsn],
-        capture_output=True, text=True, timeout=240, check=False,
+    done = payrace_cli(
+        "run", "--strategy", "naive", "--trials", "2", "--quiet", "--out", str(tmp_path),
+        "--dsn", dsn,
     )  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     assert "hunter2secret" not in done.stdout + done.stderr

@@ -2,10 +2,12 @@
 the command can reach (valid, violated, gate breached, unknown, as declared, an untrustworthy
 run), the exit code, summary.json, junit.xml, the report.html header and the console agree.
 
-Each case runs the real command as a user does (a process, the session's PostgreSQL) and reads
-every signal back; none of them is built by hand. "Unknown" is provoked as it happens to a
-team: a running target keeps its connection pool open and `--settle-s 0` gives the oracle no
-time to let PostgreSQL's deadlock count settle, so no_deadlock cannot decide.
+Each case runs the real command as a user does (its Typer app with the user's arguments and
+environment, in this process to spare a new interpreter's imports: cli_inproc; the session's
+PostgreSQL) and reads every signal back; none of them is built by hand. "Unknown" is provoked
+as it happens to a team: a running target keeps its connection pool open and `--settle-s 0`
+gives the oracle no time to let PostgreSQL's deadlock count settle, so no_deadlock cannot
+decide.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_inproc import payrace_cli
 
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, service_env
@@ -43,16 +44,9 @@ class Signals:
     run_dir: Path
 
 
-def payrace(pg: Database, out: Path, *args: str, timeout: float = 300) -> Signals:
+def payrace(pg: Database, out: Path, *args: str) -> Signals:
     env = {**os.environ, "PAYRACE_DSN": pg.url, "COLUMNS": "200"}
-    done = subprocess.run(
-        [sys.executable, "-m", "payrace.harness.cli", *args, "--quiet", "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    done = payrace_cli(*args, "--quiet", "--out", str(out), env=env)
     console = done.stdout + done.stderr
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -150,7 +144,7 @@ def test_run_unknown_when_the_oracle_cannot_decide(
 @pytest.mark.slow
 def test_race_as_declared_is_green_with_naive_caught(pg: Database, tmp_path: Path) -> None:
     # Enough trials per strategy and mode that naive is caught when released together too.
-    signals = payrace(pg, tmp_path, "race", "--trials", "6", timeout=600)
+    signals = payrace(pg, tmp_path, "race", "--trials", "6")
     assert_agree(signals, "as_declared", 0)
     naive = signals.summary["strategies"]["naive.forced"]
     assert naive["valid"] is False and naive["as_declared"] is True
@@ -189,7 +183,6 @@ def test_explore(
 def test_load(pg: Database, tmp_path: Path, strategy: str, verdict: str, exit_code: int) -> None:
     signals = payrace(
         pg, tmp_path, "load", "--strategy", strategy, "-u", "4", "-r", "4", "-t", "3s",
-        timeout=300,
     )  # fmt: skip
     assert_agree(signals, verdict, exit_code)
 
@@ -198,7 +191,7 @@ def test_load(pg: Database, tmp_path: Path, strategy: str, verdict: str, exit_co
 def test_load_gate_breached(pg: Database, tmp_path: Path) -> None:
     signals = payrace(
         pg, tmp_path, "load", "--strategy", "for_update", "-u", "4", "-r", "4", "-t", "3s",
-        "--gate", "lock_max_ms<0", timeout=300,
+        "--gate", "lock_max_ms<0",
     )  # fmt: skip
     assert_agree(signals, "gate_breached", 1)
 

@@ -7,9 +7,11 @@ The scratch database holds a team's schema (team_schema.py) plus receipts that h
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -30,7 +32,7 @@ from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import ServiceProcess, service_env
-from payrace.harness.infra.provider import Database
+from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.harness.model.watched import OracleConfig, WatchedTable
 from payrace.harness.runner.config import RunConfig
 from payrace.harness.runner.forcing import (
@@ -431,18 +433,27 @@ async def test_a_running_service_without_the_pause_handshake_is_forced_by_locks(
 ) -> None:
     """The issue's bar: the buggy flow caught in >= 99 % of 200 forced trials with no pause
     header; the fix valid over 200, nothing unknown."""
-    results = {}
-    for strategy, expect in (("naive", "violated"), ("for_update", "valid")):
-        env = service_env(pg, gateway_url, strategy, keys=KEYS, probes=False)
-        with ServiceProcess(env) as proc:
+    configs = []
+    with ExitStack() as stack:
+        # Each strategy's service in a process of its own, on a database of its own (its
+        # deadlock count too); the two runs side by side, each on an event loop of its own in
+        # a thread: the oracle's wait for the deadlock count to settle (up to 15 s for a
+        # running target) blocks its loop, and would stall the other run's trials.
+        for strategy, expect in (("naive", "violated"), ("for_update", "valid")):
+            db = stack.enter_context(provide_postgres(pg.url, announce=lambda line: None))
+            env = service_env(db, gateway_url, strategy, keys=KEYS, probes=False)
+            proc = stack.enter_context(ServiceProcess(env))
             config = RunConfig(
                 strategies=["target"], trials=200, mode="forced", target=proc.url,
-                target_dsn=pg.url, gateway_url=gateway_url, out_dir=tmp_path, expect=expect,
+                target_dsn=db.url, gateway_url=gateway_url, out_dir=tmp_path / strategy,
+                expect=expect,
             )  # fmt: skip
-            summary = await run(config, announce=lambda line: None)
-        assert config.force == "locks"  # the default for a running target
-        results[strategy] = summary["strategies"]["target"]
-    naive, fixed = results["naive"], results["for_update"]
+            configs.append(config)
+        summaries = await asyncio.gather(
+            *(asyncio.to_thread(asyncio.run, run(c, announce=lambda line: None)) for c in configs)
+        )
+    assert all(c.force == "locks" for c in configs)  # the default for a running target
+    naive, fixed = (summary["strategies"]["target"] for summary in summaries)
     assert naive["valid"] is False
     assert naive["violating_trials"] >= 0.99 * 200, naive["forced"]
     assert naive["forced"]["by"] == "locks" and naive["forced"]["forced"] >= 0.99 * 200
