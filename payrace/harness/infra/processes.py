@@ -247,7 +247,10 @@ class ServiceProcess:
         cmd = [
             sys.executable, "-m", "uvicorn", "payrace.service.app:create_app", "--factory",
             "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
-            "--no-access-log", "--log-level", "warning", *self.server_args,
+            "--no-access-log", "--log-level", "warning",
+            # Loopback only, no proxy in front: uvicorn's proxy-headers middleware would be one
+            # more ASGI layer every request and every resumed await passes through.
+            "--no-proxy-headers", "--no-server-header", *self.server_args,
         ]  # fmt: skip
         self.proc = spawn_group(cmd, self.env, log_path=self.log_path)
         await_answer(
