@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
@@ -238,6 +238,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/orders", status_code=201, responses=errors(400, 413, 422, 502, 503))
     async def create_order(body: OrderIn) -> dict[str, Any]:
+        return await answer_create_order(body)
+
+    async def create_order_direct(request: Request, raw: bytes) -> JSONResponse | None:
+        body = _json_body(OrderIn, request.headers.get("content-type"), raw)
+        if body is None:
+            return None
+        return JSONResponse(await answer_create_order(body), status_code=201)
+
+    async def answer_create_order(body: OrderIn) -> dict[str, Any]:
         rt = runtime
         try:
             gw = await rt.gateway.create_order(
@@ -313,7 +322,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await answer_verify(body)
 
     async def verify_direct(request: Request, raw: bytes) -> JSONResponse | None:
-        body = _verify_body(request.headers.get("content-type"), raw)
+        body = _json_body(VerifyIn, request.headers.get("content-type"), raw)
         return None if body is None else await answer_verify(body)
 
     async def answer_webhook(request: Request, raw: bytes) -> JSONResponse:
@@ -374,7 +383,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # requests and answers as any route's.
     app.add_middleware(
         DirectRoutes,
-        routes={"/payments/verify": verify_direct, "/webhooks/razorpay": answer_webhook},
+        routes={
+            "/orders": create_order_direct,
+            "/payments/verify": verify_direct,
+            "/webhooks/razorpay": answer_webhook,
+        },
         handlers=lambda: app.exception_handlers,
     )
     # Inside the instrumentation: a 413 / 400 from here is timed and stamped like any answer.
@@ -397,10 +410,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _verify_body(content_type: str | None, raw: bytes) -> VerifyIn | None:
-    """The callback's body as FastAPI would read it for `body: VerifyIn` (json.loads, then
-    the model, in Python mode), when it would accept it; None for anything else: a body of
-    another content type, not JSON, not an object or not valid, which FastAPI then answers."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def _json_body(model: type[M], content_type: str | None, raw: bytes) -> M | None:
+    """The body as FastAPI reads it for a route's `body: <model>` parameter (json.loads, then
+    the model, in Python mode), when FastAPI would accept it; None for anything else: a body
+    of another content type, not JSON, not an object or not valid, which FastAPI answers."""
     if content_type != "application/json" or not raw:
         return None
     try:
@@ -410,7 +426,7 @@ def _verify_body(content_type: str | None, raw: bytes) -> VerifyIn | None:
     if not isinstance(doc, dict):
         return None
     try:
-        return VerifyIn.model_validate(doc)
+        return model.model_validate(doc)
     except ValidationError:
         return None
 

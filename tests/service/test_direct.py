@@ -1,5 +1,5 @@
 """payrace/service/direct.py: the capture routes answered ahead of FastAPI's router, and the
-callback body read as FastAPI would read it (app._verify_body)."""
+callback body read as FastAPI would read it (app._json_body)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from payrace.service.app import VerifyIn, _verify_body
+from payrace.service.app import OrderIn, VerifyIn, _json_body
 from payrace.service.direct import DirectRoutes
 from payrace.service.errors import NotFound
 
@@ -92,9 +92,11 @@ BODY = {
 }
 
 
-def test_verify_body_reads_what_fastapi_would_accept() -> None:
+def test_json_body_reads_what_fastapi_would_accept() -> None:
     raw = json.dumps({**BODY, "extra": [1]}).encode()
-    assert _verify_body("application/json", raw) == VerifyIn.model_validate(BODY)
+    assert _json_body(VerifyIn, "application/json", raw) == VerifyIn.model_validate(BODY)
+    order = _json_body(OrderIn, "application/json", b'{"amount": 50000}')
+    assert order == OrderIn(amount=50000, currency="INR")
 
 
 @pytest.mark.parametrize(
@@ -109,7 +111,12 @@ def test_verify_body_reads_what_fastapi_would_accept() -> None:
         ("application/json", json.dumps({**BODY, "razorpay_order_id": ""}).encode()),
     ],
 )
-def test_verify_body_leaves_everything_else_to_fastapi(
-    content_type: str | None, raw: bytes
-) -> None:
-    assert _verify_body(content_type, raw) is None
+def test_json_body_leaves_everything_else_to_fastapi(content_type: str | None, raw: bytes) -> None:
+    assert _json_body(VerifyIn, content_type, raw) is None
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"amount": "50000"}', b'{"amount": true}', b'{"amount": 50000, "extra": 1}']
+)
+def test_an_order_body_fastapi_would_refuse_is_left_to_it(raw: bytes) -> None:
+    assert _json_body(OrderIn, "application/json", raw) is None
