@@ -198,7 +198,8 @@ def await_answer(
 
 
 class ServiceProcess:
-    """`uvicorn payrace.service.app:create_app --factory` on loopback; ready at /healthz."""
+    """`uvicorn payrace.service.app:create_served_app --factory` on loopback; ready at
+    /healthz."""
 
     def __init__(
         self,
@@ -245,7 +246,7 @@ class ServiceProcess:
 
     def _spawn(self) -> None:
         cmd = [
-            sys.executable, "-m", "uvicorn", "payrace.service.app:create_app", "--factory",
+            sys.executable, "-m", "uvicorn", "payrace.service.app:create_served_app", "--factory",
             "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
             "--no-access-log", "--log-level", "warning",
             # Loopback only, no proxy in front: uvicorn's proxy-headers middleware would be one
