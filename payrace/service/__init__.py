@@ -7,6 +7,7 @@ Reading order:
     command.py          what a capture is asked, its checks against the stored rows, its answer
     retry.py            serialisation failures, deadlocks, lost connections: retry, 409, 503
     app.py              FastAPI routes over the routine; `Runtime` holds what is built once
+    direct.py           the JSON POST routes answered ahead of FastAPI's router (same code)
     signatures.py       Razorpay's callback and webhook signatures (the razorpay SDK)
     gateway_client.py   Razorpay's API: a lean client in the SDK's wire format (default), or
                         the razorpay SDK itself off the event loop (GATEWAY_CLIENT=sdk)

@@ -16,16 +16,24 @@ only with PAYRACE_PROBES on, honours `X-Payrace-Pause`.
 
 from __future__ import annotations
 
+import gc
 import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -33,6 +41,7 @@ from payrace.service.body import BodyLimitMiddleware, lone_surrogate, may_escape
 from payrace.service.capture import Runner, capture, mark_failed
 from payrace.service.command import CaptureCommand
 from payrace.service.db import create_schema, make_engine, make_sessionmaker
+from payrace.service.direct import DirectRoutes
 from payrace.service.errors import ApiError, GatewayFailed, NotFound, Rejected, install_handlers
 from payrace.service.gateway_client import GatewayClient, GatewayError, make_gateway_client
 from payrace.service.instrument.middleware import InstrumentMiddleware
@@ -51,6 +60,7 @@ EVENT_ID_MAX = 128  # webhook_events.event_id
 METHOD_MAX = 32  # payments.method
 ERROR_CODE_MAX = 64  # payments.error_code
 KNOWN_EVENTS = CAPTURE_EVENTS | {"payment.failed"}
+GC_GEN0_THRESHOLD = 20_000  # create_served_app()
 INTENT_POOL_SIZE = 4  # one short INSERT per capture; DB_MAX_OVERFLOW more under load
 
 
@@ -132,26 +142,27 @@ class Runtime:
             return bool(row.scalar_one())
 
 
-CREATE_ORDER = text(
-    """
+# One statement in autocommit, one round trip: the order, its payment and its invoice are
+# written together or not at all, and no transaction stays open between statements for a
+# killed backend (a failover, kill-backends) to take with it.
+CREATE_ORDER = """
     WITH o AS (
         INSERT INTO orders (gateway_order_id, amount, currency, status)
-        VALUES (:gw, :amount, :currency, 'created') RETURNING id
+        VALUES ($1, $2, $3, 'created') RETURNING id
     ), p AS (
         INSERT INTO payments (order_id, amount, currency, status)
-        SELECT id, :amount, :currency, 'pending' FROM o RETURNING id, order_id
+        SELECT id, $2, $3, 'pending' FROM o RETURNING id, order_id
     )
     INSERT INTO invoices (order_id, payment_id, amount, amount_paid, status)
-    SELECT order_id, id, :amount, 0, 'issued' FROM p
+    SELECT order_id, id, $2, 0, 'issued' FROM p
     RETURNING order_id, payment_id
     """
-)
 
 
 # The order's payment, for a webhook: one statement in autocommit (no BEGIN / ROLLBACK round
-# trips), on a connection given back before the capture takes its own.
-PAYMENT_OF_ORDER = text(
-    "SELECT p.id FROM payments p JOIN orders o ON o.id = p.order_id WHERE o.gateway_order_id = :gw"
+# trips) on the capture pool, its connection given back before the capture takes one.
+PAYMENT_OF_ORDER = (
+    "SELECT p.id FROM payments p JOIN orders o ON o.id = p.order_id WHERE o.gateway_order_id = $1"
 )
 
 
@@ -217,14 +228,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="payrace reference capture service", lifespan=lifespan)
     app.state.runtime = runtime
     install_handlers(app)
-    # Inside the instrumentation: a 413 / 400 from here is timed and stamped like any answer.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
-    app.add_middleware(
-        InstrumentMiddleware,
-        probes_enabled=runtime.settings.payrace_probes,
-        is_blocked=runtime.is_blocked,
-        groups=runtime.rendezvous,
-    )
 
     @app.get("/healthz", responses=errors(503))
     async def healthz(session: SessionDep) -> dict[str, str]:
@@ -237,6 +240,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/orders", status_code=201, responses=errors(400, 413, 422, 502, 503))
     async def create_order(body: OrderIn) -> dict[str, Any]:
+        return await answer_create_order(body)
+
+    async def create_order_direct(request: Request, raw: bytes) -> JSONResponse | None:
+        body = _json_body(OrderIn, request.headers.get("content-type"), raw)
+        if body is None:
+            return None
+        return JSONResponse(await answer_create_order(body), status_code=201)
+
+    async def answer_create_order(body: OrderIn) -> dict[str, Any]:
         rt = runtime
         try:
             gw = await rt.gateway.create_order(
@@ -244,20 +256,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         except GatewayError as exc:
             raise GatewayFailed(str(exc)) from exc
-        # One statement in autocommit, one round trip: the order, its payment and its invoice
-        # are written together or not at all, and no transaction stays open between
-        # statements for a killed backend (a failover, kill-backends) to take with it.
-        async with rt.engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            row = (
-                await conn.execute(
-                    CREATE_ORDER,
-                    {"gw": gw["id"], "amount": body.amount, "currency": body.currency},
-                )
-            ).one()
+        # On the capture pool (asyncpg), not the engine: one checkout and one round trip.
+        row = await rt.runner.db.fetchrow(CREATE_ORDER, gw["id"], body.amount, body.currency)
+        assert row is not None  # INSERT ... RETURNING answers its one row
         return {
-            "order_id": row.order_id,
-            "payment_id": row.payment_id,
+            "order_id": row["order_id"],
+            "payment_id": row["payment_id"],
             "gateway_order_id": gw["id"],
             "amount": body.amount,
             "currency": body.currency,
@@ -295,12 +299,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The capture routes use `runtime` from here rather than a dependency (a sync dependency
     # is run in a thread, one hop per request), and answer a JSONResponse, which FastAPI sends
     # as it is instead of re-encoding the dict (response_model keeps the documented shape).
-    @app.post(
-        "/payments/verify",
-        responses=errors(400, 404, 409, 413, 422, 502, 503),
-        response_model=dict[str, Any],
-    )
-    async def verify(body: VerifyIn) -> JSONResponse:
+    # DirectRoutes answers both ahead of FastAPI's router with the same code (answer_verify,
+    # answer_webhook); the routes below answer what it leaves to FastAPI (the 422s).
+    async def answer_verify(body: VerifyIn) -> JSONResponse:
         rt = runtime
         rt.signatures.check_callback(
             body.razorpay_order_id, body.razorpay_payment_id, body.razorpay_signature
@@ -315,16 +316,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse((await capture(rt.runner, cmd)).as_json())
 
     @app.post(
-        "/webhooks/razorpay",
-        responses=errors(400, 404, 409, 413, 502, 503),
+        "/payments/verify",
+        responses=errors(400, 404, 409, 413, 422, 502, 503),
         response_model=dict[str, Any],
-        openapi_extra=WEBHOOK_DOC,  # the signed raw body and its headers, read below
     )
-    async def webhook(request: Request) -> JSONResponse:
+    async def verify(body: VerifyIn) -> JSONResponse:
+        return await answer_verify(body)
+
+    async def verify_direct(request: Request, raw: bytes) -> JSONResponse | None:
+        body = _json_body(VerifyIn, request.headers.get("content-type"), raw)
+        return None if body is None else await answer_verify(body)
+
+    async def answer_webhook(request: Request, raw: bytes) -> JSONResponse:
         rt = runtime
         signature = request.headers.get("X-Razorpay-Signature")
         event_id = request.headers.get("X-Razorpay-Event-Id")
-        raw = await request.body()
         try:
             body_text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -342,10 +348,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if event not in KNOWN_EVENTS:
             return JSONResponse({"ignored": True, "event": event})
         entity = envelope["payment"]
-        async with rt.engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            found = await conn.execute(PAYMENT_OF_ORDER, {"gw": entity["order_id"]})
-            payment_id = found.scalar_one_or_none()
+        payment_id = await rt.runner.db.fetchval(PAYMENT_OF_ORDER, entity["order_id"])
         if payment_id is None:
             raise NotFound(f"no order {entity['order_id']} here", code="unknown_order")
         cmd = CaptureCommand(
@@ -368,6 +371,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             result = await capture(rt.runner, cmd)
         return JSONResponse({"event": event, **result.as_json()})
 
+    @app.post(
+        "/webhooks/razorpay",
+        responses=errors(400, 404, 409, 413, 502, 503),
+        response_model=dict[str, Any],
+        openapi_extra=WEBHOOK_DOC,  # the signed raw body and its headers, read below
+    )
+    async def webhook(request: Request) -> JSONResponse:
+        return await answer_webhook(request, await request.body())
+
+    # The middleware, innermost first (each add_middleware wraps the ones before it). The
+    # direct routes run inside the body limit and the instrumentation, which see their
+    # requests and answers as any route's.
+    app.add_middleware(
+        DirectRoutes,
+        routes={
+            "/orders": create_order_direct,
+            "/payments/verify": verify_direct,
+            "/webhooks/razorpay": answer_webhook,
+        },
+        handlers=lambda: app.exception_handlers,
+    )
+    # Inside the instrumentation: a 413 / 400 from here is timed and stamped like any answer.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
+    app.add_middleware(
+        InstrumentMiddleware,
+        probes_enabled=runtime.settings.payrace_probes,
+        is_blocked=runtime.is_blocked,
+        groups=runtime.rendezvous,
+    )
+
     document = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -377,6 +410,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def create_served_app() -> FastAPI:
+    """create_app() for a process of its own (`uvicorn payrace.service.app:create_served_app
+    --factory`, as payrace starts it), with the garbage collector tuned for serving.
+
+    Every request allocates hundreds of short-lived containers (coroutines, futures, dicts);
+    at CPython's default gen-0 threshold (700) that is a collection every few requests, and
+    each full one walks every object the imports made. Measured at saturation, the collector
+    was about 4 % of the service's CPU (perf). Frozen: what exists once the app is built (the
+    modules, the app) is never walked again; a larger gen-0 threshold: fewer, not longer,
+    young collections (most of their objects are dead by then). Not in create_app(): an
+    in-process harness (the explorer, the tests) keeps its own collector settings."""
+    app = create_app()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+    return app
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _json_body(model: type[M], content_type: str | None, raw: bytes) -> M | None:
+    """The body as FastAPI reads it for a route's `body: <model>` parameter (json.loads, then
+    the model, in Python mode), when FastAPI would accept it; None for anything else: a body
+    of another content type, not JSON, not an object or not valid, which FastAPI answers."""
+    if content_type != "application/json" or not raw:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    try:
+        return model.model_validate(doc)
+    except ValidationError:
+        return None
 
 
 def _parse_envelope(body_text: str) -> dict[str, Any]:
@@ -429,4 +501,4 @@ def _parse_envelope(body_text: str) -> dict[str, Any]:
     return {"event": doc["event"], "payment": entity}
 
 
-__all__ = ["ApiError", "Runtime", "create_app"]
+__all__ = ["ApiError", "Runtime", "create_app", "create_served_app"]

@@ -125,7 +125,10 @@ class Database:
         if self._pool is None:
             raise RuntimeError(f"the {self.name} pool is not open (Database.open())")
         try:
-            conn: asyncpg.Connection = await self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S)
+            # asyncio.timeout, not acquire(timeout=): asyncpg's own runs the acquire in a task
+            # of its own, a task per checkout (~5 % of the service's CPU at saturation).
+            async with asyncio.timeout(ACQUIRE_TIMEOUT_S):
+                conn: asyncpg.Connection = await self._pool.acquire()
         except TimeoutError as exc:
             raise PoolExhausted(
                 f"no {self.name} connection came free in {ACQUIRE_TIMEOUT_S:.0f} s"

@@ -228,8 +228,8 @@ def _ceiling(
         "statements_per_capture": len(statements),
         "transactions_per_capture": sum(1 for s, _ in recorded.statements if s == "BEGIN"),
         "script": path.name,
-        "how": "statements and BEGIN/COMMIT of one POST /payments/verify, logged from "
-        "SQLAlchemy's engine events, replayed by pgbench -M prepared",
+        "how": "statements and BEGIN/COMMIT of one POST /payments/verify, logged from the "
+        "capture pools' observers (payrace.service.sql), replayed by pgbench -M prepared",
     }
 
 

@@ -198,7 +198,8 @@ def await_answer(
 
 
 class ServiceProcess:
-    """`uvicorn payrace.service.app:create_app --factory` on loopback; ready at /healthz."""
+    """`uvicorn payrace.service.app:create_served_app --factory` on loopback; ready at
+    /healthz."""
 
     def __init__(
         self,
@@ -245,9 +246,12 @@ class ServiceProcess:
 
     def _spawn(self) -> None:
         cmd = [
-            sys.executable, "-m", "uvicorn", "payrace.service.app:create_app", "--factory",
+            sys.executable, "-m", "uvicorn", "payrace.service.app:create_served_app", "--factory",
             "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
-            "--no-access-log", "--log-level", "warning", *self.server_args,
+            "--no-access-log", "--log-level", "warning",
+            # Loopback only, no proxy in front: uvicorn's proxy-headers middleware would be one
+            # more ASGI layer every request and every resumed await passes through.
+            "--no-proxy-headers", "--no-server-header", *self.server_args,
         ]  # fmt: skip
         self.proc = spawn_group(cmd, self.env, log_path=self.log_path)
         await_answer(
