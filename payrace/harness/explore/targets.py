@@ -6,8 +6,9 @@ ExploreTarget     what explore.engine asks of a target: start it (an ASGI app), 
                   oracle tables), its step model, whether its requests name their backends
 ReferenceTarget   the reference service (payrace.service) for one strategy and isolation
                   level: its own step table (explore.steps.predict), what its capture pool
-                  runs (sql.Observer) and its SQLAlchemy engine's events (the routes'
-                  statements), backends named by its probes
+                  runs (sql.Observer: the capture and the webhook's payment lookup) and
+                  its SQLAlchemy engine's events (the other routes), backends named by
+                  its probes
 (AppTarget, a team's ASGI app built by module:factory: explore.app)
 """
 
@@ -97,8 +98,9 @@ class ReferenceTarget:
         self._runtime = app.state.runtime
         await self._runtime.startup()  # creates the tables the oracle then watches
 
-        # The capture path runs on asyncpg directly (payrace.service.sql), the other routes
-        # (the webhook's payment lookup) on SQLAlchemy: both are what the requests did. The
+        # The capture path and the webhook's payment lookup run on asyncpg directly
+        # (payrace.service.sql), the other routes on SQLAlchemy: both are what the requests
+        # did. The
         # capture intents' pool is not watched: an intent commutes with every step of every
         # other request (capture.Runner.intents).
         self._runtime.runner.db.observers.append(_Relay(events))
