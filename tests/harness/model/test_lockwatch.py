@@ -243,7 +243,11 @@ async def test_a_sampler_whose_connection_is_killed_reconnects_and_says_what_it_
 
 async def test_a_sampler_that_kept_its_connection_says_it_missed_nothing(pg: Database) -> None:
     async with LockWatch(pg.url, interval_s=0.005) as watch:
-        await asyncio.sleep(0.2)
+        # Polled until a few samples were taken (bounded): on a loaded machine 0.2 s may
+        # hold only one or two polls, which says nothing about a missed stretch.
+        deadline = asyncio.get_running_loop().time() + 10
+        while watch.result.samples <= 5 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
     assert watch.result.reconnects == 0
     assert watch.result.not_seen() == []
     assert watch.result.samples > 5
