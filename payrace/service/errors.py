@@ -234,7 +234,15 @@ def install_handlers(app: FastAPI) -> None:
     # What a lost or refused connection raises: SQLAlchemy's wrapped DB-API errors, and on a
     # new connection the driver's own (not wrapped by SQLAlchemy) and plain OSErrors.
     # CannotConnectNowError (57P03, "the database system is starting up") is a PostgresError.
-    for kind in (DBAPIError, PoolTimeout, OSError, PostgresError, InterfaceError):
+    # InternalClientError: asyncpg on a connection whose backend was just terminated (_lost).
+    for kind in (
+        DBAPIError,
+        PoolTimeout,
+        OSError,
+        PostgresError,
+        InterfaceError,
+        InternalClientError,
+    ):
         app.add_exception_handler(kind, _database)
 
     @app.exception_handler(RequestValidationError)

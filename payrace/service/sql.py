@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
@@ -146,32 +146,43 @@ class Database:
         return Transaction(self, isolation)
 
     async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
-        conn = await self.acquire()
-        try:
-            return await Tx(conn, self.observers).fetch(sql, *args)
-        finally:
-            await self.release(conn)
+        return cast(list[asyncpg.Record], await self._autocommit(Tx.fetch, sql, args))
 
     async def fetchrow(self, sql: str, *args: object) -> asyncpg.Record | None:
-        conn = await self.acquire()
-        try:
-            return await Tx(conn, self.observers).fetchrow(sql, *args)
-        finally:
-            await self.release(conn)
+        return cast(asyncpg.Record | None, await self._autocommit(Tx.fetchrow, sql, args))
 
     async def fetchval(self, sql: str, *args: object) -> Any:
-        conn = await self.acquire()
-        try:
-            return await Tx(conn, self.observers).fetchval(sql, *args)
-        finally:
-            await self.release(conn)
+        return await self._autocommit(Tx.fetchval, sql, args)
 
     async def execute(self, sql: str, *args: object) -> str:
-        conn = await self.acquire()
-        try:
-            return await Tx(conn, self.observers).execute(sql, *args)
-        finally:
-            await self.release(conn)
+        return cast(str, await self._autocommit(Tx.execute, sql, args))
+
+    async def _autocommit(
+        self, run: Callable[..., Awaitable[Any]], sql: str, args: tuple[object, ...]
+    ) -> Any:
+        """One statement on a connection of its own; sent again once on another connection
+        when the first one turns out dead before anything was sent (_unsent)."""
+        for last in (False, True):
+            conn = await self.acquire()
+            try:
+                return await run(Tx(conn, self.observers), sql, *args)
+            except asyncpg.InternalClientError as exc:
+                if last or not _unsent(exc):
+                    raise
+                conn.terminate()
+            finally:
+                await self.release(conn)
+        raise AssertionError("unreachable")
+
+
+def _unsent(exc: BaseException) -> bool:
+    """A pooled connection whose backend was terminated while it sat idle (a failover, a
+    DBA's pg_terminate_backend, payrace's kill nemeses) can be handed out before asyncpg has
+    read the server's FATAL and the socket's end: its first statement then fails in the
+    driver, before anything is sent ("cannot switch to state 11; another operation (2) is
+    in progress": the FATAL still being consumed). Nothing ran, so it is safe to send the
+    statement again on another connection."""
+    return isinstance(exc, asyncpg.InternalClientError) and "another operation" in str(exc)
 
 
 async def _close(conn: asyncpg.Connection) -> None:
@@ -263,17 +274,23 @@ class Transaction:
 
     async def __aenter__(self) -> Tx:
         db = self._db
-        conn = self._conn = await db.acquire()
-        for observer in db.observers:
-            observer.on_begin(self._isolation)
-        try:
-            await conn.execute(_begin(self._isolation))
-        except BaseException as exc:
-            _tell_error(db.observers, exc)
-            self._conn = None
-            await _discard(db, conn)
-            raise
-        return Tx(conn, db.observers)
+        for last in (False, True):
+            conn = await db.acquire()
+            for observer in db.observers:
+                observer.on_begin(self._isolation)
+            try:
+                await conn.execute(_begin(self._isolation))
+            except BaseException as exc:
+                _tell_error(db.observers, exc)
+                if not last and _unsent(exc):  # a dead connection: BEGIN on another one
+                    conn.terminate()
+                await _discard(db, conn)
+                if last or not _unsent(exc):
+                    raise
+                continue
+            self._conn = conn
+            return Tx(conn, db.observers)
+        raise AssertionError("unreachable")
 
     async def __aexit__(
         self,

@@ -113,6 +113,42 @@ async def test_a_killed_backend_is_a_lost_connection_and_the_pool_replaces_it(
         assert await tx.fetchval("SELECT 1") == 1
 
 
+async def test_a_connection_killed_while_idle_in_the_pool_never_fails_in_the_driver(
+    pg: Postgres,
+) -> None:
+    """A backend terminated while its connection sat in the pool (kill-after-capture,
+    kill-backends, a DBA): handed out before asyncpg has read the FATAL, its first statement
+    used to fail in the driver ("another operation (2) is in progress", a 500 on POST
+    /orders). That statement was never sent, so it goes out again on a fresh connection;
+    a loss the driver did see is a lost connection (a 503), never anything else."""
+    db = sql.Database(pg.url, max_size=1, name="test")
+    await db.open()
+    admin = await asyncpg.connect(sql.asyncpg_dsn(pg.url))
+    answered = lost = 0
+    try:
+        for i in range(40):
+            pid = await db.fetchval("SELECT pg_backend_pid()")
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            # Before, while and after asyncpg reads the FATAL and the end of the socket.
+            await asyncio.sleep(0.0005 * (i % 10))
+            try:
+                if i % 2:
+                    assert await db.fetchval("SELECT 1") == 1
+                else:
+                    async with db.transaction() as tx:
+                        assert await tx.fetchval("SELECT 2") == 2
+                answered += 1
+            except Exception as exc:  # anything but a lost connection fails the test
+                assert connection_lost(exc), repr(exc)
+                assert not isinstance(exc, asyncpg.InternalClientError), repr(exc)
+                lost += 1
+    finally:
+        await admin.close()
+        await db.close()
+    assert answered + lost == 40
+    assert answered >= 20, (answered, lost)
+
+
 async def test_without_a_pool_each_use_connects_and_closes(pg: Postgres) -> None:
     once = sql.Database(pg.url, max_size=0, name="per use")
     await once.open()  # nothing to open

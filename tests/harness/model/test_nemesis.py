@@ -452,9 +452,10 @@ async def test_for_update_stays_exactly_once_while_postgres_restarts(tmp_path: P
     """restart-postgres on the embedded server payrace started (no dsn: its own): no
     webhook follows the callback, so a capture whose answer died with the server is recorded
     by the reconciler alone; the service answers 503, never 500."""
-    # Enough trials that the run outlasts the first restart on an idle machine too.
+    # The run must outlast the first restart (after 0.5 s) however fast the trials are: each
+    # holds its first request 25 ms, so 200 trials at concurrency 4 last over 1.25 s.
     summary = await nemesis_run(
-        tmp_path, "for_update", "restart-postgres:0.5", trials=200, webhooks=0
+        tmp_path, "for_update", "restart-postgres:0.5", trials=200, webhooks=0, hold_ms=25
     )
     result = summary["strategies"]["for_update"]
     restarts = result["nemesis"]["restarts"]["restart-postgres"]
@@ -475,7 +476,7 @@ async def test_for_update_stays_exactly_once_while_postgres_restarts(tmp_path: P
 
 @pytest.mark.slow
 async def test_naive_is_still_caught_while_postgres_restarts(tmp_path: Path) -> None:
-    summary = await nemesis_run(tmp_path, "naive", "restart-postgres:0.5", trials=120)
+    summary = await nemesis_run(tmp_path, "naive", "restart-postgres:0.5", trials=120, hold_ms=25)
     result = summary["strategies"]["naive"]
     assert result["nemesis"]["restarts"]["restart-postgres"]["count"] >= 1
     assert result["valid"] is False
@@ -488,8 +489,9 @@ async def test_for_update_stays_exactly_once_while_the_service_is_killed_and_res
 ) -> None:
     """restart-service kills the uvicorn process payrace started with SIGKILL: requests in
     flight end `info` (no answer) and are not held against the target; none is lost."""
+    # Held 50 ms each, 80 trials at concurrency 4 outlast the first restart (after 0.5 s).
     summary = await nemesis_run(
-        tmp_path, "for_update", "restart-service:0.5", trials=80, target="http"
+        tmp_path, "for_update", "restart-service:0.5", trials=80, target="http", hold_ms=50
     )
     result = summary["strategies"]["for_update"]
     restarts = result["nemesis"]["restarts"]["restart-service"]
