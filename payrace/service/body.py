@@ -11,6 +11,8 @@
                           the SDK's HMAC and the JSON answer would all fail on it)
     may_escape_surrogate()  whether a JSON text could parse to one at all: only a \\uD800-
                           \\uDFFF escape can make one, so most bodies skip the walk above
+    replay_body()         the receive an inner app reads a buffered body from (also the
+                          capture routes' layer, payrace.service.direct)
 
 The body is buffered (at most MAX_BODY_BYTES) and handed to the app unchanged.
 """
@@ -97,7 +99,7 @@ class BodyLimitMiddleware:
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
-                await self.app(scope, _replay(b"", message, receive), send)
+                await self.app(scope, replay_body(b"", message, receive), send)
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
@@ -123,7 +125,7 @@ class BodyLimitMiddleware:
                     f"JSON body nests {depth} levels deep; at most {self.max_depth} are accepted",
                 )
                 return
-        await self.app(scope, _replay(body, None, receive), send)
+        await self.app(scope, replay_body(body, None, receive), send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
@@ -142,8 +144,9 @@ class BodyLimitMiddleware:
         await error_response(status, "invalid_body", why)(scope, receive, send)
 
 
-def _replay(body: bytes, first: Message | None, receive: Receive) -> Receive:
-    """A receive that hands the buffered body over once, then the client's own messages."""
+def replay_body(body: bytes, first: Message | None, receive: Receive) -> Receive:
+    """A receive that hands the buffered body (or the message that ended it early) over
+    once, then the client's own messages: for an app inside a middleware that read it."""
     pending: list[Message] = [first or {"type": "http.request", "body": body, "more_body": False}]
 
     async def replay() -> Message:

@@ -28,6 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from payrace.service.body import replay_body
+
 Handler = Callable[[Request, bytes], Awaitable[Response | None]]
 # The app's handlers by exception class (or status code), read per request: FastAPI fills them
 # after the middleware stack is declared.
@@ -47,15 +49,15 @@ class DirectRoutes:
             return
         body, first = await _read_body(receive)
         if first is not None:  # the client went away before its body was read
-            await self.app(scope, _replay(body, first, receive), send)
+            await self.app(scope, replay_body(body, first, receive), send)
             return
-        request = Request(scope, _replay(body, None, receive))
+        request = Request(scope, replay_body(body, None, receive))
         try:
             response = await handler(request, body)
         except Exception as exc:
             response = await self._answer_error(request, exc)
         if response is None:
-            await self.app(scope, _replay(body, None, receive), send)
+            await self.app(scope, replay_body(body, None, receive), send)
             return
         await response(scope, receive, send)
 
@@ -87,19 +89,6 @@ async def _read_body(receive: Receive) -> tuple[bytes, Message | None]:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks), None
-
-
-def _replay(body: bytes, first: Message | None, receive: Receive) -> Receive:
-    """A receive that hands the body (or the message that ended it) over once, then the
-    client's own messages."""
-    pending: list[Message] = [first or {"type": "http.request", "body": body, "more_body": False}]
-
-    async def replay() -> Message:
-        if pending:
-            return pending.pop()
-        return await receive()
-
-    return replay
 
 
 __all__ = ["DirectRoutes", "Handler"]
