@@ -21,16 +21,20 @@ def failure(state: str) -> DBAPIError:
 
 
 class Attempts:
-    """Fails with the given SQLSTATEs in turn, then answers "ok"."""
+    """Fails with the given SQLSTATEs in turn, then answers "ok" (as SQLAlchemy raises them:
+    a DBAPIError wrapping the driver's error)."""
 
     def __init__(self, *states: str) -> None:
         self.states = list(states)
         self.calls = 0
 
+    def error(self, state: str) -> Exception:
+        return failure(state)
+
     async def __call__(self) -> str:
         self.calls += 1
         if self.states:
-            raise failure(self.states.pop(0))
+            raise self.error(self.states.pop(0))
         return "ok"
 
 
@@ -118,19 +122,11 @@ def test_sqlstate_is_read_from_the_driver_error_or_the_error_it_wraps() -> None:
     assert sqlstate(DBAPIError("SELECT 1", {}, Exception("no state"))) is None
 
 
-class AsyncpgAttempts:
+class AsyncpgAttempts(Attempts):
     """The capture path's own errors: asyncpg's, unwrapped (payrace.service.sql)."""
 
-    def __init__(self, *states: str) -> None:
-        self.states = list(states)
-        self.calls = 0
-
-    async def __call__(self) -> str:
-        self.calls += 1
-        if self.states:
-            state = self.states.pop(0)
-            raise asyncpg.PostgresError.new({"C": state, "M": f"server said {state}"})
-        return "ok"
+    def error(self, state: str) -> Exception:
+        return asyncpg.PostgresError.new({"C": state, "M": f"server said {state}"})
 
 
 @pytest.mark.parametrize("state", ["40001", "40P01", "55P03", "57014"])

@@ -159,9 +159,14 @@ def _order_request(
     return out
 
 
-class _HttpxBase:
-    def __init__(self, http: httpx.AsyncClient) -> None:
-        self.http = http
+class _Orders:
+    """create_order over the one HTTP exchange each client makes its own way (_exchange)."""
+
+    async def _exchange(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, str, str]:
+        """(status, body as text, the path as sent)."""
+        raise NotImplementedError
 
     async def create_order(
         self,
@@ -174,12 +179,20 @@ class _HttpxBase:
         """The target's payment id and Razorpay's order id for a new order: `payment_id`,
         `gateway_order_id` (given when payrace created the order at the gateway itself)."""
         out = _order_request(profile, amount, currency, gateway_order_id, hook)
-        response = await self.http.request(
-            out.method, out.path, content=out.body, headers=out.headers
-        )
-        route = f"{out.method} {response.url.path}"
-        payment_id, order_id = profile.order_answer(route, response.status_code, response.text)
+        status, text, path = await self._exchange(out.method, out.path, out.body, out.headers)
+        payment_id, order_id = profile.order_answer(f"{out.method} {path}", status, text)
         return {"payment_id": payment_id, "gateway_order_id": order_id or gateway_order_id}
+
+
+class _HttpxBase(_Orders):
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    async def _exchange(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, str, str]:
+        response = await self.http.request(method, path, content=body, headers=headers)
+        return response.status_code, response.text, response.url.path
 
     async def send(self, req: Prepared, extra_headers: dict[str, str] | None = None) -> Reply:
         headers = {**req.headers, **(extra_headers or {})}
@@ -195,7 +208,7 @@ class _HttpxBase:
         await self.http.aclose()
 
 
-class AsgiClient:
+class AsgiClient(_Orders):
     """In-process: each request calls the ASGI app in the caller's task, so probes'
     contextvars reach it. The app is called directly rather than through httpx's
     ASGITransport, which cost about as much as a sixth of the service's own handling of a
@@ -206,21 +219,11 @@ class AsgiClient:
     def __init__(self, app: Any) -> None:
         self.app = app
 
-    async def create_order(
-        self,
-        amount: int,
-        currency: str,
-        profile: Profile = REFERENCE,
-        gateway_order_id: str | None = None,
-        hook: Hook | None = None,
-    ) -> dict[str, Any]:
-        """The target's payment id and Razorpay's order id for a new order: `payment_id`,
-        `gateway_order_id` (given when payrace created the order at the gateway itself)."""
-        out = _order_request(profile, amount, currency, gateway_order_id, hook)
-        status, _, body, path = await self._call(out.method, out.path, out.body, out.headers)
-        text = body.decode("utf-8", errors="replace")
-        payment_id, order_id = profile.order_answer(f"{out.method} {path}", status, text)
-        return {"payment_id": payment_id, "gateway_order_id": order_id or gateway_order_id}
+    async def _exchange(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, str, str]:
+        status, _, answer, sent = await self._call(method, path, body, headers)
+        return status, answer.decode("utf-8", errors="replace"), sent
 
     async def send(self, req: Prepared, extra_headers: dict[str, str] | None = None) -> Reply:
         headers = {**req.headers, **(extra_headers or {})}
