@@ -207,43 +207,29 @@ class Tx:
         return int(self.conn.get_server_pid())
 
     async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
-        if self.observers:
-            self._told(sql, args)
-        try:
-            rows: list[asyncpg.Record] = await self.conn.fetch(sql, *args)
-        except BaseException as exc:
-            self._failed(exc)
-            raise
-        return rows
+        return cast(list[asyncpg.Record], await self._run(self.conn.fetch, sql, args))
 
     async def fetchrow(self, sql: str, *args: object) -> asyncpg.Record | None:
-        if self.observers:
-            self._told(sql, args)
-        try:
-            return await self.conn.fetchrow(sql, *args)
-        except BaseException as exc:
-            self._failed(exc)
-            raise
+        return cast(asyncpg.Record | None, await self._run(self.conn.fetchrow, sql, args))
 
     async def fetchval(self, sql: str, *args: object) -> Any:
-        if self.observers:
-            self._told(sql, args)
-        try:
-            return await self.conn.fetchval(sql, *args)
-        except BaseException as exc:
-            self._failed(exc)
-            raise
+        return await self._run(self.conn.fetchval, sql, args)
 
     async def execute(self, sql: str, *args: object) -> str:
         """The command tag ("UPDATE 1"); with no args, the simple query protocol."""
+        return cast(str, await self._run(self.conn.execute, sql, args))
+
+    async def _run(
+        self, send: Callable[..., Awaitable[Any]], sql: str, args: tuple[object, ...]
+    ) -> Any:
+        """The observers told first, then the statement; a database error told after it."""
         if self.observers:
             self._told(sql, args)
         try:
-            status: str = await self.conn.execute(sql, *args)
+            return await send(sql, *args)
         except BaseException as exc:
             self._failed(exc)
             raise
-        return status
 
     def _told(self, sql: str, args: tuple[object, ...]) -> None:
         for observer in self.observers:
