@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import (
     BaseModel,
@@ -166,15 +166,6 @@ PAYMENT_OF_ORDER = (
 )
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    runtime: Runtime = request.app.state.runtime
-    async with runtime.maker() as session:
-        yield session
-
-
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
-
-
 class OrderIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Razorpay's minimum order amount is 100 in the smallest unit (1 INR); below it the
@@ -230,8 +221,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
 
     @app.get("/healthz", responses=errors(503))
-    async def healthz(session: SessionDep) -> dict[str, str]:
-        await session.execute(text("SELECT 1"))
+    async def healthz() -> dict[str, str]:
+        # The session is opened and closed inside the route, not by a `yield` dependency:
+        # FastAPI closes a dependency's session after the response has started, so a
+        # connection lost under its ROLLBACK (PostgreSQL restarting) could no longer become
+        # a 503 and cut the response off instead.
+        async with runtime.maker() as session:
+            await session.execute(text("SELECT 1"))
         return {
             "status": "ok",
             "strategy": runtime.runner.strategy.name,
@@ -271,16 +267,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def get_payment(
         # Bounded like internal_payment_id: past int64, asyncpg fails the query (a 500).
         payment_id: Annotated[PaymentId, Path(gt=0, lt=2**63)],
-        session: SessionDep,
     ) -> dict[str, Any]:
-        row = (
-            await session.execute(
-                select(Payment, Order.gateway_order_id, Order.status, Invoice.status)
-                .join(Order, Order.id == Payment.order_id)
-                .outerjoin(Invoice, Invoice.payment_id == Payment.id)
-                .where(Payment.id == payment_id)
-            )
-        ).one_or_none()
+        async with runtime.maker() as session:  # closed before the answer: see healthz
+            row = (
+                await session.execute(
+                    select(Payment, Order.gateway_order_id, Order.status, Invoice.status)
+                    .join(Order, Order.id == Payment.order_id)
+                    .outerjoin(Invoice, Invoice.payment_id == Payment.id)
+                    .where(Payment.id == payment_id)
+                )
+            ).one_or_none()
         if row is None:
             raise NotFound(f"payment {payment_id} does not exist")
         payment, gateway_order_id, order_status, invoice_status = row

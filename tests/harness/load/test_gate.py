@@ -475,9 +475,22 @@ async def test_a_capture_whose_answer_was_lost_gets_the_reconcilers_window(
         lost[order["payment_id"]] = payment["id"]
     run.payments = dict(lost)
     recorded, never = sorted(lost)
+    # The sweeper writes only once the gate has looked once: on a loaded machine the gate's
+    # first look (gateway counters, the target's statuses) can take longer than any fixed
+    # delay, and would then find one payment already reconciled.
+    looked = threading.Event()
+    real_pending = reconcile_module.pending
 
-    def reconciler() -> None:  # what the service's sweeper writes, half a second later
-        time.sleep(0.5)
+    def pending_then_told(*args: Any, **kwargs: Any) -> list[int]:
+        found = real_pending(*args, **kwargs)
+        looked.set()
+        return found
+
+    monkeypatch.setattr(reconcile_module, "pending", pending_then_told)
+
+    def reconciler() -> None:  # what the service's sweeper writes, after the gate's first look
+        assert looked.wait(30), "the gate never looked at the pending payments"
+        time.sleep(0.3)
         with psycopg.connect(pg.url, autocommit=True) as conn:
             conn.execute(
                 "UPDATE payments SET status = 'captured', captured_at = now(), "
