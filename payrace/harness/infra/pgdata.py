@@ -7,7 +7,9 @@
     seed(pgdata, owner)     fill an empty data directory from the cached initdb template:
                             True, or False when there is none yet (pgserver then runs initdb)
     keep(pgdata)            right after initdb, before the first start: cache the directory as
-                            the template of the next runs (best effort)
+                            the template of the next runs (best effort), and prune the cache
+    prune(cache, current)   templates of other keys unused for STALE_TEMPLATE_S, and staging
+                            directories a killed run left, older than STALE_STAGING_S
     stop_now(pid)           immediate shutdown of a throwaway cluster, waited for
 
 Why: a cold `payrace run` spent 1-2 s of its 5 s budget in initdb (the bootstrap backend and
@@ -20,7 +22,10 @@ initdb's output depends on here: the PostgreSQL binaries, the arguments pgserver
 (fixed in its version), the user the server runs as, and the locale and time zone it reads
 from the environment. It lives in the user's cache directory (platformdirs: ~/.cache/payrace
 on Linux), is written under a temporary name and renamed into place, so a run never sees
-half of one and two runs building it at once both succeed.
+half of one and two runs building it at once both succeed. A template is touched each time a
+run copies it; one of another key (an older pgserver, other binaries, another locale) that no
+run has copied for a month is removed when a new template is cached, as is a staging directory
+a killed run left behind (each template is about 40 MB).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ _MEMORY = Path("/dev/shm")
 _MEMORY_FS_TYPES = {"tmpfs", "ramfs"}
 # Files of a started or running cluster, never part of what initdb wrote.
 _NOT_TEMPLATE = ("postmaster.pid", "postmaster.opts", "log", ".handle_pids.json")
+STALE_TEMPLATE_S = 30 * 24 * 3600.0
+# Building a template copies ~40 MB: a staging directory an hour old belongs to a dead run.
+STALE_STAGING_S = 3600.0
 
 
 def workdir(durable: bool) -> Path:
@@ -64,6 +72,8 @@ def seed(pgdata: Path, owner: str | None) -> bool:
         return False
     try:
         shutil.copytree(template, pgdata, symlinks=True, dirs_exist_ok=True)
+        with contextlib.suppress(OSError):  # in use: prune() keeps it
+            os.utime(template)
         if owner is not None:
             _chown_tree(pgdata, owner)
     except OSError:
@@ -99,6 +109,37 @@ def keep(pgdata: Path) -> None:
                 os.rename(staging / "pgdata", template)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    prune(template.parent, template)
+
+
+def prune(cache: Path, current: Path, *, now: float | None = None) -> list[Path]:
+    """Remove from `cache` the templates other than `current` that no run has copied for
+    STALE_TEMPLATE_S and the staging directories older than STALE_STAGING_S; what was
+    removed. Best effort: a directory that cannot be read or removed stays."""
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = list(cache.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry == current or not entry.is_dir() or entry.is_symlink():
+            continue
+        if entry.name.startswith("pgdata-"):
+            age_limit = STALE_TEMPLATE_S
+        elif entry.name.startswith(".building-"):
+            age_limit = STALE_STAGING_S
+        else:
+            continue  # not payrace's
+        try:
+            stale = now - entry.stat().st_mtime > age_limit
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
+    return removed
 
 
 def stop_now(pid: int, *, within_s: float = 30.0) -> bool:
@@ -188,4 +229,4 @@ def _filesystem(path: Path) -> str | None:
     return kind
 
 
-__all__ = ["in_memory", "keep", "seed", "stop_now", "workdir"]
+__all__ = ["in_memory", "keep", "prune", "seed", "stop_now", "workdir"]

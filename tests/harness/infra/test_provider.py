@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -295,3 +296,49 @@ def test_a_throwaway_cluster_keeps_its_data_in_memory_and_a_durable_one_on_disk(
         data_dir, _ = _postmaster(database)
         assert not pgdata.in_memory(data_dir)
         assert "data in memory" not in database.describe()
+
+
+def test_the_template_cache_drops_what_no_run_uses_and_keeps_the_rest(tmp_path: Path) -> None:
+    cache = tmp_path / "payrace"
+    now = time.time()
+
+    def made(name: str, age_s: float) -> Path:
+        path = cache / name
+        (path / "base").mkdir(parents=True)
+        (path / "PG_VERSION").write_text("16\n")
+        os.utime(path, (now - age_s, now - age_s))
+        return path
+
+    current = made("pgdata-0.1.4-current", 90 * 24 * 3600)  # in use: kept however old
+    stale = made("pgdata-0.1.3-oldkey", pgdata.STALE_TEMPLATE_S + 60)
+    recent = made("pgdata-0.1.4-otherlocale", 24 * 3600)  # another key, used yesterday
+    dead_staging = made(".building-abc123", pgdata.STALE_STAGING_S + 60)
+    live_staging = made(".building-def456", 30)  # a run building its copy right now
+    foreign = made("somebody-elses", 365 * 24 * 3600)
+
+    removed = pgdata.prune(cache, current, now=now)
+
+    assert sorted(removed) == sorted([stale, dead_staging])
+    assert not stale.exists() and not dead_staging.exists()
+    for kept in (current, recent, live_staging, foreign):
+        assert kept.is_dir(), kept
+    assert pgdata.prune(cache / "missing", current) == []
+
+
+def test_a_run_that_copies_a_template_marks_it_in_use(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    template = tmp_path / "cache" / "pgdata-0.1.4-key"
+    template.mkdir(parents=True)
+    (template / "PG_VERSION").write_text("16\n")
+    month_ago = time.time() - pgdata.STALE_TEMPLATE_S - 60
+    os.utime(template, (month_ago, month_ago))
+    monkeypatch.setattr(pgdata, "_template_path", lambda: template)
+    target = tmp_path / "data"
+    target.mkdir()
+
+    assert pgdata.seed(target, None)
+
+    assert (target / "PG_VERSION").read_text() == "16\n"
+    assert time.time() - template.stat().st_mtime < 60
+    assert pgdata.prune(template.parent, tmp_path / "cache" / "pgdata-newer") == []
