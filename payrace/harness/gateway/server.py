@@ -520,6 +520,8 @@ class _Connection(asyncio.Protocol):
                 return {"type": "http.request", "body": request.body, "more_body": False}
             if self.lost is None:
                 self.lost = asyncio.get_running_loop().create_future()
+                if self.transport is None or self.transport.is_closing():
+                    self.lost.set_result(None)  # lost already: connection_lost came first
             await self.lost
             return {"type": "http.disconnect"}
 
