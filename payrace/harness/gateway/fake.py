@@ -84,6 +84,17 @@ def not_found(field: str = "id") -> RazorpayError:
     return RazorpayError(400, "The id provided does not exist", field=field, where=where)
 
 
+def _copy(doc: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of an order or payment for a caller, as copy.deepcopy makes it at a
+    quarter of its cost on the capture's path: the scalar fields shared (immutable), the
+    lists and objects (notes, acquirer_data) copied, most of them empty."""
+    copied = doc.copy()
+    for key, value in doc.items():
+        if isinstance(value, list | dict):
+            copied[key] = copy.deepcopy(value) if value else type(value)()
+    return copied
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
     """A request body as a JSON object (empty means {}), or Razorpay's 400."""
     try:
@@ -304,11 +315,13 @@ class FakeRazorpay:
 
     def order(self, order_id: str) -> dict[str, Any] | None:
         with self._lock:
-            return copy.deepcopy(self._orders.get(order_id))
+            found = self._orders.get(order_id)
+            return None if found is None else _copy(found)
 
     def payment(self, payment_id: str) -> dict[str, Any] | None:
         with self._lock:
-            return copy.deepcopy(self._payments.get(payment_id))
+            found = self._payments.get(payment_id)
+            return None if found is None else _copy(found)
 
     def capture_calls(self, payment_id: str) -> int:
         with self._lock:
@@ -339,7 +352,7 @@ class FakeRazorpay:
             if payment is None:
                 raise not_found()
             if payment["status"] == "captured":
-                return copy.deepcopy(payment)
+                return _copy(payment)
             body = {"amount": payment["amount"], "currency": payment["currency"]}
             captured = self._capture_locked(payment_id, body)
             self._auto_captured[payment_id] += 1
@@ -372,7 +385,7 @@ class FakeRazorpay:
         }
         with self._lock:
             self._orders[order["id"]] = order
-            return copy.deepcopy(order)
+            return _copy(order)
 
     def authorize_payment(self, order_id: str, *, method: str = "upi") -> dict[str, Any]:
         """The customer pays at Checkout: a payment authorized for the order's full amount."""
@@ -406,7 +419,7 @@ class FakeRazorpay:
             self._payments[payment["id"]] = payment
             order["status"] = "attempted"
             order["attempts"] += 1
-            return copy.deepcopy(payment)
+            return _copy(payment)
 
     def add_after_capture(self, hook: Callable[[str], None]) -> None:
         """Call `hook(payment_id)` after each accepted capture, before its answer goes out
@@ -498,4 +511,4 @@ class FakeRazorpay:
         payment.update(status="captured", captured=True, fee=fee, tax=fee * 18 // 118)
         order = self._orders[payment["order_id"]]
         order.update(status="paid", amount_paid=order["amount"], amount_due=0)
-        return copy.deepcopy(payment)
+        return _copy(payment)

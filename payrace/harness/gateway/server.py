@@ -1,4 +1,4 @@
-"""The fake Razorpay over HTTP: its routes, and a threaded uvicorn server around them.
+"""The fake Razorpay over HTTP: its routes, and a small threaded HTTP/1.1 server around them.
 
     razorpay_app(fake)   the Starlette app a FakeRazorpay answers through:
         POST /v1/orders                  GET /v1/orders/{id}
@@ -6,7 +6,10 @@
         /_fake/counters  /_fake/payments  /_fake/knobs  /_fake/reset    (test control, no auth)
         /_fake/holds  GET (armed ids -> calls held), POST {payment_id, timeout_s} (arm);
         /_fake/holds/{id}/release  POST;  /_fake/holds/{id}  DELETE (disarm)   (capture barrier)
-    GatewayServer        context manager: razorpay_app(fake) under uvicorn, free port, own thread
+    GatewayServer        context manager: the fake served on a free port from its own thread
+                         (httptools on uvloop); the four /v1 routes answered by the connection
+                         itself (_V1: one write per answer, no ASGI framing), the rest by
+                         razorpay_app through a minimal ASGI call
 
 The /v1 routes check basic auth with the fake's keys and wait out the injected latency
 before they answer; a capture for a payment whose holds are armed then waits at the barrier
@@ -22,13 +25,19 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import http
+import json
+import logging
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from email.utils import formatdate
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote
 
-import uvicorn
+import httptools
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -44,59 +53,109 @@ from payrace.harness.gateway.fake import (
 )
 from payrace.harness.infra.readiness import wait_until_answers
 
-_Handler = Callable[[Request], Awaitable[dict[str, Any]]]
 
+class _V1:
+    """The four /v1 routes: basic auth, injected latency, then the fake's answer. Shared by
+    the connection's direct path and by the app, so both answer alike by construction."""
 
-def razorpay_app(fake: FakeRazorpay) -> Starlette:
-    # The keys are fixed for the fake's life: the expected header is built once, not per call.
-    credentials = f"{fake.keys.key_id}:{fake.keys.key_secret}".encode()
-    expected = b"Basic " + base64.b64encode(credentials)
+    def __init__(self, fake: FakeRazorpay) -> None:
+        self.fake = fake
+        # The keys are fixed for the fake's life: the expected header is built once, not per call.
+        credentials = f"{fake.keys.key_id}:{fake.keys.key_secret}".encode()
+        self.expected = b"Basic " + base64.b64encode(credentials)
 
-    def authenticate(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("basic "):
+    def authenticate(self, header: bytes) -> None:
+        if header[:6].lower() != b"basic ":
             raise RazorpayError(401, "Please provide your api key for authentication purposes.")
-        if not hmac.compare_digest(header.encode(), expected):
+        if not hmac.compare_digest(header, self.expected):
             raise RazorpayError(401, "Authentication failed")
 
-    def v1(handler: _Handler, *, capture: bool = False) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            authenticate(request)
-            delay = fake.delay_s(capture=capture)
-            if delay:
-                # The server loop serves every other request meanwhile; that is what lets a
-                # slow gateway stretch the window in which two captures overlap.
-                await asyncio.sleep(delay)
-            return JSONResponse(await handler(request))
+    def answer(self, route: str, param: str, authorization: bytes, body: bytes) -> _Answer:
+        """The call's JSON answer, or, when it has to wait (injected latency, a hold, an
+        after-capture hook), the coroutine that produces it; a RazorpayError is the error."""
+        self.authenticate(authorization)
+        delay = self.fake.delay_s(capture=route == "capture")
+        if delay:
+            return self._delayed(delay, route, param, body)
+        return self._undelayed(route, param, body)
 
-        return endpoint
+    async def _delayed(self, delay: float, route: str, param: str, body: bytes) -> dict[str, Any]:
+        # The server loop serves every other request meanwhile; that is what lets a slow
+        # gateway stretch the window in which two captures overlap.
+        await asyncio.sleep(delay)
+        return await _awaited(self._undelayed(route, param, body))
 
-    async def create_order(request: Request) -> dict[str, Any]:
-        return fake.create_order(json_object(await request.body()))
-
-    async def order(request: Request) -> dict[str, Any]:
-        found = fake.order(request.path_params["order_id"])
-        if found is None:
-            raise not_found()
-        return found
-
-    async def payment(request: Request) -> dict[str, Any]:
-        found = fake.payment(request.path_params["payment_id"])
-        if found is None:
-            raise not_found()
-        return found
-
-    async def capture(request: Request) -> dict[str, Any]:
-        payment_id = request.path_params["payment_id"]
-        body = json_object(await request.body())
-        hold = fake.hold_capture(payment_id)
+    def _undelayed(self, route: str, param: str, body: bytes) -> _Answer:
+        fake = self.fake
+        if route == "create_order":
+            return fake.create_order(json_object(body))
+        if route != "capture":
+            found = fake.order(param) if route == "order" else fake.payment(param)
+            if found is None:
+                raise not_found()
+            return found
+        doc = json_object(body)
+        hold = fake.hold_capture(param)
         if hold is not None:
-            await _held(fake, hold)
-        captured = fake.capture(payment_id, body)
-        for hook in fake.after_capture():
+            return self._held_capture(param, doc, hold)
+        captured = fake.capture(param, doc)
+        hooks = fake.after_capture()
+        return self._hooked(param, captured, hooks) if hooks else captured
+
+    async def _held_capture(
+        self, payment_id: str, doc: dict[str, Any], hold: CaptureHold
+    ) -> dict[str, Any]:
+        await _held(self.fake, hold)
+        captured = self.fake.capture(payment_id, doc)
+        return await self._hooked(payment_id, captured, self.fake.after_capture())
+
+    async def _hooked(
+        self, payment_id: str, captured: dict[str, Any], hooks: list[Callable[[str], None]]
+    ) -> dict[str, Any]:
+        for hook in hooks:
             # Captured, and the caller not yet told: a hook may break the caller meanwhile.
             await asyncio.to_thread(hook, payment_id)
         return captured
+
+
+_Answer = dict[str, Any] | Coroutine[Any, Any, dict[str, Any]]
+
+
+async def _awaited(answer: _Answer) -> dict[str, Any]:
+    return answer if isinstance(answer, dict) else await answer
+
+
+def _v1_route(method: bytes, path: str) -> tuple[str, str] | None:
+    """(route, path parameter) when `method path` fully matches one of the four /v1 routes
+    as the app's router would match it; None for anything else (the app answers that)."""
+    if path.startswith("/v1/payments/"):
+        rest = path[13:]
+        if "/" not in rest:
+            return ("payment", rest) if rest and method == b"GET" else None
+        payment_id, _, tail = rest.partition("/")
+        if tail == "capture" and payment_id and method == b"POST":
+            return "capture", payment_id
+        return None
+    if path.startswith("/v1/orders"):
+        if path == "/v1/orders":
+            return ("create_order", "") if method == b"POST" else None
+        order_id = path[11:] if path[10] == "/" else ""
+        if order_id and "/" not in order_id and method == b"GET":
+            return "order", order_id
+    return None
+
+
+def razorpay_app(fake: FakeRazorpay) -> Starlette:
+    core = _V1(fake)
+
+    def v1(route: str) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            param = next(iter(request.path_params.values()), "")
+            authorization = request.headers.get("authorization", "").encode("latin-1")
+            answer = core.answer(route, param, authorization, await request.body())
+            return JSONResponse(await _awaited(answer))
+
+        return endpoint
 
     async def counters(request: Request) -> Response:
         return JSONResponse(fake.counters())
@@ -170,10 +229,10 @@ def razorpay_app(fake: FakeRazorpay) -> Starlette:
 
     return Starlette(
         routes=[
-            Route("/v1/orders", v1(create_order), methods=["POST"]),
-            Route("/v1/orders/{order_id}", v1(order), methods=["GET"]),
-            Route("/v1/payments/{payment_id}", v1(payment), methods=["GET"]),
-            Route("/v1/payments/{payment_id}/capture", v1(capture, capture=True), methods=["POST"]),
+            Route("/v1/orders", v1("create_order"), methods=["POST"]),
+            Route("/v1/orders/{order_id}", v1("order"), methods=["GET"]),
+            Route("/v1/payments/{payment_id}", v1("payment"), methods=["GET"]),
+            Route("/v1/payments/{payment_id}/capture", v1("capture"), methods=["POST"]),
             Route("/_fake/counters", counters, methods=["GET"]),
             Route("/_fake/payments", authorize, methods=["POST"]),
             Route("/_fake/payments/{payment_id}/auto_capture", auto_capture, methods=["POST"]),
@@ -208,8 +267,342 @@ async def _held(fake: FakeRazorpay, hold: CaptureHold) -> None:
         fake.leave_hold(hold, timed_out=timed_out)
 
 
+# Starlette's JSONResponse rendering, byte for byte; one encoder, not one per call as
+# json.dumps with options would build.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_STATUS_LINES: dict[int, bytes] = {}
+_KEEP_ALIVE_S = 300.0
+_GRACEFUL_S = 2.0
+_TEXT = (b"content-type", b"text/plain; charset=utf-8")
+_INTERNAL_ERROR = (500, [(b"content-length", b"21"), _TEXT], b"Internal Server Error")
+_INVALID = b"Invalid HTTP request received."
+_JSON = (b"content-type", b"application/json")
+_log = logging.getLogger(__name__)
+_Response = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode()
+    return line
+
+
+class _Serving:
+    """What the connections of one server share: the routes, the date header, the open
+    connections and the tasks of calls that wait."""
+
+    def __init__(self, fake: FakeRazorpay) -> None:
+        self.v1 = _V1(fake)
+        self.app = razorpay_app(fake)
+        self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.tick = 0  # seconds served, for the keep-alive timeout
+        self.date = b""
+        self.closing = False
+        self._ticker: asyncio.TimerHandle | None = None
+
+    def start_ticking(self) -> None:
+        self._tick()
+
+    def _tick(self) -> None:
+        # Once a second: the date header, and idle connections closed after
+        # the keep-alive timeout.
+        self.tick += 1
+        self.date = b"date: " + formatdate(usegmt=True).encode() + b"\r\n"
+        for connection in list(self.connections):
+            connection.close_if_idle(self.tick - _KEEP_ALIVE_S)
+        self._ticker = asyncio.get_running_loop().call_later(1.0, self._tick)
+
+    async def shutdown(self) -> None:
+        """Close idle connections, answer the calls under way (for up to _GRACEFUL_S), then
+        cut what is left."""
+        self.closing = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for connection in list(self.connections):
+            connection.close_if_idle(float("inf"))
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=_GRACEFUL_S)
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=_GRACEFUL_S)
+        for connection in list(self.connections):
+            connection.abort()
+
+
+class _Request:
+    __slots__ = ("body", "headers", "keep_alive", "method", "url", "version")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection, parsed by httptools; answers written in one piece, in order.
+
+    The four /v1 routes are answered right here, without ASGI framing, and at once when the
+    call need not wait; everything else (the /_fake routes, unknown URLs, other methods, HEAD)
+    goes through razorpay_app as an ASGI call. Pipelined requests wait their turn."""
+
+    def __init__(self, serving: _Serving) -> None:
+        self.serving = serving
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.request = _Request()
+        self.pipeline: deque[_Request] = deque()
+        self.busy = False  # a call of this connection is being answered by a task
+        self.paused = False  # reading paused while calls wait in the pipeline
+        self.active_at = serving.tick
+        self.lost: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.serving.connections.add(self)
+        if self.serving.closing:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.serving.connections.discard(self)
+        self.pipeline.clear()
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.active_at = self.serving.tick
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no websockets here: the request was answered as a plain one
+        except httptools.HttpParserError:
+            _log.warning("fake gateway: invalid HTTP request received")
+            self._write(400, [_TEXT], _INVALID, False)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.request = _Request()
+
+    def on_url(self, url: bytes) -> None:
+        self.request.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.request.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.request.body += body
+
+    def on_message_complete(self) -> None:
+        request = self.request
+        parser = self.parser
+        request.method = parser.get_method()
+        request.version = parser.get_http_version()
+        request.keep_alive = request.version != "1.0" and parser.should_keep_alive()
+        if self.busy:
+            self.pipeline.append(request)
+            if not self.paused:
+                assert self.transport is not None
+                self.paused = True
+                self.transport.pause_reading()
+        else:
+            self._handle(request)
+
+    # answering
+    def _handle(self, request: _Request) -> None:
+        try:
+            raw_path = httptools.parse_url(request.url).path
+            path = raw_path.decode("ascii")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            self._write(400, [_TEXT], _INVALID, False)
+            return
+        if "%" in path:
+            path = unquote(path)
+        route = _v1_route(request.method, path)
+        if route is None:
+            self._wait_for(self._asgi(request, path, raw_path), request)
+            return
+        authorization = b""
+        for name, value in request.headers:
+            if name == b"authorization":
+                authorization = value
+                break
+        try:
+            answer = self.serving.v1.answer(route[0], route[1], authorization, request.body)
+        except RazorpayError as exc:
+            self._json(exc.status, exc.body, request.keep_alive)
+            return
+        except Exception:
+            _log.exception("fake gateway: exception answering %s", path)
+            self._write(*_INTERNAL_ERROR, request.keep_alive)
+            return
+        if isinstance(answer, dict):
+            self._json(200, answer, request.keep_alive)
+        else:
+            self._wait_for(self._v1_later(answer), request)
+
+    async def _v1_later(self, answer: Awaitable[dict[str, Any]]) -> _Response:
+        try:
+            status, doc = 200, await answer
+        except RazorpayError as exc:
+            status, doc = exc.status, exc.body
+        body = _ENCODE(doc).encode()
+        return status, [(b"content-length", b"%d" % len(body)), _JSON], body
+
+    def _wait_for(self, answer: Coroutine[Any, Any, _Response], request: _Request) -> None:
+        self.busy = True
+        task = asyncio.get_running_loop().create_task(self._answer_later(answer, request))
+        self.serving.tasks.add(task)
+        task.add_done_callback(self.serving.tasks.discard)
+
+    async def _answer_later(
+        self, answer: Coroutine[Any, Any, _Response], request: _Request
+    ) -> None:
+        try:
+            status, headers, body = await answer
+        except Exception:
+            _log.exception("fake gateway: exception answering %r", request.url)
+            status, headers, body = _INTERNAL_ERROR
+        if request.method == b"HEAD":
+            self._write(status, headers, b"", request.keep_alive, len(body))
+        else:
+            self._write(status, headers, body, request.keep_alive)
+        self.busy = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        # Those in line next, until one has to wait in turn; reading resumes once none is left.
+        while self.pipeline and not self.busy:
+            self._handle(self.pipeline.popleft())
+        if self.paused and not self.pipeline:
+            self.paused = False
+            transport.resume_reading()
+
+    async def _asgi(self, request: _Request, path: str, raw_path: bytes) -> _Response:
+        """The request through razorpay_app, as an ASGI server would pass it."""
+        assert self.transport is not None
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": request.version,
+            "server": self.transport.get_extra_info("sockname"),
+            "client": self.transport.get_extra_info("peername"),
+            "scheme": "http",
+            "method": request.method.decode("ascii"),
+            "root_path": "",
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": httptools.parse_url(request.url).query or b"",
+            "headers": request.headers,
+            "state": {},
+        }
+        received = False
+        started: list[Any] = []
+        chunks: list[bytes] = []
+
+        async def receive() -> dict[str, Any]:
+            nonlocal received
+            if not received:
+                received = True
+                return {"type": "http.request", "body": request.body, "more_body": False}
+            if self.lost is None:
+                self.lost = asyncio.get_running_loop().create_future()
+                if self.transport is None or self.transport.is_closing():
+                    self.lost.set_result(None)  # lost already: connection_lost came first
+            await self.lost
+            return {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                started[:] = [message["status"], list(message.get("headers", []))]
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        try:
+            await self.serving.app(scope, receive, send)
+        except Exception:
+            # Starlette has answered it with a 500 already, unless it failed before that.
+            _log.exception("fake gateway: exception in the app for %s", path)
+            if not started:
+                return _INTERNAL_ERROR
+        return started[0], started[1], b"".join(chunks)
+
+    def _json(self, status: int, doc: dict[str, Any], keep_alive: bool) -> None:
+        body = _ENCODE(doc).encode()
+        transport = self.transport
+        assert transport is not None
+        if transport.is_closing():
+            return
+        closing = not keep_alive or self.serving.closing
+        transport.write(
+            b"%s%scontent-length: %d\r\ncontent-type: application/json\r\n%s\r\n%s"
+            % (
+                _status_line(status),
+                self.serving.date,
+                len(body),
+                b"connection: close\r\n" if closing else b"",
+                body,
+            )
+        )
+        if closing:
+            transport.close()
+
+    def _write(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        keep_alive: bool,
+        length: int | None = None,
+    ) -> None:
+        transport = self.transport
+        assert transport is not None
+        if transport.is_closing():
+            return
+        closing = not keep_alive or self.serving.closing
+        head = [_status_line(status), self.serving.date]
+        has_length = False
+        for name, value in headers:
+            has_length = has_length or name == b"content-length"
+            closing = closing or (name == b"connection" and b"close" in value.lower())
+            head += [name, b": ", value, b"\r\n"]
+        if not has_length:
+            head.append(b"content-length: %d\r\n" % (len(body) if length is None else length))
+        if closing:
+            head.append(b"connection: close\r\n")
+        head += [b"\r\n", body]
+        transport.write(b"".join(head))
+        if closing:
+            transport.close()
+
+    def close_if_idle(self, active_before: float) -> None:
+        if not self.busy and self.active_at < active_before and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
 class GatewayServer:
-    """razorpay_app(fake) under uvicorn in a thread on `host`; a free port unless one is given."""
+    """The fake over HTTP in a thread of its own on `host`; a free port unless one is given.
+
+    Its own small HTTP/1.1 server (httptools on uvloop, _Connection) rather than uvicorn: the
+    fake shares the machine's cores with the service it answers, and the ASGI framing and the
+    two writes per answer cost most of its CPU per call."""
 
     def __init__(
         self,
@@ -225,12 +618,14 @@ class GatewayServer:
         self.url = ""
         self.start_timeout_s = start_timeout_s
         self.thread: threading.Thread | None = None
-        self._server: uvicorn.Server | None = None
         self._crash: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_asked = threading.Event()
+        self._stopping: asyncio.Event | None = None
 
     def __enter__(self) -> GatewayServer:
-        # Binding here, not in uvicorn, makes port 0 resolve before the thread starts, so the
-        # URL is known and a busy port fails loudly in the caller's thread.
+        # Binding here makes port 0 resolve before the thread starts, so the URL is known and
+        # a busy port fails loudly in the caller's thread.
         # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets whose proto says
         # TCP, and without it Nagle + delayed ACK add ~40 ms to every response.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -242,24 +637,6 @@ class GatewayServer:
             raise
         self.port = sock.getsockname()[1]
         self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(
-            razorpay_app(self.fake),
-            lifespan="off",
-            ws="none",  # nothing here speaks websockets; importing them only brings warnings
-            # httptools, the C parser the service runs on too: the fake shares the machine's
-            # cores with the service it answers, and h11 cost it about twice the CPU per call.
-            http="httptools",
-            log_config=None,  # leave the process's logging as the caller configured it
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=2,
-            # The SDK's requests.Session reuses idle keep-alive connections. With uvicorn's 5 s
-            # default, a call sent just as the server closes an idle one is reset (a 502 from
-            # the service on a busy machine, e.g. the explorer's batch of orders after a pause):
-            # keep them far longer than any pause between a run's calls.
-            timeout_keep_alive=300,
-        )
-        self._server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self._run, args=(sock,), name=f"payrace-gateway-{self.port}", daemon=True
         )
@@ -272,13 +649,28 @@ class GatewayServer:
         return self
 
     def _run(self, sock: socket.socket) -> None:
-        assert self._server is not None
         try:
-            self._server.run(sockets=[sock])
+            with asyncio.Runner(loop_factory=_new_loop) as runner:
+                runner.run(self._serve(sock))
         except BaseException as exc:  # kept for the start-up error message
             self._crash = exc
         finally:
             sock.close()
+
+    async def _serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        serving = _Serving(self.fake)
+        serving.start_ticking()
+        # The SDK's requests.Session reuses idle keep-alive connections: a call sent just as
+        # the server closes an idle one is reset (a 502 from the service on a busy machine),
+        # so idle ones are kept for _KEEP_ALIVE_S, far longer than any pause between calls.
+        server = await loop.create_server(lambda: _Connection(serving), sock=sock, backlog=2048)
+        self._stopping = asyncio.Event()
+        self._loop = loop  # published after the event: _stop reads them in the other order
+        if not self._stop_asked.is_set():
+            await self._stopping.wait()
+        server.close()
+        await serving.shutdown()
 
     def _wait_until_answering(self) -> None:
         thread = self.thread
@@ -299,15 +691,16 @@ class GatewayServer:
         )
 
     def _stop(self) -> None:
-        if self._server is None or self.thread is None:
+        if self.thread is None:
             return
         self.fake.disarm_all_holds()  # a held capture would keep the server from stopping
-        self._server.should_exit = True
-        self.thread.join(timeout=5)
-        if self.thread.is_alive():
-            # Requests stuck in injected latency outlived the graceful shutdown.
-            self._server.force_exit = True
-            self.thread.join(timeout=5)
+        self._stop_asked.set()
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the thread is done
+                loop.call_soon_threadsafe(stopping.set)
+        # Calls stuck in injected latency are cut after the graceful _GRACEFUL_S.
+        self.thread.join(timeout=10)
         if self.thread.is_alive():
             raise RuntimeError(f"fake gateway thread {self.thread.name} did not stop")
 
@@ -318,3 +711,11 @@ class GatewayServer:
         tb: TracebackType | None,
     ) -> None:
         self._stop()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # not on Windows: asyncio's own loop
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

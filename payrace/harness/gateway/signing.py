@@ -35,10 +35,20 @@ class GatewayKeys:
     account_id: str = "acc_payrace0000001"
 
 
+# Random bytes to id characters: 248 = 4 x 62 byte values map to each character 4 times, the
+# 8 left over are dropped, so every character is as likely as with secrets.choice, at a
+# twentieth of its cost (an order and a payment for every capture the bench makes).
+_TO_ALNUM = (_ALNUM * 4).encode() + bytes(8)
+_LEFT_OVER = bytes(range(248, 256))
+
+
 def razorpay_id(prefix: str) -> str:
     # Not the seeded rng: two fakes in one run must never hand the same id to a database that
     # keeps gateway ids unique.
-    return prefix + "".join(secrets.choice(_ALNUM) for _ in range(14))
+    kept = secrets.token_bytes(20).translate(_TO_ALNUM, _LEFT_OVER)
+    while len(kept) < 14:
+        kept += secrets.token_bytes(8).translate(_TO_ALNUM, _LEFT_OVER)
+    return prefix + kept[:14].decode()
 
 
 def new_event_id() -> str:

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httptools
 import httpx
 import pytest
 import razorpay
@@ -211,3 +215,159 @@ def test_stopping_the_server_lets_a_held_capture_go() -> None:
     thread.join(timeout=10)
     assert not thread.is_alive()
     assert fake.holds() == {}
+
+
+class _Answers:
+    """Reads HTTP answers off a raw socket with httptools, as the service's lean client does."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.parser = httptools.HttpResponseParser(self)
+        self.done: list[tuple[int, dict[bytes, bytes], bytes]] = []
+        self.headers: dict[bytes, bytes] = {}
+        self.body = b""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.done.append((self.parser.get_status_code(), self.headers, self.body))
+        self.headers, self.body = {}, b""
+
+    def read(self, count: int) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+        while len(self.done) < count:
+            data = self.sock.recv(65536)
+            assert data, f"connection closed after {len(self.done)} of {count} answers"
+            self.parser.feed_data(data)
+        answers, self.done = self.done[:count], self.done[count:]
+        return answers
+
+
+def _request(method: str, path: str, body: bytes = b"", *extra: str) -> bytes:
+    token = base64.b64encode(f"{KEYS.key_id}:{KEYS.key_secret}".encode()).decode()
+    head = [f"{method} {path} HTTP/1.1", "Host: gateway", f"Authorization: Basic {token}", *extra]
+    if body:
+        head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _capture_body() -> bytes:
+    return json.dumps({"currency": "INR", "amount": 50000}).encode()
+
+
+@pytest.fixture
+def raw(server: GatewayServer) -> Iterator[tuple[socket.socket, _Answers]]:
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    try:
+        yield sock, _Answers(sock)
+    finally:
+        sock.close()
+
+
+def test_v1_answers_are_compact_json_with_length_type_and_date_on_a_kept_connection(
+    raw: tuple[socket.socket, _Answers], fake: FakeRazorpay, authorized_order: AuthorizedOrder
+) -> None:
+    sock, answers = raw
+    order, payment_id = authorized_order()
+    for _ in range(2):  # the same connection serves call after call
+        sock.sendall(_request("GET", f"/v1/orders/{order['id']}"))
+        ((status, headers, body),) = answers.read(1)
+        assert status == 200
+        assert headers[b"content-type"] == b"application/json"
+        assert int(headers[b"content-length"]) == len(body)
+        assert headers[b"date"].endswith(b" GMT") and b"connection" not in headers
+        assert body == json.dumps(fake.order(order["id"]), separators=(",", ":")).encode()
+
+    sock.sendall(_request("POST", f"/v1/payments/{payment_id}/capture", _capture_body()))
+    ((status, _, body),) = answers.read(1)
+    assert status == 200 and json.loads(body) == fake.payment(payment_id)
+    assert json.loads(body)["status"] == "captured"
+
+
+def test_pipelined_calls_are_answered_in_order_also_behind_one_that_waits(
+    raw: tuple[socket.socket, _Answers], fake: FakeRazorpay, authorized_order: AuthorizedOrder
+) -> None:
+    sock, answers = raw
+    _, payment_id = authorized_order()
+    fake.set_knobs(capture_latency_s=0.2)
+    sock.sendall(
+        _request("POST", f"/v1/payments/{payment_id}/capture", _capture_body())
+        + _request("GET", f"/v1/payments/{payment_id}")
+        + _request("GET", "/_fake/counters")
+    )
+    (capture, payment, counters) = answers.read(3)
+    assert capture[0] == 200 and json.loads(capture[2])["status"] == "captured"
+    # Answered after the capture it queued behind, so it sees the payment captured.
+    assert payment[0] == 200 and json.loads(payment[2])["status"] == "captured"
+    assert json.loads(counters[2])["captures"] == {payment_id: 1}
+
+
+def test_other_methods_head_and_unknown_urls_are_answered_like_the_app(
+    server: GatewayServer, authorized_order: AuthorizedOrder
+) -> None:
+    order, payment_id = authorized_order()
+    auth = (KEYS.key_id, KEYS.key_secret)
+    for method, path in (
+        ("GET", "/v1/orders"),
+        ("POST", f"/v1/payments/{payment_id}"),
+        ("GET", f"/v1/payments/{payment_id}/capture"),
+    ):
+        response = httpx.request(method, f"{server.url}{path}", auth=auth)
+        assert response.status_code == 405, (method, path)
+        assert response.json()["error"]["code"] == "BAD_REQUEST_ERROR"
+    head = httpx.head(f"{server.url}/v1/orders/{order['id']}", auth=auth)
+    got = httpx.get(f"{server.url}/v1/orders/{order['id']}", auth=auth)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
+    # An escaped slash is a slash: not a payment id.
+    escaped = httpx.get(f"{server.url}/v1/payments/pay%2Fx", auth=auth)
+    assert escaped.status_code == 400
+    assert (
+        escaped.json()["error"]["description"] == "The requested URL was not found on the server."
+    )
+    assert httpx.post(f"{server.url}/v1/payments/{payment_id}/capture").status_code == 401
+
+
+def test_a_closing_request_gets_its_answer_then_the_connection_closes(
+    raw: tuple[socket.socket, _Answers], authorized_order: AuthorizedOrder
+) -> None:
+    sock, answers = raw
+    _, payment_id = authorized_order()
+    sock.sendall(_request("GET", f"/v1/payments/{payment_id}", b"", "Connection: close"))
+    ((status, headers, _),) = answers.read(1)
+    assert status == 200 and headers[b"connection"] == b"close"
+    assert sock.recv(1) == b""
+
+
+def test_a_malformed_request_gets_a_400_and_the_connection_closes(
+    raw: tuple[socket.socket, _Answers],
+) -> None:
+    sock, answers = raw
+    sock.sendall(b"NOT AN HTTP REQUEST\r\n\r\n")
+    ((status, headers, body),) = answers.read(1)
+    assert (status, body) == (400, b"Invalid HTTP request received.")
+    assert headers[b"connection"] == b"close"
+    assert sock.recv(1) == b""
+
+
+def test_a_failing_after_capture_hook_is_a_500_and_the_server_goes_on(
+    server: GatewayServer, client: Any, fake: FakeRazorpay, authorized_order: AuthorizedOrder
+) -> None:
+    _, payment_id = authorized_order()
+
+    def broken(captured: str) -> None:
+        raise RuntimeError(f"hook failed after capturing {captured}")
+
+    fake.add_after_capture(broken)
+    response = httpx.post(
+        f"{server.url}/v1/payments/{payment_id}/capture",
+        json={"amount": 50000, "currency": "INR"},
+        auth=(KEYS.key_id, KEYS.key_secret),
+    )
+    assert (response.status_code, response.text) == (500, "Internal Server Error")
+    fake.remove_after_capture(broken)
+    assert fake.counters()["accepted"] == {payment_id: 1}
+    assert client.payment.fetch(payment_id)["status"] == "captured"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import string
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -143,3 +145,13 @@ def test_order_paid_without_an_order_is_derived_from_the_payment() -> None:
     assert (paid["id"], paid["amount_paid"], paid["amount_due"]) == (order["id"], 50000, 0)
     with pytest.raises(ValueError, match="unsupported event"):
         webhook_event("refund.created", payment)
+
+
+def test_ids_are_razorpay_shaped_distinct_and_draw_every_character_evenly() -> None:
+    ids = [razorpay_id("pay_") for _ in range(20_000)]
+    assert all(re.fullmatch(r"pay_[A-Za-z0-9]{14}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+    drawn = Counter("".join(i[4:] for i in ids))
+    expected = 20_000 * 14 / 62  # about 4,500 each; a skewed mapping is off by a quarter
+    assert set(drawn) == set(string.ascii_letters + string.digits)
+    assert all(0.85 * expected < n < 1.15 * expected for n in drawn.values()), drawn
