@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,37 +60,14 @@ async def test_the_window_ends_at_its_deadline_with_bodies_left() -> None:
     assert 0 < result["ok"] < 10**6
 
 
-@pytest.fixture
-def threaded_server() -> Iterator[int]:
-    """The test server on a loop of its own in a thread: main() runs its own loop (uvloop)."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder: list[asyncio.Server] = []
-
-    async def serve() -> None:
-        holder.append(await _server([201]))
-        started.set()
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(serve(), loop)
-    assert started.wait(10)
-    try:
-        yield holder[0].sockets[0].getsockname()[1]
-    finally:
-        holder[0].close()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
-def test_main_reads_a_spec_and_writes_its_figures(threaded_server: int, tmp_path: Path) -> None:
+async def test_main_reads_a_spec_and_writes_its_figures(tmp_path: Path) -> None:
+    server = await _server([201])
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec.write_text(
         json.dumps(
             {
                 "host": "127.0.0.1",
-                "port": threaded_server,
+                "port": server.sockets[0].getsockname()[1],
                 "path": "/x",
                 "bodies": [{"n": i} for i in range(20)],
                 "connections": 3,
@@ -101,7 +76,9 @@ def test_main_reads_a_spec_and_writes_its_figures(threaded_server: int, tmp_path
             }
         )
     )
-    assert main([str(spec), str(out)]) == 0
+    async with server:
+        # main() runs a loop of its own (uvloop): in a thread, while this one serves.
+        assert await asyncio.to_thread(main, [str(spec), str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["statuses"] == {"200": 19, "201": 1}
     assert result["ok"] == 19
