@@ -41,7 +41,7 @@ from payrace.service.body import BodyLimitMiddleware, lone_surrogate, may_escape
 from payrace.service.capture import Runner, capture, mark_failed
 from payrace.service.command import CaptureCommand
 from payrace.service.db import create_schema, make_engine, make_sessionmaker
-from payrace.service.direct import DirectRoutes
+from payrace.service.direct import DirectRoutes, FrontDoor, LeanJSONResponse
 from payrace.service.errors import ApiError, GatewayFailed, NotFound, Rejected, install_handlers
 from payrace.service.gateway_client import GatewayClient, GatewayError, make_gateway_client
 from payrace.service.instrument.middleware import InstrumentMiddleware
@@ -242,7 +242,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = _json_body(OrderIn, request.headers.get("content-type"), raw)
         if body is None:
             return None
-        return JSONResponse(await answer_create_order(body), status_code=201)
+        return LeanJSONResponse(await answer_create_order(body), status_code=201)
 
     async def answer_create_order(body: OrderIn) -> dict[str, Any]:
         rt = runtime
@@ -309,7 +309,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gateway_payment_id=body.razorpay_payment_id,
             capture_at_gateway=True,
         )
-        return JSONResponse((await capture(rt.runner, cmd)).as_json())
+        return LeanJSONResponse((await capture(rt.runner, cmd)).as_json())
 
     @app.post(
         "/payments/verify",
@@ -342,7 +342,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         envelope = _parse_envelope(body_text)
         event = envelope["event"]
         if event not in KNOWN_EVENTS:
-            return JSONResponse({"ignored": True, "event": event})
+            return LeanJSONResponse({"ignored": True, "event": event})
         entity = envelope["payment"]
         payment_id = await rt.runner.db.fetchval(PAYMENT_OF_ORDER, entity["order_id"])
         if payment_id is None:
@@ -365,7 +365,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             result = await mark_failed(rt.runner, cmd, entity.get("error_code"))
         else:
             result = await capture(rt.runner, cmd)
-        return JSONResponse({"event": event, **result.as_json()})
+        return LeanJSONResponse({"event": event, **result.as_json()})
 
     @app.post(
         "/webhooks/razorpay",
@@ -379,15 +379,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The middleware, innermost first (each add_middleware wraps the ones before it). The
     # direct routes run inside the body limit and the instrumentation, which see their
     # requests and answers as any route's.
-    app.add_middleware(
-        DirectRoutes,
-        routes={
-            "/orders": create_order_direct,
-            "/payments/verify": verify_direct,
-            "/webhooks/razorpay": answer_webhook,
-        },
-        handlers=lambda: app.exception_handlers,
-    )
+    direct_routes = {
+        "/orders": create_order_direct,
+        "/payments/verify": verify_direct,
+        "/webhooks/razorpay": answer_webhook,
+    }
+    app.add_middleware(DirectRoutes, routes=direct_routes, handlers=lambda: app.exception_handlers)
     # Inside the instrumentation: a 413 / 400 from here is timed and stamped like any answer.
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
     app.add_middleware(
@@ -396,6 +393,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         is_blocked=runtime.is_blocked,
         groups=runtime.rendezvous,
     )
+    # The capture routes' POSTs enter below FastAPI's outer layers (direct.FrontDoor).
+    build_stack = app.build_middleware_stack
+
+    def build_middleware_stack() -> FrontDoor:
+        return FrontDoor(
+            build_stack(),
+            paths=direct_routes,
+            inner=InstrumentMiddleware,
+        )
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
     document = app.openapi
 

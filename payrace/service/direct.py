@@ -4,6 +4,9 @@
                    the instrumentation): a POST to one of its paths is answered by its handler;
                    anything else, and any request the handler declines, goes on to FastAPI
     Handler        async (request, raw body) -> the answer, or None: "let FastAPI answer"
+    FrontDoor      ahead of the app's whole middleware stack: a POST to a direct path skips
+                   the outer layers that do nothing for it (see below)
+    LeanJSONResponse   Starlette's JSONResponse, the same bytes, its encoder built once
 
 Why: at saturation, FastAPI's routing, dependency solving and body reading cost about a
 fifth of the service's CPU per capture (py-spy, docs/benchmarks.md), and every await of the
@@ -21,11 +24,13 @@ logged 500, as from a route.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+import json
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from payrace.service.body import replay_body
@@ -91,4 +96,64 @@ async def _read_body(receive: Receive) -> tuple[bytes, Message | None]:
             return b"".join(chunks), None
 
 
-__all__ = ["DirectRoutes", "Handler"]
+# The outer layers FastAPI puts around the app's own middleware, outermost first (FastAPI
+# 0.16x). FrontDoor takes its shortcut only over exactly these.
+_OUTER = ("ServerErrorMiddleware", "ExceptionTelemetryMiddleware", "AppBodyLimitMiddleware")
+# Set by a parent app's body limit (a mounted app): then AppBodyLimitMiddleware has work to do.
+_PARENT_BODY_LIMIT = "starlette.max_body_size"
+
+
+class FrontDoor:
+    """The app's middleware stack with a shortcut for a POST to one of `paths`: straight to
+    the app's own middleware (the instrumentation, the body limit, DirectRoutes) under a
+    ServerErrorMiddleware of its own, the same handler and debug flag as the stack's.
+
+    Skipped, for those requests only: FastAPI's ExceptionTelemetryMiddleware (it records an
+    exception only for a request that native telemetry observes, `fastapi.telemetry` in the
+    scope: such a request takes the whole stack) and AppBodyLimitMiddleware (it passes the
+    request on untouched unless the app has a max_body_size, which this one has not, or a
+    parent app's limit is in the scope: such a request takes the whole stack too). Every
+    resumed await of a capture passes through each layer's frame, and each wraps `send`.
+
+    A stack of any other shape (another FastAPI's layers) is used as it is, shortcut off."""
+
+    def __init__(self, stack: ASGIApp, *, paths: Collection[str], inner: type[Any]) -> None:
+        self.app = stack  # `app`, as a middleware's: walkers of the stack see through it
+        self.paths = frozenset(paths)
+        self.shortcut: ASGIApp | None = None
+        layer: Any = stack
+        for name in _OUTER:
+            if type(layer).__name__ != name:
+                return
+            layer = layer.app
+        if not isinstance(layer, inner) or not isinstance(stack, ServerErrorMiddleware):
+            return  # AppBodyLimitMiddleware wraps more than the app: it has a limit
+        self.shortcut = ServerErrorMiddleware(layer, handler=stack.handler, debug=stack.debug)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.shortcut is not None
+            and scope["type"] == "http"
+            and scope["path"] in self.paths
+            and scope["method"] == "POST"
+            and "fastapi.telemetry" not in scope
+            and _PARENT_BODY_LIMIT not in scope
+        ):
+            await self.shortcut(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+# What Starlette's JSONResponse.render passes json.dumps, which builds an encoder per call
+# when given any option.
+_ENCODE = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+).encode
+
+
+class LeanJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return _ENCODE(content).encode("utf-8")
+
+
+__all__ = ["DirectRoutes", "FrontDoor", "Handler", "LeanJSONResponse"]

@@ -2,15 +2,16 @@
 CPU share can be measured apart from the service's and the fake gateway's.
 
     LoadSpec     where to send what: one prepared request body per capture, used once each
-    run_load()   `connections` keep-alive connections over asyncio streams, each sending its
-                 next body as soon as the previous answer is read, until `duration_s` or the
-                 bodies run out; latency and Server-Timing (lock, hold) into HdrHistograms
+    run_load()   `connections` keep-alive connections (an asyncio protocol each; uvloop's
+                 loop when run by main()), each sending its next body as soon as the previous
+                 answer is read, until `duration_s` or the bodies run out; latency and
+                 Server-Timing (lock, hold) into HdrHistograms
     main()       `python -m payrace.harness.bench.loadgen SPEC.json OUT.json`
 
 Why not httpx or Locust here: both spend more CPU per request than the reference service's
-own Python, so at saturation they measure themselves. Raw streams with prebuilt request bytes
-cost a few tens of microseconds a request; the report shows that share (its CPU seconds over
-the window) so a reader can check it is not the bottleneck.
+own Python, so at saturation they measure themselves. A raw protocol with prebuilt request
+bytes costs a few tens of microseconds a request; the report shows that share (its CPU
+seconds over the window) so a reader can check it is not the bottleneck.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import uvloop
 from hdrh.histogram import HdrHistogram
 
 from payrace.service.instrument.timing import parse_server_timing
@@ -61,29 +63,86 @@ class _Figures:
         self.statuses: dict[int, int] = {}
 
 
+class _Exchange(asyncio.Protocol):
+    """One keep-alive connection as a protocol: `exchange()` writes a request and resolves
+    once the whole answer is in, parsed in the one callback that completes it. A stream
+    reader would cost two awaits (head, then body), each a future and a task step."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.waiter is not None:
+            self._complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or ConnectionResetError("the server closed the connection")
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(self.lost)
+
+    def _complete(self) -> None:
+        """Resolve the waiter with (status, head) once head and body are both buffered."""
+        buffer = self.buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(buffer[:end])
+        size = end + 4 + _content_length(head)
+        if len(buffer) < size:
+            return
+        del buffer[:size]
+        waiter, self.waiter = self.waiter, None
+        assert waiter is not None
+        if not waiter.done():
+            waiter.set_result((int(head[9:12]), head))
+
+    def exchange(self, request: bytes) -> asyncio.Future[tuple[int, bytes]]:
+        assert self.transport is not None
+        waiter = asyncio.get_running_loop().create_future()
+        if self.lost is not None:
+            waiter.set_exception(self.lost)
+            return waiter
+        self.waiter = waiter
+        self.transport.write(request)
+        if self.buffer:  # an answer that came early (never from a well-behaved server)
+            self._complete()
+        return waiter
+
+
+def _header(head: bytes, name: bytes) -> bytes | None:
+    """The value of header `name` (lower case, with its colon) in a response head, or None."""
+    at = head.lower().find(b"\r\n" + name)
+    if at < 0:
+        return None
+    start = at + 2 + len(name)
+    stop = head.find(b"\r\n", start)
+    return head[start : stop if stop >= 0 else len(head)].strip()
+
+
+def _content_length(head: bytes) -> int:
+    value = _header(head, b"content-length:")
+    return int(value) if value else 0
+
+
 async def _connection(
     spec: LoadSpec, requests: Iterator[bytes], figures: _Figures, window: tuple[float, float]
 ) -> None:
-    reader, writer = await asyncio.open_connection(spec.host, spec.port)
+    loop = asyncio.get_running_loop()
+    transport, conn = await loop.create_connection(_Exchange, spec.host, spec.port)
     start, end = window
     try:
         for request in requests:
             sent = time.perf_counter()
             if sent >= end:
                 return
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            timing = ""
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                lowered = name.lower()
-                if lowered == b"content-length":
-                    length = int(value)
-                elif lowered == b"server-timing":
-                    timing = value.decode()
-            await reader.readexactly(length)
+            status, head = await conn.exchange(request)
             done = time.perf_counter()
             if sent < start:
                 continue  # warm-up: connections, pools and caches filling
@@ -93,13 +152,16 @@ async def _connection(
                 continue
             figures.ok += 1
             figures.latency.record_value(min(_MAX_US, max(1, int((done - sent) * 1e6))))
-            parsed = parse_server_timing(timing)
+            timing = _header(head, b"server-timing:")
+            if timing is None:
+                continue
+            parsed = parse_server_timing(timing.decode())
             if "lock" in parsed:
                 figures.lock.record_value(min(_MAX_US, max(1, int(parsed["lock"] * 1000))))
             if "hold" in parsed:
                 figures.hold.record_value(min(_MAX_US, max(1, int(parsed["hold"] * 1000))))
     finally:
-        writer.close()
+        transport.close()
 
 
 def _ms(hist: HdrHistogram, percentile: float) -> float | None:
@@ -158,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=float(raw["duration_s"]),
         warmup_s=float(raw["warmup_s"]),
     )
-    result = asyncio.run(run_load(spec))
+    # uvloop (a payrace dependency): the generator's own CPU per request is part of the
+    # machine's budget the service is measured on.
+    result = uvloop.run(run_load(spec))
     Path(args[1]).write_text(json.dumps(result, indent=2))
     return 0
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from payrace.service.instrument import probes
 
+_ALL_FOUR = "lock;dur=%.3f, hold;dur=%.3f, db;dur=%.3f, gateway;dur=%.3f"
+
 
 @dataclass
 class Timings:
@@ -38,6 +40,11 @@ class Timings:
     retried: dict[str, int] | None = None  # "serialization" / "deadlock" / "timeout" -> count
 
     def header(self) -> str:
+        lock, hold, db = self.lock_ms, self.hold_ms, self.db_ms
+        if not self.retried and lock is not None and hold is not None and db is not None:
+            # Every capture that committed at its first attempt: the same text as below, in
+            # one formatting operation (a third of the CPU; it runs on every such answer).
+            return _ALL_FOUR % (lock, hold, db, self.gateway_ms)
         parts: list[str] = [f"{name};dur={n}" for name, n in (self.retried or {}).items()]
         for name, value in (
             ("lock", self.lock_ms),

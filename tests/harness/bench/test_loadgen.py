@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import pytest
 
-from payrace.harness.bench.loadgen import LoadSpec, run_load
+from payrace.harness.bench.loadgen import LoadSpec, main, run_load
 
 
 async def _server(answers: list[int]) -> asyncio.Server:
@@ -56,3 +58,43 @@ async def test_the_window_ends_at_its_deadline_with_bodies_left() -> None:
         result = await run_load(spec)
     assert 0.25 <= result["window_s"] <= 0.5
     assert 0 < result["ok"] < 10**6
+
+
+async def test_main_reads_a_spec_and_writes_its_figures(tmp_path: Path) -> None:
+    server = await _server([201])
+    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "host": "127.0.0.1",
+                "port": server.sockets[0].getsockname()[1],
+                "path": "/x",
+                "bodies": [{"n": i} for i in range(20)],
+                "connections": 3,
+                "duration_s": 5,
+                "warmup_s": 0,
+            }
+        )
+    )
+    async with server:
+        # main() runs a loop of its own (uvloop): in a thread, while this one serves.
+        assert await asyncio.to_thread(main, [str(spec), str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["statuses"] == {"200": 19, "201": 1}
+    assert result["ok"] == 19
+    assert result["hold_p50_ms"] == pytest.approx(3.0, abs=0.01)
+
+
+async def test_a_server_that_closes_mid_answer_fails_the_run() -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(cut, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    spec = LoadSpec("127.0.0.1", port, "/x", [b"{}"] * 3, connections=1, duration_s=5, warmup_s=0)
+    async with server:
+        with pytest.raises(ConnectionError):
+            await run_load(spec)

@@ -22,6 +22,31 @@ def test_header_leaves_out_what_was_not_measured_but_always_names_gateway() -> N
     assert Timings(lock_ms=0.0).header() == "lock;dur=0.000, gateway;dur=0.000"
 
 
+@pytest.mark.parametrize(
+    "values",
+    [(1, 2, 3, 0), (0.0005, 0.0015, 2.5e-7, 1e9), (12.3456, 0.001, 7.0, 0.5), (-0.0, 1e-12, 3, 4)],
+)
+def test_header_of_a_first_attempt_formats_every_figure_as_each_entry_alone_would(
+    values: tuple[float, float, float, float],
+) -> None:
+    lock, hold, db, gateway = values
+    entries = [("lock", lock), ("hold", hold), ("db", db), ("gateway", gateway)]
+
+    expected = ", ".join(f"{name};dur={value:.3f}" for name, value in entries)
+    assert Timings(lock_ms=lock, hold_ms=hold, db_ms=db, gateway_ms=gateway).header() == expected
+
+
+def test_header_names_the_retried_attempts_first() -> None:
+    t = Timings(lock_ms=1, hold_ms=2, db_ms=3, gateway_ms=4, retried={"serialization": 2})
+
+    assert t.header() == (
+        "serialization;dur=2, lock;dur=1.000, hold;dur=2.000, db;dur=3.000, gateway;dur=4.000"
+    )
+    assert Timings(lock_ms=1, hold_ms=2, retried={}).header() == (
+        "lock;dur=1.000, hold;dur=2.000, gateway;dur=0.000"
+    )
+
+
 def test_header_round_trips_through_the_parser() -> None:
     t = Timings(lock_ms=12.3456, hold_ms=0.001, db_ms=7.0, gateway_ms=0.5)
 
