@@ -151,10 +151,10 @@ def test_the_worker_recipe_names_the_profile_and_its_keys(tmp_path: Path) -> Non
 
 # Where the light virtualenv is kept between runs: building it (venv, pip resolving and
 # installing Locust's ~30 packages, compiling them) took ~19 s alone and ~57 s under the
-# suite's four workers on a 2-core machine, the largest single setup of the suite. Kept per requirements file, interpreter and UTC day, so a
-# changed pin or a new Locust release within the bounds is installed afresh at the latest the
-# next day; PAYRACE_LIGHT_VENV_FRESH=1 always builds a new one (as on a CI runner, which starts
-# with no cache).
+# suite's four workers on a 2-core machine, the largest single setup of the suite. Kept per
+# requirements file, interpreter and UTC day, so a changed pin or a new Locust release within
+# the bounds is installed afresh at the latest the next day; PAYRACE_LIGHT_VENV_FRESH=1
+# always builds a new one (as on a CI runner, which starts with no cache).
 LIGHT_VENV_CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "payrace-tests" / "light"
 )
