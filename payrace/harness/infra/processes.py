@@ -239,6 +239,13 @@ class ServiceProcess:
         wait_for_group(proc.pid, 10)
         watchdog.release_group(proc.pid)
 
+    def exited(self) -> bool:
+        """It ended by itself (killed from outside, crashed): no answer will come. False while
+        halt() has it down for a restart. halt() lets go of the process before it kills it,
+        so one that died and is still the one held was not killed by halt()."""
+        proc = self.proc
+        return proc is not None and proc.poll() is not None and self.proc is proc
+
     def resume(self) -> None:
         """Start it again where it was (same port, environment and log)."""
         if self.proc is None:

@@ -463,7 +463,8 @@ async def _create_order(
     under test. With `by = "payrace"` the order is created at the fake gateway first. Many
     quick attempts (at most 50 ms apart, about 2 s of pauses in all): a backend killed every
     10 ms (kill-backends:0.01) kills most order transactions, while a database that is down
-    must not park every trial for long."""
+    must not park every trial for long. None once the service process payrace started has
+    exited (killed, crashed) and no restart is under way."""
     gateway_order_id = None
     if target.profile.create_order.by == "payrace":
         order = await on_gateway(gateway, gateway.create_order, amount, "INR")
@@ -478,6 +479,10 @@ async def _create_order(
             if attempt == attempts or not outage:
                 raise
             await target.steady()  # a restart the nemesis made: wait until it is back
+            if target.process is not None and target.process.exited():
+                # The service payrace started is gone and nothing restarts it: the ~2 s of
+                # attempts would only delay the run's stop (Liveness) by that much per trial.
+                raise
             await asyncio.sleep(min(0.01 * attempt, 0.05))
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -79,18 +79,25 @@ def test_service_answers_healthz_and_its_group_is_gone_after_exit(
 def test_a_halted_service_is_killed_outright_and_resumes_on_the_same_port(
     pg: Database, gateway_url: str
 ) -> None:
-    """halt() / resume(): the restart-service nemesis's SIGKILL and start again."""
+    """halt() / resume(): the restart-service nemesis's SIGKILL and start again. exited()
+    (a run stops retrying a service that ended) is never true for a halt, only for a process
+    killed from outside."""
     with ServiceProcess(service_env(pg, gateway_url, "for_update", keys=KEYS)) as svc:
         assert svc.proc is not None
         first = svc.proc.pid
+        assert not svc.exited()
         svc.halt()
         assert group_gone(first)
+        assert not svc.exited()  # down for a restart, not ended
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{svc.url}/healthz", timeout=2)
         svc.resume()
         assert svc.proc is not None and svc.proc.pid != first
         second = svc.proc.pid
         assert httpx.get(f"{svc.url}/healthz", timeout=5).status_code == 200
+        assert not svc.exited()
+        os.killpg(second, signal.SIGKILL)  # a crash, or someone's kill -9
+        assert settles(svc.exited)
     assert group_gone(second)
 
 

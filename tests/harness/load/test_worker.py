@@ -4,23 +4,28 @@ machine runs the locustfiles with nothing but Locust and hdrhistogram installed.
 Fast: the worker's import closure, measured in a fresh interpreter, holds nothing beyond the
 standard library and hdrhistogram (and the measurement sees psycopg in the master's module,
 so it can fail). Slow: a virtualenv with only payrace/locustfiles/requirements-worker.txt
-installed (pip's cache makes it quick; skipped with the reason when PyPI cannot be reached)
-joins a Locust master of the full install as its only worker, payrace's code on its path as a
-checkout would put it, and races the reference service on loopback: for_update is judged
-valid and naive is caught, from the light worker's payments alone.
+installed (built once a day and kept, LIGHT_VENV_CACHE; skipped with the reason when PyPI
+cannot be reached) joins a Locust master of the full install as its only worker, payrace's
+code on its path as a checkout would put it, and races the reference service on loopback:
+for_update is judged valid and naive is caught, from the light worker's payments alone.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -144,29 +149,80 @@ def test_the_worker_recipe_names_the_profile_and_its_keys(tmp_path: Path) -> Non
 # -- a light worker joins a full master ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def light_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+# Where the light virtualenv is kept between runs: building it (venv, pip resolving and
+# installing Locust's ~30 packages, compiling them) took ~19 s alone and ~57 s under the
+# suite's four workers on a 2-core machine, the largest single setup of the suite. Kept per
+# requirements file, interpreter and UTC day, so a changed pin or a new Locust release within
+# the bounds is installed afresh at the latest the next day; PAYRACE_LIGHT_VENV_FRESH=1
+# always builds a new one (as on a CI runner, which starts with no cache).
+LIGHT_VENV_CACHE = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "payrace-tests" / "light"
+)
+_UNREACHABLE = (
+    "NewConnectionError",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "Could not find a version",
+    "ProxyError",
+)
+
+
+def _light_venv_key() -> str:
+    day = datetime.now(UTC).strftime("%Y%m%d")
+    said = f"{REQUIREMENTS.read_text()}\0{sys.version}\0{os.path.realpath(sys.executable)}"
+    return f"{day}-{hashlib.sha256(said.encode()).hexdigest()[:16]}"
+
+
+def _distributions(venv: Path) -> list[str]:
+    """The venv's installed distributions (their dist-info names, versions included)."""
+    return sorted(p.name for p in venv.glob("lib/python*/site-packages/*.dist-info"))
+
+
+def _build_light_venv(venv: Path) -> None:
     """A fresh virtualenv with only the worker requirements (no payrace, no psycopg)."""
-    venv = tmp_path_factory.mktemp("light-worker") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "-r", str(REQUIREMENTS)],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+         "--disable-pip-version-check", "-r", str(REQUIREMENTS)],
         capture_output=True,
         text=True,
         timeout=600,
-    )
+    )  # fmt: skip
     if pip.returncode != 0:
         said = pip.stdout + pip.stderr
-        unreachable = (
-            "NewConnectionError",
-            "Temporary failure in name resolution",
-            "Network is unreachable",
-            "Could not find a version",
-            "ProxyError",
-        )
-        if any(word in said for word in unreachable):
+        if any(word in said for word in _UNREACHABLE):
             pytest.skip(f"PyPI is not reachable for the light worker's virtualenv: {said[-300:]}")
         raise AssertionError(f"pip install -r {REQUIREMENTS.name} failed:\n{said}")
+
+
+@pytest.fixture(scope="module")
+def light_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A virtualenv with only the worker requirements, built once a day (LIGHT_VENV_CACHE).
+    A kept one is used only if it was completed and still holds exactly the distributions it
+    was built with; the tests below check its contents on every run either way."""
+    if os.environ.get("PAYRACE_LIGHT_VENV_FRESH") == "1":
+        venv = tmp_path_factory.mktemp("light-worker") / "venv"
+        _build_light_venv(venv)
+        return venv
+    LIGHT_VENV_CACHE.mkdir(parents=True, exist_ok=True)
+    key = _light_venv_key()
+    venv = LIGHT_VENV_CACHE / key
+    done = LIGHT_VENV_CACHE / f"{key}.done"
+    with (LIGHT_VENV_CACHE / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once build it once
+        if done.is_file() and done.read_text() == json.dumps(_distributions(venv)):
+            return venv
+        shutil.rmtree(venv, ignore_errors=True)  # a half-built one
+        for old in LIGHT_VENV_CACHE.iterdir():
+            # Older days' ones, once no run still going can be using them.
+            if old.name == "lock" or time.time() - old.stat().st_mtime < 2 * 86400:
+                continue
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        _build_light_venv(venv)
+        done.write_text(json.dumps(_distributions(venv)))
     return venv
 
 

@@ -115,9 +115,11 @@ def test_run_gate_breached(pg: Database, tmp_path: Path) -> None:
     assert_agree(signals, "gate_breached", 1)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pooled_target(pg: Database, gateway_url: str) -> Iterator[str]:
-    """The reference service in its own process, its connection pool open: a running target."""
+    """The reference service in its own process, its connection pool open: a running target.
+    One for the module: both tests that race it only need it running (each run makes its own
+    payments), and a start costs ~1.1 s of CPU."""
     env = service_env(pg, gateway_url, "for_update", keys=GatewayKeys(), probes=True)
     with ServiceProcess(env) as proc:
         yield proc.url

@@ -183,6 +183,7 @@ async def test_a_running_target_is_raced_and_judged_through_its_own_database(
         config = RunConfig(
             strategies=["target"], trials=5, mode="forced", target=proc.url,
             target_dsn=pg.url, gateway_url=gateway_url, out_dir=tmp_path, force="pause",
+            settle_s=0,  # a violation needs no settled deadlock count (no ~11 s wait)
         )  # fmt: skip
         summary = await run(config, announce=lambda line: None)
     result = summary["strategies"]["target"]
