@@ -40,14 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlsplit
 
 import httptools
-import razorpay
-import requests
-from razorpay.errors import BadRequestError, ServerError
-from razorpay.errors import GatewayError as SdkGatewayError
 
 from payrace.redact import without_endpoints
 from payrace.service.instrument import timing
@@ -113,6 +110,21 @@ class SdkGatewayClient(GatewayClient):
     would queue gateway calls behind each other while they hold row locks)."""
 
     def __init__(self, key_id: str, key_secret: str, base_url: str, threads: int = 64) -> None:
+        # Imported here, not with the module: the SDK and requests take about a tenth of a
+        # second to import, and only this client (GATEWAY_CLIENT=sdk) runs them.
+        import razorpay
+        import requests
+        from razorpay.errors import BadRequestError, ServerError
+        from razorpay.errors import GatewayError as SdkGatewayError
+
+        self._new_client = razorpay.Client
+        self._refusal: type[Exception] = BadRequestError
+        self._unavailable: tuple[type[Exception], ...] = (
+            ServerError,
+            SdkGatewayError,
+            requests.RequestException,
+            ValueError,
+        )
         self._auth = (key_id, key_secret)
         self._base_url = base_url.rstrip("/")
         self._local = threading.local()
@@ -122,7 +134,7 @@ class SdkGatewayClient(GatewayClient):
         # requests.Session is not documented as thread-safe: one SDK client per thread.
         client = getattr(self._local, "client", None)
         if client is None:
-            client = razorpay.Client(auth=self._auth, base_url=self._base_url)
+            client = self._new_client(auth=self._auth, base_url=self._base_url)
             # The SDK looks its own version up in the installed package metadata on every
             # request, for the User-Agent (a directory scan: ~5 % of the service's CPU at
             # saturation, py-spy); the same version, read once.
@@ -149,7 +161,7 @@ class SdkGatewayClient(GatewayClient):
         def call() -> CaptureOutcome:
             try:
                 payment = self._client().payment.capture(payment_id, amount, {"currency": currency})
-            except BadRequestError as exc:
+            except self._refusal as exc:
                 # Razorpay refuses a second capture; the payment *is* captured at the gateway.
                 if ALREADY_CAPTURED in str(exc):
                     return CaptureOutcome(payment=None, already_captured=True)
@@ -167,9 +179,9 @@ class SdkGatewayClient(GatewayClient):
     async def _guard(self, call: Any) -> Any:
         try:
             return await self._call(call)
-        except BadRequestError as exc:
+        except self._refusal as exc:
             raise _refused(str(exc)) from exc
-        except (ServerError, SdkGatewayError, requests.RequestException, ValueError) as exc:
+        except self._unavailable as exc:
             raise _unavailable(type(exc).__name__, str(exc)) from exc
 
     def close(self) -> None:
@@ -178,8 +190,14 @@ class SdkGatewayClient(GatewayClient):
 
 # -- the lean client ----------------------------------------------------------------------
 
-# The SDK's CA bundle: the lean client trusts exactly what the SDK's `verify=` trusts.
-_SDK_CA_BUNDLE = os.path.join(os.path.dirname(razorpay.__file__), "ca-bundle.crt")
+
+def _sdk_ca_bundle() -> str:
+    """The SDK's CA bundle: the lean client trusts exactly what the SDK's `verify=` trusts.
+    Found without importing the SDK (find_spec of a top-level package runs none of it)."""
+    spec = find_spec("razorpay")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("the razorpay package (its CA bundle) is not installed")
+    return os.path.join(os.path.dirname(spec.origin), "ca-bundle.crt")
 
 
 class ContentDecodingError(ConnectionError):
@@ -279,7 +297,7 @@ class LeanGatewayClient(GatewayClient):
         self._host = url.hostname
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._ssl = (
-            ssl.create_default_context(cafile=_SDK_CA_BUNDLE) if url.scheme == "https" else None
+            ssl.create_default_context(cafile=_sdk_ca_bundle()) if url.scheme == "https" else None
         )
         self._prefix = url.path  # a base URL may carry a path; the SDK appends /v1/... to it
         default_port = self._port == (443 if self._ssl else 80)
