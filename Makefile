@@ -28,7 +28,7 @@ race: $(STAMP)
 # the same 2-core machine, CI=true, every test passing. PYTEST_WORKERS=0 runs one process;
 # PYTEST_WORKERS=auto one worker per core.
 PYTEST_WORKERS ?= 4
-PYTEST_DIST    := -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST_DIST    := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(BIN)/pytest -rs $(PYTEST_DIST)

@@ -4,6 +4,7 @@ run would take), one fake Razorpay on loopback, and in-process services per stra
 from __future__ import annotations
 
 import compileall
+import json
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -34,6 +35,35 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     for folder in ("payrace", "examples", "tools", "tests"):
         compileall.compile_dir(ROOT / folder, quiet=2)
+
+
+# What each test took in one run of the suite (tools/suite_durations.py writes it); a test not
+# in it counts as this much.
+DURATIONS = ROOT / "tests" / "durations.json"
+UNKNOWN_S = 0.05
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselect: only what runs is weighed
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The test files heaviest first, each file's tests in their own order. pytest-xdist
+    (--dist loadfile --no-loadscope-reorder, the Makefile's) hands the files to the workers
+    in this order: the long ones start first and the short ones fill in behind them, instead
+    of xdist's own order (most tests first), which left the long files of few tests to start
+    last and one worker running alone at the end. Only the order changes, never what runs."""
+    try:
+        known: dict[str, float] = json.loads(DURATIONS.read_text())
+    except (OSError, ValueError):
+        return
+    weight: dict[str, float] = {}
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        path = item.nodeid.split("::", 1)[0]
+        weight[path] = weight.get(path, 0.0) + known.get(item.nodeid, UNKNOWN_S)
+        first.setdefault(path, index)
+    # sort() is stable: within a file the collection's order stays.
+    items.sort(
+        key=lambda it: (-weight[it.nodeid.split("::", 1)[0]], first[it.nodeid.split("::", 1)[0]])
+    )
 
 
 @pytest.fixture(scope="session")

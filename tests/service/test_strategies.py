@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from payrace.harness.explore.plan import execute, make_plan
 from payrace.harness.gateway.fake import FakeRazorpay
@@ -40,8 +42,23 @@ ADDED = [s.name for s in (NOWAIT, SKIP_LOCKED, OPTIMISTIC, SERIALIZABLE, ATOMIC)
 
 @pytest.fixture(scope="module")
 def own_db(pg: Database) -> Any:
-    """A database of its own: the deadlock counter must not see other tests' backends."""
+    """A database of its own: the deadlock counter must not see other tests' backends.
+
+    PostgreSQL breaks a deadlock after deadlock_timeout, 1 s by default: naive's two webhooks
+    deadlock in most of their schedules (each inserts its event, which takes FOR KEY SHARE on
+    the payment, then both update the payment's unique gateway id), which made that one
+    exploration 18 s of waiting. 100 ms still leaves the explorer's scheduler time to see each
+    cycle (it polls every few ms); what the test asserts does not depend on which request
+    PostgreSQL picks as the victim."""
     with provide_postgres(pg.url, announce=lambda line: None) as db:
+        with psycopg.connect(db.url, autocommit=True) as conn:
+            name = conn.execute("SELECT current_database()").fetchone()
+            assert name is not None
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '100ms'").format(
+                    sql.Identifier(name[0])
+                )
+            )
         yield db
 
 

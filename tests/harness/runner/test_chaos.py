@@ -117,7 +117,11 @@ def test_payrace_chaos_small_campaign_end_to_end(pg: Database, tmp_path: Path) -
     JUnit and exit code agree."""
     readme = tmp_path / "README.md"
     readme.write_text(f"# shop\n\n{chaos_report.START}\nold\n{chaos_report.END}\nafter\n")
-    per_fault = 3
+    # naive must be caught under every fault with this few payments. A killed backend can save
+    # a naive payment (its retry reads what the other request committed): in the README's
+    # campaign 169 of 223 were still double-captured, so three payments all saved happened
+    # about once in 70 runs, more often on a loaded machine; five, about once in 1,200.
+    per_fault = 5
     done = subprocess.run(
         [
             sys.executable,
