@@ -6,6 +6,7 @@ import asyncio
 import json
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -183,13 +184,28 @@ async def test_a_running_target_is_raced_and_judged_through_its_own_database(
         config = RunConfig(
             strategies=["target"], trials=5, mode="forced", target=proc.url,
             target_dsn=pg.url, gateway_url=gateway_url, out_dir=tmp_path, force="pause",
-            settle_s=0,  # a violation needs no settled deadlock count (no ~11 s wait)
         )  # fmt: skip
+        started = time.monotonic()
         summary = await run(config, announce=lambda line: None)
+        took = time.monotonic() - started
+        # An explicit --settle-s is waited for even when the run is violated already.
+        told = await run(
+            replace(config, settle_s=0.5, trials=1, out_dir=tmp_path / "told"),
+            announce=lambda line: None,
+        )
     result = summary["strategies"]["target"]
     assert result["violating_trials"] == 5
     assert result["pause_timeouts"] == 0
     assert result["forced"] == {"by": "pause", "trials": 5, "forced": 5, "timeouts": 0}
+    # Violated already: not kept waiting ~11 s for the pooled backends' deadlock counts.
+    assert (summary["verdict"], summary["exit_code"]) == ("violated", 1)
+    no_deadlock = result["checks"]["no_deadlock"]
+    assert no_deadlock["valid"] == "unknown"
+    assert no_deadlock["note"].startswith("not waited for: the run is violated already")
+    assert "--settle-s 15" in no_deadlock["note"]
+    assert took < 10, took
+    waited = told["strategies"]["target"]["checks"]["no_deadlock"]
+    assert "within the 0.5 s waited" in waited["note"], waited
 
 
 @pytest.mark.slow
