@@ -55,7 +55,7 @@ from payrace.harness.load.worker import (
 from payrace.harness.model import checker, deadlocks, oracle, watched
 from payrace.harness.model.gates import Baseline, Gate, judge_gates
 from payrace.harness.model.history import Operation
-from payrace.harness.model.judge import judge
+from payrace.harness.model.judge import Judgement, judge
 from payrace.harness.model.stats import PathHistograms
 from payrace.harness.model.verdict import DECLARED, EXIT_ERROR, overall
 from payrace.harness.reports.writers import write_all
@@ -306,6 +306,12 @@ class LoadRun:
                 counters = gateway.counters()  # what the reconciliation changed
             finally:
                 gateway.close()
+        running_target = self.settings.profile is not None
+        wait_s = self.settings.settle_timeout_s()
+        # A running target's pool stays open, so its deadlock count takes ~11 s to settle
+        # (model.deadlocks): read at once first, and waited for only when the verdict could
+        # still be valid (as payrace run does); an explicit --settle-s waits always.
+        early = running_target and self.settings.settle_s is None and wait_s > 0
         obs = oracle.observe(
             url,
             self.settings.target_profile().oracle,
@@ -313,25 +319,22 @@ class LoadRun:
             payment_ids=set(self.payments),
             gateway_counters=counters,
             gateway_payment_ids=[g for g in self.payments.values() if g],
-            settle_timeout_s=self.settings.settle_timeout_s(),
+            settle_timeout_s=0.0 if early else wait_s,
         )
         # The gateway's automatic capture comes just before its webhook; a run that ends
         # between the two (Locust stops its users mid-race) never told the target, so that
         # capture is no evidence against it. A webhook the target did answer "captured" is
         # in the confirmations (ops()); one it failed is a 5xx (no_5xx).
         obs = replace(obs, gateway_captured=frozenset())
-        # A positive deadlock delta is always a violation; a zero one only counts once it has
-        # settled, which it rarely has while the reference service's pool is still open
-        # (payrace load reads it again after stopping it: settle_deadlocks). A running target
-        # is never stopped by payrace, so this reading is its last: no_deadlock always joins,
-        # and says "unknown", naming the wait that would settle it, when it did not settle.
-        running_target = self.settings.profile is not None
-        decisive = obs.deadlocks > 0 or obs.deadlocks_settled or running_target
-        checkers = (*GATE_CHECKERS, checker.no_deadlock) if decisive else GATE_CHECKERS
-        judged = judge(self.ops(), obs, checkers=checkers)
+        judged = self._checked(obs, running_target)
+        if early and not obs.deadlocks_settled:
+            if judged.verdict.valid is False:
+                obs = replace(obs, deadlock_note=deadlocks.not_waited(wait_s, obs.deadlock_note))
+            else:
+                delta, settled, note = oracle.deadlocks_since(url, since, settle_timeout_s=wait_s)
+                obs = replace(obs, deadlocks=delta, deadlocks_settled=settled, deadlock_note=note)
+            judged = self._checked(obs, running_target)
         verdict = judged.verdict
-        if "no_5xx" in verdict.results:
-            verdict.results["no_5xx"] = self._no_5xx_in_full(verdict.results["no_5xx"])
         captured = obs.config.payments.done_value
         captures = sum(1 for s in obs.payments.values() if s.status == captured)
         calls = None
@@ -355,6 +358,21 @@ class LoadRun:
             "first_violation": judged.first_violation(),
             "reconciliation": reconciliation,
         }
+
+    def _checked(self, obs: oracle.Observation, running_target: bool) -> Judgement:
+        """The gate's checkers on `obs`. A positive deadlock delta is always a violation; a
+        zero one only counts once it has settled, which it rarely has while the reference
+        service's pool is still open (payrace load reads it again after stopping it:
+        settle_deadlocks). A running target is never stopped by payrace, so its reading is
+        the last: no_deadlock always joins, and says "unknown", naming the wait that would
+        settle it, when it did not settle."""
+        decisive = obs.deadlocks > 0 or obs.deadlocks_settled or running_target
+        checkers = (*GATE_CHECKERS, checker.no_deadlock) if decisive else GATE_CHECKERS
+        judged = judge(self.ops(), obs, checkers=checkers)
+        verdict = judged.verdict
+        if "no_5xx" in verdict.results:
+            verdict.results["no_5xx"] = self._no_5xx_in_full(verdict.results["no_5xx"])
+        return judged
 
     def _await_reconciled(self, url: str, gateway_url: str) -> dict[str, Any]:
         """As `payrace run` does (runner.reconcile): a capture the service asked the gateway

@@ -192,6 +192,16 @@ def settled_delta(
     return delta, True, ""
 
 
+def not_waited(wait_s: float, note: str) -> str:
+    """no_deadlock's note when a run violated already was not kept waiting `wait_s` for the
+    count to settle (runner.run, load.gate): nothing the count says can change that verdict."""
+    return (
+        "not waited for: the run is violated already, which no deadlock count can change "
+        f"(waiting up to {wait_s:g} s for the target's backends to flush theirs is what "
+        f"--settle-s {wait_s:g} asks for); read at once: {note}"
+    )
+
+
 # -- what the sampler needs ---------------------------------------------------------------
 
 

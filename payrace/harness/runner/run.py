@@ -41,7 +41,7 @@ from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.infra.machine import machine
 from payrace.harness.infra.provider import Database, connect_failure, provide_postgres
-from payrace.harness.model import oracle, watched
+from payrace.harness.model import deadlocks, oracle, watched
 from payrace.harness.model.gates import judge_gates
 from payrace.harness.model.judge import Judgement
 from payrace.harness.model.judge import judge as check
@@ -163,12 +163,7 @@ async def _settled(
     assert run.since is not None
     wait_s = config.settle_timeout_s()
     if judged.valid is False and config.settle_s is None:
-        note = (
-            f"not waited for: the run is violated already, which no deadlock count can change "
-            f"(waiting up to {wait_s:g} s for the target's backends to flush theirs is what "
-            f"--settle-s {wait_s:g} asks for); read at once: {obs.deadlock_note}"
-        )
-        obs = replace(obs, deadlock_note=note)
+        obs = replace(obs, deadlock_note=deadlocks.not_waited(wait_s, obs.deadlock_note))
         return obs, check(run.history.ops(), obs)
     delta, settled, note = await asyncio.to_thread(
         oracle.deadlocks_since, oracle_url, run.since, settle_timeout_s=wait_s

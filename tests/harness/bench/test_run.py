@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_inproc import payrace_cli
 
 from payrace.harness.bench.run import _ratios
 
@@ -21,11 +22,7 @@ def test_the_ratio_is_the_service_over_the_ceiling_and_absent_without_a_ceiling(
 
 
 def test_an_unknown_strategy_is_a_usage_error_before_anything_starts(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "payrace.harness.cli", "bench", "--quick", "-s", "nope",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    done = payrace_cli("bench", "--quick", "-s", "nope", "--out", str(tmp_path))
     assert done.returncode == 2
     assert "unknown strategy nope" in done.stderr
     assert "for_update" in done.stderr

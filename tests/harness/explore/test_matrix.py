@@ -14,9 +14,10 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
+
+from cli_inproc import payrace_cli
 
 from payrace.harness.explore import matrix
 from payrace.harness.explore.matrix import LEVELS, Cell, explore_matrix
@@ -93,11 +94,9 @@ def test_the_verdict_is_red_only_where_a_declared_cell_is_not_as_declared() -> N
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`payrace matrix` in this process (cli_inproc: a new interpreter's imports spared)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYRACE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "payrace.harness.cli", "matrix", "--quiet", *args],
-        env={**env, "COLUMNS": "250"}, cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return payrace_cli("matrix", "--quiet", *args, env={**env, "COLUMNS": "250"})
 
 
 def test_the_command_writes_one_verdict_everywhere(explore_db: Database, tmp_path: Path) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_inproc import payrace_cli
 
 from payrace.harness.infra.provider import Database
 from payrace.harness.model.history import History
@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def _compare(pg: Database, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`payrace compare` in this process (cli_inproc: a new interpreter's imports spared)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYRACE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "payrace.harness.cli", "compare", "--dsn", pg.url,
-         "--out", str(out), "--quiet", *args],
-        env={**env, "COLUMNS": "300"}, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    return payrace_cli(
+        "compare", "--dsn", pg.url, "--out", str(out), "--quiet", *args,
+        env={**env, "COLUMNS": "300"},
     )  # fmt: skip
 
 
