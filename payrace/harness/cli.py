@@ -22,7 +22,6 @@ Reports go to reports/<run>/: history.jsonl, summary.json, junit.xml, report.htm
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shlex
 import shutil
@@ -46,7 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from payrace.harness.errors import UsageError
-from payrace.harness.infra import env
+from payrace.harness.infra import env, loop
 from payrace.harness.infra.provider import ProviderError
 from payrace.harness.model import gates as gates_model
 from payrace.harness.model.nemesis import described as nemesis_forms
@@ -149,7 +148,7 @@ def _collect(config: RunConfig, *, quiet: bool = False) -> dict[str, Any]:
         s: progress.add_task(f"{s} · {config.mode}", total=config.trials) for s in config.strategies
     }
     with progress:
-        return asyncio.run(
+        return loop.run(
             run(
                 config,
                 announce=lambda line: None if quiet else console.print(line, highlight=False),
@@ -515,7 +514,7 @@ def chaos_command(
             def advance(strategy: str, fault: str = step.fault) -> None:
                 progress.advance(tasks[(fault, strategy)])
 
-            runs.append((step, asyncio.run(run(step.config, on_trial=advance,
+            runs.append((step, loop.run(run(step.config, on_trial=advance,
                                                announce=lambda line: None))))  # fmt: skip
     summary = chaos.merge(run_id, runs)
     summary["command"] = redact(command)
@@ -654,7 +653,7 @@ def _explore_all(
 
     try:
         with provide_postgres(dsn, durable=durable, announce=lambda line: None) as db:
-            return asyncio.run(
+            return loop.run(
                 explore_mode(db, strategies, seed=seed, pct_runs=pct,
                              on_strategy=lambda name: say(f"explore · {name}: done"))
             )  # fmt: skip
@@ -719,7 +718,7 @@ def matrix_command(
 
     try:
         with provide_postgres(dsn, durable=durable, announce=lambda line: None) as db:
-            cells = asyncio.run(
+            cells = loop.run(
                 matrix.explore_matrix(db, strategies, levels, races, seed=seed, on_cell=said)
             )
             database = {"route": db.route, "server_version": db.server_version,

@@ -107,7 +107,9 @@ def race() -> Callable[..., RaceResult]:
         except RuntimeError:
             in_a_loop = False
         if not in_a_loop:  # outside the handler: a failure is the message alone, unchained
-            return asyncio.run(testing.race(*args, **flags))
+            from payrace.harness.infra import loop  # here: the plugin loads nothing at start
+
+            return loop.run(testing.race(*args, **flags))
         pytest.fail(
             "payrace: race() runs its own event loop, and this test already runs in one: in "
             "an `async def` test use the `arace` fixture: `result = await arace(...)`",

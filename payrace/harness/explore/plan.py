@@ -67,6 +67,7 @@ from payrace.harness.explore.scenario import (
 from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.gateway.signing import GatewayKeys
+from payrace.harness.infra import loop
 from payrace.harness.infra.provider import Database, ProviderError, provide_postgres
 from payrace.harness.model import watched
 from payrace.harness.model.history import History
@@ -400,7 +401,7 @@ def explore_main(
             fake = FakeRazorpay(keys, seed=seed)
             server = stack.enter_context(GatewayServer(fake))
             with progress:
-                result = asyncio.run(
+                result = loop.run(
                     execute(plan, db, fake, server.url, on_start=on_start, on_run=on_run)
                 )
     except KeyboardInterrupt:

@@ -51,6 +51,7 @@ from payrace.harness.gateway.fake import (
     json_object,
     not_found,
 )
+from payrace.harness.infra.loop import new_loop
 from payrace.harness.infra.readiness import wait_until_answers
 
 
@@ -650,7 +651,7 @@ class GatewayServer:
 
     def _run(self, sock: socket.socket) -> None:
         try:
-            with asyncio.Runner(loop_factory=_new_loop) as runner:
+            with asyncio.Runner(loop_factory=new_loop) as runner:
                 runner.run(self._serve(sock))
         except BaseException as exc:  # kept for the start-up error message
             self._crash = exc
@@ -711,11 +712,3 @@ class GatewayServer:
         tb: TracebackType | None,
     ) -> None:
         self._stop()
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # not on Windows: asyncio's own loop
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
