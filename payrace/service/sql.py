@@ -219,7 +219,11 @@ class _Pool:
             finally:
                 timer.cancel()
             if handed is not None:
-                return handed
+                if not handed.is_closed():
+                    return handed
+                # Its backend went away before this waiter ran: the slot it held is this
+                # waiter's to connect with.
+                self._busy.discard(handed)
         return await self._connect()
 
     async def _connect(self) -> asyncpg.Connection:

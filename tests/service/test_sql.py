@@ -308,3 +308,19 @@ async def test_execute_with_arguments_answers_the_command_tag(db: sql.Database, 
     assert await db.fetch(f"SELECT id FROM {table} WHERE id > $1", 0) == [(1,)]
     assert await db.fetchval(f"SELECT note FROM {table} WHERE id = $1", 2) is None
     assert await db.fetchrow(f"SELECT note FROM {table} WHERE id = $1", 2) is None
+
+
+async def test_a_waiter_handed_a_connection_that_died_meanwhile_connects_anew(
+    db: sql.Database,
+) -> None:
+    held = [await db.acquire() for _ in range(db.max_size)]
+    waiting = asyncio.create_task(db.acquire())
+    await asyncio.sleep(0.01)
+    await db.release(held[0])  # handed to the waiter, which has not run yet
+    held[0].terminate()
+
+    fresh = await asyncio.wait_for(waiting, 5)
+    assert fresh is not held[0] and not fresh.is_closed()
+    assert await fresh.fetchval("SELECT 1") == 1
+    for conn in (fresh, held[1]):
+        await db.release(conn)
