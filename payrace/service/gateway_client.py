@@ -210,6 +210,9 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        # Its loop, looked up once: asyncio.get_running_loop() costs a getpid() system call
+        # each time (fork detection), and every call on this connection needs a future.
+        self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpResponseParser(self)
         self.answer: asyncio.Future[tuple[int, bytes]] | None = None
         self.body: list[bytes] = []
@@ -275,7 +278,7 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, request: bytes) -> tuple[int, bytes]:
         assert self.transport is not None
-        self.answer = asyncio.get_running_loop().create_future()
+        self.answer = self.loop.create_future()
         self.body = []
         self.gzip = False
         self.reusable = False

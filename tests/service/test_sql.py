@@ -202,3 +202,126 @@ async def test_an_exhausted_pool_is_a_lost_connection(
             await db.release(conn)
 
     assert connection_lost(raised.value)
+
+
+async def test_the_connection_given_back_last_is_the_next_one_taken(db: sql.Database) -> None:
+    first, second = await db.acquire(), await db.acquire()
+    await db.release(first)
+    await db.release(second)
+
+    again = await db.acquire()
+    try:
+        assert again is second  # the warmest: the one most recently used
+    finally:
+        await db.release(again)
+
+
+async def test_a_waiter_gets_the_connection_given_back_and_a_cancelled_one_loses_none(
+    db: sql.Database,
+) -> None:
+    held = [await db.acquire() for _ in range(db.max_size)]
+    cancelled = asyncio.create_task(db.acquire())
+    waiting = asyncio.create_task(db.acquire())
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    await db.release(held[0])
+
+    assert await waiting is held[0]
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    for conn in (held[1], held[0]):
+        await db.release(conn)
+    # Both connections are back: two can be held at once again.
+    both = [await db.acquire() for _ in range(db.max_size)]
+    assert set(both) == set(held)
+    for conn in both:
+        await db.release(conn)
+
+
+async def test_a_connection_dropped_under_a_full_pool_lets_a_waiter_connect(
+    db: sql.Database,
+) -> None:
+    held = [await db.acquire() for _ in range(db.max_size)]
+    waiting = asyncio.create_task(db.acquire())
+    await asyncio.sleep(0.01)
+    held[0].terminate()
+    await db.release(held[0])
+
+    fresh = await asyncio.wait_for(waiting, 5)
+    assert fresh not in held and not fresh.is_closed()
+    for conn in (fresh, held[1]):
+        await db.release(conn)
+
+
+async def test_a_connection_idle_for_its_lifetime_is_closed(
+    pg: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sql, "IDLE_LIFETIME_S", 0.05)
+    db = sql.Database(pg.url, max_size=2, name="test")
+    await db.open()
+    try:
+        conn = await db.acquire()
+        await db.release(conn)
+        await asyncio.sleep(0.2)
+
+        assert conn.is_closed()
+        assert await db.fetchval("SELECT 1") == 1  # a new one is made
+    finally:
+        await db.close()
+
+
+async def test_closing_waits_for_a_checked_out_connection_and_closes_it(
+    db: sql.Database,
+) -> None:
+    conn = await db.acquire()
+
+    async def give_back_later() -> None:
+        await asyncio.sleep(0.05)
+        await db.release(conn)
+
+    later = asyncio.create_task(give_back_later())
+    await asyncio.wait_for(db.close(), sql.CLOSE_TIMEOUT_S / 2)
+    await later
+
+    assert conn.is_closed()
+
+
+async def test_statements_see_a_changed_table_as_asyncpg_does(db: sql.Database, table: str) -> None:
+    """A statement prepared before an ALTER TABLE changed its result type: outside a
+    transaction it is prepared again and answers; inside one it fails, and the next
+    transaction prepares it again."""
+    await db.execute(f"INSERT INTO {table} VALUES ($1, $2)", 1, "one")
+    query = f"SELECT * FROM {table} WHERE id = $1"
+    assert tuple(await db.fetchrow(query, 1) or ()) == (1, "one")
+    await db.execute(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 7")
+
+    assert tuple(await db.fetchrow(query, 1) or ()) == (1, "one", 7)
+    await db.execute(f"ALTER TABLE {table} DROP COLUMN extra")
+    with pytest.raises(asyncpg.InvalidCachedStatementError):
+        async with db.transaction() as tx:
+            await tx.fetchrow(query, 1)
+    async with db.transaction() as tx:
+        assert tuple(await tx.fetchrow(query, 1) or ()) == (1, "one")
+
+
+async def test_execute_with_arguments_answers_the_command_tag(db: sql.Database, table: str) -> None:
+    assert await db.execute(f"INSERT INTO {table} VALUES ($1, $2)", 1, "one") == "INSERT 0 1"
+    assert await db.fetch(f"SELECT id FROM {table} WHERE id > $1", 0) == [(1,)]
+    assert await db.fetchval(f"SELECT note FROM {table} WHERE id = $1", 2) is None
+    assert await db.fetchrow(f"SELECT note FROM {table} WHERE id = $1", 2) is None
+
+
+async def test_a_waiter_handed_a_connection_that_died_meanwhile_connects_anew(
+    db: sql.Database,
+) -> None:
+    held = [await db.acquire() for _ in range(db.max_size)]
+    waiting = asyncio.create_task(db.acquire())
+    await asyncio.sleep(0.01)
+    await db.release(held[0])  # handed to the waiter, which has not run yet
+    held[0].terminate()
+
+    fresh = await asyncio.wait_for(waiting, 5)
+    assert fresh is not held[0] and not fresh.is_closed()
+    assert await fresh.fetchval("SELECT 1") == 1
+    for conn in (fresh, held[1]):
+        await db.release(conn)

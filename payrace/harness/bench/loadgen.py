@@ -4,8 +4,9 @@ CPU share can be measured apart from the service's and the fake gateway's.
     LoadSpec     where to send what: one prepared request body per capture, used once each
     run_load()   `connections` keep-alive connections (an asyncio protocol each; uvloop's
                  loop when run by main()), each sending its next body as soon as the previous
-                 answer is read, until `duration_s` or the bodies run out; latency and
-                 Server-Timing (lock, hold) into HdrHistograms
+                 answer is read, until `duration_s` or the bodies run out; each answer's
+                 status, latency and head noted, then tallied into HdrHistograms (latency,
+                 Server-Timing's lock and hold) once the window is over
     main()       `python -m payrace.harness.bench.loadgen SPEC.json OUT.json`
 
 Why not httpx or Locust here: both spend more CPU per request than the reference service's
@@ -132,7 +133,10 @@ def _content_length(head: bytes) -> int:
 
 
 async def _connection(
-    spec: LoadSpec, requests: Iterator[bytes], figures: _Figures, window: tuple[float, float]
+    spec: LoadSpec,
+    requests: Iterator[bytes],
+    answers: list[tuple[int, float, bytes]],
+    window: tuple[float, float],
 ) -> None:
     loop = asyncio.get_running_loop()
     transport, conn = await loop.create_connection(_Exchange, spec.host, spec.port)
@@ -143,25 +147,32 @@ async def _connection(
             if sent >= end:
                 return
             status, head = await conn.exchange(request)
-            done = time.perf_counter()
-            if sent < start:
-                continue  # warm-up: connections, pools and caches filling
-            figures.statuses[status] = figures.statuses.get(status, 0) + 1
-            if status != 200:
-                figures.failed += 1
-                continue
-            figures.ok += 1
-            figures.latency.record_value(min(_MAX_US, max(1, int((done - sent) * 1e6))))
-            timing = _header(head, b"server-timing:")
-            if timing is None:
-                continue
-            parsed = parse_server_timing(timing.decode())
-            if "lock" in parsed:
-                figures.lock.record_value(min(_MAX_US, max(1, int(parsed["lock"] * 1000))))
-            if "hold" in parsed:
-                figures.hold.record_value(min(_MAX_US, max(1, int(parsed["hold"] * 1000))))
+            if sent >= start:  # before: warm-up (connections, pools and caches filling)
+                answers.append((status, time.perf_counter() - sent, head))
     finally:
         transport.close()
+
+
+def _tally(answers: list[tuple[int, float, bytes]]) -> _Figures:
+    """The answers of the window as figures, once it is over: while it runs, the generator
+    shares the machine with the service it measures, so it only notes what came back."""
+    figures = _Figures()
+    for status, latency_s, head in answers:
+        figures.statuses[status] = figures.statuses.get(status, 0) + 1
+        if status != 200:
+            figures.failed += 1
+            continue
+        figures.ok += 1
+        figures.latency.record_value(min(_MAX_US, max(1, int(latency_s * 1e6))))
+        timing = _header(head, b"server-timing:")
+        if timing is None:
+            continue
+        parsed = parse_server_timing(timing.decode())
+        if "lock" in parsed:
+            figures.lock.record_value(min(_MAX_US, max(1, int(parsed["lock"] * 1000))))
+        if "hold" in parsed:
+            figures.hold.record_value(min(_MAX_US, max(1, int(parsed["hold"] * 1000))))
+    return figures
 
 
 def _ms(hist: HdrHistogram, percentile: float) -> float | None:
@@ -171,20 +182,22 @@ def _ms(hist: HdrHistogram, percentile: float) -> float | None:
 
 
 async def run_load(spec: LoadSpec) -> dict[str, Any]:
-    figures = _Figures()
+    answers: list[tuple[int, float, bytes]] = []
     requests = iter([_request(spec, body) for body in spec.bodies])
     t0 = time.perf_counter()
     window = (t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s)
     cpu0 = time.process_time()
     tasks = [
-        asyncio.create_task(_connection(spec, requests, figures, window))
+        asyncio.create_task(_connection(spec, requests, answers, window))
         for _ in range(spec.connections)
     ]
     await asyncio.gather(*tasks)
     # The window ends at its deadline, or earlier when the prepared bodies ran out.
     measured_s = min(time.perf_counter(), window[1]) - window[0]
+    # The generator's CPU while it generated load: its tally comes after.
     cpu_s = time.process_time() - cpu0
     elapsed = time.perf_counter() - t0
+    figures = _tally(answers)
     return {
         "connections": spec.connections,
         "window_s": round(measured_s, 3),
@@ -198,7 +211,8 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
         "lock_p99_ms": _ms(figures.lock, 99),
         "hold_p50_ms": _ms(figures.hold, 50),
         "hold_p99_ms": _ms(figures.hold, 99),
-        # The generator's own CPU over its whole life (warm-up included): one core's share.
+        # The generator's own CPU while it sent (warm-up included, its tally not): one
+        # core's share.
         "loadgen_cpu_s": round(cpu_s, 3),
         "loadgen_core_percent": round(100.0 * cpu_s / elapsed, 1) if elapsed > 0 else None,
         "loadgen_max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

@@ -244,9 +244,10 @@ def _service(
     ids: Iterator[int],
     server_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    # Enough fresh payments for a fast service; each is captured once (a repeat would take the
-    # cheaper idempotent path and flatter the figure).
-    n = int(config.service_seconds * 1500 * workers) + 500
+    # Enough fresh payments for a fast service, warm-up included (a window whose bodies run
+    # out ends early, with its last connections idle); each is captured once (a repeat would
+    # take the cheaper idempotent path and flatter the figure).
+    n = int((config.service_seconds + 1) * 2500 * workers) + 500
     prepared = _prepare(db, fake, ids, n)
     bodies = [
         {
