@@ -257,7 +257,7 @@ class _Pool:
     async def give_back(self, conn: asyncpg.Connection) -> None:
         if conn not in self._busy:
             return  # given back already (a connection closed under its request)
-        if conn.is_closed() or self._closing or conn._protocol._is_cancelling():
+        if conn.is_closed() or self._closing or _cancelling(conn):
             # Dead, or a statement cancelled under it is still being cancelled: closed
             # rather than waited for (rare: a request cancelled mid-statement).
             self._busy.discard(conn)
@@ -347,6 +347,13 @@ class _Pool:
             self._busy.clear()
 
 
+def _cancelling(conn: asyncpg.Connection) -> bool:
+    """A statement cancelled under the connection is still being cancelled (asyncpg's own
+    pool checks the same private flag; a release without it reads False)."""
+    check = getattr(conn._protocol, "_is_cancelling", None)
+    return bool(check()) if check is not None else False
+
+
 def _expire(waiter: asyncio.Future[asyncpg.Connection | None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
@@ -434,6 +441,38 @@ _PREPARED: weakref.WeakKeyDictionary[asyncpg.Connection, dict[str, Any]] = (
 )
 
 
+def _internals_known() -> bool:
+    """Whether this asyncpg is one whose internals _bind_execute was written and tested
+    against (0.29-0.32): another release takes asyncpg's public methods instead, slower by
+    those microseconds but never broken by a private name that moved."""
+    try:
+        version = tuple(int(part) for part in asyncpg.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    protocol = getattr(getattr(asyncpg, "protocol", None), "Protocol", None)
+    names = ("_get_statement", "_check_open", "_drop_global_statement_cache")
+    return (
+        (0, 29) <= version <= (0, 32)
+        and all(hasattr(asyncpg.Connection, name) for name in names)
+        and hasattr(protocol, "bind_execute")
+    )
+
+
+DIRECT = _internals_known()
+
+
+async def _public_execute(
+    conn: asyncpg.Connection, sql: str, args: tuple[object, ...], limit: int, tag: bool
+) -> Any:
+    """_bind_execute's answers through asyncpg's public methods."""
+    if tag:
+        return None, (await conn.execute(sql, *args)).encode(), True
+    if limit == 1:
+        row = await conn.fetchrow(sql, *args)
+        return [] if row is None else [row]
+    return await conn.fetch(sql, *args)
+
+
 async def _bind_execute(
     conn: asyncpg.Connection, sql: str, args: tuple[object, ...], limit: int, tag: bool
 ) -> Any:
@@ -446,6 +485,8 @@ async def _bind_execute(
 
     Answers the rows (at most `limit`; 0: all), or (rows, command tag, completed) with
     `tag`."""
+    if not DIRECT:
+        return await _public_execute(conn, sql, args, limit, tag)
     prepared = _PREPARED.get(conn)
     if prepared is None:
         prepared = _PREPARED[conn] = {}

@@ -325,3 +325,23 @@ async def test_a_waiter_handed_a_connection_that_died_meanwhile_connects_anew(
     assert await fresh.fetchval("SELECT 1") == 1
     for conn in (fresh, held[1]):
         await db.release(conn)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["bound", "public"])
+async def test_statements_answer_the_same_on_asyncpgs_public_methods(
+    db: sql.Database, table: str, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An asyncpg release whose internals are not the known ones (sql.DIRECT False) runs the
+    same statements through Connection.fetch / fetchrow / execute, with the same answers."""
+    assert sql.DIRECT  # the installed asyncpg is one of the known ones
+    monkeypatch.setattr(sql, "DIRECT", direct)
+    async with db.transaction() as tx:
+        insert = f"INSERT INTO {table} VALUES ($1, $2), ($3, $4)"
+        assert await tx.execute(insert, 1, "a", 2, "b") == "INSERT 0 2"
+        rows = await tx.fetch(f"SELECT id FROM {table} WHERE id >= $1 ORDER BY id", 1)
+        assert [r["id"] for r in rows] == [1, 2]
+        row = await tx.fetchrow(f"SELECT id FROM {table} WHERE id = $1", 2)
+        assert row is not None and row["id"] == 2
+        assert await tx.fetchrow(f"SELECT id FROM {table} WHERE id = $1", 99) is None
+        assert await tx.fetchval(f"SELECT count(*) FROM {table} WHERE id > $1", 0) == 2
+        assert await tx.fetchval(f"SELECT id FROM {table} WHERE id = $1", 99) is None
