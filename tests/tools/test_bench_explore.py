@@ -5,19 +5,13 @@ The script is not a package module: it is loaded from its path.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
-SCRIPT = Path(__file__).parents[2] / "tools" / "bench_explore.py"
+from scripts import load_script
 
 
 def _bench_explore() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_explore", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_explore")
 
 
 def test_a_pause_point_costs_little_without_a_controller() -> None:

@@ -6,7 +6,6 @@ suite of its own, collected by pytest in a subprocess with this repository's con
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,9 +13,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from scripts import load_script
 
 ROOT = Path(__file__).parents[2]
-SCRIPT = ROOT / "tools" / "suite_durations.py"
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest">
@@ -29,11 +28,7 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 
 
 def _module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("suite_durations", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("suite_durations")
 
 
 def test_junit_times_become_test_ids_and_short_tests_are_left_out(tmp_path: Path) -> None:
