@@ -133,12 +133,17 @@ def _crash(example: Mapping[str, Any]) -> str:
 
 
 def _deadlock(example: Mapping[str, Any]) -> str:
+    if "settled" in example:  # the counter's facts: it had not settled, or was not waited for
+        return (
+            f"count not settled: {example.get('counted', 0)} counted so far, "
+            f"{example.get('cycles_seen', 0)} wait-for cycle(s) seen"
+        )
     if "unattributed" in example:
         return (
             f"{example['unattributed']} deadlock(s) PostgreSQL counted that no trial could be "
             f"tied to: {example.get('why') or 'no reason recorded'}"
         )
-    if "payment" not in example:  # the counter's facts, while it has not settled
+    if "payment" not in example:  # a shape this module does not know
         return _scalar({k: v for k, v in example.items() if not isinstance(v, list | dict)})
     text = f"{_payment(example)}: {example.get('deadlocks', '?')} deadlock(s)"
     statements = [str(s) for s in example.get("statements") or []]

@@ -88,4 +88,13 @@ def test_a_failing_check_names_the_checker_the_count_and_the_first_example() -> 
     )
     unknown = {"valid": "unknown", "count": 0, "checked": 0, "note": "not settled"}
     assert check_message("no_deadlock", unknown) == "no_deadlock: unknown: not settled"
+    # The counter's facts as an unsettled no_deadlock carries them: not an untied deadlock.
+    facts = {"counted": 0, "settled": False, "cycles_seen": 0, "attributed": 0,
+             "unattributed": 0, "why_unattributed": "", "payments": []}  # fmt: skip
+    said = in_words("no_deadlock", facts)
+    assert said == "count not settled: 0 counted so far, 0 wait-for cycle(s) seen"
+    untied = {"unattributed": 2, "why": "no lock sampler ran"}
+    assert "2 deadlock(s) PostgreSQL counted that no trial could be tied to" in in_words(
+        "no_deadlock", untied
+    )
     assert check_message("no_5xx", {"valid": True, "checked": 8}) == "no_5xx: held (8 checked)"
