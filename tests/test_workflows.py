@@ -171,9 +171,20 @@ def team_db(pg: Database) -> Iterator[str]:
             )
 
 
-def _job_env(doc: dict[str, Any], workspace: Path, db_url: str, variant: str) -> dict[str, str]:
+def _unused_port(taken: set[int]) -> int:
+    """A free port none of the other jobs got: free_port() closes what it found, so two calls
+    can name the same one."""
+    while (port := free_port()) in taken:
+        pass
+    taken.add(port)
+    return port
+
+
+def _job_env(
+    doc: dict[str, Any], workspace: Path, db_url: str, variant: str, taken: set[int]
+) -> dict[str, str]:
     (job,) = doc["jobs"].values()
-    service_port, gateway_port = free_port(), free_port()
+    service_port, gateway_port = _unused_port(taken), _unused_port(taken)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYRACE_")}
     env.update({k: str(v) for k, v in job["env"].items()})
     # What GitHub provides or the template fixes, put where this machine has it.
@@ -259,6 +270,7 @@ def act_free_jobs(
     the oracle waiting for a running target's deadlock count to settle, not CPU."""
     with contextlib.ExitStack() as stack:
         jobs = {}
+        taken: set[int] = set()
         for variant in VARIANTS:
             workspace = tmp_path_factory.mktemp(variant) / "team-repo"
             workspace.mkdir()
@@ -266,7 +278,7 @@ def act_free_jobs(
             profile = (ROOT / "examples/flask_shop/payrace.toml").read_text()
             (workspace / "payrace.toml").write_text(profile)
             db_url = stack.enter_context(team_db(pg))
-            jobs[variant] = workspace, _job_env(load(TEMPLATE), workspace, db_url, variant)
+            jobs[variant] = workspace, _job_env(load(TEMPLATE), workspace, db_url, variant, taken)
         ports = [env[k] for _, env in jobs.values() for k in ("SERVICE_PORT", "GATEWAY_PORT")]
         assert len(set(ports)) == len(ports), ports
         with ThreadPoolExecutor(len(jobs)) as pool:

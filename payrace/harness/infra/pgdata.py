@@ -142,6 +142,15 @@ def prune(cache: Path, current: Path, *, now: float | None = None) -> list[Path]
     return removed
 
 
+def postmaster_pid(pgdata: Path) -> int | None:
+    """The running postmaster's pid as its data directory records it (postmaster.pid's first
+    line), or None when there is none."""
+    try:
+        return int((pgdata / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def stop_now(pid: int, *, within_s: float = 30.0) -> bool:
     """PostgreSQL's immediate shutdown (SIGQUIT: every backend ends at once, no checkpoint),
     waited for until the postmaster has exited (True) or `within_s` passed (False): the data

@@ -333,9 +333,14 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
     finally:
         if server is not None:
             # The data is thrown away: an immediate shutdown, waited for; pgserver's cleanup
-            # then finds the postmaster gone and removes pgdata.
+            # then finds the postmaster gone and removes pgdata. The postmaster is the one the
+            # data directory names: one restarted behind pgserver's back (pg_ctl by hand)
+            # is not the one pgserver recorded, and would outlive its deleted directory.
             info = server._postmaster_info
-            if info is not None and pgdata_files.stop_now(info.pid):
+            pid = pgdata_files.postmaster_pid(pgdata) or (info.pid if info is not None else None)
+            if pid is not None and pgdata_files.stop_now(pid):
+                if info is not None and info.pid != pid:
+                    pgdata_files.stop_now(info.pid)
                 # pgserver would see the exited postmaster as running until init reaps it
                 # (psutil counts a zombie as running), and wait for that.
                 server._postmaster_info = None

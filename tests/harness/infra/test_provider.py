@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import psutil  # type: ignore[import-untyped]
 import psycopg
@@ -125,6 +127,28 @@ def test_embedded_route_cleans_up_when_the_body_raises(interruption: type[BaseEx
         raise interruption("the run ended early")
     assert not data_dir.parent.exists()
     assert _gone(pid)
+
+
+def test_a_cluster_restarted_by_hand_is_the_one_stopped_at_the_end() -> None:
+    """pg_ctl stop and start behind the provider's back (a test, an operator): the new
+    postmaster is the one the data directory names, and it is stopped with the data, not left
+    running on a deleted directory until its lock-file check a minute later."""
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    user = "pgserver" if os.geteuid() == 0 else None
+    with provide_postgres(prefer="embedded", announce=lambda _: None) as database:
+        data_dir, first = _postmaster(database)
+        socket_dir = parse_qs(urlsplit(database.url).query)["host"][0]
+        pg_ctl = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(data_dir), "-w"]
+        for args in (
+            ["-m", "fast", "stop"],
+            ["-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(data_dir / "log"), "start"],
+        ):
+            subprocess.run([*pg_ctl, *args], user=user, check=True, capture_output=True, timeout=60)
+        _, second = _postmaster(database)
+        assert second != first and _gone(first)
+    assert not data_dir.parent.exists()
+    assert _gone(second)
 
 
 def test_durable_keeps_fsync_and_synchronous_commit_on() -> None:

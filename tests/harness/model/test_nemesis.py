@@ -291,7 +291,10 @@ def test_timeouts_are_checked_like_every_fault() -> None:
 
 # -- a payrace run under faults ----------------------------------------------------------------
 
-FAULTS = "gateway-errors:0.3,kill-backends:0.05"  # kills every 50 ms: several per run
+# Kills every 50 ms. The gateway's 20 ms per call keeps each capture's transaction open long
+# enough for the killer to find one: without it 30 trials of the faster service could end
+# between two ticks with nothing in a transaction to kill.
+FAULTS = "gateway-errors:0.3,gateway-latency:20,kill-backends:0.05"
 
 
 async def faulted_run(pg: Database, tmp_path: Path, strategy: str) -> dict[str, Any]:
@@ -308,7 +311,7 @@ async def test_for_update_captures_exactly_once_under_killed_backends_and_gatewa
 ) -> None:
     result = await faulted_run(pg, tmp_path, "for_update")
     faults = result["nemesis"]
-    assert faults["faults"] == ["gateway-errors:0.3", "kill-backends:0.05"]
+    assert faults["faults"] == ["gateway-errors:0.3", "gateway-latency:20", "kill-backends:0.05"]
     # The faults were really injected, or a clean verdict would prove nothing.
     assert faults["gateway_errors_injected"] > 0
     assert faults["backends_killed"] > 0
