@@ -339,8 +339,6 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
             info = server._postmaster_info
             pid = pgdata_files.postmaster_pid(pgdata) or (info.pid if info is not None else None)
             if pid is not None and pgdata_files.stop_now(pid):
-                if info is not None and info.pid != pid:
-                    pgdata_files.stop_now(info.pid)
                 # pgserver would see the exited postmaster as running until init reaps it
                 # (psutil counts a zombie as running), and wait for that.
                 server._postmaster_info = None

@@ -328,11 +328,8 @@ class LoadRun:
         obs = replace(obs, gateway_captured=frozenset())
         judged = self._checked(obs, running_target)
         if early and not obs.deadlocks_settled:
-            if judged.verdict.valid is False:
-                obs = replace(obs, deadlock_note=deadlocks.not_waited(wait_s, obs.deadlock_note))
-            else:
-                delta, settled, note = oracle.deadlocks_since(url, since, settle_timeout_s=wait_s)
-                obs = replace(obs, deadlocks=delta, deadlocks_settled=settled, deadlock_note=note)
+            violated = judged.verdict.valid is False
+            obs = oracle.settled(url, since, obs, wait_s=wait_s, violated=violated)
             judged = self._checked(obs, running_target)
         verdict = judged.verdict
         captured = obs.config.payments.done_value

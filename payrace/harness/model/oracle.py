@@ -55,7 +55,7 @@ import functools
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
@@ -433,6 +433,19 @@ def _last_audit_id(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     row = conn.execute("SELECT last_value, is_called FROM payrace_audit.log_id_seq").fetchone()
     assert row is not None
     return int(row[0]) if row[1] else 0
+
+
+def settled(
+    url: str, since: Baseline, obs: Observation, *, wait_s: float, violated: bool
+) -> Observation:
+    """`obs` (its deadlock count read once, not waited for) with the count settled: waited
+    for up to `wait_s` (deadlocks_since). A run `violated` already is not kept waiting, since
+    no count can change its verdict: `obs` as read, its note saying why (payrace run and
+    payrace load judge a running target this way)."""
+    if violated:
+        return replace(obs, deadlock_note=deadlocks.not_waited(wait_s, obs.deadlock_note))
+    delta, done, note = deadlocks_since(url, since, settle_timeout_s=wait_s)
+    return replace(obs, deadlocks=delta, deadlocks_settled=done, deadlock_note=note)
 
 
 @_survives_restarts

@@ -26,7 +26,6 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from payrace.harness.gateway.fake import FakeRazorpay
 from payrace.harness.gateway.server import GatewayServer
 from payrace.harness.infra.machine import machine
 from payrace.harness.infra.provider import Database, connect_failure, provide_postgres
-from payrace.harness.model import deadlocks, oracle, watched
+from payrace.harness.model import oracle, watched
 from payrace.harness.model.gates import judge_gates
 from payrace.harness.model.judge import Judgement
 from payrace.harness.model.judge import judge as check
@@ -161,14 +160,11 @@ async def _settled(
     already stays violated whatever the count says, so by default it is answered at once
     and its no_deadlock says why it was not waited for. An explicit --settle-s waits always."""
     assert run.since is not None
-    wait_s = config.settle_timeout_s()
-    if judged.valid is False and config.settle_s is None:
-        obs = replace(obs, deadlock_note=deadlocks.not_waited(wait_s, obs.deadlock_note))
-        return obs, check(run.history.ops(), obs)
-    delta, settled, note = await asyncio.to_thread(
-        oracle.deadlocks_since, oracle_url, run.since, settle_timeout_s=wait_s
-    )
-    obs = replace(obs, deadlocks=delta, deadlocks_settled=settled, deadlock_note=note)
+    violated = judged.valid is False and config.settle_s is None
+    obs = await asyncio.to_thread(
+        oracle.settled, oracle_url, run.since, obs,
+        wait_s=config.settle_timeout_s(), violated=violated,
+    )  # fmt: skip
     return obs, check(run.history.ops(), obs)
 
 

@@ -539,6 +539,26 @@ def test_deadlocks_since_reads_the_delta_alone_from_a_baseline_that_went_through
     assert (delta, settled) == (1, False) and "settle_timeout_s" in note
 
 
+def test_settled_waits_for_the_count_unless_the_run_is_violated_already(
+    team: tuple[str, OracleConfig],
+) -> None:
+    """Read once while a backend may still hold counts; then either waited for (the counts
+    flush as that backend exits) or, for a violated run, left as read with the reason."""
+    url, config = team
+    since = oracle.baseline(url)
+    _deadlock(url)
+    with psycopg.connect(url, autocommit=True) as busy:
+        busy.execute("SELECT 1")
+        first = oracle.observe(url, config, since=since, payment_ids=[], settle_timeout_s=0)
+    assert not first.deadlocks_settled
+    kept = oracle.settled(url, since, first, wait_s=15, violated=True)
+    assert (kept.deadlocks, kept.deadlocks_settled) == (first.deadlocks, False)
+    assert kept.deadlock_note.startswith("not waited for: the run is violated already")
+    assert "--settle-s 15" in kept.deadlock_note
+    waited = oracle.settled(url, since, first, wait_s=10, violated=False)
+    assert (waited.deadlocks, waited.deadlocks_settled, waited.deadlock_note) == (1, True, "")
+
+
 def test_a_zero_deadlock_delta_is_not_trusted_while_a_backend_may_hold_counts(
     team: tuple[str, OracleConfig],
 ) -> None:
