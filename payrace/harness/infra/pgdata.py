@@ -11,6 +11,8 @@
     prune(cache, current)   templates of other keys unused for STALE_TEMPLATE_S, and staging
                             directories a killed run left, older than STALE_STAGING_S
     stop_now(pid)           immediate shutdown of a throwaway cluster, waited for
+    ensure_user(name)       as root, the system user pgserver runs the server as, created
+                            once for the machine under a file lock (see its docstring)
 
 Why: a cold `payrace run` spent 1-2 s of its 5 s budget in initdb (the bootstrap backend and
 about a thousand files written through a journaling filesystem) and 0.5 s in stopping and
@@ -35,6 +37,7 @@ import hashlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -197,6 +200,44 @@ def _template_path() -> Path | None:
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return platformdirs.user_cache_path("payrace") / f"pgdata-{version}-{digest}"
+
+
+def ensure_user(name: str) -> None:
+    """Create the system user `name` if it does not exist (root only), one process at a time.
+
+    As root pgserver runs the server as its own `pgserver` user and creates it with useradd on
+    first use, unguarded since payrace replaced pgserver's machine-wide lock (which serialized
+    every start). On a fresh machine the test workers or parallel CI jobs all found the user
+    missing at once and all but one useradd failed ("already in use", exit 9): their runs
+    ended with no PostgreSQL. A file lock serializes only this one-time step; the re-check
+    under the lock makes the later runs, and a user another program made meanwhile, a no-op.
+    """
+    import fcntl
+    import pwd
+
+    def exists() -> bool:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            return False
+        return True
+
+    if exists():
+        return
+    lock = Path(tempfile.gettempdir()) / "payrace-useradd.lock"
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if exists():
+            return
+        made = subprocess.run(
+            ["useradd", "-s", "/bin/bash", name], capture_output=True, text=True, check=False
+        )
+        if made.returncode != 0 and not exists():
+            raise OSError(
+                f"could not create the system user {name!r} the embedded server runs as "
+                f"(useradd exit {made.returncode}: {made.stderr.strip()}); create it by hand "
+                f"(`useradd {name}`) or run payrace as a user other than root"
+            )
 
 
 def _chown_tree(root: Path, owner: str) -> None:

@@ -22,6 +22,7 @@ durable=True: that changes durability, not locking, and the run says so.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import secrets
 import shutil
@@ -274,6 +275,17 @@ class Cluster:
             )
 
 
+class _PgserverErrors(logging.Handler):
+    """What pgserver logs at ERROR while a cluster starts: a failed initdb's stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.said: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append(record.getMessage().strip()[-1500:])
+
+
 @contextmanager
 def _from_pgserver(durable: bool) -> Iterator[Database]:
     try:
@@ -293,6 +305,9 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
             # pgserver user waited for it (seconds on a busy machine). It guards servers that
             # processes share by data directory; payrace's directory is its own.
             self._lock = threading.Lock()
+            if sys.platform != "win32" and os.geteuid() == 0:
+                # What pgserver's lock also guarded: creating its system user (see there).
+                pgdata_files.ensure_user("pgserver")
             super().__init__(pgdata, cleanup_mode=cleanup_mode)
 
         # max_connections takes effect only at server start, and pgserver starts the server in
@@ -311,14 +326,20 @@ def _from_pgserver(durable: bool) -> Iterator[Database]:
     pgdata.mkdir()
     server: TunedServer | None = None
     try:
+        failed = _PgserverErrors()
+        logging.getLogger("pgserver").addHandler(failed)
         try:
             server = TunedServer(pgdata, cleanup_mode="delete")
         except Exception as exc:
             log = pgdata / "log"
             tail = "".join(log.read_text().splitlines(True)[-15:]) if log.exists() else ""
+            # A failed initdb says why only on its stderr, which pgserver logs, not raises.
+            tail = "".join(f"{said}\n" for said in failed.said[-2:]) + tail
             raise ProviderError(
                 f"embedded: pgserver could not start in {pgdata}: {exc}\n{tail}"
             ) from exc
+        finally:
+            logging.getLogger("pgserver").removeHandler(failed)
         socket_dir = server.get_postmaster_info().socket_dir
         url = (
             f"postgresql://postgres@/postgres?host={quote(str(socket_dir))}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -366,3 +367,44 @@ def test_a_run_that_copies_a_template_marks_it_in_use(
     assert (target / "PG_VERSION").read_text() == "16\n"
     assert time.time() - template.stat().st_mtime < 60
     assert pgdata.prune(template.parent, tmp_path / "cache" / "pgdata-newer") == []
+
+
+_ROOT_ONLY = pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() != 0, reason="creates a system user: needs root"
+)
+
+
+@_ROOT_ONLY
+def test_processes_creating_the_servers_user_at_once_all_succeed() -> None:
+    # The fresh-machine race: every test worker found pgserver's user missing at once and all
+    # but one useradd failed. A throwaway name stands in for `pgserver`, which other test
+    # workers' servers run as and which must not be deleted under them.
+    name = f"payrace-t{os.getpid()}"
+    code = (
+        "import sys\nfrom payrace.harness.infra import pgdata\n"
+        "pgdata.ensure_user(sys.argv[1])\nprint('made')\n"
+    )
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, name],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(6)
+        ]
+        results = [p.communicate(timeout=60) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 6, [err for _, err in results]
+        assert all(out.strip() == "made" for out, _ in results)
+        import pwd
+
+        assert pwd.getpwnam(name).pw_name == name
+    finally:
+        subprocess.run(["userdel", "-r", name], capture_output=True, check=False)
+
+
+@_ROOT_ONLY
+def test_a_user_that_cannot_be_created_is_an_error_that_says_what_to_do() -> None:
+    with pytest.raises(OSError, match=r"could not create the system user 'bad name:x'.*useradd"):
+        pgdata.ensure_user("bad name:x")
