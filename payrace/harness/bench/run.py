@@ -26,6 +26,7 @@ import asyncio
 import importlib.util
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,6 +61,8 @@ from payrace.service.settings import Settings
 _AMOUNT = 50_000
 _PGBENCH_FIRST_ID = 10_000_001  # rows pgbench captures, apart from the HTTP payments
 _RECORD_FIRST_ID = 9_000_001  # one per strategy: the capture whose statements are logged
+_PGBENCH_ROWS_PER_STRATEGY = 100_000_000  # the ids of one strategy's pgbench rows
+_CALIBRATION_PER_CLIENT = 100
 
 
 @dataclass(frozen=True)
@@ -197,28 +200,44 @@ def _ceiling(
     pgbench = find_pgbench()
     if pgbench is None:
         return {"error": "no pgbench: install pgserver (it ships one) or put pgbench on PATH"}
-    first = _PGBENCH_FIRST_ID + index * 1_000_000
-    rows = 5_000 if config.pgbench_seconds > 1 else 1_000
-    _prepare(db, None, iter(range(first, first + rows)), rows)
     (recorded_payment,) = _prepare(db, fake, iter([_RECORD_FIRST_ID + index]), 1)
     recorded = asyncio.run(
         record_capture_sql(db.asyncpg_url(), gateway_url, strategy, keys, recorded_payment)
     )
     if recorded.status != 200:
         return {"error": f"the recorded capture answered {recorded.status}"}
-    script = pgbench_script(recorded, recorded_payment, first_id=first, rows=rows)
+    script = pgbench_script(recorded, recorded_payment)
     path = config.run_dir / f"ceiling-{strategy}.sql"
     path.write_text(script)
     threads = os.cpu_count() or 1
-    sweep = {
-        str(c): round(
-            run_pgbench(
-                pgbench, db.url, path, clients=c, threads=threads, seconds=config.pgbench_seconds
-            ),
-            1,
-        )
-        for c in config.pgbench_clients
-    }
+    next_row = _PGBENCH_FIRST_ID + index * _PGBENCH_ROWS_PER_STRATEGY
+
+    def captures_per_s(clients: int, per_client: int) -> float:
+        # Fresh pending rows for every transaction, as the service's window has.
+        nonlocal next_row
+        first, count = next_row, clients * per_client
+        next_row += count
+        _prepare(db, None, iter(range(first, first + count)), count)
+        tps = run_pgbench(
+            pgbench, db.url, path, clients=clients, threads=threads, first=first,
+            transactions=per_client,
+        )  # fmt: skip
+        captured = _captured(db, first, count)
+        if captured != count:
+            # Each transaction must have captured a row of its own, or the figure is not
+            # the service's capture.
+            raise RuntimeError(
+                f"pgbench captured {captured} of the {count} rows its {count} transactions "
+                f"were given ({clients} clients); the ceiling would not be one capture each"
+            )
+        return tps
+
+    sweep: dict[str, float] = {}
+    for c in config.pgbench_clients:
+        # A short run sizes the measured one to last about pgbench_seconds.
+        rate = captures_per_s(c, _CALIBRATION_PER_CLIENT)
+        per_client = max(_CALIBRATION_PER_CLIENT, math.ceil(rate * config.pgbench_seconds / c))
+        sweep[str(c)] = round(captures_per_s(c, per_client), 1)
     best = max(sweep, key=lambda c: sweep[c])
     statements = [s for s, _ in recorded.statements if s not in ("BEGIN", "COMMIT", "ROLLBACK")]
     return {
@@ -229,8 +248,18 @@ def _ceiling(
         "transactions_per_capture": sum(1 for s, _ in recorded.statements if s == "BEGIN"),
         "script": path.name,
         "how": "statements and BEGIN/COMMIT of one POST /payments/verify, logged from the "
-        "capture pools' observers (payrace.service.sql), replayed by pgbench -M prepared",
+        "capture pools' observers (payrace.service.sql), replayed by pgbench -M prepared, "
+        "each transaction capturing a pending payment of its own",
     }
+
+
+def _captured(db: Database, first: int, count: int) -> int:
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM payments WHERE id >= %s AND id < %s AND status = 'captured'",
+            (first, first + count),
+        ).fetchone()
+    return int(row[0]) if row is not None else 0
 
 
 def _service(
