@@ -70,7 +70,7 @@ def _load_main(out: Path, **kwargs: Any) -> Run:
     try:
         code = load_main(
             spawn_rate=20.0,
-            run_time="5s",
+            run_time="3s",
             out_dir=out,
             console=console,
             extra_args=[],

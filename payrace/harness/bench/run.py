@@ -91,7 +91,7 @@ class BenchConfig:
             "connections": 16,
             "harness_trials": 10,
             "cold_trials": 5,
-            "load_seconds": 4,
+            "load_seconds": 2,
             "compare_stacks": False,
         }
         values.update(changes)

@@ -180,10 +180,14 @@ def _distributions(venv: Path) -> list[str]:
 
 def _build_light_venv(venv: Path) -> None:
     """A fresh virtualenv with only the worker requirements (no payrace, no psycopg)."""
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # No pip of its own: ensurepip installing pip into it, then that pip starting, were half
+    # of the build (11.5 -> 5.6 s, pip's cache warm); this install's pip installs into it.
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
     pip = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
-         "--disable-pip-version-check", "-r", str(REQUIREMENTS)],
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+         "--quiet", "--disable-pip-version-check", "-r", str(REQUIREMENTS)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -284,7 +288,7 @@ def test_a_light_worker_races_for_a_full_master(
             }
             master = spawn_group(
                 [sys.executable, "-m", "locust", "-f", locustfile, "--master", "--headless",
-                 "--expect-workers", "1", "-u", "6", "-r", "6", "-t", "4s",
+                 "--expect-workers", "1", "-u", "6", "-r", "6", "-t", "3s",
                  "--host", service.url, "--master-bind-host", "127.0.0.1",
                  "--master-bind-port", port],
                 master_env, log_path=tmp_path / "master.log",

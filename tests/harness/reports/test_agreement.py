@@ -184,7 +184,7 @@ def test_explore(
 )
 def test_load(pg: Database, tmp_path: Path, strategy: str, verdict: str, exit_code: int) -> None:
     signals = payrace(
-        pg, tmp_path, "load", "--strategy", strategy, "-u", "4", "-r", "4", "-t", "3s",
+        pg, tmp_path, "load", "--strategy", strategy, "-u", "4", "-r", "4", "-t", "2s",
     )  # fmt: skip
     assert_agree(signals, verdict, exit_code)
 
@@ -192,7 +192,7 @@ def test_load(pg: Database, tmp_path: Path, strategy: str, verdict: str, exit_co
 @pytest.mark.slow
 def test_load_gate_breached(pg: Database, tmp_path: Path) -> None:
     signals = payrace(
-        pg, tmp_path, "load", "--strategy", "for_update", "-u", "4", "-r", "4", "-t", "3s",
+        pg, tmp_path, "load", "--strategy", "for_update", "-u", "4", "-r", "4", "-t", "2s",
         "--gate", "lock_max_ms<0",
     )  # fmt: skip
     assert_agree(signals, "gate_breached", 1)
