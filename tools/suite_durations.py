@@ -3,7 +3,7 @@
 the test files heaviest first with it, so that pytest-xdist (`--dist loadfile
 --no-loadscope-reorder`, the Makefile's) starts the long files first instead of last.
 
-    .venv/bin/pytest -n 4 --dist loadfile --junitxml=/tmp/suite.xml
+    .venv/bin/pytest -n 5 --dist loadfile --no-loadscope-reorder --junitxml=/tmp/suite.xml
     .venv/bin/python tools/suite_durations.py /tmp/suite.xml
 
 A stale file only orders the files less well: it never selects, skips or changes a test.
