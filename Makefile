@@ -31,13 +31,16 @@ race: $(STAMP)
 # starts its own PostgreSQL). PYTEST_WORKERS=0 runs one process; auto one worker per core.
 PYTEST_WORKERS ?= 5
 PYTEST_DIST    := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+# The fast set waits less, so it keeps four: 54.8, 54.2 s against 59.2, 54.9 s with five
+# (alternated, the same machine and day).
+PYTEST_FAST_WORKERS ?= 4
 
 test: $(STAMP)
 	$(BIN)/pytest -rs $(PYTEST_DIST)
 
 # The edit loop: everything but the tests marked slow (processes, Locust, virtualenvs).
 test-fast: $(STAMP)
-	$(BIN)/pytest -rs -m "not slow" $(PYTEST_DIST)
+	$(BIN)/pytest -rs -m "not slow" -n $(PYTEST_FAST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
