@@ -92,8 +92,10 @@ def test_relative_gates_hold_breach_and_read_a_baseline(pg: Database, tmp_path: 
     assert first.returncode == 0, first.stdout + first.stderr
     assert f"baseline written to {base}" in first.stdout
     assert json.loads(base.read_text())["strategies"]["for_update"]["latency_ms"]["lock"]
-    # Forced mode: a request waits about as long as the other holds the row.
-    held = payrace(*common, "--baseline", str(base), "--gate", "lock_p99_ms<=3*hold_p99_ms+100",
+    # Forced mode: a request waits about as long as the other holds the row, plus however long
+    # a busy machine leaves the service unscheduled (a 374 ms wait beside a 32 ms hold was seen
+    # with the suite's workers all starting at once): the margin is a second.
+    held = payrace(*common, "--baseline", str(base), "--gate", "lock_p99_ms<=3*hold_p99_ms+1000",
                    "--gate", "for_update:lock_p99_ms<=100*baseline+1000", pg=pg)  # fmt: skip
     assert held.returncode == 0, held.stdout + held.stderr
     breached = payrace(*common, "--gate", "lock_max_ms<=0.0001*hold_max_ms", pg=pg)
