@@ -408,3 +408,20 @@ def test_processes_creating_the_servers_user_at_once_all_succeed() -> None:
 def test_a_user_that_cannot_be_created_is_an_error_that_says_what_to_do() -> None:
     with pytest.raises(OSError, match=r"could not create the system user 'bad name:x'.*useradd"):
         pgdata.ensure_user("bad name:x")
+
+
+def test_an_initdb_that_fails_is_reported_with_initdb_s_own_words() -> None:
+    # A locale the machine does not have: no template is cached for it, so initdb runs, and
+    # refuses. pgserver only logs initdb's stderr; the error must carry it.
+    code = (
+        "from payrace.harness.infra.provider import provide_postgres\n"
+        "with provide_postgres(None, prefer='embedded') as db:\n"
+        "    print('started', db.url)\n"
+    )
+    env = {**os.environ, "LC_ALL": "xx_XX.UTF-8", "LANG": "xx_XX.UTF-8"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode != 0 and "started" not in done.stdout
+    assert "embedded: pgserver could not start" in done.stderr
+    assert "initdb: error: invalid locale settings" in done.stderr, done.stderr[-2000:]
