@@ -35,12 +35,26 @@ PYTEST_DIST    := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 # (alternated, the same machine and day).
 PYTEST_FAST_WORKERS ?= 4
 
-test: $(STAMP)
-	$(BIN)/pytest -rs $(PYTEST_DIST)
+# pytest rewrites the asserts of every module it imports from a distribution that has a
+# pytest plugin (payrace, schemathesis, hypothesis, anyio: about 490 modules) and caches the
+# result beside the bytecode, unless PYTHONDONTWRITEBYTECODE is set: then each worker redid
+# what it imported before tests/conftest.py turns writing back on (a collection 3.7 s, 2.4 s
+# once all is cached). And in a new virtualenv the workers all built that cache at once (7.2 s
+# each): the first run collects once, alone, so they start from it.
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/pytest
+WARM   := $(VENV)/.collected-stamp
+
+$(WARM): $(STAMP)
+	@echo "pytest: caching the rewritten modules once (first run in this virtualenv)"
+	@$(PYTEST) --collect-only -q -p no:cacheprovider > /dev/null || true
+	@touch $(WARM)
+
+test: $(STAMP) $(WARM)
+	$(PYTEST) -rs $(PYTEST_DIST)
 
 # The edit loop: everything but the tests marked slow (processes, Locust, virtualenvs).
-test-fast: $(STAMP)
-	$(BIN)/pytest -rs -m "not slow" -n $(PYTEST_FAST_WORKERS) --dist loadfile --no-loadscope-reorder
+test-fast: $(STAMP) $(WARM)
+	$(PYTEST) -rs -m "not slow" -n $(PYTEST_FAST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
