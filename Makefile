@@ -30,7 +30,8 @@ race: $(STAMP)
 # machine (2026-12-01; six were slower, 210 s: each worker collects the whole suite and
 # starts its own PostgreSQL). PYTEST_WORKERS=0 runs one process; auto one worker per core.
 PYTEST_WORKERS ?= 5
-PYTEST_DIST    := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+PYTEST_SPLIT   := --dist loadfile --no-loadscope-reorder
+PYTEST_DIST    := -n $(PYTEST_WORKERS) $(PYTEST_SPLIT)
 # The fast set waits less, so it keeps four: 54.8, 54.2 s against 59.2, 54.9 s with five
 # (alternated, the same machine and day).
 PYTEST_FAST_WORKERS ?= 4
@@ -54,7 +55,7 @@ test: $(STAMP) $(WARM)
 
 # The edit loop: everything but the tests marked slow (processes, Locust, virtualenvs).
 test-fast: $(STAMP) $(WARM)
-	$(PYTEST) -rs -m "not slow" -n $(PYTEST_FAST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PYTEST) -rs -m "not slow" -n $(PYTEST_FAST_WORKERS) $(PYTEST_SPLIT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
