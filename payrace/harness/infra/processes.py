@@ -9,7 +9,9 @@
                            GatewayKeys is one)
     service_env()          the reference service's environment for one database and gateway
     spawn_group()          an HTTP server process in its own session, under the guardian
-    await_answer()         ready when its health route answers; stopped if it exits first
+    await_answer()         ready when its health route answers from the process itself (its
+                           port may have been taken by another); stopped if it exits first
+    listens()              whether a process or one it forked listens on a TCP port
     ServiceProcess         the reference service under uvicorn; ready when /healthz answers
                            (infra.readiness); halt() kills it with SIGKILL, resume() starts it
                            again on the same port (the restart-service nemesis)
@@ -36,6 +38,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Protocol
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -179,8 +182,14 @@ def await_answer(
     log_path: Path | None = None,
     timeout_s: float = 30.0,
 ) -> None:
-    """Return once `url + health_path` answers; a process that exits first or never answers
-    is stopped, with everything it forked, and the error names its exit code and log."""
+    """Return once `url + health_path` answers and `proc` (or a process it forked) is the one
+    listening on the URL's port; a process that exits first or never answers is stopped,
+    with everything it forked, and the error names its exit code and log.
+
+    The second condition: a free_port() is free only when asked. Another process (a parallel
+    test worker's service, seen under five workers) can take the port before `proc` binds
+    it, and its answer said "ready" for a server that was not this one: the load then ran
+    against another database."""
 
     def exited() -> str | None:
         if proc.poll() is None:
@@ -188,13 +197,45 @@ def await_answer(
         where = f"; see {log_path}" if log_path else ""
         return f"{what} exited with code {proc.returncode} before answering{where}"
 
+    port = urlsplit(url).port
+    deadline = time.monotonic() + timeout_s
     try:
         wait_until_answers(
             url, health_path, timeout_s=timeout_s, stopped=exited, what=what, hint=hint
         )
+        while port is not None and not listens(proc.pid, port):
+            said = exited()
+            if said is not None:
+                raise PortTaken(f"{said}: port {port} answered, but from another process")
+            if time.monotonic() > deadline:
+                raise PortTaken(f"{what} never listened on port {port}, another process does")
+            time.sleep(0.05)
     except BaseException:
         stop_process(proc)
         raise
+
+
+class PortTaken(RuntimeError):
+    """The port a server was started on answered from another process."""
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid`, or a process it forked, listens on TCP `port`."""
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for member in family:
+        try:
+            sockets = member.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(
+            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in sockets
+        ):
+            return True
+    return False
 
 
 class ServiceProcess:
@@ -219,6 +260,7 @@ class ServiceProcess:
         self.host = host
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
+        self._port_chosen = port is None  # another may be taken if this one is
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
@@ -249,27 +291,37 @@ class ServiceProcess:
     def resume(self) -> None:
         """Start it again where it was (same port, environment and log)."""
         if self.proc is None:
-            self._spawn()
+            self._spawn(may_move=False)
 
-    def _spawn(self) -> None:
-        cmd = [
-            sys.executable, "-m", "uvicorn", "payrace.service.app:create_served_app", "--factory",
-            "--host", self.host, "--port", str(self.port), "--workers", str(self.workers),
-            "--no-access-log", "--log-level", "warning",
-            # Loopback only, no proxy in front: uvicorn's proxy-headers middleware would be one
-            # more ASGI layer every request and every resumed await passes through.
-            "--no-proxy-headers", "--no-server-header", *self.server_args,
-        ]  # fmt: skip
-        self.proc = spawn_group(cmd, self.env, log_path=self.log_path)
-        await_answer(
-            self.proc,
-            self.url,
-            "/healthz",
-            what="service",
-            hint="check DATABASE_URL and the service log",
-            log_path=self.log_path,
-            timeout_s=self.start_timeout_s,
-        )
+    def _spawn(self, *, may_move: bool = True) -> None:
+        for attempt in range(3):
+            cmd = [
+                sys.executable, "-m", "uvicorn", "payrace.service.app:create_served_app",
+                "--factory", "--host", self.host, "--port", str(self.port),
+                "--workers", str(self.workers), "--no-access-log", "--log-level", "warning",
+                # Loopback only, no proxy in front: uvicorn's proxy-headers middleware would be
+                # one more ASGI layer every request and every resumed await passes through.
+                "--no-proxy-headers", "--no-server-header", *self.server_args,
+            ]  # fmt: skip
+            self.proc = spawn_group(cmd, self.env, log_path=self.log_path)
+            try:
+                await_answer(
+                    self.proc,
+                    self.url,
+                    "/healthz",
+                    what="service",
+                    hint="check DATABASE_URL and the service log",
+                    log_path=self.log_path,
+                    timeout_s=self.start_timeout_s,
+                )
+                return
+            except PortTaken:
+                # A port payrace chose, taken meanwhile: another one. A port the caller
+                # named (or the one a restart must keep) is the caller's to free.
+                if not (self._port_chosen and may_move) or attempt == 2:
+                    raise
+                self.port = free_port(self.host)
+                self.url = f"http://{self.host}:{self.port}"
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:

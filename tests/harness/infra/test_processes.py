@@ -24,9 +24,11 @@ import pytest
 from payrace.harness.gateway.signing import GatewayKeys
 from payrace.harness.infra.processes import (
     LocustProcess,
+    PortTaken,
     ServiceProcess,
     free_port,
     group_members,
+    listens,
     service_env,
     stop_process,
     wait_for_group,
@@ -162,6 +164,55 @@ def spawn(code: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True
     )
+
+
+class _Impostor:
+    """Another process's server on a port: answers 200 to anything, as a service would."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Ok(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Impostor:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_port_answered_by_another_process_is_not_taken_for_the_service_ready(
+    pg: Database, gateway_url: str
+) -> None:
+    env = service_env(pg, gateway_url, "for_update", keys=KEYS)
+    with _Impostor() as other:
+        # Named by the caller: an error, not a service "ready" that is someone else.
+        named = ServiceProcess(env, port=other.port, start_timeout_s=20)
+        with pytest.raises(PortTaken, match=f"port {other.port} answered, but from another"):
+            named.__enter__()
+        assert named.proc is not None and named.proc.poll() is not None
+        # Chosen by payrace, then taken (the race between free_port() and uvicorn's bind):
+        # the service starts on another port, and answers there itself.
+        chosen = ServiceProcess(env, start_timeout_s=20)
+        chosen.port, chosen.url = other.port, f"http://127.0.0.1:{other.port}"
+        with chosen as svc:
+            assert svc.port != other.port
+            assert svc.proc is not None and listens(svc.proc.pid, svc.port)
+            assert httpx.get(f"{svc.url}/healthz").json()["status"] == "ok"
 
 
 def test_stop_process_kills_a_group_that_ignores_sigterm() -> None:
