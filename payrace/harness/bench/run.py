@@ -4,9 +4,12 @@ cost, written to reports/bench/<run>/bench.json and bench.md.
     BenchConfig        the budget: strategies, seconds per measurement, the sweeps (--quick:
                        a few seconds each, for the tests)
     bench_main()       PostgreSQL (provider) + the fake gateway (a thread of this process) ->
-                       ceiling -> service -> ratio -> harness -> load -> the report
+                       per strategy: ceiling, service, ceiling again -> ratio -> harness ->
+                       load -> the report
     ceiling            per strategy: the capture's statement log (bench.ceiling) under pgbench
-                       at each client count of the sweep; the best is the ceiling
+                       at each client count of the sweep, the best of it, then once more at
+                       that count after the service's windows; the ceiling is the mean of
+                       the two (the drift between them reported)
     service            per strategy and uvicorn worker count: fresh authorized payments
                        captured over HTTP by bench.loadgen (its own process) at saturation;
                        captures/s, request p50/p99, lock wait and hold (Server-Timing), the
@@ -119,20 +122,22 @@ def bench_main(config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any
         asyncio.run(_create_schema(db))
         fake = FakeRazorpay(keys)
         with GatewayServer(fake) as gateway:
-            say("bench: ceiling (pgbench on the capture's statements)")
-            report["ceiling"] = {
-                s: _ceiling(config, db, fake, gateway.url, keys, s, i)
-                for i, s in enumerate(config.strategies)
-            }
-            say("bench: the service over HTTP")
             next_id = iter(range(1, _RECORD_FIRST_ID))
-            report["service"] = {
-                s: {
+            report["ceiling"], report["service"] = {}, {}
+            for i, s in enumerate(config.strategies):
+                # Per strategy, the service's windows between two pgbench measurements: the
+                # ratio's two figures come from the same minutes of a shared machine.
+                say(f"bench: {s}: ceiling (pgbench on the capture's statements)")
+                ceiling, pgbench = _ceiling(config, db, fake, gateway.url, keys, s, i)
+                say(f"bench: {s}: the service over HTTP")
+                report["service"][s] = {
                     str(w): _service(config, db, fake, gateway.url, keys, s, w, next_id)
                     for w in config.workers
                 }
-                for s in config.strategies
-            }
+                if pgbench is not None:
+                    say(f"bench: {s}: ceiling again")
+                    _bracket(ceiling, pgbench.measured(ceiling["clients"]))
+                report["ceiling"][s] = ceiling
             if config.compare_stacks:
                 report["stacks"] = _stacks(config, db, fake, gateway.url, keys, next_id, report)
         report["ratio"] = _ratios(report["ceiling"], report["service"])
@@ -188,41 +193,27 @@ def _prepare(db: Database, fake: FakeRazorpay | None, ids: Iterator[int], n: int
     return rows
 
 
-def _ceiling(
-    config: BenchConfig,
-    db: Database,
-    fake: FakeRazorpay,
-    gateway_url: str,
-    keys: GatewayKeys,
-    strategy: str,
-    index: int,
-) -> dict[str, Any]:
-    pgbench = find_pgbench()
-    if pgbench is None:
-        return {"error": "no pgbench: install pgserver (it ships one) or put pgbench on PATH"}
-    (recorded_payment,) = _prepare(db, fake, iter([_RECORD_FIRST_ID + index]), 1)
-    recorded = asyncio.run(
-        record_capture_sql(db.asyncpg_url(), gateway_url, strategy, keys, recorded_payment)
-    )
-    if recorded.status != 200:
-        return {"error": f"the recorded capture answered {recorded.status}"}
-    script = pgbench_script(recorded, recorded_payment)
-    path = config.run_dir / f"ceiling-{strategy}.sql"
-    path.write_text(script)
-    threads = os.cpu_count() or 1
-    next_row = _PGBENCH_FIRST_ID + index * _PGBENCH_ROWS_PER_STRATEGY
+class _Pgbench:
+    """pgbench on one strategy's recorded capture, each transaction capturing a fresh pending
+    payment of its own (as the service's window does): rows are prepared per run from the
+    strategy's own id range."""
 
-    def captures_per_s(clients: int, per_client: int) -> float:
-        # Fresh pending rows for every transaction, as the service's window has.
-        nonlocal next_row
-        first, count = next_row, clients * per_client
-        next_row += count
-        _prepare(db, None, iter(range(first, first + count)), count)
+    def __init__(self, config: BenchConfig, db: Database, pgbench: Path, script: Path, index: int):
+        self.config = config
+        self.db = db
+        self.pgbench = pgbench
+        self.script = script
+        self.next_row = _PGBENCH_FIRST_ID + index * _PGBENCH_ROWS_PER_STRATEGY
+
+    def captures_per_s(self, clients: int, per_client: int) -> float:
+        first, count = self.next_row, clients * per_client
+        self.next_row += count
+        _prepare(self.db, None, iter(range(first, first + count)), count)
         tps = run_pgbench(
-            pgbench, db.url, path, clients=clients, threads=threads, first=first,
-            transactions=per_client,
+            self.pgbench, self.db.url, self.script, clients=clients,
+            threads=os.cpu_count() or 1, first=first, transactions=per_client,
         )  # fmt: skip
-        captured = _captured(db, first, count)
+        captured = _captured(self.db, first, count)
         if captured != count:
             # Each transaction must have captured a row of its own, or the figure is not
             # the service's capture.
@@ -232,16 +223,42 @@ def _ceiling(
             )
         return tps
 
-    sweep: dict[str, float] = {}
-    for c in config.pgbench_clients:
-        # A short run sizes the measured one to last about pgbench_seconds.
-        rate = captures_per_s(c, _CALIBRATION_PER_CLIENT)
-        per_client = max(_CALIBRATION_PER_CLIENT, math.ceil(rate * config.pgbench_seconds / c))
-        sweep[str(c)] = round(captures_per_s(c, per_client), 1)
+    def measured(self, clients: int) -> float:
+        """A short run sizes the measured one to last about pgbench_seconds."""
+        rate = self.captures_per_s(clients, _CALIBRATION_PER_CLIENT)
+        seconds = self.config.pgbench_seconds
+        per_client = max(_CALIBRATION_PER_CLIENT, math.ceil(rate * seconds / clients))
+        return round(self.captures_per_s(clients, per_client), 1)
+
+
+def _ceiling(
+    config: BenchConfig,
+    db: Database,
+    fake: FakeRazorpay,
+    gateway_url: str,
+    keys: GatewayKeys,
+    strategy: str,
+    index: int,
+) -> tuple[dict[str, Any], _Pgbench | None]:
+    """The sweep over client counts; the best is the ceiling (until _bracket)."""
+    pgbench = find_pgbench()
+    if pgbench is None:
+        return {"error": "no pgbench: install pgserver (it ships one) or put pgbench on PATH"}, None
+    (recorded_payment,) = _prepare(db, fake, iter([_RECORD_FIRST_ID + index]), 1)
+    recorded = asyncio.run(
+        record_capture_sql(db.asyncpg_url(), gateway_url, strategy, keys, recorded_payment)
+    )
+    if recorded.status != 200:
+        return {"error": f"the recorded capture answered {recorded.status}"}, None
+    script = pgbench_script(recorded, recorded_payment)
+    path = config.run_dir / f"ceiling-{strategy}.sql"
+    path.write_text(script)
+    runner = _Pgbench(config, db, pgbench, path, index)
+    sweep = {str(c): runner.measured(c) for c in config.pgbench_clients}
     best = max(sweep, key=lambda c: sweep[c])
     statements = [s for s, _ in recorded.statements if s not in ("BEGIN", "COMMIT", "ROLLBACK")]
     return {
-        "captures_per_s": round(sweep[best], 1),
+        "captures_per_s": sweep[best],
         "clients": int(best),
         "sweep_tps": sweep,
         "statements_per_capture": len(statements),
@@ -250,7 +267,19 @@ def _ceiling(
         "how": "statements and BEGIN/COMMIT of one POST /payments/verify, logged from the "
         "capture pools' observers (payrace.service.sql), replayed by pgbench -M prepared, "
         "each transaction capturing a pending payment of its own",
-    }
+    }, runner
+
+
+def _bracket(ceiling: dict[str, Any], after: float) -> None:
+    """The ceiling measured again at its best client count once the service's windows are
+    over: the ratio divides by the mean of the two, and the drift between them says how much
+    the machine moved meanwhile (shared machines do: the ceiling has moved by half from one
+    round to the next)."""
+    before = ceiling["captures_per_s"]
+    ceiling["before_captures_per_s"] = before
+    ceiling["after_captures_per_s"] = after
+    ceiling["captures_per_s"] = round((before + after) / 2, 1)
+    ceiling["drift_percent"] = round(100 * (after - before) / before, 1) if before else None
 
 
 def _captured(db: Database, first: int, count: int) -> int:
@@ -562,7 +591,8 @@ def markdown(report: dict[str, Any]) -> str:
     out.write(f"Machine: `{json.dumps(m)}`; load average before {report['load_average_before']}")
     out.write(f", after {report.get('load_average_after')}\n\n")
     out.write("## Ceiling (pgbench) and the service over HTTP\n\n")
-    out.write("| strategy | ceiling captures/s (clients) | workers | service captures/s | ratio "
+    out.write("| strategy | ceiling captures/s (clients; before → after) | workers "
+              "| service captures/s | ratio "
               "| p50 / p99 ms | lock p50 / p99 ms | hold p50 / p99 ms | load generator % of a core "
               "| service peak MiB |\n|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
     for strategy, by_workers in report["service"].items():
@@ -570,7 +600,9 @@ def markdown(report: dict[str, Any]) -> str:
         for w, r in by_workers.items():
             ratio = report["ratio"].get(strategy, {}).get(w)
             out.write(
-                f"| {strategy} | {_f(c.get('captures_per_s'))} ({_f(c.get('clients'))}) | {w} "
+                f"| {strategy} | {_f(c.get('captures_per_s'))} ({_f(c.get('clients'))}; "
+                f"{_f(c.get('before_captures_per_s'))} → {_f(c.get('after_captures_per_s'))}) "
+                f"| {w} "
                 f"| {_f(r.get('captures_per_s'))} | {_f(ratio)} "
                 f"| {_f(r.get('request_p50_ms'))} / {_f(r.get('request_p99_ms'))} "
                 f"| {_f(r.get('lock_p50_ms'))} / {_f(r.get('lock_p99_ms'))} "
