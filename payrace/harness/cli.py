@@ -919,6 +919,13 @@ def bench_command(
     seconds: Annotated[
         float | None, typer.Option(help="seconds of HTTP load per strategy and worker count")
     ] = None,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            help="service windows per strategy, each followed by pgbench again; the ratio "
+            "is of the medians (a shared machine moves between runs)"
+        ),
+    ] = 1,
     dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
     out: Annotated[Path, typer.Option()] = Path("reports"),
 ) -> None:
@@ -939,7 +946,10 @@ def bench_command(
     if seconds is not None and not 0.5 <= seconds <= 600:
         err.print("[bold red]payrace:[/] --seconds must be between 0.5 and 600")
         raise typer.Exit(EXIT_ERROR)
-    changes: dict[str, Any] = {"out": out, "dsn": dsn}
+    if not 1 <= rounds <= 20:
+        err.print("[bold red]payrace:[/] --rounds must be between 1 and 20")
+        raise typer.Exit(EXIT_ERROR)
+    changes: dict[str, Any] = {"out": out, "dsn": dsn, "rounds": rounds}
     if chosen:
         changes["strategies"] = chosen
     if seconds is not None:

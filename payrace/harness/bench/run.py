@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 
@@ -83,6 +84,7 @@ class BenchConfig:
     cold_trials: int = 100
     load_seconds: int = 15
     compare_stacks: bool = True  # the service again on uvicorn's stock stack (before/after)
+    rounds: int = 1  # service windows per strategy, each followed by the ceiling again
 
     @classmethod
     def quick(cls, **changes: Any) -> BenchConfig:
@@ -125,19 +127,27 @@ def bench_main(config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any
             next_id = iter(range(1, _RECORD_FIRST_ID))
             report["ceiling"], report["service"] = {}, {}
             for i, s in enumerate(config.strategies):
-                # Per strategy, the service's windows between two pgbench measurements: the
-                # ratio's two figures come from the same minutes of a shared machine.
+                # Per strategy, the service's windows between pgbench measurements: the ratio's
+                # two figures come from the same minutes of a shared machine.
                 say(f"bench: {s}: ceiling (pgbench on the capture's statements)")
                 ceiling, pgbench = _ceiling(config, db, fake, gateway.url, keys, s, i)
-                say(f"bench: {s}: the service over HTTP")
-                report["service"][s] = {
-                    str(w): _service(config, db, fake, gateway.url, keys, s, w, next_id)
-                    for w in config.workers
-                }
+                rounds: list[dict[str, dict[str, Any]]] = []
+                for r in range(config.rounds):
+                    of = f" (round {r + 1} of {config.rounds})" if config.rounds > 1 else ""
+                    say(f"bench: {s}: the service over HTTP{of}")
+                    rounds.append(
+                        {
+                            str(w): _service(config, db, fake, gateway.url, keys, s, w, next_id)
+                            for w in config.workers
+                        }
+                    )
+                    if pgbench is not None:
+                        say(f"bench: {s}: ceiling again{of}")
+                        ceiling["runs"].append(pgbench.measured(ceiling["clients"]))
                 if pgbench is not None:
-                    say(f"bench: {s}: ceiling again")
-                    _bracket(ceiling, pgbench.measured(ceiling["clients"]))
+                    _bracket(ceiling)
                 report["ceiling"][s] = ceiling
+                report["service"][s] = _median_rounds(rounds)
             if config.compare_stacks:
                 report["stacks"] = _stacks(config, db, fake, gateway.url, keys, next_id, report)
         report["ratio"] = _ratios(report["ceiling"], report["service"])
@@ -261,6 +271,7 @@ def _ceiling(
         "captures_per_s": sweep[best],
         "clients": int(best),
         "sweep_tps": sweep,
+        "runs": [sweep[best]],  # at `clients`: the sweep's, then one after each service round
         "statements_per_capture": len(statements),
         "transactions_per_capture": sum(1 for s, _ in recorded.statements if s == "BEGIN"),
         "script": path.name,
@@ -270,16 +281,35 @@ def _ceiling(
     }, runner
 
 
-def _bracket(ceiling: dict[str, Any], after: float) -> None:
-    """The ceiling measured again at its best client count once the service's windows are
-    over: the ratio divides by the mean of the two, and the drift between them says how much
-    the machine moved meanwhile (shared machines do: the ceiling has moved by half from one
-    round to the next)."""
-    before = ceiling["captures_per_s"]
+def _bracket(ceiling: dict[str, Any]) -> None:
+    """The ceiling over the strategy's service windows: the sweep's best before them and a
+    run at that client count after each round (`runs`). The ratio divides by their median
+    (with one round, the mean of before and after); the drift from the first to the last
+    says how much the machine moved meanwhile (shared machines do: the ceiling has moved by
+    half from one round to the next)."""
+    runs = ceiling["runs"]
+    before, after = runs[0], runs[-1]
     ceiling["before_captures_per_s"] = before
     ceiling["after_captures_per_s"] = after
-    ceiling["captures_per_s"] = round((before + after) / 2, 1)
+    ceiling["captures_per_s"] = round(statistics.median(runs), 1)
     ceiling["drift_percent"] = round(100 * (after - before) / before, 1) if before else None
+
+
+def _median_rounds(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per worker count, the round of median captures/s (the lower of the middle two for an
+    even count: always a round that ran, with its latencies and CPU shares), and every
+    round's captures/s beside it."""
+    out: dict[str, dict[str, Any]] = {}
+    for w in rounds[0]:
+        results = [r[w] for r in rounds]
+        figures = [r.get("captures_per_s") for r in results]
+        failed = [r for r, f in zip(results, figures, strict=True) if not f]
+        if failed:  # the error is the answer
+            chosen = failed[0]
+        else:
+            chosen = results[figures.index(statistics.median_low(cast(list[float], figures)))]
+        out[w] = {**chosen, "rounds_captures_per_s": figures}
+    return out
 
 
 def _captured(db: Database, first: int, count: int) -> int:
@@ -583,6 +613,11 @@ def _f(value: Any) -> str:
     return "—" if value is None else str(value)
 
 
+def _others(service: dict[str, Any]) -> str:
+    rounds = service.get("rounds_captures_per_s") or []
+    return f" ({', '.join(_f(x) for x in rounds)})" if len(rounds) > 1 else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     out = io.StringIO()
     m = report.get("machine", {})
@@ -591,8 +626,8 @@ def markdown(report: dict[str, Any]) -> str:
     out.write(f"Machine: `{json.dumps(m)}`; load average before {report['load_average_before']}")
     out.write(f", after {report.get('load_average_after')}\n\n")
     out.write("## Ceiling (pgbench) and the service over HTTP\n\n")
-    out.write("| strategy | ceiling captures/s (clients; before → after) | workers "
-              "| service captures/s | ratio "
+    out.write("| strategy | ceiling captures/s, median (clients; each run in order) | workers "
+              "| service captures/s, median (each round) | ratio "
               "| p50 / p99 ms | lock p50 / p99 ms | hold p50 / p99 ms | load generator % of a core "
               "| service peak MiB |\n|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
     for strategy, by_workers in report["service"].items():
@@ -601,9 +636,8 @@ def markdown(report: dict[str, Any]) -> str:
             ratio = report["ratio"].get(strategy, {}).get(w)
             out.write(
                 f"| {strategy} | {_f(c.get('captures_per_s'))} ({_f(c.get('clients'))}; "
-                f"{_f(c.get('before_captures_per_s'))} → {_f(c.get('after_captures_per_s'))}) "
-                f"| {w} "
-                f"| {_f(r.get('captures_per_s'))} | {_f(ratio)} "
+                f"{' → '.join(str(x) for x in c.get('runs', []))}) | {w} "
+                f"| {_f(r.get('captures_per_s'))}{_others(r)} | {_f(ratio)} "
                 f"| {_f(r.get('request_p50_ms'))} / {_f(r.get('request_p99_ms'))} "
                 f"| {_f(r.get('lock_p50_ms'))} / {_f(r.get('lock_p99_ms'))} "
                 f"| {_f(r.get('hold_p50_ms'))} / {_f(r.get('hold_p99_ms'))} "
