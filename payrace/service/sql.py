@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -119,7 +118,7 @@ class Database:
 
     async def acquire(self) -> asyncpg.Connection:
         if not self.max_size:  # a connection per use, closed after it
-            return await asyncpg.connect(self.dsn)
+            return await _connect(self.dsn)
         pool = self._pool
         if pool is None:
             raise RuntimeError(f"the {self.name} pool is not open (Database.open())")
@@ -229,7 +228,7 @@ class _Pool:
     async def _connect(self) -> asyncpg.Connection:
         self._connecting += 1
         try:
-            conn: asyncpg.Connection = await asyncpg.connect(self.dsn)
+            conn = await _connect(self.dsn)
         except BaseException:
             self._connecting -= 1
             self._room()
@@ -434,11 +433,21 @@ class Tx:
         _tell_error(self.observers, exc)
 
 
-# Each connection's prepared statements by SQL text: the objects asyncpg's own statement cache
-# holds for it (a statement asyncpg closes, evicted or invalidated, is looked up again).
-_PREPARED: weakref.WeakKeyDictionary[asyncpg.Connection, dict[str, Any]] = (
-    weakref.WeakKeyDictionary()
-)
+class Connection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, with its prepared statements by SQL text at hand: the objects
+    asyncpg's own statement cache holds for it (a statement asyncpg closes, evicted or
+    invalidated, is looked up again). An attribute, not a map keyed by connection: a weak
+    map's lookup builds a weak reference per statement."""
+
+    __slots__ = ("statements",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.statements: dict[str, Any] = {}
+
+
+async def _connect(dsn: str) -> asyncpg.Connection:
+    return await asyncpg.connect(dsn, connection_class=Connection)
 
 
 def _internals_known() -> bool:
@@ -487,9 +496,7 @@ async def _bind_execute(
     `tag`."""
     if not DIRECT:
         return await _public_execute(conn, sql, args, limit, tag)
-    prepared = _PREPARED.get(conn)
-    if prepared is None:
-        prepared = _PREPARED[conn] = {}
+    prepared = cast(Connection, conn).statements  # Database's connections are all Connection
     state = prepared.get(sql)
     if state is None or state.closed:
         conn._check_open()  # a closed connection: asyncpg's own InterfaceError
