@@ -345,7 +345,13 @@ def _service(
         for p in prepared
     ]
     tag = f"{strategy}-w{workers}" + ("-stock" if server_args else "")
-    env = service_env(db, gateway_url, strategy, keys=keys, pool_size=config.connections)
+    # Each worker's pools sized for its share of the load (the workers share the listening
+    # socket), none beyond it: with a pool as large as the whole load in every worker, and
+    # DB_MAX_OVERFLOW's 20 more for each pool, PostgreSQL kept about 60 backends for 32
+    # requests in flight, and its CPU per capture rose with them (docs/benchmarks.md).
+    pool = math.ceil(config.connections / workers)
+    env = service_env(db, gateway_url, strategy, keys=keys, pool_size=pool)
+    env["DB_MAX_OVERFLOW"] = "0"
     log = config.run_dir / f"service-{tag}.log"
     with ServiceProcess(env, workers=workers, log_path=log, server_args=server_args) as service:
         assert service.proc is not None
@@ -386,6 +392,7 @@ def _service(
     result["cpu"] = cpu.result()
     result["service_peak_rss_mib"] = round(peak_kib / 1024, 1)
     result["payments_prepared"] = n
+    result["pool_per_worker"] = pool
     return result
 
 
@@ -659,7 +666,8 @@ def markdown(report: dict[str, Any]) -> str:
         for w, r in by_workers.items():
             groups = (r.get("cpu") or {}).get("groups", {})
             shares = ", ".join(f"{g} {v['percent_of_machine']}" for g, v in groups.items())
-            out.write(f"- {strategy}, {w} worker(s): {shares}\n")
+            pool = r.get("pool_per_worker")
+            out.write(f"- {strategy}, {w} worker(s), pool {_f(pool)} per worker: {shares}\n")
     h = report["harness"]
     out.write("\n## The harness\n\n| figure | value |\n|---|---|\n")
     out.write(f"| forced trials/s | {_f(h['forced']['trials_per_s'])} |\n")

@@ -76,6 +76,7 @@ def test_quick_bench_writes_positive_figures_and_the_ratio_of_them(tmp_path: Pat
     assert done.returncode == 0, done.stderr[-2000:]
     (run_dir,) = (tmp_path / "bench").iterdir()
     report = json.loads((run_dir / "bench.json").read_text())
+    text = (run_dir / "bench.md").read_text()
     ceiling = report["ceiling"]["for_update"]
     assert ceiling["captures_per_s"] > 0
     # Two rounds: the sweep's best, then pgbench again at that client count after each
@@ -98,6 +99,9 @@ def test_quick_bench_writes_positive_figures_and_the_ratio_of_them(tmp_path: Pat
         # Of two rounds, the lower: the one whose latencies and CPU shares are shown.
         assert service["captures_per_s"] == min(service["rounds_captures_per_s"])
         assert len(service["rounds_captures_per_s"]) == 2
+        # --quick's 16 connections, split between the workers.
+        assert service["pool_per_worker"] == 16 // int(workers)
+        assert f"{workers} worker(s), pool {16 // int(workers)} per worker" in text
         expected = round(service["captures_per_s"] / ceiling["captures_per_s"], 3)
         assert report["ratio"]["for_update"][workers] == expected
     harness = report["harness"]
@@ -110,7 +114,6 @@ def test_quick_bench_writes_positive_figures_and_the_ratio_of_them(tmp_path: Pat
     load_groups = report["load"]["cpu"]["groups"]
     assert load_groups["locust"]["cpu_s"] > 0
     assert load_groups["payrace (fake gateway)"]["cpu_s"] > 0
-    text = (run_dir / "bench.md").read_text()
     assert str(report["ratio"]["for_update"]["1"]) in text
     assert " → ".join(str(run) for run in ceiling["runs"]) in text
     one_line = report["service"]["for_update"]["1"]
