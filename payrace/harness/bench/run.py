@@ -8,14 +8,17 @@ cost, written to reports/bench/<run>/bench.json and bench.md.
                        load -> the report
     ceiling            per strategy: the capture's statement log (bench.ceiling) under pgbench
                        at each client count of the sweep, the best of it, then once more at
-                       that count after the service's windows; the ceiling is the mean of
-                       the two (the drift between them reported)
+                       that count after each round of the service's windows (--rounds); the
+                       ceiling is the median of those runs (the drift between the first and
+                       the last reported)
     service            per strategy and uvicorn worker count: fresh authorized payments
-                       captured over HTTP by bench.loadgen (its own process) at saturation;
+                       captured over HTTP by bench.loadgen (its own process) at saturation,
+                       each worker's pools sized for its share of the connections;
                        captures/s, request p50/p99, lock wait and hold (Server-Timing), the
-                       CPU share of every process group (infra.cpu), the service's peak RSS
-    ratio              service captures/s over the ceiling, per strategy and worker count,
-                       computed from the two figures above
+                       CPU share of every process group (infra.cpu), the service's peak RSS;
+                       with --rounds, the figures of the round of median captures/s
+    ratio              service captures/s (the median round's) over the ceiling, per strategy
+                       and worker count, computed from the two figures above
     harness            `payrace run` forced and aligned (trials/s), `payrace explore`
                        (schedules/s) on this database; a cold `payrace run --trials N` that
                        provisions its own embedded PostgreSQL (wall time, peak RSS); the
