@@ -920,12 +920,12 @@ def bench_command(
         float | None, typer.Option(help="seconds of HTTP load per strategy and worker count")
     ] = None,
     rounds: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="service windows per strategy, each followed by pgbench again; the ratio "
-            "is of the medians (a shared machine moves between runs)"
+            "is of the medians (a shared machine moves between runs) [default: 3; --quick 1]"
         ),
-    ] = 1,
+    ] = None,
     dsn: Annotated[str | None, typer.Option(envvar=env.DSN)] = None,
     out: Annotated[Path, typer.Option()] = Path("reports"),
 ) -> None:
@@ -946,10 +946,12 @@ def bench_command(
     if seconds is not None and not 0.5 <= seconds <= 600:
         err.print("[bold red]payrace:[/] --seconds must be between 0.5 and 600")
         raise typer.Exit(EXIT_ERROR)
-    if not 1 <= rounds <= 20:
+    if rounds is not None and not 1 <= rounds <= 20:
         err.print("[bold red]payrace:[/] --rounds must be between 1 and 20")
         raise typer.Exit(EXIT_ERROR)
-    changes: dict[str, Any] = {"out": out, "dsn": dsn, "rounds": rounds}
+    changes: dict[str, Any] = {"out": out, "dsn": dsn}
+    if rounds is not None:
+        changes["rounds"] = rounds
     if chosen:
         changes["strategies"] = chosen
     if seconds is not None:

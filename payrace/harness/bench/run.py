@@ -87,7 +87,9 @@ class BenchConfig:
     cold_trials: int = 100
     load_seconds: int = 15
     compare_stacks: bool = True  # the service again on uvicorn's stock stack (before/after)
-    rounds: int = 1  # service windows per strategy, each followed by the ceiling again
+    # Service windows per strategy, each followed by the ceiling again: single rounds on a
+    # shared 2-core VM gave ratios from 0.21 to 0.30 within the hour (docs/benchmarks.md).
+    rounds: int = 3
 
     @classmethod
     def quick(cls, **changes: Any) -> BenchConfig:
@@ -101,6 +103,7 @@ class BenchConfig:
             "cold_trials": 5,
             "load_seconds": 2,
             "compare_stacks": False,
+            "rounds": 1,
         }
         values.update(changes)
         return cls(**values)
