@@ -118,7 +118,7 @@ class Database:
 
     async def acquire(self) -> asyncpg.Connection:
         if not self.max_size:  # a connection per use, closed after it
-            return await _connect(self.dsn)
+            return await _new_connection(self.dsn)
         pool = self._pool
         if pool is None:
             raise RuntimeError(f"the {self.name} pool is not open (Database.open())")
@@ -228,7 +228,7 @@ class _Pool:
     async def _connect(self) -> asyncpg.Connection:
         self._connecting += 1
         try:
-            conn = await _connect(self.dsn)
+            conn = await _new_connection(self.dsn)
         except BaseException:
             self._connecting -= 1
             self._room()
@@ -446,7 +446,7 @@ class Connection(asyncpg.Connection):  # type: ignore[misc]
         self.statements: dict[str, Any] = {}
 
 
-async def _connect(dsn: str) -> asyncpg.Connection:
+async def _new_connection(dsn: str) -> asyncpg.Connection:
     return await asyncpg.connect(dsn, connection_class=Connection)
 
 
