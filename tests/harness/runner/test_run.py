@@ -7,7 +7,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,9 +39,14 @@ from payrace.postgres import dialect_url
 from payrace.service.models import Base
 
 
-async def race(pg: Database, tmp_path: Path, **fields: Any) -> dict[str, Any]:
+async def race(
+    pg: Database,
+    tmp_path: Path,
+    on_trial: Callable[[str], None] = lambda strategy: None,
+    **fields: Any,
+) -> dict[str, Any]:
     config = RunConfig(dsn=pg.url, out_dir=tmp_path, **fields)
-    summary = await run(config, announce=lambda line: None)
+    summary = await run(config, announce=lambda line: None, on_trial=on_trial)
     write_history(summary, tmp_path / summary["run_id"] / "history.jsonl")
     return summary
 
@@ -621,15 +626,13 @@ async def test_the_harness_survives_its_own_connections_being_killed(
         if done in (5, 100, 200):
             kick.set()
 
-    config = RunConfig(
-        dsn=pg.url, out_dir=tmp_path, strategies=["for_update"], trials=300, mode="aligned",
-        nemesis="kill-backends:0.05",
-    )  # fmt: skip
-    # 300 trials: the nemesis kills on a clock (every 50 ms) and only a backend inside a
-    # transaction; 60 trials now run in about 0.2 s, too few ticks to be sure of one kill.
     try:
-        summary = await run(config, announce=lambda line: None, on_trial=on_trial)
-        write_history(summary, tmp_path / summary["run_id"] / "history.jsonl")
+        # 300 trials: the nemesis kills on a clock (every 50 ms) and only a backend inside a
+        # transaction; 60 trials now run in about 0.2 s, too few ticks to be sure of one kill.
+        summary = await race(
+            pg, tmp_path, on_trial, strategies=["for_update"], trials=300, mode="aligned",
+            nemesis="kill-backends:0.05",
+        )  # fmt: skip
     finally:
         stop.set()
         kick.set()
