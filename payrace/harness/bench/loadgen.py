@@ -3,10 +3,12 @@ CPU share can be measured apart from the service's and the fake gateway's.
 
     LoadSpec     where to send what: one prepared request body per capture, used once each
     run_load()   `connections` keep-alive connections (an asyncio protocol each; uvloop's
-                 loop when run by main()), each sending its next body as soon as the previous
+                 loop when run by main()), spread evenly over the server's worker processes
+                 when it names them, each sending its next body as soon as the previous
                  answer is read, until `duration_s` or the bodies run out; each answer's
                  status, latency and head noted, then tallied into HdrHistograms (latency,
                  Server-Timing's lock and hold) once the window is over
+    balanced()   open the connections and move them until each worker holds its share
     main()       `python -m payrace.harness.bench.loadgen SPEC.json OUT.json`
 
 Why not httpx or Locust here: both spend more CPU per request than the reference service's
@@ -18,6 +20,7 @@ seconds over the window) so a reader can check it is not the bottleneck.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
 import sys
@@ -27,12 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import psutil
 import uvloop
 from hdrh.histogram import HdrHistogram
 
 from payrace.service.instrument.timing import parse_server_timing
 
 _MAX_US = 60_000_000  # a minute: anything longer is a hung request, counted at the top
+# How long balanced() may move connections before the window starts unbalanced (and says so):
+# a worker still starting accepts nothing until it is up.
+_BALANCE_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,11 @@ class LoadSpec:
     connections: int
     duration_s: float
     warmup_s: float
+    # The server's worker processes sharing its listening socket (uvicorn --workers N), and a
+    # path any of them answers: the connections are spread evenly over them. Empty: as the
+    # kernel hands them out.
+    workers: tuple[int, ...] = ()
+    probe_path: str = "/healthz"
 
 
 def _request(spec: LoadSpec, body: bytes) -> bytes:
@@ -132,14 +144,71 @@ def _content_length(head: bytes) -> int:
     return int(value) if value else 0
 
 
+Opened = tuple[asyncio.Transport, _Exchange]
+
+
+async def _open(spec: LoadSpec) -> Opened:
+    loop = asyncio.get_running_loop()
+    transport, conn = await loop.create_connection(_Exchange, spec.host, spec.port)
+    return transport, conn
+
+
+def _owners(workers: tuple[int, ...]) -> dict[int, int]:
+    """Our local port -> the worker process holding the other end, from the kernel's tables
+    (psutil): which process accepted a connection is the kernel's choice, and the server does
+    not say."""
+    owners: dict[int, int] = {}
+    for pid in workers:
+        with contextlib.suppress(psutil.Error):
+            for c in psutil.Process(pid).net_connections(kind="tcp"):
+                if c.raddr and c.status == psutil.CONN_ESTABLISHED:
+                    owners[c.raddr.port] = pid
+    return owners
+
+
+async def balanced(spec: LoadSpec) -> tuple[list[Opened], dict[int, int]]:
+    """`spec.connections` open connections and how many each worker holds.
+
+    Worker processes that share one listening socket take the connections as the kernel wakes
+    them: opened at once, one uvicorn worker of two took 90 % of 32 in three windows of five
+    (psutil, each worker's CPU), so a "2 workers" figure was often one worker's. A connection
+    is only accepted once a request has gone through it, so each is probed first; one held by
+    a worker above its share is closed and another opened in its place, until each holds its
+    share or _BALANCE_S passes (a worker that never accepts: the split is then reported as it
+    is)."""
+    opened = list(await asyncio.gather(*(_open(spec) for _ in range(spec.connections))))
+    if len(spec.workers) < 2:
+        return opened, {}
+    probe = (f"GET {spec.probe_path} HTTP/1.1\r\nHost: {spec.host}:{spec.port}\r\n\r\n").encode()
+    await asyncio.gather(*(conn.exchange(probe) for _, conn in opened))
+    share = {pid: spec.connections // len(spec.workers) for pid in spec.workers}
+    for pid in spec.workers[: spec.connections % len(spec.workers)]:
+        share[pid] += 1
+    deadline = time.monotonic() + _BALANCE_S
+    while True:
+        owners = _owners(spec.workers)
+        by_worker: dict[int, list[int]] = {pid: [] for pid in spec.workers}
+        for i, (transport, _) in enumerate(opened):
+            owner = owners.get(transport.get_extra_info("sockname")[1])
+            if owner is not None:
+                by_worker[owner].append(i)
+        counts = {pid: len(held) for pid, held in by_worker.items()}
+        over = [held[share[pid] :] for pid, held in by_worker.items() if len(held) > share[pid]]
+        if not over or time.monotonic() > deadline:
+            return opened, counts
+        for i in [i for surplus in over for i in surplus]:
+            opened[i][0].close()
+            opened[i] = await _open(spec)
+            await opened[i][1].exchange(probe)
+
+
 async def _connection(
-    spec: LoadSpec,
+    opened: Opened,
     requests: Iterator[bytes],
     answers: list[tuple[int, float, bytes]],
     window: tuple[float, float],
 ) -> None:
-    loop = asyncio.get_running_loop()
-    transport, conn = await loop.create_connection(_Exchange, spec.host, spec.port)
+    transport, conn = opened
     start, end = window
     try:
         for request in requests:
@@ -184,13 +253,11 @@ def _ms(hist: HdrHistogram, percentile: float) -> float | None:
 async def run_load(spec: LoadSpec) -> dict[str, Any]:
     answers: list[tuple[int, float, bytes]] = []
     requests = iter([_request(spec, body) for body in spec.bodies])
+    opened, per_worker = await balanced(spec)
     t0 = time.perf_counter()
     window = (t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s)
     cpu0 = time.process_time()
-    tasks = [
-        asyncio.create_task(_connection(spec, requests, answers, window))
-        for _ in range(spec.connections)
-    ]
+    tasks = [asyncio.create_task(_connection(conn, requests, answers, window)) for conn in opened]
     await asyncio.gather(*tasks)
     # The window ends at its deadline, or earlier when the prepared bodies ran out.
     measured_s = min(time.perf_counter(), window[1]) - window[0]
@@ -200,6 +267,8 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
     figures = _tally(answers)
     return {
         "connections": spec.connections,
+        # Connections each worker held through the window, in the order of spec.workers.
+        "connections_per_worker": [per_worker[pid] for pid in spec.workers if per_worker],
         "window_s": round(measured_s, 3),
         "ok": figures.ok,
         "failed": figures.failed,
@@ -233,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         connections=int(raw["connections"]),
         duration_s=float(raw["duration_s"]),
         warmup_s=float(raw["warmup_s"]),
+        workers=tuple(int(pid) for pid in raw.get("workers", ())),
+        probe_path=str(raw.get("probe_path", "/healthz")),
     )
     # uvloop (a payrace dependency): the generator's own CPU per request is part of the
     # machine's budget the service is measured on.

@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import psutil
 import psycopg
 
 from payrace.harness.bench.ceiling import (
@@ -373,6 +374,8 @@ def _service(
                     "connections": config.connections,
                     "duration_s": config.service_seconds,
                     "warmup_s": min(1.0, config.service_seconds / 3),
+                    "workers": _worker_pids(service.proc.pid, service.port, workers),
+                    "probe_path": "/healthz",
                 }
             )
         )
@@ -400,6 +403,28 @@ def _service(
     result["payments_prepared"] = n
     result["pool_per_worker"] = pool
     return result
+
+
+def _worker_pids(supervisor: int, port: int, workers: int) -> list[int]:
+    """uvicorn's worker processes (those of `--workers N` above 1, which share the listening
+    socket on `port`), for the load generator to spread its connections over; [] with one
+    worker, which serves in the supervisor's process. Waited for up to 10 s: the service is
+    ready when one worker answers, the others may still be starting."""
+    if workers < 2:
+        return []
+    deadline = time.monotonic() + 10
+    while True:
+        found = []
+        for child in psutil.Process(supervisor).children(recursive=True):
+            try:
+                listening = child.net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in listening):
+                found.append(child.pid)
+        if len(found) >= workers or time.monotonic() > deadline:
+            return sorted(found)
+        time.sleep(0.05)
 
 
 STOCK = ("--loop", "asyncio", "--http", "h11")
@@ -673,7 +698,11 @@ def markdown(report: dict[str, Any]) -> str:
             groups = (r.get("cpu") or {}).get("groups", {})
             shares = ", ".join(f"{g} {v['percent_of_machine']}" for g, v in groups.items())
             pool = r.get("pool_per_worker")
-            out.write(f"- {strategy}, {w} worker(s), pool {_f(pool)} per worker: {shares}\n")
+            split = r.get("connections_per_worker") or []
+            spread = f", connections {' / '.join(map(str, split))}" if split else ""
+            out.write(
+                f"- {strategy}, {w} worker(s), pool {_f(pool)} per worker{spread}: {shares}\n"
+            )
     h = report["harness"]
     out.write("\n## The harness\n\n| figure | value |\n|---|---|\n")
     out.write(f"| forced trials/s | {_f(h['forced']['trials_per_s'])} |\n")
