@@ -170,12 +170,13 @@ async def balanced(spec: LoadSpec) -> tuple[list[Opened], dict[int, int]]:
     """`spec.connections` open connections and how many each worker holds.
 
     Worker processes that share one listening socket take the connections as the kernel wakes
-    them: opened at once, one uvicorn worker of two took 90 % of 32 in three windows of five
-    (psutil, each worker's CPU), so a "2 workers" figure was often one worker's. A connection
-    is only accepted once a request has gone through it, so each is probed first; one held by
-    a worker above its share is closed and another opened in its place, until each holds its
-    share or _BALANCE_S passes (a worker that never accepts: the split is then reported as it
-    is)."""
+    them: with 32 opened at once, one uvicorn worker of two did 90 % of the work in three
+    windows of five (psutil, each worker's CPU), so a "2 workers" figure was often one
+    worker's; 16 opened to three asyncio workers all went to one, five times of five. A
+    connection is only accepted once a request has gone through it, so each is probed first;
+    one held by a worker above its share is closed and another opened in its place, until
+    each holds its share or _BALANCE_S passes (a worker that never accepts: the split is then
+    reported as it is)."""
     opened = list(await asyncio.gather(*(_open(spec) for _ in range(spec.connections))))
     if len(spec.workers) < 2:
         return opened, {}
