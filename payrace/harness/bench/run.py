@@ -44,7 +44,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-import psutil
 import psycopg
 
 from payrace.harness.bench.ceiling import (
@@ -60,7 +59,7 @@ from payrace.harness.gateway.signing import GatewayKeys, client_callback
 from payrace.harness.infra import env as env_vars
 from payrace.harness.infra.cpu import CpuSampler, Member, in_group, postmaster_pid
 from payrace.harness.infra.machine import machine
-from payrace.harness.infra.processes import ServiceProcess, service_env
+from payrace.harness.infra.processes import ServiceProcess, listeners, service_env
 from payrace.harness.infra.provider import Database, provide_postgres
 from payrace.service.db import create_schema, make_engine
 from payrace.service.instrument import timing
@@ -414,14 +413,7 @@ def _worker_pids(supervisor: int, port: int, workers: int) -> list[int]:
         return []
     deadline = time.monotonic() + 10
     while True:
-        found = []
-        for child in psutil.Process(supervisor).children(recursive=True):
-            try:
-                listening = child.net_connections(kind="tcp")
-            except psutil.Error:
-                continue
-            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in listening):
-                found.append(child.pid)
+        found = [pid for pid in listeners(supervisor, port) if pid != supervisor]
         if len(found) >= workers or time.monotonic() > deadline:
             return sorted(found)
         time.sleep(0.05)

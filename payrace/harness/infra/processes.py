@@ -219,13 +219,15 @@ class PortTaken(RuntimeError):
     """The port a server was started on answered from another process."""
 
 
-def listens(pid: int, port: int) -> bool:
-    """Whether process `pid`, or a process it forked, listens on TCP `port`."""
+def listeners(pid: int, port: int) -> list[int]:
+    """Process `pid` and the processes it forked that listen on TCP `port` (uvicorn's
+    supervisor and its workers share one socket), in that order."""
     try:
         root = psutil.Process(pid)
         family = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return False
+        return []
+    found = []
     for member in family:
         try:
             sockets = member.net_connections(kind="tcp")
@@ -234,8 +236,13 @@ def listens(pid: int, port: int) -> bool:
         if any(
             c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in sockets
         ):
-            return True
-    return False
+            found.append(member.pid)
+    return found
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid`, or a process it forked, listens on TCP `port`."""
+    return bool(listeners(pid, port))
 
 
 class ServiceProcess:

@@ -28,6 +28,7 @@ from payrace.harness.infra.processes import (
     ServiceProcess,
     free_port,
     group_members,
+    listeners,
     listens,
     service_env,
     stop_process,
@@ -157,6 +158,13 @@ def test_service_with_workers_leaves_no_worker_running(pg: Database, gateway_url
         pid = svc.proc.pid
         assert len(group_members(pid)) >= 3  # the supervisor and two workers
         assert httpx.get(f"{svc.url}/healthz", timeout=5).status_code == 200
+        # All three hold the listening socket (the bench spreads its connections over the
+        # workers); ready means one worker answers, the other may still be starting.
+        deadline = time.monotonic() + 10
+        while len(found := listeners(pid, svc.port)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert found[0] == pid and len(found) == 3
+        assert listeners(pid, free_port()) == []
     assert group_members(pid) == []
 
 
