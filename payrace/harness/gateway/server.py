@@ -30,6 +30,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from email.utils import formatdate
@@ -53,6 +54,16 @@ from payrace.harness.gateway.fake import (
 )
 from payrace.harness.infra.loop import new_loop
 from payrace.harness.infra.readiness import wait_until_answers
+
+
+async def _sleep_at_least(delay: float) -> None:
+    """Wait at least delay seconds by the monotonic clock. uvloop's timers count from the
+    loop's cached time, in whole milliseconds, so asyncio.sleep alone can wake a fraction of
+    a millisecond early; an injected latency is a floor the target can rely on."""
+    deadline = time.perf_counter() + delay
+    await asyncio.sleep(delay)
+    while (left := deadline - time.perf_counter()) > 0:
+        await asyncio.sleep(left)
 
 
 class _V1:
@@ -83,7 +94,7 @@ class _V1:
     async def _delayed(self, delay: float, route: str, param: str, body: bytes) -> dict[str, Any]:
         # The server loop serves every other request meanwhile; that is what lets a slow
         # gateway stretch the window in which two captures overlap.
-        await asyncio.sleep(delay)
+        await _sleep_at_least(delay)
         return await _awaited(self._undelayed(route, param, body))
 
     def _undelayed(self, route: str, param: str, body: bytes) -> _Answer:

@@ -16,10 +16,11 @@ import httptools
 import httpx
 import pytest
 import razorpay
+import uvloop
 from razorpay.errors import BadRequestError
 
 from payrace.harness.gateway.fake import FakeRazorpay
-from payrace.harness.gateway.server import GatewayServer
+from payrace.harness.gateway.server import GatewayServer, _sleep_at_least
 from payrace.harness.gateway.signing import GatewayKeys
 
 KEYS = GatewayKeys()
@@ -74,6 +75,24 @@ def test_capture_latency_slows_capture_only_and_latency_slows_every_call(
     started = time.monotonic()
     client.order.fetch(order["id"])
     assert time.monotonic() - started >= 0.3
+
+
+def test_injected_latency_is_a_floor_even_where_uvloop_rounds_its_timers() -> None:
+    # uvloop counts timers in whole milliseconds from the loop's cached time: a plain
+    # asyncio.sleep(0.0104) wakes after ~10.1 ms, and a target timing its gateway call
+    # would see less latency than was injected.
+    async def elapsed() -> list[float]:
+        times = []
+        for _ in range(20):
+            started = time.perf_counter()
+            await _sleep_at_least(0.0104)
+            times.append(time.perf_counter() - started)
+        return times
+
+    times = uvloop.run(elapsed())
+
+    assert min(times) >= 0.0104
+    assert max(times) < 0.1
 
 
 def test_control_endpoints_over_http_match_the_objects_counters(
