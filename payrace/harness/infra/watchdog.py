@@ -141,6 +141,20 @@ def _drop_database(name: str, admin_url: str) -> None:
             time.sleep(0.5)
 
 
+def _group_running(pgid: int) -> bool:
+    """A member of the group is alive: exited ones whose parent has not reaped them yet
+    (zombies, which os.killpg(pgid, 0) still finds) hold nothing and are not waited for."""
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
 def _stop_group(pgid: int) -> None:
     for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
         try:
@@ -149,11 +163,19 @@ def _stop_group(pgid: int) -> None:
             return
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
+            if not _group_running(pgid):
                 return
             time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (one that exited, its parent not yet told)."""
+    import psutil  # only a guardian that stops something pays for it
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _stop_cluster(workdir: Path) -> None:
@@ -162,7 +184,9 @@ def _stop_cluster(workdir: Path) -> None:
         pid = int(pidfile.read_text().split()[0])
         os.kill(pid, signal.SIGQUIT)  # PostgreSQL's immediate shutdown: the data is throwaway
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and pidfile.exists():
+        # A postmaster removes its pid file as it exits; one that died without doing so (a
+        # SIGKILL) is not waited for the whole 10 s.
+        while time.monotonic() < deadline and pidfile.exists() and _running(pid):
             time.sleep(0.1)
     shutil.rmtree(workdir, ignore_errors=True)
 

@@ -31,7 +31,10 @@ def test_at_end_of_input_a_guarded_group_is_stopped_and_a_released_one_is_not() 
     guarded, released = sleeper(), sleeper()
     try:
         commands = f"+group {guarded.pid}\n+group {released.pid}\n-group {released.pid}\n"
+        started = time.monotonic()
         serve(io.BytesIO(commands.encode()))
+        # SIGTERM ended it; unreaped by us, it is a zombie, which is not waited on for 5 s.
+        assert time.monotonic() - started < 4
         guarded.wait(timeout=10)
         assert guarded.returncode == -signal.SIGTERM
         assert released.poll() is None
@@ -49,7 +52,11 @@ def test_a_guarded_cluster_gets_an_immediate_shutdown_and_its_directory_goes(
     (workdir / "pgdata").mkdir(parents=True)
     (workdir / "pgdata" / "postmaster.pid").write_text(f"{postmaster.pid}\n/some/dir\n")
     try:
+        started = time.monotonic()
         serve(io.BytesIO(f"+cluster {workdir}\n".encode()))
+        # It died without removing its pid file (this one is our child, left unreaped): the
+        # guardian sees that and does not wait out its 10 s for the file to go.
+        assert time.monotonic() - started < 5
         postmaster.wait(timeout=10)
         assert postmaster.returncode == -signal.SIGQUIT
         assert not workdir.exists()

@@ -35,6 +35,7 @@ from payrace.harness.load.launch import (
     parse_run_time,
     resolve_locustfile,
 )
+from payrace.harness.load.worker import RUNNING_TARGET_SETTLE_S
 
 ROOT = Path(__file__).resolve().parents[3]
 MARKER = "PAYRACE_TEST_LOAD_MARKER"
@@ -164,6 +165,11 @@ def test_the_plan_hands_its_gates_and_baseline_to_locust(tmp_path: Path) -> None
     assert [g.expr for g in plan.gates] == gates and plan.baseline is not None
     settings = LoadSettings.from_env(plan.settings("http://127.0.0.1:1", "postgresql://x").to_env())
     assert settings.gates == tuple(gates) and settings.baseline == base.resolve()
+    # The service payrace load starts is stopped before the deadlock counter's deciding
+    # reading, so the gate inside Locust does not wait for it to settle; --settle-s still does.
+    assert settings.settle_timeout_s() == 0.0
+    waiting = LoadPlan.build(**cast(LoadArgs, {**args, "settle_s": 3.0}))
+    assert waiting.settings("http://gw", "postgresql://db").settle_timeout_s() == 3.0
     assert "--gate 'lock_p99_ms<=3*hold_p99_ms'" in plan.command  # the reports say what was asked
     locust = plan.locust_cmd("http://127.0.0.1:1")
     assert "--gate" not in locust and "--baseline" not in locust  # Locust never sees them
@@ -266,6 +272,10 @@ def test_the_plan_of_a_profile_run_is_named_after_it_and_hides_the_password(
     assert "s3cret" not in plan.command and "shop:***@127.0.0.1" in plan.command
     assert plan.settings("http://gw", "postgresql://db").to_env()["PAYRACE_PROFILE"] == str(
         (tmp_path / "shop.toml").resolve()
+    )
+    # A running target is never stopped by payrace: the gate's reading is the last one.
+    assert (
+        plan.settings("http://gw", "postgresql://db").settle_timeout_s() == RUNNING_TARGET_SETTLE_S
     )
 
 
