@@ -4,7 +4,8 @@
     stop_process()         signal the whole group (SIGTERM, or the given signals in turn), wait,
                            then SIGKILL what is left, also after a second Ctrl-C, and wait
                            until the group has no living member
-    group_members(), wait_for_group()   the living members of a process group (psutil)
+    group_members(), wait_for_group()   the living members of a process group (the guardian's
+                           group_members(), which it waits on too)
     ServiceKeys            the Razorpay keys the service is configured with (gateway.signing's
                            GatewayKeys is one)
     service_env()          the reference service's environment for one database and gateway
@@ -45,8 +46,7 @@ import psutil
 from payrace.harness.infra import watchdog
 from payrace.harness.infra.provider import Database
 from payrace.harness.infra.readiness import wait_until_answers
-
-_DONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+from payrace.harness.infra.watchdog import group_members as group_members
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -85,18 +85,6 @@ def stop_process(
         # when they are gone, so nothing payrace started is still running after it says so.
         wait_for_group(proc.pid, timeout_s)
         watchdog.release_group(proc.pid)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Pids of the living members of process group `pgid` (zombies are done running)."""
-    members = []
-    for pid in psutil.pids():
-        try:
-            if os.getpgid(pid) == pgid and psutil.Process(pid).status() not in _DONE:
-                members.append(pid)
-        except (OSError, psutil.Error):
-            continue  # exited between listing and looking
-    return members
 
 
 def wait_for_group(pgid: int, timeout_s: float) -> bool:

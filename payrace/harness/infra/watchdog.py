@@ -4,6 +4,8 @@
     guard_cluster(workdir)   "if I die, stop the postmaster of workdir/pgdata and delete workdir"
     guard_database(url, name)  "if I die, DROP DATABASE name (WITH FORCE) on the server of url"
     release_group() / release_cluster() / release_database()   stopped properly: forget it
+    running() / group_members()  a process, a group's members, that have not exited (zombies
+                             have); infra.processes waits on them too
     main()                   the guardian itself (`python -m payrace.harness.infra.watchdog`)
 
 Context managers stop what they started on errors, Ctrl-C and SIGTERM; nothing in-process can
@@ -141,18 +143,29 @@ def _drop_database(name: str, admin_url: str) -> None:
             time.sleep(0.5)
 
 
-def _group_running(pgid: int) -> bool:
-    """A member of the group is alive: exited ones whose parent has not reaped them yet
-    (zombies, which os.killpg(pgid, 0) still finds) hold nothing and are not waited for."""
+def running(pid: int) -> bool:
+    """The process exists and has not exited: a zombie (exited, its parent not yet told)
+    holds nothing, though os.kill(pid, 0) and os.killpg still find it."""
+    import psutil  # only a guardian that stops something pays for it
+
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the living members of process group `pgid`."""
     import psutil
 
-    for proc in psutil.process_iter(["status"]):
+    members = []
+    for pid in psutil.pids():
         try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
+            if os.getpgid(pid) == pgid and running(pid):
+                members.append(pid)
+        except OSError:
+            continue  # exited between listing and looking
+    return members
 
 
 def _stop_group(pgid: int) -> None:
@@ -163,19 +176,9 @@ def _stop_group(pgid: int) -> None:
             return
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if not _group_running(pgid):
+            if not group_members(pgid):
                 return
             time.sleep(0.1)
-
-
-def _running(pid: int) -> bool:
-    """The process exists and is not a zombie (one that exited, its parent not yet told)."""
-    import psutil  # only a guardian that stops something pays for it
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _stop_cluster(workdir: Path) -> None:
@@ -186,7 +189,7 @@ def _stop_cluster(workdir: Path) -> None:
         deadline = time.monotonic() + 10
         # A postmaster removes its pid file as it exits; one that died without doing so (a
         # SIGKILL) is not waited for the whole 10 s.
-        while time.monotonic() < deadline and pidfile.exists() and _running(pid):
+        while time.monotonic() < deadline and pidfile.exists() and running(pid):
             time.sleep(0.1)
     shutil.rmtree(workdir, ignore_errors=True)
 
